@@ -1,0 +1,63 @@
+# Everyday tasks. Every target creates the virtual environment it needs (.venv)
+# on first use, so each works on a fresh machine with only python3, gcc and
+# cmake installed (and nvcc, optionally, for the CUDA kernels).
+#
+#   make demo        synthetic data through the runtime, end to end
+#   make test        fast tests (the command CI runs)
+#   make test-all    fast + integration tests (real data, slower)
+#   make lint        ruff, ruff format --check, mypy, clang-format --dry-run
+#   make bench       kernel throughput table (JSON in out/bench/)
+#   make info        what this installation can do here (tilead-info)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The exact torch/torchvision pair that imports together on these machines
+# (both lie on this disk); pyproject.toml keeps ranges.
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
+STAMP  := $(VENV)/.tilead-installed
+
+.PHONY: install demo test test-integration test-all lint format bench info clean
+
+install: $(STAMP)
+
+$(STAMP): $(NATIVE)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PAIR)
+	$(BIN)/pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[train,dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/tilead-demo --out out/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" -q
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -m integration -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/clang-format --dry-run -Werror $(shell find cpp_ext -name '*.h' -o -name '*.cpp' -o -name '*.cu')
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/clang-format -i $(shell find cpp_ext -name '*.h' -o -name '*.cpp' -o -name '*.cu')
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_kernels.py --json out/bench/kernels.json
+
+info: $(STAMP)
+	$(BIN)/tilead-info
+
+clean:
+	rm -rf build out .pytest_cache .mypy_cache .ruff_cache .hypothesis

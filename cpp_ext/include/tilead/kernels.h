@@ -1,0 +1,119 @@
+// Kernel parameter blocks and the two twins' declarations.
+//
+// Every kernel exists twice with the same name and parameters: tilead::cpu::X
+// takes host pointers and runs on a thread pool; tilead::cuda::X takes device
+// pointers plus a stream. Both call the index math in geometry.h. Inputs are
+// validated by the caller (the pybind11 layer); the kernels trust their
+// arguments and return early on empty work.
+#pragma once
+
+#include <cstdint>
+
+#include "tilead/geometry.h"
+
+#if defined(TILEAD_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace tilead {
+
+// A 2-D tile grid: one Axis per image dimension. Locations are row-major:
+// location l = row * cols + col.
+struct Grid {
+  Axis y;
+  Axis x;
+};
+
+TILEAD_HD int grid_locations(const Grid& g) { return g.y.count * g.x.count; }
+
+enum OutputType : int { kFloat32 = 0, kFloat16 = 1 };
+
+// Tiling: uint8 HWC images -> normalized NCHW tiles, one block per location.
+struct TileParams {
+  int in_channels;   // 1 or 3 (channels of the uint8 image)
+  int out_channels;  // 1 or 3 (channels the model takes); 1 -> 3 replicates
+  int swap_rb;       // 1: channel c of the output reads channel 2 - c (BGR <-> RGB)
+  float scale[3];    // per output channel: value = pixel * scale + bias
+  float bias[3];     //   (scale = 1 / (255 * std), bias = -mean / std)
+  int out_type;      // OutputType of the tile buffer
+};
+
+// Untiling: per-location maps at model resolution -> canvas map.
+struct UntileParams {
+  int map_h;    // rows of each location's map
+  int map_w;    // columns of each location's map
+  int weights;  // BlendWeights
+  // Optional per-location normalization applied to every upsampled value
+  // before blending (stage "tile"):
+  //   v -> clamp((v - loc_threshold[l]) * loc_scale[l] + 0.5, 0, 1),
+  // loc_scale = 1 / (max - min). Null for none. Host pointers for the CPU
+  // twin, device pointers for the CUDA twin.
+  const float* loc_threshold;
+  const float* loc_scale;
+};
+
+// Seam smoothing: Gaussian of `sigma` on the seam bands only.
+struct SeamParams {
+  float sigma;  // Gaussian sigma in pixels; <= 0 disables smoothing
+  float width;  // band half-width as a fraction of the tile size
+};
+
+// Normalization + threshold + per-image score.
+enum NormMode : int { kNormNone = 0, kNormMinMax = 1 };
+struct NormParams {
+  int mode;               // NormMode
+  float pixel_threshold;  // on raw values
+  float pixel_min, pixel_max;
+  float image_threshold;  // on raw image scores
+  float image_min, image_max;
+};
+
+namespace cpu {
+
+// images: [n][h][w][in_channels] uint8 (h, w = grid image size).
+// out:    [L][n][out_channels][tile_h][tile_w], float or uint16 (fp16 bits).
+void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out);
+
+// maps: [L][n][map_h][map_w] float32. out: [n][canvas_h][canvas_w] float32.
+void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out);
+
+// maps: [n][canvas_h][canvas_w] float32, smoothed in place.
+// scratch: seam_scratch_floats(grid, n) floats for the CUDA twin; the CPU
+// twin streams with small private buffers and accepts null.
+void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, float* scratch);
+
+// Bilinear resize (align_corners=False) of float maps: [n][in_h][in_w] -> [n][out_h][out_w].
+void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out_h, int out_w);
+
+// maps_in/maps_out: [n][h*w] float32 (may alias). mask: [n][h*w] uint8 or null.
+// raw_scores, scores: [n] float32 (max of the raw map; normalized image score).
+void normalize_maps(const float* maps_in, float* maps_out, uint8_t* mask, float* raw_scores, float* scores, int n,
+                    int64_t hw, const NormParams& p);
+
+// Thread count used by the CPU twins (default: hardware concurrency).
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace cpu
+
+// Scratch for smooth_seams, in floats: the vertical pass over n canvases plus
+// per-row and per-column band flags (used by the CUDA twin).
+inline int64_t seam_scratch_floats(const Grid& g, int n) {
+  return static_cast<int64_t>(n) * g.y.canvas * g.x.canvas + g.y.canvas + 2LL * g.x.canvas;
+}
+
+#if defined(TILEAD_WITH_CUDA)
+namespace cuda {
+
+void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out, cudaStream_t stream);
+void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out, cudaStream_t stream);
+void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, float* scratch, cudaStream_t stream);
+void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out_h, int out_w, cudaStream_t stream);
+// raw_scores and scores are device pointers too.
+void normalize_maps(const float* maps_in, float* maps_out, uint8_t* mask, float* raw_scores, float* scores, int n,
+                    int64_t hw, const NormParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+#endif
+
+}  // namespace tilead

@@ -1,0 +1,412 @@
+// pybind11 bindings of tilead._kernels.
+//
+// Every entry point validates its arrays (dtype, rank, shape, C-contiguity,
+// writability, no overlap between inputs and outputs) and raises ValueError
+// with what was expected and what was given; the kernels themselves trust
+// their arguments. The GIL is released while a kernel runs.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/tile_simd.h"
+#include "staged.h"
+#include "tilead/kernels.h"
+
+#ifndef TILEAD_VERSION
+#define TILEAD_VERSION "0.0.0"
+#endif
+
+namespace py = pybind11;
+using namespace tilead;
+
+namespace {
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  if (a.ndim() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+std::string shape_str(const std::vector<py::ssize_t>& v) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < v.size(); ++i) s << (i ? ", " : "") << v[i];
+  if (v.size() == 1) s << ",";
+  s << ")";
+  return s.str();
+}
+
+std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::string>(); }
+
+// Checks dtype, C-contiguity, exact shape and (for outputs) writability.
+void check_array(const py::array& a, const char* name, const py::dtype& dtype, const std::vector<py::ssize_t>& shape,
+                 bool writable) {
+  if (!a.dtype().equal(dtype)) {
+    fail(std::string(name) + ": expected dtype " + py::str(dtype).cast<std::string>() + ", got " + dtype_str(a));
+  }
+  if (a.ndim() != static_cast<py::ssize_t>(shape.size())) {
+    fail(std::string(name) + ": expected " + std::to_string(shape.size()) + " dimensions with shape " +
+         shape_str(shape) + ", got " + std::to_string(a.ndim()) + " dimensions with shape " + shape_str(a));
+  }
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (a.shape(static_cast<py::ssize_t>(i)) != shape[i]) {
+      fail(std::string(name) + ": expected shape " + shape_str(shape) + ", got " + shape_str(a));
+    }
+  }
+  if (!(a.flags() & py::array::c_style)) {
+    fail(std::string(name) +
+         ": expected a C-contiguous array, got strides that are not C-contiguous "
+         "(use numpy.ascontiguousarray)");
+  }
+  if (writable && !a.writeable()) fail(std::string(name) + ": expected a writable array, got a read-only one");
+}
+
+void check_disjoint(const py::array& a, const char* an, const py::array& b, const char* bn) {
+  const auto* a0 = static_cast<const char*>(a.data());
+  const auto* b0 = static_cast<const char*>(b.data());
+  const auto* a1 = a0 + a.nbytes();
+  const auto* b1 = b0 + b.nbytes();
+  if (a.nbytes() > 0 && b.nbytes() > 0 && a0 < b1 && b0 < a1) {
+    fail(std::string(an) + " and " + bn + " must not share memory");
+  }
+}
+
+template <typename T>
+py::dtype dt() {
+  return py::dtype::of<T>();
+}
+py::dtype dt_half() { return py::dtype("float16"); }
+
+Grid make_grid(int image_h, int image_w, int tile_h, int tile_w, int stride_h, int stride_w, int edge) {
+  auto axis_check = [](const char* axis, int size, int tile, int stride) {
+    if (size <= 0 || tile <= 0 || stride <= 0) {
+      fail(std::string("grid ") + axis + ": image, tile and stride must be positive, got image=" +
+           std::to_string(size) + " tile=" + std::to_string(tile) + " stride=" + std::to_string(stride));
+    }
+    if (tile > size) {
+      fail(std::string("grid ") + axis + ": tile (" + std::to_string(tile) + ") must not exceed the image (" +
+           std::to_string(size) + ")");
+    }
+    if (stride > tile) {
+      fail(std::string("grid ") + axis + ": stride (" + std::to_string(stride) + ") must not exceed the tile (" +
+           std::to_string(tile) + ")");
+    }
+  };
+  axis_check("height", image_h, tile_h, stride_h);
+  axis_check("width", image_w, tile_w, stride_w);
+  if (edge < kEdgeShift || edge > kEdgeResize) {
+    fail("grid: edge must be 0 (shift), 1 (pad) or 2 (resize), got " + std::to_string(edge));
+  }
+  Grid g;
+  g.y = make_axis(image_h, tile_h, stride_h, edge);
+  g.x = make_axis(image_w, tile_w, stride_w, edge);
+  return g;
+}
+
+std::vector<int> origins(const Axis& a) {
+  std::vector<int> o(static_cast<size_t>(a.count));
+  for (int i = 0; i < a.count; ++i) o[static_cast<size_t>(i)] = axis_origin(a, i);
+  return o;
+}
+
+// ---- argument checks shared by the CPU and CUDA entry points ---------------
+
+struct TileCall {
+  TileParams p;
+  int n;
+};
+
+TileCall check_tile(const py::array& images, const Grid& g, const py::array& out, const std::vector<float>& scale,
+                    const std::vector<float>& bias, bool swap_rb) {
+  if (images.ndim() != 4) {
+    fail("images: expected 4 dimensions (n, height, width, channels), got shape " + shape_str(images));
+  }
+  const auto n = images.shape(0);
+  const auto c = images.shape(3);
+  if (c != 1 && c != 3) fail("images: expected 1 or 3 channels, got " + std::to_string(c));
+  check_array(images, "images", dt<uint8_t>(), {n, g.y.size, g.x.size, c}, false);
+  if (out.ndim() != 5) {
+    fail("out: expected 5 dimensions (locations, n, channels, tile_h, tile_w), got shape " + shape_str(out));
+  }
+  const auto oc = out.shape(2);
+  if (oc != 1 && oc != 3) fail("out: expected 1 or 3 channels, got " + std::to_string(oc));
+  if (c == 3 && oc == 1) fail("out: a 3-channel image cannot feed 1 output channel; convert the image to gray");
+  const bool half = out.dtype().equal(dt_half());
+  if (!half && !out.dtype().equal(dt<float>())) fail("out: expected dtype float32 or float16, got " + dtype_str(out));
+  check_array(out, "out", out.dtype(), {grid_locations(g), n, oc, g.y.tile, g.x.tile}, true);
+  check_disjoint(images, "images", out, "out");
+  if (scale.size() != static_cast<size_t>(oc) || bias.size() != static_cast<size_t>(oc)) {
+    fail("scale and bias: expected " + std::to_string(oc) + " values each (one per output channel), got " +
+         std::to_string(scale.size()) + " and " + std::to_string(bias.size()));
+  }
+  TileCall call{};
+  call.n = static_cast<int>(n);
+  call.p.in_channels = static_cast<int>(c);
+  call.p.out_channels = static_cast<int>(oc);
+  call.p.swap_rb = swap_rb && c == 3 ? 1 : 0;
+  for (int i = 0; i < 3; ++i) {
+    call.p.scale[i] = scale[static_cast<size_t>(i < oc ? i : 0)];
+    call.p.bias[i] = bias[static_cast<size_t>(i < oc ? i : 0)];
+  }
+  call.p.out_type = half ? kFloat16 : kFloat32;
+  return call;
+}
+
+struct UntileCall {
+  UntileParams p;
+  int n;
+};
+
+UntileCall check_untile(const py::array& maps, const Grid& g, const py::array& out, int weights,
+                        const py::object& loc_threshold, const py::object& loc_scale, py::array* threshold_arr,
+                        py::array* scale_arr) {
+  if (maps.ndim() != 4) fail("maps: expected 4 dimensions (locations, n, map_h, map_w), got shape " + shape_str(maps));
+  const auto n = maps.shape(1), mh = maps.shape(2), mw = maps.shape(3);
+  if (mh < 1 || mw < 1) fail("maps: map height and width must be at least 1, got shape " + shape_str(maps));
+  check_array(maps, "maps", dt<float>(), {grid_locations(g), n, mh, mw}, false);
+  check_array(out, "out", dt<float>(), {n, g.y.canvas, g.x.canvas}, true);
+  check_disjoint(maps, "maps", out, "out");
+  if (weights != kBlendUniform && weights != kBlendFeather) {
+    fail("weights: expected 0 (uniform) or 1 (feather), got " + std::to_string(weights));
+  }
+  UntileCall call{};
+  call.n = static_cast<int>(n);
+  call.p.map_h = static_cast<int>(mh);
+  call.p.map_w = static_cast<int>(mw);
+  call.p.weights = weights;
+  if (loc_threshold.is_none() != loc_scale.is_none()) fail("loc_threshold and loc_scale: give both or neither");
+  if (!loc_threshold.is_none()) {
+    *threshold_arr = py::array::ensure(loc_threshold);
+    *scale_arr = py::array::ensure(loc_scale);
+    if (!*threshold_arr || !*scale_arr) fail("loc_threshold and loc_scale: expected numpy arrays");
+    check_array(*threshold_arr, "loc_threshold", dt<float>(), {grid_locations(g)}, false);
+    check_array(*scale_arr, "loc_scale", dt<float>(), {grid_locations(g)}, false);
+    call.p.loc_threshold = static_cast<const float*>(threshold_arr->data());
+    call.p.loc_scale = static_cast<const float*>(scale_arr->data());
+  }
+  return call;
+}
+
+int check_seam(const py::array& maps, const Grid& g, float sigma, float width) {
+  if (maps.ndim() != 3) fail("maps: expected 3 dimensions (n, canvas_h, canvas_w), got shape " + shape_str(maps));
+  check_array(maps, "maps", dt<float>(), {maps.shape(0), g.y.canvas, g.x.canvas}, true);
+  if (!(sigma >= 0.0f) || gaussian_radius(sigma) > kMaxGaussianRadius) {
+    fail("sigma: expected 0 <= sigma < 15.9 (kernel radius <= " + std::to_string(kMaxGaussianRadius) + "), got " +
+         std::to_string(sigma));
+  }
+  if (!(width >= 0.0f) || width > 1.0f) fail("width: expected 0 <= width <= 1, got " + std::to_string(width));
+  return static_cast<int>(maps.shape(0));
+}
+
+int check_resize(const py::array& in, const py::array& out) {
+  if (in.ndim() != 3) fail("maps: expected 3 dimensions (n, height, width), got shape " + shape_str(in));
+  if (out.ndim() != 3) fail("out: expected 3 dimensions (n, height, width), got shape " + shape_str(out));
+  check_array(in, "maps", dt<float>(), {in.shape(0), in.shape(1), in.shape(2)}, false);
+  check_array(out, "out", dt<float>(), {in.shape(0), out.shape(1), out.shape(2)}, true);
+  if (in.shape(1) < 1 || in.shape(2) < 1 || out.shape(1) < 1 || out.shape(2) < 1) {
+    fail("maps and out: heights and widths must be at least 1, got " + shape_str(in) + " and " + shape_str(out));
+  }
+  check_disjoint(in, "maps", out, "out");
+  return static_cast<int>(in.shape(0));
+}
+
+NormParams check_normalize(const py::array& in, const py::array& out, const py::object& mask,
+                           const py::array& raw_scores, const py::array& scores, int mode, float pt, float pmin,
+                           float pmax, float it, float imin, float imax, py::array* mask_arr) {
+  if (in.ndim() != 3) fail("maps: expected 3 dimensions (n, height, width), got shape " + shape_str(in));
+  const std::vector<py::ssize_t> shape{in.shape(0), in.shape(1), in.shape(2)};
+  check_array(in, "maps", dt<float>(), shape, false);
+  check_array(out, "out", dt<float>(), shape, true);
+  if (out.data() != in.data()) check_disjoint(in, "maps", out, "out");
+  if (!mask.is_none()) {
+    *mask_arr = py::array::ensure(mask);
+    if (!*mask_arr) fail("mask: expected a numpy array or None");
+    check_array(*mask_arr, "mask", dt<uint8_t>(), shape, true);
+  }
+  check_array(raw_scores, "raw_scores", dt<float>(), {in.shape(0)}, true);
+  check_array(scores, "scores", dt<float>(), {in.shape(0)}, true);
+  if (mode != kNormNone && mode != kNormMinMax)
+    fail("mode: expected 0 (none) or 1 (min-max), got " + std::to_string(mode));
+  if (mode == kNormMinMax && !(pmax > pmin)) {
+    fail("pixel_max must be greater than pixel_min for min-max normalization, got min=" + std::to_string(pmin) +
+         " max=" + std::to_string(pmax));
+  }
+  if (mode == kNormMinMax && !(imax > imin)) {
+    fail("image_max must be greater than image_min for min-max normalization, got min=" + std::to_string(imin) +
+         " max=" + std::to_string(imax));
+  }
+  NormParams p{};
+  p.mode = mode;
+  p.pixel_threshold = pt;
+  p.pixel_min = pmin;
+  p.pixel_max = pmax;
+  p.image_threshold = it;
+  p.image_min = imin;
+  p.image_max = imax;
+  return p;
+}
+
+template <typename T>
+T* ptr(const py::array& a) {
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+// Binds one family (cpu or cuda) of entry points with identical Python signatures.
+template <bool Cuda>
+void bind_family(py::module_& m) {
+  m.def(
+      "tile_images",
+      [](const py::array& images, const Grid& g, py::array& out, const std::vector<float>& scale,
+         const std::vector<float>& bias, bool swap_rb) {
+        const TileCall c = check_tile(images, g, out, scale, bias, swap_rb);
+        py::gil_scoped_release nogil;
+        if (Cuda) {
+          staged::tile_images(ptr<uint8_t>(images), c.n, g, c.p, out.mutable_data());
+        } else {
+          cpu::tile_images(ptr<uint8_t>(images), c.n, g, c.p, out.mutable_data());
+        }
+      },
+      py::arg("images"), py::arg("grid"), py::arg("out"), py::arg("scale"), py::arg("bias"), py::arg("swap_rb") = false,
+      "Tile uint8 images (n, h, w, c) into out (L, n, C, tile_h, tile_w), value = pixel * scale + bias.");
+  m.def(
+      "untile_maps",
+      [](const py::array& maps, const Grid& g, py::array& out, int weights, const py::object& loc_threshold,
+         const py::object& loc_scale) {
+        py::array ta, sa;
+        const UntileCall c = check_untile(maps, g, out, weights, loc_threshold, loc_scale, &ta, &sa);
+        py::gil_scoped_release nogil;
+        if (Cuda) {
+          staged::untile_maps(ptr<float>(maps), c.n, g, c.p, ptr<float>(out));
+        } else {
+          cpu::untile_maps(ptr<float>(maps), c.n, g, c.p, ptr<float>(out));
+        }
+      },
+      py::arg("maps"), py::arg("grid"), py::arg("out"), py::arg("weights") = 0, py::arg("loc_threshold") = py::none(),
+      py::arg("loc_scale") = py::none(), "Untile maps (L, n, map_h, map_w) into out (n, canvas_h, canvas_w).");
+  m.def(
+      "smooth_seams",
+      [](py::array& maps, const Grid& g, float sigma, float width) {
+        const int n = check_seam(maps, g, sigma, width);
+        py::gil_scoped_release nogil;
+        SeamParams p{sigma, width};
+        if (Cuda) {
+          staged::smooth_seams(ptr<float>(maps), n, g, p);
+        } else {
+          cpu::smooth_seams(ptr<float>(maps), n, g, p, nullptr);
+        }
+      },
+      py::arg("maps"), py::arg("grid"), py::arg("sigma"), py::arg("width"),
+      "Smooth seam bands of maps (n, canvas_h, canvas_w) in place.");
+  m.def(
+      "resize_maps",
+      [](const py::array& in, py::array& out) {
+        const int n = check_resize(in, out);
+        const int ih = static_cast<int>(in.shape(1)), iw = static_cast<int>(in.shape(2));
+        const int oh = static_cast<int>(out.shape(1)), ow = static_cast<int>(out.shape(2));
+        py::gil_scoped_release nogil;
+        if (Cuda) {
+          staged::resize_maps(ptr<float>(in), n, ih, iw, ptr<float>(out), oh, ow);
+        } else {
+          cpu::resize_maps(ptr<float>(in), n, ih, iw, ptr<float>(out), oh, ow);
+        }
+      },
+      py::arg("maps"), py::arg("out"), "Bilinear resize (align_corners=False) of maps (n, h, w) into out (n, H, W).");
+  m.def(
+      "normalize_maps",
+      [](const py::array& in, py::array& out, const py::object& mask, py::array& raw_scores, py::array& scores,
+         int mode, float pt, float pmin, float pmax, float it, float imin, float imax) {
+        py::array mask_arr;
+        const NormParams p =
+            check_normalize(in, out, mask, raw_scores, scores, mode, pt, pmin, pmax, it, imin, imax, &mask_arr);
+        uint8_t* mp = mask.is_none() ? nullptr : static_cast<uint8_t*>(mask_arr.mutable_data());
+        const int n = static_cast<int>(in.shape(0));
+        const int64_t hw = static_cast<int64_t>(in.shape(1)) * in.shape(2);
+        py::gil_scoped_release nogil;
+        if (Cuda) {
+          staged::normalize_maps(ptr<float>(in), ptr<float>(out), mp, ptr<float>(raw_scores), ptr<float>(scores), n, hw,
+                                 p);
+        } else {
+          cpu::normalize_maps(ptr<float>(in), ptr<float>(out), mp, ptr<float>(raw_scores), ptr<float>(scores), n, hw,
+                              p);
+        }
+      },
+      py::arg("maps"), py::arg("out"), py::arg("mask"), py::arg("raw_scores"), py::arg("scores"), py::arg("mode"),
+      py::arg("pixel_threshold"), py::arg("pixel_min"), py::arg("pixel_max"), py::arg("image_threshold"),
+      py::arg("image_min"), py::arg("image_max"),
+      "Normalize maps (n, h, w) into out, threshold into mask, and reduce per-image scores.");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_kernels, m) {
+  m.doc() = "tilead tiling kernels: CPU twins (module level) and CUDA twins (submodule cuda).";
+  m.attr("__version__") = TILEAD_VERSION;
+  m.attr("EDGE_SHIFT") = static_cast<int>(kEdgeShift);
+  m.attr("EDGE_PAD") = static_cast<int>(kEdgePad);
+  m.attr("EDGE_RESIZE") = static_cast<int>(kEdgeResize);
+  m.attr("BLEND_UNIFORM") = static_cast<int>(kBlendUniform);
+  m.attr("BLEND_FEATHER") = static_cast<int>(kBlendFeather);
+  m.attr("NORM_NONE") = static_cast<int>(kNormNone);
+  m.attr("NORM_MINMAX") = static_cast<int>(kNormMinMax);
+  m.attr("MAX_GAUSSIAN_RADIUS") = kMaxGaussianRadius;
+
+  py::class_<Grid>(m, "Grid", "Validated tile grid; the geometry every kernel uses.")
+      .def(py::init(&make_grid), py::arg("image_h"), py::arg("image_w"), py::arg("tile_h"), py::arg("tile_w"),
+           py::arg("stride_h"), py::arg("stride_w"), py::arg("edge"))
+      .def_property_readonly("rows", [](const Grid& g) { return g.y.count; })
+      .def_property_readonly("cols", [](const Grid& g) { return g.x.count; })
+      .def_property_readonly("canvas_h", [](const Grid& g) { return g.y.canvas; })
+      .def_property_readonly("canvas_w", [](const Grid& g) { return g.x.canvas; })
+      .def_property_readonly("origins_y", [](const Grid& g) { return origins(g.y); })
+      .def_property_readonly("origins_x", [](const Grid& g) { return origins(g.x); })
+      .def(
+          "band_rows",
+          [](const Grid& g, float width) {
+            std::vector<bool> b(static_cast<size_t>(g.y.canvas));
+            const int half = band_half_width(g.y.tile, width);
+            for (int i = 0; i < g.y.canvas; ++i) b[static_cast<size_t>(i)] = axis_in_band(g.y, i, half);
+            return b;
+          },
+          py::arg("width"), "Per canvas row: inside a horizontal seam band.")
+      .def(
+          "band_cols",
+          [](const Grid& g, float width) {
+            std::vector<bool> b(static_cast<size_t>(g.x.canvas));
+            const int half = band_half_width(g.x.tile, width);
+            for (int i = 0; i < g.x.canvas; ++i) b[static_cast<size_t>(i)] = axis_in_band(g.x, i, half);
+            return b;
+          },
+          py::arg("width"), "Per canvas column: inside a vertical seam band.");
+
+  m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"),
+        "Threads used by the CPU kernels; n <= 0 restores the default (CPUs this process may use).");
+  m.def("get_num_threads", &cpu::get_num_threads);
+  m.def(
+      "cpu_simd", []() { return std::string(cpu::row_converters().rgb_f32 != nullptr ? "avx2+f16c" : "portable"); },
+      "Code path of the CPU tile kernel on this machine: 'avx2+f16c' or 'portable'.");
+  bind_family<false>(m);
+
+  py::module_ cuda = m.def_submodule("cuda", "CUDA twins, host-staged: same signatures as the CPU twins.");
+  cuda.def("is_built", &staged::built_with_cuda, "Whether the module was compiled with the CUDA kernels.");
+  cuda.def("architectures", &staged::cuda_architectures, "CUDA architectures compiled in (CMake syntax).");
+  cuda.def(
+      "device_count",
+      []() {
+        std::string err;
+        const int n = staged::device_count(&err);
+        return py::make_tuple(n, err);
+      },
+      "(count, error): CUDA devices visible, and the runtime's error text when it reported one.");
+  cuda.def("device_name", &staged::device_name, py::arg("index") = 0);
+  bind_family<true>(cuda);
+}

@@ -1,0 +1,192 @@
+// CPU twin of seam smoothing: a separable Gaussian evaluated only where it is
+// needed and written only to seam-band pixels, in place, streaming.
+//
+// Each work unit is a contiguous range of rows of one image. Row y's output
+// needs the original rows within R of y (also after reflection at the borders),
+// so a unit writes row y back only after it has computed row y + R, keeping
+// the pending rows in a small ring. Rows just outside the unit, which a
+// neighbouring unit may overwrite, are copied into halos before any unit
+// writes. Memory: O(units x R x W), no canvas-sized scratch (the CUDA twin,
+// which runs on pre-allocated device memory, uses the scratch argument).
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "parallel.h"
+#include "tilead/kernels.h"
+
+namespace tilead {
+namespace cpu {
+namespace {
+
+using Runs = std::vector<std::pair<int, int>>;  // [begin, end) segments
+
+Runs runs_of(const std::vector<char>& flags) {
+  Runs r;
+  const int n = static_cast<int>(flags.size());
+  for (int i = 0; i < n;) {
+    if (!flags[static_cast<size_t>(i)]) {
+      ++i;
+      continue;
+    }
+    int j = i;
+    while (j < n && flags[static_cast<size_t>(j)]) ++j;
+    r.emplace_back(i, j);
+    i = j;
+  }
+  return r;
+}
+
+std::vector<float> gaussian_taps(float sigma, int radius) {
+  std::vector<double> t(static_cast<size_t>(2 * radius + 1));
+  double sum = 0.0;
+  for (int i = -radius; i <= radius; ++i) {
+    const double v = std::exp(-static_cast<double>(i) * i / (2.0 * sigma * sigma));
+    t[static_cast<size_t>(i + radius)] = v;
+    sum += v;
+  }
+  std::vector<float> out(t.size());
+  for (size_t i = 0; i < t.size(); ++i) out[i] = static_cast<float>(t[i] / sum);
+  return out;
+}
+
+constexpr int kBlock = 16;  // outputs accumulated in registers across all taps
+
+// out[x] = sum_j g[j] * rows[j][x] for x in [a, b): a 1-D convolution across
+// 2R+1 row pointers, blocked so each output is loaded and stored once.
+void weighted_rows(const float* const* rows, const float* g, int taps, int a, int b, float* __restrict out) {
+  int x = a;
+  for (; x + kBlock <= b; x += kBlock) {
+    float acc[kBlock] = {};
+    for (int j = 0; j < taps; ++j) {
+      const float gj = g[j];
+      const float* s = rows[j] + x;
+      for (int k = 0; k < kBlock; ++k) acc[k] += gj * s[k];
+    }
+    for (int k = 0; k < kBlock; ++k) out[x + k] = acc[k];
+  }
+  for (; x < b; ++x) {
+    float acc = 0.0f;
+    for (int j = 0; j < taps; ++j) acc += g[j] * rows[j][x];
+    out[x] = acc;
+  }
+}
+
+// out[x - a] = sum_j g[j] * vrow[reflect(x - R + j)] for x in [a, b).
+void horizontal(const float* vrow, int W, int a, int b, const float* g, int R, float* pad,
+                std::vector<const float*>& shifted, float* out) {
+  const int lo = a - R, hi = b + R;  // padded source range [lo, hi)
+  for (int k = lo; k < hi; ++k) pad[k - lo] = (k >= 0 && k < W) ? vrow[k] : vrow[reflect_index(k, W)];
+  // Output x (0-based in the run) reads pad[x + j] for tap j: row pointers shifted by j.
+  shifted.resize(static_cast<size_t>(2 * R + 1));
+  for (int j = 0; j <= 2 * R; ++j) shifted[static_cast<size_t>(j)] = pad + j;
+  weighted_rows(shifted.data(), g, 2 * R + 1, 0, b - a, out);
+}
+
+// One unit: rows [y0, y1) of one image plane.
+struct Unit {
+  float* plane;
+  int y0, y1;
+  std::vector<float> halo;  // original rows [y0 - R, y0) then [y1, y1 + R), clipped to the plane
+  int top;                  // first row held in the top halo
+  int top_rows, bottom_rows;
+};
+
+}  // namespace
+
+void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, float* /*scratch*/) {
+  if (n <= 0 || !(p.sigma > 0.0f)) return;
+  const int H = grid.y.canvas, W = grid.x.canvas;
+  const int half_y = band_half_width(grid.y.tile, p.width);
+  const int half_x = band_half_width(grid.x.tile, p.width);
+  const int R = gaussian_radius(p.sigma);
+  const int taps = 2 * R + 1;
+  std::vector<char> row_band(static_cast<size_t>(H)), col_band(static_cast<size_t>(W)),
+      col_need(static_cast<size_t>(W), 0);
+  bool any_row = false, any_col = false;
+  for (int y = 0; y < H; ++y) {
+    any_row |= (row_band[static_cast<size_t>(y)] = axis_in_band(grid.y, y, half_y)) != 0;
+  }
+  for (int x = 0; x < W; ++x) {
+    any_col |= (col_band[static_cast<size_t>(x)] = axis_in_band(grid.x, x, half_x)) != 0;
+  }
+  if (!any_row && !any_col) return;
+  for (int x = 0; x < W; ++x) {
+    if (!col_band[static_cast<size_t>(x)]) continue;
+    for (int j = -R; j <= R; ++j) col_need[static_cast<size_t>(reflect_index(x + j, W))] = 1;
+  }
+  const Runs band_runs = runs_of(col_band);
+  const Runs need_runs = runs_of(col_need);
+  const Runs full_row{{0, W}};
+  const std::vector<float> g = gaussian_taps(p.sigma, R);
+  auto has_output = [&](int y) { return row_band[static_cast<size_t>(y)] || any_col; };
+
+  // Units: each image split into up to get_num_threads() row ranges of at least R + 1 rows.
+  const int parts = std::max(1, std::min(get_num_threads(), H / (R + 1)));
+  std::vector<Unit> units;
+  units.reserve(static_cast<size_t>(n) * parts);
+  for (int img = 0; img < n; ++img) {
+    for (int k = 0; k < parts; ++k) {
+      Unit u;
+      u.plane = maps + static_cast<int64_t>(img) * H * W;
+      u.y0 = static_cast<int>(static_cast<int64_t>(H) * k / parts);
+      u.y1 = static_cast<int>(static_cast<int64_t>(H) * (k + 1) / parts);
+      u.top = std::max(0, u.y0 - R);
+      u.top_rows = u.y0 - u.top;
+      u.bottom_rows = std::min(H, u.y1 + R) - u.y1;
+      units.push_back(std::move(u));
+    }
+  }
+  const int64_t count = static_cast<int64_t>(units.size());
+
+  // Phase 1: every unit copies the original rows it borrows from its neighbours.
+  parallel_for(count, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      Unit& u = units[static_cast<size_t>(i)];
+      u.halo.resize(static_cast<size_t>(u.top_rows + u.bottom_rows) * W);
+      std::copy(u.plane + static_cast<int64_t>(u.top) * W, u.plane + static_cast<int64_t>(u.y0) * W, u.halo.begin());
+      std::copy(u.plane + static_cast<int64_t>(u.y1) * W, u.plane + static_cast<int64_t>(u.y1 + u.bottom_rows) * W,
+                u.halo.begin() + static_cast<int64_t>(u.top_rows) * W);
+    }
+  });
+
+  // Phase 2: stream every unit's rows; output row y is written back once row
+  // y + R has been computed (no later row of the unit reads its original).
+  parallel_for(count, 1, [&](int64_t b, int64_t e) {
+    std::vector<const float*> tap_rows(static_cast<size_t>(taps)), shifted;
+    std::vector<float> vrow(static_cast<size_t>(W)), pad(static_cast<size_t>(W + 2 * R));
+    std::vector<float> ring(static_cast<size_t>(R + 1) * W);
+    for (int64_t i = b; i < e; ++i) {
+      const Unit& u = units[static_cast<size_t>(i)];
+      auto original = [&](int r) -> const float* {
+        if (r < u.y0) return u.halo.data() + static_cast<int64_t>(r - u.top) * W;
+        if (r >= u.y1) return u.halo.data() + static_cast<int64_t>(u.top_rows + r - u.y1) * W;
+        return u.plane + static_cast<int64_t>(r) * W;
+      };
+      auto write_back = [&](int y) {
+        if (y < u.y0 || !has_output(y)) return;
+        const float* src = ring.data() + static_cast<int64_t>(y % (R + 1)) * W;
+        float* dst = u.plane + static_cast<int64_t>(y) * W;
+        const Runs& runs = row_band[static_cast<size_t>(y)] ? full_row : band_runs;
+        for (const auto& run : runs) std::copy(src + run.first, src + run.second, dst + run.first);
+      };
+      for (int y = u.y0; y < u.y1; ++y) {
+        write_back(y - R - 1);  // its original is needed by rows up to y - 1 only
+        if (!has_output(y)) continue;
+        const bool full = row_band[static_cast<size_t>(y)] != 0;
+        for (int k = -R; k <= R; ++k) tap_rows[static_cast<size_t>(k + R)] = original(reflect_index(y + k, H));
+        for (const auto& run : full ? full_row : need_runs) {
+          weighted_rows(tap_rows.data(), g.data(), taps, run.first, run.second, vrow.data());
+        }
+        float* out = ring.data() + static_cast<int64_t>(y % (R + 1)) * W;
+        for (const auto& run : full ? full_row : band_runs) {
+          horizontal(vrow.data(), W, run.first, run.second, g.data(), R, pad.data(), shifted, out + run.first);
+        }
+      }
+      for (int y = std::max(u.y0, u.y1 - R - 1); y < u.y1; ++y) write_back(y);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace tilead

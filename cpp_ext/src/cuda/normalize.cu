@@ -1,0 +1,89 @@
+// CUDA twin of normalize + threshold + per-image score. The per-image max is
+// reduced per block in shared memory, then merged with an atomicMax on an
+// order-preserving integer encoding of the float (NaN values are skipped, as
+// on the CPU twin).
+#include <cfloat>
+
+#include "cuda_check.h"
+#include "tilead/kernels.h"
+
+namespace tilead {
+namespace cuda {
+namespace {
+
+__device__ __forceinline__ int ordered(float f) {
+  const int i = __float_as_int(f);
+  return i >= 0 ? i : i ^ 0x7fffffff;
+}
+__device__ __forceinline__ float unordered(int i) { return __int_as_float(i >= 0 ? i : i ^ 0x7fffffff); }
+
+__global__ void init_max(int* acc, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) acc[i] = ordered(-INFINITY);
+}
+
+constexpr int kThreads = 256;
+
+__global__ void normalize_kernel(const float* in, float* out, uint8_t* mask, int* acc, long long hw, NormParams p,
+                                 float pscale) {
+  __shared__ float smax[kThreads];
+  const int img = blockIdx.y;
+  const float* s = in + img * hw;
+  float* d = out + img * hw;
+  uint8_t* m = mask != nullptr ? mask + img * hw : nullptr;
+  float local = -INFINITY;
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < hw;
+       i += static_cast<long long>(blockDim.x) * gridDim.x) {
+    const float v = s[i];
+    if (v > local) local = v;  // false for NaN
+    if (p.mode == kNormMinMax) {
+      const float nv = clamp01((v - p.pixel_threshold) * pscale + 0.5f);
+      d[i] = nv;
+      if (m != nullptr) m[i] = nv > 0.5f ? 1 : 0;
+    } else {
+      d[i] = v;
+      if (m != nullptr) m[i] = v > p.pixel_threshold ? 1 : 0;
+    }
+  }
+  smax[threadIdx.x] = local;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w && smax[threadIdx.x + w] > smax[threadIdx.x]) smax[threadIdx.x] = smax[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) atomicMax(acc + img, ordered(smax[0]));
+}
+
+__global__ void finish_scores(const int* acc, float* raw_scores, float* scores, int n, NormParams p, float iscale) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float raw = unordered(acc[i]);
+  raw_scores[i] = raw;
+  scores[i] = p.mode == kNormMinMax ? clamp01((raw - p.image_threshold) * iscale + 0.5f) : raw;
+}
+
+}  // namespace
+
+void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_scores, float* scores, int n, int64_t hw,
+                    const NormParams& p, cudaStream_t stream) {
+  if (n <= 0) return;
+  static_assert(sizeof(int) == sizeof(float), "scores double as integer accumulators");
+  int* acc = reinterpret_cast<int*>(raw_scores);
+  init_max<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(acc, n);
+  check(cudaGetLastError(), "init_max launch");
+  const float pr = p.pixel_max - p.pixel_min;
+  const float pscale = p.mode == kNormMinMax && pr > 0.0f ? 1.0f / pr : 0.0f;
+  long long bx = (hw + kThreads - 1) / kThreads;
+  if (bx > 1024) bx = 1024;
+  if (bx < 1) bx = 1;
+  const dim3 blocks(static_cast<unsigned>(bx), static_cast<unsigned>(n));
+  normalize_kernel<<<blocks, kThreads, 0, stream>>>(in, out, mask, acc, hw, p, pscale);
+  check(cudaGetLastError(), "normalize_kernel launch");
+  const float ir = p.image_max - p.image_min;
+  const float iscale = ir > 0.0f ? 1.0f / ir : 0.0f;
+  finish_scores<<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(acc, raw_scores, scores, n, p, iscale);
+  check(cudaGetLastError(), "finish_scores launch");
+}
+
+}  // namespace cuda
+}  // namespace tilead

@@ -1,0 +1,195 @@
+"""NumPy reference implementations: the oracle for every kernel.
+
+Written from the geometry rules in DESIGN.md, independently of the C++ code
+(no shared helpers, float64 arithmetic, whole-array formulations), so that the
+kernels are checked against a second reading of the same definitions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def axis_origins(size: int, tile: int, stride: int, edge: str) -> tuple[list[int], int]:
+    """Tile origins along one axis and the canvas length."""
+    origins = []
+    o = 0
+    while o + tile <= size:
+        origins.append(o)
+        o += stride
+    if origins[-1] + tile < size:
+        origins.append(size - tile if edge == "shift" else origins[-1] + stride)
+    canvas = size if edge == "shift" else origins[-1] + tile
+    return origins, canvas
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) matrix of align_corners=False bilinear weights (PyTorch rules)."""
+    m = np.zeros((out_size, in_size))
+    scale = in_size / out_size
+    for d in range(out_size):
+        src = max((d + 0.5) * scale - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), in_size - 1)
+        i1 = min(i0 + 1, in_size - 1)
+        w1 = src - i0
+        m[d, i0] += 1.0 - w1
+        m[d, i1] += w1
+    return m
+
+
+def resize(maps: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize of (..., h, w) arrays in float64."""
+    my = bilinear_matrix(maps.shape[-2], out_h)
+    mx = bilinear_matrix(maps.shape[-1], out_w)
+    result: np.ndarray = my @ maps.astype(np.float64) @ mx.T
+    return result
+
+
+def tile(
+    images: np.ndarray,
+    tile_hw: tuple[int, int],
+    stride_hw: tuple[int, int],
+    edge: str,
+    mean: list[float],
+    std: list[float],
+    out_channels: int,
+    swap_rb: bool,
+) -> np.ndarray:
+    """(n, H, W, C) uint8 -> (L, n, out_channels, th, tw) float64 normalized tiles."""
+    n, h, w, c = images.shape
+    oy, ch = axis_origins(h, tile_hw[0], stride_hw[0], edge)
+    ox, cw = axis_origins(w, tile_hw[1], stride_hw[1], edge)
+    img = images.astype(np.float64)
+    if c == 1 and out_channels == 3:
+        img = np.repeat(img, 3, axis=3)
+    if swap_rb and img.shape[3] == 3:
+        img = img[..., ::-1]
+    if edge == "pad":
+        img = np.pad(img, ((0, 0), (0, ch - h), (0, cw - w), (0, 0)))
+    elif edge == "resize":
+        img = np.moveaxis(resize(np.moveaxis(img, 3, 1), ch, cw), 1, 3)
+    norm = (img / 255.0 - np.asarray(mean)) / np.asarray(std)
+    out = np.empty((len(oy) * len(ox), n, out_channels, *tile_hw))
+    for r, y in enumerate(oy):
+        for cc, x in enumerate(ox):
+            block = norm[:, y : y + tile_hw[0], x : x + tile_hw[1], :]
+            out[r * len(ox) + cc] = np.moveaxis(block, 3, 1)
+    return out
+
+
+def axis_weights(origins: list[int], tile_len: int, mode: str) -> list[np.ndarray]:
+    """Unnormalized per-tile 1-D blend weights (uniform, or feather ramps over overlaps)."""
+    result = []
+    q = np.arange(tile_len, dtype=np.float64)
+    for i, o in enumerate(origins):
+        w = np.ones(tile_len)
+        if mode == "feather":
+            if i > 0:
+                overlap = origins[i - 1] + tile_len - o
+                if overlap > 0:
+                    w = np.where(q < overlap, np.minimum(w, (q + 0.5) / max(overlap, 1)), w)
+            if i < len(origins) - 1:
+                overlap = o + tile_len - origins[i + 1]
+                d = tile_len - 1 - q
+                if overlap > 0:
+                    w = np.where(d < overlap, np.minimum(w, (d + 0.5) / max(overlap, 1)), w)
+        result.append(w)
+    return result
+
+
+def untile(
+    maps: np.ndarray,
+    image_hw: tuple[int, int],
+    tile_hw: tuple[int, int],
+    stride_hw: tuple[int, int],
+    edge: str,
+    weights: str = "uniform",
+    tile_stats: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """(L, n, h, w) maps -> (n, canvas_h, canvas_w) weighted average of upsampled tiles."""
+    oy, ch = axis_origins(image_hw[0], tile_hw[0], stride_hw[0], edge)
+    ox, cw = axis_origins(image_hw[1], tile_hw[1], stride_hw[1], edge)
+    wy = axis_weights(oy, tile_hw[0], weights)
+    wx = axis_weights(ox, tile_hw[1], weights)
+    n = maps.shape[1]
+    num = np.zeros((n, ch, cw))
+    den = np.zeros((ch, cw))
+    for r, y in enumerate(oy):
+        for c, x in enumerate(ox):
+            loc = r * len(ox) + c
+            up = resize(maps[loc], *tile_hw)
+            if tile_stats is not None:
+                t, lo, hi = (float(a[loc]) for a in tile_stats)
+                up = np.clip((up - t) / (hi - lo) + 0.5, 0.0, 1.0)
+            w2 = np.outer(wy[r], wx[c])
+            num[:, y : y + tile_hw[0], x : x + tile_hw[1]] += w2 * up
+            den[y : y + tile_hw[0], x : x + tile_hw[1]] += w2
+    return num / den
+
+
+def band_mask(
+    image_hw: tuple[int, int], tile_hw: tuple[int, int], stride_hw: tuple[int, int], edge: str, width: float
+) -> np.ndarray:
+    """(canvas_h, canvas_w) bool: pixels within int(tile * width) of an interior tile edge."""
+    axes = []
+    for a in range(2):
+        origins, canvas = axis_origins(image_hw[a], tile_hw[a], stride_hw[a], edge)
+        half = int(tile_hw[a] * width)
+        seams = {o for o in origins if o > 0} | {o + tile_hw[a] for o in origins if o + tile_hw[a] < canvas}
+        p = np.arange(canvas)
+        flags = np.zeros(canvas, dtype=bool)
+        for s in seams:
+            flags |= (p >= s - half) & (p < s + half)
+        axes.append(flags)
+    return axes[0][:, None] | axes[1][None, :]
+
+
+def gaussian_blur(maps: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian of (n, h, w) maps, kernel 2*int(4*sigma+0.5)+1, reflect padding."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    g = np.exp(-(x**2) / (2.0 * sigma**2))
+    g /= g.sum()
+    out = maps.astype(np.float64)
+    for axis in (1, 2):
+        pad = [(0, 0)] * 3
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="reflect")
+        acc = np.zeros_like(out)
+        length = out.shape[axis]
+        for k in range(2 * radius + 1):
+            acc += g[k] * np.take(padded, np.arange(k, k + length), axis=axis)
+        out = acc
+    return out
+
+
+def smooth_seams(
+    maps: np.ndarray,
+    image_hw: tuple[int, int],
+    tile_hw: tuple[int, int],
+    stride_hw: tuple[int, int],
+    edge: str,
+    sigma: float,
+    width: float,
+) -> np.ndarray:
+    """Seam smoothing: blurred values on band pixels, originals elsewhere."""
+    if sigma <= 0:
+        return maps.astype(np.float64)
+    band = band_mask(image_hw, tile_hw, stride_hw, edge, width)
+    return np.where(band[None], gaussian_blur(maps, sigma), maps.astype(np.float64))
+
+
+def normalize(
+    maps: np.ndarray,
+    pixel_threshold: float,
+    image_threshold: float,
+    pixel_range: tuple[float, float] | None,
+    image_range: tuple[float, float] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(normalized maps, masks, raw scores, scores) by anomalib's min-max formula."""
+    raw = maps.reshape(maps.shape[0], -1).max(axis=1).astype(np.float64)
+    if pixel_range is None or image_range is None:
+        return maps.astype(np.float64), maps > pixel_threshold, raw, raw
+    norm = np.clip((maps - pixel_threshold) / (pixel_range[1] - pixel_range[0]) + 0.5, 0.0, 1.0)
+    scores = np.clip((raw - image_threshold) / (image_range[1] - image_range[0]) + 0.5, 0.0, 1.0)
+    return norm, norm > 0.5, raw, scores

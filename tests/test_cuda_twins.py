@@ -1,0 +1,101 @@
+"""CUDA twins against CPU twins (GPU only), and the build's CUDA status.
+
+Where no GPU is visible the comparisons are skipped, not faked; CI still
+checks that the CUDA sources were compiled (TILEAD_EXPECT_CUDA=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from tilead import _kernels
+from tilead.runtime import (
+    Preprocessing,
+    SeamSmoothing,
+    TileGrid,
+    cuda_status,
+    normalize_maps,
+    resize_maps,
+    smooth_seams,
+    tile_images,
+    untile_maps,
+)
+
+STATUS = cuda_status()
+needs_gpu = pytest.mark.skipif(not STATUS.usable, reason=f"no usable CUDA device: {STATUS.error or 'not built'}")
+
+
+def test_cuda_build_status_is_reported() -> None:
+    assert isinstance(STATUS.built, bool)
+    if os.environ.get("TILEAD_EXPECT_CUDA") == "1":
+        assert STATUS.built, "CI compiled with TILEAD_CUDA=ON, but the module has no CUDA kernels"
+        archs = STATUS.architectures.split(",")
+        for arch in ("75", "80", "86", "87", "89", "90"):
+            assert any(a.startswith(arch) for a in archs), f"sm_{arch} missing from {archs}"
+    if STATUS.built and not STATUS.usable:
+        # A CUDA build on a GPU-less machine must explain itself, not crash.
+        assert STATUS.device_count == 0
+        assert STATUS.error
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("edge", ["shift", "pad", "resize"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_tile_cuda_matches_cpu(edge: str, dtype: str) -> None:
+    grid = TileGrid((300, 410), (128, 96), (100, 90), edge=edge)  # type: ignore[arg-type]
+    images = np.random.default_rng(0).integers(0, 256, (3, 300, 410, 3), dtype=np.uint8)
+    prep = Preprocessing(dtype=dtype)  # type: ignore[arg-type]
+    cpu = tile_images(images, grid, prep)
+    gpu = tile_images(images, grid, prep, device="cuda")
+    np.testing.assert_allclose(gpu.astype(np.float32), cpu.astype(np.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("weights", ["uniform", "feather"])
+def test_untile_smooth_normalize_resize_cuda_match_cpu(weights: str) -> None:
+    grid = TileGrid((300, 410), (128, 96), (100, 90))
+    rng = np.random.default_rng(1)
+    maps = rng.standard_normal((grid.num_locations, 2, 16, 12)).astype(np.float32)
+    stats = (
+        rng.uniform(-1, 1, grid.num_locations),
+        np.full(grid.num_locations, -2.0),
+        np.full(grid.num_locations, 2.0),
+    )
+    for tile_stats in (None, stats):
+        cpu = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats)  # type: ignore[arg-type]
+        gpu = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, device="cuda")  # type: ignore[arg-type]
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-5)
+    canvas = untile_maps(maps, grid, weights=weights)  # type: ignore[arg-type]
+    seam = SeamSmoothing(sigma=3.0, width=0.2)
+    np.testing.assert_allclose(
+        smooth_seams(canvas, grid, seam, device="cuda"),
+        smooth_seams(canvas, grid, seam),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        resize_maps(canvas, (111, 517), device="cuda"), resize_maps(canvas, (111, 517)), rtol=1e-5, atol=1e-5
+    )
+    kw = {
+        "pixel_threshold": 0.1,
+        "image_threshold": 0.3,
+        "pixel_range": (-2.0, 2.0),
+        "image_range": (-1.0, 3.0),
+    }
+    a = normalize_maps(canvas, device="cuda", **kw)  # type: ignore[arg-type]
+    b = normalize_maps(canvas, **kw)  # type: ignore[arg-type]
+    np.testing.assert_allclose(a.maps, b.maps, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a.raw_scores, b.raw_scores)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+
+
+def test_cuda_namespace_has_the_same_entry_points_as_cpu() -> None:
+    for name in ("tile_images", "untile_maps", "smooth_seams", "resize_maps", "normalize_maps"):
+        cpu_doc = getattr(_kernels, name).__doc__
+        cuda_doc = getattr(_kernels.cuda, name).__doc__
+        assert cpu_doc == cuda_doc  # same pybind11 signature line and description

@@ -1,0 +1,1 @@
+"""Command-line entry points: thin click commands that parse, call the library and print."""

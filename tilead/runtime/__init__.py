@@ -1,0 +1,42 @@
+"""tilead's deployment runtime: geometry, tiling and post-processing kernels.
+
+This package never imports torch (nor cv2): it takes numpy arrays and runs the
+``tilead._kernels`` extension. The trainer and the exporter import it for the
+same geometry and post-processing, so what is validated is what is deployed.
+"""
+
+from tilead.runtime.devices import CudaStatus, cuda_status, get_num_threads, set_num_threads
+from tilead.runtime.geometry import EDGE_POLICIES, EdgePolicy, TileGrid, location_name, parse_location
+from tilead.runtime.postprocess import (
+    NormalizedMaps,
+    SeamSmoothing,
+    canvas_to_image,
+    merge_maps,
+    normalize_maps,
+    resize_maps,
+    smooth_seams,
+    untile_maps,
+)
+from tilead.runtime.preprocess import Preprocessing, tile_images
+
+__all__ = [
+    "EDGE_POLICIES",
+    "CudaStatus",
+    "EdgePolicy",
+    "NormalizedMaps",
+    "Preprocessing",
+    "SeamSmoothing",
+    "TileGrid",
+    "canvas_to_image",
+    "cuda_status",
+    "get_num_threads",
+    "location_name",
+    "merge_maps",
+    "normalize_maps",
+    "parse_location",
+    "resize_maps",
+    "set_num_threads",
+    "smooth_seams",
+    "tile_images",
+    "untile_maps",
+]

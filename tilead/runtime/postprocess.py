@@ -1,0 +1,333 @@
+"""Post-processing: per-location maps to one thresholded full-resolution map.
+
+The stages, each a checked wrapper over one kernel (CPU twin or CUDA twin):
+
+1. :func:`untile_maps` upsamples every location's map (bilinear,
+   align_corners=False) to the tile size and blends overlaps (``uniform``
+   average or ``feather`` ramps), optionally normalizing each location first
+   (normalization stage ``tile``).
+2. :func:`smooth_seams` replaces the pixels in a band around every interior
+   tile edge with a Gaussian-blurred value (anomalib's rule: band half-width
+   ``int(tile * width)``, kernel size ``2 * int(4 * sigma + 0.5) + 1``,
+   reflect padding).
+3. :func:`canvas_to_image` crops (``pad``) or resizes (``resize``) the canvas
+   back to the image size.
+4. :func:`normalize_maps` applies ``clamp((x - t) / (max - min) + 0.5, 0, 1)``,
+   thresholds at 0.5 and reduces each image's score (max of the map).
+
+:func:`merge_maps` runs 1-3 in that order, as the trainer's validation and the
+Predictor both do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from tilead import _kernels
+from tilead.runtime._checks import as_float, as_pair, check_array, check_mapping, check_shape, describe
+from tilead.runtime.devices import kernel_family
+from tilead.runtime.geometry import TileGrid
+
+BlendWeights = Literal["uniform", "feather"]
+_BLEND_CODES = {"uniform": _kernels.BLEND_UNIFORM, "feather": _kernels.BLEND_FEATHER}
+MAX_SIGMA = 15.8  # kernel radius int(4 * sigma + 0.5) <= 64
+
+
+@dataclass(frozen=True)
+class SeamSmoothing:
+    """Seam smoothing settings (anomalib-compatible).
+
+    Attributes:
+        sigma: Gaussian sigma in pixels, in ``[0, 15.8]``; 0 disables smoothing.
+        width: Band half-width as a fraction of the tile size, in ``[0, 1]``.
+    """
+
+    sigma: float = 2.0
+    width: float = 0.1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sigma", as_float(self.sigma, "seam.sigma", low=0.0, high=MAX_SIGMA))
+        object.__setattr__(self, "width", as_float(self.width, "seam.width", low=0.0, high=1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form."""
+        return {"sigma": self.sigma, "width": self.width}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SeamSmoothing:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: For unknown keys or invalid values.
+        """
+        return cls(**dict(check_mapping(data, "seam", ("sigma", "width"))))
+
+
+@dataclass(frozen=True)
+class NormalizedMaps:
+    """Result of :func:`normalize_maps`.
+
+    Attributes:
+        maps: ``(n, H, W)`` float32 normalized maps (raw maps when no range
+            was given).
+        masks: ``(n, H, W)`` bool, pixels above the threshold.
+        raw_scores: ``(n,)`` float32, max of each raw map.
+        scores: ``(n,)`` float32, image scores (normalized when an image range
+            was given).
+        labels: ``(n,)`` bool, image is anomalous.
+    """
+
+    maps: np.ndarray
+    masks: np.ndarray
+    raw_scores: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+def _maps_4d(maps: np.ndarray, grid: TileGrid) -> np.ndarray:
+    check_array(maps, "maps", dtypes=[np.float32], ndims=[4, 5])
+    if maps.ndim == 5:
+        if maps.shape[2] != 1:
+            raise ValueError(
+                f"maps: a 5-D map batch must have 1 channel (locations, n, 1, h, w), got shape {maps.shape}"
+            )
+        maps = maps.reshape(maps.shape[0], maps.shape[1], maps.shape[3], maps.shape[4])
+    if maps.shape[0] != grid.num_locations:
+        raise ValueError(
+            f"maps: expected {grid.num_locations} locations in dimension 0 (grid {grid.rows}x{grid.cols}), "
+            f"got {maps.shape[0]}"
+        )
+    return maps
+
+
+def _tile_norm_arrays(
+    tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None, grid: TileGrid
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if tile_stats is None:
+        return None, None
+    if not isinstance(tile_stats, (tuple, list)) or len(tile_stats) != 3:
+        raise ValueError(
+            f"tile_stats: expected (thresholds, mins, maxs), one value per location each, got {describe(tile_stats)}"
+        )
+    t, lo, hi = (np.asarray(v, dtype=np.float64) for v in tile_stats)
+    for name, arr in (("thresholds", t), ("mins", lo), ("maxs", hi)):
+        if arr.shape != (grid.num_locations,):
+            raise ValueError(
+                f"tile_stats {name}: expected {grid.num_locations} values (one per location), got shape {arr.shape}"
+            )
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"tile_stats {name}: expected finite values")
+    if np.any(hi <= lo):
+        bad = int(np.argmax(hi <= lo))
+        raise ValueError(
+            f"tile_stats: max must exceed min at every location; location {bad} has {lo[bad]} >= {hi[bad]}"
+        )
+    return t.astype(np.float32), (1.0 / (hi - lo)).astype(np.float32)
+
+
+def untile_maps(
+    maps: np.ndarray,
+    grid: TileGrid,
+    *,
+    weights: BlendWeights = "uniform",
+    tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
+    out: np.ndarray | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Blend per-location maps into canvas maps.
+
+    Args:
+        maps: float32 ``(locations, n, h, w)`` or ``(locations, n, 1, h, w)``
+            at the model's output resolution (any ``h, w >= 1``).
+        grid: The tile grid the maps were computed on.
+        weights: ``"uniform"`` (plain average of overlapping tiles) or
+            ``"feather"`` (linear cross-fade across each overlap).
+        tile_stats: Per-location ``(thresholds, mins, maxs)`` to normalize
+            each tile's upsampled values before blending (stage ``tile``).
+        out: Optional float32 ``(n, canvas_h, canvas_w)`` buffer.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        float32 ``(n, canvas_h, canvas_w)``.
+
+    Raises:
+        ValueError: For invalid maps, weights, statistics or buffers.
+    """
+    maps4 = _maps_4d(maps, grid)
+    if weights not in _BLEND_CODES:
+        raise ValueError(f"weights: expected 'uniform' or 'feather', got {describe(weights)}")
+    loc_threshold, loc_scale = _tile_norm_arrays(tile_stats, grid)
+    shape = (maps4.shape[1], *grid.canvas_size)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    else:
+        check_array(out, "out", dtypes=[np.float32], ndims=[3], writable=True)
+        check_shape(out, "out", shape, "(n, canvas_h, canvas_w)")
+    kernel_family(device).untile_maps(maps4, grid.native, out, _BLEND_CODES[weights], loc_threshold, loc_scale)
+    return out
+
+
+def smooth_seams(
+    maps: np.ndarray,
+    grid: TileGrid,
+    seam: SeamSmoothing | None = None,
+    *,
+    inplace: bool = False,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Gaussian-smooth the bands around interior tile edges.
+
+    Args:
+        maps: float32 ``(n, canvas_h, canvas_w)`` or ``(canvas_h, canvas_w)``.
+        grid: The tile grid.
+        seam: Smoothing settings (defaults: sigma 2, width 0.1).
+        inplace: Modify ``maps`` instead of returning a smoothed copy.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The smoothed maps (``maps`` itself when ``inplace``).
+
+    Raises:
+        ValueError: For invalid maps or settings.
+    """
+    settings = seam if seam is not None else SeamSmoothing()
+    check_array(maps, "maps", dtypes=[np.float32], ndims=[2, 3], writable=inplace)
+    result = maps if inplace else maps.copy()
+    batch = result[None] if result.ndim == 2 else result
+    check_shape(batch[0], "maps[0]", grid.canvas_size, "(canvas_h, canvas_w)")
+    kernel_family(device).smooth_seams(batch, grid.native, settings.sigma, settings.width)
+    return result
+
+
+def resize_maps(maps: np.ndarray, size: int | tuple[int, int], *, device: str = "cpu") -> np.ndarray:
+    """Bilinear resize (align_corners=False, as ``F.interpolate``) of float32 maps.
+
+    Args:
+        maps: float32 ``(n, h, w)``.
+        size: Output ``(height, width)`` or one int.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        float32 ``(n, height, width)``.
+    """
+    check_array(maps, "maps", dtypes=[np.float32], ndims=[3])
+    h, w = as_pair(size, "size")
+    out = np.empty((maps.shape[0], h, w), dtype=np.float32)
+    kernel_family(device).resize_maps(maps, out)
+    return out
+
+
+def canvas_to_image(maps: np.ndarray, grid: TileGrid, *, device: str = "cpu") -> np.ndarray:
+    """Bring canvas maps back to the image size.
+
+    ``shift``: the canvas is the image (returned as is). ``pad``: the padding
+    is cropped off. ``resize``: the canvas is resized to the image size.
+
+    Args:
+        maps: float32 ``(n, canvas_h, canvas_w)``.
+        grid: The tile grid.
+        device: ``"cpu"`` or ``"cuda"`` (used by ``resize``).
+
+    Returns:
+        float32 ``(n, H, W)``, C-contiguous.
+    """
+    check_array(maps, "maps", dtypes=[np.float32], ndims=[3])
+    check_shape(maps[0], "maps[0]", grid.canvas_size, "(canvas_h, canvas_w)")
+    if grid.canvas_size == grid.image_size:
+        return maps
+    if grid.edge == "resize":
+        return resize_maps(maps, grid.image_size, device=device)
+    h, w = grid.image_size
+    return np.ascontiguousarray(maps[:, :h, :w])
+
+
+def merge_maps(
+    maps: np.ndarray,
+    grid: TileGrid,
+    *,
+    weights: BlendWeights = "uniform",
+    seam: SeamSmoothing | None = None,
+    tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Untile, smooth seams and return image-size maps.
+
+    Args:
+        maps: float32 ``(locations, n, h, w)`` or ``(locations, n, 1, h, w)``.
+        grid: The tile grid.
+        weights: ``"uniform"`` or ``"feather"``.
+        seam: Seam smoothing; ``None`` skips it.
+        tile_stats: Per-location normalization (stage ``tile``), or None.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        float32 ``(n, H, W)``.
+    """
+    canvas = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, device=device)
+    if seam is not None:
+        smooth_seams(canvas, grid, seam, inplace=True, device=device)
+    return canvas_to_image(canvas, grid, device=device)
+
+
+def normalize_maps(
+    maps: np.ndarray,
+    *,
+    pixel_threshold: float,
+    image_threshold: float,
+    pixel_range: tuple[float, float] | None = None,
+    image_range: tuple[float, float] | None = None,
+    inplace: bool = False,
+    device: str = "cpu",
+) -> NormalizedMaps:
+    """Normalize, threshold and score maps.
+
+    With ranges (min-max normalization, anomalib's formula):
+    ``n = clamp((x - t) / (max - min) + 0.5, 0, 1)``; a pixel is anomalous
+    when its normalized value exceeds 0.5, an image when its normalized score
+    does. Without ranges the raw values are kept and compared with the
+    thresholds directly.
+
+    Args:
+        maps: float32 ``(n, H, W)`` or ``(H, W)`` raw anomaly maps.
+        pixel_threshold: Raw pixel threshold.
+        image_threshold: Raw image-score threshold.
+        pixel_range: ``(min, max)`` of raw map values, or None.
+        image_range: ``(min, max)`` of raw image scores, or None. Give both
+            ranges or neither.
+        inplace: Write normalized values into ``maps``.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        The normalized maps, masks, raw and normalized scores, and labels.
+
+    Raises:
+        ValueError: For invalid maps, thresholds or ranges.
+    """
+    check_array(maps, "maps", dtypes=[np.float32], ndims=[2, 3], writable=inplace)
+    batch = maps[None] if maps.ndim == 2 else maps
+    pt = as_float(pixel_threshold, "pixel_threshold")
+    it = as_float(image_threshold, "image_threshold")
+    if (pixel_range is None) != (image_range is None):
+        raise ValueError("pixel_range and image_range: give both (min-max normalization) or neither (raw values)")
+    mode = _kernels.NORM_NONE
+    pmin = pmax = imin = imax = 0.0
+    if pixel_range is not None and image_range is not None:
+        mode = _kernels.NORM_MINMAX
+        pmin, pmax = (as_float(v, "pixel_range") for v in pixel_range)
+        imin, imax = (as_float(v, "image_range") for v in image_range)
+        if not pmax > pmin:
+            raise ValueError(f"pixel_range: expected min < max, got ({pmin}, {pmax})")
+        if not imax > imin:
+            raise ValueError(f"image_range: expected min < max, got ({imin}, {imax})")
+    out = batch if inplace else np.empty_like(batch)
+    n = batch.shape[0]
+    masks = np.empty(batch.shape, dtype=np.uint8)
+    raw = np.empty(n, dtype=np.float32)
+    scores = np.empty(n, dtype=np.float32)
+    kernel_family(device).normalize_maps(batch, out, masks, raw, scores, mode, pt, pmin, pmax, it, imin, imax)
+    labels = scores > (0.5 if mode == _kernels.NORM_MINMAX else it)
+    return NormalizedMaps(out, masks.view(np.bool_), raw, scores, labels)

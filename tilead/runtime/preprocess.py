@@ -1,0 +1,196 @@
+"""Preprocessing: uint8 camera images to normalized model-input tiles.
+
+The tile kernel reads uint8 HWC images (1 or 3 channels, BGR or RGB), applies
+the edge policy (pad / resize) on the fly, reorders channels, normalizes with
+the model's mean and std, and writes float32 or float16 tiles straight into a
+``(locations, n, channels, tile_h, tile_w)`` buffer: block ``l`` is the batch
+for location ``l``'s model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from tilead.runtime._checks import as_float, check_array, check_mapping, check_shape, describe
+from tilead.runtime.devices import kernel_family
+from tilead.runtime.geometry import TileGrid
+
+ColorOrder = Literal["RGB", "BGR"]
+InputOrder = Literal["RGB", "BGR", "GRAY"]
+TileDType = Literal["float32", "float16"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_KEYS = ("mean", "std", "channels", "color_order", "dtype")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels become model input.
+
+    A model-input value is ``(pixel / 255 - mean[c]) / std[c]`` for model
+    channel ``c``.
+
+    Attributes:
+        mean: Per model channel, on the 0..1 scale (ImageNet by default).
+        std: Per model channel, on the 0..1 scale, all positive.
+        channels: Channels the model takes (1 or 3). A gray image feeding a
+            3-channel model is replicated into all three.
+        color_order: Channel order the model takes, ``"RGB"`` or ``"BGR"``.
+        dtype: Element type of the tiles, ``"float32"`` or ``"float16"``.
+    """
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channels: int = 3
+    color_order: ColorOrder = "RGB"
+    dtype: TileDType = "float32"
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"preprocessing.channels: expected 1 or 3, got {describe(self.channels)}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if not isinstance(values, Sequence) or len(values) != self.channels:
+                raise ValueError(
+                    f"preprocessing.{name}: expected {self.channels} numbers (one per model channel), "
+                    f"got {describe(values)}"
+                )
+            low = 1e-6 if name == "std" else None
+            object.__setattr__(
+                self,
+                name,
+                tuple(as_float(v, f"preprocessing.{name}[{i}]", low=low) for i, v in enumerate(values)),
+            )
+        if self.color_order not in ("RGB", "BGR"):
+            raise ValueError(f"preprocessing.color_order: expected 'RGB' or 'BGR', got {describe(self.color_order)}")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"preprocessing.dtype: expected 'float32' or 'float16', got {describe(self.dtype)}")
+
+    @property
+    def scale(self) -> list[float]:
+        """Per-channel multiplier applied to the raw uint8 value."""
+        return [1.0 / (255.0 * s) for s in self.std]
+
+    @property
+    def bias(self) -> list[float]:
+        """Per-channel offset added after scaling."""
+        return [-m / s for m, s in zip(self.mean, self.std, strict=True)]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form, as written into manifests."""
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": self.channels,
+            "color_order": self.color_order,
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preprocessing:
+        """Inverse of :meth:`to_dict`; missing keys take their defaults.
+
+        Raises:
+            ValueError: For unknown keys or invalid values.
+        """
+        kwargs = dict(check_mapping(data, "preprocessing", _KEYS))
+        for key in ("mean", "std"):
+            if key in kwargs and isinstance(kwargs[key], list):
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+def as_image_batch(images: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """View uint8 images as a ``(n, height, width, channels)`` batch.
+
+    Args:
+        images: ``(H, W)`` gray, ``(H, W, C)`` or ``(n, H, W, C)`` uint8 with
+            ``C`` in {1, 3} and ``(H, W)`` equal to the grid's image size.
+        grid: The tile grid.
+
+    Returns:
+        A 4-D view of the same memory.
+
+    Raises:
+        ValueError: For a wrong dtype, rank, channel count or image size, or
+            non-contiguous memory.
+    """
+    check_array(images, "images", dtypes=[np.uint8], ndims=[2, 3, 4])
+    batch = images
+    if images.ndim == 2:
+        batch = images[None, :, :, None]
+    elif images.ndim == 3:
+        batch = images[None]
+    channels = batch.shape[3]
+    if channels not in (1, 3):
+        raise ValueError(
+            f"images: expected 1 or 3 channels in the last dimension, got {channels} (shape {images.shape})"
+        )
+    if batch.shape[1:3] != grid.image_size:
+        h, w = grid.image_size
+        raise ValueError(
+            f"images: expected height x width {h} x {w} (the grid's image_size), "
+            f"got {batch.shape[1]} x {batch.shape[2]}"
+        )
+    return batch
+
+
+def tile_shape(grid: TileGrid, n: int, preprocessing: Preprocessing) -> tuple[int, int, int, int, int]:
+    """Shape ``(locations, n, channels, tile_h, tile_w)`` of a tile buffer."""
+    return (grid.num_locations, n, preprocessing.channels, *grid.tile_size)
+
+
+def tile_images(
+    images: np.ndarray,
+    grid: TileGrid,
+    preprocessing: Preprocessing | None = None,
+    *,
+    input_order: InputOrder = "BGR",
+    out: np.ndarray | None = None,
+    device: str = "cpu",
+) -> np.ndarray:
+    """Cut images into normalized tiles, one block per location.
+
+    Args:
+        images: uint8 ``(H, W)``, ``(H, W, C)`` or ``(n, H, W, C)``, ``C`` in
+            {1, 3}, at the grid's image size.
+        grid: The tile grid.
+        preprocessing: Normalization, model channels and order, tile dtype.
+        input_order: Channel order of 3-channel ``images``: ``"BGR"``
+            (OpenCV's) or ``"RGB"``. 1-channel images are gray whatever this
+            says; ``"GRAY"`` asserts that they are.
+        out: Optional C-contiguous buffer of shape
+            ``(locations, n, channels, tile_h, tile_w)`` and the
+            preprocessing dtype, written in place (e.g. a model's input).
+        device: ``"cpu"`` or ``"cuda"`` (host-staged CUDA twin).
+
+    Returns:
+        The tile buffer ``(locations, n, channels, tile_h, tile_w)``;
+        ``out`` when given.
+
+    Raises:
+        ValueError: For invalid images, orders or buffers.
+    """
+    prep = preprocessing if preprocessing is not None else Preprocessing()
+    batch = as_image_batch(images, grid)
+    in_channels = batch.shape[3]
+    if input_order not in ("RGB", "BGR", "GRAY"):
+        raise ValueError(f"input_order: expected 'RGB', 'BGR' or 'GRAY', got {describe(input_order)}")
+    if input_order == "GRAY" and in_channels != 1:
+        raise ValueError(f"input_order: 'GRAY' needs 1-channel images, got {in_channels} channels")
+    if in_channels == 3 and prep.channels == 1:
+        raise ValueError("images: the model takes 1 channel but the images have 3; convert them to gray first")
+    shape = tile_shape(grid, batch.shape[0], prep)
+    if out is None:
+        out = np.empty(shape, dtype=prep.dtype)
+    else:
+        check_array(out, "out", dtypes=[prep.dtype], ndims=[5], writable=True)
+        check_shape(out, "out", shape, "(locations, n, channels, tile_h, tile_w)")
+    swap = in_channels == 3 and input_order != "GRAY" and input_order != prep.color_order
+    kernel_family(device).tile_images(batch, grid.native, out, prep.scale, prep.bias, swap)
+    return out
