@@ -7,6 +7,8 @@
 #   make test-all    fast + integration tests (real data, slower)
 #   make lint        ruff, ruff format --check, mypy, clang-format --dry-run
 #   make bench       kernel throughput table (JSON in out/bench/)
+#   make train-bottle  PaDiM tiled ensemble on ../shared/data/mvtec_bottle, then evaluation
+#   make bench-train   tiled vs monolithic train+eval on bottle: metrics, time, peak RSS
 #   make info        what this installation can do here (tilead-info)
 
 PYTHON ?= python3
@@ -18,7 +20,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench info clean
+.PHONY: install demo test test-integration test-all lint format bench bench-train train-bottle info clean
 
 install: $(STAMP)
 
@@ -55,6 +57,12 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py --json out/bench/kernels.json
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/bench_train_bottle.py --json out/bench/train_bottle.json
+
+train-bottle: $(STAMP)
+	$(BIN)/tilead-train --config configs/padim_bottle.yaml --output runs/padim_bottle --eval
 
 info: $(STAMP)
 	$(BIN)/tilead-info

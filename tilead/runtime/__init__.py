@@ -18,22 +18,27 @@ from tilead.runtime.postprocess import (
     untile_maps,
 )
 from tilead.runtime.preprocess import Preprocessing, tile_images
+from tilead.runtime.stats import NormalizationStats, TileStats, normalize_with_stats, postprocess_maps
 
 __all__ = [
     "EDGE_POLICIES",
     "CudaStatus",
     "EdgePolicy",
+    "NormalizationStats",
     "NormalizedMaps",
     "Preprocessing",
     "SeamSmoothing",
     "TileGrid",
+    "TileStats",
     "canvas_to_image",
     "cuda_status",
     "get_num_threads",
     "location_name",
     "merge_maps",
     "normalize_maps",
+    "normalize_with_stats",
     "parse_location",
+    "postprocess_maps",
     "resize_maps",
     "set_num_threads",
     "smooth_seams",

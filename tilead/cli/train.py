@@ -1,0 +1,62 @@
+"""``tilead-train``: fit a tiled ensemble from a YAML config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from tilead.cli._common import fail_on_errors, parse_overrides
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="YAML config (see configs/padim_bottle.yaml).",
+)
+@click.option(
+    "--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [runs/<name>]."
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --output; finished locations are kept.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set data.max_train_images=20 (value parsed as YAML).",
+)
+@click.option("--eval/--no-eval", "then_eval", default=False, help="Evaluate on the test set after training.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def main(
+    config_path: Path, output: Path | None, resume: bool, overrides: tuple[str, ...], then_eval: bool, quiet: bool
+) -> None:
+    """Fit one PaDiM model per tile location, then the validation statistics."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with fail_on_errors():
+        from tilead.trainer.config import load_config
+        from tilead.trainer.pipeline import evaluate, train
+
+        cfg = load_config(config_path, parse_overrides(overrides))
+        out = output if output is not None else Path("runs") / cfg.name
+        result = train(cfg, out, resume=resume, progress=not quiet)
+        click.echo(f"run:        {result.paths.root}")
+        click.echo(f"locations:  {result.fitted_now} fitted now ({'resumed' if resume else 'new run'})")
+        click.echo(f"stats:      {result.paths.stats} (normalization {result.stats.stage})")
+        click.echo(f"time:       {result.seconds:.1f} s")
+        if then_eval:
+            _print_eval(evaluate(result.paths.root, progress=not quiet).metrics)
+
+
+def _print_eval(report: dict[str, Any]) -> None:
+    m = report["metrics"]
+    click.echo(
+        f"eval:       image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "
+        f"AUPRO {m['aupro']:.4f}  image F1 {m['image_f1']:.4f}  pixel F1 {m['pixel_f1']:.4f}"
+    )
+    click.echo(yaml.safe_dump({"timings": report["timings"]}, sort_keys=False).rstrip())

@@ -1,0 +1,200 @@
+"""Normalization statistics and the last post-processing step that uses them.
+
+:class:`NormalizationStats` is what validation produces and what a bundle
+carries: the stage (``image``, ``tile`` or ``none``), thresholds and min/max
+ranges. :func:`postprocess_maps` runs the deployed post-processing on
+per-location maps (untile, seam smoothing, normalization, thresholding),
+so the trainer's evaluation and the Predictor share one code path.
+
+Stages (DESIGN.md):
+
+* ``image``: min/max and thresholds of the *merged* validation maps and image
+  scores; ``n = clamp((x - t) / (max - min) + 0.5, 0, 1)``.
+* ``tile``: every location's upsampled map is normalized with that
+  location's own (threshold, min, max) before blending, so merged maps are
+  already in [0, 1] with the pixel threshold at 0.5; image scores are then
+  normalized with the image range and threshold of those merged maps.
+* ``none``: raw values, compared with raw thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from tilead.runtime._checks import as_float, check_mapping, describe
+from tilead.runtime.geometry import TileGrid
+from tilead.runtime.postprocess import BlendWeights, NormalizedMaps, SeamSmoothing, merge_maps, normalize_maps
+
+NormalizationStage = Literal["image", "tile", "none"]
+STAGES: tuple[NormalizationStage, ...] = ("image", "tile", "none")
+_KEYS = ("stage", "pixel_threshold", "image_threshold", "pixel_range", "image_range", "tile_stats")
+
+
+def _range(value: object, name: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ValueError(f"{name}: expected [min, max], got {describe(value)}")
+    lo, hi = as_float(value[0], name), as_float(value[1], name)
+    if not hi > lo:
+        raise ValueError(f"{name}: expected min < max, got [{lo}, {hi}]")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """Per-location normalization (stage ``tile``), one value per location.
+
+    Attributes:
+        thresholds: Raw pixel threshold of each location.
+        mins: Minimum raw map value of each location.
+        maxs: Maximum raw map value of each location.
+    """
+
+    thresholds: tuple[float, ...]
+    mins: tuple[float, ...]
+    maxs: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.thresholds)
+        if n == 0 or len(self.mins) != n or len(self.maxs) != n:
+            raise ValueError(
+                "tile_stats: expected equally long, non-empty thresholds, mins and maxs, got lengths "
+                f"{len(self.thresholds)}, {len(self.mins)}, {len(self.maxs)}"
+            )
+        for i, (lo, hi) in enumerate(zip(self.mins, self.maxs, strict=True)):
+            if not hi > lo:
+                raise ValueError(f"tile_stats: location {i} has min {lo} >= max {hi}")
+
+    def as_tuple(self) -> tuple[Sequence[float], Sequence[float], Sequence[float]]:
+        """``(thresholds, mins, maxs)`` as :func:`untile_maps` takes them."""
+        return self.thresholds, self.mins, self.maxs
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """Plain-data form."""
+        return {"thresholds": list(self.thresholds), "mins": list(self.mins), "maxs": list(self.maxs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TileStats:
+        """Inverse of :meth:`to_dict`."""
+        d = check_mapping(data, "tile_stats", ("thresholds", "mins", "maxs"), ("thresholds", "mins", "maxs"))
+        return cls(*(tuple(as_float(v, f"tile_stats.{k}") for v in d[k]) for k in ("thresholds", "mins", "maxs")))
+
+
+@dataclass(frozen=True)
+class NormalizationStats:
+    """Thresholds and ranges from validation.
+
+    Attributes:
+        stage: ``image``, ``tile`` or ``none``.
+        pixel_threshold: Pixel threshold on the merged map (raw for ``image``
+            and ``none``; 0.5 for ``tile``, whose merged maps are normalized).
+        image_threshold: Image-score threshold, raw.
+        pixel_range: ``(min, max)`` of merged maps (``image``; ``(0, 1)`` for
+            ``tile``; None for ``none``).
+        image_range: ``(min, max)`` of image scores (None for ``none``).
+        tile_stats: Per-location statistics (``tile`` only).
+    """
+
+    stage: NormalizationStage
+    pixel_threshold: float
+    image_threshold: float
+    pixel_range: tuple[float, float] | None = None
+    image_range: tuple[float, float] | None = None
+    tile_stats: TileStats | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"normalization stage: expected one of {', '.join(STAGES)}, got {describe(self.stage)}")
+        as_float(self.pixel_threshold, "pixel_threshold")
+        as_float(self.image_threshold, "image_threshold")
+        if self.stage == "none":
+            if self.pixel_range is not None or self.image_range is not None:
+                raise ValueError("normalization stage 'none' takes no pixel_range / image_range")
+        elif self.pixel_range is None or self.image_range is None:
+            raise ValueError(f"normalization stage {self.stage!r} needs pixel_range and image_range")
+        if (self.stage == "tile") != (self.tile_stats is not None):
+            raise ValueError("tile_stats: required for stage 'tile' and only for it")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (as stored in run folders and manifests)."""
+        return {
+            "stage": self.stage,
+            "pixel_threshold": self.pixel_threshold,
+            "image_threshold": self.image_threshold,
+            "pixel_range": None if self.pixel_range is None else list(self.pixel_range),
+            "image_range": None if self.image_range is None else list(self.image_range),
+            "tile_stats": None if self.tile_stats is None else self.tile_stats.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NormalizationStats:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: For unknown or missing keys and invalid values.
+        """
+        d = check_mapping(data, "normalization", _KEYS, ("stage", "pixel_threshold", "image_threshold"))
+        tile = d.get("tile_stats")
+        return cls(
+            stage=d["stage"],
+            pixel_threshold=as_float(d["pixel_threshold"], "pixel_threshold"),
+            image_threshold=as_float(d["image_threshold"], "image_threshold"),
+            pixel_range=_range(d.get("pixel_range"), "pixel_range"),
+            image_range=_range(d.get("image_range"), "image_range"),
+            tile_stats=None if tile is None else TileStats.from_dict(tile),
+        )
+
+
+def postprocess_maps(
+    maps: np.ndarray,
+    grid: TileGrid,
+    stats: NormalizationStats,
+    *,
+    weights: BlendWeights = "uniform",
+    seam: SeamSmoothing | None = None,
+    device: str = "cpu",
+) -> tuple[np.ndarray, NormalizedMaps]:
+    """Merge per-location maps and normalize them: the deployed post-processing.
+
+    Args:
+        maps: float32 ``(locations, n, h, w)`` raw per-location maps.
+        grid: The tile grid.
+        stats: Validation statistics.
+        weights: Blending of overlaps.
+        seam: Seam smoothing, or None.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        ``(merged, result)``: the merged maps before normalization (float32
+        ``(n, H, W)``; already tile-normalized for stage ``tile``) and the
+        normalized maps, masks, scores and labels.
+    """
+    tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
+    merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device)
+    return merged, normalize_with_stats(merged, stats, device=device)
+
+
+def normalize_with_stats(merged: np.ndarray, stats: NormalizationStats, *, device: str = "cpu") -> NormalizedMaps:
+    """Normalize and threshold merged maps with validation statistics.
+
+    Args:
+        merged: float32 ``(n, H, W)`` merged maps (tile-normalized for stage ``tile``).
+        stats: Validation statistics.
+        device: ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        Normalized maps, masks, scores and labels.
+    """
+    return normalize_maps(
+        merged,
+        pixel_threshold=stats.pixel_threshold,
+        image_threshold=stats.image_threshold,
+        pixel_range=stats.pixel_range,
+        image_range=stats.image_range,
+        device=device,
+    )

@@ -1,0 +1,377 @@
+"""The tiled ensemble: fitting every location, and running it in PyTorch.
+
+Fitting goes location by location (or ``train.workers`` locations at a time
+in separate processes): the training images are streamed in batches, cut by
+the runtime's tile kernel (exactly the Predictor's preprocessing), and only
+the current location's block goes through the backbone into that location's
+:class:`~tilead.trainer.padim.PadimAccumulator`. Memory is therefore one
+location's statistics plus one batch, whatever the grid. A location's
+checkpoint is written (atomically) as soon as it is done, so an interrupted
+run loses at most the location in progress and ``--resume`` skips the rest.
+
+:func:`location_maps` is the trainer's eager PyTorch inference: per-location
+raw maps ``(locations, n, h, w)`` that the runtime's ``merge_maps`` turns into
+image maps (validation and evaluation both use it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import tilead
+from tilead.runtime import Preprocessing, TileGrid, location_name, set_num_threads, tile_images
+from tilead.trainer.backbones import FeatureExtractor, build_backbone, describe_backbone
+from tilead.trainer.config import RunConfig, load_config
+from tilead.trainer.data import DatasetSplits, Sample
+from tilead.trainer.images import ImageLoader
+from tilead.trainer.io import load_tensors, save_tensors
+from tilead.trainer.padim import (
+    Embedding,
+    PadimAccumulator,
+    PadimLocationModel,
+    PadimSettings,
+    build_location_model,
+    channel_subset,
+    check_strides,
+    map_size,
+    state_nbytes,
+    state_tensors,
+)
+from tilead.trainer.run_dir import RunPaths
+
+log = logging.getLogger("tilead.trainer")
+
+
+def padim_settings(cfg: RunConfig) -> PadimSettings:
+    """The PaDiM settings of a run config."""
+    m = cfg.model
+    return PadimSettings(
+        feature_stride=m.feature_stride,
+        n_features=m.n_features,
+        eps=m.covariance_eps,
+        blur_sigma=m.blur_sigma,
+        storage_dtype=m.storage_dtype,
+        seed=cfg.seed,
+    )
+
+
+def make_backbone(cfg: RunConfig) -> FeatureExtractor:
+    """The run's frozen backbone (channels-last, which is faster on CPU)."""
+    b = cfg.model.backbone
+    extractor = build_backbone(b.name, b.layers, b.weights)
+    check_strides(extractor.info.strides, cfg.model.feature_stride)
+    return extractor.to(memory_format=torch.channels_last)
+
+
+def make_preprocessing(cfg: RunConfig, extractor: FeatureExtractor) -> Preprocessing:
+    """Tile preprocessing: the backbone's mean/std, RGB model input."""
+    channels = 1 if cfg.data.color == "gray" else 3
+    mean = extractor.info.mean[:channels]
+    std = extractor.info.std[:channels]
+    return Preprocessing(mean=mean, std=std, channels=channels, color_order="RGB", dtype="float32")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Which images fit the models and which give the statistics."""
+
+    fit: tuple[Sample, ...]
+    validation: tuple[Sample, ...]
+    test: tuple[Sample, ...]
+    description: dict[str, Any]
+
+
+def make_splits(cfg: RunConfig, splits: DatasetSplits) -> Splits:
+    """Apply the validation config to the discovered dataset.
+
+    ``holdout`` draws a seeded fraction of the good training images (at least
+    one, and at least two are left to fit).
+
+    Raises:
+        ValueError: If too few training images remain.
+    """
+    train = tuple(splits.train)
+    v = cfg.validation
+    desc: dict[str, Any]
+    if v.split == "same_as_test":
+        desc = {
+            "split": "same_as_test",
+            "note": "statistics and thresholds come from the test set (as anomalib's same_as_test); "
+            "threshold-dependent test metrics are therefore optimistic",
+        }
+        fit, val = train, tuple(splits.test)
+    else:
+        n_val = max(1, round(len(train) * v.holdout_fraction))
+        if len(train) - n_val < 2:
+            raise ValueError(
+                f"validation.holdout_fraction {v.holdout_fraction}: only {len(train)} training images, "
+                f"holding out {n_val} leaves fewer than 2 to fit"
+            )
+        rng = np.random.default_rng(cfg.seed)
+        chosen = set(rng.choice(len(train), size=n_val, replace=False).tolist())
+        val = tuple(s for i, s in enumerate(train) if i in chosen)
+        fit = tuple(s for i, s in enumerate(train) if i not in chosen)
+        desc = {
+            "split": "holdout",
+            "note": f"{n_val} good training images held out (seed {cfg.seed}); they are not used for fitting",
+        }
+    desc.update(
+        {
+            "fit_images": len(fit),
+            "validation_images": len(val),
+            "validation_anomalous": sum(s.label for s in val),
+            "test_images": len(splits.test),
+        }
+    )
+    return Splits(fit, val, tuple(splits.test), desc)
+
+
+def _location_tiles(images: np.ndarray, grid: TileGrid, prep: Preprocessing, input_order: str) -> np.ndarray:
+    """All locations' tiles of a batch: float32 ``(L, n, C, th, tw)``."""
+    order = "GRAY" if images.shape[3] == 1 else input_order
+    return tile_images(images, grid, prep, input_order=order)  # type: ignore[arg-type]
+
+
+def _to_torch(block: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(block).contiguous(memory_format=torch.channels_last)
+
+
+def location_metadata(cfg: RunConfig, location: str, count: int, seconds: float) -> dict[str, str]:
+    """String metadata stored in a location checkpoint."""
+    return {
+        "format": "tilead.padim.v1",
+        "location": location,
+        "fit_key": cfg.fit_key(),
+        "images": str(count),
+        "seconds": f"{seconds:.3f}",
+        "tilead_version": tilead.__version__,
+    }
+
+
+def checkpoint_done(paths: RunPaths, cfg: RunConfig, location: str) -> bool:
+    """Whether a location's checkpoint exists, loads and belongs to this config."""
+    path = paths.checkpoint(location)
+    if not path.is_file():
+        return False
+    try:
+        _, meta = load_tensors(path)
+    except ValueError:
+        log.warning("checkpoint %s is unreadable; refitting that location", path)
+        return False
+    return meta.get("fit_key") == cfg.fit_key()
+
+
+def fit_location(
+    cfg: RunConfig,
+    paths: RunPaths,
+    index: int,
+    samples: Sequence[Sample],
+    grid: TileGrid,
+    *,
+    backbone: FeatureExtractor | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit one location's PaDiM model and save its checkpoint.
+
+    Args:
+        cfg: Run config.
+        paths: Run folder.
+        index: Location index (row-major).
+        samples: Good training images.
+        grid: The tile grid.
+        backbone: A prebuilt backbone (built from the config when None).
+        progress: Show a per-batch progress bar.
+
+    Returns:
+        A summary (location, images, seconds, state bytes).
+    """
+    start = time.perf_counter()
+    row, col = grid.locations()[index]
+    name = location_name(row, col)
+    extractor = backbone if backbone is not None else make_backbone(cfg)
+    prep = make_preprocessing(cfg, extractor)
+    settings = padim_settings(cfg)
+    size = map_size(grid.tile_size, settings.feature_stride)
+    index_t = channel_subset(sum(extractor.info.channels), settings.n_features, settings.seed)
+    embed = Embedding(extractor, settings.feature_stride, index_t, size)
+    acc = PadimAccumulator(size[0] * size[1], settings.n_features)
+    loader = ImageLoader(cfg.data)
+    batches = loader.iter_batches(samples, cfg.train.batch_size, progress=f"fit {name}" if progress else None)
+    with torch.inference_mode():
+        for batch in batches:
+            tiles = _location_tiles(batch.images, grid, prep, cfg.data.channel_order)
+            acc.update(embed(_to_torch(tiles[index])))
+    mean, inv_cov = acc.finalize(settings.eps)
+    tensors = state_tensors(mean, inv_cov, index_t, settings.storage_dtype)
+    seconds = time.perf_counter() - start
+    save_tensors(paths.checkpoint(name), tensors, location_metadata(cfg, name, acc.count, seconds))
+    nbytes = state_nbytes(tensors)
+    log.info("fitted %s on %d tiles in %.1f s (state %.1f MiB)", name, acc.count, seconds, nbytes / 2**20)
+    return {"location": name, "images": acc.count, "seconds": round(seconds, 3), "state_bytes": nbytes}
+
+
+def _fit_worker(config_path: str, root: str, index: int, samples: list[Sample], threads: int) -> dict[str, Any]:
+    """Process-pool entry point: fit one location with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    set_num_threads(threads)
+    cfg = load_config(Path(config_path))
+    grid = cfg.grid.build(dataset_image_size(ImageLoader(cfg.data), samples))
+    return fit_location(cfg, RunPaths(Path(root)), index, samples, grid, progress=False)
+
+
+def dataset_image_size(loader: ImageLoader, samples: Sequence[Sample]) -> tuple[int, int]:
+    """The size every image is brought to: configured, or the common native size (checked)."""
+    size = loader.output_size
+    return size if size is not None else loader.probe_size(samples)
+
+
+def total_threads(cfg: RunConfig) -> int:
+    """Torch threads in total for this run."""
+    return cfg.train.threads or len(os.sched_getaffinity(0))
+
+
+def fit_ensemble(
+    cfg: RunConfig, paths: RunPaths, fit_samples: Sequence[Sample], grid: TileGrid, *, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Fit every location not yet done; return the summaries of those fitted now."""
+    names = grid.location_names()
+    todo = [i for i, name in enumerate(names) if not checkpoint_done(paths, cfg, name)]
+    skipped = len(names) - len(todo)
+    if skipped:
+        log.info("resume: %d of %d locations already fitted, %d to go", skipped, len(names), len(todo))
+    if not todo:
+        return []
+    threads = total_threads(cfg)
+    workers = min(cfg.train.workers, len(todo))
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(todo), desc="locations", unit="loc", disable=not progress, position=0)
+    try:
+        if workers == 1:
+            torch.set_num_threads(threads)
+            extractor = make_backbone(cfg)
+            for i in todo:
+                results.append(fit_location(cfg, paths, i, fit_samples, grid, backbone=extractor, progress=progress))
+                bar.update(1)
+        else:
+            per = max(1, threads // workers)
+            ctx = get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+                futures = [
+                    pool.submit(_fit_worker, str(paths.config), str(paths.root), i, list(fit_samples), per)
+                    for i in todo
+                ]
+                for fut in futures:
+                    results.append(fut.result())
+                    bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+def load_location_models(
+    cfg: RunConfig, paths: RunPaths, grid: TileGrid, extractor: FeatureExtractor
+) -> list[PadimLocationModel]:
+    """Every location's model, from its checkpoint.
+
+    Raises:
+        FileNotFoundError: If a location has no checkpoint (training unfinished).
+        ValueError: If a checkpoint belongs to another config.
+    """
+    settings = padim_settings(cfg)
+    models = []
+    for name in grid.location_names():
+        path = paths.checkpoint(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"location {name} has no checkpoint ({path}); finish training with --resume")
+        tensors, meta = load_tensors(path)
+        if meta.get("fit_key") != cfg.fit_key():
+            raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")
+        models.append(build_location_model(extractor, tensors, grid.tile_size, settings))
+    return models
+
+
+def location_maps(
+    cfg: RunConfig,
+    models: Sequence[PadimLocationModel],
+    samples: Sequence[Sample],
+    grid: TileGrid,
+    prep: Preprocessing,
+    *,
+    batch_size: int,
+    with_masks: bool = False,
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, list[Sample]]:
+    """Eager PyTorch inference of the ensemble.
+
+    Args:
+        cfg: Run config (data settings).
+        models: One model per location, row-major.
+        samples: Images to run.
+        grid: The tile grid.
+        prep: Tile preprocessing.
+        batch_size: Images per batch.
+        with_masks: Also load ground-truth masks.
+        progress: Progress bar label, or None.
+
+    Returns:
+        ``(maps, masks, samples)``: raw maps float32
+        ``(locations, n, h, w)``, masks bool ``(n, H, W)`` or None, the
+        samples actually loaded (bad files may be skipped).
+    """
+    loader = ImageLoader(cfg.data)
+    h, w = map_size(grid.tile_size, cfg.model.feature_stride)
+    chunks: list[np.ndarray] = []
+    mask_chunks: list[np.ndarray] = []
+    kept: list[Sample] = []
+    with torch.inference_mode():
+        for batch in loader.iter_batches(samples, batch_size, with_masks=with_masks, progress=progress):
+            tiles = _location_tiles(batch.images, grid, prep, cfg.data.channel_order)
+            out = np.empty((len(models), len(batch.samples), h, w), dtype=np.float32)
+            for i, model in enumerate(models):
+                out[i] = model(_to_torch(tiles[i]))[:, 0].numpy()
+            chunks.append(out)
+            if with_masks and batch.masks is not None:
+                mask_chunks.append(batch.masks)
+            kept.extend(batch.samples)
+    if not chunks:
+        raise ValueError("no images could be loaded for inference")
+    maps = np.concatenate(chunks, axis=1)
+    masks = np.concatenate(mask_chunks, axis=0) if with_masks else None
+    return maps, masks, kept
+
+
+def run_summary(cfg: RunConfig, grid: TileGrid, extractor: FeatureExtractor, prep: Preprocessing) -> dict[str, Any]:
+    """Static description of the ensemble for ``run.json``."""
+    size = map_size(grid.tile_size, cfg.model.feature_stride)
+    d = cfg.model.n_features
+    positions = size[0] * size[1]
+    elem = 2 if cfg.model.storage_dtype == "float16" else 4
+    return {
+        "tilead_version": tilead.__version__,
+        "torch_version": torch.__version__,
+        "fit_key": cfg.fit_key(),
+        "grid": grid.to_dict(),
+        "grid_shape": [grid.rows, grid.cols],
+        "locations": grid.location_names(),
+        "preprocessing": prep.to_dict(),
+        "backbone": describe_backbone(extractor),
+        "model": {
+            "family": cfg.model.family,
+            "output_stride": cfg.model.feature_stride,
+            "map_size": list(size),
+            "n_features": d,
+            "state_bytes_per_location": positions * d * 4 + positions * d * d * elem + d * 8,
+        },
+    }

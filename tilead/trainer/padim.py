@@ -1,0 +1,306 @@
+"""PaDiM (Defard et al., 2020) for one tile location.
+
+A location's model is a multivariate Gaussian per feature-map position: the
+backbone's layers are brought to one resolution (``feature_stride``), a seeded
+random subset of ``n_features`` channels is kept, and at every position ``p``
+the mean ``mu_p`` and the regularized inverse covariance
+``inv(Sigma_p + eps * I)`` are fitted on defect-free tiles. A tile's anomaly
+map is the Mahalanobis distance ``sqrt((x - mu)^T Sigma^-1 (x - mu))`` at every
+position, optionally blurred by a small Gaussian.
+
+Fitting is incremental (:class:`PadimAccumulator`): float64 sums of the
+features and of their outer products, centred on the first batch's mean
+(which keeps the one-pass covariance free of cancellation), so memory is one
+location's ``positions x d x d`` whatever the number of images.
+
+Layer alignment (our choice, stated): a layer finer than ``feature_stride`` is
+average-pooled down to it, a coarser one is upsampled with nearest neighbour
+(as PaDiM's embedding concatenation does), and every layer is then cropped or
+zero-padded to ``ceil(tile / feature_stride)`` positions per axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from tilead.trainer.backbones import FeatureExtractor
+
+_FINALIZE_CHUNK = 256  # positions inverted at a time
+
+
+@dataclass(frozen=True)
+class PadimSettings:
+    """Hyper-parameters of one PaDiM location model.
+
+    Attributes:
+        feature_stride: Output stride of the anomaly map (input px per map px).
+        n_features: Channels kept (random subset of the concatenated layers).
+        eps: Covariance regularization ``eps * I``.
+        blur_sigma: Gaussian blur of the map in map pixels (0: none).
+        storage_dtype: dtype of the stored inverse covariances.
+        seed: Seed of the channel subset.
+    """
+
+    feature_stride: int = 8
+    n_features: int = 100
+    eps: float = 0.01
+    blur_sigma: float = 0.0
+    storage_dtype: str = "float16"
+    seed: int = 0
+
+
+def map_size(tile_size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Anomaly-map size ``(ceil(th / stride), ceil(tw / stride))`` of a tile."""
+    return math.ceil(tile_size[0] / stride), math.ceil(tile_size[1] / stride)
+
+
+def channel_subset(total: int, n_features: int, seed: int) -> torch.Tensor:
+    """Seeded random subset of ``n_features`` of ``total`` channels, sorted.
+
+    Raises:
+        ValueError: If more channels are asked for than the layers have.
+    """
+    if not 1 <= n_features <= total:
+        raise ValueError(f"model.n_features: expected 1..{total} (channels of the chosen layers), got {n_features}")
+    gen = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(total, generator=gen)[:n_features]).values
+
+
+class Embedding(nn.Module):
+    """Backbone layers aligned to one stride, concatenated, channel-subsampled.
+
+    Input ``(n, 3, th, tw)`` normalized tiles; output ``(n, d, h, w)`` with
+    ``(h, w) = map_size((th, tw), stride)``.
+    """
+
+    index: torch.Tensor
+
+    def __init__(self, backbone: FeatureExtractor, stride: int, index: torch.Tensor, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.stride = stride
+        self.size = size
+        self.register_buffer("index", index.clone(), persistent=False)
+
+    def _align(self, feat: torch.Tensor, layer_stride: int) -> torch.Tensor:
+        h, w = self.size
+        if layer_stride < self.stride:
+            k = self.stride // layer_stride
+            feat = F.avg_pool2d(feat, kernel_size=k, stride=k, ceil_mode=True)
+        elif layer_stride > self.stride:
+            feat = F.interpolate(feat, scale_factor=layer_stride // self.stride, mode="nearest")
+        fh, fw = int(feat.shape[-2]), int(feat.shape[-1])
+        if fh < h or fw < w:
+            feat = F.pad(feat, (0, max(0, w - fw), 0, max(0, h - fh)))
+        return feat[..., :h, :w]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed tiles.
+
+        Args:
+            x: ``(n, 3, th, tw)`` normalized tiles.
+
+        Returns:
+            ``(n, d, h, w)`` float32.
+        """
+        feats = self.backbone(x)
+        aligned = [self._align(f, s) for f, s in zip(feats, self.backbone.info.strides, strict=True)]
+        emb = torch.cat(aligned, dim=1)
+        return emb.index_select(1, self.index)
+
+
+def check_strides(strides: tuple[int, ...], feature_stride: int) -> None:
+    """Every layer stride must divide or be a multiple of the feature stride.
+
+    Raises:
+        ValueError: Otherwise, naming the offending layer stride.
+    """
+    for s in strides:
+        if not (s % feature_stride == 0 or feature_stride % s == 0):
+            raise ValueError(
+                f"model.feature_stride: {feature_stride} is not a multiple or divisor of layer stride {s} "
+                f"(layer strides {list(strides)})"
+            )
+
+
+class PadimAccumulator:
+    """Streaming first and second moments of embeddings at every position.
+
+    Memory: ``positions * d * d`` float64 (plus ``positions * d``).
+    """
+
+    def __init__(self, positions: int, dim: int) -> None:
+        self.positions = positions
+        self.dim = dim
+        self.count = 0
+        self.shift: torch.Tensor | None = None
+        self.sum = torch.zeros(positions, dim, dtype=torch.float64)
+        self.outer = torch.zeros(positions, dim, dim, dtype=torch.float64)
+
+    def update(self, emb: torch.Tensor) -> None:
+        """Add a batch of embeddings.
+
+        Args:
+            emb: ``(n, d, h, w)`` with ``h * w == positions``.
+        """
+        n, d = int(emb.shape[0]), int(emb.shape[1])
+        if d != self.dim or emb.shape[2] * emb.shape[3] != self.positions:
+            raise ValueError(
+                f"embedding: expected (n, {self.dim}, h, w) with h*w = {self.positions}, got {tuple(emb.shape)}"
+            )
+        x = emb.detach().reshape(n, d, self.positions).permute(2, 0, 1).to(torch.float64)  # (P, n, d)
+        if self.shift is None:
+            self.shift = x.mean(dim=1)
+        x = x - self.shift[:, None, :]
+        self.sum += x.sum(dim=1)
+        self.outer.baddbmm_(x.transpose(1, 2), x)
+        self.count += n
+
+    def finalize(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and regularized inverse covariance.
+
+        Args:
+            eps: Added to the covariance diagonal.
+
+        Returns:
+            ``mean (P, d)`` float32 and ``inv_cov (P, d, d)`` float32.
+
+        Raises:
+            ValueError: With fewer than 2 samples.
+        """
+        if self.count < 2 or self.shift is None:
+            raise ValueError(f"PaDiM needs at least 2 training tiles per location, got {self.count}")
+        n = self.count
+        m = self.sum / n  # mean of shifted features
+        inv = torch.empty(self.positions, self.dim, self.dim, dtype=torch.float32)
+        eye = eps * torch.eye(self.dim, dtype=torch.float64)
+        # In chunks of positions, so the float64 temporaries stay small next to the accumulator.
+        for lo in range(0, self.positions, _FINALIZE_CHUNK):
+            hi = min(lo + _FINALIZE_CHUNK, self.positions)
+            mc = m[lo:hi]
+            cov = (self.outer[lo:hi] - n * mc[:, :, None] * mc[:, None, :]) / (n - 1) + eye
+            full = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+            inv[lo:hi] = 0.5 * (full + full.transpose(1, 2))
+        mean = (m + self.shift).to(torch.float32)
+        return mean, inv
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """Normalized 1-D Gaussian, radius ``int(4 sigma + 0.5)``."""
+    radius = max(1, int(4 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+class PadimHead(nn.Module):
+    """Mahalanobis distance map from embeddings.
+
+    Input ``(n, d, h, w)``; output ``(n, 1, h, w)`` float32.
+    """
+
+    mean: torch.Tensor
+    inv_cov: torch.Tensor
+    blur: torch.Tensor
+
+    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor, size: tuple[int, int], blur_sigma: float) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("mean", mean.to(torch.float32).contiguous())
+        self.register_buffer("inv_cov", inv_cov.to(torch.float32).contiguous())
+        self.blur_sigma = float(blur_sigma)
+        if self.blur_sigma > 0:
+            self.register_buffer("blur", gaussian_kernel1d(self.blur_sigma))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """Distance map.
+
+        Args:
+            emb: ``(n, d, h, w)``.
+
+        Returns:
+            ``(n, 1, h, w)``.
+        """
+        n, d = emb.shape[0], emb.shape[1]
+        h, w = self.size
+        mean, inv_cov = self.mean, self.inv_cov
+        x = emb.reshape(n, d, h * w).permute(2, 0, 1)  # (P, n, d)
+        diff = x - mean[:, None, :]
+        prod = torch.matmul(diff, inv_cov)  # (P, n, d)
+        dist = (prod * diff).sum(dim=2).clamp_min(0.0).sqrt()  # (P, n)
+        out = dist.permute(1, 0).reshape(n, 1, h, w)
+        if self.blur_sigma > 0:
+            k = self.blur
+            r = (k.numel() - 1) // 2
+            out = F.pad(out, (r, r, r, r), mode="reflect" if min(h, w) > r else "replicate")
+            out = F.conv2d(out, k.view(1, 1, 1, -1))
+            out = F.conv2d(out, k.view(1, 1, -1, 1))
+        return out
+
+
+class PadimLocationModel(nn.Module):
+    """One tile location's full model: tiles in, anomaly map out.
+
+    Input ``(n, 3, th, tw)`` float32 normalized tiles (the runtime tile
+    kernel's output block for this location); output ``(n, 1, h, w)`` with
+    ``(h, w) = map_size((th, tw), feature_stride)``.
+    """
+
+    def __init__(self, embedding: Embedding, head: PadimHead) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Anomaly map of a tile batch."""
+        out: torch.Tensor = self.head(self.embedding(x))
+        return out
+
+
+def state_tensors(
+    mean: torch.Tensor, inv_cov: torch.Tensor, index: torch.Tensor, storage_dtype: str
+) -> dict[str, torch.Tensor]:
+    """The tensors saved per location (safetensors)."""
+    dtype = torch.float16 if storage_dtype == "float16" else torch.float32
+    return {
+        "mean": mean.to(torch.float32).contiguous(),
+        "inv_cov": inv_cov.to(dtype).contiguous(),
+        "channel_index": index.to(torch.int64).contiguous(),
+    }
+
+
+def state_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of a location's fitted state."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def build_location_model(
+    backbone: FeatureExtractor,
+    tensors: dict[str, Any],
+    tile_size: tuple[int, int],
+    settings: PadimSettings,
+) -> PadimLocationModel:
+    """Assemble a location model from a backbone and saved tensors.
+
+    Raises:
+        ValueError: If the tensors do not fit the tile size and settings.
+    """
+    size = map_size(tile_size, settings.feature_stride)
+    mean = tensors["mean"]
+    inv_cov = tensors["inv_cov"]
+    index = tensors["channel_index"]
+    positions, d = size[0] * size[1], int(index.numel())
+    if tuple(mean.shape) != (positions, d) or tuple(inv_cov.shape) != (positions, d, d):
+        raise ValueError(
+            f"PaDiM state: expected mean {(positions, d)} and inv_cov {(positions, d, d)} for tile {tile_size} at "
+            f"stride {settings.feature_stride}, got {tuple(mean.shape)} and {tuple(inv_cov.shape)}"
+        )
+    embedding = Embedding(backbone, settings.feature_stride, index, size)
+    head = PadimHead(mean, inv_cov.to(torch.float32), size, settings.blur_sigma)
+    return PadimLocationModel(embedding, head).eval()

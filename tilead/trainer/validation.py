@@ -1,0 +1,158 @@
+"""Normalization statistics from validation maps, merged as the runtime merges them.
+
+The per-location maps of the validation images go through the runtime's
+``merge_maps`` (untile + seam smoothing, the Predictor's code), then:
+
+* min/max of the merged maps and of the image scores;
+* thresholds: F1-adaptive (the threshold of best F1 under ``score >
+  threshold``) where the validation set has anomalous images / pixels;
+  otherwise (a good-only ``holdout`` split) the ``good_quantile`` of the good
+  scores, because F1 needs anomalies. Which rule was used is recorded.
+
+Stage ``tile`` computes (threshold, min, max) per location on that location's
+upsampled maps against the matching crop of the ground-truth masks, then
+merges with per-tile normalization and takes the image-score statistics of
+the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tilead.runtime import SeamSmoothing, TileGrid, merge_maps, resize_maps
+from tilead.runtime.postprocess import BlendWeights
+from tilead.runtime.stats import NormalizationStage, NormalizationStats, TileStats
+from tilead.trainer.metrics import f1_adaptive_threshold
+
+
+def _threshold(scores: np.ndarray, labels: np.ndarray, good_quantile: float) -> tuple[float, dict[str, Any]]:
+    """F1-adaptive threshold when both classes are present, else a quantile of the good scores."""
+    flat = scores.reshape(-1)
+    lab = labels.reshape(-1).astype(bool)
+    if lab.any() and not lab.all():
+        res = f1_adaptive_threshold(flat, lab)
+        return float(res.threshold), {"rule": "f1_adaptive", "f1": res.f1}
+    good = flat[~lab] if not lab.all() else flat
+    value = float(np.quantile(good.astype(np.float64), good_quantile))
+    return value, {"rule": f"quantile {good_quantile} of good scores (no anomalies to fit an F1 threshold)"}
+
+
+def _range(values: np.ndarray) -> tuple[float, float]:
+    lo, hi = float(values.min()), float(values.max())
+    if not hi > lo:  # degenerate (constant maps): keep the formula finite
+        hi = lo + 1.0
+    return lo, hi
+
+
+def canvas_masks(masks: np.ndarray, grid: TileGrid) -> np.ndarray:
+    """Ground-truth masks on the grid's canvas (padded or resized as the tiles are).
+
+    Args:
+        masks: bool ``(n, H, W)``.
+        grid: The tile grid.
+
+    Returns:
+        bool ``(n, canvas_h, canvas_w)``.
+    """
+    ch, cw = grid.canvas_size
+    if (ch, cw) == masks.shape[1:]:
+        return masks
+    if grid.edge == "pad":
+        out = np.zeros((masks.shape[0], ch, cw), dtype=bool)
+        out[:, : masks.shape[1], : masks.shape[2]] = masks
+        return out
+    resized = resize_maps(np.ascontiguousarray(masks, dtype=np.float32), (ch, cw))
+    return resized > 0.5
+
+
+def tile_statistics(
+    maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, grid: TileGrid, good_quantile: float
+) -> tuple[TileStats, list[dict[str, Any]]]:
+    """Per-location (threshold, min, max) on upsampled tile maps.
+
+    Args:
+        maps: float32 ``(L, n, h, w)`` raw maps.
+        masks: bool ``(n, H, W)`` ground truth.
+        labels: ``(n,)`` image labels.
+        grid: The tile grid.
+        good_quantile: Quantile rule where a location sees no anomalous pixel.
+
+    Returns:
+        The statistics and, per location, how its threshold was chosen.
+    """
+    cmasks = canvas_masks(masks, grid)
+    thresholds, mins, maxs, rules = [], [], [], []
+    th, tw = grid.tile_size
+    for index, (y0, x0, y1, x1) in enumerate(grid.boxes()):
+        up = resize_maps(np.ascontiguousarray(maps[index]), (th, tw))
+        crop = cmasks[:, y0:y1, x0:x1]
+        t, rule = _threshold(up, crop, good_quantile)
+        lo, hi = _range(up)
+        thresholds.append(t)
+        mins.append(lo)
+        maxs.append(hi)
+        rules.append({"location": grid.location_names()[index], **rule})
+    del labels
+    return TileStats(tuple(thresholds), tuple(mins), tuple(maxs)), rules
+
+
+def compute_stats(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    labels: np.ndarray,
+    grid: TileGrid,
+    *,
+    stage: NormalizationStage,
+    weights: BlendWeights,
+    seam: SeamSmoothing | None,
+    good_quantile: float,
+) -> tuple[NormalizationStats, dict[str, Any]]:
+    """Normalization statistics of a validation set.
+
+    Args:
+        maps: float32 ``(L, n, h, w)`` raw per-location maps.
+        masks: bool ``(n, H, W)`` ground-truth masks (all False for good).
+        labels: int/bool ``(n,)`` image labels.
+        grid: The tile grid.
+        stage: ``image``, ``tile`` or ``none``.
+        weights: Blending of overlaps.
+        seam: Seam smoothing or None.
+        good_quantile: Threshold quantile when there are no anomalies.
+
+    Returns:
+        The statistics and a description of how they were obtained.
+    """
+    labels = np.asarray(labels).astype(bool)
+    info: dict[str, Any] = {"stage": stage, "images": int(labels.size), "anomalous_images": int(labels.sum())}
+    if stage == "tile":
+        tile_stats, rules = tile_statistics(maps, masks, labels, grid, good_quantile)
+        merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats.as_tuple())
+        scores = merged.reshape(merged.shape[0], -1).max(axis=1)
+        image_t, image_rule = _threshold(scores, labels, good_quantile)
+        stats = NormalizationStats(
+            stage="tile",
+            pixel_threshold=0.5,
+            image_threshold=image_t,
+            pixel_range=(0.0, 1.0),
+            image_range=_range(scores),
+            tile_stats=tile_stats,
+        )
+        info.update({"pixel_threshold_rule": rules, "image_threshold_rule": image_rule})
+        return stats, info
+    merged = merge_maps(maps, grid, weights=weights, seam=seam)
+    scores = merged.reshape(merged.shape[0], -1).max(axis=1)
+    pixel_t, pixel_rule = _threshold(merged, masks, good_quantile)
+    image_t, image_rule = _threshold(scores, labels, good_quantile)
+    info.update({"pixel_threshold_rule": pixel_rule, "image_threshold_rule": image_rule})
+    if stage == "none":
+        return NormalizationStats(stage="none", pixel_threshold=pixel_t, image_threshold=image_t), info
+    stats = NormalizationStats(
+        stage="image",
+        pixel_threshold=pixel_t,
+        image_threshold=image_t,
+        pixel_range=_range(merged),
+        image_range=_range(scores),
+    )
+    return stats, info
