@@ -237,3 +237,43 @@ def test_overlay_picture_and_selection() -> None:
     assert {types[i] for i in picked} == {"good", "crack", "scratch"}
     assert pick_overlays(types, 0) == []
     assert len(pick_overlays(types, 50)) == len(types)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def test_overrides_parse_yaml_values_and_reject_garbage() -> None:
+    import click
+
+    from tilead.cli._common import parse_overrides
+
+    assert parse_overrides(["a.b=3", "c=[1, 2]", "d=none", "e=text"]) == {
+        "a.b": 3,
+        "c": [1, 2],
+        "d": "none",
+        "e": "text",
+    }
+    with pytest.raises(click.BadParameter, match="expected KEY=VALUE"):
+        parse_overrides(["novalue"])
+
+
+def test_train_cli_reports_bad_config_and_missing_run(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tilead.cli.evaluate import main as eval_main
+    from tilead.cli.train import main as train_main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_minimal(model={"n_features": -1})))
+    res = CliRunner().invoke(train_main, ["--config", str(cfg)])
+    assert res.exit_code == 1
+    assert "model.n_features" in res.output
+    assert "greater than or equal to 1" in res.output
+    cfg.write_text(yaml.safe_dump(_minimal()))
+    res = CliRunner().invoke(train_main, ["--config", str(cfg), "--output", str(tmp_path / "run")])
+    assert res.exit_code == 1
+    assert "dataset root not found" in res.output
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+    res = CliRunner().invoke(eval_main, [str(tmp_path)])
+    assert res.exit_code == 1
+    assert "not a tilead run folder" in res.output
