@@ -5,6 +5,7 @@ This package never imports torch (nor cv2): it takes numpy arrays and runs the
 same geometry and post-processing, so what is validated is what is deployed.
 """
 
+from tilead.runtime.bundle import BundleError, Manifest, read_manifest, verify_files
 from tilead.runtime.devices import CudaStatus, cuda_status, get_num_threads, set_num_threads
 from tilead.runtime.geometry import EDGE_POLICIES, EdgePolicy, TileGrid, location_name, parse_location
 from tilead.runtime.postprocess import (
@@ -17,15 +18,20 @@ from tilead.runtime.postprocess import (
     smooth_seams,
     untile_maps,
 )
+from tilead.runtime.predictor import Prediction, Predictor
 from tilead.runtime.preprocess import Preprocessing, tile_images
 from tilead.runtime.stats import NormalizationStats, TileStats, normalize_with_stats, postprocess_maps
 
 __all__ = [
     "EDGE_POLICIES",
+    "BundleError",
     "CudaStatus",
     "EdgePolicy",
+    "Manifest",
     "NormalizationStats",
     "NormalizedMaps",
+    "Prediction",
+    "Predictor",
     "Preprocessing",
     "SeamSmoothing",
     "TileGrid",
@@ -39,9 +45,11 @@ __all__ = [
     "normalize_with_stats",
     "parse_location",
     "postprocess_maps",
+    "read_manifest",
     "resize_maps",
     "set_num_threads",
     "smooth_seams",
     "tile_images",
     "untile_maps",
+    "verify_files",
 ]

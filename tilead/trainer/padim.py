@@ -213,7 +213,9 @@ class PadimHead(nn.Module):
         super().__init__()
         self.size = size
         self.register_buffer("mean", mean.to(torch.float32).contiguous())
-        self.register_buffer("inv_cov", inv_cov.to(torch.float32).contiguous())
+        # Kept in its storage dtype (fp16 by default) and widened in forward: an exported graph then
+        # stores the fp16 tensor plus a Cast, half the size, and computes exactly what the eager model does.
+        self.register_buffer("inv_cov", inv_cov.contiguous())
         self.blur_sigma = float(blur_sigma)
         if self.blur_sigma > 0:
             self.register_buffer("blur", gaussian_kernel1d(self.blur_sigma))
@@ -229,7 +231,7 @@ class PadimHead(nn.Module):
         """
         n, d = emb.shape[0], emb.shape[1]
         h, w = self.size
-        mean, inv_cov = self.mean, self.inv_cov
+        mean, inv_cov = self.mean, self.inv_cov.to(torch.float32)
         x = emb.reshape(n, d, h * w).permute(2, 0, 1)  # (P, n, d)
         diff = x - mean[:, None, :]
         prod = torch.matmul(diff, inv_cov)  # (P, n, d)
@@ -302,5 +304,5 @@ def build_location_model(
             f"stride {settings.feature_stride}, got {tuple(mean.shape)} and {tuple(inv_cov.shape)}"
         )
     embedding = Embedding(backbone, settings.feature_stride, index, size)
-    head = PadimHead(mean, inv_cov.to(torch.float32), size, settings.blur_sigma)
+    head = PadimHead(mean, inv_cov, size, settings.blur_sigma)
     return PadimLocationModel(embedding, head).eval()

@@ -1,0 +1,237 @@
+"""Export a tiny trained run to a bundle and run it with ``runtime.Predictor``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from tilead.demo.synthetic import SyntheticSpec, generate
+from tilead.runtime import BundleError, Prediction, Predictor
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run folder, bundle) of a 2x2 ensemble on 160x160 synthetic images."""
+    from tilead.exporter.bundle import export_bundle
+    from tilead.trainer.config import load_config
+    from tilead.trainer.pipeline import train
+
+    tmp = tmp_path_factory.mktemp("export")
+    data = generate(tmp / "data", SyntheticSpec(image_size=160, train_good=6, test_good=2, test_per_defect=1, seed=3))
+    cfg = {
+        "name": "tiny",
+        "data": {"format": "mvtec", "root": str(data)},
+        "grid": {"tile_size": 96, "stride": 64},
+        "model": {"feature_stride": 8, "n_features": 16, "blur_sigma": 1.0},
+        "postprocess": {"weights": "feather"},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = train(load_config(path), tmp / "run", progress=False)
+    bundle = export_bundle(result.paths.root, tmp / "bundle", progress=False).bundle
+    return result.paths.root, bundle
+
+
+def _test_images(run: Path) -> tuple[list[Any], np.ndarray]:
+    from tilead.trainer.data import discover
+    from tilead.trainer.images import ImageLoader
+    from tilead.trainer.run_dir import open_run
+
+    _, cfg = open_run(run)
+    samples = list(discover(cfg.data).test)
+    loader = ImageLoader(cfg.data)
+    return samples, np.stack([loader.load_image(s) for s in samples])
+
+
+def test_bundle_layout_and_manifest(trained: tuple[Path, Path]) -> None:
+    import onnx
+
+    _, bundle = trained
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert [loc["name"] for loc in manifest["locations"]] == ["r0c0", "r0c1", "r1c0", "r1c1"]
+    assert manifest["model"]["map_size"] == [12, 12]
+    assert manifest["model"]["opset"] >= 17
+    model = onnx.load(str(bundle / "tiles" / "r0c0.onnx"))
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param  # dynamic batch dimension
+    assert not list(bundle.parent.glob(".bundle.*"))  # no temporary directory left
+    assert max(manifest["source"]["parity_onnxruntime_vs_torch"].values()) < 1e-5
+
+
+def test_predictor_matches_the_trainers_pytorch_pipeline(trained: tuple[Path, Path]) -> None:
+    """Bundle predictions vs the eager PyTorch forward + the same post-processing: 1e-4, identical labels."""
+    from tilead.runtime.stats import postprocess_maps
+    from tilead.trainer.ensemble import load_location_models, location_maps, make_backbone, make_preprocessing
+    from tilead.trainer.pipeline import load_stats
+    from tilead.trainer.run_dir import open_run
+
+    run, bundle = trained
+    paths, cfg = open_run(run)
+    samples, images = _test_images(run)
+    grid = cfg.grid.build((160, 160))
+    extractor = make_backbone(cfg)
+    models = load_location_models(cfg, paths, grid, extractor)
+    maps, _, _ = location_maps(cfg, models, samples, grid, make_preprocessing(cfg, extractor), batch_size=4)
+    _, eager = postprocess_maps(maps, grid, load_stats(paths), weights="feather", seam=cfg.postprocess.seam_smoothing())
+    with Predictor(bundle) as predictor:
+        results = predictor.predict(list(images))
+    assert isinstance(results, list)
+    assert len(results) == len(samples)
+    got = np.stack([r.anomaly_map for r in results])
+    assert np.abs(got - eager.maps).max() <= 1e-4
+    assert [r.label for r in results] == eager.labels.tolist()
+    differ = np.stack([r.mask for r in results]) != eager.masks
+    assert not differ.any() or float(np.abs(got[differ] - 0.5).max()) <= 1e-4  # only ties at the threshold
+
+
+def test_single_batch_and_list_inputs_agree(trained: tuple[Path, Path]) -> None:
+    run, bundle = trained
+    _, images = _test_images(run)
+    with Predictor(bundle, max_batch=2) as predictor:
+        one = predictor.predict(images[0])
+        batch = predictor.predict(images[:3])
+        rgb = predictor.predict(np.ascontiguousarray(images[0][:, :, ::-1]), input_order="RGB")
+    assert isinstance(one, Prediction)
+    assert isinstance(batch, list)
+    assert isinstance(rgb, Prediction)
+    assert one.anomaly_map.shape == (160, 160)
+    assert one.mask.dtype == np.bool_
+    # The same image alone and in a batch of 2 (ONNX Runtime may block a batch differently: float noise only).
+    np.testing.assert_allclose(one.anomaly_map, batch[0].anomaly_map, atol=1e-6)
+    assert one.score == pytest.approx(batch[0].score, abs=1e-6)
+    # RGB input with input_order="RGB" is the same image as BGR input.
+    np.testing.assert_array_equal(one.anomaly_map, rgb.anomaly_map)
+
+
+def test_concurrent_predict_equals_serial(trained: tuple[Path, Path]) -> None:
+    run, bundle = trained
+    _, images = _test_images(run)
+    with Predictor(bundle) as predictor:
+        serial = [predictor.predict(img) for img in images]
+        results: dict[int, Any] = {}
+
+        def work(i: int) -> None:
+            results[i] = predictor.predict(images[i % len(images)])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i, res in results.items():
+        ref = serial[i % len(images)]
+        assert isinstance(res, Prediction)
+        assert isinstance(ref, Prediction)
+        np.testing.assert_array_equal(res.anomaly_map, ref.anomaly_map)
+        assert res.score == ref.score
+        assert res.label == ref.label
+
+
+def test_bad_images(trained: tuple[Path, Path]) -> None:
+    run, bundle = trained
+    _, images = _test_images(run)
+    with Predictor(bundle) as predictor:
+        with pytest.raises(ValueError, match=r"expected image size 160x160 .* got 100x120; pass resize=True"):
+            predictor.predict(np.zeros((100, 120, 3), np.uint8))
+        resized = predictor.predict(np.zeros((100, 120, 3), np.uint8), resize=True)
+        assert isinstance(resized, Prediction)
+        assert resized.anomaly_map.shape == (160, 160)
+        with pytest.raises(ValueError, match="expected dtype uint8, got float32"):
+            predictor.predict(images[0].astype(np.float32))
+        with pytest.raises(ValueError, match=r"got shape \(160, 160, 4\)"):
+            predictor.predict(np.zeros((160, 160, 4), np.uint8))
+        with pytest.raises(ValueError, match="the list is empty"):
+            predictor.predict([])
+        with pytest.raises(ValueError, match="expected a numpy array"):
+            predictor.predict("image.png")
+    with pytest.raises(RuntimeError, match="closed"):
+        predictor.predict(images[0])
+
+
+def _copy(bundle: Path, tmp: Path) -> Path:
+    target = tmp / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_tampered_or_broken_bundles(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    _, bundle = trained
+    with pytest.raises(BundleError, match="not a directory"):
+        Predictor(tmp_path / "nothing")
+    broken = _copy(bundle, tmp_path)
+    data = (broken / "tiles" / "r0c1.onnx").read_bytes()
+    (broken / "tiles" / "r0c1.onnx").write_bytes(data[:-10] + b"0123456789")
+    with pytest.raises(BundleError, match=r"location r0c1: sha256 of .*r0c1.onnx is"):
+        Predictor(broken)
+    (broken / "tiles" / "r0c1.onnx").unlink()
+    with pytest.raises(BundleError, match=r"location r0c1: model file .* is missing"):
+        Predictor(broken)
+    shutil.rmtree(broken)
+    for patch, expected in [
+        ({"schema_version": 99}, "unknown bundle schema_version 99"),
+        ({"tilead_version": "999.0.0"}, "newer than this tilead"),
+        ({"postprocess": {"weights": "gauss"}}, "postprocess.weights: expected 'uniform' or 'feather'"),
+    ]:
+        copy = _copy(bundle, tmp_path)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest.update(patch)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=expected):
+            Predictor(copy)
+        shutil.rmtree(copy)
+    corrupt = _copy(bundle, tmp_path)
+    (corrupt / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Predictor(corrupt)
+
+
+def test_export_failure_leaves_no_bundle(
+    trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tilead.exporter import bundle as bundle_mod
+
+    run, _ = trained
+    monkeypatch.setattr(bundle_mod, "compare_with_eager", lambda *a, **k: 1.0)
+    with pytest.raises(RuntimeError, match="differs from the eager model"):
+        bundle_mod.export_bundle(run, tmp_path / "b", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        bundle_mod.export_bundle(run, tmp_path, progress=False)
+
+
+def test_predictor_runs_without_torch(trained: tuple[Path, Path]) -> None:
+    run, bundle = trained
+    _, images = _test_images(run)
+    np.save(bundle.parent / "image.npy", images[0])
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'timm', 'cv2'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+from tilead.runtime import Predictor
+with Predictor({str(bundle)!r}) as p:
+    r = p.predict(np.load({str(bundle.parent / "image.npy")!r}))
+print(round(r.score, 6), 'torch' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    score, torch_loaded = out.stdout.split()
+    with Predictor(bundle) as predictor:
+        ref = predictor.predict(images[0])
+    assert isinstance(ref, Prediction)
+    assert float(score) == pytest.approx(ref.score, abs=1e-6)
+    assert torch_loaded == "False"

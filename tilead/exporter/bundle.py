@@ -1,0 +1,155 @@
+"""A training run to a bundle directory, written atomically.
+
+Everything is written into a temporary directory beside the target; only when
+every location is exported, checked (``onnx.checker``, ONNX Runtime vs eager
+PyTorch) and hashed, and the manifest is written, is the directory renamed
+into place. An interrupted or failed export leaves no half bundle behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import tilead
+from tilead.exporter.onnx_export import DEFAULT_OPSET, check_onnx, compare_with_eager, export_location
+from tilead.runtime.bundle import INPUT_NAME, MANIFEST, OUTPUT_NAME, SCHEMA_VERSION, location_files, sha256_file
+from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
+from tilead.trainer.io import atomic_write_json
+from tilead.trainer.padim import map_size
+from tilead.trainer.pipeline import load_stats
+from tilead.trainer.run_dir import open_run, read_json
+
+log = logging.getLogger("tilead.exporter")
+PARITY_TOLERANCE = 1e-5  # max abs ONNX-vs-eager difference, relative to the map's range
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_bundle` wrote."""
+
+    bundle: Path
+    manifest: dict[str, Any]
+    seconds: float
+
+
+def _grid_from_run(run: dict[str, Any]) -> Any:
+    from tilead.runtime import TileGrid
+
+    return TileGrid.from_dict(run["grid"])
+
+
+def export_bundle(
+    run_dir: Path,
+    out: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportResult:
+    """Export a trained run as a bundle.
+
+    Args:
+        run_dir: A finished training run.
+        out: Bundle directory to create.
+        opset: ONNX opset (>= 17).
+        overwrite: Replace an existing bundle at ``out``.
+        progress: Show a progress bar.
+
+    Returns:
+        The bundle path, its manifest and the time taken.
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is off.
+        FileNotFoundError: If the run is not finished.
+        RuntimeError: If a location's ONNX output differs from the eager model.
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    paths, cfg = open_run(run_dir)
+    stats = load_stats(paths)
+    run = read_json(paths.run_json)
+    grid = _grid_from_run(run)
+    extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
+    prep = make_preprocessing(cfg, extractor)
+    models = load_location_models(cfg, paths, grid, extractor)
+    tile_shape = (prep.channels, *grid.tile_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp creates 0700
+    try:
+        entries = []
+        parity = {}
+        files = location_files(grid)
+        bar = tqdm(list(zip(grid.location_names(), files, models, strict=True)), desc="export", unit="loc",
+                   disable=not progress)  # fmt: skip
+        for name, rel, model in bar:
+            target = tmp / rel
+            export_location(model, tile_shape, target, opset=opset)
+            check_onnx(target)
+            diff = compare_with_eager(model, target, tile_shape)
+            if diff > PARITY_TOLERANCE:
+                raise RuntimeError(
+                    f"location {name}: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
+                    f"(tolerance {PARITY_TOLERANCE:.0e})"
+                )
+            parity[name] = diff
+            entries.append({"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size})
+            log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
+        h, w = map_size(grid.tile_size, cfg.model.feature_stride)
+        seam = cfg.postprocess.seam_smoothing()
+        manifest: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "tilead_version": tilead.__version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "grid": grid.to_dict(),
+            "preprocessing": prep.to_dict(),
+            "model": {
+                "family": cfg.model.family,
+                "backbone": cfg.model.backbone.name,
+                "output_stride": cfg.model.feature_stride,
+                "map_size": [h, w],
+                "input": INPUT_NAME,
+                "output": OUTPUT_NAME,
+                "opset": opset,
+                "dtype": "float32",
+            },
+            "locations": entries,
+            "postprocess": {
+                "weights": cfg.postprocess.weights,
+                "seam": None if seam is None else seam.to_dict(),
+                "image_score": cfg.postprocess.image_score,
+            },
+            "normalization": stats.to_dict(),
+            "source": {
+                "run": str(paths.root.resolve()),
+                "config": cfg.name,
+                "fit_key": cfg.fit_key(),
+                "validation": run.get("splits", {}),
+                "parity_onnxruntime_vs_torch": parity,
+            },
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest, time.perf_counter() - start)

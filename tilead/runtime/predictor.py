@@ -1,0 +1,269 @@
+"""``runtime.Predictor``: a bundle in, anomaly scores, labels, maps and masks out.
+
+No torch, no OpenCV: numpy, ONNX Runtime and the ``tilead._kernels`` CPU
+twins. One ONNX Runtime session per tile location; every image's tile for a
+location goes through that location's session in one call (batched tiles),
+then the runtime's untile, seam smoothing and normalization run on the maps.
+
+Thread safety: sessions are created once and only read afterwards; ONNX
+Runtime's ``InferenceSession.run`` may be called from several threads at once,
+and every buffer of a ``predict`` call is its own. Concurrent calls therefore
+return exactly the serial results (tested).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from tilead.runtime._checks import describe
+from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, Manifest, read_manifest, verify_files
+from tilead.runtime.postprocess import resize_maps
+from tilead.runtime.preprocess import InputOrder, tile_images
+from tilead.runtime.stats import postprocess_maps
+
+Backend = Literal["auto", "onnxruntime"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result.
+
+    Attributes:
+        score: Image score (normalized to [0, 1] unless the bundle's stage is ``none``).
+        label: True when the image is anomalous.
+        anomaly_map: float32 ``(H, W)`` map (normalized like ``score``).
+        mask: bool ``(H, W)`` anomalous pixels.
+        raw_score: Image score before normalization.
+    """
+
+    score: float
+    label: bool
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+    raw_score: float
+
+
+def _current_version() -> str:
+    from tilead import __version__
+
+    return __version__
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise RuntimeError(
+                "device='cuda': this onnxruntime has no CUDAExecutionProvider (available: "
+                f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU"
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
+
+
+class Predictor:
+    """Runs a bundle on uint8 images.
+
+    Args:
+        bundle: Bundle directory (``tilead-export`` output).
+        device: ``"cpu"`` or ``"cuda"`` (ONNX Runtime's CUDA provider).
+        backend: ``"auto"`` or ``"onnxruntime"``.
+        threads: ONNX Runtime intra-op threads per session (default: its own choice).
+        max_batch: Images per inference call (bounds memory for long lists).
+
+    Raises:
+        BundleError: For a missing, corrupt, modified or unknown-schema bundle.
+        ValueError: For bad arguments.
+        RuntimeError: If the device is not available.
+
+    Example:
+        >>> with Predictor("bundles/bottle") as predictor:  # doctest: +SKIP
+        ...     result = predictor.predict(cv2.imread("x.png"))
+        ...     result.score, result.label, result.anomaly_map.shape
+    """
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        device: str = "cpu",
+        backend: Backend = "auto",
+        *,
+        threads: int | None = None,
+        max_batch: int = 8,
+    ) -> None:
+        if backend not in ("auto", "onnxruntime"):
+            raise ValueError(
+                f"backend: expected 'auto' or 'onnxruntime', got {describe(backend)} "
+                "(the native TensorRT backend is not part of this build)"
+            )
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch: expected a positive integer, got {describe(max_batch)}")
+        self.path = Path(bundle)
+        self.device = device
+        self.max_batch = max_batch
+        providers = _providers(device)
+        self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
+        verify_files(self.path, self.manifest)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        self._sessions: list[Any] | None = []
+        for loc in self.manifest.locations:
+            path = self.path / loc.file
+            try:
+                self._sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers))
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {path}: {err}") from err
+        self._lock = threading.Lock()
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` the bundle expects."""
+        return self.manifest.grid.image_size
+
+    @property
+    def channels(self) -> int:
+        """Image channels the bundle expects (1 or 3)."""
+        return self.manifest.preprocessing.channels
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def warmup(self, iterations: int = 1) -> None:
+        """Run a black image through every session (first-call allocations, kernel selection)."""
+        h, w = self.image_size
+        blank = np.zeros((h, w, self.channels), dtype=np.uint8)
+        for _ in range(iterations):
+            self.predict(blank, input_order="GRAY" if self.channels == 1 else "BGR")
+
+    def close(self) -> None:
+        """Release the sessions; later ``predict`` calls raise."""
+        with self._lock:
+            self._sessions = None
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- inference --------------------------------------------------------------------------------
+
+    def _images(self, images: Any, resize: bool) -> tuple[bool, list[np.ndarray]]:
+        """Split the input into single HxWxC images; returns (was_single, images)."""
+        if isinstance(images, np.ndarray):
+            if images.ndim in (2, 3):
+                items, single = [images], True
+            elif images.ndim == 4:
+                items, single = list(images), False
+            else:
+                raise ValueError(f"images: expected (H, W), (H, W, C) or (n, H, W, C), got {describe(images)}")
+        elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+            items, single = list(images), False
+        else:
+            raise ValueError(f"images: expected a numpy array or a list of arrays, got {describe(images)}")
+        if not items:
+            raise ValueError("images: the list is empty; expected at least one image")
+        out = []
+        h, w = self.image_size
+        for i, img in enumerate(items):
+            if not isinstance(img, np.ndarray):
+                raise ValueError(f"images[{i}]: expected a numpy array, got {describe(img)}")
+            if img.dtype != np.uint8:
+                raise ValueError(f"images[{i}]: expected dtype uint8, got {img.dtype}")
+            if img.ndim == 2:
+                img = img[:, :, None]
+            if img.ndim != 3 or img.shape[2] not in (1, 3):
+                raise ValueError(f"images[{i}]: expected (H, W), (H, W, 1) or (H, W, 3), got shape {img.shape}")
+            if img.shape[2] != self.channels and not (img.shape[2] == 1 and self.channels == 3):
+                raise ValueError(
+                    f"images[{i}]: the bundle's model takes {self.channels} channel(s), got {img.shape[2]}"
+                )
+            if img.shape[:2] != (h, w):
+                if not resize:
+                    raise ValueError(
+                        f"images[{i}]: expected image size {h}x{w} (height x width, the bundle's image_size), "
+                        f"got {img.shape[0]}x{img.shape[1]}; pass resize=True to resize"
+                    )
+                img = _resize_uint8(img, (h, w))
+            if img.shape[2] == 1 and self.channels == 3:
+                img = np.repeat(img, 3, axis=2)
+            out.append(np.ascontiguousarray(img))
+        return single, out
+
+    def _run(self, batch: np.ndarray, input_order: InputOrder) -> list[Prediction]:
+        sessions = self._sessions
+        if sessions is None:
+            raise RuntimeError("Predictor is closed")
+        m = self.manifest
+        order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
+        tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order)
+        h, w = m.map_size
+        maps = np.empty((m.grid.num_locations, batch.shape[0], h, w), dtype=np.float32)
+        for index, session in enumerate(sessions):
+            out = session.run([OUTPUT_NAME], {INPUT_NAME: tiles[index]})[0]
+            if out.shape != (batch.shape[0], 1, h, w):
+                raise BundleError(
+                    f"location {m.locations[index].name}: model output shape {out.shape}, the manifest promises "
+                    f"({batch.shape[0]}, 1, {h}, {w})"
+                )
+            maps[index] = out[:, 0]
+        _, result = postprocess_maps(maps, m.grid, m.stats, weights=m.weights, seam=m.seam)  # type: ignore[arg-type]
+        return [
+            Prediction(
+                float(result.scores[i]),
+                bool(result.labels[i]),
+                result.maps[i],
+                result.masks[i],
+                float(result.raw_scores[i]),
+            )
+            for i in range(batch.shape[0])
+        ]
+
+    def predict(
+        self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False
+    ) -> Prediction | list[Prediction]:
+        """Score images.
+
+        Args:
+            images: uint8 ``(H, W)``, ``(H, W, C)`` (one image), ``(n, H, W, C)``
+                or a list of ``(H, W[, C])`` arrays; ``C`` 1 or 3, at the bundle's
+                image size unless ``resize``.
+            input_order: Channel order of 3-channel images: ``"BGR"`` (OpenCV's) or ``"RGB"``.
+            resize: Resize other sizes to the bundle's (bilinear) instead of raising.
+
+        Returns:
+            One :class:`Prediction` for one image, else a list in input order.
+
+        Raises:
+            ValueError: For a wrong type, dtype, channel count, size or an empty list.
+            RuntimeError: After :meth:`close`.
+        """
+        single, items = self._images(images, resize)
+        results: list[Prediction] = []
+        for start in range(0, len(items), self.max_batch):
+            batch = np.stack(items[start : start + self.max_batch])
+            results.extend(self._run(batch, input_order))
+        return results[0] if single else results
+
+
+def _resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a uint8 ``(H, W, C)`` image with the runtime's resize kernel."""
+    planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    resized = resize_maps(planes, size)
+    out: np.ndarray = np.clip(np.rint(resized), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return np.ascontiguousarray(out)
