@@ -235,3 +235,35 @@ print(round(r.score, 6), 'torch' in sys.modules)
     assert isinstance(ref, Prediction)
     assert float(score) == pytest.approx(ref.score, abs=1e-6)
     assert torch_loaded == "False"
+
+
+def test_eval_through_the_bundle_matches_eager_eval(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from tilead.trainer.pipeline import evaluate
+
+    run, bundle = trained
+    eager = evaluate(run, tmp_path / "eager", progress=False).metrics
+    runtime = evaluate(run, tmp_path / "runtime", bundle=bundle, progress=False).metrics
+    assert runtime["inference"].startswith("runtime.Predictor")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1"):
+        assert runtime["metrics"][key] == pytest.approx(eager["metrics"][key], abs=1e-3)
+
+
+def test_predict_cli_writes_results_and_overlays(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tilead.cli.predict import main as predict_main
+    from tilead.trainer.run_dir import open_run
+
+    run, bundle = trained
+    _, cfg = open_run(run)
+    folder = cfg.data.dataset_root / "test" / "good"
+    res = CliRunner().invoke(predict_main, [str(bundle), str(folder), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(records) == len(list(folder.glob("*.png")))
+    assert all({"file", "score", "label", "ms"} <= set(r) for r in records)
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == len(records)
+    (tmp_path / "bad.png").write_bytes(b"broken")
+    res = CliRunner().invoke(predict_main, [str(bundle), str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 1
+    assert "cannot read image" in res.output

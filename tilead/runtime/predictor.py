@@ -118,6 +118,8 @@ class Predictor:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # One session per location runs at a time: idle pools must not spin on the cores the active one needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         self._sessions: list[Any] | None = []
@@ -205,7 +207,8 @@ class Predictor:
             out.append(np.ascontiguousarray(img))
         return single, out
 
-    def _run(self, batch: np.ndarray, input_order: InputOrder) -> list[Prediction]:
+    def _location_maps(self, batch: np.ndarray, input_order: InputOrder) -> np.ndarray:
+        """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch."""
         sessions = self._sessions
         if sessions is None:
             raise RuntimeError("Predictor is closed")
@@ -222,6 +225,29 @@ class Predictor:
                     f"({batch.shape[0]}, 1, {h}, {w})"
                 )
             maps[index] = out[:, 0]
+        return maps
+
+    def location_maps(self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False) -> np.ndarray:
+        """Raw per-location maps, before merging (what evaluation needs).
+
+        Args:
+            images: As for :meth:`predict`.
+            input_order: As for :meth:`predict`.
+            resize: As for :meth:`predict`.
+
+        Returns:
+            float32 ``(locations, n, h, w)``.
+        """
+        _, items = self._images(images, resize)
+        chunks = [
+            self._location_maps(np.stack(items[start : start + self.max_batch]), input_order)
+            for start in range(0, len(items), self.max_batch)
+        ]
+        return np.concatenate(chunks, axis=1)
+
+    def _run(self, batch: np.ndarray, input_order: InputOrder) -> list[Prediction]:
+        m = self.manifest
+        maps = self._location_maps(batch, input_order)
         _, result = postprocess_maps(maps, m.grid, m.stats, weights=m.weights, seam=m.seam)  # type: ignore[arg-type]
         return [
             Prediction(

@@ -196,7 +196,44 @@ def _original_masks(loader: ImageLoader, samples: list[Sample], batch_size: int)
     return masks
 
 
-def evaluate(root: Path, out_dir: Path | None = None, *, progress: bool = True) -> EvalResult:
+def _bundle_maps(
+    bundle: Path, cfg: RunConfig, samples: list[Sample], grid: TileGrid, progress: bool
+) -> tuple[np.ndarray, np.ndarray, list[Sample]]:
+    """Per-location maps through the runtime Predictor (ONNX Runtime), with masks.
+
+    Raises:
+        ValueError: If the bundle was exported from another run or grid.
+    """
+    from tilead.runtime import Predictor
+
+    predictor = Predictor(bundle, max_batch=cfg.eval.batch_size)
+    with predictor:
+        source = predictor.manifest.raw.get("source", {})
+        if source.get("fit_key") != cfg.fit_key() or predictor.manifest.grid != grid:
+            raise ValueError(
+                f"--bundle {bundle}: exported from another run (fit key {source.get('fit_key')}, "
+                f"grid {predictor.manifest.grid}), not from this one (fit key {cfg.fit_key()})"
+            )
+        loader = ImageLoader(cfg.data)
+        chunks: list[np.ndarray] = []
+        mask_chunks: list[np.ndarray] = []
+        kept: list[Sample] = []
+        label = "evaluate (bundle)" if progress else None
+        batches = loader.iter_batches(samples, cfg.eval.batch_size, with_masks=True, progress=label)
+        for batch in batches:
+            order = "GRAY" if batch.images.shape[3] == 1 else cfg.data.channel_order
+            chunks.append(predictor.location_maps(batch.images, input_order=order))
+            assert batch.masks is not None
+            mask_chunks.append(batch.masks)
+            kept.extend(batch.samples)
+    if not chunks:
+        raise ValueError("no images could be loaded for evaluation")
+    return np.concatenate(chunks, axis=1), np.concatenate(mask_chunks, axis=0), kept
+
+
+def evaluate(
+    root: Path, out_dir: Path | None = None, *, bundle: Path | None = None, progress: bool = True
+) -> EvalResult:
     """Evaluate a trained run on its test set.
 
     Threshold-free metrics (AUROC, AUPRO) are computed on the merged maps
@@ -206,7 +243,9 @@ def evaluate(root: Path, out_dir: Path | None = None, *, progress: bool = True) 
 
     Args:
         root: Run folder.
-        out_dir: Where to write (default ``RUN/eval``).
+        out_dir: Where to write (default ``RUN/eval``, ``RUN/eval_bundle`` with a bundle).
+        bundle: Evaluate this run's exported bundle through ``runtime.Predictor``
+            (ONNX Runtime and the kernels) instead of the eager PyTorch models.
         progress: Show progress bars.
 
     Returns:
@@ -214,7 +253,8 @@ def evaluate(root: Path, out_dir: Path | None = None, *, progress: bool = True) 
     """
     start = time.perf_counter()
     paths, cfg = open_run(root)
-    out = Path(out_dir) if out_dir is not None else paths.root / "eval"
+    default_out = paths.root / ("eval_bundle" if bundle is not None else "eval")
+    out = Path(out_dir) if out_dir is not None else default_out
     handler = attach_log(paths)
     try:
         _setup_threads(cfg)
@@ -223,20 +263,25 @@ def evaluate(root: Path, out_dir: Path | None = None, *, progress: bool = True) 
         test = list(dataset.test)
         loader = ImageLoader(cfg.data)
         grid = _grid(cfg, loader, test)
-        extractor = make_backbone(cfg)
-        prep = make_preprocessing(cfg, extractor)
-        models = load_location_models(cfg, paths, grid, extractor)
         t_inf = time.perf_counter()
-        maps, masks, kept = location_maps(
-            cfg,
-            models,
-            test,
-            grid,
-            prep,
-            batch_size=cfg.eval.batch_size,
-            with_masks=True,
-            progress="evaluate" if progress else None,
-        )
+        masks: np.ndarray | None
+        if bundle is not None:
+            maps, masks, kept = _bundle_maps(Path(bundle), cfg, test, grid, progress)
+        else:
+            extractor = make_backbone(cfg)
+            prep = make_preprocessing(cfg, extractor)
+            models = load_location_models(cfg, paths, grid, extractor)
+            t_inf = time.perf_counter()
+            maps, masks, kept = location_maps(
+                cfg,
+                models,
+                test,
+                grid,
+                prep,
+                batch_size=cfg.eval.batch_size,
+                with_masks=True,
+                progress="evaluate" if progress else None,
+            )
         inference_s = time.perf_counter() - t_inf
         assert masks is not None
         merged, result = postprocess_maps(
@@ -283,6 +328,7 @@ def evaluate(root: Path, out_dir: Path | None = None, *, progress: bool = True) 
             "grid": grid.to_dict(),
             "grid_shape": [grid.rows, grid.cols],
             "backbone": cfg.model.backbone.name,
+            "inference": f"runtime.Predictor on bundle {bundle}" if bundle is not None else "eager PyTorch",
             "evaluated_at": list(result.maps.shape[1:]),
             "normalization": stats.stage,
             "validation": read_json(paths.stats).get("validation", {}).get("split", {}),
