@@ -14,7 +14,7 @@ import yaml
 from tilead.runtime import SeamSmoothing, TileGrid, merge_maps
 from tilead.runtime.stats import NormalizationStats, TileStats, postprocess_maps
 from tilead.trainer.config import ConfigError, load_config, parse_config
-from tilead.trainer.io import atomic_write_bytes, load_tensors, save_tensors
+from tilead.trainer.io import atomic_write_bytes, load_tensors, read_metadata, save_tensors
 from tilead.trainer.overlays import overlay, pick_overlays
 from tilead.trainer.validation import canvas_masks, compute_stats
 
@@ -212,9 +212,12 @@ def test_safetensors_roundtrip_and_corrupt_file(tmp_path: Path) -> None:
     tensors, meta = load_tensors(path)
     assert torch.equal(tensors["a"], torch.arange(6.0).reshape(2, 3))
     assert meta == {"fit_key": "k"}
+    assert read_metadata(path) == {"fit_key": "k"}
     path.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_tensors(path)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        read_metadata(path)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_tensors(tmp_path / "missing.safetensors")
 

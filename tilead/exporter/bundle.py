@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import tilead
 from tilead.exporter.onnx_export import DEFAULT_OPSET, check_onnx, compare_with_eager, export_location
+from tilead.runtime import TileGrid
 from tilead.runtime.bundle import INPUT_NAME, MANIFEST, OUTPUT_NAME, SCHEMA_VERSION, location_files, sha256_file
 from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
 from tilead.trainer.io import atomic_write_json
@@ -40,12 +41,6 @@ class ExportResult:
     bundle: Path
     manifest: dict[str, Any]
     seconds: float
-
-
-def _grid_from_run(run: dict[str, Any]) -> Any:
-    from tilead.runtime import TileGrid
-
-    return TileGrid.from_dict(run["grid"])
 
 
 def export_bundle(
@@ -80,7 +75,7 @@ def export_bundle(
     paths, cfg = open_run(run_dir)
     stats = load_stats(paths)
     run = read_json(paths.run_json)
-    grid = _grid_from_run(run)
+    grid = TileGrid.from_dict(run["grid"])
     extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
     prep = make_preprocessing(cfg, extractor)
     models = load_location_models(cfg, paths, grid, extractor)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -36,7 +36,7 @@ from tilead.trainer.backbones import FeatureExtractor, build_backbone, describe_
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import DatasetSplits, Sample
 from tilead.trainer.images import ImageLoader
-from tilead.trainer.io import load_tensors, save_tensors
+from tilead.trainer.io import load_tensors, read_metadata, save_tensors
 from tilead.trainer.padim import (
     Embedding,
     PadimAccumulator,
@@ -166,7 +166,7 @@ def checkpoint_done(paths: RunPaths, cfg: RunConfig, location: str) -> bool:
     if not path.is_file():
         return False
     try:
-        _, meta = load_tensors(path)
+        meta = read_metadata(path)
     except ValueError:
         log.warning("checkpoint %s is unreadable; refitting that location", path)
         return False
@@ -302,6 +302,50 @@ def load_location_models(
     return models
 
 
+def collect_maps(
+    cfg: RunConfig,
+    samples: Sequence[Sample],
+    forward: Callable[[np.ndarray], np.ndarray],
+    *,
+    batch_size: int,
+    with_masks: bool = False,
+    progress: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, list[Sample]]:
+    """Load ``samples`` in batches and gather per-location maps of any ensemble runner.
+
+    Args:
+        cfg: Run config (data settings).
+        samples: Images to run.
+        forward: uint8 ``(n, H, W, C)`` batch to float32 maps ``(locations, n, h, w)``
+            (the eager PyTorch ensemble, or the runtime Predictor).
+        batch_size: Images per batch.
+        with_masks: Also load ground-truth masks.
+        progress: Progress bar label, or None.
+
+    Returns:
+        ``(maps, masks, samples)``: raw maps float32 ``(locations, n, h, w)``,
+        masks bool ``(n, H, W)`` or None, the samples actually loaded (bad
+        files may be skipped).
+
+    Raises:
+        ValueError: If no image could be loaded.
+    """
+    loader = ImageLoader(cfg.data)
+    chunks: list[np.ndarray] = []
+    mask_chunks: list[np.ndarray] = []
+    kept: list[Sample] = []
+    for batch in loader.iter_batches(samples, batch_size, with_masks=with_masks, progress=progress):
+        chunks.append(forward(batch.images))
+        if with_masks and batch.masks is not None:
+            mask_chunks.append(batch.masks)
+        kept.extend(batch.samples)
+    if not chunks:
+        raise ValueError("no images could be loaded for inference")
+    maps = np.concatenate(chunks, axis=1)
+    masks = np.concatenate(mask_chunks, axis=0) if with_masks else None
+    return maps, masks, kept
+
+
 def location_maps(
     cfg: RunConfig,
     models: Sequence[PadimLocationModel],
@@ -326,30 +370,19 @@ def location_maps(
         progress: Progress bar label, or None.
 
     Returns:
-        ``(maps, masks, samples)``: raw maps float32
-        ``(locations, n, h, w)``, masks bool ``(n, H, W)`` or None, the
-        samples actually loaded (bad files may be skipped).
+        As :func:`collect_maps`.
     """
-    loader = ImageLoader(cfg.data)
     h, w = map_size(grid.tile_size, cfg.model.feature_stride)
-    chunks: list[np.ndarray] = []
-    mask_chunks: list[np.ndarray] = []
-    kept: list[Sample] = []
-    with torch.inference_mode():
-        for batch in loader.iter_batches(samples, batch_size, with_masks=with_masks, progress=progress):
-            tiles = _location_tiles(batch.images, grid, prep, cfg.data.channel_order)
-            out = np.empty((len(models), len(batch.samples), h, w), dtype=np.float32)
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        tiles = _location_tiles(images, grid, prep, cfg.data.channel_order)
+        out = np.empty((len(models), images.shape[0], h, w), dtype=np.float32)
+        with torch.inference_mode():
             for i, model in enumerate(models):
                 out[i] = model(_to_torch(tiles[i]))[:, 0].numpy()
-            chunks.append(out)
-            if with_masks and batch.masks is not None:
-                mask_chunks.append(batch.masks)
-            kept.extend(batch.samples)
-    if not chunks:
-        raise ValueError("no images could be loaded for inference")
-    maps = np.concatenate(chunks, axis=1)
-    masks = np.concatenate(mask_chunks, axis=0) if with_masks else None
-    return maps, masks, kept
+        return out
+
+    return collect_maps(cfg, samples, forward, batch_size=batch_size, with_masks=with_masks, progress=progress)
 
 
 def run_summary(cfg: RunConfig, grid: TileGrid, extractor: FeatureExtractor, prep: Preprocessing) -> dict[str, Any]:

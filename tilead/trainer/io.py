@@ -75,6 +75,24 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     atomic_write_bytes(path, blob)
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file, without reading its tensors.
+
+    Raises:
+        FileNotFoundError: If the file is missing.
+        ValueError: If it is not a readable safetensors file.
+    """
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file and its metadata.
 

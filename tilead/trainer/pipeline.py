@@ -26,6 +26,7 @@ from tilead.runtime.stats import NormalizationStats, normalize_with_stats, postp
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.ensemble import (
+    collect_maps,
     dataset_image_size,
     fit_ensemble,
     load_location_models,
@@ -214,21 +215,17 @@ def _bundle_maps(
                 f"--bundle {bundle}: exported from another run (fit key {source.get('fit_key')}, "
                 f"grid {predictor.manifest.grid}), not from this one (fit key {cfg.fit_key()})"
             )
-        loader = ImageLoader(cfg.data)
-        chunks: list[np.ndarray] = []
-        mask_chunks: list[np.ndarray] = []
-        kept: list[Sample] = []
+
+        def forward(images: np.ndarray) -> np.ndarray:
+            order = "GRAY" if images.shape[3] == 1 else cfg.data.channel_order
+            return predictor.location_maps(images, input_order=order)
+
         label = "evaluate (bundle)" if progress else None
-        batches = loader.iter_batches(samples, cfg.eval.batch_size, with_masks=True, progress=label)
-        for batch in batches:
-            order = "GRAY" if batch.images.shape[3] == 1 else cfg.data.channel_order
-            chunks.append(predictor.location_maps(batch.images, input_order=order))
-            assert batch.masks is not None
-            mask_chunks.append(batch.masks)
-            kept.extend(batch.samples)
-    if not chunks:
-        raise ValueError("no images could be loaded for evaluation")
-    return np.concatenate(chunks, axis=1), np.concatenate(mask_chunks, axis=0), kept
+        maps, masks, kept = collect_maps(
+            cfg, samples, forward, batch_size=cfg.eval.batch_size, with_masks=True, progress=label
+        )
+    assert masks is not None
+    return maps, masks, kept
 
 
 def evaluate(
