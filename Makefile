@@ -9,6 +9,7 @@
 #   make bench       kernel throughput table (JSON in out/bench/)
 #   make train-bottle  PaDiM tiled ensemble on ../shared/data/mvtec_bottle, then evaluation
 #   make bench-train   tiled vs monolithic train+eval on bottle: metrics, time, peak RSS
+#   make bench-predictor  runtime.Predictor vs the eager PyTorch ensemble on bottle: latency, stages, RSS
 #   make info        what this installation can do here (tilead-info)
 
 PYTHON ?= python3
@@ -20,7 +21,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-train train-bottle info clean
+.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-train train-bottle info clean
 
 install: $(STAMP)
 
@@ -57,6 +58,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_kernels.py --json out/bench/kernels.json
+
+bench-predictor: $(STAMP)
+	$(BIN)/python benchmarks/bench_predictor.py --json out/bench/predictor.json
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_bottle.py --json out/bench/train_bottle.json

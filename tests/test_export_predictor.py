@@ -139,6 +139,47 @@ def test_concurrent_predict_equals_serial(trained: tuple[Path, Path]) -> None:
         assert res.label == ref.label
 
 
+def test_location_workers_and_threads_do_not_change_results(trained: tuple[Path, Path]) -> None:
+    run, bundle = trained
+    _, images = _test_images(run)
+    outputs = []
+    for workers, threads in ((1, 1), (2, 2), (4, 4)):
+        with Predictor(bundle, location_workers=workers, threads=threads) as predictor:
+            assert predictor.location_workers == workers
+            results = predictor.predict(images[:2])
+            assert isinstance(results, list)
+            outputs.append(np.stack([r.anomaly_map for r in results]))
+    for other in outputs[1:]:
+        np.testing.assert_allclose(other, outputs[0], atol=1e-6)
+    for bad in ({"threads": 0}, {"location_workers": -1}, {"location_workers": 1.5}, {"max_batch": 0}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}: expected a positive integer"):
+            Predictor(bundle, **bad)
+
+
+def test_predict_timed_reports_every_stage(trained: tuple[Path, Path]) -> None:
+    import time
+
+    run, bundle = trained
+    _, images = _test_images(run)
+    with Predictor(bundle, max_batch=2) as predictor:
+        reference = predictor.predict(images[:3])
+        start = time.perf_counter()
+        results, times = predictor.predict_timed(images[:3])
+        wall = time.perf_counter() - start
+    assert isinstance(reference, list)
+    for got, ref in zip(results, reference, strict=True):
+        np.testing.assert_array_equal(got.anomaly_map, ref.anomaly_map)
+    stages = times.seconds
+    assert set(stages) == {"input", "tile", "inference", "untile", "seam", "crop", "normalize"} | {
+        f"location:r{r}c{c}" for r in (0, 1) for c in (0, 1)
+    }
+    assert all(v > 0 for v in stages.values())
+    pipeline = sum(stages[k] for k in ("input", "tile", "inference", "untile", "seam", "crop", "normalize"))
+    assert pipeline <= wall
+    # Two chunks (max_batch=2): every location ran twice, within the inference wall time of both chunks.
+    assert max(stages[f"location:r{r}c{c}"] for r in (0, 1) for c in (0, 1)) <= stages["inference"]
+
+
 def test_bad_images(trained: tuple[Path, Path]) -> None:
     run, bundle = trained
     _, images = _test_images(run)
@@ -191,6 +232,21 @@ def test_tampered_or_broken_bundles(trained: tuple[Path, Path], tmp_path: Path) 
         with pytest.raises(BundleError, match=expected):
             Predictor(copy)
         shutil.rmtree(copy)
+    # A corrupt model whose hash was updated too: ONNX Runtime refuses it, the error names the file.
+    from tilead.runtime.bundle import sha256_file
+
+    garbled = _copy(bundle, tmp_path)
+    model = garbled / "tiles" / "r1c0.onnx"
+    model.write_bytes(b"not an onnx model" * 10)
+    manifest = json.loads((garbled / "manifest.json").read_text())
+    for loc in manifest["locations"]:
+        if loc["name"] == "r1c0":
+            loc["sha256"] = sha256_file(model)
+            loc["bytes"] = model.stat().st_size
+    (garbled / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"location r1c0: ONNX Runtime cannot load .*r1c0\.onnx"):
+        Predictor(garbled)
+    shutil.rmtree(garbled)
     corrupt = _copy(bundle, tmp_path)
     (corrupt / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):

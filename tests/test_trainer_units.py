@@ -29,7 +29,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     cfg = parse_config(_minimal(), base_dir=tmp_path)
     assert cfg.data.root == tmp_path / "data"  # relative to the config's folder
     assert cfg.model.backbone.name == "efficientnet_lite0"
-    assert cfg.model.backbone.layers == ("blocks.1", "blocks.2", "blocks.4")
+    assert cfg.model.backbone.layers == ("blocks.1", "blocks.2", "blocks.3")
     assert cfg.model.feature_stride == 8
     assert cfg.model.n_features == 100
     assert cfg.postprocess.normalization == "image"
@@ -204,6 +204,14 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
         tio._atomic(target, failing_write)
     assert target.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["f.bin"]  # no temporary left behind
+
+
+def test_atomic_write_gives_the_mode_a_plain_open_would(tmp_path: Path) -> None:
+    target = tmp_path / "manifest.json"
+    atomic_write_bytes(target, b"{}")
+    plain = tmp_path / "plain.json"
+    plain.write_bytes(b"{}")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_safetensors_roundtrip_and_corrupt_file(tmp_path: Path) -> None:

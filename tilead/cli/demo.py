@@ -1,27 +1,58 @@
-"""``tilead-demo``: the built-in demo on synthetic data."""
+"""``tilead-demo``: the built-in demo, synthetic data through train, export, runtime and evaluation."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
 
+from tilead.cli._common import fail_on_errors
 from tilead.demo.synthetic import SyntheticSpec
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
-@click.option("--image-size", type=click.IntRange(256, 4096), default=1024, show_default=True)
-def main(out_dir: Path, image_size: int) -> None:
-    """Generate synthetic inspection data and run it through the tilead runtime."""
-    from tilead.demo.pipeline import run
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
+              show_default=True, help="Output folder (data, run, bundle, predictions, overlays, eval).")  # fmt: skip
+@click.option(
+    "--image-size",
+    type=click.IntRange(256, 4096),
+    default=SyntheticSpec().image_size,
+    show_default=True,
+    help="Synthetic image size; other sizes than the default get a 2x2 grid computed for them.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Run config [configs/padim_demo.yaml]; data.root is set to the generated data.",
+)
+@click.option("--overlays", type=click.IntRange(0, 1000), default=8, show_default=True, help="Overlay PNGs to draw.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def main(out_dir: Path, image_size: int, config_path: Path | None, overlays: int, quiet: bool) -> None:
+    """Generate synthetic inspection data, train the PaDiM tiled ensemble, export it, run it, evaluate it.
 
-    result = run(out_dir, SyntheticSpec(image_size=image_size))
-    m = result.metrics
-    click.echo(f"model:         {m['model']}")
-    click.echo(f"grid:          {m['locations']} locations {m['grid']}")
-    click.echo(f"image AUROC:   {m['image_auroc']:.3f}   pixel AUROC: {m['pixel_auroc']:.3f}")
-    click.echo(f"runtime:       {m['seconds_per_image'] * 1e3:.0f} ms per image (tile + model + merge + normalize)")
-    click.echo(f"data:          {result.out_dir / 'data'}")
-    click.echo(f"overlays:      {result.out_dir / 'overlays'} ({len(result.overlays)} images)")
-    click.echo(f"metrics:       {result.out_dir / 'metrics.json'}")
+    A second run with the same settings reuses the data, the trained run and the bundle.
+    """
+    # Warnings and errors on the console; the trainer's INFO records go to the run's train.log only.
+    console = logging.StreamHandler()
+    console.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[console])
+    with fail_on_errors():
+        from tilead.demo.pipeline import run, summary_lines
+
+        try:
+            result = run(
+                out_dir,
+                SyntheticSpec(image_size=image_size),
+                config=config_path,
+                overlays=overlays,
+                progress=not quiet,
+                echo=click.echo,
+            )
+        except KeyboardInterrupt:
+            click.echo("interrupted: run the same command again to continue (fitted locations are kept)", err=True)
+            raise SystemExit(130) from None
+        for line in summary_lines(result):
+            click.echo(line)

@@ -32,7 +32,12 @@ def _collect(inputs: tuple[Path, ...]) -> list[Path]:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--resize", is_flag=True, help="Resize images of another size to the bundle's.")
 @click.option("--overlays/--no-overlays", default=True, show_default=True, help="Write overlay PNGs.")
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="ONNX Runtime threads per session.")
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="CPU threads for inference in all (default: all cores).",
+)
 def main(
     bundle: Path, images: tuple[Path, ...], out_dir: Path, resize: bool, overlays: bool, threads: int | None
 ) -> None:

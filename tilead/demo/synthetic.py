@@ -48,7 +48,7 @@ class SyntheticSpec:
     """
 
     image_size: int = 1024
-    train_good: int = 16
+    train_good: int = 24
     test_good: int = 8
     test_per_defect: int = 6
     seed: int = 2026
@@ -118,7 +118,7 @@ def generate(root: str | Path, spec: SyntheticSpec | None = None) -> Path:
 
     Args:
         root: Target folder; created, or replaced when its spec differs.
-        spec: What to generate (defaults: 1024 px, 16 train, 8 + 3 x 6 test).
+        spec: What to generate (defaults: 1024 px, 24 train, 8 + 3 x 6 test).
 
     Returns:
         The dataset root.

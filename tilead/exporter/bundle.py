@@ -32,6 +32,7 @@ from tilead.trainer.run_dir import open_run, read_json
 
 log = logging.getLogger("tilead.exporter")
 PARITY_TOLERANCE = 1e-5  # max abs ONNX-vs-eager difference, relative to the map's range
+HEAD_BLOCKS = 4  # block rows of the exported Mahalanobis form (BlockRowPadimHead); 62.5 % of the matrix bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,9 @@ def export_bundle(
     extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
     prep = make_preprocessing(cfg, extractor)
     models = load_location_models(cfg, paths, grid, extractor)
+    # The exported graph computes the Mahalanobis form on block rows (fewer bytes of the memory-bound
+    # per-position matrices); its ONNX output is checked against the plain eager model below.
+    exported = load_location_models(cfg, paths, grid, extractor, head_blocks=HEAD_BLOCKS)
     tile_shape = (prep.channels, *grid.tile_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -87,11 +91,11 @@ def export_bundle(
         entries = []
         parity = {}
         files = location_files(grid)
-        bar = tqdm(list(zip(grid.location_names(), files, models, strict=True)), desc="export", unit="loc",
-                   disable=not progress)  # fmt: skip
-        for name, rel, model in bar:
+        bar = tqdm(list(zip(grid.location_names(), files, models, exported, strict=True)), desc="export",
+                   unit="loc", disable=not progress)  # fmt: skip
+        for name, rel, model, export_model in bar:
             target = tmp / rel
-            export_location(model, tile_shape, target, opset=opset)
+            export_location(export_model, tile_shape, target, opset=opset)
             check_onnx(target)
             diff = compare_with_eager(model, target, tile_shape)
             if diff > PARITY_TOLERANCE:
@@ -119,6 +123,7 @@ def export_bundle(
                 "output": OUTPUT_NAME,
                 "opset": opset,
                 "dtype": "float32",
+                "mahalanobis_blocks": HEAD_BLOCKS,
             },
             "locations": entries,
             "postprocess": {

@@ -23,7 +23,7 @@ from typing import Any
 
 from tilead.runtime._checks import as_int, check_mapping, describe
 from tilead.runtime.geometry import TileGrid, location_name
-from tilead.runtime.postprocess import SeamSmoothing
+from tilead.runtime.postprocess import BlendWeights, SeamSmoothing
 from tilead.runtime.preprocess import Preprocessing
 from tilead.runtime.stats import NormalizationStats
 
@@ -91,7 +91,7 @@ class Manifest:
     preprocessing: Preprocessing
     model: dict[str, Any]
     locations: tuple[LocationFile, ...]
-    weights: str
+    weights: BlendWeights
     seam: SeamSmoothing | None
     stats: NormalizationStats
     tilead_version: str
@@ -102,6 +102,19 @@ class Manifest:
         """``(h, w)`` of each location's output map."""
         h, w = self.model["map_size"]
         return int(h), int(w)
+
+
+_MODEL_KEYS = (
+    "family",
+    "output_stride",
+    "map_size",
+    "input",
+    "output",
+    "opset",
+    "backbone",
+    "dtype",
+    "mahalanobis_blocks",
+)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -153,8 +166,7 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         d = check_mapping(data, source, _TOP_KEYS, _REQUIRED)
         grid = TileGrid.from_dict(d["grid"])
         prep = Preprocessing.from_dict(d["preprocessing"])
-        model = dict(check_mapping(d["model"], "model", ("family", "output_stride", "map_size", "input", "output",
-                                                          "opset", "backbone", "dtype")))  # fmt: skip
+        model = dict(check_mapping(d["model"], "model", _MODEL_KEYS))
         for key in ("family", "map_size"):
             if key not in model:
                 raise ValueError(f"model: missing key {key!r}")

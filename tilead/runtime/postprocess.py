@@ -31,6 +31,7 @@ from tilead import _kernels
 from tilead.runtime._checks import as_float, as_pair, check_array, check_mapping, check_shape, describe
 from tilead.runtime.devices import kernel_family
 from tilead.runtime.geometry import TileGrid
+from tilead.runtime.timing import StageTimes, timed
 
 BlendWeights = Literal["uniform", "feather"]
 _BLEND_CODES = {"uniform": _kernels.BLEND_UNIFORM, "feather": _kernels.BLEND_FEATHER}
@@ -253,6 +254,8 @@ def merge_maps(
     seam: SeamSmoothing | None = None,
     tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
     device: str = "cpu",
+    timer: StageTimes | None = None,
+    canvas: np.ndarray | None = None,
 ) -> np.ndarray:
     """Untile, smooth seams and return image-size maps.
 
@@ -263,14 +266,20 @@ def merge_maps(
         seam: Seam smoothing; ``None`` skips it.
         tile_stats: Per-location normalization (stage ``tile``), or None.
         device: ``"cpu"`` or ``"cuda"``.
+        timer: Collects the time of stages ``untile``, ``seam`` and ``crop``.
+        canvas: Optional float32 ``(n, canvas_h, canvas_w)`` work buffer (reused
+            across calls by the Predictor); the result may be this buffer.
 
     Returns:
         float32 ``(n, H, W)``.
     """
-    canvas = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, device=device)
+    with timed(timer, "untile"):
+        merged = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, out=canvas, device=device)
     if seam is not None:
-        smooth_seams(canvas, grid, seam, inplace=True, device=device)
-    return canvas_to_image(canvas, grid, device=device)
+        with timed(timer, "seam"):
+            smooth_seams(merged, grid, seam, inplace=True, device=device)
+    with timed(timer, "crop"):
+        return canvas_to_image(merged, grid, device=device)
 
 
 def normalize_maps(

@@ -28,6 +28,7 @@ import numpy as np
 from tilead.runtime._checks import as_float, check_mapping, describe
 from tilead.runtime.geometry import TileGrid
 from tilead.runtime.postprocess import BlendWeights, NormalizedMaps, SeamSmoothing, merge_maps, normalize_maps
+from tilead.runtime.timing import StageTimes, timed
 
 NormalizationStage = Literal["image", "tile", "none"]
 STAGES: tuple[NormalizationStage, ...] = ("image", "tile", "none")
@@ -158,6 +159,8 @@ def postprocess_maps(
     weights: BlendWeights = "uniform",
     seam: SeamSmoothing | None = None,
     device: str = "cpu",
+    timer: StageTimes | None = None,
+    canvas: np.ndarray | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -168,6 +171,8 @@ def postprocess_maps(
         weights: Blending of overlaps.
         seam: Seam smoothing, or None.
         device: ``"cpu"`` or ``"cuda"``.
+        timer: Collects stage times (``untile``, ``seam``, ``crop``, ``normalize``).
+        canvas: Optional work buffer for the merged canvas (see :func:`merge_maps`).
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -175,8 +180,11 @@ def postprocess_maps(
         normalized maps, masks, scores and labels.
     """
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
-    merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device)
-    return merged, normalize_with_stats(merged, stats, device=device)
+    merged = merge_maps(
+        maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer, canvas=canvas
+    )
+    with timed(timer, "normalize"):
+        return merged, normalize_with_stats(merged, stats, device=device)
 
 
 def normalize_with_stats(merged: np.ndarray, stats: NormalizationStats, *, device: str = "cpu") -> NormalizedMaps:

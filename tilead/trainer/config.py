@@ -68,7 +68,7 @@ class BackboneConfig(_Section):
 
     name: str = "efficientnet_lite0"
     weights: str = "default"
-    layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.4")
+    layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.3")
 
     @field_validator("name")
     @classmethod

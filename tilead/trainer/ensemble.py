@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 import tilead
 from tilead.runtime import Preprocessing, TileGrid, location_name, set_num_threads, tile_images
+from tilead.runtime.timing import StageTimes, timed
 from tilead.trainer.backbones import FeatureExtractor, build_backbone, describe_backbone
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import DatasetSplits, Sample
@@ -281,9 +282,9 @@ def fit_ensemble(
 
 
 def load_location_models(
-    cfg: RunConfig, paths: RunPaths, grid: TileGrid, extractor: FeatureExtractor
+    cfg: RunConfig, paths: RunPaths, grid: TileGrid, extractor: FeatureExtractor, *, head_blocks: int | None = None
 ) -> list[PadimLocationModel]:
-    """Every location's model, from its checkpoint.
+    """Every location's model, from its checkpoint (``head_blocks``: see :func:`build_location_model`).
 
     Raises:
         FileNotFoundError: If a location has no checkpoint (training unfinished).
@@ -298,7 +299,7 @@ def load_location_models(
         tensors, meta = load_tensors(path)
         if meta.get("fit_key") != cfg.fit_key():
             raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")
-        models.append(build_location_model(extractor, tensors, grid.tile_size, settings))
+        models.append(build_location_model(extractor, tensors, grid.tile_size, settings, head_blocks=head_blocks))
     return models
 
 
@@ -372,17 +373,42 @@ def location_maps(
     Returns:
         As :func:`collect_maps`.
     """
+    forward = location_forward(cfg, models, grid, prep)
+    return collect_maps(cfg, samples, forward, batch_size=batch_size, with_masks=with_masks, progress=progress)
+
+
+def location_forward(
+    cfg: RunConfig,
+    models: Sequence[PadimLocationModel],
+    grid: TileGrid,
+    prep: Preprocessing,
+    *,
+    timer: StageTimes | None = None,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The eager ensemble as a function: uint8 ``(n, H, W, C)`` to maps ``(locations, n, h, w)``.
+
+    Tiles are cut by the runtime's tile kernel; every location's model runs on
+    its tile batch, one location after the other (torch's intra-op threads).
+
+    Args:
+        cfg: Run config (channel order, feature stride).
+        models: One model per location, row-major.
+        grid: The tile grid.
+        prep: Tile preprocessing.
+        timer: Collects ``tile`` and ``inference`` times.
+    """
     h, w = map_size(grid.tile_size, cfg.model.feature_stride)
 
     def forward(images: np.ndarray) -> np.ndarray:
-        tiles = _location_tiles(images, grid, prep, cfg.data.channel_order)
+        with timed(timer, "tile"):
+            tiles = _location_tiles(images, grid, prep, cfg.data.channel_order)
         out = np.empty((len(models), images.shape[0], h, w), dtype=np.float32)
-        with torch.inference_mode():
+        with timed(timer, "inference"), torch.inference_mode():
             for i, model in enumerate(models):
                 out[i] = model(_to_torch(tiles[i]))[:, 0].numpy()
         return out
 
-    return collect_maps(cfg, samples, forward, batch_size=batch_size, with_masks=with_masks, progress=progress)
+    return forward
 
 
 def run_summary(cfg: RunConfig, grid: TileGrid, extractor: FeatureExtractor, prep: Preprocessing) -> dict[str, Any]:

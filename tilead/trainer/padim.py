@@ -92,7 +92,10 @@ class Embedding(nn.Module):
         h, w = self.size
         if layer_stride < self.stride:
             k = self.stride // layer_stride
-            feat = F.avg_pool2d(feat, kernel_size=k, stride=k, ceil_mode=True)
+            # ceil_mode only where a partial window exists: same values, and ONNX Runtime's
+            # ceil-mode pooling is several times slower than its plain one.
+            ceil = int(feat.shape[-2]) % k != 0 or int(feat.shape[-1]) % k != 0
+            feat = F.avg_pool2d(feat, kernel_size=k, stride=k, ceil_mode=ceil)
         elif layer_stride > self.stride:
             feat = F.interpolate(feat, scale_factor=layer_stride // self.stride, mode="nearest")
         fh, fw = int(feat.shape[-2]), int(feat.shape[-1])
@@ -231,11 +234,9 @@ class PadimHead(nn.Module):
         """
         n, d = emb.shape[0], emb.shape[1]
         h, w = self.size
-        mean, inv_cov = self.mean, self.inv_cov.to(torch.float32)
         x = emb.reshape(n, d, h * w).permute(2, 0, 1)  # (P, n, d)
-        diff = x - mean[:, None, :]
-        prod = torch.matmul(diff, inv_cov)  # (P, n, d)
-        dist = (prod * diff).sum(dim=2).clamp_min(0.0).sqrt()  # (P, n)
+        diff = x - self.mean[:, None, :]
+        dist = self.squared_distance(diff).clamp_min(0.0).sqrt()  # (P, n)
         out = dist.permute(1, 0).reshape(n, 1, h, w)
         if self.blur_sigma > 0:
             k = self.blur
@@ -244,6 +245,55 @@ class PadimHead(nn.Module):
             out = F.conv2d(out, k.view(1, 1, 1, -1))
             out = F.conv2d(out, k.view(1, 1, -1, 1))
         return out
+
+    def squared_distance(self, diff: torch.Tensor) -> torch.Tensor:
+        """``diff^T inv_cov diff`` per position: ``(P, n, d)`` to ``(P, n)``."""
+        prod = torch.matmul(diff, self.inv_cov.to(torch.float32))  # (P, n, d)
+        return (prod * diff).sum(dim=2)
+
+
+class BlockRowPadimHead(PadimHead):
+    """:class:`PadimHead` with the quadratic form computed on block rows of the upper triangle.
+
+    ``x^T A x`` only depends on the symmetric part of ``A``. Split ``d`` into
+    ``k`` blocks; block row ``i`` holds ``A_ii`` and ``A_ij + A_ji^T`` for
+    ``j > i``, and ``x^T A x = sum_i (x_i R_i) . x_{i:}``. That reads
+    ``(k + 1) / (2k)`` of the matrix (62.5 % for ``k = 4``) in ``k`` batched
+    products: the per-position matrices are the memory-bound part of PaDiM
+    inference, so the exporter uses this form. The result equals
+    :class:`PadimHead`'s up to float summation order (the exporter checks it
+    against the plain model). Rows whose values are exact in the storage dtype
+    (always, for a symmetric fp16 matrix) are kept in it.
+
+    Input ``(n, d, h, w)``; output ``(n, 1, h, w)`` float32.
+    """
+
+    def __init__(
+        self, mean: torch.Tensor, inv_cov: torch.Tensor, size: tuple[int, int], blur_sigma: float, blocks: int = 4
+    ) -> None:
+        d = int(inv_cov.shape[-1])
+        if not 1 <= blocks <= d:
+            raise ValueError(f"blocks: expected 1..{d}, got {blocks}")
+        # The parent keeps a 0-element placeholder: the block rows below replace the full matrix.
+        super().__init__(mean, inv_cov[:, :0, :0], size, blur_sigma)
+        self.bounds = [round(i * d / blocks) for i in range(blocks + 1)]
+        full = inv_cov.to(torch.float32)
+        for i in range(blocks):
+            a, b = self.bounds[i], self.bounds[i + 1]
+            row = full[:, a:b, a:].clone()
+            row[:, :, b - a :] += full[:, b:, a:b].transpose(1, 2)
+            narrow = row.to(inv_cov.dtype)
+            keep = narrow if torch.equal(narrow.to(torch.float32), row) else row
+            self.register_buffer(f"row{i}", keep.contiguous())
+
+    def squared_distance(self, diff: torch.Tensor) -> torch.Tensor:
+        """Block-row form of :meth:`PadimHead.squared_distance`."""
+        total = torch.zeros(diff.shape[:2], dtype=torch.float32, device=diff.device)
+        for i in range(len(self.bounds) - 1):
+            a, b = self.bounds[i], self.bounds[i + 1]
+            row = getattr(self, f"row{i}").to(torch.float32)  # (P, b - a, d - a)
+            total = total + (torch.matmul(diff[..., a:b], row) * diff[..., a:]).sum(dim=2)
+        return total
 
 
 class PadimLocationModel(nn.Module):
@@ -287,8 +337,18 @@ def build_location_model(
     tensors: dict[str, Any],
     tile_size: tuple[int, int],
     settings: PadimSettings,
+    *,
+    head_blocks: int | None = None,
 ) -> PadimLocationModel:
     """Assemble a location model from a backbone and saved tensors.
+
+    Args:
+        backbone: The shared feature extractor.
+        tensors: The location's saved state.
+        tile_size: ``(th, tw)``.
+        settings: PaDiM settings of the run.
+        head_blocks: None for the plain head (training, evaluation); a block
+            count for :class:`BlockRowPadimHead` (the exported graph).
 
     Raises:
         ValueError: If the tensors do not fit the tile size and settings.
@@ -304,5 +364,9 @@ def build_location_model(
             f"stride {settings.feature_stride}, got {tuple(mean.shape)} and {tuple(inv_cov.shape)}"
         )
     embedding = Embedding(backbone, settings.feature_stride, index, size)
-    head = PadimHead(mean, inv_cov, size, settings.blur_sigma)
+    head = (
+        PadimHead(mean, inv_cov, size, settings.blur_sigma)
+        if head_blocks is None
+        else BlockRowPadimHead(mean, inv_cov, size, settings.blur_sigma, head_blocks)
+    )
     return PadimLocationModel(embedding, head).eval()

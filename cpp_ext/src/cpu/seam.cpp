@@ -52,9 +52,19 @@ std::vector<float> gaussian_taps(float sigma, int radius) {
 
 constexpr int kBlock = 16;  // outputs accumulated in registers across all taps
 
+// The tap loops are compute-bound: on x86-64 they are also compiled for
+// x86-64-v3 (AVX2 + FMA) and the clone is picked at load time (the portable
+// build targets SSE2 only).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define TILEAD_CLONES
+#endif
+
 // out[x] = sum_j g[j] * rows[j][x] for x in [a, b): a 1-D convolution across
 // 2R+1 row pointers, blocked so each output is loaded and stored once.
-void weighted_rows(const float* const* rows, const float* g, int taps, int a, int b, float* __restrict out) {
+TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int taps, int a, int b,
+                                 float* __restrict out) {
   int x = a;
   for (; x + kBlock <= b; x += kBlock) {
     float acc[kBlock] = {};

@@ -1,0 +1,96 @@
+"""The trained ensemble in eager PyTorch, as one object (the reference the runtime is compared with).
+
+:class:`EagerEnsemble` runs exactly what the trainer's evaluation runs: the
+runtime's tile kernel, every location's PyTorch model on its tile batch, then
+the runtime's post-processing (:func:`tilead.runtime.postprocess_maps`).
+Benchmarks and ``tilead-bench --compare torch`` time it against
+:class:`tilead.runtime.Predictor`; parity tests compare their maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tilead.runtime import NormalizationStats, NormalizedMaps, Preprocessing, TileGrid, postprocess_maps
+from tilead.runtime.timing import StageTimes
+from tilead.trainer.config import RunConfig
+from tilead.trainer.ensemble import load_location_models, location_forward, make_backbone, make_preprocessing
+from tilead.trainer.padim import PadimLocationModel
+from tilead.trainer.run_dir import open_run, read_json
+
+
+@dataclass
+class EagerEnsemble:
+    """A run's location models with the grid, preprocessing and statistics they were fitted with.
+
+    Attributes:
+        cfg: The run's config.
+        grid: The tile grid.
+        prep: Tile preprocessing.
+        models: One model per location, row-major.
+        stats: Validation statistics (normalization and thresholds).
+    """
+
+    cfg: RunConfig
+    grid: TileGrid
+    prep: Preprocessing
+    models: list[PadimLocationModel]
+    stats: NormalizationStats
+
+    def location_maps(self, images: np.ndarray, timer: StageTimes | None = None) -> np.ndarray:
+        """Raw per-location maps.
+
+        Args:
+            images: uint8 ``(n, H, W, C)`` at the grid's image size, in the
+                config's channel order.
+            timer: Collects ``tile`` and ``inference`` times.
+
+        Returns:
+            float32 ``(locations, n, h, w)``.
+        """
+        forward = location_forward(self.cfg, self.models, self.grid, self.prep, timer=timer)
+        return forward(images)
+
+    def predict(self, images: np.ndarray, timer: StageTimes | None = None) -> tuple[np.ndarray, NormalizedMaps]:
+        """Maps, then the runtime's merge and normalization (what evaluation does).
+
+        Args:
+            images: As for :meth:`location_maps`.
+            timer: Collects ``tile``, ``inference``, ``untile``, ``seam``, ``crop``, ``normalize``.
+
+        Returns:
+            ``(merged, normalized)`` as :func:`tilead.runtime.postprocess_maps`.
+        """
+        maps = self.location_maps(images, timer)
+        return postprocess_maps(
+            maps,
+            self.grid,
+            self.stats,
+            weights=self.cfg.postprocess.weights,
+            seam=self.cfg.postprocess.seam_smoothing(),
+            timer=timer,
+        )
+
+
+def load_eager_ensemble(run_dir: str | Path) -> EagerEnsemble:
+    """Load a finished run for eager inference.
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` is not a finished run.
+        ValueError: If a checkpoint belongs to another config.
+    """
+    from tilead.trainer.pipeline import load_stats
+
+    paths, cfg = open_run(Path(run_dir))
+    if not paths.run_json.is_file():
+        raise FileNotFoundError(f"{run_dir}: no run.json; the run has not finished training")
+    grid = TileGrid.from_dict(read_json(paths.run_json)["grid"])
+    extractor = make_backbone(cfg)
+    prep = make_preprocessing(cfg, extractor)
+    models = load_location_models(cfg, paths, grid, extractor)
+    for model in models:
+        model.eval()
+    return EagerEnsemble(cfg, grid, prep, models, load_stats(paths))
