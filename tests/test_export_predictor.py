@@ -70,6 +70,48 @@ def test_bundle_layout_and_manifest(trained: tuple[Path, Path]) -> None:
     assert max(manifest["source"]["parity_onnxruntime_vs_torch"].values()) < 1e-5
 
 
+def _random_padim_state(seed: int, positions: int, d: int) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(positions, d, d, generator=g, dtype=torch.float64)
+    inv = torch.linalg.inv(a @ a.transpose(1, 2) + torch.eye(d, dtype=torch.float64))
+    return {
+        "mean": torch.randn(positions, d, generator=g),
+        "inv_cov": ((inv + inv.transpose(1, 2)) / 2).half(),
+        "channel_index": torch.arange(d),
+    }
+
+
+def test_a_reused_graph_is_byte_identical_to_a_fresh_export(tmp_path: Path) -> None:
+    import torch
+
+    from tilead.exporter.bundle import HEAD_BLOCKS
+    from tilead.exporter.onnx_export import export_like, export_location
+    from tilead.trainer.backbones import build_backbone
+    from tilead.trainer.padim import PadimSettings, build_location_model
+
+    def models(backbone: Any) -> list[Any]:
+        # Tensors large enough to stay named initializers (the exporter inlines tiny ones as constants).
+        settings = PadimSettings(feature_stride=8, n_features=64, blur_sigma=1.0)
+        states = [_random_padim_state(i, 16 * 16, 64) for i in range(2)]
+        return [build_location_model(backbone, t, (128, 128), settings, head_blocks=HEAD_BLOCKS) for t in states]
+
+    layers = ("blocks.1", "blocks.2", "blocks.3")
+    first, second = models(build_backbone("efficientnet_lite0", layers))
+    export_location(first, (3, 128, 128), tmp_path / "r0c0.onnx")
+    export_location(second, (3, 128, 128), tmp_path / "fresh.onnx")
+    assert export_like(tmp_path / "r0c0.onnx", first, second, tmp_path / "reused.onnx")
+    assert (tmp_path / "reused.onnx").read_bytes() == (tmp_path / "fresh.onnx").read_bytes()
+    # A weight the exporter transforms (the stem convolution absorbs its batch norm) is never swapped.
+    other = build_backbone("efficientnet_lite0", layers)
+    with torch.no_grad():
+        other.get_parameter("graph.conv_stem.weight").mul_(2.0)
+    _, changed = models(other)
+    assert not export_like(tmp_path / "r0c0.onnx", first, changed, tmp_path / "refused.onnx")
+    assert not (tmp_path / "refused.onnx").exists()
+
+
 def test_predictor_matches_the_trainers_pytorch_pipeline(trained: tuple[Path, Path]) -> None:
     """Bundle predictions vs the eager PyTorch forward + the same post-processing: 1e-4, identical labels."""
     from tilead.runtime.stats import postprocess_maps

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 import tilead
-from tilead.exporter.onnx_export import DEFAULT_OPSET, check_onnx, compare_with_eager, export_location
+from tilead.exporter.onnx_export import DEFAULT_OPSET, check_onnx, compare_with_eager, export_like, export_location
 from tilead.runtime import TileGrid
 from tilead.runtime.bundle import INPUT_NAME, MANIFEST, OUTPUT_NAME, SCHEMA_VERSION, location_files, sha256_file
 from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
@@ -93,11 +93,21 @@ def export_bundle(
         files = location_files(grid)
         bar = tqdm(list(zip(grid.location_names(), files, models, exported, strict=True)), desc="export",
                    unit="loc", disable=not progress)  # fmt: skip
+        template: tuple[Path, torch.nn.Module] | None = None
         for name, rel, model, export_model in bar:
             target = tmp / rel
-            export_location(export_model, tile_shape, target, opset=opset)
+            # The first location is traced; the others reuse its graph with their own weights when that is safe.
+            reused = template is not None and export_like(template[0], template[1], export_model, target)
+            if not reused:
+                export_location(export_model, tile_shape, target, opset=opset)
+                template = template or (target, export_model)
             check_onnx(target)
             diff = compare_with_eager(model, target, tile_shape)
+            if reused and diff > PARITY_TOLERANCE:
+                log.warning("location %s: the reused graph differs by %.1e; exporting it afresh", name, diff)
+                export_location(export_model, tile_shape, target, opset=opset)
+                check_onnx(target)
+                diff = compare_with_eager(model, target, tile_shape)
             if diff > PARITY_TOLERANCE:
                 raise RuntimeError(
                     f"location {name}: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "

@@ -61,6 +61,60 @@ def export_location(
     program.save(str(path), external_data=False)
 
 
+def export_like(template: Path, reference: nn.Module, model: nn.Module, path: Path) -> bool:
+    """Write ``model``'s ONNX by swapping the weights in ``template``, the exported ONNX of ``reference``.
+
+    Every location of a bundle has the same architecture: tracing it once and
+    swapping the named weights is several times faster than exporting again.
+    The swap is refused (returns False, nothing written) unless it is safe:
+    both models have the same state keys; their non-persistent buffers (which
+    the exporter folds into anonymous constants) are equal; every state tensor
+    that differs from the reference is an initializer of the template under
+    its own name, stored verbatim (not transformed by the exporter), with the
+    same shape and dtype. The caller still checks the result numerically
+    against the eager model.
+
+    Args:
+        template: ONNX file exported from ``reference``.
+        reference: The model ``template`` was exported from.
+        model: A model of the same architecture with other weights.
+        path: Target ``.onnx`` file.
+
+    Returns:
+        True when written.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    state, ref_state = model.state_dict(), reference.state_dict()
+    if state.keys() != ref_state.keys():
+        return False
+    ref_buffers = dict(reference.named_buffers())
+    for name, buf in model.named_buffers():
+        if name not in state and not (name in ref_buffers and torch.equal(buf, ref_buffers[name])):
+            return False
+    changed = {k for k, v in state.items() if not torch.equal(v, ref_state[k])}
+    proto = onnx.load(str(template))
+    swapped = set()
+    for init in proto.graph.initializer:
+        if init.name not in changed:
+            continue  # the same tensor in both models: keep whatever the template holds
+        # Swap only a tensor the template stores verbatim (the exporter may have transformed a
+        # named weight, e.g. folded a batch norm into a convolution's weight).
+        if not np.array_equal(numpy_helper.to_array(init), ref_state[init.name].detach().cpu().numpy()):
+            return False
+        new = numpy_helper.from_array(state[init.name].detach().cpu().contiguous().numpy(), init.name)
+        if list(new.dims) != list(init.dims) or new.data_type != init.data_type:
+            return False
+        init.CopyFrom(new)
+        swapped.add(init.name)
+    if swapped != changed:
+        return False  # a changed tensor was folded into something anonymous: only a fresh export is right
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    return True
+
+
 def check_onnx(path: Path) -> None:
     """``onnx.checker`` with full shape inference; raises ``onnx.checker.ValidationError``."""
     import onnx
