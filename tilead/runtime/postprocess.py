@@ -255,7 +255,6 @@ def merge_maps(
     tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
     device: str = "cpu",
     timer: StageTimes | None = None,
-    canvas: np.ndarray | None = None,
 ) -> np.ndarray:
     """Untile, smooth seams and return image-size maps.
 
@@ -267,14 +266,12 @@ def merge_maps(
         tile_stats: Per-location normalization (stage ``tile``), or None.
         device: ``"cpu"`` or ``"cuda"``.
         timer: Collects the time of stages ``untile``, ``seam`` and ``crop``.
-        canvas: Optional float32 ``(n, canvas_h, canvas_w)`` work buffer (reused
-            across calls by the Predictor); the result may be this buffer.
 
     Returns:
         float32 ``(n, H, W)``.
     """
     with timed(timer, "untile"):
-        merged = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, out=canvas, device=device)
+        merged = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, device=device)
     if seam is not None:
         with timed(timer, "seam"):
             smooth_seams(merged, grid, seam, inplace=True, device=device)

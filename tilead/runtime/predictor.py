@@ -35,7 +35,7 @@ import numpy as np
 from tilead.runtime._checks import describe
 from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, Manifest, read_manifest, verify_files
 from tilead.runtime.postprocess import resize_maps
-from tilead.runtime.preprocess import InputOrder, tile_images, tile_shape
+from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
@@ -156,7 +156,6 @@ class Predictor:
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {path}: {err}") from err
         self._lock = threading.Lock()
-        self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = None
         if self.location_workers > 1:
             self._pool = ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-location")
@@ -240,27 +239,8 @@ class Predictor:
             out.append(np.ascontiguousarray(img))
         return single, out
 
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """A work buffer of this thread, reused while the shape stays the same.
-
-        Fresh multi-megabyte arrays on every call cost page faults (the kernel
-        zeroes every new page); reusing them keeps that out of the latency.
-        Buffers are per thread, so concurrent ``predict`` calls never share one.
-        """
-        cache: dict[str, np.ndarray] = self._local.__dict__.setdefault("buffers", {})
-        buf = cache.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = cache[name] = np.empty(shape, dtype=dtype)
-        return buf
-
-    def _location_maps(
-        self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None, reuse: bool = False
-    ) -> np.ndarray:
-        """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch.
-
-        With ``reuse`` the returned maps live in a per-thread work buffer that
-        the next call overwrites.
-        """
+    def _location_maps(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None) -> np.ndarray:
+        """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch."""
         sessions, pool = self._sessions, self._pool
         if sessions is None:
             raise RuntimeError("Predictor is closed")
@@ -268,11 +248,9 @@ class Predictor:
         order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
         n = batch.shape[0]
         with timed(timer, "tile"):
-            buf = self._buffer("tiles", tile_shape(m.grid, n, m.preprocessing), np.dtype(m.preprocessing.dtype))
-            tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order, out=buf)
+            tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order)
         h, w = m.map_size
-        shape = (m.grid.num_locations, n, h, w)
-        maps = self._buffer("maps", shape, np.float32) if reuse else np.empty(shape, dtype=np.float32)
+        maps = np.empty((m.grid.num_locations, n, h, w), dtype=np.float32)
 
         def run(index: int) -> float:
             start = time.perf_counter()
@@ -313,9 +291,8 @@ class Predictor:
 
     def _run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None) -> list[Prediction]:
         m = self.manifest
-        maps = self._location_maps(batch, input_order, timer, reuse=True)
-        canvas = self._buffer("canvas", (batch.shape[0], *m.grid.canvas_size), np.float32)
-        _, result = postprocess_maps(maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer, canvas=canvas)
+        maps = self._location_maps(batch, input_order, timer)
+        _, result = postprocess_maps(maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer)
         return [
             Prediction(
                 float(result.scores[i]),

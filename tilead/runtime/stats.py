@@ -160,7 +160,6 @@ def postprocess_maps(
     seam: SeamSmoothing | None = None,
     device: str = "cpu",
     timer: StageTimes | None = None,
-    canvas: np.ndarray | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -172,7 +171,6 @@ def postprocess_maps(
         seam: Seam smoothing, or None.
         device: ``"cpu"`` or ``"cuda"``.
         timer: Collects stage times (``untile``, ``seam``, ``crop``, ``normalize``).
-        canvas: Optional work buffer for the merged canvas (see :func:`merge_maps`).
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -180,9 +178,7 @@ def postprocess_maps(
         normalized maps, masks, scores and labels.
     """
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
-    merged = merge_maps(
-        maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer, canvas=canvas
-    )
+    merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer)
     with timed(timer, "normalize"):
         return merged, normalize_with_stats(merged, stats, device=device)
 

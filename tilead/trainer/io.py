@@ -92,15 +92,7 @@ def read_metadata(path: Path) -> dict[str, str]:
         FileNotFoundError: If the file is missing.
         ValueError: If it is not a readable safetensors file.
     """
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
+    return _read_checkpoint(path, with_tensors=False)[1]
 
 
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -110,6 +102,10 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         FileNotFoundError: If the file is missing.
         ValueError: If it is not a readable safetensors file.
     """
+    return _read_checkpoint(path, with_tensors=True)
+
+
+def _read_checkpoint(path: Path, *, with_tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
 
     if not Path(path).is_file():
@@ -117,7 +113,8 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = dict(fh.metadata() or {})
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            keys = list(fh.keys()) if with_tensors else []
+            tensors = {k: fh.get_tensor(k) for k in keys}
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"checkpoint {path} is not a readable safetensors file: {err}") from err
     return tensors, meta
