@@ -10,6 +10,7 @@
 #   make train-bottle  PaDiM tiled ensemble on ../shared/data/mvtec_bottle, then evaluation
 #   make bench-train   tiled vs monolithic train+eval on bottle: metrics, time, peak RSS
 #   make bench-predictor  runtime.Predictor vs the eager PyTorch ensemble on bottle: latency, stages, RSS
+#   make bench-latency    tilead-bench on the bottle bundle, batch 1 and 4, beside PyTorch (--compare torch)
 #   make info        what this installation can do here (tilead-info)
 
 PYTHON ?= python3
@@ -21,7 +22,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-train train-bottle info clean
+.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-train train-bottle info clean
 
 install: $(STAMP)
 
@@ -61,6 +62,16 @@ bench: $(STAMP)
 
 bench-predictor: $(STAMP)
 	$(BIN)/python benchmarks/bench_predictor.py --json out/bench/predictor.json
+
+# The bottle run and bundle the latency benchmark needs (trained and exported when missing: ~5 min).
+runs/padim_bottle/stats.json: | $(STAMP)
+	$(BIN)/tilead-train --config configs/padim_bottle.yaml --output runs/padim_bottle --resume
+
+bundles/padim_bottle/manifest.json: runs/padim_bottle/stats.json
+	$(BIN)/tilead-export runs/padim_bottle -o bundles/padim_bottle --overwrite
+
+bench-latency: $(STAMP) bundles/padim_bottle/manifest.json
+	$(BIN)/tilead-bench bundles/padim_bottle --batch 1,4 --iterations 30 --compare torch --json out/bench/tilead_bench.json
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_bottle.py --json out/bench/train_bottle.json

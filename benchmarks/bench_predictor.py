@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tilead.benchmarking.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mvtec_bottle"
@@ -88,17 +89,6 @@ def ensure_run_and_bundle(run: Path, bundle: Path) -> None:
     if not manifest.is_file() or json.loads(manifest.read_text())["source"].get("fit_key") != fit_key:
         print(f"exporting {run} to {bundle} ...", flush=True)
         subprocess.run([str(bindir / "tilead-export"), str(run), "-o", str(bundle), "--overwrite"], check=True)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def summarize(seconds: list[float]) -> dict[str, float]:

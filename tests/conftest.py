@@ -36,3 +36,36 @@ DEVICES = [
 def device(request: pytest.FixtureRequest) -> str:
     """Each kernel test runs on the CPU twin, and on the CUDA twin where a GPU is visible."""
     return str(request.param)
+
+
+def train_tiny(tmp: Path) -> tuple[Path, Path]:
+    """Train and export a 2x2 PaDiM ensemble on 160x160 synthetic images: ``(run folder, bundle)``.
+
+    A few seconds on CPU; the integration tests share one through :func:`tiny_trained`.
+    """
+    import yaml
+
+    from tilead.demo.synthetic import SyntheticSpec, generate
+    from tilead.exporter.bundle import export_bundle
+    from tilead.trainer.config import load_config
+    from tilead.trainer.pipeline import train
+
+    data = generate(tmp / "data", SyntheticSpec(image_size=160, train_good=6, test_good=2, test_per_defect=1, seed=3))
+    cfg = {
+        "name": "tiny",
+        "data": {"format": "mvtec", "root": str(data)},
+        "grid": {"tile_size": 96, "stride": 64},
+        "model": {"feature_stride": 8, "n_features": 16, "blur_sigma": 1.0},
+        "postprocess": {"weights": "feather"},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = train(load_config(path), tmp / "run", progress=False)
+    bundle = export_bundle(result.paths.root, tmp / "bundle", progress=False).bundle
+    return result.paths.root, bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(run folder, bundle)`` of :func:`train_tiny`, shared by the whole session."""
+    return train_tiny(tmp_path_factory.mktemp("tiny"))

@@ -12,35 +12,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from tilead.demo.synthetic import SyntheticSpec, generate
 from tilead.runtime import BundleError, Prediction, Predictor
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(run folder, bundle) of a 2x2 ensemble on 160x160 synthetic images."""
-    from tilead.exporter.bundle import export_bundle
-    from tilead.trainer.config import load_config
-    from tilead.trainer.pipeline import train
-
-    tmp = tmp_path_factory.mktemp("export")
-    data = generate(tmp / "data", SyntheticSpec(image_size=160, train_good=6, test_good=2, test_per_defect=1, seed=3))
-    cfg = {
-        "name": "tiny",
-        "data": {"format": "mvtec", "root": str(data)},
-        "grid": {"tile_size": 96, "stride": 64},
-        "model": {"feature_stride": 8, "n_features": 16, "blur_sigma": 1.0},
-        "postprocess": {"weights": "feather"},
-    }
-    path = tmp / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    result = train(load_config(path), tmp / "run", progress=False)
-    bundle = export_bundle(result.paths.root, tmp / "bundle", progress=False).bundle
-    return result.paths.root, bundle
+def trained(tiny_trained: tuple[Path, Path]) -> tuple[Path, Path]:
+    """(run folder, bundle) of a 2x2 ensemble on 160x160 synthetic images (``conftest.train_tiny``)."""
+    return tiny_trained
 
 
 def _test_images(run: Path) -> tuple[list[Any], np.ndarray]:

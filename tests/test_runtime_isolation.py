@@ -43,3 +43,39 @@ def test_runtime_runs_with_torch_and_cv2_unimportable() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "LOADED []" in proc.stdout
     assert "SHAPE (2, 64, 64)" in proc.stdout
+
+
+BENCH_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision", "timm"):
+                raise ImportError(f"blocked in this test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+
+    import tilead.atomic
+    import tilead.benchmarking.environment
+    import tilead.benchmarking.report
+    import tilead.benchmarking.runner
+    import tilead.benchmarking.stats
+    import tilead.benchmarking.targets
+    import tilead.cli.bench
+    import tilead.cli.predict
+    import tilead.trainer.overlays  # tilead-predict's overlays
+    print("OK", tilead.benchmarking.stats.latency_stats([0.001, 0.003]).mean_ms)
+    """
+)
+
+
+def test_bench_and_predict_commands_import_without_torch() -> None:
+    # tilead-bench's own route and tilead-predict need only the runtime; torch comes in for --compare torch only.
+    proc = subprocess.run(
+        [sys.executable, "-c", BENCH_SCRIPT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OK 2.0" in proc.stdout

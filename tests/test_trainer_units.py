@@ -198,10 +198,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     def failing_write(path: Path) -> None:
         raise OSError("disk full")
 
-    from tilead.trainer import io as tio
+    from tilead import atomic
 
     with pytest.raises(OSError, match="disk full"):
-        tio._atomic(target, failing_write)
+        atomic._atomic(target, failing_write)
     assert target.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["f.bin"]  # no temporary left behind
 

@@ -47,8 +47,8 @@ def main(
         import cv2
         import numpy as np
 
+        from tilead.atomic import atomic_write_png, atomic_write_text
         from tilead.runtime import Predictor
-        from tilead.trainer.io import atomic_write_png, atomic_write_text
         from tilead.trainer.overlays import overlay
 
         files = _collect(images)

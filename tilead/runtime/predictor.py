@@ -172,6 +172,14 @@ class Predictor:
         """Image channels the bundle expects (1 or 3)."""
         return self.manifest.preprocessing.channels
 
+    @property
+    def providers(self) -> list[str]:
+        """ONNX Runtime execution providers the sessions run on, in priority order."""
+        sessions = self._sessions
+        if not sessions:
+            raise RuntimeError("Predictor is closed")
+        return list(sessions[0].get_providers())
+
     # -- lifecycle --------------------------------------------------------------------------------
 
     def warmup(self, iterations: int = 1) -> None:

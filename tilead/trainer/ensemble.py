@@ -395,9 +395,10 @@ def location_forward(
         models: One model per location, row-major.
         grid: The tile grid.
         prep: Tile preprocessing.
-        timer: Collects ``tile`` and ``inference`` times.
+        timer: Collects ``tile``, ``inference`` and ``location:<name>`` times.
     """
     h, w = map_size(grid.tile_size, cfg.model.feature_stride)
+    names = grid.location_names()
 
     def forward(images: np.ndarray) -> np.ndarray:
         with timed(timer, "tile"):
@@ -405,7 +406,8 @@ def location_forward(
         out = np.empty((len(models), images.shape[0], h, w), dtype=np.float32)
         with timed(timer, "inference"), torch.inference_mode():
             for i, model in enumerate(models):
-                out[i] = model(_to_torch(tiles[i]))[:, 0].numpy()
+                with timed(timer, f"location:{names[i]}"):
+                    out[i] = model(_to_torch(tiles[i]))[:, 0].numpy()
         return out
 
     return forward

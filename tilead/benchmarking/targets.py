@@ -1,0 +1,192 @@
+"""What ``tilead-bench`` times: the runtime Predictor, and for ``--compare`` a second route.
+
+A target runs one batch and says where the time went (:class:`StageTimes`).
+Stage names are shared by every target so the report can put them side by
+side: ``input``, ``tile``, ``h2d``, ``inference`` (with ``location:<name>``
+per location), ``untile``, ``seam``, ``crop``, ``normalize``, ``d2h``.
+A target reports only the stages it has (the ONNX Runtime routes have no
+separate host-to-device copy: on CPU there is none, with the CUDA provider it
+happens inside the session's run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from tilead.runtime import Predictor
+from tilead.runtime.preprocess import InputOrder
+from tilead.runtime.timing import StageTimes
+
+
+class Target(Protocol):
+    """A route through the ensemble that can be timed batch by batch."""
+
+    name: str
+    """Label in the report, e.g. ``tilead onnxruntime``."""
+
+    info: dict[str, Any]
+    """Backend, device, threads, providers: what the JSON records about this route."""
+
+    load_s: float
+    """Seconds loading the route took."""
+
+    def run(self, batch: np.ndarray) -> StageTimes:
+        """Score one batch.
+
+        Args:
+            batch: uint8 ``(n, H, W, C)`` in BGR order (or ``C == 1`` gray).
+
+        Returns:
+            Seconds per stage for this call.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the route's resources."""
+        ...
+
+
+@dataclass
+class LoadedRoute:
+    """What every route records about itself.
+
+    Attributes:
+        name: Report label.
+        load_s: Seconds the load took.
+        info: Route facts for the JSON.
+    """
+
+    name: str
+    load_s: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PredictorTarget(LoadedRoute):
+    """:class:`tilead.runtime.Predictor` on a bundle (``load_s``: manifest, hashes, sessions)."""
+
+    predictor: Predictor | None = None
+
+    def run(self, batch: np.ndarray) -> StageTimes:
+        """``Predictor.predict_timed`` on the batch."""
+        if self.predictor is None:
+            raise RuntimeError(f"{self.name}: closed")
+        order: InputOrder = "GRAY" if batch.shape[3] == 1 else "BGR"
+        _, times = self.predictor.predict_timed(batch, input_order=order)
+        return times
+
+    def close(self) -> None:
+        """Close the Predictor."""
+        if self.predictor is not None:
+            self.predictor.close()
+
+
+def load_predictor(
+    bundle: Path, *, backend: str, device: str, threads: int | None, location_workers: int | None, max_batch: int
+) -> PredictorTarget:
+    """Load a bundle into a :class:`PredictorTarget` and time the load.
+
+    Raises:
+        BundleError, ValueError, RuntimeError: As :class:`~tilead.runtime.Predictor` does.
+    """
+    import time
+
+    start = time.perf_counter()
+    predictor = Predictor(
+        bundle,
+        device=device,
+        backend=backend,  # type: ignore[arg-type]  # validated by Predictor with a clear message
+        threads=threads,
+        location_workers=location_workers,
+        max_batch=max_batch,
+    )
+    load_s = time.perf_counter() - start
+    info = {
+        "backend": backend if backend != "auto" else "onnxruntime",
+        "device": device,
+        "threads": predictor.threads,
+        "location_workers": predictor.location_workers,
+        "providers": predictor.providers,
+        "max_batch": max_batch,
+    }
+    return PredictorTarget(f"tilead {info['backend']}", load_s, info, predictor)
+
+
+@dataclass
+class TorchTarget(LoadedRoute):
+    """The trainer's eager PyTorch ensemble (:class:`tilead.trainer.eager.EagerEnsemble`).
+
+    It runs the runtime's tile kernel, each location's PyTorch model under
+    ``torch.inference_mode`` and the runtime's post-processing: what
+    ``tilead-eval`` runs without a bundle. ``load_s`` includes importing torch.
+    """
+
+    ensemble: Any = None
+
+    def run(self, batch: np.ndarray) -> StageTimes:
+        """``EagerEnsemble.predict`` on the batch (converted to the run's channel order)."""
+        import torch
+
+        if self.ensemble is None:
+            raise RuntimeError(f"{self.name}: closed")
+        images = batch
+        if batch.shape[3] == 3 and self.ensemble.cfg.data.channel_order == "RGB":
+            images = np.ascontiguousarray(batch[..., ::-1])
+        timer = StageTimes()
+        with torch.inference_mode():
+            self.ensemble.predict(images, timer)
+        return timer
+
+    def close(self) -> None:
+        """Drop the models."""
+        self.ensemble = None
+
+
+def load_torch(run: Path, *, threads: int | None, expected_fit_key: str | None) -> TorchTarget:
+    """Load a run folder's eager ensemble for ``--compare torch``.
+
+    Args:
+        run: The run the bundle was exported from.
+        threads: Torch intra-op threads (default: every usable core).
+        expected_fit_key: The bundle's ``source.fit_key``; a run with another
+            key is a different ensemble and is refused.
+
+    Raises:
+        RuntimeError: If PyTorch (the trainer extra) is not installed.
+        FileNotFoundError, ValueError: For a missing, unfinished or different run.
+    """
+    import time
+
+    start = time.perf_counter()
+    try:
+        import torch
+
+        from tilead.trainer.eager import load_eager_ensemble
+        from tilead.trainer.run_dir import open_run
+    except ImportError as err:
+        raise RuntimeError(
+            f"--compare torch needs the trainer's PyTorch stack ({err}); install it with pip install 'tilead[train]'"
+        ) from err
+    from tilead.benchmarking.environment import usable_cores
+
+    _, cfg = open_run(run)
+    if expected_fit_key is not None and cfg.fit_key() != expected_fit_key:
+        raise ValueError(
+            f"--run {run}: this run's fit key {cfg.fit_key()} differs from the bundle's source fit key "
+            f"{expected_fit_key}; pass the run the bundle was exported from"
+        )
+    torch.set_num_threads(threads or usable_cores())
+    ensemble = load_eager_ensemble(run)
+    load_s = time.perf_counter() - start
+    info = {
+        "backend": "torch-eager",
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "run": str(run),
+    }
+    return TorchTarget("torch eager", load_s, info, ensemble)
