@@ -12,6 +12,7 @@
 #   make bench-predictor  runtime.Predictor vs the eager PyTorch ensemble on bottle: latency, stages, RSS
 #   make bench-latency    tilead-bench on the bottle bundle, batch 1 and 4, beside PyTorch (--compare torch)
 #   make info        what this installation can do here (tilead-info)
+#   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -22,7 +23,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-train train-bottle info clean
+.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -81,6 +82,9 @@ train-bottle: $(STAMP)
 
 info: $(STAMP)
 	$(BIN)/tilead-info
+
+doctor: $(STAMP)
+	$(BIN)/tilead-doctor
 
 clean:
 	rm -rf build out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -233,5 +233,5 @@ def test_missing_bundle_and_unbuilt_backend_are_clear_errors(tmp_path: Path) -> 
     assert empty.exit_code == 1
     assert "manifest.json" in empty.output
     trt = runner.invoke(main, [str(tmp_path), "--backend", "tensorrt"])
-    assert trt.exit_code == 1
-    assert "TensorRT backend is not part of this build" in trt.output
+    assert trt.exit_code == 2
+    assert "add --device cuda" in trt.output

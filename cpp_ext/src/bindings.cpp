@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/tile_simd.h"
+#include "device_pipeline.h"
 #include "staged.h"
 #include "tilead/kernels.h"
 
@@ -346,6 +347,136 @@ void bind_family(py::module_& m) {
       "Normalize maps (n, h, w) into out, threshold into mask, and reduce per-image scores.");
 }
 
+// The TensorRT backend's device-resident pipeline (CUDA builds; elsewhere the constructor raises).
+void bind_device_pipeline(py::module_& cuda) {
+  using device::DevicePipeline;
+  py::class_<DevicePipeline>(cuda, "DevicePipeline",
+                             "Device buffers, a pinned staging buffer and a stream for batches of up to max_batch "
+                             "images: upload + tile, engines, untile + seams + normalize, one download.")
+      .def(py::init([](const Grid& g, int max_batch, int in_channels, int out_channels, const std::vector<float>& scale,
+                       const std::vector<float>& bias, int map_h, int map_w, int weights,
+                       const std::vector<float>& loc_threshold, const std::vector<float>& loc_scale, float seam_sigma,
+                       float seam_width, int norm_mode, float pt, float pmin, float pmax, float it, float imin,
+                       float imax, int device_index) {
+             if (max_batch < 1) fail("max_batch: expected >= 1, got " + std::to_string(max_batch));
+             if ((in_channels != 1 && in_channels != 3) || (out_channels != 1 && out_channels != 3)) {
+               fail("in_channels and out_channels: expected 1 or 3");
+             }
+             if (scale.size() != static_cast<size_t>(out_channels) || bias.size() != scale.size()) {
+               fail("scale and bias: expected one value per output channel");
+             }
+             if (map_h < 1 || map_w < 1) fail("map_h and map_w: expected positive sizes");
+             if (norm_mode != kNormNone && norm_mode != kNormMinMax)
+               fail("norm_mode: expected 0 (none) or 1 (min-max)");
+             device::PipelineSpec spec;
+             spec.grid = g;
+             spec.tile.in_channels = in_channels;
+             spec.tile.out_channels = out_channels;
+             spec.tile.swap_rb = 0;  // per call: tile(n, swap_rb)
+             for (int i = 0; i < 3; ++i) {
+               spec.tile.scale[i] = scale[static_cast<size_t>(i < out_channels ? i : 0)];
+               spec.tile.bias[i] = bias[static_cast<size_t>(i < out_channels ? i : 0)];
+             }
+             spec.tile.out_type = kFloat32;
+             spec.map_h = map_h;
+             spec.map_w = map_w;
+             spec.weights = weights;
+             spec.loc_threshold = loc_threshold;
+             spec.loc_scale = loc_scale;
+             spec.seam = SeamParams{seam_sigma, seam_width};
+             spec.norm.mode = norm_mode;
+             spec.norm.pixel_threshold = pt;
+             spec.norm.pixel_min = pmin;
+             spec.norm.pixel_max = pmax;
+             spec.norm.image_threshold = it;
+             spec.norm.image_min = imin;
+             spec.norm.image_max = imax;
+             spec.max_batch = max_batch;
+             spec.device = device_index;
+             return std::make_unique<DevicePipeline>(spec);
+           }),
+           py::arg("grid"), py::arg("max_batch"), py::arg("in_channels"), py::arg("out_channels"), py::arg("scale"),
+           py::arg("bias"), py::arg("map_h"), py::arg("map_w"), py::arg("weights"), py::arg("loc_threshold"),
+           py::arg("loc_scale"), py::arg("seam_sigma"), py::arg("seam_width"), py::arg("norm_mode"),
+           py::arg("pixel_threshold"), py::arg("pixel_min"), py::arg("pixel_max"), py::arg("image_threshold"),
+           py::arg("image_min"), py::arg("image_max"), py::arg("device") = 0)
+      .def_property_readonly("stream", &DevicePipeline::stream, "cudaStream_t of every stage, as an integer.")
+      .def_property_readonly("device_bytes", &DevicePipeline::device_bytes)
+      .def("tiles_address", &DevicePipeline::tiles_address, py::arg("location"), py::arg("n"),
+           "Device address of a location's (n, C, tile_h, tile_w) float32 tiles: the engine's input.")
+      .def("maps_address", &DevicePipeline::maps_address, py::arg("location"), py::arg("n"),
+           "Device address of a location's (n, 1, map_h, map_w) float32 map: the engine's output.")
+      .def(
+          "upload",
+          [](DevicePipeline& self, const py::array& images) {
+            if (images.ndim() != 4)
+              fail("images: expected (n, height, width, channels) uint8, got " + shape_str(images));
+            check_array(images, "images", dt<uint8_t>(),
+                        {images.shape(0), images.shape(1), images.shape(2), images.shape(3)}, false);
+            const int n = static_cast<int>(images.shape(0));
+            py::gil_scoped_release nogil;
+            self.upload(ptr<uint8_t>(images), n);
+          },
+          py::arg("images"), "Enqueue the copy of a uint8 batch (n, H, W, C) to the device (via pinned memory).")
+      .def(
+          "upload_location_maps",
+          [](DevicePipeline& self, const py::array& maps) {
+            const device::PipelineSpec& sp = self.spec();
+            if (maps.ndim() != 4) fail("maps: expected (locations, n, map_h, map_w) float32, got " + shape_str(maps));
+            const auto n = maps.shape(1);
+            if (n < 1 || n > sp.max_batch) fail("maps: batch out of range for this pipeline");
+            check_array(maps, "maps", dt<float>(), {grid_locations(sp.grid), n, sp.map_h, sp.map_w}, false);
+            py::gil_scoped_release nogil;
+            self.upload_location_maps(ptr<float>(maps), static_cast<int>(n));
+          },
+          py::arg("maps"), "Copy per-location maps (L, n, map_h, map_w) into the engines' output blocks (self-check).")
+      .def("tile", &DevicePipeline::tile, py::arg("n"), py::arg("swap_rb"), py::call_guard<py::gil_scoped_release>(),
+           "Enqueue the tile kernel into every location's block.")
+      .def("untile", &DevicePipeline::untile, py::arg("n"), py::call_guard<py::gil_scoped_release>())
+      .def("smooth_seams", &DevicePipeline::smooth_seams, py::arg("n"), py::call_guard<py::gil_scoped_release>())
+      .def("crop", &DevicePipeline::crop, py::arg("n"), py::call_guard<py::gil_scoped_release>())
+      .def("normalize", &DevicePipeline::normalize, py::arg("n"), py::call_guard<py::gil_scoped_release>())
+      .def(
+          "download_location_maps",
+          [](DevicePipeline& self, int n) {
+            const device::PipelineSpec& sp = self.spec();
+            py::array_t<float> maps({grid_locations(sp.grid), n, sp.map_h, sp.map_w});
+            float* mp = maps.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.download_location_maps(n, mp);
+            }
+            return maps;
+          },
+          py::arg("n"), "Copy every location's raw map (L, n, map_h, map_w) back; waits for the stream.")
+      .def(
+          "download",
+          [](DevicePipeline& self, int n) {
+            const Grid& g = self.spec().grid;
+            py::array_t<float> maps({n, g.y.size, g.x.size});
+            py::array_t<uint8_t> mask({n, g.y.size, g.x.size});
+            py::array_t<float> raw(n), scores(n);
+            float* mp = maps.mutable_data();
+            uint8_t* kp = mask.mutable_data();
+            float* rp = raw.mutable_data();
+            float* sp = scores.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.download(n, mp, kp, rp, sp);
+            }
+            return py::make_tuple(maps, mask, raw, scores);
+          },
+          py::arg("n"),
+          "Copy maps (n, H, W) float32, masks (n, H, W) uint8, raw scores and scores (n,) back; waits for the stream.")
+      .def(
+          "synchronize",
+          [](DevicePipeline& self) {
+            py::gil_scoped_release nogil;
+            self.synchronize();
+          },
+          "Wait for everything enqueued on the stream.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -409,4 +540,5 @@ PYBIND11_MODULE(_kernels, m) {
       "(count, error): CUDA devices visible, and the runtime's error text when it reported one.");
   cuda.def("device_name", &staged::device_name, py::arg("index") = 0);
   bind_family<true>(cuda);
+  bind_device_pipeline(cuda);
 }

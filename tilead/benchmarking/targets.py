@@ -106,7 +106,7 @@ def load_predictor(
     )
     load_s = time.perf_counter() - start
     info = {
-        "backend": backend if backend != "auto" else "onnxruntime",
+        "backend": predictor.backend,
         "device": device,
         "threads": predictor.threads,
         "location_workers": predictor.location_workers,

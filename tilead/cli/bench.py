@@ -80,10 +80,15 @@ def _bundle_facts(bundle: Path, manifest: Any) -> dict[str, Any]:
     }
 
 
-def _notes(device: str, location_workers: int, locations: int) -> list[str]:
+def _notes(device: str, backend: str, location_workers: int, locations: int) -> list[str]:
     notes = []
     if device == "cpu":
         notes.append("no host->device or device->host copies: the CPU route runs in host memory")
+    elif backend == "tensorrt":
+        notes.append(
+            "TensorRT backend: the stream is synchronized after every stage so each gets its own time "
+            "(a little slower than an untimed call, which synchronizes once)"
+        )
     else:
         notes.append(
             "ONNX Runtime's CUDA provider copies inside each session run: host->device and device->host "
@@ -199,6 +204,8 @@ def main(**options: Any) -> None:
         raise click.UsageError("--iterations and --duration are exclusive; give one")
     if s.iterations is None and s.duration is None:
         s = replace(s, iterations=DEFAULT_ITERATIONS)
+    if s.backend == "tensorrt" and s.device != "cuda":
+        raise click.UsageError("--backend tensorrt runs on the GPU: add --device cuda")
     if s.compare == "onnxruntime" and s.backend != "tensorrt":
         raise click.UsageError(
             "--compare onnxruntime compares the TensorRT backend with ONNX Runtime; add --backend tensorrt"
@@ -324,7 +331,7 @@ def _run(s: BenchSettings) -> dict[str, Any]:
             if gpu is not None
             else ("no GPU route" if s.device == "cpu" else "NVML (nvidia-ml-py) not available"),
         },
-        "notes": _notes(s.device, main_target.info["location_workers"], manifest.grid.num_locations),
+        "notes": _notes(s.device, s.backend, main_target.info["location_workers"], manifest.grid.num_locations),
         "warnings": warnings_for(results),
         "environment": environment(),
     }

@@ -1,4 +1,4 @@
-"""``tilead-export``: a training run to a verified ONNX bundle."""
+"""``tilead-export``: a training run to a verified ONNX bundle, and TensorRT engines for this GPU (``--trt``)."""
 
 from __future__ import annotations
 
@@ -11,22 +11,74 @@ from tilead.cli._common import fail_on_errors
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.argument("source", metavar="RUN_OR_BUNDLE", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (for a run).")
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
+@click.option("--trt", is_flag=True, help="Also build TensorRT engines for this machine's GPU into the bundle.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--opt-batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Batch tuned for.")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")
+@click.option("--workspace-mib", type=click.IntRange(16, 1 << 20), default=2048, show_default=True)
+@click.option("--rebuild", is_flag=True, help="Build the engines again even if the manifest lists them.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(run_dir: Path, output: Path, opset: int, overwrite: bool, quiet: bool) -> None:
-    """Export one ONNX model per tile location, checked and hashed, with the manifest."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with fail_on_errors():
-        from tilead.exporter.bundle import export_bundle
+def main(
+    source: Path,
+    output: Path | None,
+    opset: int,
+    overwrite: bool,
+    trt: bool,
+    precision: str,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mib: int,
+    rebuild: bool,
+    quiet: bool,
+) -> None:
+    """Export RUN_OR_BUNDLE: a run to a bundle (-o), and with --trt engines into the bundle.
 
-        result = export_bundle(run_dir, output, opset=opset, overwrite=overwrite, progress=not quiet)
-        locs = result.manifest["locations"]
-        size = sum(loc["bytes"] for loc in locs) / 2**20
-        worst = max(result.manifest["source"]["parity_onnxruntime_vs_torch"].values())
-        click.echo(f"bundle:     {result.bundle}")
-        click.echo(f"locations:  {len(locs)} ONNX models, {size:.1f} MiB in all (opset {opset})")
-        click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range")
-        click.echo(f"time:       {result.seconds:.1f} s")
+    Given a bundle (a folder with manifest.json), --trt builds its engines in place.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    is_bundle = (source / "manifest.json").is_file()
+    if is_bundle and not trt:
+        raise click.UsageError(f"{source} is already a bundle; pass --trt to build its TensorRT engines")
+    if not is_bundle and output is None:
+        raise click.UsageError(f"{source} is a run folder: pass -o/--output BUNDLE_DIR for the bundle to write")
+    if opt_batch > max_batch:
+        raise click.BadParameter(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}", param_hint="--opt-batch")
+    with fail_on_errors():
+        try:
+            if trt:  # fail fast, before minutes of export, when TensorRT or the GPU is missing
+                from tilead.trt.modules import import_builder, require_gpu
+
+                import_builder()
+                require_gpu()
+            bundle = source
+            if not is_bundle:
+                assert output is not None
+                bundle = _export(source, output, opset, overwrite, quiet)
+            if trt:
+                from tilead.trt.build import build_engines
+
+                engine_set = build_engines(
+                    bundle, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
+                    workspace_mib=workspace_mib, rebuild=rebuild, progress=not quiet,
+                )  # fmt: skip
+                click.echo(f"engines:    {bundle / 'engines' / engine_set.key} ({len(engine_set.files)} locations)")
+        except RuntimeError as err:  # TensorRT, its builder or the GPU is missing; a build failed
+            raise click.ClickException(str(err)) from err
+
+
+def _export(run_dir: Path, output: Path, opset: int, overwrite: bool, quiet: bool) -> Path:
+    from tilead.exporter.bundle import export_bundle
+
+    result = export_bundle(run_dir, output, opset=opset, overwrite=overwrite, progress=not quiet)
+    locs = result.manifest["locations"]
+    size = sum(loc["bytes"] for loc in locs) / 2**20
+    worst = max(result.manifest["source"]["parity_onnxruntime_vs_torch"].values())
+    click.echo(f"bundle:     {result.bundle}")
+    click.echo(f"locations:  {len(locs)} ONNX models, {size:.1f} MiB in all (opset {opset})")
+    click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range")
+    click.echo(f"time:       {result.seconds:.1f} s")
+    return result.bundle

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from tilead.runtime._checks import as_int, check_mapping, describe
+from tilead.runtime.engines import EngineSet, parse_engine_sets
+from tilead.runtime.files import LocationFile
 from tilead.runtime.geometry import TileGrid, location_name
 from tilead.runtime.postprocess import BlendWeights, SeamSmoothing
 from tilead.runtime.preprocess import Preprocessing
@@ -42,33 +44,13 @@ _TOP_KEYS = (
     "postprocess",
     "normalization",
     "source",
+    "engines",
 )
 _REQUIRED = ("schema_version", "grid", "preprocessing", "model", "locations", "postprocess", "normalization")
 
 
 class BundleError(ValueError):
     """A bundle that cannot be used: missing, corrupt, tampered with, or from an unknown schema."""
-
-
-@dataclass(frozen=True)
-class LocationFile:
-    """One location's model file.
-
-    Attributes:
-        name: ``rRcC``.
-        file: Path relative to the bundle root.
-        sha256: Hex digest of the file.
-        bytes: File size.
-    """
-
-    name: str
-    file: str
-    sha256: str
-    bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form."""
-        return {"name": self.name, "file": self.file, "sha256": self.sha256, "bytes": self.bytes}
 
 
 @dataclass(frozen=True)
@@ -96,6 +78,11 @@ class Manifest:
     stats: NormalizationStats
     tilead_version: str
     raw: dict[str, Any]
+
+    @property
+    def engine_sets(self) -> tuple[EngineSet, ...]:
+        """TensorRT engine sets built for this bundle (validated when the manifest was read)."""
+        return parse_engine_sets(self.raw.get("engines"), [loc.name for loc in self.locations])
 
     @property
     def map_size(self) -> tuple[int, int]:
@@ -191,6 +178,7 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
                 f"locations: expected one entry per grid location in row-major order {expected}, "
                 f"got {[f.name for f in files]}"
             )
+        parse_engine_sets(d.get("engines"), expected)
         if stats.tile_stats is not None and len(stats.tile_stats.thresholds) != grid.num_locations:
             raise ValueError(
                 f"normalization.tile_stats: expected {grid.num_locations} values, "

@@ -34,7 +34,7 @@ from tilead.runtime.geometry import TileGrid
 from tilead.runtime.timing import StageTimes, timed
 
 BlendWeights = Literal["uniform", "feather"]
-_BLEND_CODES = {"uniform": _kernels.BLEND_UNIFORM, "feather": _kernels.BLEND_FEATHER}
+BLEND_CODES = {"uniform": _kernels.BLEND_UNIFORM, "feather": _kernels.BLEND_FEATHER}
 MAX_SIGMA = 15.8  # kernel radius int(4 * sigma + 0.5) <= 64
 
 
@@ -105,9 +105,14 @@ def _maps_4d(maps: np.ndarray, grid: TileGrid) -> np.ndarray:
     return maps
 
 
-def _tile_norm_arrays(
+def tile_norm_arrays(
     tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None, grid: TileGrid
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per-location ``(threshold, 1 / (max - min))`` float32 arrays of stage ``tile``, or ``(None, None)``.
+
+    Raises:
+        ValueError: Unless there is one finite value per location and max > min everywhere.
+    """
     if tile_stats is None:
         return None, None
     if not isinstance(tile_stats, (tuple, list)) or len(tile_stats) != 3:
@@ -159,16 +164,16 @@ def untile_maps(
         ValueError: For invalid maps, weights, statistics or buffers.
     """
     maps4 = _maps_4d(maps, grid)
-    if weights not in _BLEND_CODES:
+    if weights not in BLEND_CODES:
         raise ValueError(f"weights: expected 'uniform' or 'feather', got {describe(weights)}")
-    loc_threshold, loc_scale = _tile_norm_arrays(tile_stats, grid)
+    loc_threshold, loc_scale = tile_norm_arrays(tile_stats, grid)
     shape = (maps4.shape[1], *grid.canvas_size)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     else:
         check_array(out, "out", dtypes=[np.float32], ndims=[3], writable=True)
         check_shape(out, "out", shape, "(n, canvas_h, canvas_w)")
-    kernel_family(device).untile_maps(maps4, grid.native, out, _BLEND_CODES[weights], loc_threshold, loc_scale)
+    kernel_family(device).untile_maps(maps4, grid.native, out, BLEND_CODES[weights], loc_threshold, loc_scale)
     return out
 
 
@@ -279,6 +284,42 @@ def merge_maps(
         return canvas_to_image(merged, grid, device=device)
 
 
+NormParams = tuple[int, float, float, float, float, float, float]
+
+
+def norm_params(
+    pixel_threshold: float,
+    image_threshold: float,
+    pixel_range: tuple[float, float] | None,
+    image_range: tuple[float, float] | None,
+) -> NormParams:
+    """The normalization kernel's parameters: ``(mode, pt, pmin, pmax, it, imin, imax)``.
+
+    Raises:
+        ValueError: For non-finite thresholds, one range without the other, or min >= max.
+    """
+    pt = as_float(pixel_threshold, "pixel_threshold")
+    it = as_float(image_threshold, "image_threshold")
+    if (pixel_range is None) != (image_range is None):
+        raise ValueError("pixel_range and image_range: give both (min-max normalization) or neither (raw values)")
+    if pixel_range is None or image_range is None:
+        return _kernels.NORM_NONE, pt, 0.0, 0.0, it, 0.0, 0.0
+    pmin, pmax = (as_float(v, "pixel_range") for v in pixel_range)
+    imin, imax = (as_float(v, "image_range") for v in image_range)
+    if not pmax > pmin:
+        raise ValueError(f"pixel_range: expected min < max, got ({pmin}, {pmax})")
+    if not imax > imin:
+        raise ValueError(f"image_range: expected min < max, got ({imin}, {imax})")
+    return _kernels.NORM_MINMAX, pt, pmin, pmax, it, imin, imax
+
+
+def labels_of(scores: np.ndarray, params: NormParams) -> np.ndarray:
+    """Image labels from normalized scores: above 0.5 after min-max normalization, else above the raw threshold."""
+    mode, _, _, _, it, _, _ = params
+    out: np.ndarray = scores > (0.5 if mode == _kernels.NORM_MINMAX else it)
+    return out
+
+
 def normalize_maps(
     maps: np.ndarray,
     *,
@@ -315,25 +356,12 @@ def normalize_maps(
     """
     check_array(maps, "maps", dtypes=[np.float32], ndims=[2, 3], writable=inplace)
     batch = maps[None] if maps.ndim == 2 else maps
-    pt = as_float(pixel_threshold, "pixel_threshold")
-    it = as_float(image_threshold, "image_threshold")
-    if (pixel_range is None) != (image_range is None):
-        raise ValueError("pixel_range and image_range: give both (min-max normalization) or neither (raw values)")
-    mode = _kernels.NORM_NONE
-    pmin = pmax = imin = imax = 0.0
-    if pixel_range is not None and image_range is not None:
-        mode = _kernels.NORM_MINMAX
-        pmin, pmax = (as_float(v, "pixel_range") for v in pixel_range)
-        imin, imax = (as_float(v, "image_range") for v in image_range)
-        if not pmax > pmin:
-            raise ValueError(f"pixel_range: expected min < max, got ({pmin}, {pmax})")
-        if not imax > imin:
-            raise ValueError(f"image_range: expected min < max, got ({imin}, {imax})")
+    mode, pt, pmin, pmax, it, imin, imax = norm_params(pixel_threshold, image_threshold, pixel_range, image_range)
     out = batch if inplace else np.empty_like(batch)
     n = batch.shape[0]
     masks = np.empty(batch.shape, dtype=np.uint8)
     raw = np.empty(n, dtype=np.float32)
     scores = np.empty(n, dtype=np.float32)
     kernel_family(device).normalize_maps(batch, out, masks, raw, scores, mode, pt, pmin, pmax, it, imin, imax)
-    labels = scores > (0.5 if mode == _kernels.NORM_MINMAX else it)
+    labels = labels_of(scores, (mode, pt, pmin, pmax, it, imin, imax))
     return NormalizedMaps(out, masks.view(np.bool_), raw, scores, labels)

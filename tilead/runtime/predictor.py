@@ -39,7 +39,7 @@ from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
-Backend = Literal["auto", "onnxruntime"]
+Backend = Literal["auto", "onnxruntime", "tensorrt"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,11 @@ def _current_version() -> str:
     return __version__
 
 
-def _providers(device: str) -> list[str]:
+def _providers(device: str, bundle: Path) -> list[Any]:
+    """ONNX Runtime providers for ``device``.
+
+    On CUDA: TensorRT's provider when present (engine cache under the bundle), then CUDA's.
+    """
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -79,7 +83,17 @@ def _providers(device: str) -> list[str]:
                 "device='cuda': this onnxruntime has no CUDAExecutionProvider (available: "
                 f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers: list[Any] = []
+        if "TensorrtExecutionProvider" in available:
+            cache = Path(bundle) / "engines" / "onnxruntime-trt"
+            options = {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache),
+            }
+            providers.append(("TensorrtExecutionProvider", options))
+        return [*providers, "CUDAExecutionProvider", "CPUExecutionProvider"]
     raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
 
 
@@ -88,18 +102,27 @@ class Predictor:
 
     Args:
         bundle: Bundle directory (``tilead-export`` output).
-        device: ``"cpu"`` or ``"cuda"`` (ONNX Runtime's CUDA provider).
-        backend: ``"auto"`` or ``"onnxruntime"``.
+        device: ``"cpu"`` or ``"cuda"``.
+        backend: ``"auto"`` / ``"onnxruntime"`` (ONNX Runtime: CPU, or on
+            CUDA its TensorRT provider when present, then its CUDA provider), or
+            ``"tensorrt"`` (the native TensorRT backend, device ``"cuda"``:
+            the bundle's engines for this GPU on the extension's device
+            pipeline; see :mod:`tilead.trt.backend`).
         threads: CPU threads for inference in all (default: the machine's
             logical cores); each session gets ``threads // location_workers``.
         location_workers: Locations run at the same time (default: on CPU
             ``min(locations, threads)``, on CUDA 1).
         max_batch: Images per inference call (bounds memory for long lists).
+        precision: TensorRT engines to use, ``"fp32"`` or ``"fp16"`` (None: any listed).
+        build_on_load: TensorRT: build missing engines for this GPU from the
+            bundle's ONNX (needs the full TensorRT builder; minutes).
 
     Raises:
         BundleError: For a missing, corrupt, modified or unknown-schema bundle.
         ValueError: For bad arguments.
-        RuntimeError: If the device is not available.
+        RuntimeError: If the device is not available (for TensorRT:
+            :class:`tilead.trt.modules.TensorRTUnavailableError`, naming what is
+            missing and how to get it).
 
     Example:
         >>> with Predictor("bundles/bottle") as predictor:  # doctest: +SKIP
@@ -116,12 +139,13 @@ class Predictor:
         threads: int | None = None,
         location_workers: int | None = None,
         max_batch: int = 8,
+        precision: str | None = None,
+        build_on_load: bool = False,
     ) -> None:
-        if backend not in ("auto", "onnxruntime"):
-            raise ValueError(
-                f"backend: expected 'auto' or 'onnxruntime', got {describe(backend)} "
-                "(the native TensorRT backend is not part of this build)"
-            )
+        if backend not in ("auto", "onnxruntime", "tensorrt"):
+            raise ValueError(f"backend: expected 'auto', 'onnxruntime' or 'tensorrt', got {describe(backend)}")
+        if backend == "tensorrt" and device != "cuda":
+            raise ValueError(f"backend='tensorrt' runs on device='cuda', got device={describe(device)}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected a positive integer, got {describe(max_batch)}")
         for name, value in (("threads", threads), ("location_workers", location_workers)):
@@ -129,10 +153,24 @@ class Predictor:
                 raise ValueError(f"{name}: expected a positive integer or None, got {describe(value)}")
         self.path = Path(bundle)
         self.device = device
+        self.backend = "tensorrt" if backend == "tensorrt" else "onnxruntime"
         self.max_batch = max_batch
-        providers = _providers(device)
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
         verify_files(self.path, self.manifest)
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._sessions: list[Any] | None = None
+        self._trt: Any = None
+        self.threads = threads if threads is not None else (os.cpu_count() or 1)
+        self.location_workers = 1
+        if self.backend == "tensorrt":
+            from tilead.trt.backend import TensorRTBackend
+
+            self._trt = TensorRTBackend(
+                self.path, self.manifest, precision=precision, max_batch=max_batch, build_on_load=build_on_load
+            )
+            return
+        providers = _providers(device, self.path)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -148,15 +186,14 @@ class Predictor:
         options.intra_op_num_threads = max(1, budget // self.location_workers)
         # Inter-op parallelism comes from the location workers; graphs are sequential chains.
         options.inter_op_num_threads = 1
-        self._sessions: list[Any] | None = []
+        sessions: list[Any] = []
         for loc in self.manifest.locations:
             path = self.path / loc.file
             try:
-                self._sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers))
+                sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers))
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {path}: {err}") from err
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._sessions = sessions
         if self.location_workers > 1:
             self._pool = ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-location")
 
@@ -174,7 +211,9 @@ class Predictor:
 
     @property
     def providers(self) -> list[str]:
-        """ONNX Runtime execution providers the sessions run on, in priority order."""
+        """What runs the models: ONNX Runtime's execution providers in priority order, or the TensorRT engines."""
+        if self._trt is not None:
+            return list(self._trt.providers)
         sessions = self._sessions
         if not sessions:
             raise RuntimeError("Predictor is closed")
@@ -193,7 +232,10 @@ class Predictor:
         """Release the sessions; later ``predict`` calls raise."""
         with self._lock:
             self._sessions = None
+            trt, self._trt = self._trt, None
             pool, self._pool = self._pool, None
+        if trt is not None:
+            trt.close()
         if pool is not None:
             pool.shutdown(wait=True)
 
@@ -250,10 +292,12 @@ class Predictor:
     def _location_maps(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None) -> np.ndarray:
         """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch."""
         sessions, pool = self._sessions, self._pool
+        order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
+        if self._trt is not None:
+            return np.asarray(self._trt.location_maps(batch, order))
         if sessions is None:
             raise RuntimeError("Predictor is closed")
         m = self.manifest
-        order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
         n = batch.shape[0]
         with timed(timer, "tile"):
             tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order)
@@ -299,8 +343,12 @@ class Predictor:
 
     def _run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None) -> list[Prediction]:
         m = self.manifest
-        maps = self._location_maps(batch, input_order, timer)
-        _, result = postprocess_maps(maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer)
+        trt = self._trt
+        if trt is not None:
+            result = trt.run(batch, "GRAY" if batch.shape[3] == 1 else input_order, timer)
+        else:
+            maps = self._location_maps(batch, input_order, timer)
+            _, result = postprocess_maps(maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer)
         return [
             Prediction(
                 float(result.scores[i]),

@@ -24,25 +24,44 @@ inline unsigned blocks_for(long long total, int threads) {
   return static_cast<unsigned>(b);
 }
 
-// Owns one device allocation; freed on destruction (also during unwinding).
-class DeviceBuffer {
+// Allocation policies: device memory, and page-locked host memory (async copies from it really overlap).
+struct DeviceMemory {
+  static void* allocate(size_t bytes) {
+    void* p = nullptr;
+    check(cudaMalloc(&p, bytes), "cudaMalloc");
+    return p;
+  }
+  static void release(void* p) { cudaFree(p); }
+};
+struct PinnedMemory {
+  static void* allocate(size_t bytes) {
+    void* p = nullptr;
+    check(cudaMallocHost(&p, bytes), "cudaMallocHost");
+    return p;
+  }
+  static void release(void* p) { cudaFreeHost(p); }
+};
+
+// Owns one allocation; freed on destruction (also during unwinding). Move-only.
+template <typename Memory>
+class Buffer {
  public:
-  DeviceBuffer() = default;
-  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes_ > 0) check(cudaMalloc(&ptr_, bytes_), "cudaMalloc");
+  Buffer() = default;
+  explicit Buffer(size_t bytes) : bytes_(bytes) {
+    if (bytes_ > 0) ptr_ = Memory::allocate(bytes_);
   }
-  ~DeviceBuffer() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
+  ~Buffer() {
+    if (ptr_ != nullptr) Memory::release(ptr_);
   }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  Buffer(Buffer&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) {
     o.ptr_ = nullptr;
     o.bytes_ = 0;
   }
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+  Buffer& operator=(Buffer&& o) noexcept {
     if (this != &o) {
-      if (ptr_ != nullptr) cudaFree(ptr_);
+      if (ptr_ != nullptr) Memory::release(ptr_);
       ptr_ = o.ptr_;
       bytes_ = o.bytes_;
       o.ptr_ = nullptr;
@@ -60,6 +79,9 @@ class DeviceBuffer {
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
 };
+
+using DeviceBuffer = Buffer<DeviceMemory>;
+using PinnedBuffer = Buffer<PinnedMemory>;
 
 // Owns one non-blocking CUDA stream.
 class Stream {

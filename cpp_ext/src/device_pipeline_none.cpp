@@ -1,0 +1,34 @@
+// DevicePipeline in a build without CUDA: the constructor says so.
+#include <stdexcept>
+
+#include "device_pipeline.h"
+
+namespace tilead {
+namespace device {
+
+struct DevicePipeline::Impl {};
+
+DevicePipeline::DevicePipeline(const PipelineSpec&) {
+  throw std::runtime_error(
+      "DevicePipeline needs the CUDA kernels, but tilead._kernels was built without CUDA (no nvcc at build time "
+      "or TILEAD_CUDA=OFF); rebuild with nvcc on PATH and TILEAD_CUDA=ON");
+}
+DevicePipeline::~DevicePipeline() = default;
+uintptr_t DevicePipeline::stream() const { return 0; }
+uintptr_t DevicePipeline::tiles_address(int, int) const { return 0; }
+uintptr_t DevicePipeline::maps_address(int, int) const { return 0; }
+size_t DevicePipeline::device_bytes() const { return 0; }
+const PipelineSpec& DevicePipeline::spec() const { throw std::runtime_error("no CUDA"); }
+void DevicePipeline::upload(const uint8_t*, int) {}
+void DevicePipeline::upload_location_maps(const float*, int) {}
+void DevicePipeline::tile(int, bool) {}
+void DevicePipeline::untile(int) {}
+void DevicePipeline::smooth_seams(int) {}
+void DevicePipeline::crop(int) {}
+void DevicePipeline::normalize(int) {}
+void DevicePipeline::download(int, float*, uint8_t*, float*, float*) {}
+void DevicePipeline::download_location_maps(int, float*) {}
+void DevicePipeline::synchronize() {}
+
+}  // namespace device
+}  // namespace tilead

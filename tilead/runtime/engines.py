@@ -1,0 +1,230 @@
+"""TensorRT engine sets in a bundle: the manifest's ``engines`` section, cache keys and selection.
+
+An engine set is one TensorRT engine per location, built on one kind of GPU by
+one TensorRT version from the bundle's ONNX files, stored under
+``engines/<key>/``. The key names everything an engine depends on, so a bundle
+can carry sets for several targets side by side::
+
+    <gpu>-sm<major><minor>-trt<major>.<minor>.<patch>-<precision>-b<max batch>-<onnx digest>
+
+``gpu`` is the device name in lower case with non-alphanumerics as ``-``;
+the ONNX digest is the first 12 hex digits of the sha256 over the locations'
+ONNX sha256s, so re-exporting the models changes every key. Engines are built
+version-compatible, so a set built with TensorRT 11.x also runs on a later 11.y
+runtime of the same major version (:func:`select_engine_set`).
+
+Nothing here imports TensorRT or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tilead.runtime._checks import as_int, check_mapping, describe
+from tilead.runtime.files import LocationFile
+
+PRECISIONS = ("fp32", "fp16")
+_SET_KEYS = (
+    "key",
+    "gpu",
+    "compute_capability",
+    "tensorrt",
+    "precision",
+    "batch",
+    "workspace_mib",
+    "version_compatible",
+    "timing_cache",
+    "files",
+)
+
+
+EngineFile = LocationFile
+"""One location's engine (name, bundle-relative file, sha256, bytes)."""
+
+
+@dataclass(frozen=True)
+class EngineSet:
+    """Every location's engine for one GPU, TensorRT version, precision and batch profile.
+
+    Attributes:
+        key: Folder name under ``engines/`` (see the module docstring).
+        gpu: Device name the set was built on.
+        compute_capability: ``"major.minor"``.
+        tensorrt: TensorRT version that built it.
+        precision: ``fp32`` or ``fp16``.
+        batch: ``(min, opt, max)`` of the optimization profile.
+        workspace_mib: Builder workspace limit.
+        version_compatible: Built with ``VERSION_COMPATIBLE`` (lean runtime excluded).
+        timing_cache: Bundle-relative path of the shared timing cache, or None.
+        files: One engine per location, row-major.
+    """
+
+    key: str
+    gpu: str
+    compute_capability: str
+    tensorrt: str
+    precision: str
+    batch: tuple[int, int, int]
+    workspace_mib: int
+    version_compatible: bool
+    timing_cache: str | None
+    files: tuple[EngineFile, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Manifest form."""
+        return {
+            "key": self.key,
+            "gpu": self.gpu,
+            "compute_capability": self.compute_capability,
+            "tensorrt": self.tensorrt,
+            "precision": self.precision,
+            "batch": {"min": self.batch[0], "opt": self.batch[1], "max": self.batch[2]},
+            "workspace_mib": self.workspace_mib,
+            "version_compatible": self.version_compatible,
+            "timing_cache": self.timing_cache,
+            "files": [f.to_dict() for f in self.files],
+        }
+
+
+def slug(text: str) -> str:
+    """Lower case, runs of non-alphanumerics as one ``-``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def onnx_digest(onnx_sha256s: Sequence[str]) -> str:
+    """First 12 hex digits of the sha256 over the locations' ONNX digests, in order."""
+    return hashlib.sha256("".join(onnx_sha256s).encode()).hexdigest()[:12]
+
+
+def engine_key(
+    gpu: str, compute_capability: str, tensorrt: str, precision: str, max_batch: int, onnx_sha256s: Sequence[str]
+) -> str:
+    """The ``engines/`` folder name of a set (see the module docstring).
+
+    Raises:
+        ValueError: For an unknown precision or a malformed capability or version.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {describe(precision)}")
+    if not re.fullmatch(r"\d+\.\d+", compute_capability):
+        raise ValueError(f"compute_capability: expected 'major.minor', got {describe(compute_capability)}")
+    version = ".".join(_version(tensorrt)[:3])
+    cc = compute_capability.replace(".", "")
+    return f"{slug(gpu)}-sm{cc}-trt{version}-{precision}-b{max_batch}-{onnx_digest(onnx_sha256s)}"
+
+
+def _version(text: str) -> list[str]:
+    parts = text.split(".")
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(f"tensorrt version: expected digits separated by dots, got {describe(text)}")
+    return parts
+
+
+def parse_engine_sets(data: Any, locations: Sequence[str]) -> tuple[EngineSet, ...]:
+    """Validate the manifest's ``engines`` list.
+
+    Args:
+        data: The JSON value (None: no engines).
+        locations: The bundle's location names, row-major.
+
+    Raises:
+        ValueError: Naming the first bad key or value.
+    """
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ValueError(f"engines: expected a list, got {describe(data)}")
+    sets = []
+    for i, item in enumerate(data):
+        where = f"engines[{i}]"
+        d = check_mapping(item, where, _SET_KEYS, (*_SET_KEYS[:6], "files"))
+        batch = check_mapping(d["batch"], f"{where}.batch", ("min", "opt", "max"), ("min", "opt", "max"))
+        lo, opt, hi = (as_int(batch[k], f"{where}.batch.{k}") for k in ("min", "opt", "max"))
+        if not 1 <= lo <= opt <= hi:
+            raise ValueError(f"{where}.batch: expected 1 <= min <= opt <= max, got {lo}, {opt}, {hi}")
+        if d["precision"] not in PRECISIONS:
+            raise ValueError(
+                f"{where}.precision: expected one of {', '.join(PRECISIONS)}, got {describe(d['precision'])}"
+            )
+        _version(str(d["tensorrt"]))
+        files = []
+        for j, f in enumerate(d["files"] if isinstance(d["files"], list) else []):
+            e = check_mapping(f, f"{where}.files[{j}]", ("name", "file", "sha256", "bytes"), ("name", "file", "sha256"))
+            files.append(EngineFile(str(e["name"]), str(e["file"]), str(e["sha256"]), int(e.get("bytes", -1))))
+        if [f.name for f in files] != list(locations):
+            raise ValueError(f"{where}.files: expected one engine per location {list(locations)}")
+        cache = d.get("timing_cache")
+        sets.append(
+            EngineSet(
+                key=str(d["key"]),
+                gpu=str(d["gpu"]),
+                compute_capability=str(d["compute_capability"]),
+                tensorrt=str(d["tensorrt"]),
+                precision=str(d["precision"]),
+                batch=(lo, opt, hi),
+                workspace_mib=as_int(d.get("workspace_mib", 0), f"{where}.workspace_mib"),
+                version_compatible=bool(d.get("version_compatible", False)),
+                timing_cache=None if cache is None else str(cache),
+                files=tuple(files),
+            )
+        )
+    return tuple(sets)
+
+
+def runs_on(engine_set: EngineSet, gpu: str, compute_capability: str, runtime_version: str) -> bool:
+    """Whether a set can run on this GPU with this TensorRT runtime.
+
+    The GPU name and compute capability must match. The version must match
+    exactly, or, for a version-compatible set, have the same major version and
+    be at least as new.
+    """
+    if slug(engine_set.gpu) != slug(gpu) or engine_set.compute_capability != compute_capability:
+        return False
+    built = tuple(int(p) for p in _version(engine_set.tensorrt)[:3])
+    here = tuple(int(p) for p in _version(runtime_version)[:3])
+    if built == here:
+        return True
+    return engine_set.version_compatible and built[0] == here[0] and here >= built
+
+
+def select_engine_set(
+    sets: Sequence[EngineSet],
+    *,
+    gpu: str,
+    compute_capability: str,
+    runtime_version: str,
+    precision: str | None = None,
+    batch: int = 1,
+) -> EngineSet | None:
+    """The best set for this target, or None.
+
+    Among the sets that :func:`runs_on` this target, have the precision (any
+    when None) and take ``batch``: an exact TensorRT version first, then the
+    newest builder.
+    """
+    here = runtime_version.split(".")[:3]
+    fits = [
+        s
+        for s in sets
+        if runs_on(s, gpu, compute_capability, runtime_version)
+        and (precision is None or s.precision == precision)
+        and s.batch[2] >= batch
+    ]
+    if not fits:
+        return None
+    fits.sort(key=lambda s: (s.tensorrt.split(".")[:3] == here, [int(p) for p in s.tensorrt.split(".")]), reverse=True)
+    return fits[0]
+
+
+def describe_sets(sets: Mapping[str, EngineSet] | Sequence[EngineSet]) -> str:
+    """One line per set, for error messages."""
+    items = list(sets.values()) if isinstance(sets, Mapping) else list(sets)
+    if not items:
+        return "none"
+    return "; ".join(
+        f"{s.key} ({s.gpu}, sm {s.compute_capability}, TensorRT {s.tensorrt}, {s.precision})" for s in items
+    )

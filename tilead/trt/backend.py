@@ -1,0 +1,196 @@
+"""The native TensorRT backend: the extension's DevicePipeline with one engine per location.
+
+Per batch, on one CUDA stream owned by the extension (no torch, no second CUDA
+wrapper): the uint8 images go to the device once (through pinned memory); the
+CUDA tile kernel writes every location's tiles straight into the address its
+engine reads; each location's engine is enqueued with ``execute_async_v3``;
+untile, seam smoothing, crop and normalization run on the device; maps, masks
+and scores come back in one copy each.
+
+With a :class:`~tilead.runtime.timing.StageTimes` the backend synchronizes
+after every stage so each gets its own wall time (``h2d``, ``tile``,
+``location:<name>``, ``inference``, ``untile``, ``seam``, ``crop``,
+``normalize``, ``d2h``); without one it synchronizes only at the end.
+Calls are serialized by a lock (one pipeline per backend), which keeps the
+ONNX Runtime backend's promise: concurrent ``predict`` calls are safe.
+
+CUDA graph capture is not implemented. This module has never run on a GPU where
+it was written (there is none); ``tilead-doctor`` checks it on the first one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilead import _kernels
+from tilead.runtime.bundle import BundleError, Manifest, sha256_file
+from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
+from tilead.runtime.postprocess import BLEND_CODES, NormalizedMaps, labels_of, norm_params, tile_norm_arrays
+from tilead.runtime.preprocess import InputOrder
+from tilead.runtime.timing import StageTimes, timed
+from tilead.trt.modules import TensorRTUnavailableError, import_runtime, require_gpu
+
+log = logging.getLogger("tilead.trt")
+
+
+class TensorRTBackend:
+    """Engines of one engine set plus the device pipeline.
+
+    Args:
+        bundle: Bundle directory.
+        manifest: Its verified manifest.
+        precision: ``fp32``, ``fp16`` or None (any listed set).
+        max_batch: Largest batch per call (the engine set's profile must allow it).
+        build_on_load: Build the engines here when no listed set fits this GPU
+            (needs the full TensorRT builder).
+
+    Raises:
+        TensorRTUnavailableError: Without TensorRT, a GPU, or engines for this GPU.
+        BundleError: For a modified engine file or one TensorRT cannot load.
+    """
+
+    def __init__(
+        self, bundle: Path, manifest: Manifest, *, precision: str | None, max_batch: int, build_on_load: bool
+    ) -> None:
+        trt = import_runtime()
+        gpu, cc = require_gpu()
+        self.version = str(trt.__version__)
+        self.manifest = manifest
+        engine_set = select_engine_set(
+            manifest.engine_sets, gpu=gpu, compute_capability=cc, runtime_version=self.version,
+            precision=precision, batch=max_batch,
+        )  # fmt: skip
+        if engine_set is None:
+            if not build_on_load:
+                raise TensorRTUnavailableError(
+                    f"{bundle}: no TensorRT engines for {gpu} (sm {cc}) with TensorRT {self.version}, "
+                    f"precision {precision or 'any'}, batch {max_batch} "
+                    f"(listed: {describe_sets(manifest.engine_sets)}); "
+                    f"build them on this machine with `tilead-export {bundle} --trt` or pass build_on_load=True"
+                )
+            from tilead.trt.build import build_engines
+
+            engine_set = build_engines(bundle, precision=precision or "fp32", max_batch=max_batch, progress=False)
+        self.engine_set: EngineSet = engine_set
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engines: list[Any] = []
+        self._contexts: list[Any] = []
+        self._io: list[tuple[str, str]] = []
+        for f in engine_set.files:
+            path = Path(bundle) / f.file
+            if not path.is_file() or sha256_file(path) != f.sha256:
+                raise BundleError(f"engine {path}: missing or its sha256 differs from the manifest's; rebuild it")
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise BundleError(f"engine {path}: TensorRT {self.version} cannot deserialize it (see its log)")
+            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+            outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+            if len(inputs) != 1 or len(outputs) != 1:
+                raise BundleError(f"engine {path}: expected one input and one output, got {inputs} and {outputs}")
+            for name in (inputs[0], outputs[0]):
+                if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+                    raise BundleError(f"engine {path}: tensor {name} is not float32")
+            self._engines.append(engine)
+            self._contexts.append(engine.create_execution_context())
+            self._io.append((inputs[0], outputs[0]))
+        self.pipeline = _make_pipeline(manifest, max_batch)
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+
+    @property
+    def providers(self) -> list[str]:
+        """What runs the models, for reports."""
+        return [f"TensorRT {self.version} (native, engines {self.engine_set.key})"]
+
+    def _enqueue(self, n: int, timer: StageTimes | None) -> None:
+        m = self.manifest
+        c, (th, tw) = m.preprocessing.channels, m.grid.tile_size
+        stream = self.pipeline.stream
+        with timed(timer, "inference"):
+            for index, (ctx, (inp, out)) in enumerate(zip(self._contexts, self._io, strict=True)):
+                with timed(timer, f"location:{m.locations[index].name}"):
+                    ctx.set_input_shape(inp, (n, c, th, tw))
+                    ctx.set_tensor_address(inp, self.pipeline.tiles_address(index, n))
+                    ctx.set_tensor_address(out, self.pipeline.maps_address(index, n))
+                    if not ctx.execute_async_v3(stream):
+                        raise RuntimeError(f"location {m.locations[index].name}: TensorRT failed to enqueue")
+                    if timer is not None:
+                        self.pipeline.synchronize()
+
+    def _stage(self, timer: StageTimes | None, name: str, fn: Any, *args: Any) -> None:
+        with timed(timer, name):
+            fn(*args)
+            if timer is not None:
+                self.pipeline.synchronize()
+
+    def run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None) -> NormalizedMaps:
+        """Score a uint8 ``(n, H, W, C)`` batch (``n <= max_batch``).
+
+        Returns:
+            Maps ``(n, H, W)``, masks, raw scores, scores and labels.
+        """
+        m = self.manifest
+        n = batch.shape[0]
+        swap = batch.shape[3] == 3 and input_order not in ("GRAY", m.preprocessing.color_order)
+        p = self.pipeline
+        with self._lock:
+            self._stage(timer, "h2d", p.upload, np.ascontiguousarray(batch))
+            self._stage(timer, "tile", p.tile, n, swap)
+            self._enqueue(n, timer)
+            self._stage(timer, "untile", p.untile, n)
+            self._stage(timer, "seam", p.smooth_seams, n)
+            self._stage(timer, "crop", p.crop, n)
+            self._stage(timer, "normalize", p.normalize, n)
+            with timed(timer, "d2h"):
+                maps, masks, raw, scores = p.download(n)
+        labels = labels_of(scores, self._norm)
+        return NormalizedMaps(maps, masks.view(np.bool_), raw, scores, labels)
+
+    def location_maps(self, batch: np.ndarray, input_order: InputOrder) -> np.ndarray:
+        """Raw per-location maps ``(locations, n, h, w)`` float32 of a uint8 batch."""
+        n = batch.shape[0]
+        swap = batch.shape[3] == 3 and input_order not in ("GRAY", self.manifest.preprocessing.color_order)
+        with self._lock:
+            self.pipeline.upload(np.ascontiguousarray(batch))
+            self.pipeline.tile(n, swap)
+            self._enqueue(n, None)
+            out: np.ndarray = self.pipeline.download_location_maps(n)
+        return out
+
+    @property
+    def _norm(self) -> Any:
+        s = self.manifest.stats
+        return norm_params(s.pixel_threshold, s.image_threshold, s.pixel_range, s.image_range)
+
+    def close(self) -> None:
+        """Release contexts, engines and device memory (in that order)."""
+        with self._lock:
+            self._contexts.clear()
+            self._engines.clear()
+            self.pipeline = None
+
+
+def _make_pipeline(manifest: Manifest, max_batch: int) -> Any:
+    """The extension's DevicePipeline for this bundle's grid, preprocessing and post-processing."""
+    m = manifest
+    prep, stats = m.preprocessing, m.stats
+    tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
+    thresholds, scales = tile_norm_arrays(tile_stats, m.grid)
+    mode, pt, pmin, pmax, it, imin, imax = norm_params(
+        stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range
+    )
+    h, w = m.map_size
+    seam = m.seam
+    return _kernels.cuda.DevicePipeline(
+        m.grid.native, max_batch, prep.channels, prep.channels, prep.scale, prep.bias, h, w, BLEND_CODES[m.weights],
+        [] if thresholds is None else thresholds.tolist(), [] if scales is None else scales.tolist(),
+        0.0 if seam is None else seam.sigma, 0.0 if seam is None else seam.width,
+        mode, pt, pmin, pmax, it, imin, imax,
+    )  # fmt: skip

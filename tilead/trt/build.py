@@ -1,0 +1,217 @@
+"""Build one TensorRT engine per location from a bundle's ONNX (``tilead-export --trt``).
+
+Every location has the same architecture, so one timing cache serves them all:
+the first build measures the tactics and the others reuse them. The cache is
+saved next to the engines and reused by later builds of the same set.
+
+Engines are built version-compatible with the lean runtime excluded from the
+plan, so the small ``tensorrt_lean`` package can run them on the target. With
+TensorRT 10, FP16 is a builder flag; TensorRT 11 builds strongly typed networks
+only, so FP16 there means converting the ONNX to FP16 first
+(:func:`fp16_onnx_bytes`, inputs and outputs kept float32).
+
+Long builds resume: engines go to ``engines/<key>.partial/`` one atomic file at
+a time, a rerun skips the locations already there, and the folder is renamed to
+``engines/<key>/`` and listed in the manifest only when every location is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tilead.atomic import atomic_write_bytes, atomic_write_json
+from tilead.runtime.bundle import MANIFEST, read_manifest, sha256_file, verify_files
+from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
+from tilead.trt.modules import TensorRTUnavailableError, import_builder, major_version, require_gpu
+
+log = logging.getLogger("tilead.trt")
+
+TIMING_CACHE = "timing.cache"
+
+
+def fp16_onnx_bytes(path: Path) -> bytes:
+    """The ONNX model at ``path`` with float tensors converted to FP16, inputs and outputs kept float32.
+
+    Uses onnxconverter-common's converter (``pip install onnxconverter-common``).
+
+    Raises:
+        TensorRTUnavailableError: If onnxconverter-common is not installed.
+    """
+    try:
+        import onnx
+        from onnxconverter_common import float16
+    except ImportError as err:
+        raise TensorRTUnavailableError(
+            f"FP16 engines with TensorRT 11 need an FP16 ONNX, converted with onnxconverter-common ({err}): "
+            "pip install onnxconverter-common"
+        ) from None
+    model = onnx.load(str(path))
+    converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    return bytes(converted.SerializeToString())
+
+
+def _check_args(precision: str, opt_batch: int, max_batch: int, workspace_mib: int) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not 1 <= opt_batch <= max_batch:
+        raise ValueError(f"batch profile: expected 1 <= opt ({opt_batch}) <= max ({max_batch})")
+    if workspace_mib < 16:
+        raise ValueError(f"workspace_mib: expected at least 16, got {workspace_mib}")
+
+
+def _build_one(
+    trt: Any,
+    onnx_bytes: bytes,
+    shape: tuple[int, int, int],
+    *,
+    precision: str,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mib: int,
+    cache_bytes: bytes,
+    logger: Any,
+) -> tuple[bytes, bytes]:
+    """Build one engine; returns ``(plan, timing cache)``.
+
+    Raises:
+        RuntimeError: If the ONNX does not parse or the build fails (with the parser's errors).
+    """
+    major = major_version(trt)
+    builder = trt.Builder(logger)
+    flags = 0
+    typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None) if major >= 11 else None
+    if typed is not None:
+        flags |= 1 << int(typed)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT's ONNX parser rejected the model: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if precision == "fp16" and major == 10:
+        config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    name = network.get_input(0).name
+    profile = builder.create_optimization_profile()
+    profile.set_shape(name, (1, *shape), (opt_batch, *shape), (max_batch, *shape))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError("TensorRT's builder returned no engine (see the TensorRT log above for why)")
+    return bytes(plan), bytes(config.get_timing_cache().serialize())
+
+
+def build_engines(
+    bundle: str | Path,
+    *,
+    precision: str = "fp32",
+    opt_batch: int = 1,
+    max_batch: int = 8,
+    workspace_mib: int = 2048,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> EngineSet:
+    """Build (or find) this GPU's engine set for a bundle and list it in the manifest.
+
+    Args:
+        bundle: Bundle directory (``tilead-export`` output).
+        precision: ``fp32`` or ``fp16``.
+        opt_batch: Batch size the optimization profile is tuned for.
+        max_batch: Largest batch the engines take (profile minimum is 1).
+        workspace_mib: Builder workspace limit in MiB.
+        rebuild: Build again even when the manifest lists this set.
+        progress: Show a progress bar.
+
+    Returns:
+        The engine set (already listed in ``manifest.json``).
+
+    Raises:
+        TensorRTUnavailableError: Without the TensorRT builder or a usable GPU.
+        BundleError: For a missing or modified bundle.
+        RuntimeError: If TensorRT cannot parse or build a location's model.
+    """
+    _check_args(precision, opt_batch, max_batch, workspace_mib)
+    trt = import_builder()
+    gpu, cc = require_gpu()
+    root = Path(bundle)
+    from tilead import __version__
+
+    manifest = read_manifest(root, current_version=__version__)
+    verify_files(root, manifest)
+    key = engine_key(gpu, cc, str(trt.__version__), precision, max_batch, [loc.sha256 for loc in manifest.locations])
+    listed = {s.key: s for s in manifest.engine_sets}
+    if key in listed and not rebuild and all((root / f.file).is_file() for f in listed[key].files):
+        log.info("engines %s already built", key)
+        return listed[key]
+    engines = root / "engines"
+    partial = engines / f"{key}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    cache_path = partial / TIMING_CACHE
+    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    logger = trt.Logger(trt.Logger.WARNING)
+    shape = (manifest.preprocessing.channels, *manifest.grid.tile_size)
+    files = []
+    start = time.perf_counter()
+    bar = tqdm(manifest.locations, desc=f"TensorRT {precision}", unit="engine", disable=not progress)
+    for loc in bar:
+        target = partial / f"{loc.name}.engine"
+        if not target.is_file() or rebuild:
+            onnx_path = root / loc.file
+            data = (
+                fp16_onnx_bytes(onnx_path)
+                if precision == "fp16" and major_version(trt) >= 11
+                else onnx_path.read_bytes()
+            )
+            try:
+                plan, cache_bytes = _build_one(
+                    trt, data, shape, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
+                    workspace_mib=workspace_mib, cache_bytes=cache_bytes, logger=logger,
+                )  # fmt: skip
+            except RuntimeError as err:
+                raise RuntimeError(f"location {loc.name} ({onnx_path}): {err}") from None
+            atomic_write_bytes(target, plan)
+            atomic_write_bytes(cache_path, cache_bytes)
+        rel = f"engines/{key}/{loc.name}.engine"
+        files.append(EngineFile(loc.name, rel, sha256_file(target), target.stat().st_size))
+    final = engines / key
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    engine_set = EngineSet(
+        key=key,
+        gpu=gpu,
+        compute_capability=cc,
+        tensorrt=str(trt.__version__),
+        precision=precision,
+        batch=(1, opt_batch, max_batch),
+        workspace_mib=workspace_mib,
+        version_compatible=True,
+        timing_cache=f"engines/{key}/{TIMING_CACHE}",
+        files=tuple(files),
+    )
+    add_engine_set(root, engine_set)
+    log.info("built %d engines in %.1f s under %s", len(files), time.perf_counter() - start, final)
+    return engine_set
+
+
+def add_engine_set(bundle: Path, engine_set: EngineSet) -> None:
+    """List ``engine_set`` in the bundle's manifest (replacing a set with the same key), atomically."""
+    import json
+
+    path = Path(bundle) / MANIFEST
+    data = json.loads(path.read_text(encoding="utf-8"))
+    sets = [s for s in data.get("engines", []) if s.get("key") != engine_set.key]
+    sets.append(engine_set.to_dict())
+    data["engines"] = sets
+    atomic_write_json(path, data)
