@@ -301,3 +301,22 @@ def test_tensorrt_predictor_matches_onnxruntime_cpu(tiny_trained: tuple[Path, Pa
     shutil.copytree(tiny_trained[1], bundle)
     checks = gpu_checks(bundle, build=True)
     assert summary(checks) == "pass", [c for c in checks if c.status != "pass"]
+
+
+@pytest.mark.integration
+def test_fp16_conversion_of_a_tilead_export_runs_and_stays_close(tiny_trained: tuple[Path, Path]) -> None:
+    import warnings
+
+    import onnxruntime as ort
+
+    from tilead.trt.build import fp16_onnx_bytes
+
+    path = tiny_trained[1] / "tiles" / "r0c0.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter warns about every tiny weight it rounds
+        half = fp16_onnx_bytes(path)
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    want = ort.InferenceSession(str(path)).run(None, {"tiles": x})[0]
+    got = ort.InferenceSession(half).run(None, {"tiles": x})[0]
+    assert got.dtype == np.float32
+    assert np.abs(got - want).max() <= 0.01 * np.ptp(want)  # measured 0.2 % of the map range

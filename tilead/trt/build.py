@@ -36,6 +36,27 @@ log = logging.getLogger("tilead.trt")
 TIMING_CACHE = "timing.cache"
 
 
+def _float32_weights(model: Any) -> None:
+    """Make a graph all-float32 in place: fp16 initializers that are cast to float32 become float32.
+
+    tilead's exports store the large PaDiM weights in fp16 followed by a Cast;
+    the FP16 converter expects a float32 graph, so those pairs become a float32
+    initializer and an Identity first.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    halves = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    for node in model.graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to == TensorProto.FLOAT and node.input[0] in halves:
+            tensor = halves[node.input[0]]
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+            node.op_type = "Identity"
+            del node.attribute[:]
+    del model.graph.value_info[:]  # recorded intermediate types may name fp16; shape inference redoes them
+
+
 def fp16_onnx_bytes(path: Path) -> bytes:
     """The ONNX model at ``path`` with float tensors converted to FP16, inputs and outputs kept float32.
 
@@ -53,6 +74,7 @@ def fp16_onnx_bytes(path: Path) -> bytes:
             "pip install onnxconverter-common"
         ) from None
     model = onnx.load(str(path))
+    _float32_weights(model)
     converted = float16.convert_float_to_float16(model, keep_io_types=True)
     return bytes(converted.SerializeToString())
 
