@@ -112,6 +112,7 @@ def load_predictor(
         "location_workers": predictor.location_workers,
         "providers": predictor.providers,
         "max_batch": max_batch,
+        "device_memory_mib": None if predictor.device_memory_bytes is None else predictor.device_memory_bytes / 2**20,
     }
     return PredictorTarget(f"tilead {info['backend']}", load_s, info, predictor)
 

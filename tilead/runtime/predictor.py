@@ -210,6 +210,11 @@ class Predictor:
         return self.manifest.preprocessing.channels
 
     @property
+    def device_memory_bytes(self) -> int | None:
+        """Device memory the TensorRT backend holds (buffers + engine activations); None for ONNX Runtime."""
+        return None if self._trt is None else int(self._trt.device_bytes)
+
+    @property
     def providers(self) -> list[str]:
         """What runs the models: ONNX Runtime's execution providers in priority order, or the TensorRT engines."""
         if self._trt is not None:

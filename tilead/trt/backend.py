@@ -105,6 +105,12 @@ class TensorRTBackend:
         self._lock = threading.Lock()
 
     @property
+    def device_bytes(self) -> int:
+        """Device memory this backend holds: the pipeline's buffers plus every engine's activation memory."""
+        pipeline = 0 if self.pipeline is None else int(self.pipeline.device_bytes)
+        return pipeline + sum(int(e.device_memory_size_v2) for e in self._engines)
+
+    @property
     def providers(self) -> list[str]:
         """What runs the models, for reports."""
         return [f"TensorRT {self.version} (native, engines {self.engine_set.key})"]
