@@ -494,6 +494,10 @@ PYBIND11_MODULE(_kernels, m) {
   py::class_<Grid>(m, "Grid", "Validated tile grid; the geometry every kernel uses.")
       .def(py::init(&make_grid), py::arg("image_h"), py::arg("image_w"), py::arg("tile_h"), py::arg("tile_w"),
            py::arg("stride_h"), py::arg("stride_w"), py::arg("edge"))
+      .def_property_readonly("image_h", [](const Grid& g) { return g.y.size; })
+      .def_property_readonly("image_w", [](const Grid& g) { return g.x.size; })
+      .def_property_readonly("tile_h", [](const Grid& g) { return g.y.tile; })
+      .def_property_readonly("tile_w", [](const Grid& g) { return g.x.tile; })
       .def_property_readonly("rows", [](const Grid& g) { return g.y.count; })
       .def_property_readonly("cols", [](const Grid& g) { return g.x.count; })
       .def_property_readonly("canvas_h", [](const Grid& g) { return g.y.canvas; })

@@ -1,0 +1,106 @@
+"""The TensorRT backend's orchestration, run end to end on the CPU through a stand-in (tests/fake_tensorrt.py).
+
+The stand-in replaces the extension's DevicePipeline by the CPU twins of the
+same kernels and a TensorRT engine by its ONNX model on ONNX Runtime, keyed by
+fake device addresses. So this checks what the backend itself decides: which
+engine set it takes, that each location's engine reads that location's tile
+block and writes its map block for the batch size at hand, the channel-order
+flag, the normalization parameters, labels, per-stage timing and the errors.
+It does not check CUDA or TensorRT (tilead-doctor does, on a GPU).
+"""
+
+from __future__ import annotations
+
+import shutil
+import types
+from pathlib import Path
+
+import fake_tensorrt
+import numpy as np
+import pytest
+
+from tilead.runtime import BundleError, Predictor
+from tilead.runtime.bundle import read_manifest, sha256_file
+from tilead.runtime.engines import EngineFile, EngineSet, engine_key
+from tilead.trt import backend
+from tilead.trt.build import add_engine_set
+from tilead.trt.modules import TensorRTUnavailableError
+
+pytestmark = pytest.mark.integration
+
+GPU, CC, VERSION = "Fake GPU", "9.0", "11.4.0.106"
+
+
+@pytest.fixture
+def bundle(tiny_trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the tiny bundle with a "TensorRT" engine set whose plans are the ONNX models."""
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_trained[1], root)
+    manifest = read_manifest(root)
+    key = engine_key(GPU, CC, VERSION, "fp32", 4, [loc.sha256 for loc in manifest.locations])
+    files = []
+    for loc in manifest.locations:
+        target = root / "engines" / key / f"{loc.name}.engine"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / loc.file, target)
+        files.append(
+            EngineFile(loc.name, target.relative_to(root).as_posix(), sha256_file(target), target.stat().st_size)
+        )
+    engines = EngineSet(key, GPU, CC, VERSION, "fp32", (1, 2, 4), 256, True, None, tuple(files))
+    add_engine_set(root, engines)
+    monkeypatch.setattr(backend, "import_runtime", fake_tensorrt.make_module)
+    monkeypatch.setattr(backend, "require_gpu", lambda: (GPU, CC))
+    cuda = types.SimpleNamespace(DevicePipeline=fake_tensorrt.FakePipeline)
+    monkeypatch.setattr(backend, "_kernels", types.SimpleNamespace(cuda=cuda))
+    return root
+
+
+def _images(tiny_trained: tuple[Path, Path]) -> list[np.ndarray]:
+    import cv2
+
+    paths = sorted((tiny_trained[0].parent / "data").rglob("test/*/*.png"))
+    images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths[:3]]
+    assert all(im is not None for im in images)
+    return [np.asarray(im) for im in images]
+
+
+def test_tensorrt_backend_matches_onnxruntime(bundle: Path, tiny_trained: tuple[Path, Path]) -> None:
+    images = _images(tiny_trained)
+    with Predictor(bundle, max_batch=4) as cpu:
+        want = cpu.predict(images)
+        want_maps = cpu.location_maps(images)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        assert trt.providers[0].startswith(f"TensorRT {VERSION} (native, engines fake-gpu-sm90-trt11.4.0-fp32-b4-")
+        assert trt.device_memory_bytes is not None
+        got = trt.predict(images)
+        got_maps = trt.location_maps(images)
+        rgb = trt.predict([np.ascontiguousarray(im[..., ::-1]) for im in images], input_order="RGB")
+        one = trt.predict(images[0])
+        timed, times = trt.predict_timed(images[:2])
+    assert isinstance(want, list)
+    assert isinstance(got, list)
+    assert isinstance(rgb, list)
+    np.testing.assert_allclose(got_maps, want_maps, atol=1e-5)
+    for g, w, r in zip(got, want, rgb, strict=True):
+        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=1e-5)
+        np.testing.assert_array_equal(g.mask, w.mask)
+        assert g.label == w.label
+        assert g.score == pytest.approx(w.score, abs=1e-5)
+        np.testing.assert_allclose(r.anomaly_map, w.anomaly_map, atol=1e-5)  # RGB input swaps channels back
+    assert not isinstance(one, list)
+    np.testing.assert_allclose(one.anomaly_map, want[0].anomaly_map, atol=1e-5)
+    np.testing.assert_allclose(timed[1].anomaly_map, want[1].anomaly_map, atol=1e-5)
+    stages = set(times.seconds)
+    assert {"h2d", "tile", "inference", "untile", "seam", "crop", "normalize", "d2h"} <= stages
+    assert {f"location:r{r}c{c}" for r in (0, 1) for c in (0, 1)} <= stages
+
+
+def test_engine_selection_and_integrity_errors(bundle: Path) -> None:
+    with pytest.raises(TensorRTUnavailableError, match=r"no TensorRT engines for Fake GPU .*precision fp16"):
+        Predictor(bundle, device="cuda", backend="tensorrt", precision="fp16")
+    with pytest.raises(TensorRTUnavailableError, match=r"batch 8 .*tilead-export .* --trt"):
+        Predictor(bundle, device="cuda", backend="tensorrt", max_batch=8)  # the profile's max is 4
+    engine = next((bundle / "engines").rglob("r1c0.engine"))
+    engine.write_bytes(engine.read_bytes()[:-1] + b"x")
+    with pytest.raises(BundleError, match=r"r1c0\.engine: missing or its sha256 differs"):
+        Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4)

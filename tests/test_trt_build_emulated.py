@@ -1,0 +1,138 @@
+"""build_engines' orchestration against a TensorRT builder stand-in (tests/fake_tensorrt.py).
+
+Checks what tilead decides, not what TensorRT builds: the key, the flags per
+TensorRT major version (FP16 flag on 10, an FP16 ONNX on 11), the batch
+profile, one timing cache threaded through every location and saved, resuming
+after an interruption, and the manifest entry with each engine's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import fake_tensorrt
+import pytest
+
+from tilead.runtime.bundle import read_manifest, sha256_file
+from tilead.trt import build
+from tilead.trt.modules import missing_api
+
+NAMES = ["r0c0", "r0c1", "r1c0", "r1c1"]
+
+
+def _bundle(root: Path) -> Path:
+    """A bundle whose 'ONNX' files are small byte strings (the stand-in builder only hashes them)."""
+    locations = []
+    for name in NAMES:
+        path = root / "tiles" / f"{name}.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"model {name}".encode())
+        locations.append({"name": name, "file": f"tiles/{name}.onnx", "sha256": sha256_file(path),
+                          "bytes": path.stat().st_size})  # fmt: skip
+    manifest: dict[str, Any] = {
+        "schema_version": 1,
+        "grid": {"image_size": [64, 64], "tile_size": [48, 40], "stride": [16, 24]},
+        "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3, "color_order": "RGB"},
+        "model": {"family": "padim", "map_size": [6, 5]},
+        "locations": locations,
+        "postprocess": {"weights": "uniform"},
+        "normalization": {"stage": "none", "pixel_threshold": 1.0, "image_threshold": 1.0},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def builder(monkeypatch: pytest.MonkeyPatch) -> Any:
+    def install(major: int) -> list[str]:
+        log: list[str] = []
+        module = fake_tensorrt.make_builder_module(major, log)
+        monkeypatch.setattr(build, "import_builder", lambda: module)
+        monkeypatch.setattr(build, "require_gpu", lambda: ("Fake GPU", "8.7"))
+        monkeypatch.setattr(build, "fp16_onnx_bytes", lambda path: b"fp16 " + Path(path).read_bytes())
+        return log
+
+    return install
+
+
+def test_the_stand_in_has_the_builder_api_tilead_uses() -> None:
+    from tilead.trt.modules import BUILDER_API, BUILDER_ENUMS
+
+    for major in (10, 11):
+        module = fake_tensorrt.make_builder_module(major, [])
+        assert missing_api(module, BUILDER_API + BUILDER_ENUMS[major]) == []
+
+
+def test_fp32_build_shares_one_timing_cache_and_lists_the_set(builder: Any, tmp_path: Path) -> None:
+    log = builder(11)
+    root = _bundle(tmp_path / "b")
+    engines = build.build_engines(root, precision="fp32", opt_batch=2, max_batch=4, workspace_mib=64, progress=False)
+    assert engines.key.startswith("fake-gpu-sm87-trt11.4.0-fp32-b4-")
+    builds = [line for line in log if line.startswith("build")]
+    # Every location is version-compatible without the lean runtime, strongly typed (11), and starts from the cache
+    # the previous one left: one timing cache for the bundle.
+    assert builds == [f"build flags=VERSION_COMPATIBLE,EXCLUDE_LEAN_RUNTIME network={1 << 5} cache={'+' * i}"
+                      for i in range(4)]  # fmt: skip
+    assert "workspace 64" in log
+    folder = root / "engines" / engines.key
+    assert (folder / "timing.cache").read_bytes() == b"++++"
+    plan = (folder / "r1c0.engine").read_bytes()
+    assert plan.endswith(b"|model r1c0")  # the location's own model, in float32
+    assert b"((1, 3, 48, 40), (2, 3, 48, 40), (4, 3, 48, 40))" in plan  # the batch profile
+    listed = read_manifest(root).engine_sets
+    assert listed == (engines,)
+    assert [f.sha256 for f in engines.files] == [hashlib.sha256((folder / f"{n}.engine").read_bytes()).hexdigest()
+                                                 for n in NAMES]  # fmt: skip
+    # Asking again finds the set; nothing is rebuilt.
+    assert build.build_engines(root, precision="fp32", opt_batch=2, max_batch=4, progress=False) == engines
+    assert len([line for line in log if line.startswith("build")]) == 4
+
+
+def test_fp16_is_a_flag_on_tensorrt_10_and_an_fp16_onnx_on_11(builder: Any, tmp_path: Path) -> None:
+    log10 = builder(10)
+    e10 = build.build_engines(_bundle(tmp_path / "a"), precision="fp16", progress=False)
+    assert "FP16" in log10[-1].split()[1]
+    assert (tmp_path / "a" / e10.files[0].file).read_bytes().endswith(b"|model r0c0")
+    log11 = builder(11)
+    e11 = build.build_engines(_bundle(tmp_path / "b"), precision="fp16", progress=False)
+    assert "FP16" not in log11[-1].split()[1]
+    assert (tmp_path / "b" / e11.files[0].file).read_bytes().endswith(b"|fp16 model r0c0")
+
+
+def test_an_interrupted_build_resumes(builder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log = builder(11)
+    root = _bundle(tmp_path / "b")
+    real = build._build_one
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> tuple[bytes, bytes]:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "_build_one", failing)
+    with pytest.raises(RuntimeError, match=r"location r1c0 .*out of memory"):
+        build.build_engines(root, progress=False)
+    assert read_manifest(root).engine_sets == ()  # nothing listed until complete
+    partial = next((root / "engines").glob("*.partial"))
+    assert sorted(p.name for p in partial.iterdir()) == ["r0c0.engine", "r0c1.engine", "timing.cache"]
+    monkeypatch.setattr(build, "_build_one", real)
+    engines = build.build_engines(root, progress=False)
+    builds = [line for line in log if line.startswith("build")]
+    assert len(builds) == 4  # two before the failure, two after: r0c0 and r0c1 were not built again
+    assert builds[-1].endswith("cache=+++")  # the saved cache was picked up again
+    assert not partial.exists()
+    assert read_manifest(root).engine_sets == (engines,)
+
+
+def test_bad_build_arguments(builder: Any, tmp_path: Path) -> None:
+    builder(11)
+    root = _bundle(tmp_path / "b")
+    with pytest.raises(ValueError, match="precision"):
+        build.build_engines(root, precision="int8")
+    with pytest.raises(ValueError, match=r"opt \(8\) <= max \(4\)"):
+        build.build_engines(root, opt_batch=8, max_batch=4)
