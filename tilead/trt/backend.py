@@ -30,7 +30,14 @@ import numpy as np
 from tilead import _kernels
 from tilead.runtime.bundle import BundleError, Manifest, sha256_file
 from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
-from tilead.runtime.postprocess import BLEND_CODES, NormalizedMaps, labels_of, norm_params, tile_norm_arrays
+from tilead.runtime.postprocess import (
+    BLEND_CODES,
+    NormalizedMaps,
+    NormParams,
+    labels_of,
+    norm_params,
+    tile_norm_arrays,
+)
 from tilead.runtime.preprocess import InputOrder
 from tilead.runtime.timing import StageTimes, timed
 from tilead.trt.modules import TensorRTUnavailableError, import_runtime, require_gpu
@@ -100,7 +107,12 @@ class TensorRTBackend:
             self._engines.append(engine)
             self._contexts.append(engine.create_execution_context())
             self._io.append((inputs[0], outputs[0]))
-        self.pipeline = _make_pipeline(manifest, max_batch)
+        stats = manifest.stats
+        # Normalization parameters: the pipeline's kernel and the labels use the same ones, computed once.
+        self._norm: NormParams = norm_params(
+            stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range
+        )
+        self.pipeline = _make_pipeline(manifest, max_batch, self._norm)
         self.max_batch = max_batch
         self._lock = threading.Lock()
 
@@ -142,9 +154,8 @@ class TensorRTBackend:
         Returns:
             Maps ``(n, H, W)``, masks, raw scores, scores and labels.
         """
-        m = self.manifest
         n = batch.shape[0]
-        swap = batch.shape[3] == 3 and input_order not in ("GRAY", m.preprocessing.color_order)
+        swap = self._swap(batch, input_order)
         p = self.pipeline
         with self._lock:
             self._stage(timer, "h2d", p.upload, np.ascontiguousarray(batch))
@@ -162,7 +173,7 @@ class TensorRTBackend:
     def location_maps(self, batch: np.ndarray, input_order: InputOrder) -> np.ndarray:
         """Raw per-location maps ``(locations, n, h, w)`` float32 of a uint8 batch."""
         n = batch.shape[0]
-        swap = batch.shape[3] == 3 and input_order not in ("GRAY", self.manifest.preprocessing.color_order)
+        swap = self._swap(batch, input_order)
         with self._lock:
             self.pipeline.upload(np.ascontiguousarray(batch))
             self.pipeline.tile(n, swap)
@@ -170,10 +181,9 @@ class TensorRTBackend:
             out: np.ndarray = self.pipeline.download_location_maps(n)
         return out
 
-    @property
-    def _norm(self) -> Any:
-        s = self.manifest.stats
-        return norm_params(s.pixel_threshold, s.image_threshold, s.pixel_range, s.image_range)
+    def _swap(self, batch: np.ndarray, input_order: InputOrder) -> bool:
+        """Whether the tile kernel must swap R and B: the images' order differs from the model's."""
+        return batch.shape[3] == 3 and input_order not in ("GRAY", self.manifest.preprocessing.color_order)
 
     def close(self) -> None:
         """Release contexts, engines and device memory (in that order)."""
@@ -183,20 +193,17 @@ class TensorRTBackend:
             self.pipeline = None
 
 
-def _make_pipeline(manifest: Manifest, max_batch: int) -> Any:
+def _make_pipeline(manifest: Manifest, max_batch: int, norm: NormParams) -> Any:
     """The extension's DevicePipeline for this bundle's grid, preprocessing and post-processing."""
     m = manifest
     prep, stats = m.preprocessing, m.stats
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
     thresholds, scales = tile_norm_arrays(tile_stats, m.grid)
-    mode, pt, pmin, pmax, it, imin, imax = norm_params(
-        stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range
-    )
     h, w = m.map_size
     seam = m.seam
     return _kernels.cuda.DevicePipeline(
         m.grid.native, max_batch, prep.channels, prep.channels, prep.scale, prep.bias, h, w, BLEND_CODES[m.weights],
         [] if thresholds is None else thresholds.tolist(), [] if scales is None else scales.tolist(),
         0.0 if seam is None else seam.sigma, 0.0 if seam is None else seam.width,
-        mode, pt, pmin, pmax, it, imin, imax,
+        *norm,
     )  # fmt: skip
