@@ -67,9 +67,9 @@ def _random_padim_state(seed: int, positions: int, d: int) -> dict[str, Any]:
 def test_a_reused_graph_is_byte_identical_to_a_fresh_export(tmp_path: Path) -> None:
     import torch
 
-    from tilead.exporter.bundle import HEAD_BLOCKS
     from tilead.exporter.onnx_export import export_like, export_location
     from tilead.trainer.backbones import build_backbone
+    from tilead.trainer.detectors.padim import HEAD_BLOCKS
     from tilead.trainer.padim import PadimSettings, build_location_model
 
     def models(backbone: Any) -> list[Any]:

@@ -8,13 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tilead.trainer.maps import gaussian_kernel1d, map_size
 from tilead.trainer.padim import (
     PadimAccumulator,
     PadimHead,
     channel_subset,
     check_strides,
-    gaussian_kernel1d,
-    map_size,
     state_nbytes,
     state_tensors,
 )

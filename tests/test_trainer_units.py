@@ -13,7 +13,7 @@ import yaml
 
 from tilead.runtime import SeamSmoothing, TileGrid, merge_maps
 from tilead.runtime.stats import NormalizationStats, TileStats, postprocess_maps
-from tilead.trainer.config import ConfigError, load_config, parse_config
+from tilead.trainer.config import ConfigError, PadimConfig, load_config, parse_config
 from tilead.trainer.io import atomic_write_bytes, load_tensors, read_metadata, save_tensors
 from tilead.trainer.overlays import overlay, pick_overlays
 from tilead.trainer.validation import canvas_masks, compute_stats
@@ -28,6 +28,7 @@ def _minimal(**extra: Any) -> dict[str, Any]:
 def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     cfg = parse_config(_minimal(), base_dir=tmp_path)
     assert cfg.data.root == tmp_path / "data"  # relative to the config's folder
+    assert isinstance(cfg.model, PadimConfig)  # the default family
     assert cfg.model.backbone.name == "efficientnet_lite0"
     assert cfg.model.backbone.layers == ("blocks.1", "blocks.2", "blocks.3")
     assert cfg.model.feature_stride == 8

@@ -18,7 +18,7 @@ from tilead.cli._common import fail_on_errors, parse_overrides
     "config_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help="YAML config (see configs/padim_bottle.yaml).",
+    help="YAML config (configs/padim_bottle.yaml, patchcore_bottle.yaml, stfpm_bottle.yaml, ...).",
 )
 @click.option(
     "--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [runs/<name>]."
@@ -36,7 +36,7 @@ from tilead.cli._common import fail_on_errors, parse_overrides
 def main(
     config_path: Path, output: Path | None, resume: bool, overrides: tuple[str, ...], then_eval: bool, quiet: bool
 ) -> None:
-    """Fit one PaDiM model per tile location, then the validation statistics."""
+    """Fit one detector (model.family: padim, patchcore, stfpm) per tile location, then the validation statistics."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with fail_on_errors():
         from tilead.trainer.config import load_config

@@ -24,15 +24,14 @@ import tilead
 from tilead.exporter.onnx_export import DEFAULT_OPSET, check_onnx, compare_with_eager, export_like, export_location
 from tilead.runtime import TileGrid
 from tilead.runtime.bundle import INPUT_NAME, MANIFEST, OUTPUT_NAME, SCHEMA_VERSION, location_files, sha256_file
+from tilead.trainer.detectors import create_detector
 from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
 from tilead.trainer.io import atomic_write_json
-from tilead.trainer.padim import map_size
 from tilead.trainer.pipeline import load_stats
 from tilead.trainer.run_dir import open_run, read_json
 
 log = logging.getLogger("tilead.exporter")
 PARITY_TOLERANCE = 1e-5  # max abs ONNX-vs-eager difference, relative to the map's range
-HEAD_BLOCKS = 4  # block rows of the exported Mahalanobis form (BlockRowPadimHead); 62.5 % of the matrix bytes
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,10 @@ def export_bundle(
     extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
     prep = make_preprocessing(cfg, extractor)
     models = load_location_models(cfg, paths, grid, extractor)
-    # The exported graph computes the Mahalanobis form on block rows (fewer bytes of the memory-bound
-    # per-position matrices); its ONNX output is checked against the plain eager model below.
-    exported = load_location_models(cfg, paths, grid, extractor, head_blocks=HEAD_BLOCKS)
+    # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
+    # the memory-bound per-position matrices); its ONNX output is checked against the plain eager model below.
+    exported = load_location_models(cfg, paths, grid, extractor, export=True)
+    detector = create_detector(cfg, extractor, grid.tile_size)
     tile_shape = (prep.channels, *grid.tile_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -116,7 +116,7 @@ def export_bundle(
             parity[name] = diff
             entries.append({"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size})
             log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
-        h, w = map_size(grid.tile_size, cfg.model.feature_stride)
+        h, w = detector.map_size
         seam = cfg.postprocess.seam_smoothing()
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -127,13 +127,13 @@ def export_bundle(
             "model": {
                 "family": cfg.model.family,
                 "backbone": cfg.model.backbone.name,
-                "output_stride": cfg.model.feature_stride,
+                "output_stride": detector.output_stride,
                 "map_size": [h, w],
                 "input": INPUT_NAME,
                 "output": OUTPUT_NAME,
                 "opset": opset,
                 "dtype": "float32",
-                "mahalanobis_blocks": HEAD_BLOCKS,
+                **detector.manifest_info(),
             },
             "locations": entries,
             "postprocess": {

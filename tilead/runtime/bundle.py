@@ -101,6 +101,7 @@ _MODEL_KEYS = (
     "backbone",
     "dtype",
     "mahalanobis_blocks",
+    "detector",
 )
 
 

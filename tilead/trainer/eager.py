@@ -17,8 +17,8 @@ import numpy as np
 from tilead.runtime import NormalizationStats, NormalizedMaps, Preprocessing, TileGrid, postprocess_maps
 from tilead.runtime.timing import StageTimes
 from tilead.trainer.config import RunConfig
+from tilead.trainer.detectors import LocationModel
 from tilead.trainer.ensemble import load_location_models, location_forward, make_backbone, make_preprocessing
-from tilead.trainer.padim import PadimLocationModel
 from tilead.trainer.run_dir import open_run, read_json
 
 
@@ -37,7 +37,7 @@ class EagerEnsemble:
     cfg: RunConfig
     grid: TileGrid
     prep: Preprocessing
-    models: list[PadimLocationModel]
+    models: list[LocationModel]
     stats: NormalizationStats
 
     def location_maps(self, images: np.ndarray, timer: StageTimes | None = None) -> np.ndarray:

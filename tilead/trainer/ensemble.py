@@ -3,9 +3,10 @@
 Fitting goes location by location (or ``train.workers`` locations at a time
 in separate processes): the training images are streamed in batches, cut by
 the runtime's tile kernel (exactly the Predictor's preprocessing), and only
-the current location's block goes through the backbone into that location's
-:class:`~tilead.trainer.padim.PadimAccumulator`. Memory is therefore one
-location's statistics plus one batch, whatever the grid. A location's
+the current location's block is streamed (:class:`LocationTiles`) into the
+run's detector (:mod:`tilead.trainer.detectors`, selected by
+``model.family``), which fits that location. Memory is therefore one
+location's state plus what the detector keeps, whatever the grid. A location's
 checkpoint is written (atomically) as soon as it is done, so an interrupted
 run loses at most the location in progress and ``--resume`` skips the rest.
 
@@ -16,10 +17,12 @@ image maps (validation and evaluation both use it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -36,43 +39,30 @@ from tilead.runtime.timing import StageTimes, timed
 from tilead.trainer.backbones import FeatureExtractor, build_backbone, describe_backbone
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import DatasetSplits, Sample
-from tilead.trainer.images import ImageLoader
-from tilead.trainer.io import load_tensors, read_metadata, save_tensors
-from tilead.trainer.padim import (
-    Embedding,
-    PadimAccumulator,
-    PadimLocationModel,
-    PadimSettings,
-    build_location_model,
-    channel_subset,
-    check_strides,
-    map_size,
-    state_nbytes,
-    state_tensors,
+from tilead.trainer.detectors.base import (
+    Detector,
+    LocationModel,
+    create_detector,
+    detector_class,
+    load_state,
+    save_state,
 )
+from tilead.trainer.images import ImageLoader
+from tilead.trainer.io import read_metadata
 from tilead.trainer.run_dir import RunPaths
 
 log = logging.getLogger("tilead.trainer")
 
 
-def padim_settings(cfg: RunConfig) -> PadimSettings:
-    """The PaDiM settings of a run config."""
-    m = cfg.model
-    return PadimSettings(
-        feature_stride=m.feature_stride,
-        n_features=m.n_features,
-        eps=m.covariance_eps,
-        blur_sigma=m.blur_sigma,
-        storage_dtype=m.storage_dtype,
-        seed=cfg.seed,
-    )
-
-
 def make_backbone(cfg: RunConfig) -> FeatureExtractor:
-    """The run's frozen backbone (channels-last, which is faster on CPU)."""
+    """The run's frozen backbone (channels-last, which is faster on CPU), checked by the detector.
+
+    Raises:
+        ValueError: If the detector rejects the backbone's layers for its settings.
+    """
     b = cfg.model.backbone
     extractor = build_backbone(b.name, b.layers, b.weights)
-    check_strides(extractor.info.strides, cfg.model.feature_stride)
+    detector_class(cfg.model.family).check_backbone(extractor.info, cfg.model)
     return extractor.to(memory_format=torch.channels_last)
 
 
@@ -149,10 +139,63 @@ def _to_torch(block: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(block).contiguous(memory_format=torch.channels_last)
 
 
-def location_metadata(cfg: RunConfig, location: str, count: int, seconds: float) -> dict[str, str]:
+class LocationTiles:
+    """One location's normalized tiles of some images: a re-iterable :class:`~tilead.trainer.detectors.TileSource`.
+
+    Every pass re-reads the images (in order) and cuts them with the runtime's
+    tile kernel, exactly as the Predictor does; batches are float32
+    ``(n, C, th, tw)`` channels-last tensors.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, samples: Sequence[Sample], grid: TileGrid, prep: Preprocessing, index: int, label: str
+    ) -> None:
+        self.cfg = cfg
+        self.samples = tuple(samples)
+        self.grid = grid
+        self.prep = prep
+        self.index = index
+        self.label = label
+        self.batch_size = cfg.train.batch_size
+        self.num_images = len(self.samples)
+
+    def __len__(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if not self.samples:
+            return
+        loader = ImageLoader(self.cfg.data)
+        for batch in loader.iter_batches(self.samples, self.batch_size):
+            tiles = _location_tiles(batch.images, self.grid, self.prep, self.cfg.data.channel_order)
+            yield _to_torch(np.ascontiguousarray(tiles[self.index]))
+
+
+def holdout_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Split fit images into ``(fit, holdout)`` for a detector that asks for a holdout.
+
+    ``fraction`` 0 holds out nothing; otherwise a seeded ``max(1, round(n * fraction))``.
+
+    Raises:
+        ValueError: If fewer than 2 images would be left to fit.
+    """
+    if fraction <= 0:
+        return list(samples), []
+    n = len(samples)
+    n_hold = max(1, round(n * fraction))
+    if n - n_hold < 2:
+        raise ValueError(f"detector holdout fraction {fraction}: {n} fit images, holding out {n_hold} leaves < 2")
+    rng = np.random.default_rng(seed + 7919)  # independent of the validation split's draw
+    chosen = set(rng.choice(n, size=n_hold, replace=False).tolist())
+    return [s for i, s in enumerate(samples) if i not in chosen], [s for i, s in enumerate(samples) if i in chosen]
+
+
+def location_metadata(
+    cfg: RunConfig, location: str, count: int, seconds: float, detector: Detector | None = None
+) -> dict[str, str]:
     """String metadata stored in a location checkpoint."""
     return {
-        "format": "tilead.padim.v1",
+        "format": detector.state_format if detector is not None else "tilead.padim.v1",
         "location": location,
         "fit_key": cfg.fit_key(),
         "images": str(count),
@@ -184,7 +227,7 @@ def fit_location(
     backbone: FeatureExtractor | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit one location's PaDiM model and save its checkpoint.
+    """Fit one location's detector and save its checkpoint.
 
     Args:
         cfg: Run config.
@@ -193,7 +236,7 @@ def fit_location(
         samples: Good training images.
         grid: The tile grid.
         backbone: A prebuilt backbone (built from the config when None).
-        progress: Show a per-batch progress bar.
+        progress: Show progress bars.
 
     Returns:
         A summary (location, images, seconds, state bytes).
@@ -203,24 +246,21 @@ def fit_location(
     name = location_name(row, col)
     extractor = backbone if backbone is not None else make_backbone(cfg)
     prep = make_preprocessing(cfg, extractor)
-    settings = padim_settings(cfg)
-    size = map_size(grid.tile_size, settings.feature_stride)
-    index_t = channel_subset(sum(extractor.info.channels), settings.n_features, settings.seed)
-    embed = Embedding(extractor, settings.feature_stride, index_t, size)
-    acc = PadimAccumulator(size[0] * size[1], settings.n_features)
-    loader = ImageLoader(cfg.data)
-    batches = loader.iter_batches(samples, cfg.train.batch_size, progress=f"fit {name}" if progress else None)
-    with torch.inference_mode():
-        for batch in batches:
-            tiles = _location_tiles(batch.images, grid, prep, cfg.data.channel_order)
-            acc.update(embed(_to_torch(tiles[index])))
-    mean, inv_cov = acc.finalize(settings.eps)
-    tensors = state_tensors(mean, inv_cov, index_t, settings.storage_dtype)
+    detector = create_detector(cfg, extractor, grid.tile_size)
+    fit_samples, held = holdout_split(samples, detector.holdout_fraction, cfg.seed)
+    fit = LocationTiles(cfg, fit_samples, grid, prep, index, f"fit {name}")
+    holdout = LocationTiles(cfg, held, grid, prep, index, f"holdout {name}")
+    detector.work_dir = paths.partial(name)  # resumable progress inside the location, if the detector keeps any
+    state = detector.fit(fit, holdout, progress=progress)
     seconds = time.perf_counter() - start
-    save_tensors(paths.checkpoint(name), tensors, location_metadata(cfg, name, acc.count, seconds))
-    nbytes = state_nbytes(tensors)
-    log.info("fitted %s on %d tiles in %.1f s (state %.1f MiB)", name, acc.count, seconds, nbytes / 2**20)
-    return {"location": name, "images": acc.count, "seconds": round(seconds, 3), "state_bytes": nbytes}
+    meta = location_metadata(cfg, name, state.tiles, seconds, detector)
+    save_state(paths.checkpoint(name), detector, state, meta)
+    shutil.rmtree(paths.partial(name), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        paths.partial(name).parent.rmdir()  # only when no other location left progress there
+    nbytes = state.nbytes
+    log.info("fitted %s on %d tiles in %.1f s (state %.1f MiB)", name, state.tiles, seconds, nbytes / 2**20)
+    return {"location": name, "images": state.tiles, "seconds": round(seconds, 3), "state_bytes": nbytes}
 
 
 def _fit_worker(config_path: str, root: str, index: int, samples: list[Sample], threads: int) -> dict[str, Any]:
@@ -282,24 +322,24 @@ def fit_ensemble(
 
 
 def load_location_models(
-    cfg: RunConfig, paths: RunPaths, grid: TileGrid, extractor: FeatureExtractor, *, head_blocks: int | None = None
-) -> list[PadimLocationModel]:
-    """Every location's model, from its checkpoint (``head_blocks``: see :func:`build_location_model`).
+    cfg: RunConfig, paths: RunPaths, grid: TileGrid, extractor: FeatureExtractor, *, export: bool = False
+) -> list[LocationModel]:
+    """Every location's module, from its checkpoint (``export``: the variant traced to ONNX).
 
     Raises:
         FileNotFoundError: If a location has no checkpoint (training unfinished).
-        ValueError: If a checkpoint belongs to another config.
+        ValueError: If a checkpoint belongs to another config or detector.
     """
-    settings = padim_settings(cfg)
+    detector = create_detector(cfg, extractor, grid.tile_size)
     models = []
     for name in grid.location_names():
         path = paths.checkpoint(name)
         if not path.is_file():
             raise FileNotFoundError(f"location {name} has no checkpoint ({path}); finish training with --resume")
-        tensors, meta = load_tensors(path)
+        state, meta = load_state(path, detector)
         if meta.get("fit_key") != cfg.fit_key():
             raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")
-        models.append(build_location_model(extractor, tensors, grid.tile_size, settings, head_blocks=head_blocks))
+        models.append(detector.build(state, export=export))
     return models
 
 
@@ -349,7 +389,7 @@ def collect_maps(
 
 def location_maps(
     cfg: RunConfig,
-    models: Sequence[PadimLocationModel],
+    models: Sequence[LocationModel],
     samples: Sequence[Sample],
     grid: TileGrid,
     prep: Preprocessing,
@@ -357,6 +397,7 @@ def location_maps(
     batch_size: int,
     with_masks: bool = False,
     progress: str | None = None,
+    scores: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, list[Sample]]:
     """Eager PyTorch inference of the ensemble.
 
@@ -369,21 +410,23 @@ def location_maps(
         batch_size: Images per batch.
         with_masks: Also load ground-truth masks.
         progress: Progress bar label, or None.
+        scores: Collects the detector's own per-tile image scores (see :func:`location_forward`).
 
     Returns:
         As :func:`collect_maps`.
     """
-    forward = location_forward(cfg, models, grid, prep)
+    forward = location_forward(cfg, models, grid, prep, scores=scores)
     return collect_maps(cfg, samples, forward, batch_size=batch_size, with_masks=with_masks, progress=progress)
 
 
 def location_forward(
     cfg: RunConfig,
-    models: Sequence[PadimLocationModel],
+    models: Sequence[LocationModel],
     grid: TileGrid,
     prep: Preprocessing,
     *,
     timer: StageTimes | None = None,
+    scores: list[np.ndarray] | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
     """The eager ensemble as a function: uint8 ``(n, H, W, C)`` to maps ``(locations, n, h, w)``.
 
@@ -396,18 +439,34 @@ def location_forward(
         grid: The tile grid.
         prep: Tile preprocessing.
         timer: Collects ``tile``, ``inference`` and ``location:<name>`` times.
+        scores: When given and the detector has its own image score
+            (:attr:`LocationModel.has_image_score`, e.g. PatchCore's
+            reweighted score), every call appends the per-tile scores,
+            float32 ``(locations, n)``; otherwise it stays empty.
     """
-    h, w = map_size(grid.tile_size, cfg.model.feature_stride)
     names = grid.location_names()
+    with_scores = scores is not None and all(m.has_image_score for m in models)
 
     def forward(images: np.ndarray) -> np.ndarray:
         with timed(timer, "tile"):
             tiles = _location_tiles(images, grid, prep, cfg.data.channel_order)
-        out = np.empty((len(models), images.shape[0], h, w), dtype=np.float32)
+        out: np.ndarray | None = None
+        tile_scores = np.empty((len(models), images.shape[0]), dtype=np.float32)
         with timed(timer, "inference"), torch.inference_mode():
             for i, model in enumerate(models):
                 with timed(timer, f"location:{names[i]}"):
-                    out[i] = model(_to_torch(tiles[i]))[:, 0].numpy()
+                    if with_scores:
+                        t_map, t_score = model.forward_with_score(_to_torch(tiles[i]))
+                        tile_scores[i] = t_score.numpy()
+                    else:
+                        t_map = model(_to_torch(tiles[i]))
+                    m = t_map[:, 0].numpy()
+                if out is None:
+                    out = np.empty((len(models), *m.shape), dtype=np.float32)
+                out[i] = m
+        assert out is not None
+        if scores is not None and with_scores:
+            scores.append(tile_scores)
         return out
 
     return forward
@@ -415,10 +474,7 @@ def location_forward(
 
 def run_summary(cfg: RunConfig, grid: TileGrid, extractor: FeatureExtractor, prep: Preprocessing) -> dict[str, Any]:
     """Static description of the ensemble for ``run.json``."""
-    size = map_size(grid.tile_size, cfg.model.feature_stride)
-    d = cfg.model.n_features
-    positions = size[0] * size[1]
-    elem = 2 if cfg.model.storage_dtype == "float16" else 4
+    detector = create_detector(cfg, extractor, grid.tile_size)
     return {
         "tilead_version": tilead.__version__,
         "torch_version": torch.__version__,
@@ -428,11 +484,5 @@ def run_summary(cfg: RunConfig, grid: TileGrid, extractor: FeatureExtractor, pre
         "locations": grid.location_names(),
         "preprocessing": prep.to_dict(),
         "backbone": describe_backbone(extractor),
-        "model": {
-            "family": cfg.model.family,
-            "output_stride": cfg.model.feature_stride,
-            "map_size": list(size),
-            "n_features": d,
-            "state_bytes_per_location": positions * d * 4 + positions * d * d * elem + d * 8,
-        },
+        "model": detector.summary(),
     }

@@ -21,15 +21,15 @@ zero-padded to ``ceil(tile / feature_stride)`` positions per axis.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from tilead.trainer.backbones import FeatureExtractor
+from tilead.trainer.detectors.base import LocationModel
+from tilead.trainer.maps import align_stage, blur_map, gaussian_kernel1d, map_size
 
 _FINALIZE_CHUNK = 256  # positions inverted at a time
 
@@ -53,11 +53,6 @@ class PadimSettings:
     blur_sigma: float = 0.0
     storage_dtype: str = "float16"
     seed: int = 0
-
-
-def map_size(tile_size: tuple[int, int], stride: int) -> tuple[int, int]:
-    """Anomaly-map size ``(ceil(th / stride), ceil(tw / stride))`` of a tile."""
-    return math.ceil(tile_size[0] / stride), math.ceil(tile_size[1] / stride)
 
 
 def channel_subset(total: int, n_features: int, seed: int) -> torch.Tensor:
@@ -88,21 +83,6 @@ class Embedding(nn.Module):
         self.size = size
         self.register_buffer("index", index.clone(), persistent=False)
 
-    def _align(self, feat: torch.Tensor, layer_stride: int) -> torch.Tensor:
-        h, w = self.size
-        if layer_stride < self.stride:
-            k = self.stride // layer_stride
-            # ceil_mode only where a partial window exists: same values, and ONNX Runtime's
-            # ceil-mode pooling is several times slower than its plain one.
-            ceil = int(feat.shape[-2]) % k != 0 or int(feat.shape[-1]) % k != 0
-            feat = F.avg_pool2d(feat, kernel_size=k, stride=k, ceil_mode=ceil)
-        elif layer_stride > self.stride:
-            feat = F.interpolate(feat, scale_factor=layer_stride // self.stride, mode="nearest")
-        fh, fw = int(feat.shape[-2]), int(feat.shape[-1])
-        if fh < h or fw < w:
-            feat = F.pad(feat, (0, max(0, w - fw), 0, max(0, h - fh)))
-        return feat[..., :h, :w]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed tiles.
 
@@ -113,7 +93,9 @@ class Embedding(nn.Module):
             ``(n, d, h, w)`` float32.
         """
         feats = self.backbone(x)
-        aligned = [self._align(f, s) for f, s in zip(feats, self.backbone.info.strides, strict=True)]
+        aligned = [
+            align_stage(f, s, self.stride, self.size) for f, s in zip(feats, self.backbone.info.strides, strict=True)
+        ]
         emb = torch.cat(aligned, dim=1)
         return emb.index_select(1, self.index)
 
@@ -194,14 +176,6 @@ class PadimAccumulator:
         return mean, inv
 
 
-def gaussian_kernel1d(sigma: float) -> torch.Tensor:
-    """Normalized 1-D Gaussian, radius ``int(4 sigma + 0.5)``."""
-    radius = max(1, int(4 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return k / k.sum()
-
-
 class PadimHead(nn.Module):
     """Mahalanobis distance map from embeddings.
 
@@ -238,13 +212,7 @@ class PadimHead(nn.Module):
         diff = x - self.mean[:, None, :]
         dist = self.squared_distance(diff).clamp_min(0.0).sqrt()  # (P, n)
         out = dist.permute(1, 0).reshape(n, 1, h, w)
-        if self.blur_sigma > 0:
-            k = self.blur
-            r = (k.numel() - 1) // 2
-            out = F.pad(out, (r, r, r, r), mode="reflect" if min(h, w) > r else "replicate")
-            out = F.conv2d(out, k.view(1, 1, 1, -1))
-            out = F.conv2d(out, k.view(1, 1, -1, 1))
-        return out
+        return blur_map(out, self.blur) if self.blur_sigma > 0 else out
 
     def squared_distance(self, diff: torch.Tensor) -> torch.Tensor:
         """``diff^T inv_cov diff`` per position: ``(P, n, d)`` to ``(P, n)``."""
@@ -296,7 +264,7 @@ class BlockRowPadimHead(PadimHead):
         return total
 
 
-class PadimLocationModel(nn.Module):
+class PadimLocationModel(LocationModel):
     """One tile location's full model: tiles in, anomaly map out.
 
     Input ``(n, 3, th, tw)`` float32 normalized tiles (the runtime tile

@@ -39,8 +39,8 @@ from tilead.trainer.ensemble import (
 )
 from tilead.trainer.images import ImageLoader
 from tilead.trainer.io import atomic_write_json, atomic_write_png, atomic_write_text
+from tilead.trainer.metrics import auroc, f1_at_threshold
 from tilead.trainer.metrics import evaluate as compute_metrics
-from tilead.trainer.metrics import f1_at_threshold
 from tilead.trainer.overlays import overlay, pick_overlays
 from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
@@ -262,6 +262,7 @@ def evaluate(
         grid = _grid(cfg, loader, test)
         t_inf = time.perf_counter()
         masks: np.ndarray | None
+        detector_scores: list[np.ndarray] = []
         if bundle is not None:
             maps, masks, kept = _bundle_maps(Path(bundle), cfg, test, grid, progress)
         else:
@@ -278,6 +279,7 @@ def evaluate(
                 batch_size=cfg.eval.batch_size,
                 with_masks=True,
                 progress="evaluate" if progress else None,
+                scores=detector_scores,
             )
         inference_s = time.perf_counter() - t_inf
         assert masks is not None
@@ -301,6 +303,10 @@ def evaluate(
             pixel_threshold=float(stats.pixel_threshold),
             fpr_limit=cfg.eval.fpr_limit,
         )
+        if detector_scores:
+            # The detector's own image score (PatchCore's reweighted nearest-neighbour distance), eager only:
+            # the max over the image's tiles. The bundle's image score is the max of the merged map.
+            metrics["image_auroc_detector_score"] = auroc(np.concatenate(detector_scores, axis=1).max(axis=0), labels)
         # F1 of the deployed decisions (normalized labels / masks).
         metrics["image_f1"] = f1_at_threshold(result.labels.astype(np.float32), labels, 0.5)
         metrics["pixel_f1"] = f1_at_threshold(result.masks.view(np.uint8), masks, 0.5)

@@ -6,6 +6,8 @@ RUN/
   run.json                 grid, preprocessing, backbone, splits, per-location
                            state sizes, timings, peak RSS, status
   locations/rRcC.safetensors   one fitted location each (written when done)
+  partial/rRcC/             progress of a location being fitted (trained detectors;
+                           removed when its checkpoint is written)
   stats.json               normalization statistics + how they were obtained
   train.log                the log of every train / eval invocation
   eval/                    metrics.json, per_image.csv, overlays/*.png
@@ -65,6 +67,10 @@ class RunPaths:
     def checkpoint(self, location: str) -> Path:
         """``locations/<location>.safetensors``."""
         return self.locations / f"{location}.safetensors"
+
+    def partial(self, location: str) -> Path:
+        """``partial/<location>/``: a detector's resumable progress while it fits the location."""
+        return self.root / "partial" / location
 
 
 def peak_rss_mib() -> float:
