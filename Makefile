@@ -11,6 +11,7 @@
 #   make bench-train   tiled vs monolithic train+eval on bottle: metrics, time, peak RSS
 #   make bench-predictor  runtime.Predictor vs the eager PyTorch ensemble on bottle: latency, stages, RSS
 #   make bench-latency    tilead-bench on the bottle bundle, batch 1 and 4, beside PyTorch (--compare torch)
+#   make bench-detectors  PaDiM, PatchCore, STFPM on bottle side by side: quality, train time, bundle, latency
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
 
@@ -23,7 +24,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-train train-bottle info doctor clean
+.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -73,6 +74,10 @@ bundles/padim_bottle/manifest.json: runs/padim_bottle/stats.json
 
 bench-latency: $(STAMP) bundles/padim_bottle/manifest.json
 	$(BIN)/tilead-bench bundles/padim_bottle --batch 1,4 --iterations 30 --compare torch --json out/bench/tilead_bench.json
+
+# Trains and exports the missing runs first (about 45 min on 2 cores for all three).
+bench-detectors: $(STAMP)
+	$(BIN)/python benchmarks/bench_detectors.py --train --json out/bench/detectors.json
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_bottle.py --json out/bench/train_bottle.json

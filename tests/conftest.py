@@ -69,3 +69,31 @@ def train_tiny(tmp: Path) -> tuple[Path, Path]:
 def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """``(run folder, bundle)`` of :func:`train_tiny`, shared by the whole session."""
     return train_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def assert_bottle_bundle_parity(run: Path, bundle: Path) -> None:
+    """Normalized maps within 1e-4 and identical labels on real bottle test images (defective and good)."""
+    import cv2
+    import numpy as np
+
+    from tilead.exporter.bundle import export_bundle
+    from tilead.runtime import Predictor
+    from tilead.trainer.eager import load_eager_ensemble
+
+    export_bundle(run, bundle, progress=False)
+    paths = [
+        p
+        for kind in ("good", "broken_large", "contamination")
+        for p in sorted((BOTTLE / "test" / kind).glob("*.png"))[:2]
+    ]
+    decoded = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths]
+    assert all(d is not None for d in decoded)
+    images = np.stack(decoded)  # type: ignore[arg-type]
+    _, eager = load_eager_ensemble(run).predict(images)
+    with Predictor(bundle) as predictor:
+        results = predictor.predict(images)
+    assert isinstance(results, list)
+    got = np.stack([r.anomaly_map for r in results])
+    assert np.abs(got - eager.maps).max() <= 1e-4
+    assert [r.label for r in results] == eager.labels.tolist()
+    assert sum(r.label for r in results) >= 3  # the defective images are found

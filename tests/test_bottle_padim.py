@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import BOTTLE, ROOT
+from conftest import BOTTLE, ROOT, assert_bottle_bundle_parity
 
 pytestmark = [
     pytest.mark.integration,
@@ -38,32 +38,4 @@ def test_tiled_padim_on_bottle_meets_the_bars(tmp_path: Path) -> None:
     assert m["pixel_auroc"] >= 0.98
     assert m["aupro"] >= 0.93
     # The deployed path on real images: export, then the Predictor against the eager ensemble.
-    _assert_bundle_parity(result.paths.root, tmp_path / "bundle")
-
-
-def _assert_bundle_parity(run: Path, bundle: Path) -> None:
-    """Normalized maps within 1e-4 and identical labels on real bottle test images (defective and good)."""
-    import cv2
-    import numpy as np
-
-    from tilead.exporter.bundle import export_bundle
-    from tilead.runtime import Predictor
-    from tilead.trainer.eager import load_eager_ensemble
-
-    export_bundle(run, bundle, progress=False)
-    paths = [
-        p
-        for kind in ("good", "broken_large", "contamination")
-        for p in sorted((BOTTLE / "test" / kind).glob("*.png"))[:2]
-    ]
-    decoded = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths]
-    assert all(d is not None for d in decoded)
-    images = np.stack(decoded)  # type: ignore[arg-type]
-    _, eager = load_eager_ensemble(run).predict(images)
-    with Predictor(bundle) as predictor:
-        results = predictor.predict(images)
-    assert isinstance(results, list)
-    got = np.stack([r.anomaly_map for r in results])
-    assert np.abs(got - eager.maps).max() <= 1e-4
-    assert [r.label for r in results] == eager.labels.tolist()
-    assert sum(r.label for r in results) >= 3  # the defective images are found
+    assert_bottle_bundle_parity(result.paths.root, tmp_path / "bundle")
