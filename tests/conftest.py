@@ -96,4 +96,5 @@ def assert_bottle_bundle_parity(run: Path, bundle: Path) -> None:
     got = np.stack([r.anomaly_map for r in results])
     assert np.abs(got - eager.maps).max() <= 1e-4
     assert [r.label for r in results] == eager.labels.tolist()
+    np.testing.assert_allclose([r.score for r in results], eager.scores, atol=1e-4)
     assert sum(r.label for r in results) >= 3  # the defective images are found

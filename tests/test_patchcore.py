@@ -227,18 +227,23 @@ def test_state_roundtrip_and_wrong_family(tmp_path: Path, backbone: Any) -> None
         detector.build(bad)
 
 
+def _random_banks(state: LocationState, seed: int, neighbours: int) -> list[LocationState]:
+    """Two locations' states with random banks and their neighbour tables.
+
+    The banks are large enough to stay named initializers (the exporter inlines tiny tensors as constants).
+    """
+    g = torch.Generator().manual_seed(seed)
+    banks = [torch.randn(256, 120, generator=g).half() for _ in range(2)]
+    return [
+        LocationState({**state.tensors, "bank": b, "neighbors": bank_neighbors(b.float(), neighbours)}) for b in banks
+    ]
+
+
 def test_patchcore_modules_export_with_weight_swap_and_match_onnxruntime(tmp_path: Path, backbone: Any) -> None:
     from tilead.exporter.onnx_export import compare_with_eager, export_like, export_location
 
     detector, state, _ = _fit(tmp_path, backbone, coreset_ratio=0.5, blur_sigma=1.0)
-    g = torch.Generator().manual_seed(1)
-
-    def random_state() -> LocationState:
-        # Banks large enough to stay named initializers (the exporter inlines tiny ones as constants).
-        bank = torch.randn(256, 120, generator=g).half()
-        return LocationState({**state.tensors, "bank": bank, "neighbors": bank_neighbors(bank.float(), 3)})
-
-    first, second = detector.build(random_state(), export=True), detector.build(random_state(), export=True)
+    first, second = (detector.build(s, export=True) for s in _random_banks(state, 1, 3))
     export_location(first, (3, 32, 32), tmp_path / "a.onnx")
     assert export_like(tmp_path / "a.onnx", first, second, tmp_path / "b.onnx")
     assert compare_with_eager(first, tmp_path / "a.onnx", (3, 32, 32)) < 1e-5
@@ -265,3 +270,54 @@ def test_registry_and_config_errors(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as err:
             parse_config({**base, "model": model}, base_dir=tmp_path)
         assert message in str(err.value)
+
+
+def test_the_reweighted_score_exports_as_a_second_output_and_swaps_weights(tmp_path: Path, backbone: Any) -> None:
+    """``image_score: detector``: graphs ``map`` + ``score``, the neighbour table swapped per location."""
+    import onnx
+    import onnxruntime as ort
+
+    from tilead.exporter.onnx_export import MapAndScore, compare_with_eager, export_like, export_location
+
+    detector, state, tiles = _fit(tmp_path, backbone, coreset_ratio=0.5, blur_sigma=1.0)
+    states = _random_banks(state, 2, 9)
+    first, second = (MapAndScore(detector.build(s, export=True, with_score=True)) for s in states)
+    export_location(first, (3, 32, 32), tmp_path / "a.onnx")
+    assert export_like(tmp_path / "a.onnx", first, second, tmp_path / "b.onnx")
+    proto = onnx.load(str(tmp_path / "b.onnx"))
+    assert [o.name for o in proto.graph.output] == ["map", "score"]
+    assert "model.neighbors" in {i.name for i in proto.graph.initializer}  # int32, swapped by name
+    for model, name in ((first, "a.onnx"), (second, "b.onnx")):
+        assert compare_with_eager(model, tmp_path / name, (3, 32, 32)) < 1e-5
+    # Real tiles (not only the exporter's random check): ONNX Runtime's score is the eager reweighted score
+    # of that location, and the second location's score differs from the first's (its own table and bank).
+    x = (tiles * 2).numpy()
+    scores = []
+    for name, s in zip(("a.onnx", "b.onnx"), states, strict=True):
+        session = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        got_map, got_score = session.run(["map", "score"], {"tiles": x})
+        with torch.inference_mode():
+            ref_map, ref_score = detector.build(s).forward_with_score(torch.from_numpy(x))
+        np.testing.assert_allclose(got_map, ref_map.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got_score, ref_score.numpy(), rtol=1e-4)
+        assert got_score.shape == (6,)
+        scores.append(got_score)
+    assert not np.allclose(scores[0], scores[1])
+    # A map-only export has no table (and no score): the bank's location model without it refuses scoring.
+    map_only = detector.build(states[0], export=True)
+    assert map_only.neighbors is None
+    with pytest.raises(RuntimeError, match="map-only export"):
+        map_only.forward_with_score(tiles)
+
+
+def test_image_score_detector_needs_a_detector_with_its_own_score(tmp_path: Path) -> None:
+    base = {"data": {"format": "mvtec", "root": str(tmp_path)}, "grid": {"tile_size": 32}}
+    post = {"postprocess": {"image_score": "detector"}}
+    cfg = parse_config({**base, **post, "model": {"family": "patchcore"}}, base_dir=tmp_path)
+    assert cfg.postprocess.image_score == "detector"
+    assert cfg.fit_key() == parse_config({**base, "model": {"family": "patchcore"}}, base_dir=tmp_path).fit_key()
+    for family in ("padim", "stfpm"):
+        with pytest.raises(ConfigError, match=rf"image_score 'detector': model\.family '{family}' has no image score"):
+            parse_config({**base, **post, "model": {"family": family}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"postprocess\.image_score: Input should be 'max' or 'detector'"):
+        parse_config({**base, "postprocess": {"image_score": "mean"}}, base_dir=tmp_path)

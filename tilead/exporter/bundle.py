@@ -21,9 +21,24 @@ import torch
 from tqdm.auto import tqdm
 
 import tilead
-from tilead.exporter.onnx_export import DEFAULT_OPSET, check_onnx, compare_with_eager, export_like, export_location
+from tilead.exporter.onnx_export import (
+    DEFAULT_OPSET,
+    MapAndScore,
+    check_onnx,
+    compare_with_eager,
+    export_like,
+    export_location,
+)
 from tilead.runtime import TileGrid
-from tilead.runtime.bundle import INPUT_NAME, MANIFEST, OUTPUT_NAME, SCHEMA_VERSION, location_files, sha256_file
+from tilead.runtime.bundle import (
+    INPUT_NAME,
+    MANIFEST,
+    OUTPUT_NAME,
+    SCHEMA_VERSION,
+    SCORE_NAME,
+    location_files,
+    sha256_file,
+)
 from tilead.trainer.detectors import create_detector
 from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
 from tilead.trainer.io import atomic_write_json
@@ -78,10 +93,16 @@ def export_bundle(
     grid = TileGrid.from_dict(run["grid"])
     extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
     prep = make_preprocessing(cfg, extractor)
-    models = load_location_models(cfg, paths, grid, extractor)
+    with_score = cfg.postprocess.image_score == "detector"
+    eager = load_location_models(cfg, paths, grid, extractor)
     # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
     # the memory-bound per-position matrices); its ONNX output is checked against the plain eager model below.
-    exported = load_location_models(cfg, paths, grid, extractor, export=True)
+    variants = load_location_models(cfg, paths, grid, extractor, export=True, with_score=with_score)
+    models: list[torch.nn.Module] = list(eager)
+    exported: list[torch.nn.Module] = list(variants)
+    if with_score:  # the graphs get a second output, the detector's image score, checked like the map
+        models = [MapAndScore(m) for m in eager]
+        exported = [MapAndScore(m) for m in variants]
     detector = create_detector(cfg, extractor, grid.tile_size)
     tile_shape = (prep.channels, *grid.tile_size)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +152,7 @@ def export_bundle(
                 "map_size": [h, w],
                 "input": INPUT_NAME,
                 "output": OUTPUT_NAME,
+                **({"score_output": SCORE_NAME} if with_score else {}),
                 "opset": opset,
                 "dtype": "float32",
                 **detector.manifest_info(),

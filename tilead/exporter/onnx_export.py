@@ -17,10 +17,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME
+from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME, SCORE_NAME
+from tilead.trainer.detectors import LocationModel
 
 DEFAULT_OPSET = 18
 MAX_BATCH = 1024
+
+
+class MapAndScore(nn.Module):
+    """A location model whose ``forward`` returns its map and its own image score (the graph with two outputs).
+
+    Args:
+        model: A :class:`LocationModel` that implements ``forward_with_score``.
+    """
+
+    def __init__(self, model: LocationModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(n, C, th, tw)`` tiles to the map ``(n, 1, h, w)`` and the score ``(n,)``."""
+        return self.model.forward_with_score(x)
+
+
+def output_names(model: nn.Module) -> list[str]:
+    """The graph outputs of ``model``: ``map``, plus ``score`` for a :class:`MapAndScore`."""
+    return [OUTPUT_NAME, SCORE_NAME] if isinstance(model, MapAndScore) else [OUTPUT_NAME]
 
 
 def export_location(
@@ -29,7 +51,8 @@ def export_location(
     """Export one location's model with a dynamic batch dimension.
 
     Args:
-        model: Maps ``(n, C, th, tw)`` float32 tiles to ``(n, 1, h, w)`` float32.
+        model: Maps ``(n, C, th, tw)`` float32 tiles to ``(n, 1, h, w)`` float32
+            (a :class:`MapAndScore` also to the score ``(n,)``, the second output).
         tile_shape: ``(C, th, tw)``.
         path: Target ``.onnx`` file (parameters embedded, no external data).
         opset: ONNX opset (>= 17).
@@ -51,7 +74,7 @@ def export_location(
             (example,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=output_names(model),
             dynamic_shapes=({0: batch},),
             opset_version=opset,
             external_data=False,
@@ -125,18 +148,37 @@ def check_onnx(path: Path) -> None:
 def compare_with_eager(model: nn.Module, path: Path, tile_shape: tuple[int, int, int], *, seed: int = 0) -> float:
     """Max abs difference of ONNX Runtime (CPU) vs the eager model on a random batch of 2.
 
+    Args:
+        model: The eager reference; a :class:`MapAndScore` compares the score output too.
+        path: The exported ONNX file.
+        tile_shape: ``(C, th, tw)``.
+        seed: Seed of the random batch.
+
     Returns:
-        The max abs difference relative to the eager output's range (0 = identical).
+        The largest max abs difference of any output, relative to the map's
+        eager range and to the score's eager magnitude (0 = identical).
+
+    Raises:
+        RuntimeError: If the ONNX outputs' shapes differ from the eager ones.
     """
     import onnxruntime as ort
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((2, *tile_shape)).astype(np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    names = output_names(model)
+    got = session.run(names, {INPUT_NAME: x})
     with torch.inference_mode():
-        ref = model.eval()(torch.from_numpy(x)).numpy()
-    if got.shape != ref.shape:
-        raise RuntimeError(f"{path}: ONNX output shape {got.shape} differs from the eager model's {ref.shape}")
-    span = float(ref.max() - ref.min()) or 1.0
-    return float(np.abs(got - ref).max()) / span
+        out = model.eval()(torch.from_numpy(x))
+    refs = [t.numpy() for t in out] if isinstance(out, tuple) else [out.numpy()]
+    worst = 0.0
+    for name, g, ref in zip(names, got, refs, strict=True):
+        if g.shape != ref.shape:
+            raise RuntimeError(
+                f"{path}: ONNX output {name!r} shape {g.shape} differs from the eager model's {ref.shape}"
+            )
+        # The map against its range; the score (two values) against its magnitude.
+        span = float(ref.max() - ref.min()) if name == OUTPUT_NAME else float(np.abs(ref).max())
+        span = span or 1.0
+        worst = max(worst, float(np.abs(g - ref).max()) / span)
+    return worst

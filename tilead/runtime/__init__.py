@@ -20,7 +20,14 @@ from tilead.runtime.postprocess import (
 )
 from tilead.runtime.predictor import Prediction, Predictor
 from tilead.runtime.preprocess import Preprocessing, tile_images
-from tilead.runtime.stats import NormalizationStats, TileStats, normalize_with_stats, postprocess_maps
+from tilead.runtime.stats import (
+    NormalizationStats,
+    TileStats,
+    image_scores_of_tiles,
+    normalize_with_stats,
+    postprocess_maps,
+    score_images,
+)
 
 __all__ = [
     "EDGE_POLICIES",
@@ -39,6 +46,7 @@ __all__ = [
     "canvas_to_image",
     "cuda_status",
     "get_num_threads",
+    "image_scores_of_tiles",
     "location_name",
     "merge_maps",
     "normalize_maps",
@@ -47,6 +55,7 @@ __all__ = [
     "postprocess_maps",
     "read_manifest",
     "resize_maps",
+    "score_images",
     "set_num_threads",
     "smooth_seams",
     "tile_images",

@@ -5,7 +5,9 @@ A bundle is a directory::
     manifest.json        schema version, tilead version, grid, preprocessing, model,
                          per-location files with sha256, post-processing, statistics
     tiles/rRcC.onnx      one ONNX model per tile location (input "tiles"
-                         (n, C, th, tw) float32, output "map" (n, 1, h, w) float32)
+                         (n, C, th, tw) float32, output "map" (n, 1, h, w) float32;
+                         with postprocess.image_score "detector" also output
+                         "score" (n,) float32, the detector's own image score)
 
 :func:`read_manifest` validates the manifest and :func:`verify_files` checks
 every listed file's size and sha256 before anything is loaded. Nothing in a
@@ -33,6 +35,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 INPUT_NAME = "tiles"
 OUTPUT_NAME = "map"
+SCORE_NAME = "score"
+IMAGE_SCORES = ("max", "detector")
 _TOP_KEYS = (
     "schema_version",
     "tilead_version",
@@ -67,6 +71,9 @@ class Manifest:
         stats: Normalization statistics.
         tilead_version: Version that wrote the bundle.
         raw: The manifest as read.
+        image_score: ``max`` (of the final map) or ``detector`` (every
+            location's graph has the output ``score``; the image score is its
+            max over the image's tiles, normalized with ``stats``' image range).
     """
 
     grid: TileGrid
@@ -78,6 +85,7 @@ class Manifest:
     stats: NormalizationStats
     tilead_version: str
     raw: dict[str, Any]
+    image_score: str = "max"
 
     @property
     def engine_sets(self) -> tuple[EngineSet, ...]:
@@ -102,6 +110,7 @@ _MODEL_KEYS = (
     "dtype",
     "mahalanobis_blocks",
     "detector",
+    "score_output",
 )
 
 
@@ -165,6 +174,16 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         if weights not in ("uniform", "feather"):
             raise ValueError(f"postprocess.weights: expected 'uniform' or 'feather', got {describe(weights)}")
         seam = None if post.get("seam") is None else SeamSmoothing.from_dict(post["seam"])
+        image_score = post.get("image_score", "max")
+        if image_score not in IMAGE_SCORES:
+            raise ValueError(f"postprocess.image_score: expected 'max' or 'detector', got {describe(image_score)}")
+        if (image_score == "detector") != ("score_output" in model):
+            raise ValueError(
+                "postprocess.image_score 'detector' and model.score_output go together "
+                f"(image_score {image_score!r}, score_output {describe(model.get('score_output'))})"
+            )
+        if image_score == "detector" and model["score_output"] != SCORE_NAME:
+            raise ValueError(f"model.score_output: expected {SCORE_NAME!r}, got {describe(model['score_output'])}")
         stats = NormalizationStats.from_dict(d["normalization"])
         locs = d["locations"]
         if not isinstance(locs, list):
@@ -189,7 +208,7 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         raise
     except ValueError as err:
         raise BundleError(f"{source}: {err}") from None
-    return Manifest(grid, prep, model, tuple(files), weights, seam, stats, writer, dict(data))
+    return Manifest(grid, prep, model, tuple(files), weights, seam, stats, writer, dict(data), image_score)
 
 
 def read_manifest(bundle: Path, *, current_version: str | None = None) -> Manifest:

@@ -3,7 +3,9 @@
 No torch, no OpenCV: numpy, ONNX Runtime and the ``tilead._kernels`` CPU
 twins. One ONNX Runtime session per tile location; every image's tile for a
 location goes through that location's session in one call (batched tiles),
-then the runtime's untile, seam smoothing and normalization run on the maps.
+then the runtime's untile, seam smoothing and normalization run on the maps
+(and, for a bundle that deploys the detector's own image score, on the
+per-tile ``score`` outputs: see :func:`tilead.runtime.stats.score_images`).
 
 Locations run side by side: on a CPU a small pool of worker threads runs
 different locations' sessions at the same time, each session with a share of
@@ -33,7 +35,15 @@ from typing import Any, Literal
 import numpy as np
 
 from tilead.runtime._checks import describe
-from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME, BundleError, Manifest, read_manifest, verify_files
+from tilead.runtime.bundle import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SCORE_NAME,
+    BundleError,
+    Manifest,
+    read_manifest,
+    verify_files,
+)
 from tilead.runtime.postprocess import resize_maps
 from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import postprocess_maps
@@ -47,7 +57,10 @@ class Prediction:
     """One image's result.
 
     Attributes:
-        score: Image score (normalized to [0, 1] unless the bundle's stage is ``none``).
+        score: Image score (normalized to [0, 1] unless the bundle's stage is
+            ``none``): the max of the final map, or with the bundle's
+            ``image_score`` ``detector`` the detector's own score (max over the
+            image's tiles of every location's ``score`` output).
         label: True when the image is anomalous.
         anomaly_map: float32 ``(H, W)`` map (normalized like ``score``).
         mask: bool ``(H, W)`` anomalous pixels.
@@ -164,6 +177,9 @@ class Predictor:
         self.threads = threads if threads is not None else (os.cpu_count() or 1)
         self.location_workers = 1
         if self.backend == "tensorrt":
+            from tilead.trt.modules import require_map_only
+
+            require_map_only(self.path, self.manifest)  # before any GPU check: the bundle itself is the problem
             from tilead.trt.backend import TensorRTBackend
 
             self._trt = TensorRTBackend(
@@ -294,12 +310,19 @@ class Predictor:
             out.append(np.ascontiguousarray(img))
         return single, out
 
-    def _location_maps(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None) -> np.ndarray:
-        """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch."""
+    def _location_outputs(
+        self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch.
+
+        Returns:
+            ``(maps, scores)``: the maps, and the detector's per-tile scores
+            float32 ``(locations, n)`` when the bundle deploys them (else None).
+        """
         sessions, pool = self._sessions, self._pool
         order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
         if self._trt is not None:
-            return np.asarray(self._trt.location_maps(batch, order))
+            return np.asarray(self._trt.location_maps(batch, order)), None
         if sessions is None:
             raise RuntimeError("Predictor is closed")
         m = self.manifest
@@ -308,16 +331,27 @@ class Predictor:
             tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order)
         h, w = m.map_size
         maps = np.empty((m.grid.num_locations, n, h, w), dtype=np.float32)
+        with_score = m.image_score == "detector"
+        names = [OUTPUT_NAME, SCORE_NAME] if with_score else [OUTPUT_NAME]
+        scores = np.empty((m.grid.num_locations, n), dtype=np.float32) if with_score else None
 
         def run(index: int) -> float:
             start = time.perf_counter()
-            out = sessions[index].run([OUTPUT_NAME], {INPUT_NAME: tiles[index]})[0]
+            outs = sessions[index].run(names, {INPUT_NAME: tiles[index]})
+            out = outs[0]
             if out.shape != (n, 1, h, w):
                 raise BundleError(
                     f"location {m.locations[index].name}: model output shape {out.shape}, the manifest promises "
                     f"({n}, 1, {h}, {w})"
                 )
             maps[index] = out[:, 0]
+            if scores is not None:
+                if outs[1].shape != (n,):
+                    raise BundleError(
+                        f"location {m.locations[index].name}: model output {SCORE_NAME!r} has shape "
+                        f"{outs[1].shape}, expected ({n},)"
+                    )
+                scores[index] = outs[1]
             return time.perf_counter() - start
 
         with timed(timer, "inference"):
@@ -326,7 +360,7 @@ class Predictor:
         if timer is not None:
             for loc, sec in zip(m.locations, seconds, strict=True):
                 timer.add(f"location:{loc.name}", sec)
-        return maps
+        return maps, scores
 
     def location_maps(self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False) -> np.ndarray:
         """Raw per-location maps, before merging (what evaluation needs).
@@ -339,12 +373,30 @@ class Predictor:
         Returns:
             float32 ``(locations, n, h, w)``.
         """
+        return self.location_outputs(images, input_order=input_order, resize=resize)[0]
+
+    def location_outputs(
+        self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw per-location maps and, when the bundle deploys them, the detector's per-tile image scores.
+
+        Args:
+            images: As for :meth:`predict`.
+            input_order: As for :meth:`predict`.
+            resize: As for :meth:`predict`.
+
+        Returns:
+            ``(maps, scores)``: float32 ``(locations, n, h, w)`` and float32
+            ``(locations, n)`` (None unless the manifest's image score is ``detector``).
+        """
         _, items = self._images(images, resize)
         chunks = [
-            self._location_maps(np.stack(items[start : start + self.max_batch]), input_order)
+            self._location_outputs(np.stack(items[start : start + self.max_batch]), input_order)
             for start in range(0, len(items), self.max_batch)
         ]
-        return np.concatenate(chunks, axis=1)
+        maps = np.concatenate([c[0] for c in chunks], axis=1)
+        parts = [c[1] for c in chunks if c[1] is not None]
+        return maps, np.concatenate(parts, axis=1) if parts else None
 
     def _run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None) -> list[Prediction]:
         m = self.manifest
@@ -352,8 +404,10 @@ class Predictor:
         if trt is not None:
             result = trt.run(batch, "GRAY" if batch.shape[3] == 1 else input_order, timer)
         else:
-            maps = self._location_maps(batch, input_order, timer)
-            _, result = postprocess_maps(maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer)
+            maps, scores = self._location_outputs(batch, input_order, timer)
+            _, result = postprocess_maps(
+                maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer, tile_scores=scores
+            )
         return [
             Prediction(
                 float(result.scores[i]),

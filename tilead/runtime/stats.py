@@ -15,17 +15,23 @@ Stages (DESIGN.md):
   already in [0, 1] with the pixel threshold at 0.5; image scores are then
   normalized with the image range and threshold of those merged maps.
 * ``none``: raw values, compared with raw thresholds.
+
+The image score is the max of the final map, or (bundle ``image_score``
+``detector``) the detector's own per-tile score, max over the image's tiles
+(:func:`image_scores_of_tiles`), normalized with the same formula and the
+image range / threshold validation measured for that score
+(:func:`score_images`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
-from tilead.runtime._checks import as_float, check_mapping, describe
+from tilead.runtime._checks import as_float, check_array, check_mapping, describe
 from tilead.runtime.geometry import TileGrid
 from tilead.runtime.postprocess import BlendWeights, NormalizedMaps, SeamSmoothing, merge_maps, normalize_maps
 from tilead.runtime.timing import StageTimes, timed
@@ -151,6 +157,49 @@ class NormalizationStats:
         )
 
 
+def image_scores_of_tiles(tile_scores: np.ndarray) -> np.ndarray:
+    """Image scores from a detector's per-tile scores: the max over an image's tiles.
+
+    Args:
+        tile_scores: float32 ``(locations, n)``.
+
+    Returns:
+        float32 ``(n,)``.
+
+    Raises:
+        ValueError: For another dtype or shape, or an empty array.
+    """
+    check_array(tile_scores, "tile_scores", dtypes=[np.float32], ndims=[2], contiguous=False)
+    out: np.ndarray = tile_scores.max(axis=0)
+    return out
+
+
+def score_images(result: NormalizedMaps, raw_scores: np.ndarray, stats: NormalizationStats) -> NormalizedMaps:
+    """Replace the map-max image scores of ``result`` with other raw image scores, normalized and thresholded.
+
+    The scores go through the same normalization kernel as the maps' scores,
+    with ``stats``' image range and threshold (which validation measured on
+    these scores), so ``score`` and ``label`` mean what they mean for the map
+    max.
+
+    Args:
+        result: Normalized maps of ``n`` images.
+        raw_scores: float32 ``(n,)`` raw image scores (e.g. :func:`image_scores_of_tiles`).
+        stats: Validation statistics.
+
+    Returns:
+        ``result`` with ``raw_scores``, ``scores`` and ``labels`` replaced.
+
+    Raises:
+        ValueError: If ``raw_scores`` is not float32 ``(n,)``.
+    """
+    check_array(raw_scores, "raw_scores", dtypes=[np.float32], ndims=[1], contiguous=False)
+    if raw_scores.shape[0] != result.scores.shape[0]:
+        raise ValueError(f"raw_scores: expected {result.scores.shape[0]} scores, got {raw_scores.shape[0]}")
+    scored = normalize_with_stats(np.ascontiguousarray(raw_scores).reshape(-1, 1, 1), stats)
+    return replace(result, raw_scores=scored.raw_scores, scores=scored.scores, labels=scored.labels)
+
+
 def postprocess_maps(
     maps: np.ndarray,
     grid: TileGrid,
@@ -160,6 +209,7 @@ def postprocess_maps(
     seam: SeamSmoothing | None = None,
     device: str = "cpu",
     timer: StageTimes | None = None,
+    tile_scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -171,6 +221,9 @@ def postprocess_maps(
         seam: Seam smoothing, or None.
         device: ``"cpu"`` or ``"cuda"``.
         timer: Collects stage times (``untile``, ``seam``, ``crop``, ``normalize``).
+        tile_scores: float32 ``(locations, n)``: the detector's own per-tile
+            scores, which then give the image scores (:func:`image_scores_of_tiles`)
+            instead of the map max; None for the map max.
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -180,7 +233,10 @@ def postprocess_maps(
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
     merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer)
     with timed(timer, "normalize"):
-        return merged, normalize_with_stats(merged, stats, device=device)
+        result = normalize_with_stats(merged, stats, device=device)
+        if tile_scores is not None:
+            result = score_images(result, image_scores_of_tiles(tile_scores), stats)
+        return merged, result
 
 
 def normalize_with_stats(merged: np.ndarray, stats: NormalizationStats, *, device: str = "cpu") -> NormalizedMaps:

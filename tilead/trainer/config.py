@@ -234,13 +234,17 @@ class PostprocessConfig(_Section):
         weights: Blending of overlapping tiles.
         seam: Seam smoothing (``sigma: 0`` disables it).
         normalization: Stage ``image`` | ``tile`` | ``none``.
-        image_score: Image score reduction (max of the final map).
+        image_score: ``max``: the max of the final map (every detector);
+            ``detector``: the detector's own image score (PatchCore's
+            reweighted nearest-neighbour score), max over the image's tiles.
+            With ``detector`` the exported graphs get a second output
+            ``score`` and the validation statistics normalize that score.
     """
 
     weights: Literal["uniform", "feather"] = "uniform"
     seam: dict[str, float] = Field(default_factory=lambda: {"sigma": 2.0, "width": 0.1})
     normalization: Literal["image", "tile", "none"] = "image"
-    image_score: Literal["max"] = "max"
+    image_score: Literal["max", "detector"] = "max"
 
     @field_validator("seam")
     @classmethod
@@ -321,6 +325,19 @@ class RunConfig(_Section):
         if isinstance(v, dict) and "family" not in v:
             return {"family": DEFAULT_FAMILY, **v}
         return v
+
+    @model_validator(mode="after")
+    def _image_score(self) -> RunConfig:
+        if self.postprocess.image_score == "detector":
+            from tilead.trainer.detectors import detector_class, families
+
+            if not detector_class(self.model.family).has_image_score:
+                own = [f for f in families() if detector_class(f).has_image_score]
+                raise ValueError(
+                    f"postprocess.image_score 'detector': model.family {self.model.family!r} has no image score "
+                    f"of its own; use 'max' (detectors with one: {', '.join(own)})"
+                )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON/YAML-safe)."""

@@ -54,6 +54,24 @@ class EagerEnsemble:
         forward = location_forward(self.cfg, self.models, self.grid, self.prep, timer=timer)
         return forward(images)
 
+    def location_outputs(
+        self, images: np.ndarray, timer: StageTimes | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Raw per-location maps and, when the run deploys them, the detector's per-tile image scores.
+
+        Args:
+            images: As for :meth:`location_maps`.
+            timer: Collects ``tile`` and ``inference`` times.
+
+        Returns:
+            ``(maps, scores)``: float32 ``(locations, n, h, w)`` and float32
+            ``(locations, n)`` (None unless ``postprocess.image_score`` is ``detector``).
+        """
+        collected: list[np.ndarray] | None = [] if self.cfg.postprocess.image_score == "detector" else None
+        forward = location_forward(self.cfg, self.models, self.grid, self.prep, timer=timer, scores=collected)
+        maps = forward(images)
+        return maps, (collected[0] if collected else None)
+
     def predict(self, images: np.ndarray, timer: StageTimes | None = None) -> tuple[np.ndarray, NormalizedMaps]:
         """Maps, then the runtime's merge and normalization (what evaluation does).
 
@@ -62,9 +80,10 @@ class EagerEnsemble:
             timer: Collects ``tile``, ``inference``, ``untile``, ``seam``, ``crop``, ``normalize``.
 
         Returns:
-            ``(merged, normalized)`` as :func:`tilead.runtime.postprocess_maps`.
+            ``(merged, normalized)`` as :func:`tilead.runtime.postprocess_maps`
+            (image scores as the run deploys them).
         """
-        maps = self.location_maps(images, timer)
+        maps, scores = self.location_outputs(images, timer)
         return postprocess_maps(
             maps,
             self.grid,
@@ -72,6 +91,7 @@ class EagerEnsemble:
             weights=self.cfg.postprocess.weights,
             seam=self.cfg.postprocess.seam_smoothing(),
             timer=timer,
+            tile_scores=scores,
         )
 
 

@@ -40,7 +40,6 @@ from tilead.trainer.backbones import FeatureExtractor, build_backbone, describe_
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import DatasetSplits, Sample
 from tilead.trainer.detectors.base import (
-    Detector,
     LocationModel,
     create_detector,
     detector_class,
@@ -190,12 +189,9 @@ def holdout_split(samples: Sequence[Sample], fraction: float, seed: int) -> tupl
     return [s for i, s in enumerate(samples) if i not in chosen], [s for i, s in enumerate(samples) if i in chosen]
 
 
-def location_metadata(
-    cfg: RunConfig, location: str, count: int, seconds: float, detector: Detector | None = None
-) -> dict[str, str]:
-    """String metadata stored in a location checkpoint."""
+def location_metadata(cfg: RunConfig, location: str, count: int, seconds: float) -> dict[str, str]:
+    """String metadata stored in a location checkpoint (:func:`save_state` adds the detector's format and family)."""
     return {
-        "format": detector.state_format if detector is not None else "tilead.padim.v1",
         "location": location,
         "fit_key": cfg.fit_key(),
         "images": str(count),
@@ -253,7 +249,7 @@ def fit_location(
     detector.work_dir = paths.partial(name)  # resumable progress inside the location, if the detector keeps any
     state = detector.fit(fit, holdout, progress=progress)
     seconds = time.perf_counter() - start
-    meta = location_metadata(cfg, name, state.tiles, seconds, detector)
+    meta = location_metadata(cfg, name, state.tiles, seconds)
     save_state(paths.checkpoint(name), detector, state, meta)
     shutil.rmtree(paths.partial(name), ignore_errors=True)
     with contextlib.suppress(OSError):
@@ -322,9 +318,18 @@ def fit_ensemble(
 
 
 def load_location_models(
-    cfg: RunConfig, paths: RunPaths, grid: TileGrid, extractor: FeatureExtractor, *, export: bool = False
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    extractor: FeatureExtractor,
+    *,
+    export: bool = False,
+    with_score: bool = False,
 ) -> list[LocationModel]:
     """Every location's module, from its checkpoint (``export``: the variant traced to ONNX).
+
+    ``with_score``: the export variant also computes the detector's own image
+    score (see :meth:`Detector.build`).
 
     Raises:
         FileNotFoundError: If a location has no checkpoint (training unfinished).
@@ -339,7 +344,7 @@ def load_location_models(
         state, meta = load_state(path, detector)
         if meta.get("fit_key") != cfg.fit_key():
             raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")
-        models.append(detector.build(state, export=export))
+        models.append(detector.build(state, export=export, with_score=with_score))
     return models
 
 

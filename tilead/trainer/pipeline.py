@@ -22,7 +22,13 @@ import numpy as np
 import torch
 
 from tilead.runtime import TileGrid, resize_maps, set_num_threads
-from tilead.runtime.stats import NormalizationStats, normalize_with_stats, postprocess_maps
+from tilead.runtime.stats import (
+    NormalizationStats,
+    image_scores_of_tiles,
+    normalize_with_stats,
+    postprocess_maps,
+    score_images,
+)
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.ensemble import (
@@ -125,6 +131,7 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
 
         t_val = time.perf_counter()
         models = load_location_models(cfg, paths, grid, extractor)
+        tile_scores: list[np.ndarray] = []
         maps, masks, kept = location_maps(
             cfg,
             models,
@@ -134,6 +141,7 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
             batch_size=cfg.eval.batch_size,
             with_masks=True,
             progress="validation" if progress else None,
+            scores=tile_scores if cfg.postprocess.image_score == "detector" else None,
         )
         assert masks is not None
         labels = np.array([s.label for s in kept], dtype=bool)
@@ -146,6 +154,7 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
             weights=cfg.postprocess.weights,
             seam=cfg.postprocess.seam_smoothing(),
             good_quantile=cfg.validation.good_quantile,
+            image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
         )
         val_seconds = time.perf_counter() - t_val
         info["split"] = splits.description
@@ -199,8 +208,13 @@ def _original_masks(loader: ImageLoader, samples: list[Sample], batch_size: int)
 
 def _bundle_maps(
     bundle: Path, cfg: RunConfig, samples: list[Sample], grid: TileGrid, progress: bool
-) -> tuple[np.ndarray, np.ndarray, list[Sample]]:
+) -> tuple[np.ndarray, np.ndarray, list[Sample], np.ndarray | None]:
     """Per-location maps through the runtime Predictor (ONNX Runtime), with masks.
+
+    Returns:
+        ``(maps, masks, samples, tile_scores)`` as :func:`collect_maps`, plus the
+        bundle's per-tile detector scores float32 ``(locations, n)`` when it
+        deploys them (None otherwise).
 
     Raises:
         ValueError: If the bundle was exported from another run or grid.
@@ -215,17 +229,27 @@ def _bundle_maps(
                 f"--bundle {bundle}: exported from another run (fit key {source.get('fit_key')}, "
                 f"grid {predictor.manifest.grid}), not from this one (fit key {cfg.fit_key()})"
             )
+        if predictor.manifest.image_score != cfg.postprocess.image_score:
+            raise ValueError(
+                f"--bundle {bundle}: its image score is {predictor.manifest.image_score!r}, the run's "
+                f"postprocess.image_score is {cfg.postprocess.image_score!r}; export the run again"
+            )
+
+        score_chunks: list[np.ndarray] = []
 
         def forward(images: np.ndarray) -> np.ndarray:
             order = "GRAY" if images.shape[3] == 1 else cfg.data.channel_order
-            return predictor.location_maps(images, input_order=order)
+            maps, scores = predictor.location_outputs(images, input_order=order)
+            if scores is not None:
+                score_chunks.append(scores)
+            return maps
 
         label = "evaluate (bundle)" if progress else None
         maps, masks, kept = collect_maps(
             cfg, samples, forward, batch_size=cfg.eval.batch_size, with_masks=True, progress=label
         )
     assert masks is not None
-    return maps, masks, kept
+    return maps, masks, kept, np.concatenate(score_chunks, axis=1) if score_chunks else None
 
 
 def evaluate(
@@ -235,7 +259,8 @@ def evaluate(
 
     Threshold-free metrics (AUROC, AUPRO) are computed on the merged maps
     before normalization (for stage ``tile`` after the per-tile normalization,
-    which is part of the merge), image scores being each map's max; F1 uses
+    which is part of the merge), image scores being each map's max or, with
+    ``postprocess.image_score: detector``, the detector's own score; F1 uses
     the deployed decisions (labels and masks after normalization).
 
     Args:
@@ -263,8 +288,9 @@ def evaluate(
         t_inf = time.perf_counter()
         masks: np.ndarray | None
         detector_scores: list[np.ndarray] = []
+        tile_scores: np.ndarray | None = None
         if bundle is not None:
-            maps, masks, kept = _bundle_maps(Path(bundle), cfg, test, grid, progress)
+            maps, masks, kept, tile_scores = _bundle_maps(Path(bundle), cfg, test, grid, progress)
         else:
             extractor = make_backbone(cfg)
             prep = make_preprocessing(cfg, extractor)
@@ -281,8 +307,13 @@ def evaluate(
                 progress="evaluate" if progress else None,
                 scores=detector_scores,
             )
+            tile_scores = np.concatenate(detector_scores, axis=1) if detector_scores else None
         inference_s = time.perf_counter() - t_inf
         assert masks is not None
+        own = None if tile_scores is None else image_scores_of_tiles(tile_scores)  # the detector's image scores
+        deployed = own if cfg.postprocess.image_score == "detector" else None
+        if cfg.postprocess.image_score == "detector" and deployed is None:
+            raise ValueError(f"postprocess.image_score 'detector': {bundle or 'the run'} gave no detector scores")
         merged, result = postprocess_maps(
             maps, grid, stats, weights=cfg.postprocess.weights, seam=cfg.postprocess.seam_smoothing()
         )
@@ -292,8 +323,11 @@ def evaluate(
             masks = _original_masks(loader, kept, cfg.eval.batch_size)
             merged = resize_maps(merged, masks.shape[1:])
             result = normalize_with_stats(merged, stats)
+        if deployed is not None:
+            result = score_images(result, deployed, stats)
         labels = np.array([s.label for s in kept], dtype=bool)
-        raw_scores = merged.reshape(merged.shape[0], -1).max(axis=1)
+        map_max = merged.reshape(merged.shape[0], -1).max(axis=1)
+        raw_scores = map_max if deployed is None else deployed
         metrics = compute_metrics(
             raw_scores,
             labels,
@@ -303,10 +337,12 @@ def evaluate(
             pixel_threshold=float(stats.pixel_threshold),
             fpr_limit=cfg.eval.fpr_limit,
         )
-        if detector_scores:
-            # The detector's own image score (PatchCore's reweighted nearest-neighbour distance), eager only:
-            # the max over the image's tiles. The bundle's image score is the max of the merged map.
-            metrics["image_auroc_detector_score"] = auroc(np.concatenate(detector_scores, axis=1).max(axis=0), labels)
+        if deployed is not None:
+            metrics["image_auroc_map_max"] = auroc(map_max, labels)  # what the map's max would have given
+        elif own is not None:
+            # The detector's own image score (PatchCore's reweighted nearest-neighbour distance, max over the
+            # image's tiles), not deployed by this config (postprocess.image_score 'max'): for comparison.
+            metrics["image_auroc_detector_score"] = auroc(own, labels)
         # F1 of the deployed decisions (normalized labels / masks).
         metrics["image_f1"] = f1_at_threshold(result.labels.astype(np.float32), labels, 0.5)
         metrics["pixel_f1"] = f1_at_threshold(result.masks.view(np.uint8), masks, 0.5)
@@ -334,6 +370,7 @@ def evaluate(
             "inference": f"runtime.Predictor on bundle {bundle}" if bundle is not None else "eager PyTorch",
             "evaluated_at": list(result.maps.shape[1:]),
             "normalization": stats.stage,
+            "image_score": cfg.postprocess.image_score,
             "validation": read_json(paths.stats).get("validation", {}).get("split", {}),
             "test_images": len(kept),
             "test_anomalous": int(labels.sum()),

@@ -13,6 +13,11 @@ Stage ``tile`` computes (threshold, min, max) per location on that location's
 upsampled maps against the matching crop of the ground-truth masks, then
 merges with per-tile normalization and takes the image-score statistics of
 the result.
+
+Image scores are the merged maps' max, or the detector's own scores when
+given (``postprocess.image_score: detector``: the max over each image's tiles
+of the detector's per-tile score); the image range and threshold are then
+measured on those.
 """
 
 from __future__ import annotations
@@ -108,6 +113,7 @@ def compute_stats(
     weights: BlendWeights,
     seam: SeamSmoothing | None,
     good_quantile: float,
+    image_scores: np.ndarray | None = None,
 ) -> tuple[NormalizationStats, dict[str, Any]]:
     """Normalization statistics of a validation set.
 
@@ -120,16 +126,31 @@ def compute_stats(
         weights: Blending of overlaps.
         seam: Seam smoothing or None.
         good_quantile: Threshold quantile when there are no anomalies.
+        image_scores: float32 ``(n,)`` raw image scores of the detector's own
+            (None: each merged map's max).
 
     Returns:
         The statistics and a description of how they were obtained.
     """
     labels = np.asarray(labels).astype(bool)
-    info: dict[str, Any] = {"stage": stage, "images": int(labels.size), "anomalous_images": int(labels.sum())}
+    info: dict[str, Any] = {
+        "stage": stage,
+        "images": int(labels.size),
+        "anomalous_images": int(labels.sum()),
+        "image_score": "max" if image_scores is None else "detector",
+    }
+    if image_scores is not None and np.shape(image_scores) != labels.shape:
+        raise ValueError(
+            f"image_scores: expected {labels.size} scores (one per image), got shape {np.shape(image_scores)}"
+        )
+
+    def image_scores_of(merged: np.ndarray) -> np.ndarray:
+        return merged.reshape(merged.shape[0], -1).max(axis=1) if image_scores is None else np.asarray(image_scores)
+
     if stage == "tile":
         tile_stats, rules = tile_statistics(maps, masks, labels, grid, good_quantile)
         merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats.as_tuple())
-        scores = merged.reshape(merged.shape[0], -1).max(axis=1)
+        scores = image_scores_of(merged)
         image_t, image_rule = _threshold(scores, labels, good_quantile)
         stats = NormalizationStats(
             stage="tile",
@@ -142,7 +163,7 @@ def compute_stats(
         info.update({"pixel_threshold_rule": rules, "image_threshold_rule": image_rule})
         return stats, info
     merged = merge_maps(maps, grid, weights=weights, seam=seam)
-    scores = merged.reshape(merged.shape[0], -1).max(axis=1)
+    scores = image_scores_of(merged)
     pixel_t, pixel_rule = _threshold(merged, masks, good_quantile)
     image_t, image_rule = _threshold(scores, labels, good_quantile)
     info.update({"pixel_threshold_rule": pixel_rule, "image_threshold_rule": image_rule})

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tilead.atomic import atomic_write_bytes, atomic_write_json
 from tilead.runtime.bundle import MANIFEST, read_manifest, sha256_file, verify_files
 from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
-from tilead.trt.modules import TensorRTUnavailableError, import_builder, major_version, require_gpu
+from tilead.trt.modules import TensorRTUnavailableError, import_builder, major_version, require_gpu, require_map_only
 
 log = logging.getLogger("tilead.trt")
 
@@ -164,12 +164,13 @@ def build_engines(
         RuntimeError: If TensorRT cannot parse or build a location's model.
     """
     _check_args(precision, opt_batch, max_batch, workspace_mib)
-    trt = import_builder()
-    gpu, cc = require_gpu()
     root = Path(bundle)
     from tilead import __version__
 
     manifest = read_manifest(root, current_version=__version__)
+    require_map_only(root, manifest)
+    trt = import_builder()
+    gpu, cc = require_gpu()
     verify_files(root, manifest)
     key = engine_key(gpu, cc, str(trt.__version__), precision, max_batch, [loc.sha256 for loc in manifest.locations])
     listed = {s.key: s for s in manifest.engine_sets}

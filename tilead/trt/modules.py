@@ -13,8 +13,10 @@ so an API change in a new TensorRT fails here, not on a factory GPU.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
+from tilead.runtime.bundle import BundleError, Manifest
 from tilead.runtime.devices import cuda_status, kernel_family
 
 INSTALL_RUNTIME = (
@@ -166,3 +168,18 @@ def parse_device_name(text: str) -> tuple[str, str]:
     if not sep or not digits.isdigit() or len(digits) < 2:
         raise ValueError(f"device name {text!r}: expected 'NAME (sm_XY)'")
     return name, f"{digits[:-1]}.{digits[-1]}"
+
+
+def require_map_only(bundle: Path, manifest: Manifest) -> None:
+    """Refuse a bundle the native TensorRT path cannot run: one that deploys the detector's own image score.
+
+    Raises:
+        BundleError: For ``postprocess.image_score`` ``detector`` (graphs with a second output ``score``).
+    """
+    if manifest.image_score == "detector":
+        raise BundleError(
+            f"{bundle}: this bundle deploys the detector's own image score (postprocess.image_score 'detector', "
+            "a second graph output), which the native TensorRT backend and engine builder do not handle yet; use "
+            "backend='onnxruntime' (CPU, or device='cuda' with onnxruntime-gpu), or export the run with "
+            "postprocess.image_score 'max'"
+        )

@@ -42,10 +42,13 @@ Higher is more anomalous; any scale (validation statistics normalize it). The
 runtime upsamples each map bilinearly (half-pixel centres) to the tile size,
 blends the tiles, smooths seams and normalizes; the deployed image score is
 the max of the final map. A detector with its own image score (PatchCore's
-reweighted nearest-neighbour score) also implements
-:meth:`LocationModel.forward_with_score`; that score is available to the
-trainer in eager PyTorch, but the exported ONNX graph has the single output
-``map`` (the bundle schema has no per-location score output).
+reweighted nearest-neighbour score) sets :attr:`Detector.has_image_score` and
+implements :meth:`LocationModel.forward_with_score`. Eager evaluation always
+reports that score's AUROC; with ``postprocess.image_score: detector`` it is
+also the deployed score: :meth:`Detector.build` is asked for ``with_score``,
+the exported graph gets a second output ``score`` ``(n,)``, validation
+normalizes the image score (max over an image's tiles) with that score's
+statistics, and the Predictor does the same.
 
 Only ops ONNX Runtime's CPU provider supports at opset 18 may be used in
 ``forward`` (it is exported with ``torch.onnx.export(dynamo=True)`` with a
@@ -178,6 +181,9 @@ class Detector(ABC):
         family: The ``model.family`` value selecting it (registry key).
         state_format: Checkpoint format tag, e.g. ``"tilead.padim.v1"``;
             bump it when the saved tensors change meaning.
+        has_image_score: Its modules implement
+            :meth:`LocationModel.forward_with_score` with a score of their own
+            (default False: the max of the map).
 
     Args:
         settings: The run's ``model`` config section (the family's pydantic model).
@@ -196,6 +202,7 @@ class Detector(ABC):
 
     family: ClassVar[str]
     state_format: ClassVar[str]
+    has_image_score: ClassVar[bool] = False
 
     def __init__(self, settings: Any, backbone: FeatureExtractor, tile_size: tuple[int, int], seed: int) -> None:
         self.settings = settings
@@ -258,7 +265,7 @@ class Detector(ABC):
     # -- inference --------------------------------------------------------------------------------
 
     @abstractmethod
-    def build(self, state: LocationState, *, export: bool = False) -> LocationModel:
+    def build(self, state: LocationState, *, export: bool = False, with_score: bool = False) -> LocationModel:
         """The location's module from its state, in eval mode.
 
         Args:
@@ -266,6 +273,11 @@ class Detector(ABC):
             export: Build the variant traced to ONNX (may differ from the
                 eager one for speed, e.g. PaDiM's block-row form; the exporter
                 checks it against the eager module numerically).
+            with_score: The export variant must also support
+                :meth:`LocationModel.forward_with_score` (the bundle deploys the
+                detector's image score). Eager modules (``export=False``) always
+                support it; an export variant without it may leave out what only
+                the score needs, so that its ONNX holds the map's weights only.
 
         Raises:
             ValueError: If the state does not fit the settings / tile size.

@@ -67,7 +67,7 @@ class PadimDetector(Detector):
         mean, inv_cov = acc.finalize(s.eps)
         return LocationState(state_tensors(mean, inv_cov, index, s.storage_dtype), {}, acc.count)
 
-    def build(self, state: LocationState, *, export: bool = False) -> LocationModel:
+    def build(self, state: LocationState, *, export: bool = False, with_score: bool = False) -> LocationModel:
         """Plain head for eager use; block-row head (:data:`HEAD_BLOCKS`) for export."""
         return build_location_model(
             self.backbone, state.tensors, self.tile_size, self.padim, head_blocks=HEAD_BLOCKS if export else None

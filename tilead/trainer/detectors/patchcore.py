@@ -27,11 +27,13 @@ Per location:
   paper's reweighting of the most anomalous patch's distance ``s*``,
   ``s = (1 - exp|m_test - m*| / sum_b exp|m_test - m_b|) * s*`` over the
   ``num_neighbors`` bank entries nearest to ``m*`` (``m*`` itself first;
-  precomputed at fit time). It runs in eager PyTorch; the exported graph and
-  the bundle's image score (the max of the final map) do not use it.
+  precomputed at fit time). Eager evaluation always reports it; with
+  ``postprocess.image_score: detector`` it is exported as a second graph
+  output ``score`` and deployed (otherwise the bundle's image score is the max
+  of the final map and the exported graph holds no neighbour table).
 
 State tensors: ``bank`` ``(M, D)`` in ``storage_dtype`` (centred), ``center``
-float32 ``(D,)``, ``neighbors`` int64 ``(M, b)``.
+float32 ``(D,)``, ``neighbors`` int64 ``(M, b)`` (int32 in the exported graph).
 """
 
 from __future__ import annotations
@@ -174,39 +176,51 @@ def reweighted_score(
     ``m_test`` is the patch with the largest nearest-neighbour distance
     ``s*``, ``m*`` its nearest bank entry and ``m_b`` the ``b`` bank entries
     nearest to ``m*`` (``m*`` itself first). Computed as a softmax (stable).
+    Written with gathers only (ArgMax, GatherElements, Gather, Softmax in
+    ONNX), so it exports with a dynamic batch.
 
     Args:
         x: ``(n, P, D)`` centred patch features.
         dist: ``(n, P)`` nearest-neighbour distances.
         index: ``(n, P)`` nearest bank indices.
         bank: ``(M, D)`` float32 centred bank.
-        neighbors: ``(M, b)`` int64, row ``i`` the ``b`` entries nearest to entry ``i``, ``i`` first.
+        neighbors: ``(M, b)`` integer, row ``i`` the ``b`` entries nearest to entry ``i``, ``i`` first.
 
     Returns:
         float32 ``(n,)``.
     """
-    rows = torch.arange(x.shape[0])
-    star = dist.argmax(dim=1)  # (n,)
-    s_star = dist[rows, star]
-    m_test = x[rows, star]  # (n, D)
-    support = bank[neighbors[index[rows, star]]]  # (n, b, D)
-    d_support = (support - m_test[:, None, :]).square().sum(dim=2).sqrt()  # (n, b)
+    star = dist.argmax(dim=1, keepdim=True)  # (n, 1)
+    s_star = dist.gather(1, star)[:, 0]  # (n,)
+    m_test = x.gather(1, star[:, :, None].expand(-1, -1, x.shape[2]))  # (n, 1, D)
+    nearest = index.gather(1, star)[:, 0]  # (n,) the bank index of m*
+    support = F.embedding(neighbors.index_select(0, nearest).to(torch.int64), bank)  # (n, b, D)
+    d_support = (support - m_test).square().sum(dim=2).sqrt()  # (n, b)
     weight = 1.0 - torch.softmax(d_support, dim=1)[:, 0]
     return weight * s_star
 
 
 class PatchCoreLocationModel(LocationModel):
-    """One location's PatchCore: tiles ``(n, 3, th, tw)`` to a distance map ``(n, 1, h, w)``."""
+    """One location's PatchCore: tiles ``(n, 3, th, tw)`` to a distance map ``(n, 1, h, w)``.
+
+    Args:
+        embedding: Patch features.
+        head: Nearest-neighbour distances.
+        neighbors: ``(M, b)`` bank neighbour table of the image score, or None
+            for a map-only export (its ONNX then holds no table).
+    """
 
     has_image_score = True
+    neighbors: torch.Tensor | None
 
-    def __init__(self, embedding: PatchEmbedding, head: NearestNeighbourHead, neighbors: torch.Tensor) -> None:
+    def __init__(self, embedding: PatchEmbedding, head: NearestNeighbourHead, neighbors: torch.Tensor | None) -> None:
         super().__init__()
         self.embedding = embedding
         self.head = head
-        # A plain attribute, not a buffer: only the eager image score uses it, the exported graph does not
-        # (and the exporter's weight swap requires equal non-persistent buffers across locations).
-        self.neighbors = neighbors.to(torch.int64)
+        if neighbors is None:
+            self.neighbors = None
+        else:
+            # int32 halves the table in the bundle (Gather takes int32 indices); M < 2**31 always holds here.
+            self.register_buffer("neighbors", neighbors.to(torch.int32).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly map of a tile batch: ``(n, 3, th, tw)`` to ``(n, 1, h, w)``."""
@@ -214,7 +228,13 @@ class PatchCoreLocationModel(LocationModel):
         return out
 
     def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map ``(n, 1, h, w)`` and the reweighted image score ``(n,)`` (:func:`reweighted_score`)."""
+        """Map ``(n, 1, h, w)`` and the reweighted image score ``(n,)`` (:func:`reweighted_score`).
+
+        Raises:
+            RuntimeError: For a map-only export variant (built without the neighbour table).
+        """
+        if self.neighbors is None:
+            raise RuntimeError("this PatchCore module was built for a map-only export: it has no image score")
         patches = self.head.patches(self.embedding(x))
         dist, index = self.head.nearest(patches)
         score = reweighted_score(patches, dist, index, self.head.bank.to(torch.float32), self.neighbors)
@@ -338,6 +358,7 @@ class PatchCoreDetector(Detector):
 
     family = "patchcore"
     state_format = "tilead.patchcore.v1"
+    has_image_score = True
 
     @staticmethod
     def check_backbone(info: BackboneInfo, settings: Any) -> None:
@@ -404,8 +425,8 @@ class PatchCoreDetector(Detector):
         tensors = {"bank": centred.contiguous(), "center": center.contiguous(), "neighbors": neighbors}
         return LocationState(tensors, meta, tiles)
 
-    def build(self, state: LocationState, *, export: bool = False) -> PatchCoreLocationModel:
-        """The location model (the same module is exported).
+    def build(self, state: LocationState, *, export: bool = False, with_score: bool = False) -> PatchCoreLocationModel:
+        """The location model (the same module is exported; a map-only export leaves out the neighbour table).
 
         Raises:
             ValueError: If the state's tensors are inconsistent with the backbone.
@@ -424,7 +445,8 @@ class PatchCoreDetector(Detector):
         if neighbors.ndim != 2 or int(neighbors.shape[0]) != int(bank.shape[0]):
             raise ValueError(f"PatchCore state: neighbors {tuple(neighbors.shape)} do not match bank {bank.shape}")
         head = NearestNeighbourHead(bank, center, self.map_size, self.settings.blur_sigma)
-        return PatchCoreLocationModel(self.embedding(), head, neighbors).eval()
+        table = neighbors if (with_score or not export) else None
+        return PatchCoreLocationModel(self.embedding(), head, table).eval()
 
     def summary(self) -> dict[str, Any]:
         """Adds the feature dimension and the coreset settings."""
@@ -444,6 +466,6 @@ class PatchCoreDetector(Detector):
             "detector": {
                 "feature_dim": sum(self.backbone.info.channels),
                 "bank_dtype": s.storage_dtype,
-                "image_score": "max of the merged map (the reweighted score is eager-only)",
+                "num_neighbors": s.num_neighbors,
             }
         }

@@ -348,7 +348,7 @@ class StfpmDetector(Detector):
 
     # -- inference --------------------------------------------------------------------------------
 
-    def build(self, state: LocationState, *, export: bool = False) -> LocationModel:
+    def build(self, state: LocationState, *, export: bool = False, with_score: bool = False) -> LocationModel:
         """Teacher + this location's student; for export the student's BatchNorms become scale/shift.
 
         Raises:
