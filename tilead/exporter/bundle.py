@@ -39,7 +39,7 @@ from tilead.runtime.bundle import (
     location_files,
     sha256_file,
 )
-from tilead.trainer.detectors import create_detector
+from tilead.trainer.detectors import LocationModel, create_detector
 from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
 from tilead.trainer.io import atomic_write_json
 from tilead.trainer.pipeline import load_stats
@@ -94,15 +94,16 @@ def export_bundle(
     extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
     prep = make_preprocessing(cfg, extractor)
     with_score = cfg.postprocess.image_score == "detector"
-    eager = load_location_models(cfg, paths, grid, extractor)
+
+    def graph(model: LocationModel) -> torch.nn.Module:
+        # With the detector's image score deployed the graph gets a second output, checked like the map.
+        return MapAndScore(model) if with_score else model
+
+    models = [graph(m) for m in load_location_models(cfg, paths, grid, extractor)]
     # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
     # the memory-bound per-position matrices); its ONNX output is checked against the plain eager model below.
     variants = load_location_models(cfg, paths, grid, extractor, export=True, with_score=with_score)
-    models: list[torch.nn.Module] = list(eager)
-    exported: list[torch.nn.Module] = list(variants)
-    if with_score:  # the graphs get a second output, the detector's image score, checked like the map
-        models = [MapAndScore(m) for m in eager]
-        exported = [MapAndScore(m) for m in variants]
+    exported = [graph(m) for m in variants]
     detector = create_detector(cfg, extractor, grid.tile_size)
     tile_shape = (prep.channels, *grid.tile_size)
     out.parent.mkdir(parents=True, exist_ok=True)

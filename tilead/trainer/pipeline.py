@@ -312,8 +312,8 @@ def evaluate(
         assert masks is not None
         own = None if tile_scores is None else image_scores_of_tiles(tile_scores)  # the detector's image scores
         deployed = own if cfg.postprocess.image_score == "detector" else None
-        if cfg.postprocess.image_score == "detector" and deployed is None:
-            raise ValueError(f"postprocess.image_score 'detector': {bundle or 'the run'} gave no detector scores")
+        # The config allows 'detector' only for detectors with a score; _bundle_maps checks the bundle's choice.
+        assert deployed is not None or cfg.postprocess.image_score == "max"
         merged, result = postprocess_maps(
             maps, grid, stats, weights=cfg.postprocess.weights, seam=cfg.postprocess.seam_smoothing()
         )
