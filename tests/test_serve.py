@@ -1,0 +1,210 @@
+"""The served Predictor on a real local Ray cluster (loopback only, bounded requests, shut down after)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from tilead.runtime import Predictor
+from tilead.serve.codec import decode_mask_png_base64
+
+pytestmark = pytest.mark.integration
+
+MAX_BODY = 256 << 10
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "image/png"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return int(r.status), json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return int(err.code), json.loads(err.read())
+
+
+def get(url: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return int(r.status), json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return int(err.code), json.loads(err.read())
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_trained: tuple[Path, Path]) -> list[Path]:
+    run, _ = tiny_trained
+    data = run.parent / "data" / "test"
+    files = sorted(data.glob("*/*.png"))
+    assert len(files) >= 4
+    return files
+
+
+@pytest.fixture(scope="module")
+def server(tiny_trained: tuple[Path, Path]) -> Iterator[str]:
+    from tilead.serve.app import ServeOptions, serving
+
+    _, bundle = tiny_trained
+    options = ServeOptions(str(bundle), max_batch=4, batch_wait_ms=100.0, threads=1, max_body_bytes=MAX_BODY)
+    with serving(options, port=free_port(), num_cpus=2) as url:
+        yield url
+
+
+def test_results_equal_the_predictor(server: str, tiny_trained: tuple[Path, Path], test_images: list[Path]) -> None:
+    _, bundle = tiny_trained
+    with Predictor(bundle, threads=1) as predictor:
+        for path in test_images[:4]:
+            status, out = post(f"{server}/predict?mask=1", path.read_bytes())
+            assert status == 200, out
+            expected = predictor.predict(cv2.imread(str(path), cv2.IMREAD_COLOR))
+            assert not isinstance(expected, list)
+            # One request at a time: a batch of one, the same computation as the direct call.
+            assert out["score"] == expected.score
+            assert out["raw_score"] == expected.raw_score
+            assert out["label"] == expected.label
+            np.testing.assert_array_equal(decode_mask_png_base64(out["mask_png"]), expected.mask)
+            assert out["mask_shape"] == list(expected.mask.shape)
+            assert out["batch_size"] == 1
+            assert set(out["timings"]) == {"decode_ms", "queue_ms", "predict_ms", "total_ms"}
+            status, plain = post(f"{server}/predict", path.read_bytes())
+            assert status == 200
+            assert "mask_png" not in plain
+
+
+def test_concurrent_requests_are_batched(server: str, tiny_trained: tuple[Path, Path], test_images: list[Path]) -> None:
+    _, bundle = tiny_trained
+    paths = (test_images * 3)[:12]
+    bodies = [p.read_bytes() for p in paths]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: post(f"{server}/predict", b), bodies))
+    assert [status for status, _ in answers] == [200] * len(bodies)
+    assert max(out["batch_size"] for _, out in answers) > 1  # 8 clients, a 100 ms window: batches formed
+    with Predictor(bundle, threads=1) as predictor:
+        expected = predictor.predict([cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths])
+    assert isinstance(expected, list)
+    # In a batch ONNX Runtime may pick other kernels than for one image: equal to float tolerance.
+    np.testing.assert_allclose([o["score"] for _, o in answers], [e.score for e in expected], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        [o["raw_score"] for _, o in answers], [e.raw_score for e in expected], rtol=1e-5, atol=1e-4
+    )
+    assert [o["label"] for _, o in answers] == [e.label for e in expected]
+
+
+def test_bad_requests_get_4xx_and_the_replica_survives(server: str, test_images: list[Path]) -> None:
+    status, ready = get(f"{server}/readyz")
+    assert status == 200
+    assert ready["ready"] is True
+    pid = ready["pid"]
+    good = test_images[0].read_bytes()
+    image = cv2.imread(str(test_images[0]), cv2.IMREAD_COLOR)
+    assert image is not None
+    ok, small = cv2.imencode(".png", image[:100])
+    assert ok
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    ok, big = cv2.imencode(".png", noise)  # ~480 KB of incompressible pixels, over the 256 KiB limit
+    assert ok
+    cases = [
+        (f"{server}/predict", b"definitely not an image", 400, "not a decodable image"),
+        (f"{server}/predict", b"", 400, "empty body"),
+        (f"{server}/predict", good[: len(good) // 3], 400, "image"),
+        (f"{server}/predict", small.tobytes(), 422, "100x160"),
+        (f"{server}/predict", big.tobytes(), 413, "exceeds the limit"),
+        (f"{server}/predict?mask=maybe", good, 400, "mask"),
+    ]
+    for url, body, code, words in cases:
+        status, out = post(url, body)
+        assert status == code, out
+        assert words in out["error"]
+    # Bad and good requests at the same time: the good ones are answered, the bad ones refused.
+    mixed = [good, b"garbage", good, small.tobytes(), good, b""]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda b: post(f"{server}/predict", b), mixed))
+    assert [s for s, _ in answers] == [200, 400, 200, 422, 200, 400]
+    status, after = get(f"{server}/readyz")
+    assert status == 200
+    assert after["pid"] == pid  # the same replica process: nothing restarted it
+
+
+def test_health_route(server: str) -> None:
+    assert get(f"{server}/healthz") == (200, {"status": "ok"})
+
+
+NO_TORCH = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "torchvision", "timm") or name.startswith("tilead.trainer"):
+                raise ImportError(f"blocked in this test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import tilead.cli.serve
+    import tilead.serve.app
+    import tilead.serve.codec
+    print("OK")
+    """
+)
+
+
+def test_serving_imports_without_torch_or_the_trainer() -> None:
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_cli_serves_and_stops_on_sigterm(tiny_trained: tuple[Path, Path], test_images: list[Path]) -> None:
+    _, bundle = tiny_trained
+    port = free_port()
+    exe = Path(sys.executable).parent / "tilead-serve"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
+    cmd = [str(exe), str(bundle), "--port", str(port), "--threads", "1", "--max-batch", "2", "--batch-wait-ms", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        line = ""
+        while time.monotonic() < deadline and not line.startswith("serving:"):
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        assert line.startswith("serving:"), proc.stderr.read() if proc.stderr else ""
+        status, out = post(f"http://127.0.0.1:{port}/predict", test_images[0].read_bytes())
+        assert status == 200
+        assert 0.0 <= out["score"] <= 1.0
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "SIGTERM: shutting down" in err
+        assert "stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    with pytest.raises(urllib.error.URLError, match="refused"):  # the port is closed: nothing was left serving
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
