@@ -31,10 +31,22 @@ from tilead.cli._common import fail_on_errors, parse_overrides
     metavar="KEY=VALUE",
     help="Override a config key, e.g. --set data.max_train_images=20 (value parsed as YAML).",
 )
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Fit the locations as Ray tasks on this cluster (auto, HEAD:6379; sets train.backend=ray). "
+    "The run folder and data must be on storage every node mounts.",
+)
 @click.option("--eval/--no-eval", "then_eval", default=False, help="Evaluate on the test set after training.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(
-    config_path: Path, output: Path | None, resume: bool, overrides: tuple[str, ...], then_eval: bool, quiet: bool
+    config_path: Path,
+    output: Path | None,
+    resume: bool,
+    overrides: tuple[str, ...],
+    ray_address: str | None,
+    then_eval: bool,
+    quiet: bool,
 ) -> None:
     """Fit one detector (model.family: padim, patchcore, stfpm) per tile location, then the validation statistics."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -42,7 +54,10 @@ def main(
         from tilead.trainer.config import load_config
         from tilead.trainer.pipeline import evaluate, train
 
-        cfg = load_config(config_path, parse_overrides(overrides))
+        extra = parse_overrides(overrides)
+        if ray_address is not None:
+            extra.update({"train.backend": "ray", "train.ray_address": ray_address})
+        cfg = load_config(config_path, extra)
         out = output if output is not None else Path("runs") / cfg.name
         result = train(cfg, out, resume=resume, progress=not quiet)
         click.echo(f"run:        {result.paths.root}")

@@ -218,13 +218,22 @@ class TrainConfig(_Section):
 
     Attributes:
         batch_size: Images per batch.
-        workers: Locations fitted in parallel (processes).
+        workers: Locations fitted in parallel (processes; ``backend: local``).
         threads: Torch threads in total (default: all cores).
+        backend: ``local`` (this machine: in process, or ``workers`` processes) or
+            ``ray`` (one Ray task per location, see :mod:`tilead.trainer.distributed`).
+        ray_address: Ray cluster to join (``auto``, ``HOST:6379``); None starts a local one.
+        task_cpus: CPUs each Ray task asks for (its torch threads).
+        max_retries: Ray retries of a location's task whose worker died.
     """
 
     batch_size: int = Field(default=8, ge=1, le=1024)
     workers: int = Field(default=1, ge=1, le=64)
     threads: int | None = Field(default=None, ge=1, le=1024)
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    task_cpus: int = Field(default=1, ge=1, le=1024)
+    max_retries: int = Field(default=3, ge=0, le=100)
 
 
 class PostprocessConfig(_Section):

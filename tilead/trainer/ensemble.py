@@ -1,7 +1,8 @@
 """The tiled ensemble: fitting every location, and running it in PyTorch.
 
 Fitting goes location by location (or ``train.workers`` locations at a time
-in separate processes): the training images are streamed in batches, cut by
+in separate processes, or one Ray task per location with ``train.backend:
+ray``, see :mod:`tilead.trainer.distributed`): the training images are streamed in batches, cut by
 the runtime's tile kernel (exactly the Predictor's preprocessing), and only
 the current location's block is streamed (:class:`LocationTiles`) into the
 run's detector (:mod:`tilead.trainer.detectors`, selected by
@@ -46,6 +47,7 @@ from tilead.trainer.detectors.base import (
     load_state,
     save_state,
 )
+from tilead.trainer.distributed import fit_ray, maybe_inject_fault
 from tilead.trainer.images import ImageLoader
 from tilead.trainer.io import read_metadata
 from tilead.trainer.run_dir import RunPaths
@@ -165,9 +167,11 @@ class LocationTiles:
         if not self.samples:
             return
         loader = ImageLoader(self.cfg.data)
-        for batch in loader.iter_batches(self.samples, self.batch_size):
+        for n, batch in enumerate(loader.iter_batches(self.samples, self.batch_size)):
             tiles = _location_tiles(batch.images, self.grid, self.prep, self.cfg.data.channel_order)
             yield _to_torch(np.ascontiguousarray(tiles[self.index]))
+            if n == 0:
+                maybe_inject_fault(location_name(*self.grid.locations()[self.index]))  # a no-op unless testing
 
 
 def holdout_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -290,6 +294,8 @@ def fit_ensemble(
         log.info("resume: %d of %d locations already fitted, %d to go", skipped, len(names), len(todo))
     if not todo:
         return []
+    if cfg.train.backend == "ray":
+        return fit_ray(cfg, paths, todo, fit_samples, progress=progress)
     threads = total_threads(cfg)
     workers = min(cfg.train.workers, len(todo))
     results: list[dict[str, Any]] = []
