@@ -148,6 +148,26 @@ def test_bad_requests_get_4xx_and_the_replica_survives(server: str, test_images:
     assert after["pid"] == pid  # the same replica process: nothing restarted it
 
 
+def test_a_second_line_on_the_same_cluster(
+    server: str, tiny_trained: tuple[Path, Path], test_images: list[Path]
+) -> None:
+    from tilead.serve.app import ServeOptions, serving
+
+    _, bundle = tiny_trained
+    port = int(server.rsplit(":", 1)[1])
+    body = test_images[0].read_bytes()
+    options = ServeOptions(str(bundle), max_batch=2, batch_wait_ms=5.0, threads=1)
+    with serving(options, port=port, name="line2", route_prefix="/line2") as line2:
+        assert line2 == f"{server}/line2"
+        first, second = post(f"{server}/predict", body), post(f"{line2}/predict", body)
+        assert first[0] == second[0] == 200
+        assert first[1]["score"] == second[1]["score"]
+        assert get(f"{line2}/readyz")[0] == 200
+    # Only that application was deleted: the first line keeps serving, /line2 is gone.
+    assert post(f"{server}/predict", body)[0] == 200
+    assert get(f"{line2}/healthz")[0] == 404
+
+
 def test_health_route(server: str) -> None:
     assert get(f"{server}/healthz") == (200, {"status": "ok"})
 

@@ -40,7 +40,14 @@ from tilead.cli._common import fail_on_errors
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="HTTP host (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--ray-address", default=None, help="Join a running Ray cluster (e.g. auto, or HEAD:6379) [start one].")
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Join a running Ray cluster (auto, HEAD:6379) [start a local one]. On exit only this application is "
+    "deleted from a joined cluster; a local one is shut down.",
+)
+@click.option("--name", default="tilead", show_default=True, help="Serve application name (one per bundle).")
+@click.option("--route-prefix", default="/", show_default=True, help="Route prefix, e.g. /line1 for /line1/predict.")
 def main(
     bundle: Path,
     replicas: int,
@@ -54,6 +61,8 @@ def main(
     host: str,
     port: int,
     ray_address: str | None,
+    name: str,
+    route_prefix: str,
 ) -> None:
     """Serve BUNDLE: POST an encoded image to /predict (?mask=1 for the mask); GET /healthz, /readyz.
 
@@ -93,7 +102,10 @@ def main(
         # a signal during start-up also ends in serve.shutdown() and ray.shutdown().
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            with serving(options, host=host, port=port) as url:
+            exclusive = ray_address is None  # a cluster of our own: stop Serve as a whole at the end
+            with serving(
+                options, host=host, port=port, name=name, route_prefix=route_prefix, exclusive=exclusive
+            ) as url:
                 click.echo(f"serving:    {bundle} on {url} ({replicas} replica(s), {options.threads} thread(s) each)")
                 click.echo(f"routes:     POST {url}/predict[?mask=1]   GET {url}/healthz   GET {url}/readyz")
                 click.echo(f"batching:   up to {max_batch} images, waiting at most {batch_wait_ms:g} ms")

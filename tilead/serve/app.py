@@ -250,32 +250,46 @@ def serving(
     port: int = 8000,
     address: str | None = None,
     num_cpus: int | None = None,
+    name: str = "tilead",
+    route_prefix: str = "/",
+    exclusive: bool | None = None,
 ) -> Iterator[str]:
-    """Start Ray (or join ``address``), serve the bundle, yield the base URL; shut everything down after.
+    """Start Ray (or join ``address``), serve the bundle, yield its base URL; stop it after.
 
     Args:
         options: What to serve.
-        host: HTTP host of Ray Serve's proxy.
+        host: HTTP host of Ray Serve's proxy (on a cluster where Serve already runs, its settings stay).
         port: HTTP port.
-        address: A running Ray cluster (``ray://...`` or ``host:port``); None starts a local one.
+        address: A running Ray cluster (``auto``, ``HOST:6379``); None starts a local one.
         num_cpus: CPUs of a local cluster (None: all).
+        name: The Serve application's name (one per served bundle on a cluster).
+        route_prefix: Where the application's routes live (``/line1``: ``/line1/predict``, ...).
+        exclusive: The cluster serves only this: stop Ray Serve as a whole at the end. Default:
+            when this call started Ray. Otherwise only this application is deleted, and other
+            applications on the cluster keep serving.
 
     Yields:
-        ``http://host:port``.
+        ``http://host:port`` plus the route prefix (no trailing slash).
     """
     import ray
 
+    if not route_prefix.startswith("/"):
+        raise ValueError(f"route_prefix: expected a path starting with '/', got {route_prefix!r}")
     app = build_app(options)
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False)
+    whole = started_ray if exclusive is None else exclusive
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(app, name="tilead", route_prefix="/")
-        yield f"http://{host}:{port}"
+        serve.run(app, name=name, route_prefix=route_prefix)
+        yield f"http://{host}:{port}{route_prefix.rstrip('/')}"
     finally:
         try:
-            serve.shutdown()  # type: ignore[no-untyped-call]
+            if whole:
+                serve.shutdown()  # type: ignore[no-untyped-call]
+            else:
+                serve.delete(name)
         finally:
             if started_ray:
                 ray.shutdown()
