@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         f"target (#22): concurrency {top} >= {TARGET_RATIO}x direct batched, no errors: "
         f"{served['ratio_vs_direct_batched']:.2f}x, {served['errors']} errors -> {'PASS' if passed else 'FAIL'}"
     )
+    best = max(rows[0]["throughput"], rows[1]["throughput"])
+    vs_best = served["throughput"] / best if best else float("nan")
+    print(f"concurrency {top} vs the faster direct mode (batch 1 or {args.max_batch}): {vs_best:.2f}x")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             "batch_wait_ms": args.batch_wait_ms,
             "rows": rows,
             "target": {"concurrency": top, "ratio": TARGET_RATIO, "passed": passed},
+            "ratio_vs_best_direct": round(vs_best, 3),
         }
         tmp = args.json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
@@ -160,3 +163,31 @@ def test_result_json_keeps_floats_exact() -> None:
     assert out["mask_shape"] == [3, 4]
     np.testing.assert_array_equal(decode_mask_png_base64(out["mask_png"]), mask)
     assert "mask_png" not in result_json(0.0, False, 0.0, {}, None)
+
+
+BOMB = """
+import numpy as np
+from tilead.serve.codec import MAX_DECODED_PIXELS, ImageSpec, RequestError, decode_image
+import subprocess
+import sys
+
+import cv2
+
+side = 8200  # 67.2 Mpx > 64 Mpx, a ~80 KB PNG
+assert side * side > MAX_DECODED_PIXELS
+ok, data = cv2.imencode(".png", np.zeros((side, side), np.uint8))
+try:
+    decode_image(data.tobytes(), ImageSpec((side, side), 3, max_body_bytes=1 << 30))
+except RequestError as err:
+    print("REFUSED", err.status, len(data))
+ok, data = cv2.imencode(".png", np.zeros((8000, 8000), np.uint8))
+print("DECODED", decode_image(data.tobytes(), ImageSpec((8000, 8000), 1, max_body_bytes=1 << 30)).shape)
+"""
+
+
+def test_a_small_body_declaring_a_huge_image_is_refused() -> None:
+    # In a fresh process: OpenCV reads its pixel limit when cv2 is first imported, which the codec arranges.
+    proc = subprocess.run([sys.executable, "-c", BOMB], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "REFUSED 400" in proc.stdout
+    assert "DECODED (8000, 8000, 1)" in proc.stdout
