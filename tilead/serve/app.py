@@ -189,7 +189,11 @@ class InspectionServer:
         except RequestError as err:
             return _error(err)
         decoded = time.perf_counter()
-        prediction, timings, batch_size = await self._predict_batch((image, decoded))
+        try:
+            prediction, timings, batch_size = await self._predict_batch((image, decoded))
+        except Exception as err:  # the Predictor failed on this batch: say so; the replica keeps serving
+            reason = f"prediction failed: {type(err).__name__}: {err}"
+            return JSONResponse({"error": reason, "status": 500}, status_code=500)
         timings = {"decode_ms": (decoded - start) * 1e3, **timings, "total_ms": (time.perf_counter() - start) * 1e3}
         mask = prediction.mask if with_mask else None
         body_json = result_json(prediction.score, prediction.label, prediction.raw_score, timings, mask)

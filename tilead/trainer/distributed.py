@@ -85,7 +85,7 @@ def fit_ray(
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=cfg.train.ray_address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=cfg.train.ray_address, include_dashboard=False)
     try:
         task = ray.remote(num_cpus=cfg.train.task_cpus, max_retries=cfg.train.max_retries, retry_exceptions=False)(
             _fit_task
