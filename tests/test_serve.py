@@ -156,13 +156,26 @@ def test_a_second_line_on_the_same_cluster(
     _, bundle = tiny_trained
     port = int(server.rsplit(":", 1)[1])
     body = test_images[0].read_bytes()
-    options = ServeOptions(str(bundle), max_batch=2, batch_wait_ms=5.0, threads=1)
+    image = cv2.imread(str(test_images[0]), cv2.IMREAD_COLOR)
+    assert image is not None
+    ok, small = cv2.imencode(".png", image[:100])
+    assert ok
+    # The second line resizes other sizes; the first refuses them.
+    options = ServeOptions(str(bundle), max_batch=2, batch_wait_ms=5.0, threads=1, resize=True)
     with serving(options, port=port, name="line2", route_prefix="/line2") as line2:
         assert line2 == f"{server}/line2"
         first, second = post(f"{server}/predict", body), post(f"{line2}/predict", body)
         assert first[0] == second[0] == 200
         assert first[1]["score"] == second[1]["score"]
-        assert get(f"{line2}/readyz")[0] == 200
+        assert get(f"{line2}/readyz")[1]["resize"] is True
+        assert post(f"{server}/predict", small.tobytes())[0] == 422
+        status, out = post(f"{line2}/predict", small.tobytes())
+        assert status == 200, out
+        with Predictor(bundle, threads=1) as predictor:
+            expected = predictor.predict(image[:100], resize=True)
+        assert not isinstance(expected, list)
+        assert out["score"] == expected.score
+        assert out["raw_score"] == expected.raw_score
     # Only that application was deleted: the first line keeps serving, /line2 is gone.
     assert post(f"{server}/predict", body)[0] == 200
     assert get(f"{line2}/healthz")[0] == 404
