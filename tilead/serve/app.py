@@ -185,7 +185,7 @@ class InspectionServer:
             with_mask = parse_flag(request.query_params.get("mask"), "mask")
             check_length(request.headers.get("content-length"), self.spec)
             body = await _read_body(request, self.spec.max_body_bytes)
-            image = decode_image(body, self.spec)
+            image = await asyncio.to_thread(decode_image, body, self.spec)  # OpenCV releases the GIL
         except RequestError as err:
             return _error(err)
         decoded = time.perf_counter()
