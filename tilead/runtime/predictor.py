@@ -65,6 +65,11 @@ class Prediction:
         anomaly_map: float32 ``(H, W)`` map (normalized like ``score``).
         mask: bool ``(H, W)`` anomalous pixels.
         raw_score: Image score before normalization.
+        error: None, or what was wrong with the model's output for this
+            image: NaN or infinity anywhere in a location's output (naming
+            the location where the backend tells). Such an image is never
+            OK: ``label`` True, ``score`` 1.0 (``inf`` for stage ``none``),
+            ``raw_score`` NaN, its non-finite pixels anomalous in ``mask``.
     """
 
     score: float
@@ -72,6 +77,23 @@ class Prediction:
     anomaly_map: np.ndarray
     mask: np.ndarray
     raw_score: float
+    error: str | None = None
+
+    @property
+    def finite(self) -> bool:
+        """True when the model output for this image was finite everywhere."""
+        return self.error is None
+
+    def __repr__(self) -> str:
+        def shape(a: np.ndarray) -> str:
+            return f"<{a.dtype} {'x'.join(map(str, a.shape))}>"
+
+        error = "" if self.error is None else f", error={self.error!r}"
+        return (
+            f"Prediction(score={self.score:.4f}, label={'NG' if self.label else 'OK'}, raw_score={self.raw_score:.6g}, "
+            f"anomaly_map={shape(self.anomaly_map)}, mask={shape(self.mask)} ({int(np.count_nonzero(self.mask))} "
+            f"anomalous){error})"
+        )
 
 
 def _current_version() -> str:
@@ -415,6 +437,7 @@ class Predictor:
                 result.maps[i],
                 result.masks[i],
                 float(result.raw_scores[i]),
+                result.error(i),
             )
             for i in range(batch.shape[0])
         ]
