@@ -44,7 +44,9 @@ def _tree(data: Path, target: Path) -> Path:
     (target / "broken").mkdir()
     (target / "broken" / "truncated.png").write_bytes(blob[: len(blob) // 3])
     (target / "broken" / "empty.png").write_bytes(b"")
-    small = cv2.resize(cv2.imread(str(good)), (70, 50))
+    decoded = cv2.imread(str(good))
+    assert decoded is not None
+    small = cv2.resize(decoded, (70, 50))
     cv2.imwrite(str(target / "broken" / "small.png"), small)
     (target / "notes.txt").write_text("not an image, not collected")
     return target
@@ -126,7 +128,7 @@ def test_sigkill_during_predict_keeps_every_written_line(tiny_trained: tuple[Pat
             if results.is_file() and results.read_text().count("\n") >= 5:
                 break
             time.sleep(0.05)
-        assert proc.poll() is None, f"predict ended before the kill: {proc.stderr.read() if proc.stderr else ''}"
+        assert proc.poll() is None, f"predict ended before the kill: {proc.communicate()[1]!r}"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
