@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +45,7 @@ from tilead.runtime.bundle import (
     read_manifest,
     verify_files,
 )
-from tilead.runtime.postprocess import resize_maps
+from tilead.runtime.image_resize import resize_uint8
 from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
@@ -193,6 +194,9 @@ class Predictor:
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
         verify_files(self.path, self.manifest)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
+        self._running = 0
+        self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._sessions: list[Any] | None = None
         self._trt: Any = None
@@ -272,8 +276,17 @@ class Predictor:
             self.predict(blank, input_order="GRAY" if self.channels == 1 else "BGR")
 
     def close(self) -> None:
-        """Release the sessions; later ``predict`` calls raise."""
-        with self._lock:
+        """Release the sessions once running calls have finished; later calls raise ``RuntimeError``.
+
+        The error is always ``RuntimeError("Predictor is closed")``.
+
+        Safe to call from another thread during a ``predict`` (which completes
+        normally) and more than once.
+        """
+        with self._idle:
+            self._closed = True
+            while self._running:
+                self._idle.wait()
             self._sessions = None
             trt, self._trt = self._trt, None
             pool, self._pool = self._pool, None
@@ -281,6 +294,21 @@ class Predictor:
             trt.close()
         if pool is not None:
             pool.shutdown(wait=True)
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Mark a call as running (close() waits for it); raise if the Predictor is closed."""
+        with self._idle:
+            if self._closed:
+                raise RuntimeError("Predictor is closed")
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
 
     def __enter__(self) -> Predictor:
         return self
@@ -412,10 +440,11 @@ class Predictor:
             ``(locations, n)`` (None unless the manifest's image score is ``detector``).
         """
         _, items = self._images(images, resize)
-        chunks = [
-            self._location_outputs(np.stack(items[start : start + self.max_batch]), input_order)
-            for start in range(0, len(items), self.max_batch)
-        ]
+        with self._in_use():
+            chunks = [
+                self._location_outputs(np.stack(items[start : start + self.max_batch]), input_order)
+                for start in range(0, len(items), self.max_batch)
+            ]
         maps = np.concatenate([c[0] for c in chunks], axis=1)
         parts = [c[1] for c in chunks if c[1] is not None]
         return maps, np.concatenate(parts, axis=1) if parts else None
@@ -488,17 +517,15 @@ class Predictor:
         with timed(timer, "input"):
             single, items = self._images(images, resize)
         results: list[Prediction] = []
-        for start in range(0, len(items), self.max_batch):
-            with timed(timer, "input"):
-                chunk = items[start : start + self.max_batch]
-                batch = chunk[0][None] if len(chunk) == 1 else np.stack(chunk)  # one image: a view, no copy
-            results.extend(self._run(batch, input_order, timer))
+        with self._in_use():
+            for start in range(0, len(items), self.max_batch):
+                with timed(timer, "input"):
+                    chunk = items[start : start + self.max_batch]
+                    batch = chunk[0][None] if len(chunk) == 1 else np.stack(chunk)  # one image: a view, no copy
+                results.extend(self._run(batch, input_order, timer))
         return single, results
 
 
 def _resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 ``(H, W, C)`` image with the runtime's resize kernel."""
-    planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    resized = resize_maps(planes, size)
-    out: np.ndarray = np.clip(np.rint(resized), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    return np.ascontiguousarray(out)
+    """Bilinear resize of a uint8 ``(H, W, C)`` image with the runtime's resize kernel, in bounded memory."""
+    return resize_uint8(image, size)
