@@ -120,7 +120,8 @@ def untile(
             up = resize(maps[loc], *tile_hw)
             if tile_stats is not None:
                 t, lo, hi = (float(a[loc]) for a in tile_stats)
-                up = np.clip((up - t) / (hi - lo) + 0.5, 0.0, 1.0)
+                # Non-finite values stay non-finite (NaN), never clamped to 0 or 1 (issue #16).
+                up = np.where(np.isfinite(up), np.clip((up - t) / (hi - lo) + 0.5, 0.0, 1.0), np.nan)
             w2 = np.outer(wy[r], wx[c])
             num[:, y : y + tile_hw[0], x : x + tile_hw[1]] += w2 * up
             den[y : y + tile_hw[0], x : x + tile_hw[1]] += w2

@@ -45,7 +45,7 @@ struct UntileParams {
   int weights;  // BlendWeights
   // Optional per-location normalization applied to every upsampled value
   // before blending (stage "tile"):
-  //   v -> clamp((v - loc_threshold[l]) * loc_scale[l] + 0.5, 0, 1),
+  //   v -> clamp((v - loc_threshold[l]) * loc_scale[l] + 0.5, 0, 1) (NaN for a non-finite v),
   // loc_scale = 1 / (max - min). Null for none. Host pointers for the CPU
   // twin, device pointers for the CUDA twin.
   const float* loc_threshold;
@@ -89,6 +89,12 @@ TILEAD_HD bool finite_value(float v) {
 // Normalized pixel value: clamp((v - t) * scale + 0.5, 0, 1); 1 for a non-finite v.
 TILEAD_HD float normalize_pixel(float v, float threshold, float scale) {
   return finite_value(v) ? clamp01((v - threshold) * scale + 0.5f) : 1.0f;
+}
+
+// Per-location normalization of an upsampled value (stage "tile"); a non-finite
+// value stays non-finite (NaN) instead of being clamped to a plausible 0 or 1.
+TILEAD_HD float normalize_tile_value(float v, float threshold, float scale) {
+  return finite_value(v) ? clamp01((v - threshold) * scale + 0.5f) : NAN;
 }
 
 // Raw-mode mask: above the threshold, or non-finite.
