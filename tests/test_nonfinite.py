@@ -200,3 +200,15 @@ def test_issue_reproduction_nan_location_never_passes(tiny_trained: tuple[Path, 
         assert record["score"] == 1.0
         assert "r1c1" in record["error"]
     assert proc.returncode != 0
+
+
+@pytest.mark.integration
+def test_evaluation_through_a_poisoned_bundle_stops_naming_images(
+    tiny_trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tilead.trainer.pipeline import evaluate
+
+    run, bundle = tiny_trained
+    poisoned = _poison_location(bundle, tmp_path / "poisoned", "r0c1")
+    with pytest.raises(ValueError, match=r"model output is not finite for \d+ test image\(s\), e\.g\. .*r0c1 \(map\)"):
+        evaluate(run, tmp_path / "eval", bundle=poisoned, progress=False)

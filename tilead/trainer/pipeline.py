@@ -341,6 +341,14 @@ def evaluate(
         merged, result = postprocess_maps(
             maps, grid, stats, weights=cfg.postprocess.weights, seam=cfg.postprocess.seam_smoothing()
         )
+        broken = [f"{kept[i].path}: {result.error(i)}" for i in range(len(kept)) if result.error(i) is not None]
+        if deployed is not None:
+            broken += [f"{kept[i].path}: non-finite detector score" for i in np.flatnonzero(~np.isfinite(deployed))]
+        if broken:  # metrics of NaN scores would be meaningless: say which images, stop
+            raise ValueError(
+                f"evaluation: the model output is not finite for {len(broken)} test image(s), e.g. "
+                + "; ".join(broken[:3])
+            )
         if cfg.eval.resolution == "original" and cfg.data.image_size is not None:
             # Judge downscaled configs at the original resolution: upsample the maps, use the original masks.
             loader = ImageLoader(cfg.data.model_copy(update={"image_size": None}))
