@@ -12,6 +12,7 @@
 #   make bench-predictor  runtime.Predictor vs the eager PyTorch ensemble on bottle: latency, stages, RSS
 #   make bench-latency    tilead-bench on the bottle bundle, batch 1 and 4, beside PyTorch (--compare torch)
 #   make bench-detectors  PaDiM, PatchCore (map max / reweighted score), STFPM on bottle side by side
+#   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, banded vs whole-image
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
 
@@ -24,7 +25,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-train train-bottle info doctor clean
+.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-resize-rss bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -37,7 +38,7 @@ $(STAMP): $(NATIVE)
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/tilead-demo --out out/demo
+	$(BIN)/tilead demo -o out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" -q
@@ -78,6 +79,9 @@ bench-latency: $(STAMP) bundles/padim_bottle/manifest.json
 # Trains and exports the missing runs first (23 min for all four entries on this project's 2-core machine).
 bench-detectors: $(STAMP)
 	$(BIN)/python benchmarks/bench_detectors.py --train --json out/bench/detectors.json
+
+bench-resize-rss: $(STAMP)
+	$(BIN)/python benchmarks/bench_resize_rss.py --size 20000 --json out/bench/resize_rss.json
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_bottle.py --json out/bench/train_bottle.json

@@ -199,7 +199,7 @@ def _check_run_folder(run_dir: Path) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RECORD).is_file():
         raise FileExistsError(
             f"{run_dir} exists but was not written by tilead-demo (no {RECORD}); "
-            "choose another --out or remove that folder"
+            "choose another -o/--output or remove that folder"
         )
 
 
@@ -268,7 +268,7 @@ def _export(cfg: RunConfig, run_dir: Path, bundle: Path, run_reused: bool, progr
         log.info("demo: reusing the bundle in %s", bundle)
         return "reused"
     if bundle.exists() and not (bundle / MANIFEST).is_file():
-        raise FileExistsError(f"{bundle} exists and is not a tilead bundle; choose another --out or remove it")
+        raise FileExistsError(f"{bundle} exists and is not a tilead bundle; choose another -o/--output or remove it")
     export_bundle(run_dir, bundle, overwrite=True, progress=progress)
     return "exported"
 
