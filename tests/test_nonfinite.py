@@ -212,3 +212,31 @@ def test_evaluation_through_a_poisoned_bundle_stops_naming_images(
     poisoned = _poison_location(bundle, tmp_path / "poisoned", "r0c1")
     with pytest.raises(ValueError, match=r"model output is not finite for \d+ test image\(s\), e\.g\. .*r0c1 \(map\)"):
         evaluate(run, tmp_path / "eval", bundle=poisoned, progress=False)
+
+
+@pytest.mark.integration
+def test_eager_ensemble_with_a_nan_location_never_passes(tiny_trained: tuple[Path, Path]) -> None:
+    import cv2
+    import torch
+
+    from tilead.trainer.eager import load_eager_ensemble
+
+    run, _ = tiny_trained
+    paths = [sorted((run.parent / "data" / "test" / kind).glob("*.png"))[0] for kind in ("good", "scratch")]
+    decoded = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths]
+    assert all(d is not None for d in decoded)
+    images = np.stack(decoded)  # type: ignore[arg-type]
+    ensemble = load_eager_ensemble(run)
+    _, clean = ensemble.predict(images)
+    assert clean.finite.all()
+    assert clean.errors is None
+    index = ensemble.grid.location_names().index("r1c1")
+    with torch.no_grad():
+        ensemble.models[index].head.mean.fill_(float("nan"))  # type: ignore[union-attr,operator]
+    _, result = ensemble.predict(images)
+    assert result.labels.all()
+    assert np.isnan(result.raw_scores).all()
+    assert (result.scores == 1.0).all()
+    assert [result.error(i) for i in range(2)] == [
+        "non-finite model output (NaN or infinity) at location r1c1 (map)"
+    ] * 2
