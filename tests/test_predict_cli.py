@@ -210,3 +210,14 @@ def test_python_m_tilead_is_the_command() -> None:
     info = json.loads(proc.stdout)
     assert info["tilead"]
     assert np.isfinite(info["cpu_threads"])
+
+
+def test_demo_set_overrides_the_config_but_not_the_data_root(tmp_path: Path) -> None:
+    from tilead.demo.pipeline import DEFAULT_CONFIG, DEFAULT_IMAGE_SIZE, load_demo_config
+
+    cfg = load_demo_config(
+        DEFAULT_CONFIG, tmp_path, DEFAULT_IMAGE_SIZE, {"model.n_features": 8, "data.root": "/elsewhere"}
+    )
+    assert cfg.model.n_features == 8  # type: ignore[union-attr]
+    assert Path(str(cfg.data.root)) == tmp_path.resolve()
+    assert "--set KEY=VALUE" in CliRunner().invoke(tilead_main, ["demo", "--help"]).output

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_option
+from tilead.cli._common import CONTEXT, fail_on_errors, output_option, parse_overrides, progress_option, set_option
 from tilead.demo.synthetic import SyntheticSpec
 
 
@@ -30,8 +30,16 @@ from tilead.demo.synthetic import SyntheticSpec
     help="Run config [configs/padim_demo.yaml]; data.root is set to the generated data.",
 )
 @click.option("--overlays", type=click.IntRange(0, 1000), default=8, show_default=True, help="Overlay PNGs to draw.")
+@set_option
 @progress_option
-def main(output: Path, image_size: int, config_path: Path | None, overlays: int, progress: bool) -> None:
+def main(
+    output: Path,
+    image_size: int,
+    config_path: Path | None,
+    overlays: int,
+    overrides: tuple[str, ...],
+    progress: bool,
+) -> None:
     """Generate synthetic inspection data, train the PaDiM tiled ensemble, export it, run it, evaluate it.
 
     A second run with the same settings reuses the data, the trained run and the bundle.
@@ -51,6 +59,7 @@ def main(output: Path, image_size: int, config_path: Path | None, overlays: int,
                 overlays=overlays,
                 progress=progress,
                 echo=click.echo,
+                overrides=parse_overrides(overrides),
             )
         except KeyboardInterrupt:
             click.echo("interrupted: run the same command again to continue (fitted locations are kept)", err=True)
