@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +47,7 @@ from tilead.runtime.bundle import (
 )
 from tilead.runtime.image_resize import resize_uint8
 from tilead.runtime.preprocess import InputOrder, tile_images
-from tilead.runtime.stats import postprocess_maps
+from tilead.runtime.stats import nonfinite_errors, postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
 Backend = Literal["auto", "onnxruntime", "tensorrt"]
@@ -453,7 +453,10 @@ class Predictor:
         m = self.manifest
         trt = self._trt
         if trt is not None:
-            result = trt.run(batch, "GRAY" if batch.shape[3] == 1 else input_order, timer)
+            order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
+            result = trt.run(batch, order, timer)
+            if not result.finite.all():  # name the broken locations: one more pass, only for a broken output
+                result = replace(result, errors=nonfinite_errors(np.asarray(trt.location_maps(batch, order)), m.grid))
         else:
             maps, scores = self._location_outputs(batch, input_order, timer)
             _, result = postprocess_maps(
