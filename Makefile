@@ -13,6 +13,7 @@
 #   make bench-latency    tilead-bench on the bottle bundle, batch 1 and 4, beside PyTorch (--compare torch)
 #   make bench-detectors  PaDiM, PatchCore (map max / reweighted score), STFPM on bottle side by side
 #   make bench-serve      tilead-serve under load (concurrency 1, 4, 16) beside direct Predictor calls, bottle bundle
+#   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, banded vs whole-image
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
 
@@ -25,7 +26,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-train train-bottle info doctor clean
+.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-resize-rss bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -38,7 +39,7 @@ $(STAMP): $(NATIVE)
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/tilead-demo --out out/demo
+	$(BIN)/tilead demo -o out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" -q
@@ -83,6 +84,9 @@ bench-detectors: $(STAMP)
 # Served Predictor (Ray Serve, 1 replica on all cores, batches of 8) vs direct Predictor calls on the same images.
 bench-serve: $(STAMP) bundles/padim_bottle/manifest.json
 	$(BIN)/python benchmarks/bench_serve.py --bundle bundles/padim_bottle --requests 48 --concurrency 1 4 16 --max-batch 8 --json out/bench/serve.json
+
+bench-resize-rss: $(STAMP)
+	$(BIN)/python benchmarks/bench_resize_rss.py --size 20000 --json out/bench/resize_rss.json
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_bottle.py --json out/bench/train_bottle.json

@@ -120,7 +120,8 @@ def untile(
             up = resize(maps[loc], *tile_hw)
             if tile_stats is not None:
                 t, lo, hi = (float(a[loc]) for a in tile_stats)
-                up = np.clip((up - t) / (hi - lo) + 0.5, 0.0, 1.0)
+                # Non-finite values stay non-finite (NaN), never clamped to 0 or 1 (issue #16).
+                up = np.where(np.isfinite(up), np.clip((up - t) / (hi - lo) + 0.5, 0.0, 1.0), np.nan)
             w2 = np.outer(wy[r], wx[c])
             num[:, y : y + tile_hw[0], x : x + tile_hw[1]] += w2 * up
             den[y : y + tile_hw[0], x : x + tile_hw[1]] += w2
@@ -186,10 +187,21 @@ def normalize(
     pixel_range: tuple[float, float] | None,
     image_range: tuple[float, float] | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(normalized maps, masks, raw scores, scores) by anomalib's min-max formula."""
-    raw = maps.reshape(maps.shape[0], -1).max(axis=1).astype(np.float64)
+    """(normalized maps, masks, raw scores, scores) by anomalib's min-max formula.
+
+    The non-finite rule (issue #16): a NaN or infinite value is anomalous. Its
+    pixel normalizes to 1 and is masked; its image gets raw score NaN and the
+    most anomalous score (1 normalized, +inf raw).
+    """
+    bad = ~np.isfinite(maps)
+    flat = maps.reshape(maps.shape[0], -1)
+    bad_image = bad.reshape(maps.shape[0], -1).any(axis=1)
+    safe = np.where(bad, 0.0, maps.astype(np.float64))
+    raw = np.where(bad_image, np.nan, np.where(bad.reshape(flat.shape), -np.inf, safe.reshape(flat.shape)).max(axis=1))
     if pixel_range is None or image_range is None:
-        return maps.astype(np.float64), maps > pixel_threshold, raw, raw
-    norm = np.clip((maps - pixel_threshold) / (pixel_range[1] - pixel_range[0]) + 0.5, 0.0, 1.0)
+        return maps.astype(np.float64), (safe > pixel_threshold) | bad, raw, np.where(bad_image, np.inf, raw)
+    norm = np.clip((safe - pixel_threshold) / (pixel_range[1] - pixel_range[0]) + 0.5, 0.0, 1.0)
+    norm = np.where(bad, 1.0, norm)
     scores = np.clip((raw - image_threshold) / (image_range[1] - image_range[0]) + 0.5, 0.0, 1.0)
+    scores = np.where(bad_image, 1.0, scores)
     return norm, norm > 0.5, raw, scores

@@ -94,6 +94,26 @@ def test_untile_smooth_normalize_resize_cuda_match_cpu(weights: str) -> None:
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
 
 
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("ranges", [None, ((-2.0, 2.0), (-1.0, 3.0))])
+def test_normalize_cuda_follows_the_nonfinite_rule_like_cpu(ranges: tuple[tuple[float, float], ...] | None) -> None:
+    maps = np.random.default_rng(2).standard_normal((4, 257, 1031)).astype(np.float32)
+    maps[1, 256, 1030] = np.nan
+    maps[2, 0, 0] = np.inf
+    maps[3, 100, 7] = -np.inf
+    pr, ir = ranges if ranges is not None else (None, None)
+    kw = {"pixel_threshold": 0.1, "image_threshold": 0.3, "pixel_range": pr, "image_range": ir}
+    a = normalize_maps(maps, device="cuda", **kw)  # type: ignore[arg-type]
+    b = normalize_maps(maps, **kw)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(a.maps, b.maps)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    np.testing.assert_array_equal(a.raw_scores, b.raw_scores)  # NaN for images 1-3 on both
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert a.labels[1:].all()
+    assert not np.isnan(a.raw_scores[0])
+
+
 def test_cuda_namespace_has_the_same_entry_points_as_cpu() -> None:
     for name in ("tile_images", "untile_maps", "smooth_seams", "resize_maps", "normalize_maps"):
         cpu_doc = getattr(_kernels, name).__doc__

@@ -344,5 +344,6 @@ def test_predict_cli_writes_results_and_overlays(trained: tuple[Path, Path], tmp
     assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == len(records)
     (tmp_path / "bad.png").write_bytes(b"broken")
     res = CliRunner().invoke(predict_main, [str(bundle), str(tmp_path / "bad.png"), "--out", str(tmp_path / "o2")])
-    assert res.exit_code == 1
-    assert "cannot read image" in res.output
+    assert res.exit_code == 3  # recorded, not fatal: see tests/test_predict_cli.py
+    (record,) = [json.loads(line) for line in (tmp_path / "o2" / "results.jsonl").read_text().splitlines()]
+    assert "cannot decode" in record["error"]

@@ -70,10 +70,83 @@ def test_known_values_and_inplace() -> None:
     np.testing.assert_allclose(maps[0], [[0.0, 0.25], [0.5, 1.0]])
 
 
-def test_nan_pixels_do_not_become_the_score() -> None:
-    maps = np.array([[[np.nan, 1.0], [2.0, 0.5]]], dtype=np.float32)
-    res = normalize_maps(maps, pixel_threshold=1.0, image_threshold=1.0)
-    assert res.raw_scores[0] == 2.0
+@st.composite
+def poisoned_batches(draw: st.DrawFn) -> np.ndarray:
+    """Map batches with NaN / +inf / -inf written at a few random pixels of some images."""
+    maps = draw(map_batches())
+    n, h, w = maps.shape
+    hits = draw(
+        st.lists(
+            st.tuples(
+                st.integers(0, n - 1),
+                st.integers(0, h - 1),
+                st.integers(0, w - 1),
+                st.sampled_from([np.nan, np.inf, -np.inf]),
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    for i, y, x, v in hits:
+        maps[i, y, x] = v
+    return maps
+
+
+@given(poisoned_batches(), st.floats(-2, 2), st.floats(-2, 2), st.floats(0.1, 10), st.floats(0.1, 10))
+def test_nonfinite_values_are_anomalous_minmax(maps: np.ndarray, pt: float, it: float, pr: float, ir: float) -> None:
+    res = normalize_maps(
+        maps, pixel_threshold=pt, image_threshold=it, pixel_range=(-1.0, -1.0 + pr), image_range=(0.5, 0.5 + ir)
+    )
+    norm, mask, raw, scores = ref.normalize(maps, pt, it, (-1.0, -1.0 + pr), (0.5, 0.5 + ir))
+    bad_pixel = ~np.isfinite(maps)
+    bad_image = bad_pixel.reshape(len(maps), -1).any(axis=1)
+    # The rule itself, independent of the oracle: every poisoned pixel and image is anomalous.
+    assert np.all(res.maps[bad_pixel] == 1.0)
+    assert np.all(res.masks[bad_pixel])
+    assert np.all(np.isnan(res.raw_scores[bad_image]))
+    assert np.all(res.scores[bad_image] == 1.0)
+    assert np.all(res.labels[bad_image])
+    np.testing.assert_array_equal(res.finite, ~bad_image)
+    # And everything else as the oracle says.
+    np.testing.assert_allclose(res.maps, norm, rtol=1e-5, atol=1e-6)
+    undecided = np.abs(norm - 0.5) < 1e-6
+    np.testing.assert_array_equal(res.masks[~undecided], mask[~undecided])
+    np.testing.assert_array_equal(res.raw_scores, raw.astype(np.float32))  # NaN == NaN here
+    np.testing.assert_allclose(res.scores, scores, rtol=1e-5, atol=1e-6)
+
+
+@given(poisoned_batches(), st.floats(-2, 2), st.floats(-2, 2))
+def test_nonfinite_values_are_anomalous_raw(maps: np.ndarray, pt: float, it: float) -> None:
+    res = normalize_maps(maps, pixel_threshold=pt, image_threshold=it)
+    bad_pixel = ~np.isfinite(maps)
+    bad_image = bad_pixel.reshape(len(maps), -1).any(axis=1)
+    np.testing.assert_array_equal(res.maps, maps)
+    np.testing.assert_array_equal(res.masks, (maps > np.float32(pt)) | bad_pixel)
+    _, _, raw, scores = ref.normalize(maps, pt, it, None, None)
+    np.testing.assert_array_equal(res.raw_scores, raw.astype(np.float32))
+    np.testing.assert_array_equal(res.scores, scores.astype(np.float32))
+    assert np.all(np.isinf(res.scores[bad_image]))
+    assert np.all(res.labels[bad_image])
+    np.testing.assert_array_equal(res.labels[~bad_image], res.scores[~bad_image] > it)
+
+
+def test_one_nan_in_a_large_map_is_found_in_every_chunk() -> None:
+    # 3 x 300 x 300 = several 65536-value chunks per image; one poisoned value in the last chunk of image 1.
+    maps = np.zeros((3, 300, 300), dtype=np.float32)
+    maps[1, 299, 299] = np.nan
+    maps[2, 0, 0] = -np.inf
+    res = normalize_maps(maps, pixel_threshold=0.5, image_threshold=0.5, pixel_range=(0, 1), image_range=(0, 1))
+    assert res.raw_scores[0] == 0.0
+    assert not res.labels[0]
+    assert res.error(0) is None
+    assert np.isnan(res.raw_scores[1])
+    assert res.scores[1] == 1.0
+    assert res.labels[1]
+    assert res.error(1)
+    assert np.isnan(res.raw_scores[2])
+    assert res.labels[2]
+    assert int(res.masks[1].sum()) == 1
+    assert bool(res.masks[1, 299, 299])
 
 
 @given(map_batches(), st.integers(1, 200), st.integers(1, 200))

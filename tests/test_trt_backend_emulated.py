@@ -104,3 +104,31 @@ def test_engine_selection_and_integrity_errors(bundle: Path) -> None:
     engine.write_bytes(engine.read_bytes()[:-1] + b"x")
     with pytest.raises(BundleError, match=r"r1c0\.engine: missing or its sha256 differs"):
         Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4)
+
+
+def test_tensorrt_backend_never_passes_a_nan_location(
+    bundle: Path, tiny_trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The device pipeline's kernels follow the non-finite rule too (issue #16): r1c1's engine outputs NaN."""
+    from dataclasses import replace
+
+    from test_nonfinite import _poison_location
+
+    poisoned = _poison_location(tiny_trained[1], tmp_path / "poisoned", "r1c1")
+    engines = read_manifest(bundle).engine_sets[0]
+    files = []
+    for f in engines.files:
+        if f.name == "r1c1":
+            shutil.copy(poisoned / "tiles" / "r1c1.onnx", bundle / f.file)
+            f = replace(f, sha256=sha256_file(bundle / f.file), bytes=(bundle / f.file).stat().st_size)
+        files.append(f)
+    add_engine_set(bundle, replace(engines, files=tuple(files)))
+    images = _images(tiny_trained)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        got = trt.predict(images)
+    assert isinstance(got, list)
+    for p in got:
+        assert p.label
+        assert p.score == 1.0
+        assert np.isnan(p.raw_score)
+        assert p.error == "non-finite model output (NaN or infinity) at location r1c1 (map)"

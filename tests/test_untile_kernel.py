@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import reference as ref
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import GridCase, grids
 
@@ -98,3 +98,28 @@ def test_upsampling_matches_torch_interpolate() -> None:
         torch.from_numpy(maps[0][:, None]), size=(64, 64), mode="bilinear", align_corners=False
     )
     np.testing.assert_allclose(got, want[:, 0].numpy(), rtol=1e-6, atol=1e-6)
+
+
+@given(untile_cases(), st.data())
+def test_nonfinite_values_survive_per_location_normalization(
+    args: tuple[GridCase, np.ndarray, str], data: st.DataObject
+) -> None:
+    """Stage ``tile`` must not clamp an infinity into a plausible 0 or 1 (issue #16): it stays NaN."""
+    case, maps, weights = args
+    locations, n, mh, mw = maps.shape
+    # Upsampling reads every map pixel; downsampling skips some (a skipped value cannot show, and
+    # postprocess_maps checks every location's map before merging for that reason).
+    assume(mh <= case.tile[0] and mw <= case.tile[1])
+    loc = data.draw(st.integers(0, locations - 1))
+    img = data.draw(st.integers(0, n - 1))
+    y, x = data.draw(st.integers(0, mh - 1)), data.draw(st.integers(0, mw - 1))
+    maps[loc, img, y, x] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    stats = (np.zeros(locations), np.full(locations, -1.0), np.full(locations, 1.0))
+    grid = grid_of(case)
+    got = untile_maps(maps, grid, weights=weights, tile_stats=stats)  # type: ignore[arg-type]
+    y0, x0, y1, x1 = grid.boxes()[loc]
+    assert np.isnan(got[img, y0:y1, x0:x1]).any()  # the poisoned tile shows it where it lies
+    clean = [i for i in range(n) if i != img]
+    assert np.isfinite(got[clean]).all()
+    want = ref.untile(maps[:, clean], case.image, case.tile, case.stride, case.edge, weights, stats)
+    np.testing.assert_allclose(got[clean], want, rtol=1e-5, atol=1e-5)

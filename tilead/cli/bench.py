@@ -185,6 +185,8 @@ class BenchSettings:
     help="Run folder for --compare torch (default: the bundle's source run).",
 )
 @click.option(
+    "-o",
+    "--output",
     "--json",
     "json_path",
     type=click.Path(dir_okay=False, path_type=Path),

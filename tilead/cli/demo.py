@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
-from tilead.cli._common import fail_on_errors
+from tilead.cli._common import CONTEXT, fail_on_errors, output_option, parse_overrides, progress_option, set_option
 from tilead.demo.synthetic import SyntheticSpec
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("out/demo"),
-              show_default=True, help="Output folder (data, run, bundle, predictions, overlays, eval).")  # fmt: skip
+@click.command(context_settings=CONTEXT)
+@output_option(
+    "Output folder (data, run, bundle, predictions, overlays, eval).", default=Path("out/demo"), legacy=("--out",)
+)
 @click.option(
     "--image-size",
     type=click.IntRange(256, 4096),
@@ -29,8 +30,16 @@ from tilead.demo.synthetic import SyntheticSpec
     help="Run config [configs/padim_demo.yaml]; data.root is set to the generated data.",
 )
 @click.option("--overlays", type=click.IntRange(0, 1000), default=8, show_default=True, help="Overlay PNGs to draw.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def main(out_dir: Path, image_size: int, config_path: Path | None, overlays: int, quiet: bool) -> None:
+@set_option
+@progress_option
+def main(
+    output: Path,
+    image_size: int,
+    config_path: Path | None,
+    overlays: int,
+    overrides: tuple[str, ...],
+    progress: bool,
+) -> None:
     """Generate synthetic inspection data, train the PaDiM tiled ensemble, export it, run it, evaluate it.
 
     A second run with the same settings reuses the data, the trained run and the bundle.
@@ -44,12 +53,13 @@ def main(out_dir: Path, image_size: int, config_path: Path | None, overlays: int
 
         try:
             result = run(
-                out_dir,
+                output,
                 SyntheticSpec(image_size=image_size),
                 config=config_path,
                 overlays=overlays,
-                progress=not quiet,
+                progress=progress,
                 echo=click.echo,
+                overrides=parse_overrides(overrides),
             )
         except KeyboardInterrupt:
             click.echo("interrupted: run the same command again to continue (fitted locations are kept)", err=True)

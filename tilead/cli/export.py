@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
-from tilead.cli._common import fail_on_errors
+from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_option
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.argument("source", metavar="RUN_OR_BUNDLE", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Bundle directory to write (for a run).")
+@output_option("Bundle directory to write (for a run).")
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines for this machine's GPU into the bundle.")
@@ -21,7 +21,7 @@ from tilead.cli._common import fail_on_errors
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")
 @click.option("--workspace-mib", type=click.IntRange(16, 1 << 20), default=2048, show_default=True)
 @click.option("--rebuild", is_flag=True, help="Build the engines again even if the manifest lists them.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@progress_option
 def main(
     source: Path,
     output: Path | None,
@@ -33,7 +33,7 @@ def main(
     max_batch: int,
     workspace_mib: int,
     rebuild: bool,
-    quiet: bool,
+    progress: bool,
 ) -> None:
     """Export RUN_OR_BUNDLE: a run to a bundle (-o), and with --trt engines into the bundle.
 
@@ -57,23 +57,23 @@ def main(
             bundle = source
             if not is_bundle:
                 assert output is not None
-                bundle = _export(source, output, opset, overwrite, quiet)
+                bundle = _export(source, output, opset, overwrite, progress)
             if trt:
                 from tilead.trt.build import build_engines
 
                 engine_set = build_engines(
                     bundle, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
-                    workspace_mib=workspace_mib, rebuild=rebuild, progress=not quiet,
+                    workspace_mib=workspace_mib, rebuild=rebuild, progress=progress,
                 )  # fmt: skip
                 click.echo(f"engines:    {bundle / 'engines' / engine_set.key} ({len(engine_set.files)} locations)")
         except RuntimeError as err:  # TensorRT, its builder or the GPU is missing; a build failed
             raise click.ClickException(str(err)) from err
 
 
-def _export(run_dir: Path, output: Path, opset: int, overwrite: bool, quiet: bool) -> Path:
+def _export(run_dir: Path, output: Path, opset: int, overwrite: bool, progress: bool) -> Path:
     from tilead.exporter.bundle import export_bundle
 
-    result = export_bundle(run_dir, output, opset=opset, overwrite=overwrite, progress=not quiet)
+    result = export_bundle(run_dir, output, opset=opset, overwrite=overwrite, progress=progress)
     locs = result.manifest["locations"]
     size = sum(loc["bytes"] for loc in locs) / 2**20
     worst = max(result.manifest["source"]["parity_onnxruntime_vs_torch"].values())

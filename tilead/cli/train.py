@@ -9,10 +9,10 @@ from typing import Any
 import click
 import yaml
 
-from tilead.cli._common import fail_on_errors, parse_overrides
+from tilead.cli._common import CONTEXT, fail_on_errors, output_option, parse_overrides, progress_option, set_option
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CONTEXT)
 @click.option(
     "--config",
     "config_path",
@@ -20,17 +20,9 @@ from tilead.cli._common import fail_on_errors, parse_overrides
     required=True,
     help="YAML config (configs/padim_bottle.yaml, patchcore_bottle.yaml, stfpm_bottle.yaml, ...).",
 )
-@click.option(
-    "--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [runs/<name>]."
-)
+@output_option("Run folder.  [default: runs/<name>]")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --output; finished locations are kept.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a config key, e.g. --set data.max_train_images=20 (value parsed as YAML).",
-)
+@set_option
 @click.option(
     "--ray-address",
     default=None,
@@ -38,7 +30,8 @@ from tilead.cli._common import fail_on_errors, parse_overrides
     "The run folder and data must be on storage every node mounts.",
 )
 @click.option("--eval/--no-eval", "then_eval", default=False, help="Evaluate on the test set after training.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config (with --set applied) as YAML and exit.")
+@progress_option
 def main(
     config_path: Path,
     output: Path | None,
@@ -46,7 +39,8 @@ def main(
     overrides: tuple[str, ...],
     ray_address: str | None,
     then_eval: bool,
-    quiet: bool,
+    print_config: bool,
+    progress: bool,
 ) -> None:
     """Fit one detector (model.family: padim, patchcore, stfpm) per tile location, then the validation statistics."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -58,14 +52,17 @@ def main(
         if ray_address is not None:
             extra.update({"train.backend": "ray", "train.ray_address": ray_address})
         cfg = load_config(config_path, extra)
+        if print_config:
+            click.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+            return
         out = output if output is not None else Path("runs") / cfg.name
-        result = train(cfg, out, resume=resume, progress=not quiet)
+        result = train(cfg, out, resume=resume, progress=progress)
         click.echo(f"run:        {result.paths.root}")
         click.echo(f"locations:  {result.fitted_now} fitted now ({'resumed' if resume else 'new run'})")
         click.echo(f"stats:      {result.paths.stats} (normalization {result.stats.stage})")
         click.echo(f"time:       {result.seconds:.1f} s")
         if then_eval:
-            _print_eval(evaluate(result.paths.root, progress=not quiet).metrics)
+            _print_eval(evaluate(result.paths.root, progress=progress).metrics)
 
 
 def _print_eval(report: dict[str, Any]) -> None:

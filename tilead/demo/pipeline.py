@@ -150,7 +150,9 @@ def demo_grid(image_size: int) -> tuple[int, int]:
     return tile, image_size - tile
 
 
-def load_demo_config(config: Path, data_root: Path, image_size: int) -> RunConfig:
+def load_demo_config(
+    config: Path, data_root: Path, image_size: int, user_overrides: dict[str, Any] | None = None
+) -> RunConfig:
     """The demo's run config: ``config`` with ``data.root`` set to the generated data.
 
     For an image size other than :data:`DEFAULT_IMAGE_SIZE` the grid is
@@ -160,6 +162,8 @@ def load_demo_config(config: Path, data_root: Path, image_size: int) -> RunConfi
         config: The YAML config file.
         data_root: The generated dataset.
         image_size: The dataset's image size.
+        user_overrides: Dotted config keys to replace first (``tilead demo --set``); the
+            demo's own ``data.root`` (and grid for other sizes) still win.
 
     Returns:
         The validated run config.
@@ -167,7 +171,7 @@ def load_demo_config(config: Path, data_root: Path, image_size: int) -> RunConfi
     Raises:
         ConfigError: If the file is missing or invalid.
     """
-    overrides: dict[str, Any] = {"data.root": str(data_root.resolve())}
+    overrides: dict[str, Any] = {**(user_overrides or {}), "data.root": str(data_root.resolve())}
     if image_size != DEFAULT_IMAGE_SIZE:
         tile, stride = demo_grid(image_size)
         overrides.update({"grid.tile_size": tile, "grid.stride": stride})
@@ -199,7 +203,7 @@ def _check_run_folder(run_dir: Path) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / RECORD).is_file():
         raise FileExistsError(
             f"{run_dir} exists but was not written by tilead-demo (no {RECORD}); "
-            "choose another --out or remove that folder"
+            "choose another -o/--output or remove that folder"
         )
 
 
@@ -268,7 +272,7 @@ def _export(cfg: RunConfig, run_dir: Path, bundle: Path, run_reused: bool, progr
         log.info("demo: reusing the bundle in %s", bundle)
         return "reused"
     if bundle.exists() and not (bundle / MANIFEST).is_file():
-        raise FileExistsError(f"{bundle} exists and is not a tilead bundle; choose another --out or remove it")
+        raise FileExistsError(f"{bundle} exists and is not a tilead bundle; choose another -o/--output or remove it")
     export_bundle(run_dir, bundle, overwrite=True, progress=progress)
     return "exported"
 
@@ -349,6 +353,7 @@ def run(
     overlays: int = 8,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> DemoResult:
     """Run the whole demo (see the module docstring).
 
@@ -360,6 +365,7 @@ def run(
         overlays: Test images to draw, spread over good and the defect types.
         progress: Show progress bars.
         echo: Called with a one-line note as each step starts (e.g. ``click.echo``).
+        overrides: Dotted config keys to replace (``tilead demo --set``).
 
     Returns:
         What was done, measured and written.
@@ -373,7 +379,7 @@ def run(
     spec = spec if spec is not None else SyntheticSpec()
     paths = DemoPaths(Path(out_dir))
     note = echo if echo is not None else (lambda _msg: None)
-    cfg = load_demo_config(config if config is not None else DEFAULT_CONFIG, paths.data, spec.image_size)
+    cfg = load_demo_config(config if config is not None else DEFAULT_CONFIG, paths.data, spec.image_size, overrides)
     _check_run_folder(paths.run)
     timings: dict[str, float] = {}
 

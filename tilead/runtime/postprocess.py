@@ -15,6 +15,11 @@ The stages, each a checked wrapper over one kernel (CPU twin or CUDA twin):
 4. :func:`normalize_maps` applies ``clamp((x - t) / (max - min) + 0.5, 0, 1)``,
    thresholds at 0.5 and reduces each image's score (max of the map).
 
+The non-finite rule (issue #16): a NaN or infinite raw map value is a model
+failure, never "normal". The kernels make such a pixel anomalous (normalized
+value 1, mask set) and such an image anomalous: raw score NaN, image score
+1.0 after min-max normalization (``+inf`` in raw mode), label True.
+
 :func:`merge_maps` runs 1-3 in that order, as the trainer's validation and the
 Predictor both do.
 """
@@ -80,6 +85,10 @@ class NormalizedMaps:
         scores: ``(n,)`` float32, image scores (normalized when an image range
             was given).
         labels: ``(n,)`` bool, image is anomalous.
+        errors: Per image, what was wrong with the model output (e.g. the
+            locations whose output held NaN or infinity), None where nothing
+            was; None when not collected (then :meth:`error` describes
+            non-finite raw scores generically).
     """
 
     maps: np.ndarray
@@ -87,6 +96,28 @@ class NormalizedMaps:
     raw_scores: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    errors: tuple[str | None, ...] | None = None
+
+    @property
+    def finite(self) -> np.ndarray:
+        """Per image (bool ``(n,)``): the model output was finite everywhere (its raw score is not NaN)."""
+        out: np.ndarray = np.isfinite(self.raw_scores)
+        return out
+
+    def error(self, index: int) -> str | None:
+        """What was wrong with image ``index``'s model output, or None.
+
+        Args:
+            index: Image index in the batch.
+        """
+        if self.errors is not None and self.errors[index] is not None:
+            return self.errors[index]
+        if not np.isfinite(self.raw_scores[index]):
+            return NONFINITE_OUTPUT
+        return None
+
+
+NONFINITE_OUTPUT = "non-finite model output (NaN or infinity) in the anomaly map"
 
 
 def _maps_4d(maps: np.ndarray, grid: TileGrid) -> np.ndarray:
@@ -336,7 +367,8 @@ def normalize_maps(
     ``n = clamp((x - t) / (max - min) + 0.5, 0, 1)``; a pixel is anomalous
     when its normalized value exceeds 0.5, an image when its normalized score
     does. Without ranges the raw values are kept and compared with the
-    thresholds directly.
+    thresholds directly. Non-finite values make the pixel and the image
+    anomalous (module docstring: the non-finite rule).
 
     Args:
         maps: float32 ``(n, H, W)`` or ``(H, W)`` raw anomaly maps.

@@ -26,9 +26,10 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,9 +45,9 @@ from tilead.runtime.bundle import (
     read_manifest,
     verify_files,
 )
-from tilead.runtime.postprocess import resize_maps
+from tilead.runtime.image_resize import resize_uint8
 from tilead.runtime.preprocess import InputOrder, tile_images
-from tilead.runtime.stats import postprocess_maps
+from tilead.runtime.stats import nonfinite_errors, postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
 Backend = Literal["auto", "onnxruntime", "tensorrt"]
@@ -65,6 +66,11 @@ class Prediction:
         anomaly_map: float32 ``(H, W)`` map (normalized like ``score``).
         mask: bool ``(H, W)`` anomalous pixels.
         raw_score: Image score before normalization.
+        error: None, or what was wrong with the model's output for this
+            image: NaN or infinity anywhere in a location's output (naming
+            the location where the backend tells). Such an image is never
+            OK: ``label`` True, ``score`` 1.0 (``inf`` for stage ``none``),
+            ``raw_score`` NaN, its non-finite pixels anomalous in ``mask``.
     """
 
     score: float
@@ -72,6 +78,23 @@ class Prediction:
     anomaly_map: np.ndarray
     mask: np.ndarray
     raw_score: float
+    error: str | None = None
+
+    @property
+    def finite(self) -> bool:
+        """True when the model output for this image was finite everywhere."""
+        return self.error is None
+
+    def __repr__(self) -> str:
+        def shape(a: np.ndarray) -> str:
+            return f"<{a.dtype} {'x'.join(map(str, a.shape))}>"
+
+        error = "" if self.error is None else f", error={self.error!r}"
+        return (
+            f"Prediction(score={self.score:.4f}, label={'NG' if self.label else 'OK'}, raw_score={self.raw_score:.6g}, "
+            f"anomaly_map={shape(self.anomaly_map)}, mask={shape(self.mask)} ({int(np.count_nonzero(self.mask))} "
+            f"anomalous){error})"
+        )
 
 
 def _current_version() -> str:
@@ -171,6 +194,9 @@ class Predictor:
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
         verify_files(self.path, self.manifest)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
+        self._running = 0
+        self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._sessions: list[Any] | None = None
         self._trt: Any = None
@@ -250,8 +276,17 @@ class Predictor:
             self.predict(blank, input_order="GRAY" if self.channels == 1 else "BGR")
 
     def close(self) -> None:
-        """Release the sessions; later ``predict`` calls raise."""
-        with self._lock:
+        """Release the sessions once running calls have finished; later calls raise ``RuntimeError``.
+
+        The error is always ``RuntimeError("Predictor is closed")``.
+
+        Safe to call from another thread during a ``predict`` (which completes
+        normally) and more than once.
+        """
+        with self._idle:
+            self._closed = True
+            while self._running:
+                self._idle.wait()
             self._sessions = None
             trt, self._trt = self._trt, None
             pool, self._pool = self._pool, None
@@ -259,6 +294,21 @@ class Predictor:
             trt.close()
         if pool is not None:
             pool.shutdown(wait=True)
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Mark a call as running (close() waits for it); raise if the Predictor is closed."""
+        with self._idle:
+            if self._closed:
+                raise RuntimeError("Predictor is closed")
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._running -= 1
+                if not self._running:
+                    self._idle.notify_all()
 
     def __enter__(self) -> Predictor:
         return self
@@ -390,10 +440,11 @@ class Predictor:
             ``(locations, n)`` (None unless the manifest's image score is ``detector``).
         """
         _, items = self._images(images, resize)
-        chunks = [
-            self._location_outputs(np.stack(items[start : start + self.max_batch]), input_order)
-            for start in range(0, len(items), self.max_batch)
-        ]
+        with self._in_use():
+            chunks = [
+                self._location_outputs(np.stack(items[start : start + self.max_batch]), input_order)
+                for start in range(0, len(items), self.max_batch)
+            ]
         maps = np.concatenate([c[0] for c in chunks], axis=1)
         parts = [c[1] for c in chunks if c[1] is not None]
         return maps, np.concatenate(parts, axis=1) if parts else None
@@ -402,7 +453,10 @@ class Predictor:
         m = self.manifest
         trt = self._trt
         if trt is not None:
-            result = trt.run(batch, "GRAY" if batch.shape[3] == 1 else input_order, timer)
+            order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
+            result = trt.run(batch, order, timer)
+            if not result.finite.all():  # name the broken locations: one more pass, only for a broken output
+                result = replace(result, errors=nonfinite_errors(np.asarray(trt.location_maps(batch, order)), m.grid))
         else:
             maps, scores = self._location_outputs(batch, input_order, timer)
             _, result = postprocess_maps(
@@ -415,6 +469,7 @@ class Predictor:
                 result.maps[i],
                 result.masks[i],
                 float(result.raw_scores[i]),
+                result.error(i),
             )
             for i in range(batch.shape[0])
         ]
@@ -465,17 +520,15 @@ class Predictor:
         with timed(timer, "input"):
             single, items = self._images(images, resize)
         results: list[Prediction] = []
-        for start in range(0, len(items), self.max_batch):
-            with timed(timer, "input"):
-                chunk = items[start : start + self.max_batch]
-                batch = chunk[0][None] if len(chunk) == 1 else np.stack(chunk)  # one image: a view, no copy
-            results.extend(self._run(batch, input_order, timer))
+        with self._in_use():
+            for start in range(0, len(items), self.max_batch):
+                with timed(timer, "input"):
+                    chunk = items[start : start + self.max_batch]
+                    batch = chunk[0][None] if len(chunk) == 1 else np.stack(chunk)  # one image: a view, no copy
+                results.extend(self._run(batch, input_order, timer))
         return single, results
 
 
 def _resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 ``(H, W, C)`` image with the runtime's resize kernel."""
-    planes = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
-    resized = resize_maps(planes, size)
-    out: np.ndarray = np.clip(np.rint(resized), 0, 255).astype(np.uint8).transpose(1, 2, 0)
-    return np.ascontiguousarray(out)
+    """Bilinear resize of a uint8 ``(H, W, C)`` image with the runtime's resize kernel, in bounded memory."""
+    return resize_uint8(image, size)

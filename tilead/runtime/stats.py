@@ -196,8 +196,50 @@ def score_images(result: NormalizedMaps, raw_scores: np.ndarray, stats: Normaliz
     check_array(raw_scores, "raw_scores", dtypes=[np.float32], ndims=[1], contiguous=False)
     if raw_scores.shape[0] != result.scores.shape[0]:
         raise ValueError(f"raw_scores: expected {result.scores.shape[0]} scores, got {raw_scores.shape[0]}")
-    scored = normalize_with_stats(np.ascontiguousarray(raw_scores).reshape(-1, 1, 1), stats)
+    # A map with non-finite values keeps its image anomalous, whatever the other score says.
+    chosen = np.where(result.finite, raw_scores, np.float32(np.nan)).astype(np.float32)
+    scored = normalize_with_stats(chosen.reshape(-1, 1, 1), stats)
     return replace(result, raw_scores=scored.raw_scores, scores=scored.scores, labels=scored.labels)
+
+
+def nonfinite_errors(maps: np.ndarray, grid: TileGrid, tile_scores: np.ndarray | None = None) -> tuple[str | None, ...]:
+    """Per image, the locations whose model output holds NaN or infinity (None where all is finite).
+
+    Args:
+        maps: float32 ``(locations, n, h, w)`` raw per-location maps.
+        grid: The tile grid (for the location names).
+        tile_scores: float32 ``(locations, n)`` per-tile detector scores, or None.
+
+    Returns:
+        One entry per image, e.g. ``"non-finite model output (NaN or infinity) at location r1c1 (map)"``.
+    """
+    bad_maps = ~np.isfinite(maps).reshape(maps.shape[0], maps.shape[1], -1).all(axis=2)
+    bad_scores = ~np.isfinite(tile_scores) if tile_scores is not None else np.zeros_like(bad_maps)
+    names = grid.location_names()
+    errors: list[str | None] = []
+    for i in range(maps.shape[1]):
+        where = []
+        for loc in range(maps.shape[0]):
+            outputs = [k for k, b in (("map", bad_maps[loc, i]), ("score", bad_scores[loc, i])) if b]
+            if outputs:
+                where.append(f"{names[loc]} ({' and '.join(outputs)})")
+        errors.append(
+            f"non-finite model output (NaN or infinity) at location{'s' if len(where) > 1 else ''} {', '.join(where)}"
+            if where
+            else None
+        )
+    return tuple(errors)
+
+
+def _mark_nonfinite(result: NormalizedMaps, bad: np.ndarray, stats: NormalizationStats) -> NormalizedMaps:
+    """Force images ``bad`` to the non-finite rule's result (raw NaN, most anomalous score, label True)."""
+    raw = result.raw_scores.copy()
+    scores = result.scores.copy()
+    labels = result.labels.copy()
+    raw[bad] = np.nan
+    scores[bad] = np.inf if stats.stage == "none" else 1.0
+    labels[bad] = True
+    return replace(result, raw_scores=raw, scores=scores, labels=labels)
 
 
 def postprocess_maps(
@@ -228,14 +270,29 @@ def postprocess_maps(
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
         ``(n, H, W)``; already tile-normalized for stage ``tile``) and the
-        normalized maps, masks, scores and labels.
+        normalized maps, masks, scores and labels. An image any of whose
+        locations output NaN or infinity (map or score) follows the
+        non-finite rule (:mod:`tilead.runtime.postprocess`): anomalous, raw
+        score NaN, and ``result.errors`` names the locations; the pixels of
+        such a location's tile are NaN in ``merged`` and anomalous in the masks.
     """
+    errors: tuple[str | None, ...] | None = None
+    finite_maps = bool(np.isfinite(maps).all())
+    if not finite_maps or (tile_scores is not None and not np.isfinite(tile_scores).all()):
+        errors = nonfinite_errors(maps, grid, tile_scores)
+        if not finite_maps:
+            # Every non-finite value as NaN, which survives blending and per-tile normalization
+            # (clamp would turn an infinity into a plausible 0 or 1).
+            maps = np.where(np.isfinite(maps), maps, np.float32(np.nan)).astype(np.float32)
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
     merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer)
     with timed(timer, "normalize"):
         result = normalize_with_stats(merged, stats, device=device)
         if tile_scores is not None:
             result = score_images(result, image_scores_of_tiles(tile_scores), stats)
+        if errors is not None:
+            bad = np.array([e is not None for e in errors], dtype=bool)
+            result = replace(_mark_nonfinite(result, bad, stats), errors=errors)
         return merged, result
 
 

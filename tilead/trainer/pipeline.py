@@ -29,7 +29,7 @@ from tilead.runtime.stats import (
     postprocess_maps,
     score_images,
 )
-from tilead.trainer.config import RunConfig
+from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.ensemble import (
     collect_maps,
@@ -252,8 +252,24 @@ def _bundle_maps(
     return maps, masks, kept, np.concatenate(score_chunks, axis=1) if score_chunks else None
 
 
+def _override_run_config(paths: RunPaths, cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """The run's config with ``overrides`` applied, refusing any that changes what was fitted."""
+    changed = load_config(paths.config, overrides)
+    if changed.fit_key() != cfg.fit_key():
+        raise ValueError(
+            f"--set {', '.join(overrides)}: changes what the run's locations were fitted on (data, grid, model or "
+            "seed); evaluation can override eval.* and test-set keys only; train a new run for the others"
+        )
+    return changed
+
+
 def evaluate(
-    root: Path, out_dir: Path | None = None, *, bundle: Path | None = None, progress: bool = True
+    root: Path,
+    out_dir: Path | None = None,
+    *,
+    bundle: Path | None = None,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate a trained run on its test set.
 
@@ -269,12 +285,20 @@ def evaluate(
         bundle: Evaluate this run's exported bundle through ``runtime.Predictor``
             (ONNX Runtime and the kernels) instead of the eager PyTorch models.
         progress: Show progress bars.
+        overrides: Dotted config keys to replace for this evaluation (``eval.*``,
+            ``data.*`` such as ``data.max_test_images``); keys that change what
+            was fitted are refused.
 
     Returns:
         Metrics and the written overlays.
+
+    Raises:
+        ValueError: For an override that changes what the locations were fitted on.
     """
     start = time.perf_counter()
     paths, cfg = open_run(root)
+    if overrides:
+        cfg = _override_run_config(paths, cfg, overrides)
     default_out = paths.root / ("eval_bundle" if bundle is not None else "eval")
     out = Path(out_dir) if out_dir is not None else default_out
     handler = attach_log(paths)
@@ -317,6 +341,14 @@ def evaluate(
         merged, result = postprocess_maps(
             maps, grid, stats, weights=cfg.postprocess.weights, seam=cfg.postprocess.seam_smoothing()
         )
+        broken = [f"{kept[i].path}: {result.error(i)}" for i in range(len(kept)) if result.error(i) is not None]
+        if deployed is not None:
+            broken += [f"{kept[i].path}: non-finite detector score" for i in np.flatnonzero(~np.isfinite(deployed))]
+        if broken:  # metrics of NaN scores would be meaningless: say which images, stop
+            raise ValueError(
+                f"evaluation: the model output is not finite for {len(broken)} test image(s), e.g. "
+                + "; ".join(broken[:3])
+            )
         if cfg.eval.resolution == "original" and cfg.data.image_size is not None:
             # Judge downscaled configs at the original resolution: upsample the maps, use the original masks.
             loader = ImageLoader(cfg.data.model_copy(update={"image_size": None}))

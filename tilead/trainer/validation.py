@@ -103,6 +103,36 @@ def tile_statistics(
     return TileStats(tuple(thresholds), tuple(mins), tuple(maxs)), rules
 
 
+def check_finite(maps: np.ndarray, grid: TileGrid, image_scores: np.ndarray | None = None) -> None:
+    """Refuse validation outputs with NaN or infinity (the thresholds and ranges would be NaN).
+
+    Args:
+        maps: float32 ``(L, n, h, w)`` raw per-location maps.
+        grid: The tile grid (for location names).
+        image_scores: ``(n,)`` detector image scores, or None.
+
+    Raises:
+        ValueError: Naming the first location and validation image with a non-finite value, and the count.
+    """
+    bad = ~np.isfinite(maps).reshape(maps.shape[0], maps.shape[1], -1).all(axis=2)
+    if bad.any():
+        loc, img = (int(v) for v in np.argwhere(bad)[0])
+        raise ValueError(
+            f"validation maps: non-finite values (NaN or infinity) in the output of location "
+            f"{grid.location_names()[loc]} for validation image {img} ({int(bad.sum())} location/image pairs "
+            "in all); thresholds and ranges computed from them would be NaN. The model's output is broken "
+            "(check the fitted statistics, the backbone weights and the validation images)."
+        )
+    if image_scores is not None:
+        scores = np.asarray(image_scores)
+        if not np.isfinite(scores).all():
+            img = int(np.argmax(~np.isfinite(scores)))
+            raise ValueError(
+                f"validation image scores: non-finite detector score for validation image {img} "
+                f"({int((~np.isfinite(scores)).sum())} in all); thresholds computed from them would be NaN"
+            )
+
+
 def compute_stats(
     maps: np.ndarray,
     masks: np.ndarray,
@@ -131,7 +161,11 @@ def compute_stats(
 
     Returns:
         The statistics and a description of how they were obtained.
+
+    Raises:
+        ValueError: For non-finite maps or scores (:func:`check_finite`) or mismatched score counts.
     """
+    check_finite(maps, grid, image_scores)
     labels = np.asarray(labels).astype(bool)
     info: dict[str, Any] = {
         "stage": stage,

@@ -1,6 +1,7 @@
 // Portability macros and scalar helpers shared by the CPU and CUDA twins.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -8,7 +9,6 @@
 #include <cuda_fp16.h>
 #define TILEAD_HD __host__ __device__ __forceinline__
 #else
-#include <cmath>
 #define TILEAD_HD inline
 #endif
 

@@ -45,7 +45,7 @@ struct UntileParams {
   int weights;  // BlendWeights
   // Optional per-location normalization applied to every upsampled value
   // before blending (stage "tile"):
-  //   v -> clamp((v - loc_threshold[l]) * loc_scale[l] + 0.5, 0, 1),
+  //   v -> clamp((v - loc_threshold[l]) * loc_scale[l] + 0.5, 0, 1) (NaN for a non-finite v),
   // loc_scale = 1 / (max - min). Null for none. Host pointers for the CPU
   // twin, device pointers for the CUDA twin.
   const float* loc_threshold;
@@ -67,6 +67,44 @@ struct NormParams {
   float image_threshold;  // on raw image scores
   float image_min, image_max;
 };
+
+// The non-finite rule (issue #16), shared by both twins: a NaN or infinite raw
+// map value is a model failure and is never "normal". Such a pixel is
+// anomalous (normalized value 1, mask set); an image with one has the raw
+// score NaN and the most anomalous image score (1 after min-max
+// normalization, +infinity in raw mode), so its label is anomalous whatever
+// the threshold.
+
+// False for NaN and +-infinity. A bit test, so no compiler flag can fold it away.
+TILEAD_HD bool finite_value(float v) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(v);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+#endif
+  return (bits & 0x7f800000u) != 0x7f800000u;
+}
+
+// Normalized pixel value: clamp((v - t) * scale + 0.5, 0, 1); 1 for a non-finite v.
+TILEAD_HD float normalize_pixel(float v, float threshold, float scale) {
+  return finite_value(v) ? clamp01((v - threshold) * scale + 0.5f) : 1.0f;
+}
+
+// Per-location normalization of an upsampled value (stage "tile"); a non-finite
+// value stays non-finite (NaN) instead of being clamped to a plausible 0 or 1.
+TILEAD_HD float normalize_tile_value(float v, float threshold, float scale) {
+  return finite_value(v) ? clamp01((v - threshold) * scale + 0.5f) : NAN;
+}
+
+// Raw-mode mask: above the threshold, or non-finite.
+TILEAD_HD uint8_t raw_pixel_anomalous(float v, float threshold) { return !finite_value(v) || v > threshold ? 1 : 0; }
+
+// Image score from the raw score (NaN when the map held a non-finite value).
+TILEAD_HD float image_score(float raw, const NormParams& p, float iscale) {
+  if (!finite_value(raw)) return p.mode == kNormMinMax ? 1.0f : INFINITY;
+  return p.mode == kNormMinMax ? clamp01((raw - p.image_threshold) * iscale + 0.5f) : raw;
+}
 
 namespace cpu {
 

@@ -1,5 +1,6 @@
 // CPU twin of normalize + threshold + per-image score.
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -10,17 +11,25 @@ namespace tilead {
 namespace cpu {
 namespace {
 
-// Max over a chunk with independent accumulators so the loop vectorizes.
-// NaN values are ignored by the comparison.
+// Max over a chunk with independent accumulators so the loop vectorizes; NaN
+// when the chunk holds any non-finite value (the non-finite rule, kernels.h).
 float chunk_max(const float* v, int64_t n) {
   constexpr int K = 8;
   float acc[K];
+  uint32_t bad = 0;
   for (int k = 0; k < K; ++k) acc[k] = -std::numeric_limits<float>::infinity();
   int64_t i = 0;
   for (; i + K <= n; i += K) {
-    for (int k = 0; k < K; ++k) acc[k] = v[i + k] > acc[k] ? v[i + k] : acc[k];
+    for (int k = 0; k < K; ++k) {
+      acc[k] = v[i + k] > acc[k] ? v[i + k] : acc[k];
+      bad |= finite_value(v[i + k]) ? 0u : 1u;
+    }
   }
-  for (; i < n; ++i) acc[0] = v[i] > acc[0] ? v[i] : acc[0];
+  for (; i < n; ++i) {
+    acc[0] = v[i] > acc[0] ? v[i] : acc[0];
+    bad |= finite_value(v[i]) ? 0u : 1u;
+  }
+  if (bad != 0) return std::numeric_limits<float>::quiet_NaN();
   float m = acc[0];
   for (int k = 1; k < K; ++k) m = acc[k] > m ? acc[k] : m;
   return m;
@@ -50,7 +59,7 @@ void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_score
       if (minmax) {
         // (x - t) first: exact for x near t, where the 0.5 cut is decided.
         const float t = p.pixel_threshold;
-        for (int64_t i = 0; i < len; ++i) d[i] = clamp01((s[i] - t) * pscale + 0.5f);
+        for (int64_t i = 0; i < len; ++i) d[i] = normalize_pixel(s[i], t, pscale);
         if (mask != nullptr) {
           uint8_t* m = mask + off;
           for (int64_t i = 0; i < len; ++i) m[i] = d[i] > 0.5f ? 1 : 0;
@@ -60,7 +69,7 @@ void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_score
         if (mask != nullptr) {
           uint8_t* m = mask + off;
           const float t = p.pixel_threshold;
-          for (int64_t i = 0; i < len; ++i) m[i] = s[i] > t ? 1 : 0;
+          for (int64_t i = 0; i < len; ++i) m[i] = raw_pixel_anomalous(s[i], t);
         }
       }
     }
@@ -70,10 +79,15 @@ void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_score
   for (int img = 0; img < n; ++img) {
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t c = 0; c < chunks_per_image; ++c) {
-      m = std::max(m, partial[static_cast<size_t>(img * chunks_per_image + c)]);
+      const float part = partial[static_cast<size_t>(img * chunks_per_image + c)];
+      if (std::isnan(part)) {  // a chunk with a non-finite value: the image's raw score is NaN
+        m = part;
+        break;
+      }
+      m = std::max(m, part);
     }
     raw_scores[img] = m;
-    scores[img] = minmax ? clamp01((m - p.image_threshold) * iscale + 0.5f) : m;
+    scores[img] = image_score(m, p, iscale);
   }
 }
 

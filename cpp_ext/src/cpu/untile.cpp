@@ -85,7 +85,7 @@ void blend_row(const float* v, const std::vector<Run>& runs, const float* __rest
 }
 
 // Per-location normalization of the interpolated value before weighting:
-// o[x] += wy * wx[x] * clamp((lerp - t) * s + 0.5, 0, 1).
+// o[x] += wy * wx[x] * clamp((lerp - t) * s + 0.5, 0, 1), NaN for a non-finite lerp.
 void blend_row_normalized(const float* v, const HorizontalPlan& h, const float* __restrict wx, float wy, float t,
                           float s, float* __restrict o) {
   const float* w0 = h.w0.data();
@@ -93,7 +93,7 @@ void blend_row_normalized(const float* v, const HorizontalPlan& h, const float* 
   for (const Run& r : h.runs) {
     const float v0 = v[r.j], v1 = v[r.j + 1];
     for (int x = r.begin; x < r.end; ++x) {
-      o[x] += wy * wx[x] * clamp01((w0[x] * v0 + w1[x] * v1 - t) * s + 0.5f);
+      o[x] += wy * wx[x] * normalize_tile_value(w0[x] * v0 + w1[x] * v1, t, s);
     }
   }
 }

@@ -1,7 +1,8 @@
 // CUDA twin of normalize + threshold + per-image score. The per-image max is
-// reduced per block in shared memory, then merged with an atomicMax on an
-// order-preserving integer encoding of the float (NaN values are skipped, as
-// on the CPU twin).
+// reduced per block in shared memory, then merged with an atomicMax, both on an
+// order-preserving integer encoding of the float. A non-finite value enters the
+// reduction as a positive quiet NaN, whose encoding exceeds every number's, so
+// the raw score becomes NaN as on the CPU twin (the non-finite rule, kernels.h).
 #include <cfloat>
 
 #include "cuda_check.h"
@@ -24,25 +25,28 @@ __global__ void init_max(int* acc, int n) {
 
 constexpr int kThreads = 256;
 
+constexpr int kPoison = 0x7fc00000;  // ordered(+quiet NaN): above ordered(+inf) = 0x7f800000
+
 __global__ void normalize_kernel(const float* in, float* out, uint8_t* mask, int* acc, long long hw, NormParams p,
                                  float pscale) {
-  __shared__ float smax[kThreads];
+  __shared__ int smax[kThreads];
   const int img = blockIdx.y;
   const float* s = in + img * hw;
   float* d = out + img * hw;
   uint8_t* m = mask != nullptr ? mask + img * hw : nullptr;
-  float local = -INFINITY;
+  int local = ordered(-INFINITY);
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < hw;
        i += static_cast<long long>(blockDim.x) * gridDim.x) {
     const float v = s[i];
-    if (v > local) local = v;  // false for NaN
+    const int key = finite_value(v) ? ordered(v) : kPoison;
+    if (key > local) local = key;
     if (p.mode == kNormMinMax) {
-      const float nv = clamp01((v - p.pixel_threshold) * pscale + 0.5f);
+      const float nv = normalize_pixel(v, p.pixel_threshold, pscale);
       d[i] = nv;
       if (m != nullptr) m[i] = nv > 0.5f ? 1 : 0;
     } else {
       d[i] = v;
-      if (m != nullptr) m[i] = v > p.pixel_threshold ? 1 : 0;
+      if (m != nullptr) m[i] = raw_pixel_anomalous(v, p.pixel_threshold);
     }
   }
   smax[threadIdx.x] = local;
@@ -51,7 +55,7 @@ __global__ void normalize_kernel(const float* in, float* out, uint8_t* mask, int
     if (threadIdx.x < w && smax[threadIdx.x + w] > smax[threadIdx.x]) smax[threadIdx.x] = smax[threadIdx.x + w];
     __syncthreads();
   }
-  if (threadIdx.x == 0) atomicMax(acc + img, ordered(smax[0]));
+  if (threadIdx.x == 0) atomicMax(acc + img, smax[0]);
 }
 
 __global__ void finish_scores(const int* acc, float* raw_scores, float* scores, int n, NormParams p, float iscale) {
@@ -59,7 +63,7 @@ __global__ void finish_scores(const int* acc, float* raw_scores, float* scores, 
   if (i >= n) return;
   const float raw = unordered(acc[i]);
   raw_scores[i] = raw;
-  scores[i] = p.mode == kNormMinMax ? clamp01((raw - p.image_threshold) * iscale + 0.5f) : raw;
+  scores[i] = image_score(raw, p, iscale);
 }
 
 }  // namespace

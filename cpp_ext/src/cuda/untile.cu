@@ -38,7 +38,7 @@ __global__ void untile_kernel(const float* maps, int n, Grid g, UntileParams p, 
         const float top = (1.0f - h.w1) * m0[h.i0] + h.w1 * m0[h.i1];
         const float bot = (1.0f - h.w1) * m1[h.i0] + h.w1 * m1[h.i1];
         float val = (1.0f - v.w1) * top + v.w1 * bot;
-        if (loc_norm) val = clamp01((val - p.loc_threshold[l]) * p.loc_scale[l] + 0.5f);
+        if (loc_norm) val = normalize_tile_value(val, p.loc_threshold[l], p.loc_scale[l]);
         acc += wy * wx * val;
       }
     }

@@ -1,0 +1,5 @@
+"""``python -m tilead``: the ``tilead`` command."""
+
+from tilead.cli.main import main
+
+main()
