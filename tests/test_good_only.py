@@ -193,3 +193,51 @@ def test_good_only_synthetic_validation_end_to_end(tmp_path: Path) -> None:
     requant = json.loads((run / "stats.json").read_text())["validation"]
     assert requant["image_threshold_rule"]["rule"].startswith("quantile")
     assert "synthetic" not in requant["split"]
+
+
+# -- every image decoded before fitting (#16 item 7) -------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_image_stops_the_run_before_anything_is_written(tmp_path: Path) -> None:
+    from tilead.trainer.data import DatasetError
+
+    data = _good_only_data(tmp_path / "data", train_good=8)
+    victim = sorted((data / "train" / "good").glob("*.png"))[5]
+    _truncate(victim)
+    cfg = load_config(_config(tmp_path, data, split="holdout", holdout_fraction=0.25, force=True))
+    with pytest.raises(DatasetError, match=victim.name):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_skipped_files_are_listed_once_and_counts_agree(tmp_path: Path) -> None:
+    data = _good_only_data(tmp_path / "data", train_good=12)
+    cfg = load_config(_config(tmp_path, data, split="holdout", holdout_fraction=0.34, force=True))
+    from tilead.trainer.data import discover
+    from tilead.trainer.ensemble import make_splits
+
+    splits = make_splits(cfg, discover(cfg.data))
+    bad = [splits.fit[0].path, splits.validation[0].path]
+    for path in bad:
+        _truncate(path)
+    cfg = load_config(
+        _config(tmp_path, data, split="holdout", holdout_fraction=0.34, force=True), {"data.skip_bad_files": True}
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    run_json = json.loads((result.paths.run_json).read_text())
+    stats = json.loads(result.paths.stats.read_text())["validation"]
+    assert sorted(p for p, _ in run_json["skipped_files"]) == sorted(str(p) for p in bad)
+    assert run_json["splits"] == stats["split"]
+    assert stats["split"]["skipped_files"] == 2
+    assert (stats["split"]["fit_images"], stats["split"]["validation_images"]) == (
+        len(splits.fit) - 1,
+        len(splits.validation) - 1,
+    )
+    assert stats["images"] == len(splits.validation) - 1
+    assert run_json["status"] == "trained"

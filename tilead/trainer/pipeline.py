@@ -10,6 +10,7 @@ per-image results and overlays.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import time
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tilead.runtime import TileGrid, resize_maps, set_num_threads
+from tilead.runtime import Preprocessing, TileGrid, resize_maps, set_num_threads
 from tilead.runtime.stats import (
     NormalizationStats,
     image_scores_of_tiles,
@@ -34,9 +35,11 @@ from tilead.runtime.stats import (
     score_images,
 )
 from tilead.synthesis import SyntheticDefect, synthesize_defects
+from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.ensemble import (
+    Splits,
     collect_maps,
     dataset_image_size,
     fit_ensemble,
@@ -112,6 +115,8 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
     check_validation_count(len(splits.validation), v.split, v.min_images, v.force, what)  # before anything is written
     loader = ImageLoader(cfg.data)
     grid = _grid(cfg, loader, list(splits.fit) + list(splits.validation))
+    splits = decode_all(loader, splits, cfg.eval.batch_size, progress)  # every image, before any fitting
+    check_validation_count(len(splits.validation), v.split, v.min_images, v.force, what)
     paths = prepare_run(cfg, output, resume=resume)
     handler = attach_log(paths)
     try:
@@ -139,44 +144,18 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         previous.update({f["location"]: f for f in fitted})
         _update(paths, status="validating", fit_locations=previous)
 
-        t_val = time.perf_counter()
-        models = load_location_models(cfg, paths, grid, extractor)
-        tile_scores: list[np.ndarray] = []
-        forward = location_forward(
-            cfg, models, grid, prep, scores=tile_scores if cfg.postprocess.image_score == "detector" else None
-        )
-        images, masks, kept = _load_all(loader, splits.validation, cfg.eval.batch_size, progress)
-        labels = np.array([s.label for s in kept], dtype=bool)
-        forced = check_validation_count(len(kept), v.split, v.min_images, v.force, what)  # after skipped files
-        synthetic: dict[str, Any] | None = None
-        if cfg.validation.split == "synthetic":
-            defects = synthesize_defects(
-                list(images),
-                seed=cfg.seed,
-                per_image=cfg.validation.synthetic_per_image,
-                kinds=cfg.validation.synthetic_kinds,
-                tile_size=grid.tile_size,
+        try:
+            stats, info, labels, synthetic, forced, val_seconds = _validate(
+                cfg, paths, grid, extractor, prep, loader, splits, progress, what
             )
-            synthetic = synthetic_summary(defects, grid.tile_size, cfg.validation.synthetic_per_image)
-            synthetic["examples"] = _save_examples(paths, defects, cfg.validation.synthetic_examples, cfg)
-            images = np.concatenate([images, np.stack([d.image for d in defects])], axis=0)
-            masks = np.concatenate([masks, np.stack([d.mask for d in defects])], axis=0)
-            labels = np.concatenate([labels, np.ones(len(defects), dtype=bool)])
-            del defects
-        maps = _run_batches(forward, images, cfg.eval.batch_size, "validation" if progress else None)
-        del images
-        stats, info = compute_stats(
-            maps,
-            masks,
-            labels,
-            grid,
-            stage=cfg.postprocess.normalization,
-            weights=cfg.postprocess.weights,
-            seam=cfg.postprocess.seam_smoothing(),
-            good_quantile=cfg.validation.good_quantile,
-            image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
-        )
-        val_seconds = time.perf_counter() - t_val
+        except Exception as err:
+            _update(paths, status="validation_failed", error=f"{type(err).__name__}: {err}")
+            log.error(
+                "validation failed (%s); the fitted locations are kept: fix the cause and rerun with --resume "
+                "to validate again without refitting",
+                err,
+            )
+            raise
         description = dict(splits.description)
         description.update(
             {
@@ -197,6 +176,7 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         _update(
             paths,
             status="trained",
+            error=None,
             splits=description,
             timings={
                 "fit_s": round(fit_seconds, 2),
@@ -210,6 +190,95 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         return TrainResult(paths, len(fitted), seconds, stats)
     finally:
         detach_log(handler)
+
+
+def _validate(
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    extractor: FeatureExtractor,
+    prep: Preprocessing,
+    loader: ImageLoader,
+    splits: Splits,
+    progress: bool,
+    what: str,
+) -> tuple[NormalizationStats, dict[str, Any], np.ndarray, dict[str, Any] | None, str, float]:
+    """Validation maps (held-out or test images, plus synthetic defects) to statistics.
+
+    Returns:
+        ``(stats, info, labels, synthetic summary or None, forced-warning, seconds)``.
+    """
+    v = cfg.validation
+    t_val = time.perf_counter()
+    models = load_location_models(cfg, paths, grid, extractor)
+    tile_scores: list[np.ndarray] = []
+    forward = location_forward(
+        cfg, models, grid, prep, scores=tile_scores if cfg.postprocess.image_score == "detector" else None
+    )
+    images, masks, kept = _load_all(loader, splits.validation, cfg.eval.batch_size, progress)
+    labels = np.array([s.label for s in kept], dtype=bool)
+    forced = check_validation_count(len(kept), v.split, v.min_images, v.force, what)  # after skipped files
+    synthetic: dict[str, Any] | None = None
+    if cfg.validation.split == "synthetic":
+        defects = synthesize_defects(
+            list(images),
+            seed=cfg.seed,
+            per_image=cfg.validation.synthetic_per_image,
+            kinds=cfg.validation.synthetic_kinds,
+            tile_size=grid.tile_size,
+        )
+        synthetic = synthetic_summary(defects, grid.tile_size, cfg.validation.synthetic_per_image)
+        synthetic["examples"] = _save_examples(paths, defects, cfg.validation.synthetic_examples, cfg)
+        images = np.concatenate([images, np.stack([d.image for d in defects])], axis=0)
+        masks = np.concatenate([masks, np.stack([d.mask for d in defects])], axis=0)
+        labels = np.concatenate([labels, np.ones(len(defects), dtype=bool)])
+        del defects
+    maps = _run_batches(forward, images, cfg.eval.batch_size, "validation" if progress else None)
+    del images
+    stats, info = compute_stats(
+        maps,
+        masks,
+        labels,
+        grid,
+        stage=cfg.postprocess.normalization,
+        weights=cfg.postprocess.weights,
+        seam=cfg.postprocess.seam_smoothing(),
+        good_quantile=cfg.validation.good_quantile,
+        image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
+    )
+    val_seconds = time.perf_counter() - t_val
+    return stats, info, labels, synthetic, forced, val_seconds
+
+
+def decode_all(loader: ImageLoader, splits: Splits, batch_size: int, progress: bool) -> Splits:
+    """Decode every fit and validation image (and mask) once, before any location is fitted.
+
+    A bad file stops the run here, before the run folder is written; with ``data.skip_bad_files`` it is
+    listed once in ``loader.skipped`` and left out of both lists (the counts in the split description
+    follow), so fitting and validation see the same files.
+
+    Raises:
+        DatasetError: For an unreadable file (without ``skip_bad_files``).
+        ValueError: If fewer than 2 fit images are left.
+    """
+    items = list(splits.fit) + list(splits.validation)
+    for _ in loader.iter_batches(items, batch_size, with_masks=True, progress="decode images" if progress else None):
+        pass
+    if not loader.skipped:
+        return splits
+    bad = {p for p, _ in loader.skipped}
+    fit = tuple(s for s in splits.fit if s.path not in bad)
+    validation = tuple(s for s in splits.validation if s.path not in bad)
+    if len(fit) < 2:
+        raise ValueError(f"only {len(fit)} readable training images left after skipping {len(bad)} bad files")
+    description = {
+        **splits.description,
+        "fit_images": len(fit),
+        "validation_images": len(validation),
+        "validation_anomalous": sum(s.label for s in validation),
+        "skipped_files": len(bad),
+    }
+    return dataclasses.replace(splits, fit=fit, validation=validation, description=description)
 
 
 def _load_all(
