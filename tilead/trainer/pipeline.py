@@ -498,7 +498,8 @@ def _evaluate_good_only(
         "good_only": True,
         "note": "no defective test image: false alarms on good images only (misses cannot be measured). "
         "'test_good': good test images (out of sample); 'holdout': held-out training images, never fitted, "
-        "but the thresholds were chosen on their scores (in-sample for the thresholds)",
+        "but the thresholds were chosen on their scores (in-sample for the thresholds)"
+        + ("; with validation.split same_as_test the test images set the thresholds too" if not held else ""),
         "grid": grid.to_dict(),
         "grid_shape": [grid.rows, grid.cols],
         "inference": f"runtime.Predictor on bundle {bundle}" if bundle is not None else "eager PyTorch",
