@@ -57,6 +57,7 @@ def train_tiny(tmp: Path) -> tuple[Path, Path]:
         "grid": {"tile_size": 96, "stride": 64},
         "model": {"feature_stride": 8, "n_features": 16, "blur_sigma": 1.0},
         "postprocess": {"weights": "feather"},
+        "validation": {"force": True},  # 5 test images, below min_images
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -231,7 +231,6 @@ def test_max_images_evenly_spaced_and_deterministic(tmp_path: Path) -> None:
         ({"defect_dirs": ["scratch"]}, ["defect_dirs: only used with format 'folder'"]),
         ({"mask_suffix": "_gt"}, ["mask_suffix: only used with format 'folder'"]),
         ({"category": ""}, ["category", "expected a folder name"]),
-        ({"format": "folder", "defect_dirs": []}, ["defect_dirs: format 'folder' needs at least one folder"]),
         ({"format": "folder", "defect_dirs": ["x"]}, ["mask_dir: required with format 'folder'", "missing_masks"]),
         (
             {"format": "folder", "defect_dirs": ["x"], "mask_dir": "m", "category": "c"},
@@ -665,3 +664,50 @@ def test_real_bottle_data() -> None:
     assert batch.images.shape == (8, 256, 256, 3)
     assert batch.masks is not None
     assert [bool(m.any()) for m in batch.masks] == [s.label == 1 for s in batch.samples]
+
+
+# -- good images only (#17) ---------------------------------------------------------------------------
+
+
+def test_mvtec_without_test_folder_is_a_good_only_dataset(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path / "ds", train=4, types={})
+    assert not (root / "test").exists()
+    splits = discover(mvtec(root))
+    assert names(splits.train) == [f"good/{i:03d}.png" for i in range(4)]
+    assert splits.test == ()
+    assert splits.defect_types == ()
+
+
+def test_mvtec_with_only_good_test_images(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path / "ds", train=3, types={"good": 2})
+    splits = discover(mvtec(root))
+    assert [s.label for s in splits.test] == [0, 0]
+
+
+def test_folder_layout_with_good_images_only(tmp_path: Path) -> None:
+    for i in range(3):
+        write(tmp_path / "ok" / f"{i}.png", color(i))
+        write(tmp_path / "later" / f"{i}.png", color(10 + i))
+    only_train = discover(DataConfig(format="folder", root=tmp_path, good_dir="ok"))
+    assert (len(only_train.train), only_train.test) == (3, ())
+    with_test = discover(DataConfig(format="folder", root=tmp_path, good_dir="ok", test_good_dir="later"))
+    assert [s.path.parent.name for s in with_test.test] == ["later"] * 3
+    assert all(s.label == 0 and s.mask_path is None for s in with_test.test)
+
+
+def test_empty_defect_folder_is_ignored_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for i in range(3):
+        write(tmp_path / "ok" / f"{i}.png", color(i))
+    (tmp_path / "scratch").mkdir()
+    cfg = DataConfig(format="folder", root=tmp_path, good_dir="ok", defect_dirs=["scratch"], missing_masks="empty")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        splits = discover(cfg)
+    assert splits.test == ()
+    assert f"no images in {tmp_path / 'scratch'}" in caplog.text
+    assert "good training images only" in caplog.text
+
+
+def test_good_only_still_needs_training_images(tmp_path: Path) -> None:
+    (tmp_path / "ok").mkdir()
+    with pytest.raises(DatasetError, match="no training images found in"):
+        discover(DataConfig(format="folder", root=tmp_path, good_dir="ok"))

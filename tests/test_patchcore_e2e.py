@@ -36,6 +36,7 @@ def patchcore_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path,
         "grid": {"tile_size": 96, "stride": 64},
         "model": {"family": "patchcore", "coreset_ratio": 0.1, "blur_sigma": 1.0},
         "postprocess": {"weights": "feather"},
+        "validation": {"force": True},  # fewer test images than validation.min_images
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -359,6 +359,7 @@ def _tiny_stfpm_config(tmp: Path, **model: Any) -> Path:
         "model": {"family": "stfpm", "epochs": 2, "batch_size": 4, "blur_sigma": 1.0, "patience": 1, **model},
         "train": {"threads": 1},
         "postprocess": {"weights": "feather"},
+        "validation": {"force": True},  # fewer test images than validation.min_images
     }
     path = tmp / "tiny_stfpm.yaml"
     path.write_text(yaml.safe_dump(cfg))

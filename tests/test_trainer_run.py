@@ -30,6 +30,7 @@ def _config(tmp: Path, data_root: Path, **model: Any) -> Path:
         "model": {"feature_stride": 8, "n_features": 24, "blur_sigma": 1.0, **model},
         "train": {"batch_size": 4},
         "eval": {"batch_size": 4, "overlays": 3},
+        "validation": {"force": True},  # fewer validation images than validation.min_images
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -46,7 +46,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
         ({"model": {"backbone": {"name": "resnet18"}}}, "model.backbone.name"),
         ({"postprocess": {"weights": "gauss"}}, "postprocess.weights"),
         ({"postprocess": {"seam": {"sigma": 99}}}, "seam.sigma"),
-        ({"validation": {"split": "val"}}, "'same_as_test' or 'holdout'"),
+        ({"validation": {"split": "val"}}, "'same_as_test', 'holdout' or 'synthetic'"),
         ({"train": {"batch_size": 0}}, "train.batch_size"),
         ({"trian": {}}, "trian: unknown key; allowed keys here: schema_version, name, seed, data, grid"),
         ({"name": "a b"}, "name"),

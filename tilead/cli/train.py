@@ -46,7 +46,7 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with fail_on_errors():
         from tilead.trainer.config import load_config
-        from tilead.trainer.pipeline import evaluate, train
+        from tilead.trainer.pipeline import evaluate, train, validation_summary
 
         extra = parse_overrides(overrides)
         if ray_address is not None:
@@ -60,6 +60,7 @@ def main(
         click.echo(f"run:        {result.paths.root}")
         click.echo(f"locations:  {result.fitted_now} fitted now ({'resumed' if resume else 'new run'})")
         click.echo(f"stats:      {result.paths.stats} (normalization {result.stats.stage})")
+        click.echo(f"validation: {validation_summary(result.paths.stats)}")
         click.echo(f"time:       {result.seconds:.1f} s")
         if then_eval:
             _print_eval(evaluate(result.paths.root, progress=progress).metrics)
@@ -67,6 +68,17 @@ def main(
 
 def _print_eval(report: dict[str, Any]) -> None:
     m = report["metrics"]
+    if report.get("good_only"):
+        parts = [f"false alarms {int(m['false_alarms'])}/{int(m['good_images'])} ({m['false_alarm_rate']:.1%})"]
+        for name in ("test_good", "holdout"):
+            if f"good_images_{name}" in m:
+                parts.append(
+                    f"{name} {int(m[f'false_alarms_{name}'])}/{int(m[f'good_images_{name}'])} "
+                    f"({m[f'false_alarm_rate_{name}']:.1%})"
+                )
+        click.echo(f"eval:       good images only: {'  '.join(parts)}")
+        click.echo(yaml.safe_dump({"timings": report["timings"]}, sort_keys=False).rstrip())
+        return
     click.echo(
         f"eval:       image AUROC {m['image_auroc']:.4f}  pixel AUROC {m['pixel_auroc']:.4f}  "
         f"AUPRO {m['aupro']:.4f}  image F1 {m['image_f1']:.4f}  pixel F1 {m['pixel_f1']:.4f}"

@@ -271,16 +271,49 @@ class ValidationConfig(_Section):
 
     Attributes:
         split: ``same_as_test`` (the test set, as anomalib's option of that
-            name) or ``holdout`` (a seeded fraction of the good training
-            images, not used for fitting).
-        holdout_fraction: Fraction held out for ``holdout``.
+            name), ``holdout`` (a seeded fraction of the good training
+            images, not used for fitting; thresholds from a quantile of their
+            scores) or ``synthetic`` (the same held-out good images, plus
+            synthetic defects drawn into copies of them by
+            :mod:`tilead.synthesis`; F1-adaptive thresholds). ``holdout`` and
+            ``synthetic`` hold out the same images, so a fitted run can be
+            re-validated with the other one (``--resume --set validation.split=...``).
+        holdout_fraction: Fraction held out for ``holdout`` / ``synthetic``.
         good_quantile: Threshold quantile of good scores when the split has
             no anomalies (F1-adaptive thresholds need anomalies).
+        synthetic_per_image: ``synthetic``: defective copies made from each held-out image.
+        synthetic_kinds: ``synthetic``: defect kinds to draw (default: all of ``tilead.synthesis.KINDS``).
+        synthetic_examples: ``synthetic``: defective examples (image and mask PNGs) saved under
+            ``RUN/synthetic_examples`` for a person to look at.
+        min_images: Fewest validation images (good ones for ``holdout`` / ``synthetic``) thresholds
+            may come from; fewer is refused unless ``force``.
+        force: Accept thresholds from fewer than ``min_images`` images (a warning is recorded).
     """
 
-    split: Literal["same_as_test", "holdout"] = "same_as_test"
+    split: Literal["same_as_test", "holdout", "synthetic"] = "same_as_test"
     holdout_fraction: float = Field(default=0.1, gt=0, lt=1)
     good_quantile: float = Field(default=0.99, gt=0, le=1)
+    synthetic_per_image: int = Field(default=2, ge=1, le=100)
+    synthetic_kinds: tuple[str, ...] | None = None
+    synthetic_examples: int = Field(default=6, ge=0, le=1000)
+    min_images: int = Field(default=10, ge=1)
+    force: bool = False
+
+    @field_validator("synthetic_kinds")
+    @classmethod
+    def _kinds(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        from tilead.synthesis import KINDS
+
+        if v is None:
+            return v
+        if not v:
+            raise ValueError(f"expected at least one of {', '.join(KINDS)} (or null for all)")
+        bad = [k for k in v if k not in KINDS]
+        if bad:
+            raise ValueError(f"unknown kind(s) {bad}; expected some of {', '.join(KINDS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{list(v)} lists a kind twice")
+        return v
 
 
 class EvalConfig(_Section):
@@ -357,7 +390,7 @@ class RunConfig(_Section):
         """Hash of everything a fitted location depends on (resume checks it)."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("seed", "data", "grid", "model")}
-        if d["validation"]["split"] == "holdout":
+        if d["validation"]["split"] in ("holdout", "synthetic"):  # the same images held out
             keep["holdout"] = d["validation"]["holdout_fraction"]
         keep["data"].pop("max_test_images", None)
         blob = json.dumps(keep, sort_keys=True).encode()

@@ -8,7 +8,7 @@ MVTec AD (``format: mvtec``; the category folder is ``root``, or
 ``root/category`` when ``category`` is set)::
 
     train/good/*                        defect-free training images
-    test/good/*                         defect-free test images (no masks)
+    test/good/*                         defect-free test images (no masks; optional)
     test/<type>/*                       defective test images, one folder per defect type
     ground_truth/<type>/<stem>_mask.png the mask of test/<type>/<stem>.<ext>
 
@@ -18,6 +18,13 @@ Folder (``format: folder``; every folder is relative to ``root``)::
     <test_good_dir>/*                   defect-free test images (optional)
     <defect_dir>/*                      defective test images; the folder's name is the defect type
     <mask_dir>/<defect_dir>/<stem><mask_suffix>.png   the mask of <defect_dir>/<stem>.<ext>
+
+Good images only (both layouts): the test set is optional. An MVTec folder
+with ``train/good`` and no ``test`` folder, or a folder config with
+``defect_dirs: []`` (and no ``test_good_dir``), gives an empty test set;
+training then validates on held-out good images (``validation.split``
+``holdout`` or ``synthetic``) and ``tilead-eval`` reports the false-alarm
+rate on good images. A test folder without images is ignored with a warning.
 
 Mask naming rule (both layouts): the mask of the defective image
 ``<defect folder>/<stem>.<ext>`` is ``<mask folder>/<defect folder>/<stem><mask_suffix>.png``
@@ -188,12 +195,7 @@ class DataConfig(BaseModel):
             return self
         if self.category is not None:
             raise ValueError("category: only used with format 'mvtec'; with format 'folder' put it into root")
-        if not self.defect_dirs:
-            raise ValueError(
-                "defect_dirs: format 'folder' needs at least one folder of defective test images, "
-                "e.g. defect_dirs: [scratch, dent]"
-            )
-        if self.mask_dir is None and self.missing_masks == "error":
+        if self.defect_dirs and self.mask_dir is None and self.missing_masks == "error":
             raise ValueError(
                 "mask_dir: required with format 'folder' (masks are <mask_dir>/<defect_dir>/<stem><mask_suffix>.png) "
                 "unless missing_masks is 'empty' (defective images without ground-truth pixels)"
@@ -277,7 +279,8 @@ class DatasetSplits:
 
     Attributes:
         train: Defect-free training images, sorted by file name.
-        test: Good test images first, then the defect types alphabetically, each sorted by file name.
+        test: Good test images first, then the defect types alphabetically, each sorted by file name;
+            empty for a dataset of good images only.
     """
 
     train: tuple[Sample, ...]
@@ -324,8 +327,8 @@ def discover(config: DataConfig) -> DatasetSplits:
         ``max_train_images`` / ``max_test_images``.
 
     Raises:
-        DatasetError: If the root or a configured folder is missing, no training or test images are
-            found, or (``missing_masks: error``) a defective image has no mask file.
+        DatasetError: If the root or a configured folder is missing, no training images are found, or
+            (``missing_masks: error``) a defective image has no mask file.
     """
     root = config.dataset_root
     if not root.is_dir():
@@ -337,8 +340,11 @@ def discover(config: DataConfig) -> DatasetSplits:
         train_dir = root / "train" / "good"
         _require_dir(train_dir, f"training folder (MVTec layout: {_MVTEC_LAYOUT})")
         test_dir = root / "test"
-        _require_dir(test_dir, f"test folder (MVTec layout: {_MVTEC_LAYOUT})")
-        types = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        types = (
+            sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if test_dir.is_dir()
+            else []  # good images only: no test set
+        )
         for name in sorted(types, key=lambda t: (t != "good", t)):
             masks = None if name == "good" else root / "ground_truth" / name
             groups.append((name, test_dir / name, masks))
@@ -368,8 +374,6 @@ def discover(config: DataConfig) -> DatasetSplits:
     for defect_type, folder, mask_folder in groups:
         files = _list_images(folder, config.extensions)
         if not files:
-            if config.format == "folder":
-                raise DatasetError(f"no images found in {folder} (looked for extensions {_exts(config)})")
             logger.warning("no images in %s (looked for extensions %s); ignored", folder, _exts(config))
         for path in files:
             if defect_type == "good":
@@ -384,9 +388,8 @@ def discover(config: DataConfig) -> DatasetSplits:
             else:
                 missing.append((path, None))
             test.append(Sample(path, 1, defect_type, mask))
-    if not test:
-        looked = root / "test" if config.format == "mvtec" else root
-        raise DatasetError(f"no test images found under {looked} (looked for extensions {_exts(config)})")
+    if not test and groups:
+        logger.warning("no test images: the dataset has good training images only")
     if missing:
         _report_missing_masks(missing, config)
 

@@ -88,16 +88,22 @@ class Splits:
 def make_splits(cfg: RunConfig, splits: DatasetSplits) -> Splits:
     """Apply the validation config to the discovered dataset.
 
-    ``holdout`` draws a seeded fraction of the good training images (at least
-    one, and at least two are left to fit).
+    ``holdout`` and ``synthetic`` draw the same seeded fraction of the good
+    training images (at least one, and at least two are left to fit);
+    ``same_as_test`` needs a test set.
 
     Raises:
-        ValueError: If too few training images remain.
+        ValueError: If too few training images remain, or ``same_as_test`` has no test images.
     """
     train = tuple(splits.train)
     v = cfg.validation
     desc: dict[str, Any]
     if v.split == "same_as_test":
+        if not splits.test:
+            raise ValueError(
+                "validation.split 'same_as_test': the dataset has no test images (good images only); "
+                "use validation.split: synthetic (held-out good images plus synthetic defects) or holdout"
+            )
         desc = {
             "split": "same_as_test",
             "note": "statistics and thresholds come from the test set (as anomalib's same_as_test); "
@@ -116,8 +122,9 @@ def make_splits(cfg: RunConfig, splits: DatasetSplits) -> Splits:
         val = tuple(s for i, s in enumerate(train) if i in chosen)
         fit = tuple(s for i, s in enumerate(train) if i not in chosen)
         desc = {
-            "split": "holdout",
-            "note": f"{n_val} good training images held out (seed {cfg.seed}); they are not used for fitting",
+            "split": v.split,
+            "note": f"{n_val} good training images held out (seed {cfg.seed}); they are not used for fitting"
+            + ("; synthetic defects are drawn into copies of them" if v.split == "synthetic" else ""),
         }
     desc.update(
         {

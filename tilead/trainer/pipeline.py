@@ -10,18 +10,23 @@ per-image results and overlays.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from tilead.runtime import TileGrid, resize_maps, set_num_threads
+from tilead.runtime import Preprocessing, TileGrid, resize_maps, set_num_threads
 from tilead.runtime.stats import (
     NormalizationStats,
     image_scores_of_tiles,
@@ -29,13 +34,17 @@ from tilead.runtime.stats import (
     postprocess_maps,
     score_images,
 )
+from tilead.synthesis import SyntheticDefect, synthesize_defects
+from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.ensemble import (
+    Splits,
     collect_maps,
     dataset_image_size,
     fit_ensemble,
     load_location_models,
+    location_forward,
     location_maps,
     make_backbone,
     make_preprocessing,
@@ -50,7 +59,7 @@ from tilead.trainer.metrics import evaluate as compute_metrics
 from tilead.trainer.overlays import overlay, pick_overlays
 from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
-from tilead.trainer.validation import compute_stats
+from tilead.trainer.validation import check_validation_count, compute_stats
 
 log = logging.getLogger("tilead.trainer")
 
@@ -100,8 +109,14 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
     # Data and grid problems stop the run before anything is written.
     dataset = discover(cfg.data)
     splits = make_splits(cfg, dataset)
+    v = cfg.validation
+    good_only = v.split != "same_as_test"
+    what = "good validation images" if good_only else "validation images"
+    check_validation_count(len(splits.validation), v.split, v.min_images, v.force, what)  # before anything is written
     loader = ImageLoader(cfg.data)
     grid = _grid(cfg, loader, list(splits.fit) + list(splits.validation))
+    splits = decode_all(loader, splits, cfg.eval.batch_size, progress)  # every image, before any fitting
+    check_validation_count(len(splits.validation), v.split, v.min_images, v.force, what)
     paths = prepare_run(cfg, output, resume=resume)
     handler = attach_log(paths)
     try:
@@ -129,40 +144,40 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         previous.update({f["location"]: f for f in fitted})
         _update(paths, status="validating", fit_locations=previous)
 
-        t_val = time.perf_counter()
-        models = load_location_models(cfg, paths, grid, extractor)
-        tile_scores: list[np.ndarray] = []
-        maps, masks, kept = location_maps(
-            cfg,
-            models,
-            splits.validation,
-            grid,
-            prep,
-            batch_size=cfg.eval.batch_size,
-            with_masks=True,
-            progress="validation" if progress else None,
-            scores=tile_scores if cfg.postprocess.image_score == "detector" else None,
+        try:
+            stats, info, labels, synthetic, forced, val_seconds = _validate(
+                cfg, paths, grid, extractor, prep, loader, splits, progress, what
+            )
+        except Exception as err:
+            _update(paths, status="validation_failed", error=f"{type(err).__name__}: {err}")
+            log.error(
+                "validation failed (%s); the fitted locations are kept: fix the cause and rerun with --resume "
+                "to validate again without refitting",
+                err,
+            )
+            raise
+        description = dict(splits.description)
+        description.update(
+            {
+                "validation_images": int(labels.size),
+                "validation_good": int((~labels).sum()),
+                "validation_anomalous": int(labels.sum()),
+                "false_alarm_estimate": info["false_alarm_estimate"],
+            }
         )
-        assert masks is not None
-        labels = np.array([s.label for s in kept], dtype=bool)
-        stats, info = compute_stats(
-            maps,
-            masks,
-            labels,
-            grid,
-            stage=cfg.postprocess.normalization,
-            weights=cfg.postprocess.weights,
-            seam=cfg.postprocess.seam_smoothing(),
-            good_quantile=cfg.validation.good_quantile,
-            image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
-        )
-        val_seconds = time.perf_counter() - t_val
-        info["split"] = splits.description
+        if synthetic is not None:
+            description["synthetic"] = synthetic
+        if forced:
+            description["warning"] = forced
+            log.warning("%s", forced)
+        info["split"] = description
         atomic_write_json(paths.stats, {"normalization": stats.to_dict(), "validation": info})
         seconds = time.perf_counter() - start
         _update(
             paths,
             status="trained",
+            error=None,
+            splits=description,
             timings={
                 "fit_s": round(fit_seconds, 2),
                 "validation_s": round(val_seconds, 2),
@@ -175,6 +190,189 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         return TrainResult(paths, len(fitted), seconds, stats)
     finally:
         detach_log(handler)
+
+
+def _validate(
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    extractor: FeatureExtractor,
+    prep: Preprocessing,
+    loader: ImageLoader,
+    splits: Splits,
+    progress: bool,
+    what: str,
+) -> tuple[NormalizationStats, dict[str, Any], np.ndarray, dict[str, Any] | None, str, float]:
+    """Validation maps (held-out or test images, plus synthetic defects) to statistics.
+
+    Returns:
+        ``(stats, info, labels, synthetic summary or None, forced-warning, seconds)``.
+    """
+    v = cfg.validation
+    t_val = time.perf_counter()
+    models = load_location_models(cfg, paths, grid, extractor)
+    tile_scores: list[np.ndarray] = []
+    forward = location_forward(
+        cfg, models, grid, prep, scores=tile_scores if cfg.postprocess.image_score == "detector" else None
+    )
+    images, masks, kept = _load_all(loader, splits.validation, cfg.eval.batch_size, progress)
+    labels = np.array([s.label for s in kept], dtype=bool)
+    forced = check_validation_count(len(kept), v.split, v.min_images, v.force, what)  # after skipped files
+    synthetic: dict[str, Any] | None = None
+    if cfg.validation.split == "synthetic":
+        defects = synthesize_defects(
+            list(images),
+            seed=cfg.seed,
+            per_image=cfg.validation.synthetic_per_image,
+            kinds=cfg.validation.synthetic_kinds,
+            tile_size=grid.tile_size,
+        )
+        synthetic = synthetic_summary(defects, grid.tile_size, cfg.validation.synthetic_per_image)
+        synthetic["examples"] = _save_examples(paths, defects, cfg.validation.synthetic_examples, cfg)
+        images = np.concatenate([images, np.stack([d.image for d in defects])], axis=0)
+        masks = np.concatenate([masks, np.stack([d.mask for d in defects])], axis=0)
+        labels = np.concatenate([labels, np.ones(len(defects), dtype=bool)])
+        del defects
+    maps = _run_batches(forward, images, cfg.eval.batch_size, "validation" if progress else None)
+    del images
+    stats, info = compute_stats(
+        maps,
+        masks,
+        labels,
+        grid,
+        stage=cfg.postprocess.normalization,
+        weights=cfg.postprocess.weights,
+        seam=cfg.postprocess.seam_smoothing(),
+        good_quantile=cfg.validation.good_quantile,
+        image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
+    )
+    val_seconds = time.perf_counter() - t_val
+    return stats, info, labels, synthetic, forced, val_seconds
+
+
+def decode_all(loader: ImageLoader, splits: Splits, batch_size: int, progress: bool) -> Splits:
+    """Decode every fit and validation image (and mask) once, before any location is fitted.
+
+    A bad file stops the run here, before the run folder is written; with ``data.skip_bad_files`` it is
+    listed once in ``loader.skipped`` and left out of both lists (the counts in the split description
+    follow), so fitting and validation see the same files.
+
+    Raises:
+        DatasetError: For an unreadable file (without ``skip_bad_files``).
+        ValueError: If fewer than 2 fit images are left.
+    """
+    items = list(splits.fit) + list(splits.validation)
+    for _ in loader.iter_batches(items, batch_size, with_masks=True, progress="decode images" if progress else None):
+        pass
+    if not loader.skipped:
+        return splits
+    bad = {p for p, _ in loader.skipped}
+    fit = tuple(s for s in splits.fit if s.path not in bad)
+    validation = tuple(s for s in splits.validation if s.path not in bad)
+    if len(fit) < 2:
+        raise ValueError(f"only {len(fit)} readable training images left after skipping {len(bad)} bad files")
+    description = {
+        **splits.description,
+        "fit_images": len(fit),
+        "validation_images": len(validation),
+        "validation_anomalous": sum(s.label for s in validation),
+        "skipped_files": len(bad),
+    }
+    return dataclasses.replace(splits, fit=fit, validation=validation, description=description)
+
+
+def _load_all(
+    loader: ImageLoader, samples: Sequence[Sample], batch_size: int, progress: bool
+) -> tuple[np.ndarray, np.ndarray, list[Sample]]:
+    """Decode ``samples`` with their masks: uint8 ``(n, H, W, C)``, bool ``(n, H, W)``, the samples kept.
+
+    Raises:
+        ValueError: If no image could be loaded.
+    """
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    kept: list[Sample] = []
+    label = "decode validation" if progress else None
+    for batch in loader.iter_batches(samples, batch_size, with_masks=True, progress=label):
+        images.append(batch.images)
+        assert batch.masks is not None
+        masks.append(batch.masks)
+        kept.extend(batch.samples)
+    if not kept:
+        raise ValueError("validation: none of the validation images could be loaded")
+    return np.concatenate(images, axis=0), np.concatenate(masks, axis=0), kept
+
+
+def _run_batches(
+    forward: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int, progress: str | None
+) -> np.ndarray:
+    """Maps float32 ``(locations, n, h, w)`` of uint8 ``images`` ``(n, H, W, C)``, ``batch_size`` at a time."""
+    starts = range(0, images.shape[0], batch_size)
+    chunks = [
+        forward(np.ascontiguousarray(images[i : i + batch_size]))
+        for i in tqdm(starts, desc=progress or "", unit="batch", disable=progress is None)
+    ]
+    return np.concatenate(chunks, axis=1)
+
+
+def synthetic_summary(defects: Sequence[SyntheticDefect], tile_size: tuple[int, int], per_image: int) -> dict[str, Any]:
+    """Counts per kind and the size distribution of synthetic defects (for ``stats.json`` / ``run.json``)."""
+    areas = np.array([d.area for d in defects], dtype=np.float64)
+    tile_area = float(tile_size[0] * tile_size[1])
+    qs = (0.0, 0.1, 0.5, 0.9, 1.0)
+    names = ("min", "p10", "median", "p90", "max")
+    return {
+        "generator": "tilead.synthesis.synthesize_defects",
+        "defects": len(defects),
+        "per_image": per_image,
+        "kinds": dict(Counter(d.kind for d in defects)),
+        "area_px": {n: round(float(np.quantile(areas, q)), 1) for n, q in zip(names, qs, strict=True)},
+        "area_of_tile": {n: round(float(np.quantile(areas, q)) / tile_area, 6) for n, q in zip(names, qs, strict=True)},
+        "mask": "exact: the pixels the defect changed in at least one channel",
+    }
+
+
+def _save_examples(paths: RunPaths, defects: Sequence[SyntheticDefect], count: int, cfg: RunConfig) -> list[str]:
+    """Write up to ``count`` defects (image and mask PNG; kinds interleaved) under ``RUN/synthetic_examples``."""
+    folder = paths.root / "synthetic_examples"
+    by_kind: dict[str, list[int]] = {}
+    for i, d in enumerate(defects):
+        by_kind.setdefault(d.kind, []).append(i)
+    order = [i for group in zip_longest(*by_kind.values()) for i in group if i is not None]
+    written: list[str] = []
+    for i in order[:count]:
+        d = defects[i]
+        image = d.image
+        if image.shape[2] == 3 and cfg.data.channel_order == "RGB":
+            image = image[..., ::-1]
+        stem = f"{len(written):02d}_{d.kind}_src{d.source}"
+        atomic_write_png(folder / f"{stem}.png", np.ascontiguousarray(image))
+        atomic_write_png(folder / f"{stem}_mask.png", d.mask.astype(np.uint8) * 255)
+        written.append(f"{folder.name}/{stem}.png")
+    return written
+
+
+def validation_summary(stats_path: Path) -> str:
+    """One line for people: the split, its image counts and the false-alarm estimate (from ``stats.json``)."""
+    split = read_json(stats_path).get("validation", {}).get("split", {})
+    fa = split.get("false_alarm_estimate", {})
+    text = (
+        f"{split.get('split', '?')}: {split.get('validation_good', '?')} good + "
+        f"{split.get('validation_anomalous', '?')} anomalous images"
+    )
+    syn = split.get("synthetic")
+    if syn:
+        text += " (synthetic: " + ", ".join(f"{k} {n}" for k, n in syn["kinds"].items()) + ")"
+    if fa.get("false_alarm_rate") is not None:
+        text += (
+            f"; false alarms on good parts ~{fa['false_alarm_rate']:.1%} ({fa['false_alarms']}/{fa['good_images']}, "
+            "in-sample estimate)"
+        )
+    if fa.get("miss_rate") is not None:
+        text += f"; misses {fa['misses']}/{fa['anomalous_images']}"
+    if split.get("warning"):
+        text += f"; WARNING {split['warning']}"
+    return text
 
 
 def load_stats(paths: RunPaths) -> NormalizationStats:
@@ -263,6 +461,75 @@ def _override_run_config(paths: RunPaths, cfg: RunConfig, overrides: dict[str, A
     return changed
 
 
+def good_only_metrics(predicted: np.ndarray, masks: np.ndarray, in_holdout: np.ndarray) -> dict[str, float]:
+    """False-alarm rates of good images (no defective image to measure misses on).
+
+    Args:
+        predicted: bool ``(n,)`` NG decisions.
+        masks: bool ``(n, H, W)`` predicted anomalous pixels.
+        in_holdout: bool ``(n,)``: held-out training images (the rest are test images).
+
+    Returns:
+        ``false_alarm_rate`` and ``false_alarms`` over all images, per group (``_test_good`` /
+        ``_holdout``, where the group has images) and ``pixel_false_alarm_rate``.
+    """
+    out: dict[str, float] = {
+        "good_images": float(predicted.size),
+        "false_alarms": float(predicted.sum()),
+        "false_alarm_rate": float(predicted.mean()),
+        "pixel_false_alarm_rate": float(masks.mean()),
+    }
+    for name, group in (("test_good", ~in_holdout), ("holdout", in_holdout)):
+        if group.any():
+            out[f"good_images_{name}"] = float(group.sum())
+            out[f"false_alarms_{name}"] = float(predicted[group].sum())
+            out[f"false_alarm_rate_{name}"] = float(predicted[group].mean())
+    return out
+
+
+def _evaluate_good_only(
+    paths: RunPaths,
+    cfg: RunConfig,
+    out: Path,
+    kept: list[Sample],
+    held: set[Path],
+    result: Any,
+    stats: NormalizationStats,
+    grid: TileGrid,
+    bundle: Path | None,
+    start: float,
+    inference_s: float,
+) -> EvalResult:
+    """Write the report of a dataset of good images only: false alarms instead of F1 / AUROC."""
+    in_holdout = np.array([s.path in held for s in kept], dtype=bool)
+    metrics = good_only_metrics(result.labels.astype(bool), result.masks.astype(bool), in_holdout)
+    report: dict[str, Any] = {
+        "run": str(paths.root),
+        "config": cfg.name,
+        "good_only": True,
+        "note": "no defective test image: false alarms on good images only (misses cannot be measured). "
+        "'test_good': good test images (out of sample); 'holdout': held-out training images, never fitted, "
+        "but the thresholds were chosen on their scores (in-sample for the thresholds)"
+        + ("; with validation.split same_as_test the test images set the thresholds too" if not held else ""),
+        "grid": grid.to_dict(),
+        "grid_shape": [grid.rows, grid.cols],
+        "inference": f"runtime.Predictor on bundle {bundle}" if bundle is not None else "eager PyTorch",
+        "normalization": stats.stage,
+        "image_threshold": float(stats.image_threshold),
+        "validation": read_json(paths.stats).get("validation", {}).get("split", {}),
+        "test_images": len(kept),
+        "test_anomalous": 0,
+        "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
+        "timings": {"inference_s": round(inference_s, 2), "eval_s": round(time.perf_counter() - start, 2)},
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+    atomic_write_json(out / "metrics.json", report)
+    atomic_write_text(out / "per_image.csv", _per_image_csv(kept, result.raw_scores, result.scores, result.labels))
+    _update(paths, last_eval={"out": str(out), **report["metrics"]})
+    log.info("eval (good images only): %s", ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()))
+    return EvalResult(out, report, [])
+
+
 def evaluate(
     root: Path,
     out_dir: Path | None = None,
@@ -307,6 +574,20 @@ def evaluate(
         stats = load_stats(paths)
         dataset = discover(cfg.data)
         test = list(dataset.test)
+        good_only = not any(s.label for s in test)
+        held: set[Path] = set()
+        if good_only:
+            # No defective test image: measure false alarms on good images, the test set's and the held-out ones
+            # (never fitted; their scores did set the thresholds).
+            if cfg.validation.split != "same_as_test":
+                validation = make_splits(cfg, dataset).validation
+                held = {s.path for s in validation}
+                test += [s for s in validation if s.path not in {t.path for t in test}]
+            if not test:
+                raise ValueError(
+                    "evaluation: the dataset has no test images and the run held out no good images "
+                    "(validation.split same_as_test); add test images"
+                )
         loader = ImageLoader(cfg.data)
         grid = _grid(cfg, loader, test)
         t_inf = time.perf_counter()
@@ -360,6 +641,10 @@ def evaluate(
         labels = np.array([s.label for s in kept], dtype=bool)
         map_max = merged.reshape(merged.shape[0], -1).max(axis=1)
         raw_scores = map_max if deployed is None else deployed
+        if good_only:
+            return _evaluate_good_only(
+                paths, cfg, out, kept, held, result, stats, grid, bundle, start, time.perf_counter() - t_inf
+            )
         metrics = compute_metrics(
             raw_scores,
             labels,

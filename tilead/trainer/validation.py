@@ -14,6 +14,12 @@ upsampled maps against the matching crop of the ground-truth masks, then
 merges with per-tile normalization and takes the image-score statistics of
 the result.
 
+Every record states the image counts and an estimate of the false-alarm rate
+on good parts (the share of the validation's good images whose score is above
+the image threshold): an in-sample estimate, since the threshold was chosen on
+those same images (:func:`false_alarm_estimate`). With synthetic anomalies the
+share of them missed is recorded too.
+
 Image scores are the merged maps' max, or the detector's own scores when
 given (``postprocess.image_score: detector``: the max over each image's tiles
 of the detector's per-tile score); the image range and threshold are then
@@ -42,6 +48,73 @@ def _threshold(scores: np.ndarray, labels: np.ndarray, good_quantile: float) -> 
     good = flat[~lab] if not lab.all() else flat
     value = float(np.quantile(good.astype(np.float64), good_quantile))
     return value, {"rule": f"quantile {good_quantile} of good scores (no anomalies to fit an F1 threshold)"}
+
+
+def false_alarm_estimate(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """False alarms on the good images and misses on the anomalous ones at an image threshold.
+
+    Args:
+        scores: Raw image scores ``(n,)``.
+        labels: Image labels ``(n,)`` (True: anomalous).
+        threshold: Image threshold (an image is NG iff its score > threshold).
+
+    Returns:
+        ``good_images``, ``false_alarms``, ``false_alarm_rate`` (None without good images),
+        ``anomalous_images``, ``misses``, ``miss_rate`` (None without anomalies) and a note that
+        the estimate is in-sample (the threshold was set on these images).
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    lab = np.asarray(labels).astype(bool).reshape(-1)
+    if s.shape != lab.shape:
+        raise ValueError(f"false_alarm_estimate: {s.size} scores for {lab.size} labels")
+    ng = s > threshold
+    n_good, n_bad = int((~lab).sum()), int(lab.sum())
+    alarms, misses = int((ng & ~lab).sum()), int((~ng & lab).sum())
+    return {
+        "good_images": n_good,
+        "false_alarms": alarms,
+        "false_alarm_rate": alarms / n_good if n_good else None,
+        "anomalous_images": n_bad,
+        "misses": misses,
+        "miss_rate": misses / n_bad if n_bad else None,
+        "in_sample": True,
+        "note": "share of the validation images above the image threshold; the threshold was chosen on these "
+        "same images, so this is an in-sample (optimistic) estimate; expect more false alarms on new parts",
+    }
+
+
+def check_validation_count(count: int, split: str, minimum: int, force: bool, what: str = "validation images") -> str:
+    """Refuse thresholds from too few images (guard rail), or describe the forced exception.
+
+    Args:
+        count: Images the thresholds would come from.
+        split: ``validation.split``.
+        minimum: ``validation.min_images``.
+        force: ``validation.force``.
+        what: What ``count`` counts, for the message.
+
+    Returns:
+        ``""`` when ``count >= minimum``, else (forced) a warning for the records.
+
+    Raises:
+        ValueError: If ``count < minimum`` and not forced; the message names the count and what to do.
+    """
+    if count >= minimum:
+        return ""
+    if split == "same_as_test":
+        advice = "add test images"
+    else:
+        advice = (
+            "add good training images or raise validation.holdout_fraction (the held-out share of "
+            "the good training images)"
+        )
+    message = (
+        f"validation ({split}): thresholds would come from {count} {what}, fewer than validation.min_images "
+        f"({minimum}); {advice}, or set validation.force: true to accept thresholds from so few images"
+    )
+    if not force:
+        raise ValueError(message)
+    return f"forced (validation.force): thresholds come from only {count} {what} (min_images {minimum})"
 
 
 def _range(values: np.ndarray) -> tuple[float, float]:
@@ -195,12 +268,14 @@ def compute_stats(
             tile_stats=tile_stats,
         )
         info.update({"pixel_threshold_rule": rules, "image_threshold_rule": image_rule})
+        info["false_alarm_estimate"] = false_alarm_estimate(scores, labels, image_t)
         return stats, info
     merged = merge_maps(maps, grid, weights=weights, seam=seam)
     scores = image_scores_of(merged)
     pixel_t, pixel_rule = _threshold(merged, masks, good_quantile)
     image_t, image_rule = _threshold(scores, labels, good_quantile)
     info.update({"pixel_threshold_rule": pixel_rule, "image_threshold_rule": image_rule})
+    info["false_alarm_estimate"] = false_alarm_estimate(scores, labels, image_t)
     if stage == "none":
         return NormalizationStats(stage="none", pixel_threshold=pixel_t, image_threshold=image_t), info
     stats = NormalizationStats(
