@@ -32,16 +32,15 @@ from tilead.exporter.onnx_export import (
 from tilead.runtime import TileGrid
 from tilead.runtime.bundle import (
     INPUT_NAME,
-    MANIFEST,
     OUTPUT_NAME,
     SCHEMA_VERSION,
     SCORE_NAME,
     location_files,
     sha256_file,
+    write_manifest,
 )
 from tilead.trainer.detectors import LocationModel, create_detector
 from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
-from tilead.trainer.io import atomic_write_json
 from tilead.trainer.pipeline import load_stats
 from tilead.trainer.run_dir import open_run, read_json
 
@@ -173,7 +172,7 @@ def export_bundle(
                 "parity_onnxruntime_vs_torch": parity,
             },
         }
-        atomic_write_json(tmp / MANIFEST, manifest)
+        manifest = write_manifest(tmp, manifest)  # adds manifest_sha256, the digest read_manifest checks
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -128,7 +128,9 @@ def as_pair(value: object, name: str, *, minimum: int = 1, maximum: int | None =
         raise ValueError(f"{name}: expected an integer or a pair of integers (height, width), got {value!r}")
     if isinstance(value, (Sequence, np.ndarray)):
         if isinstance(value, np.ndarray) and value.ndim != 1:
-            raise ValueError(f"{name}: expected an integer or a pair of integers (height, width), got {describe(value)}")
+            raise ValueError(
+                f"{name}: expected an integer or a pair of integers (height, width), got {describe(value)}"
+            )
         if len(value) != 2:
             raise ValueError(
                 f"{name}: expected an integer or a pair of integers (height, width), got {len(value)} values"

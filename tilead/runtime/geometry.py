@@ -72,7 +72,7 @@ class TileGrid:
         image = as_pair(image_size, "image_size", maximum=MAX_SIDE)
         tile = as_pair(tile_size, "tile_size", maximum=MAX_SIDE)
         step = tile if stride is None else as_pair(stride, "stride", maximum=MAX_SIDE)
-        if edge not in _EDGE_CODES:
+        if not isinstance(edge, str) or edge not in _EDGE_CODES:
             raise ValueError(f"edge: expected one of {', '.join(EDGE_POLICIES)}, got {describe(edge)}")
         for axis, i in (("height", 0), ("width", 1)):
             if step[i] > tile[i]:

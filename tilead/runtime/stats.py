@@ -158,7 +158,7 @@ class NormalizationStats:
     tile_stats: TileStats | None = None
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
+        if not isinstance(self.stage, str) or self.stage not in STAGES:
             raise ValueError(f"normalization stage: expected one of {', '.join(STAGES)}, got {describe(self.stage)}")
         pt = _raw(self.pixel_threshold, "pixel_threshold")
         it = _raw(self.image_threshold, "image_threshold")

@@ -26,8 +26,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tilead.atomic import atomic_write_bytes, atomic_write_json
-from tilead.runtime.bundle import MANIFEST, read_manifest, sha256_file, verify_files
+from tilead.atomic import atomic_write_bytes
+from tilead.runtime.bundle import MANIFEST, read_manifest, sha256_file, verify_files, write_manifest
 from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
 from tilead.trt.modules import TensorRTUnavailableError, import_builder, major_version, require_gpu, require_map_only
 
@@ -237,4 +237,4 @@ def add_engine_set(bundle: Path, engine_set: EngineSet) -> None:
     sets = [s for s in data.get("engines", []) if s.get("key") != engine_set.key]
     sets.append(engine_set.to_dict())
     data["engines"] = sets
-    atomic_write_json(path, data)
+    write_manifest(Path(bundle), data)  # with a fresh manifest digest
