@@ -79,6 +79,7 @@ _TOP_KEYS = (
     "normalization",
     "source",
     "engines",
+    "calibration",
     DIGEST_KEY,
 )
 _REQUIRED = ("schema_version", "grid", "preprocessing", "model", "locations", "postprocess", "normalization")
@@ -242,8 +243,9 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         d = check_mapping(data, source, _TOP_KEYS, _REQUIRED)
         for key in ("created", DIGEST_KEY):
             _optional_str(d, key, "manifest")
-        if d.get("source") is not None and not isinstance(d["source"], Mapping):
-            raise ValueError(f"source: expected a mapping, got {describe(d['source'])}")
+        for key in ("source", "calibration"):
+            if d.get(key) is not None and not isinstance(d[key], Mapping):
+                raise ValueError(f"{key}: expected a mapping, got {describe(d[key])}")
         grid = TileGrid.from_dict(d["grid"])
         if grid.num_locations > MAX_LOCATIONS:  # before any per-location list is built
             raise ValueError(
