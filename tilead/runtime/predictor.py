@@ -36,7 +36,6 @@ import numpy as np
 
 from tilead.runtime._checks import describe
 from tilead.runtime.bundle import (
-    DIGEST_KEY,
     INPUT_NAME,
     OUTPUT_NAME,
     SCORE_NAME,
@@ -48,6 +47,7 @@ from tilead.runtime.bundle import (
     read_verified_file,
     verify_files,
 )
+from tilead.runtime.engines import onnx_digest
 from tilead.runtime.postprocess import resize_maps
 from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import postprocess_maps
@@ -88,15 +88,17 @@ def ort_trt_cache(manifest: Manifest) -> Path:
     """Where ONNX Runtime's TensorRT provider caches engines for a bundle: outside the bundle.
 
     ``$TILEAD_CACHE`` (default ``$XDG_CACHE_HOME/tilead``, else ``~/.cache/tilead``)
-    ``/onnxruntime-trt/<first 16 hex digits of the manifest digest>``. The
-    provider loads cached engines without any hash check, so they are never
-    read from the bundle (whose files are all verified); a re-exported or
-    recalibrated bundle gets a new folder.
+    ``/onnxruntime-trt/<digest of the locations' ONNX sha256s>``. The provider
+    loads cached engines without any hash check, so they are never read from
+    the bundle, where anyone who can edit the bundle could plant one; the
+    cache belongs to the user running the Predictor. Engines depend on the
+    ONNX files only, so a recalibrated bundle keeps its cache and a
+    re-exported one gets a new folder.
     """
     base = os.environ.get("TILEAD_CACHE") or str(
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilead"
     )
-    return Path(base) / "onnxruntime-trt" / str(manifest.raw.get(DIGEST_KEY, "unversioned"))[:16]
+    return Path(base) / "onnxruntime-trt" / onnx_digest([loc.sha256 for loc in manifest.locations])
 
 
 def _providers(device: str, manifest: Manifest) -> list[Any]:
