@@ -60,6 +60,8 @@ def _labels(bundle: Path, images: list[np.ndarray]) -> np.ndarray:
 def test_good_only_calibration_meets_the_target_and_the_runtime_agrees(bundle: Path) -> None:
     goods = [_good(i) for i in range(40)]
     before = _labels(bundle, goods)
+    with Predictor(bundle) as predictor:
+        raw_before = [r.raw_score for r in predictor.predict(goods)]  # type: ignore[union-attr]
     old_bytes = (bundle / "manifest.json").read_bytes()
     result = calibrate(bundle, [Sample(f"g{i}", g) for i, g in enumerate(goods)], target_false_alarm=0.05)
     flagged = _labels(bundle, goods)
@@ -74,6 +76,9 @@ def test_good_only_calibration_meets_the_target_and_the_runtime_agrees(bundle: P
     assert data[DIGEST_KEY] == manifest_digest(data)
     assert data["calibration"]["images"] == {"good": 40, "defective": 0}
     assert data["normalization"]["image_threshold"] == result.new.image_threshold
+    # Good images only: the lower ends come from them, the exported upper ends (3.0) are kept.
+    assert data["normalization"]["image_range"][1] == 3.0
+    assert data["normalization"]["image_range"][0] == pytest.approx(min(raw_before))
     # Independently of the code: the image score is the map max; the threshold leaves <= 2 of 40 above it.
     with Predictor(bundle) as predictor:
         raw = np.array([r.raw_score for r in predictor.predict(goods)])  # type: ignore[union-attr]

@@ -19,7 +19,9 @@ Rules (all thresholds in raw units, as the manifest stores them):
   replace the corresponding rule.
 * **Ranges.** ``image`` stage: the min/max of the calibration images' merged
   maps and image scores, widened to contain the thresholds (and to the
-  smallest width the manifest accepts). ``tile`` stage: the per-location
+  smallest width the manifest accepts). With good images only, the upper
+  ends keep the exported ones when those are higher (good images say nothing
+  about how high anomalies score; without this every defect saturates at 1). ``tile`` stage: the per-location
   ``tile_stats`` are kept (they need per-location maps against masks); the
   pixel threshold is recalibrated on the tile-normalized merged maps inside
   the fixed pixel range [0, 1], and the image range and threshold are
@@ -318,7 +320,12 @@ def new_stats(
         )
     if old.stage == "none":
         return NormalizationStats("none", pt, it), rules
-    image_range = _widen(float(raw.min()), float(raw.max()), it)
+    hi = float(raw.max())
+    if not with_defects and old.image_range is not None:
+        # Good images only say nothing about how high anomalies score: keep the exported upper end if higher,
+        # so defective parts do not all saturate at 1.
+        hi = max(hi, old.image_range[1])
+    image_range = _widen(float(raw.min()), hi, it)
     if old.stage == "tile":
         if not 0.0 <= pt <= 1.0:
             raise ValueError(
@@ -326,7 +333,10 @@ def new_stats(
             )
         rules["tile_stats"] = "kept (per-location normalization from training)"
         return NormalizationStats("tile", pt, it, (0.0, 1.0), image_range, old.tile_stats), rules
-    pixel_range = _widen(min(scored.map_min), max(scored.map_max), pt)
+    top = max(scored.map_max)
+    if not with_defects and old.pixel_range is not None:
+        top = max(top, old.pixel_range[1])
+    pixel_range = _widen(min(scored.map_min), top, pt)
     return NormalizationStats("image", pt, it, pixel_range, image_range), rules
 
 
