@@ -100,7 +100,7 @@ mutation: $(STAMP)
 	@so_dir=$$($(BIN)/python -c 'import os, tilead._kernels as k; print(os.path.dirname(k.__file__))'); \
 	 copied=$$(cd $$so_dir && ls _kernels*.so); \
 	 for f in $$copied; do cp $$so_dir/$$f tilead/$$f; done; \
-	 $(BIN)/mutmut run --max-children $(JOBS); status=$$?; \
+	 TILEAD_MUTATION=1 $(BIN)/mutmut run --max-children $(JOBS); status=$$?; \
 	 for f in $$copied; do rm -f tilead/$$f; done; \
 	 test $$status -eq 0 && $(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 

@@ -186,8 +186,10 @@ def _optional_str(model: Mapping[str, Any], key: str, where: str) -> None:
 def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
     """Validate the manifest's ``model`` section against the grid."""
     model = dict(check_mapping(data, "model", _MODEL_KEYS, ("family", "map_size")))
-    for key in ("family", "backbone", "detector"):
+    for key in ("family", "backbone"):
         _optional_str(model, key, "model")
+    if model.get("detector") is not None and not isinstance(model["detector"], Mapping):
+        raise ValueError(f"model.detector: expected a mapping, got {describe(model['detector'])}")
     raw_size = model["map_size"]
     if not isinstance(raw_size, list):
         raise ValueError(f"model.map_size: expected [height, width], got {describe(raw_size)}")
