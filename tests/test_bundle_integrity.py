@@ -413,3 +413,39 @@ def test_fuzz_truncated_manifests(master: Path, cut: int) -> None:
     raw = (master / "manifest.json").read_bytes()
     with pytest.raises(BundleError):
         parse_manifest(load_manifest_json(raw[: min(cut, len(raw) - 2)], "manifest.json"))
+
+
+@pytest.mark.parametrize(
+    ("writer", "current", "refused"),
+    [
+        ("0.1.0", "0.1.0", False),
+        ("0.2.0", "0.10.0", False),  # numeric, not string, order
+        ("0.10.0", "0.2.0", True),
+        ("1.0", "0.9.9", True),
+        ("0.1.1rc1", "0.1.0", True),
+        ("0.1", "0.1.0", False),
+        ("0.1.0.dev3", "0.1.0", True),
+        ("9" * 30, "1.0", True),  # huge components are cut, not a crash
+    ],
+)
+def test_a_bundle_from_a_newer_tilead_is_refused(writer: str, current: str, refused: bool) -> None:
+    data = _base_manifest()
+    data["tilead_version"] = writer
+    if refused:
+        with pytest.raises(BundleError, match=f"written by tilead {writer[:20]}.*newer than this tilead {current}"):
+            parse_manifest(data, current_version=current)
+    else:
+        assert parse_manifest(data, current_version=current).tilead_version == writer
+
+
+def _base_manifest() -> dict[str, Any]:
+    grid_names = ["r0c0", "r0c1", "r1c0", "r1c1"]
+    return {
+        "schema_version": 2,
+        "grid": {"image_size": [64, 64], "tile_size": [40, 40], "stride": [24, 24]},
+        "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3, "color_order": "RGB"},
+        "model": {"family": "padim", "map_size": [5, 5]},
+        "locations": [{"name": n, "file": f"tiles/{n}.onnx", "sha256": "0" * 64, "bytes": 1} for n in grid_names],
+        "postprocess": {"weights": "uniform"},
+        "normalization": {"stage": "none", "pixel_threshold": 1.0, "image_threshold": 1.0},
+    }
