@@ -449,3 +449,40 @@ def _base_manifest() -> dict[str, Any]:
         "postprocess": {"weights": "uniform"},
         "normalization": {"stage": "none", "pixel_threshold": 1.0, "image_threshold": 1.0},
     }
+
+
+def test_entry_messages_name_the_value_given() -> None:
+    from tilead.runtime.files import MAX_FILE_BYTES
+
+    for key, value, message in [
+        ("name", "r9c9", r"locations\[0\].name: expected 'r0c0' \(row-major order\), got 'r9c9'"),
+        ("file", "tiles/x.onnx", r"locations\[0\].file: .* own file 'tiles/r0c0.onnx', got 'tiles/x.onnx'"),
+        ("sha256", "ABC", r"locations\[0\].sha256: expected 64 lower-case hex digits, got 'ABC'"),
+        ("bytes", MAX_FILE_BYTES + 1, rf"locations\[0\].bytes: expected an integer <= {MAX_FILE_BYTES}"),
+    ]:
+        data = _base_manifest()
+        data["locations"][0][key] = value
+        with pytest.raises(BundleError, match=message):
+            parse_manifest(data)
+    data = _base_manifest()
+    data["locations"][0]["bytes"] = MAX_FILE_BYTES
+    assert parse_manifest(data).locations[0].bytes == MAX_FILE_BYTES
+
+
+def test_missing_bundles_and_non_ascii_manifests(tmp_path: Path, bundle: Path) -> None:
+    import hashlib
+
+    with pytest.raises(BundleError, match=r"bundle not found: .*nothing is not a directory"):
+        read_manifest(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match=r"empty is not a tilead bundle: manifest.json is missing"):
+        read_manifest(tmp_path / "empty")
+    _rewrite(bundle, lambda d: d["source"].update(config="flasche-\u00e9\u4e2d"))
+    data = _data(bundle)
+    content = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert "\\u00e9" in text
+    assert data[DIGEST_KEY] == hashlib.sha256(text.encode()).hexdigest()
+    assert read_manifest(bundle).raw["source"]["config"] == "flasche-\u00e9\u4e2d"
+    with pytest.raises(BundleError, match="cannot be written as JSON"):
+        manifest_digest({"a": float("nan")})
