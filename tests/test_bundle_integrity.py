@@ -486,3 +486,71 @@ def test_missing_bundles_and_non_ascii_manifests(tmp_path: Path, bundle: Path) -
     assert read_manifest(bundle).raw["source"]["config"] == "flasche-\u00e9\u4e2d"
     with pytest.raises(BundleError, match="cannot be written as JSON"):
         manifest_digest({"a": float("nan")})
+
+
+def test_parsed_fields_and_boundaries() -> None:
+    data = _base_manifest()
+    data["tilead_version"] = "0.1.0"
+    data["postprocess"] = {"weights": "feather", "seam": {"sigma": 2.0, "width": 0.1}}
+    data["model"].update(opset=1000, output_stride=8, mahalanobis_blocks=4, backbone="b", detector={"k": 1})
+    data["model"]["map_size"] = [40, 40]  # equal to the tile: accepted
+    m = parse_manifest(data)
+    assert (m.weights, m.seam is not None, m.tilead_version, m.map_size) == ("feather", True, "0.1.0", (40, 40))
+    assert m.model["map_size"] == [40, 40]
+    data["postprocess"] = {"weights": "uniform"}
+    assert parse_manifest(data).weights == "uniform"
+    assert parse_manifest(data).seam is None
+    # 64 x 64 locations of a 1-pixel tile = 4096 = MAX_LOCATIONS: accepted up to the per-location list check.
+    data["grid"] = {"image_size": [64, 64], "tile_size": [1, 1], "stride": [1, 1]}
+    data["model"]["map_size"] = [1, 1]
+    with pytest.raises(BundleError, match=r"locations: expected one entry per grid location \(4096"):
+        parse_manifest(data)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("model", "family", 3, "model.family: expected a string, got 3"),
+        ("model", "backbone", [1], r"model.backbone: expected a string, got \[1\]"),
+        ("model", "detector", "x", "model.detector: expected a mapping, got 'x'"),
+        ("model", "output", "heat", "model.output: expected 'map', got 'heat'"),
+        ("model", "dtype", "float16", "model.dtype: expected 'float32', got 'float16'"),
+        ("model", "opset", 1001, "model.opset: expected an integer <= 1000, got 1001"),
+        ("model", "output_stride", 0, "model.output_stride: expected an integer >= 1, got 0"),
+        ("model", "mahalanobis_blocks", 65537, "model.mahalanobis_blocks: expected an integer <= 65536"),
+        ("model", "map_size", [41, 5], "model.map_size: expected at most the tile size 40 x 40, got 41 x 5"),
+        ("model", "map_size", [5, 41], "model.map_size: expected at most the tile size 40 x 40, got 5 x 41"),
+        (None, "created", 5, "manifest.created: expected a string, got 5"),
+        (None, DIGEST_KEY, 5, "manifest.manifest_sha256: expected a string, got 5"),
+        (None, "calibration", [1], r"calibration: expected a mapping, got \[1\]"),
+        (None, "source", "run", "source: expected a mapping, got 'run'"),
+        (None, "schema_version", 3, r"unknown bundle schema_version 3; this tilead reads schema 2$"),
+        (None, "schema_version", "1", r"unknown bundle schema_version '1'; this tilead reads schema 2$"),
+        (None, "postprocess", {"weights": 1}, "postprocess.weights: expected 'uniform' or 'feather', got 1"),
+        (None, "postprocess", {"seam": None}, r"postprocess: missing keys \['weights'\]"),
+        (None, "postprocess", {"weights": "uniform", "image_score": "avg"}, "image_score: expected 'max' or"),
+        (None, "locations", "x", "locations: expected a list, got 'x'"),
+        (None, "normalization", {"stage": "tile"}, "normalization: missing keys"),
+    ],
+)
+def test_each_key_is_checked(section: str | None, key: str, value: Any, message: str) -> None:
+    data = _base_manifest()
+    (data if section is None else data[section])[key] = value
+    with pytest.raises(BundleError, match=message):
+        parse_manifest(data)
+
+
+def test_model_missing_keys_and_tile_stats_count() -> None:
+    data = _base_manifest()
+    del data["model"]["family"]
+    with pytest.raises(BundleError, match=r"model: missing keys \['family'\]"):
+        parse_manifest(data)
+    data = _base_manifest()
+    data["normalization"] = {
+        "stage": "tile", "pixel_threshold": 0.5, "image_threshold": 0.5, "pixel_range": [0, 1],
+        "image_range": [0, 1], "tile_stats": {"thresholds": [1.0] * 3, "mins": [0.0] * 3, "maxs": [2.0] * 3},
+    }  # fmt: skip
+    with pytest.raises(BundleError, match=r"normalization\.tile_stats: expected 4 values, got 3"):
+        parse_manifest(data)
+    data["normalization"]["tile_stats"] = {"thresholds": [1.0] * 4, "mins": [0.0] * 4, "maxs": [2.0] * 4}
+    assert parse_manifest(data).stats.tile_stats is not None
