@@ -17,6 +17,7 @@
 #   make bench-good-only  thresholds from good images only (holdout, synthetic, SuperADD, oracle) on bottle + demo
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
+#   make mutation    mutmut over tilead/runtime with the fast runtime tests; share of mutants killed (slow)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -27,7 +28,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-resize-rss bench-good-only bench-train train-bottle info doctor clean
+.PHONY: mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-resize-rss bench-good-only bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -105,5 +106,17 @@ info: $(STAMP)
 doctor: $(STAMP)
 	$(BIN)/tilead-doctor
 
+# Mutation testing ([tool.mutmut] in pyproject.toml: what is mutated, which tests run). mutmut imports the
+# package from its mutants/ copy, so the built extension is copied beside the sources for the run and
+# removed afterwards. JOBS=n runs n mutants at a time. Result: mutants/mutmut-cicd-stats.json.
+JOBS ?= 2
+mutation: $(STAMP)
+	@so_dir=$$($(BIN)/python -c 'import os, tilead._kernels as k; print(os.path.dirname(k.__file__))'); \
+	 copied=$$(cd $$so_dir && ls _kernels*.so); \
+	 for f in $$copied; do cp $$so_dir/$$f tilead/$$f; done; \
+	 TILEAD_MUTATION=1 $(BIN)/mutmut run --max-children $(JOBS); status=$$?; \
+	 for f in $$copied; do rm -f tilead/$$f; done; \
+	 test $$status -eq 0 && $(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+
 clean:
-	rm -rf build out .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf build out .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

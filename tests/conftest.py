@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+
+if os.environ.get("TILEAD_MUTATION"):  # `make mutation`: import mutmut's mutated copy, not the editable install
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "ScikitBuildRedirectingFinder"]
 
 import pytest
 from hypothesis import HealthCheck, settings

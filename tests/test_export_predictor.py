@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tilead.runtime import BundleError, Prediction, Predictor
+from tilead.runtime.bundle import manifest_digest, write_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +41,8 @@ def test_bundle_layout_and_manifest(trained: tuple[Path, Path]) -> None:
 
     _, bundle = trained
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
+    assert manifest["manifest_sha256"] == manifest_digest(manifest)
     assert [loc["name"] for loc in manifest["locations"]] == ["r0c0", "r0c1", "r1c0", "r1c1"]
     assert manifest["model"]["map_size"] == [12, 12]
     assert manifest["model"]["opset"] >= 17
@@ -251,10 +253,18 @@ def test_tampered_or_broken_bundles(trained: tuple[Path, Path], tmp_path: Path) 
         copy = _copy(bundle, tmp_path)
         manifest = json.loads((copy / "manifest.json").read_text())
         manifest.update(patch)
-        (copy / "manifest.json").write_text(json.dumps(manifest))
+        write_manifest(copy, manifest)  # a valid digest: the values themselves are refused
         with pytest.raises(BundleError, match=expected):
             Predictor(copy)
         shutil.rmtree(copy)
+    # By hand (no new digest): refused, pointing to tilead-calibrate.
+    edited = _copy(bundle, tmp_path)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["normalization"]["image_threshold"] = manifest["normalization"]["image_range"][1]
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"edited after it was written.*tilead-calibrate"):
+        Predictor(edited)
+    shutil.rmtree(edited)
     # A corrupt model whose hash was updated too: ONNX Runtime refuses it, the error names the file.
     from tilead.runtime.bundle import sha256_file
 
@@ -266,7 +276,7 @@ def test_tampered_or_broken_bundles(trained: tuple[Path, Path], tmp_path: Path) 
         if loc["name"] == "r1c0":
             loc["sha256"] = sha256_file(model)
             loc["bytes"] = model.stat().st_size
-    (garbled / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(garbled, manifest)
     with pytest.raises(BundleError, match=r"location r1c0: ONNX Runtime cannot load .*r1c0\.onnx"):
         Predictor(garbled)
     shutil.rmtree(garbled)

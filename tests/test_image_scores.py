@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 from reference import normalize as ref_normalize
 
 from tilead.runtime import NormalizationStats, TileGrid, image_scores_of_tiles, postprocess_maps, score_images
-from tilead.runtime.bundle import BundleError, parse_manifest, sha256_file
+from tilead.runtime.bundle import BundleError, parse_manifest, sha256_file, write_manifest
 from tilead.runtime.stats import TileStats
 from tilead.trainer.metrics import f1_adaptive_threshold
 from tilead.trainer.validation import compute_stats
@@ -104,11 +103,11 @@ def test_validation_statistics_of_the_detector_score(stage: Any) -> None:
 def _manifest(**post: Any) -> dict[str, Any]:
     names = ["r0c0", "r0c1", "r1c0", "r1c1"]
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "grid": {"image_size": [64, 64], "tile_size": [40, 40], "stride": [24, 24]},
         "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3, "color_order": "RGB"},
         "model": {"family": "patchcore", "map_size": [5, 5]},
-        "locations": [{"name": n, "file": f"tiles/{n}.onnx", "sha256": "0" * 64} for n in names],
+        "locations": [{"name": n, "file": f"tiles/{n}.onnx", "sha256": "0" * 64, "bytes": 1} for n in names],
         "postprocess": {"weights": "uniform", **post},
         "normalization": {"stage": "none", "pixel_threshold": 1.0, "image_threshold": 1.0},
     }
@@ -145,7 +144,8 @@ def test_tensorrt_refuses_a_bundle_with_a_detector_score_before_looking_for_a_gp
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(f"model {loc['name']}".encode())
         loc["sha256"] = sha256_file(path)
-    (tmp_path / "manifest.json").write_text(json.dumps(data))
+        loc["bytes"] = path.stat().st_size
+    write_manifest(tmp_path, data)
     with pytest.raises(BundleError, match=r"image_score 'detector'.*backend='onnxruntime'"):
         Predictor(tmp_path, device="cuda", backend="tensorrt")
     with pytest.raises(BundleError, match="engine builder do not handle yet"):

@@ -181,11 +181,11 @@ def test_version_compatible_engines_run_on_newer_runtimes_of_the_same_major() ->
 def test_manifest_with_engines_parses_and_bad_engines_are_refused() -> None:
     names = ["r0c0", "r0c1", "r1c0", "r1c1"]
     data: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": 2,
         "grid": {"image_size": [64, 64], "tile_size": [48, 48], "stride": [16, 16]},
         "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3, "color_order": "RGB"},
         "model": {"family": "padim", "map_size": [6, 6]},
-        "locations": [{"name": n, "file": f"tiles/{n}.onnx", "sha256": "0" * 64} for n in names],
+        "locations": [{"name": n, "file": f"tiles/{n}.onnx", "sha256": "0" * 64, "bytes": 1} for n in names],
         "postprocess": {"weights": "uniform"},
         "normalization": {"stage": "none", "pixel_threshold": 1.0, "image_threshold": 1.0},
     }

@@ -9,14 +9,13 @@ after an interruption, and the manifest entry with each engine's hash.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import fake_tensorrt
 import pytest
 
-from tilead.runtime.bundle import read_manifest, sha256_file
+from tilead.runtime.bundle import read_manifest, sha256_file, write_manifest
 from tilead.trt import build
 from tilead.trt.modules import missing_api
 
@@ -33,7 +32,7 @@ def _bundle(root: Path) -> Path:
         locations.append({"name": name, "file": f"tiles/{name}.onnx", "sha256": sha256_file(path),
                           "bytes": path.stat().st_size})  # fmt: skip
     manifest: dict[str, Any] = {
-        "schema_version": 1,
+        "schema_version": 2,
         "grid": {"image_size": [64, 64], "tile_size": [48, 40], "stride": [16, 24]},
         "preprocessing": {"mean": [0.5] * 3, "std": [0.5] * 3, "channels": 3, "color_order": "RGB"},
         "model": {"family": "padim", "map_size": [6, 5]},
@@ -41,7 +40,7 @@ def _bundle(root: Path) -> Path:
         "postprocess": {"weights": "uniform"},
         "normalization": {"stage": "none", "pixel_threshold": 1.0, "image_threshold": 1.0},
     }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(root, manifest)
     return root
 
 

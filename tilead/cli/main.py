@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "doctor": ("tilead.cli.doctor", "Capabilities of this machine and, on a GPU, the GPU self-checks."),
     "demo": ("tilead.cli.demo", "Synthetic data through train, export, predict and evaluation."),
     "info": ("tilead.cli.info", "Version, kernel build and CUDA status."),
+    "calibrate": ("tilead.cli.calibrate", "Recompute a bundle's thresholds from images taken at the line."),
     "serve": ("tilead.cli.serve", "Serve a bundle over HTTP on Ray Serve, batching concurrent requests."),
 }
 

@@ -4,13 +4,25 @@ Everything is written into a temporary directory beside the target; only when
 every location is exported, checked (``onnx.checker``, ONNX Runtime vs eager
 PyTorch) and hashed, and the manifest is written, is the directory renamed
 into place. An interrupted or failed export leaves no half bundle behind.
+
+Stale temporaries. The temporary directory is ``.<name>.<random>.partial``
+and holds an ``.owner`` file (``{"pid", "host"}``) written first. A process
+killed outright (``kill -9``, power loss) cannot remove it, so the next export
+to the same destination removes every ``.<name>.*.partial`` directory whose
+owner is gone: same host and the pid no longer running, or no owner file and
+untouched for :data:`STALE_SECONDS`. Directories of live exports, of other
+hosts (shared disks) and anything not of that naming pattern are left alone.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import glob
+import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,21 +44,67 @@ from tilead.exporter.onnx_export import (
 from tilead.runtime import TileGrid
 from tilead.runtime.bundle import (
     INPUT_NAME,
-    MANIFEST,
     OUTPUT_NAME,
     SCHEMA_VERSION,
     SCORE_NAME,
     location_files,
     sha256_file,
+    write_manifest,
 )
 from tilead.trainer.detectors import LocationModel, create_detector
 from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
-from tilead.trainer.io import atomic_write_json
 from tilead.trainer.pipeline import load_stats
 from tilead.trainer.run_dir import open_run, read_json
 
 log = logging.getLogger("tilead.exporter")
 PARITY_TOLERANCE = 1e-5  # max abs ONNX-vs-eager difference, relative to the map's range
+OWNER = ".owner"
+STALE_SECONDS = 3600.0  # a .partial without an owner file older than this is stale
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _is_stale(folder: Path, now: float) -> bool:
+    try:
+        owner = json.loads((folder / OWNER).read_text(encoding="utf-8"))
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            return now - folder.stat().st_mtime > STALE_SECONDS
+        except OSError:
+            return False
+    return host == socket.gethostname() and pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove temporaries of killed exports to ``out`` (see the module docstring).
+
+    Args:
+        out: The bundle destination.
+
+    Returns:
+        The directories removed.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for folder in sorted(out.parent.glob(f".{glob.escape(out.name)}.*.partial")):
+        if folder.is_symlink() or not folder.is_dir() or not _is_stale(folder, now):
+            continue
+        log.warning("removing %s, left by an export that was killed", folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -107,9 +165,11 @@ def export_bundle(
     detector = create_detector(cfg, extractor, grid.tile_size)
     tile_shape = (prep.channels, *grid.tile_size)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp creates 0700
     try:
+        (tmp / OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), encoding="utf-8")
+        tmp.chmod(0o755)  # mkdtemp creates 0700
         entries = []
         parity = {}
         files = location_files(grid)
@@ -173,7 +233,8 @@ def export_bundle(
                 "parity_onnxruntime_vs_torch": parity,
             },
         }
-        atomic_write_json(tmp / MANIFEST, manifest)
+        manifest = write_manifest(tmp, manifest)  # adds manifest_sha256, the digest read_manifest checks
+        (tmp / OWNER).unlink()
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -84,35 +84,39 @@ def check_shape(value: np.ndarray, name: str, expected: tuple[int, ...], meaning
         raise ValueError(f"{name}: expected shape {tuple(expected)} {meaning}, got {tuple(value.shape)}")
 
 
-def as_int(value: object, name: str, *, minimum: int = 1) -> int:
-    """Validate an integer (Python or NumPy, not bool) of at least ``minimum``.
+def as_int(value: object, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """Validate an integer (Python or NumPy, not bool) of at least ``minimum`` and at most ``maximum``.
 
     Args:
         value: The argument to check.
         name: Argument name used in error messages.
         minimum: Smallest accepted value.
+        maximum: Largest accepted value (None: no bound).
 
     Returns:
         The value as a Python int.
 
     Raises:
-        ValueError: When the value is not an integer or is below ``minimum``.
+        ValueError: When the value is not an integer or is out of bounds.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {describe(value)}")
     result = int(value)
     if result < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {result}")
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {describe(result)}")
+    if maximum is not None and result > maximum:
+        raise ValueError(f"{name}: expected an integer <= {maximum}, got {describe(result)}")
     return result
 
 
-def as_pair(value: object, name: str, *, minimum: int = 1) -> tuple[int, int]:
+def as_pair(value: object, name: str, *, minimum: int = 1, maximum: int | None = None) -> tuple[int, int]:
     """Validate an int or a (height, width) pair of ints.
 
     Args:
         value: An integer (used for both axes) or a sequence of two integers.
         name: Argument name used in error messages.
         minimum: Smallest accepted value.
+        maximum: Largest accepted value (None: no bound).
 
     Returns:
         ``(height, width)``.
@@ -123,13 +127,20 @@ def as_pair(value: object, name: str, *, minimum: int = 1) -> tuple[int, int]:
     if isinstance(value, (str, bytes)):
         raise ValueError(f"{name}: expected an integer or a pair of integers (height, width), got {value!r}")
     if isinstance(value, (Sequence, np.ndarray)):
-        items = list(value)
-        if len(items) != 2:
+        if isinstance(value, np.ndarray) and value.ndim != 1:
             raise ValueError(
-                f"{name}: expected an integer or a pair of integers (height, width), got {len(items)} values"
+                f"{name}: expected an integer or a pair of integers (height, width), got {describe(value)}"
             )
-        return as_int(items[0], f"{name}[0]", minimum=minimum), as_int(items[1], f"{name}[1]", minimum=minimum)
-    single = as_int(value, name, minimum=minimum)
+        if len(value) != 2:
+            raise ValueError(
+                f"{name}: expected an integer or a pair of integers (height, width), got {len(value)} values"
+            )
+        items = list(value)
+        return (
+            as_int(items[0], f"{name}[0]", minimum=minimum, maximum=maximum),
+            as_int(items[1], f"{name}[1]", minimum=minimum, maximum=maximum),
+        )
+    single = as_int(value, name, minimum=minimum, maximum=maximum)
     return single, single
 
 

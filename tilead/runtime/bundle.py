@@ -9,29 +9,59 @@ A bundle is a directory::
                          with postprocess.image_score "detector" also output
                          "score" (n,) float32, the detector's own image score)
 
-:func:`read_manifest` validates the manifest and :func:`verify_files` checks
-every listed file's size and sha256 before anything is loaded. Nothing in a
-bundle is pickled.
+Integrity (schema 2). The manifest carries ``manifest_sha256``, the sha256
+of its own canonical JSON without that key (:func:`manifest_digest`: sorted
+keys, compact separators, ASCII); :func:`read_manifest` refuses a manifest
+whose content does not match, so thresholds are changed with
+``tilead-calibrate`` (which rewrites the digest), never by hand. Schema 1
+bundles carry no digest and are refused with a request to re-export.
+
+Hostile input. Everything a bundle can hold fails at load with
+:class:`BundleError` naming the key or file: the manifest file is at most
+:data:`MAX_MANIFEST_BYTES` (checked before reading), nested at most
+:data:`MAX_JSON_DEPTH` deep, without duplicate keys, NaN or infinities; every
+value is type- and range-checked (bool is not an int; sizes are bounded and
+the number of locations is checked against :data:`MAX_LOCATIONS` before any
+per-location list is built); every location's file is that location's own
+``tiles/rRcC.onnx`` (engines: ``engines/<key>/rRcC.engine``).
+
+Files. :func:`read_verified_file` opens a listed file once (no symbolic link
+anywhere below the bundle root, regular files only), reads it, checks size
+and sha256 on the bytes read and returns those bytes, which the backends
+load: the file hashed is the file loaded. :func:`check_model_io` compares the
+inputs and outputs an inference session reports with the manifest. Nothing
+in a bundle is pickled.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-from collections.abc import Mapping
+import os
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tilead.runtime._checks import as_int, check_mapping, describe
+from tilead.atomic import atomic_write_text
+from tilead.runtime._checks import as_int, as_pair, check_mapping, describe
 from tilead.runtime.engines import EngineSet, parse_engine_sets
-from tilead.runtime.files import LocationFile
-from tilead.runtime.geometry import TileGrid, location_name
+from tilead.runtime.files import LocationFile, parse_location_file
+from tilead.runtime.geometry import MAX_SIDE, TileGrid, location_name
 from tilead.runtime.postprocess import BlendWeights, SeamSmoothing
 from tilead.runtime.preprocess import Preprocessing
 from tilead.runtime.stats import NormalizationStats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+DIGEST_KEY = "manifest_sha256"
+MAX_MANIFEST_BYTES = 16 * 2**20
+"""Largest accepted ``manifest.json`` (a real one is a few KiB; checked before reading)."""
+MAX_JSON_DEPTH = 32
+"""Deepest accepted nesting of the manifest's JSON (a real one nests 5 deep)."""
+MAX_LOCATIONS = 4096
+"""Most tile locations a bundle may declare (one model file each)."""
 MANIFEST = "manifest.json"
 INPUT_NAME = "tiles"
 OUTPUT_NAME = "map"
@@ -49,12 +79,29 @@ _TOP_KEYS = (
     "normalization",
     "source",
     "engines",
+    "calibration",
+    DIGEST_KEY,
 )
 _REQUIRED = ("schema_version", "grid", "preprocessing", "model", "locations", "postprocess", "normalization")
 
 
 class BundleError(ValueError):
     """A bundle that cannot be used: missing, corrupt, tampered with, or from an unknown schema."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output as an inference session reports it.
+
+    Attributes:
+        name: Tensor name.
+        dtype: Element type as a numpy name (``"float32"``, ``"float16"``, ...).
+        shape: Dimensions; None (or a symbolic name) for a dynamic one.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
 
 
 @dataclass(frozen=True)
@@ -127,12 +174,41 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     parts = []
     for p in text.split("."):
         digits = "".join(ch for ch in p if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
+        parts.append(int(digits[:9]) if digits else 0)
     return tuple(parts)
 
 
+def _optional_str(model: Mapping[str, Any], key: str, where: str) -> None:
+    if key in model and not isinstance(model[key], str):
+        raise ValueError(f"{where}.{key}: expected a string, got {describe(model[key])}")
+
+
+def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
+    """Validate the manifest's ``model`` section against the grid."""
+    model = dict(check_mapping(data, "model", _MODEL_KEYS, ("family", "map_size")))
+    for key in ("family", "backbone"):
+        _optional_str(model, key, "model")
+    if model.get("detector") is not None and not isinstance(model["detector"], Mapping):
+        raise ValueError(f"model.detector: expected a mapping, got {describe(model['detector'])}")
+    raw_size = model["map_size"]
+    if not isinstance(raw_size, list):
+        raise ValueError(f"model.map_size: expected [height, width], got {describe(raw_size)}")
+    h, w = as_pair(raw_size, "model.map_size", maximum=MAX_SIDE)
+    th, tw = grid.tile_size
+    if h > th or w > tw:
+        raise ValueError(f"model.map_size: expected at most the tile size {th} x {tw}, got {h} x {w}")
+    model["map_size"] = [h, w]
+    for key, expected in (("input", INPUT_NAME), ("output", OUTPUT_NAME), ("dtype", "float32")):
+        if key in model and model[key] != expected:
+            raise ValueError(f"model.{key}: expected {expected!r}, got {describe(model[key])}")
+    for key, high in (("output_stride", MAX_SIDE), ("opset", 1000), ("mahalanobis_blocks", MAX_SIDE)):
+        if key in model:
+            as_int(model[key], f"model.{key}", maximum=high)
+    return model
+
+
 def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | None = None) -> Manifest:
-    """Validate manifest data.
+    """Validate manifest data (structure, types and ranges; not the digest, see :func:`read_manifest`).
 
     Args:
         data: The parsed JSON.
@@ -149,11 +225,17 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
     if not isinstance(data, Mapping):
         raise BundleError(f"{source}: expected a JSON object, got {describe(data)}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:
+        hint = ""
+        if type(version) is int and version == 1:
+            hint = " (schema 1 bundles carry no manifest digest: re-export the run with tilead-export)"
         raise BundleError(
-            f"{source}: unknown bundle schema_version {version!r}; this tilead reads schema {SCHEMA_VERSION}"
+            f"{source}: unknown bundle schema_version {describe(version)}; this tilead reads schema {SCHEMA_VERSION}"
+            + hint
         )
-    writer = str(data.get("tilead_version", "0"))
+    writer = data.get("tilead_version", "0")
+    if not isinstance(writer, str):
+        raise BundleError(f"{source}: tilead_version: expected a string, got {describe(writer)}")
     if current_version is not None and _version_tuple(writer) > _version_tuple(current_version):
         raise BundleError(
             f"{source}: the bundle was written by tilead {writer}, newer than this tilead {current_version}; "
@@ -161,21 +243,26 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         )
     try:
         d = check_mapping(data, source, _TOP_KEYS, _REQUIRED)
+        for key in ("created", DIGEST_KEY):
+            _optional_str(d, key, "manifest")
+        for key in ("source", "calibration"):
+            if d.get(key) is not None and not isinstance(d[key], Mapping):
+                raise ValueError(f"{key}: expected a mapping, got {describe(d[key])}")
         grid = TileGrid.from_dict(d["grid"])
+        if grid.num_locations > MAX_LOCATIONS:  # before any per-location list is built
+            raise ValueError(
+                f"grid: {grid.rows} x {grid.cols} = {grid.num_locations} locations, more than the "
+                f"{MAX_LOCATIONS} a bundle may have"
+            )
         prep = Preprocessing.from_dict(d["preprocessing"])
-        model = dict(check_mapping(d["model"], "model", _MODEL_KEYS))
-        for key in ("family", "map_size"):
-            if key not in model:
-                raise ValueError(f"model: missing key {key!r}")
-        h, w = (as_int(v, "model.map_size") for v in model["map_size"])
-        model["map_size"] = [h, w]
+        model = _parse_model(d["model"], grid)
         post = check_mapping(d["postprocess"], "postprocess", ("weights", "seam", "image_score"), ("weights",))
         weights = post["weights"]
-        if weights not in ("uniform", "feather"):
+        if not isinstance(weights, str) or weights not in ("uniform", "feather"):
             raise ValueError(f"postprocess.weights: expected 'uniform' or 'feather', got {describe(weights)}")
         seam = None if post.get("seam") is None else SeamSmoothing.from_dict(post["seam"])
         image_score = post.get("image_score", "max")
-        if image_score not in IMAGE_SCORES:
+        if not isinstance(image_score, str) or image_score not in IMAGE_SCORES:
             raise ValueError(f"postprocess.image_score: expected 'max' or 'detector', got {describe(image_score)}")
         if (image_score == "detector") != ("score_output" in model):
             raise ValueError(
@@ -189,15 +276,14 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         if not isinstance(locs, list):
             raise ValueError(f"locations: expected a list, got {describe(locs)}")
         expected = grid.location_names()
-        files = []
-        for i, item in enumerate(locs):
-            e = check_mapping(item, f"locations[{i}]", ("name", "file", "sha256", "bytes"), ("name", "file", "sha256"))
-            files.append(LocationFile(str(e["name"]), str(e["file"]), str(e["sha256"]), int(e.get("bytes", -1))))
-        if [f.name for f in files] != expected:
+        if len(locs) != len(expected):
             raise ValueError(
-                f"locations: expected one entry per grid location in row-major order {expected}, "
-                f"got {[f.name for f in files]}"
+                f"locations: expected one entry per grid location ({len(expected)}, row-major), got {len(locs)}"
             )
+        files = [
+            parse_location_file(item, f"locations[{i}]", name, rel)
+            for i, (item, name, rel) in enumerate(zip(locs, expected, location_files(grid), strict=True))
+        ]
         parse_engine_sets(d.get("engines"), expected)
         if stats.tile_stats is not None and len(stats.tile_stats.thresholds) != grid.num_locations:
             raise ValueError(
@@ -208,52 +294,329 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         raise
     except ValueError as err:
         raise BundleError(f"{source}: {err}") from None
-    return Manifest(grid, prep, model, tuple(files), weights, seam, stats, writer, dict(data), image_score)
+    blend: BlendWeights = "feather" if weights == "feather" else "uniform"
+    return Manifest(grid, prep, model, tuple(files), blend, seam, stats, writer, dict(data), image_score)
+
+
+# -- the manifest file ---------------------------------------------------------------------------------
+
+
+def manifest_digest(data: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without :data:`DIGEST_KEY`.
+
+    Canonical: ``json.dumps(..., sort_keys=True, separators=(",", ":"),
+    ensure_ascii=True, allow_nan=False)`` encoded as ASCII. JSON numbers
+    round-trip exactly through Python floats, so the digest of a manifest as
+    read equals the digest of the one written.
+
+    Raises:
+        BundleError: If the data cannot be written as JSON.
+    """
+    content = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    try:
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise BundleError(f"manifest: cannot be written as JSON ({err})") from None
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def write_manifest(bundle: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``bundle/manifest.json`` atomically with a fresh :data:`DIGEST_KEY`.
+
+    Args:
+        bundle: Bundle directory.
+        data: Manifest content (any existing digest is replaced).
+
+    Returns:
+        The manifest as written (with its digest).
+    """
+    out = {k: v for k, v in data.items() if k != DIGEST_KEY}
+    out[DIGEST_KEY] = manifest_digest(out)
+    atomic_write_text(Path(bundle) / MANIFEST, json.dumps(out, indent=2, allow_nan=False) + "\n")
+    return out
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of the float range")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not a JSON number")
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def load_manifest_json(raw: bytes, source: str) -> Any:
+    """Parse manifest bytes: UTF-8 JSON, no duplicate keys, no NaN or infinity, at most ``MAX_JSON_DEPTH`` deep.
+
+    Raises:
+        BundleError: Naming ``source`` and the problem.
+    """
+    try:
+        text = raw.decode("utf-8")
+        data = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_float=_finite_float, parse_constant=_no_constant
+        )
+    except RecursionError:
+        raise BundleError(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, our hooks, huge integers
+        raise BundleError(f"{source}: not valid JSON ({err})") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise BundleError(f"{source}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
 
 
 def read_manifest(bundle: Path, *, current_version: str | None = None) -> Manifest:
-    """Read and validate ``bundle/manifest.json``.
+    """Read ``bundle/manifest.json``, check its digest and validate it.
 
     Raises:
-        BundleError: If the bundle or its manifest is missing or invalid.
+        BundleError: If the bundle or its manifest is missing, too large, not
+            JSON, edited after export (digest mismatch: thresholds are changed
+            with ``tilead-calibrate``), or invalid.
     """
     bundle = Path(bundle)
     path = bundle / MANIFEST
     if not bundle.is_dir():
         raise BundleError(f"bundle not found: {bundle} is not a directory")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise BundleError(f"{bundle} is not a tilead bundle: {MANIFEST} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path}: not valid JSON ({err})") from None
+    raw = _read_in_bundle(bundle.resolve(), MANIFEST, f"{bundle}: {MANIFEST}", limit=MAX_MANIFEST_BYTES)
+    data = load_manifest_json(raw, str(path))
+    if (
+        isinstance(data, Mapping)
+        and type(data.get("schema_version")) is int
+        and data["schema_version"] == SCHEMA_VERSION
+    ):
+        listed = data.get(DIGEST_KEY)
+        if listed is None:
+            raise BundleError(
+                f"{path}: no {DIGEST_KEY}; the manifest was not written by tilead-export or tilead-calibrate "
+                "(re-export the run, or set thresholds with tilead-calibrate)"
+            )
+        if listed != manifest_digest(data):
+            raise BundleError(
+                f"{path}: the manifest was edited after it was written ({DIGEST_KEY} does not match its content); "
+                "change thresholds and normalization with tilead-calibrate, not by hand"
+            )
     return parse_manifest(data, source=str(path), current_version=current_version)
 
 
+# -- model and engine files ------------------------------------------------------------------------------
+
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _open_in_bundle(root: Path, rel: str, what: str) -> int:
+    """Open ``root/rel`` for reading without following any symbolic link below ``root``.
+
+    Returns:
+        A file descriptor of a regular file (the caller closes it).
+
+    Raises:
+        BundleError: For a path that leaves the bundle, a symbolic link, a
+            missing file, or anything but a regular file (FIFO, directory, ...).
+    """
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise BundleError(f"{what}: file {rel!r} points outside the bundle")
+    target = root / rel
+    cloexec = getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | cloexec)
+    try:
+        for part in parts[:-1]:
+            sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | cloexec, dir_fd=fd)
+            os.close(fd)
+            fd = sub
+        out = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | cloexec, dir_fd=fd)
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            raise BundleError(f"{what} {target} is missing") from None
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise BundleError(
+                f"{what} {target} is (or lies under) a symbolic link or not a directory; "
+                "bundle files must be regular files inside the bundle"
+            ) from None
+        raise BundleError(f"{what} {target} cannot be opened: {err.strerror}") from None
+    finally:
+        os.close(fd)
+    mode = os.fstat(out).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(out)
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise BundleError(f"{what} {target} is {kind}, not a regular file")
+    return out
+
+
+def _read_in_bundle(root: Path, rel: str, what: str, *, limit: int) -> bytes:
+    """Read a regular file inside the bundle, refusing one larger than ``limit`` before reading it."""
+    fd = _open_in_bundle(root, rel, what)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > limit:
+            raise BundleError(f"{what} {root / rel} has {size} bytes, more than the {limit} accepted")
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{what} {root / rel} grew beyond {limit} bytes while being read")
+    return data
+
+
+def read_verified_file(bundle: Path, entry: LocationFile, kind: str = "model file") -> bytes:
+    """Read one listed file once and return its bytes after checking its size and sha256.
+
+    The bytes returned are the bytes hashed: hand them to the backend
+    (``onnxruntime.InferenceSession(bytes)``, ``deserialize_cuda_engine``)
+    instead of its path, so a file swapped after the check is never loaded.
+
+    Args:
+        bundle: Bundle directory.
+        entry: The manifest's entry (bundle-relative file, sha256, bytes).
+        kind: What the file is, for messages (``"model file"``, ``"engine"``).
+
+    Raises:
+        BundleError: Naming the location and file: outside the bundle, a
+            symbolic link, not a regular file (FIFO, ...), missing, of another
+            size, or with another sha256.
+    """
+    root = Path(bundle).resolve()
+    what = f"location {entry.name}: {kind}"
+    path = root / entry.file
+    fd = _open_in_bundle(root, entry.file, what)
+    with os.fdopen(fd, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size != entry.bytes:
+            raise BundleError(
+                f"{what} {path} has {size} bytes, the manifest lists {entry.bytes} (truncated or replaced)"
+            )
+        data = fh.read(entry.bytes + 1)
+    if len(data) != entry.bytes:
+        raise BundleError(f"{what} {path} changed size while being read (read {len(data)} of {entry.bytes} bytes)")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256:
+        raise BundleError(
+            f"location {entry.name}: sha256 of {path} is {digest}, the manifest lists {entry.sha256} "
+            "(the file was modified or corrupted)"
+        )
+    return data
+
+
+def read_verified(bundle: Path, manifest: Manifest) -> dict[str, bytes]:
+    """Every location's model bytes, each file read once and verified (:func:`read_verified_file`).
+
+    Returns:
+        ``{location name: model bytes}`` in row-major order.
+    """
+    return {loc.name: read_verified_file(bundle, loc) for loc in manifest.locations}
+
+
 def verify_files(bundle: Path, manifest: Manifest) -> None:
-    """Check every location file exists, has the listed size and sha256.
+    """Check every location file is a regular file inside the bundle with the listed size and sha256.
 
     Raises:
         BundleError: Naming the first file that is missing or does not match.
     """
-    root = Path(bundle).resolve()
     for loc in manifest.locations:
-        path = (root / loc.file).resolve()
-        if root not in path.parents:
-            raise BundleError(f"location {loc.name}: file {loc.file!r} points outside the bundle")
-        if not path.is_file():
-            raise BundleError(f"location {loc.name}: model file {path} is missing")
-        if loc.bytes >= 0 and path.stat().st_size != loc.bytes:
-            raise BundleError(
-                f"location {loc.name}: model file {path} has {path.stat().st_size} bytes, the manifest lists "
-                f"{loc.bytes} (truncated or replaced)"
-            )
-        digest = sha256_file(path)
-        if digest != loc.sha256:
-            raise BundleError(
-                f"location {loc.name}: sha256 of {path} is {digest}, the manifest lists {loc.sha256} "
-                "(the file was modified or corrupted)"
-            )
+        read_verified_file(bundle, loc)
+
+
+# -- model inputs and outputs --------------------------------------------------------------------------
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(uint8)": "uint8",
+}
+
+
+def ort_specs(nodes: Sequence[Any]) -> list[TensorSpec]:
+    """:class:`TensorSpec` of ONNX Runtime ``NodeArg`` s (``session.get_inputs()`` / ``get_outputs()``)."""
+    return [TensorSpec(str(n.name), _ORT_TYPES.get(str(n.type), str(n.type)), tuple(n.shape or ())) for n in nodes]
+
+
+def _check_spec(where: str, spec: TensorSpec, dtype: str, shape: tuple[int, ...], meaning: str) -> None:
+    want = f"({', '.join(['n', *(str(d) for d in shape)])}) {meaning}"
+    got = f"({', '.join(str(d) for d in spec.shape)})"
+    if spec.dtype != dtype:
+        raise BundleError(f"{where}: {spec.name!r} has element type {spec.dtype}, the manifest needs {dtype}")
+    if len(spec.shape) != len(shape) + 1:
+        raise BundleError(f"{where}: {spec.name!r} has shape {got}, the manifest needs {want}")
+    if isinstance(spec.shape[0], int):
+        raise BundleError(
+            f"{where}: {spec.name!r} has a fixed batch dimension {spec.shape[0]}; the manifest needs {want} "
+            "with a dynamic n"
+        )
+    for have, need in zip(spec.shape[1:], shape, strict=True):
+        if have != need:
+            raise BundleError(f"{where}: {spec.name!r} has shape {got}, the manifest needs {want}")
+
+
+def check_model_io(
+    location: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], manifest: Manifest
+) -> None:
+    """Check a loaded model's inputs and outputs against the manifest, at load rather than at the first predict.
+
+    Expected: one input ``tiles`` (n, C, th, tw) of the preprocessing dtype;
+    an output ``map`` (n, 1, h, w) float32 with ``(h, w)`` the manifest's
+    ``map_size``; with image score ``detector`` also ``score`` (n,) float32.
+    The batch dimension must be dynamic; other dimensions must be the numbers
+    above (a symbolic dimension there cannot be checked and is refused).
+
+    Args:
+        location: Location name, for messages.
+        inputs: What the session reports as inputs (see :func:`ort_specs`).
+        outputs: What it reports as outputs.
+        manifest: The bundle's manifest.
+
+    Raises:
+        BundleError: Naming the location, the tensor and what differs.
+    """
+    where = f"location {location}: model"
+    names = [s.name for s in inputs]
+    if names != [INPUT_NAME]:
+        raise BundleError(f"{where} has inputs {names}, the manifest needs exactly one named {INPUT_NAME!r}")
+    th, tw = manifest.grid.tile_size
+    prep = manifest.preprocessing
+    _check_spec(where, inputs[0], prep.dtype, (prep.channels, th, tw), "(n, channels, tile_h, tile_w)")
+    by_name = {s.name: s for s in outputs}
+    wanted = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise BundleError(f"{where} has outputs {list(by_name)}, the manifest needs {wanted} (missing {missing})")
+    _check_spec(where, by_name[OUTPUT_NAME], "float32", (1, *manifest.map_size), "(n, 1, map_h, map_w)")
+    if manifest.image_score == "detector":
+        _check_spec(where, by_name[SCORE_NAME], "float32", (), "(n,)")
 
 
 def location_files(grid: TileGrid) -> list[str]:

@@ -25,9 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from tilead.runtime._checks import as_int, check_mapping, describe
-from tilead.runtime.files import LocationFile
+from tilead.runtime.files import LocationFile, parse_location_file
 
 PRECISIONS = ("fp32", "fp16")
+TIMING_CACHE = "timing.cache"
+MAX_BATCH = 1 << 16
+_KEY = re.compile(r"[a-z0-9][a-z0-9.-]{0,199}")
 _SET_KEYS = (
     "key",
     "gpu",
@@ -119,7 +122,7 @@ def engine_key(
 
 def _version(text: str) -> list[str]:
     parts = text.split(".")
-    if not parts or not all(p.isdigit() for p in parts):
+    if not parts or not all(p.isdigit() and len(p) <= 9 for p in parts):
         raise ValueError(f"tensorrt version: expected digits separated by dots, got {describe(text)}")
     return parts
 
@@ -142,33 +145,50 @@ def parse_engine_sets(data: Any, locations: Sequence[str]) -> tuple[EngineSet, .
     for i, item in enumerate(data):
         where = f"engines[{i}]"
         d = check_mapping(item, where, _SET_KEYS, (*_SET_KEYS[:6], "files"))
+        key = d["key"]
+        if not isinstance(key, str) or _KEY.fullmatch(key) is None or ".." in key:
+            raise ValueError(f"{where}.key: expected a folder name of [a-z0-9.-], got {describe(key)}")
+        for name in ("gpu", "compute_capability", "tensorrt"):
+            if not isinstance(d[name], str):
+                raise ValueError(f"{where}.{name}: expected a string, got {describe(d[name])}")
+        if re.fullmatch(r"\d{1,3}\.\d{1,3}", d["compute_capability"]) is None:
+            raise ValueError(
+                f"{where}.compute_capability: expected 'major.minor', got {describe(d['compute_capability'])}"
+            )
         batch = check_mapping(d["batch"], f"{where}.batch", ("min", "opt", "max"), ("min", "opt", "max"))
-        lo, opt, hi = (as_int(batch[k], f"{where}.batch.{k}") for k in ("min", "opt", "max"))
+        lo, opt, hi = (as_int(batch[k], f"{where}.batch.{k}", maximum=MAX_BATCH) for k in ("min", "opt", "max"))
         if not 1 <= lo <= opt <= hi:
             raise ValueError(f"{where}.batch: expected 1 <= min <= opt <= max, got {lo}, {opt}, {hi}")
         if d["precision"] not in PRECISIONS:
             raise ValueError(
                 f"{where}.precision: expected one of {', '.join(PRECISIONS)}, got {describe(d['precision'])}"
             )
-        _version(str(d["tensorrt"]))
-        files = []
-        for j, f in enumerate(d["files"] if isinstance(d["files"], list) else []):
-            e = check_mapping(f, f"{where}.files[{j}]", ("name", "file", "sha256", "bytes"), ("name", "file", "sha256"))
-            files.append(EngineFile(str(e["name"]), str(e["file"]), str(e["sha256"]), int(e.get("bytes", -1))))
-        if [f.name for f in files] != list(locations):
+        _version(d["tensorrt"])
+        compatible = d.get("version_compatible", False)
+        if not isinstance(compatible, bool):
+            raise ValueError(f"{where}.version_compatible: expected true or false, got {describe(compatible)}")
+        if not isinstance(d["files"], list) or len(d["files"]) != len(locations):
             raise ValueError(f"{where}.files: expected one engine per location {list(locations)}")
+        files = [
+            parse_location_file(f, f"{where}.files[{j}]", name, f"engines/{key}/{name}.engine")
+            for j, (f, name) in enumerate(zip(d["files"], locations, strict=True))
+        ]
         cache = d.get("timing_cache")
+        if cache is not None and cache != f"engines/{key}/{TIMING_CACHE}":
+            raise ValueError(
+                f"{where}.timing_cache: expected null or {f'engines/{key}/{TIMING_CACHE}'!r}, got {describe(cache)}"
+            )
         sets.append(
             EngineSet(
-                key=str(d["key"]),
-                gpu=str(d["gpu"]),
-                compute_capability=str(d["compute_capability"]),
-                tensorrt=str(d["tensorrt"]),
+                key=key,
+                gpu=d["gpu"],
+                compute_capability=d["compute_capability"],
+                tensorrt=d["tensorrt"],
                 precision=str(d["precision"]),
                 batch=(lo, opt, hi),
-                workspace_mib=as_int(d.get("workspace_mib", 0), f"{where}.workspace_mib"),
-                version_compatible=bool(d.get("version_compatible", False)),
-                timing_cache=None if cache is None else str(cache),
+                workspace_mib=as_int(d.get("workspace_mib", 0), f"{where}.workspace_mib", minimum=0, maximum=1 << 24),
+                version_compatible=compatible,
+                timing_cache=cache,
                 files=tuple(files),
             )
         )

@@ -33,6 +33,8 @@ EDGE_POLICIES: tuple[EdgePolicy, ...] = ("shift", "pad", "resize")
 _EDGE_CODES = {"shift": _kernels.EDGE_SHIFT, "pad": _kernels.EDGE_PAD, "resize": _kernels.EDGE_RESIZE}
 _LOCATION_RE = re.compile(r"^r(\d+)c(\d+)$")
 _DICT_KEYS = ("image_size", "tile_size", "stride", "edge")
+MAX_SIDE = 1 << 16
+"""Largest image, tile or stride side in pixels (a bound checked before the extension allocates anything)."""
 
 
 class TileGrid:
@@ -47,7 +49,8 @@ class TileGrid:
             ``"shift"``, ``"pad"`` or ``"resize"``.
 
     Raises:
-        ValueError: For non-integer or non-positive sizes, a stride larger
+        ValueError: For non-integer, non-positive or larger than
+            :data:`MAX_SIDE` sizes, a stride larger
             than the tile, a tile larger than the image, or an unknown edge
             policy; the message names the argument and the value given.
 
@@ -66,10 +69,10 @@ class TileGrid:
         stride: int | tuple[int, int] | None = None,
         edge: EdgePolicy = "shift",
     ) -> None:
-        image = as_pair(image_size, "image_size")
-        tile = as_pair(tile_size, "tile_size")
-        step = tile if stride is None else as_pair(stride, "stride")
-        if edge not in _EDGE_CODES:
+        image = as_pair(image_size, "image_size", maximum=MAX_SIDE)
+        tile = as_pair(tile_size, "tile_size", maximum=MAX_SIDE)
+        step = tile if stride is None else as_pair(stride, "stride", maximum=MAX_SIDE)
+        if not isinstance(edge, str) or edge not in _EDGE_CODES:
             raise ValueError(f"edge: expected one of {', '.join(EDGE_POLICIES)}, got {describe(edge)}")
         for axis, i in (("height", 0), ("width", 1)):
             if step[i] > tile[i]:

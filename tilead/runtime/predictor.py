@@ -42,9 +42,13 @@ from tilead.runtime.bundle import (
     SCORE_NAME,
     BundleError,
     Manifest,
+    check_model_io,
+    ort_specs,
     read_manifest,
+    read_verified_file,
     verify_files,
 )
+from tilead.runtime.engines import onnx_digest
 from tilead.runtime.image_resize import resize_uint8
 from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import nonfinite_errors, postprocess_maps
@@ -103,10 +107,27 @@ def _current_version() -> str:
     return __version__
 
 
-def _providers(device: str, bundle: Path) -> list[Any]:
+def ort_trt_cache(manifest: Manifest) -> Path:
+    """Where ONNX Runtime's TensorRT provider caches engines for a bundle: outside the bundle.
+
+    ``$TILEAD_CACHE`` (default ``$XDG_CACHE_HOME/tilead``, else ``~/.cache/tilead``)
+    ``/onnxruntime-trt/<digest of the locations' ONNX sha256s>``. The provider
+    loads cached engines without any hash check, so they are never read from
+    the bundle, where anyone who can edit the bundle could plant one; the
+    cache belongs to the user running the Predictor. Engines depend on the
+    ONNX files only, so a recalibrated bundle keeps its cache and a
+    re-exported one gets a new folder.
+    """
+    base = os.environ.get("TILEAD_CACHE") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilead"
+    )
+    return Path(base) / "onnxruntime-trt" / onnx_digest([loc.sha256 for loc in manifest.locations])
+
+
+def _providers(device: str, manifest: Manifest) -> list[Any]:
     """ONNX Runtime providers for ``device``.
 
-    On CUDA: TensorRT's provider when present (engine cache under the bundle), then CUDA's.
+    On CUDA: TensorRT's provider when present (engine cache outside the bundle: :func:`ort_trt_cache`), then CUDA's.
     """
     import onnxruntime as ort
 
@@ -121,7 +142,7 @@ def _providers(device: str, bundle: Path) -> list[Any]:
             )
         providers: list[Any] = []
         if "TensorrtExecutionProvider" in available:
-            cache = Path(bundle) / "engines" / "onnxruntime-trt"
+            cache = ort_trt_cache(manifest)
             options = {
                 "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": str(cache),
@@ -192,7 +213,6 @@ class Predictor:
         self.backend = "tensorrt" if backend == "tensorrt" else "onnxruntime"
         self.max_batch = max_batch
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
-        verify_files(self.path, self.manifest)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
         self._running = 0
@@ -206,13 +226,14 @@ class Predictor:
             from tilead.trt.modules import require_map_only
 
             require_map_only(self.path, self.manifest)  # before any GPU check: the bundle itself is the problem
+            verify_files(self.path, self.manifest)
             from tilead.trt.backend import TensorRTBackend
 
             self._trt = TensorRTBackend(
                 self.path, self.manifest, precision=precision, max_batch=max_batch, build_on_load=build_on_load
             )
             return
-        providers = _providers(device, self.path)
+        providers = _providers(device, self.manifest)
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -231,10 +252,13 @@ class Predictor:
         sessions: list[Any] = []
         for loc in self.manifest.locations:
             path = self.path / loc.file
+            model = read_verified_file(self.path, loc)  # read once, hashed; the session gets these bytes
             try:
-                sessions.append(ort.InferenceSession(str(path), sess_options=options, providers=providers))
+                session = ort.InferenceSession(model, sess_options=options, providers=providers)
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {path}: {err}") from err
+            check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), self.manifest)
+            sessions.append(session)
         self._sessions = sessions
         if self.location_workers > 1:
             self._pool = ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-location")

@@ -51,7 +51,7 @@ class Preprocessing:
     dtype: TileDType = "float32"
 
     def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
+        if type(self.channels) is not int or self.channels not in (1, 3):
             raise ValueError(f"preprocessing.channels: expected 1 or 3, got {describe(self.channels)}")
         for name in ("mean", "std"):
             values = getattr(self, name)
@@ -60,15 +60,15 @@ class Preprocessing:
                     f"preprocessing.{name}: expected {self.channels} numbers (one per model channel), "
                     f"got {describe(values)}"
                 )
-            low = 1e-6 if name == "std" else None
+            low = 1e-6 if name == "std" else -1e6
             object.__setattr__(
                 self,
                 name,
-                tuple(as_float(v, f"preprocessing.{name}[{i}]", low=low) for i, v in enumerate(values)),
+                tuple(as_float(v, f"preprocessing.{name}[{i}]", low=low, high=1e6) for i, v in enumerate(values)),
             )
-        if self.color_order not in ("RGB", "BGR"):
+        if not isinstance(self.color_order, str) or self.color_order not in ("RGB", "BGR"):
             raise ValueError(f"preprocessing.color_order: expected 'RGB' or 'BGR', got {describe(self.color_order)}")
-        if self.dtype not in ("float32", "float16"):
+        if not isinstance(self.dtype, str) or self.dtype not in ("float32", "float16"):
             raise ValueError(f"preprocessing.dtype: expected 'float32' or 'float16', got {describe(self.dtype)}")
 
     @property

@@ -41,15 +41,55 @@ STAGES: tuple[NormalizationStage, ...] = ("image", "tile", "none")
 _KEYS = ("stage", "pixel_threshold", "image_threshold", "pixel_range", "image_range", "tile_stats")
 
 
+RAW_LIMIT = 1e12
+"""Largest magnitude of a raw threshold or range end (every detector here scores far below 1e6)."""
+RELATIVE_WIDTH = 2.0**-20
+"""A range narrower than this fraction of its magnitude is lost to float32 rounding (about 8 ulps)."""
+MIN_WIDTH = 1e-9
+"""Smallest accepted range width, whatever its magnitude."""
+
+
+def _raw(value: object, name: str) -> float:
+    """A finite raw score within :data:`RAW_LIMIT` (so float32 too)."""
+    return as_float(value, name, low=-RAW_LIMIT, high=RAW_LIMIT)
+
+
+def check_range(lo: float, hi: float, name: str) -> tuple[float, float]:
+    """Validate a normalization range ``[lo, hi]`` as the float32 kernel will use it.
+
+    Both ends are finite numbers within :data:`RAW_LIMIT`; the width is at
+    least :data:`MIN_WIDTH` and :data:`RELATIVE_WIDTH` of the larger magnitude
+    (a narrower range rounds to nothing in float32 or saturates every score).
+
+    Raises:
+        ValueError: Naming ``name`` and what was wrong.
+    """
+    lo, hi = _raw(lo, f"{name}[0]"), _raw(hi, f"{name}[1]")
+    need = max(MIN_WIDTH, RELATIVE_WIDTH * max(abs(lo), abs(hi)))
+    if not hi - lo >= need:
+        raise ValueError(f"{name}: expected min < max with max - min >= {need:.3g}, got [{lo!r}, {hi!r}]")
+    return lo, hi
+
+
+def check_threshold_in_range(t: float, lo: float, hi: float, name: str) -> None:
+    """Raise ValueError unless threshold ``t`` lies in ``[lo, hi]`` (up to a float32 rounding tolerance).
+
+    A threshold outside its normalization range switches detection off (every
+    score on one side of 0.5) or on; F1-adaptive thresholds may sit one float32
+    step below the smallest score, hence the tolerance of ``1e-3`` of the width
+    plus :data:`RELATIVE_WIDTH` of the magnitude.
+    """
+    tol = 1e-3 * (hi - lo) + RELATIVE_WIDTH * max(abs(lo), abs(hi))
+    if not lo - tol <= t <= hi + tol:
+        raise ValueError(f"{name}: the threshold {t!r} lies outside its normalization range [{lo!r}, {hi!r}]")
+
+
 def _range(value: object, name: str) -> tuple[float, float] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ValueError(f"{name}: expected [min, max], got {describe(value)}")
-    lo, hi = as_float(value[0], name), as_float(value[1], name)
-    if not hi > lo:
-        raise ValueError(f"{name}: expected min < max, got [{lo}, {hi}]")
-    return lo, hi
+    return check_range(value[0], value[1], name)
 
 
 @dataclass(frozen=True)
@@ -73,9 +113,9 @@ class TileStats:
                 "tile_stats: expected equally long, non-empty thresholds, mins and maxs, got lengths "
                 f"{len(self.thresholds)}, {len(self.mins)}, {len(self.maxs)}"
             )
-        for i, (lo, hi) in enumerate(zip(self.mins, self.maxs, strict=True)):
-            if not hi > lo:
-                raise ValueError(f"tile_stats: location {i} has min {lo} >= max {hi}")
+        for i, (t, lo, hi) in enumerate(zip(self.thresholds, self.mins, self.maxs, strict=True)):
+            check_range(lo, hi, f"tile_stats: location {i} has min, max")
+            check_threshold_in_range(_raw(t, f"tile_stats.thresholds[{i}]"), lo, hi, f"tile_stats.thresholds[{i}]")
 
     def as_tuple(self) -> tuple[Sequence[float], Sequence[float], Sequence[float]]:
         """``(thresholds, mins, maxs)`` as :func:`untile_maps` takes them."""
@@ -89,7 +129,10 @@ class TileStats:
     def from_dict(cls, data: Mapping[str, Any]) -> TileStats:
         """Inverse of :meth:`to_dict`."""
         d = check_mapping(data, "tile_stats", ("thresholds", "mins", "maxs"), ("thresholds", "mins", "maxs"))
-        return cls(*(tuple(as_float(v, f"tile_stats.{k}") for v in d[k]) for k in ("thresholds", "mins", "maxs")))
+        for k in ("thresholds", "mins", "maxs"):
+            if not isinstance(d[k], list):
+                raise ValueError(f"tile_stats.{k}: expected a list of numbers, got {describe(d[k])}")
+        return cls(*(tuple(_raw(v, f"tile_stats.{k}") for v in d[k]) for k in ("thresholds", "mins", "maxs")))
 
 
 @dataclass(frozen=True)
@@ -115,15 +158,19 @@ class NormalizationStats:
     tile_stats: TileStats | None = None
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
+        if not isinstance(self.stage, str) or self.stage not in STAGES:
             raise ValueError(f"normalization stage: expected one of {', '.join(STAGES)}, got {describe(self.stage)}")
-        as_float(self.pixel_threshold, "pixel_threshold")
-        as_float(self.image_threshold, "image_threshold")
+        pt = _raw(self.pixel_threshold, "pixel_threshold")
+        it = _raw(self.image_threshold, "image_threshold")
         if self.stage == "none":
             if self.pixel_range is not None or self.image_range is not None:
                 raise ValueError("normalization stage 'none' takes no pixel_range / image_range")
         elif self.pixel_range is None or self.image_range is None:
             raise ValueError(f"normalization stage {self.stage!r} needs pixel_range and image_range")
+        else:
+            for t, rng, name in ((pt, self.pixel_range, "pixel"), (it, self.image_range, "image")):
+                lo, hi = check_range(rng[0], rng[1], f"{name}_range")
+                check_threshold_in_range(t, lo, hi, f"{name}_threshold")
         if (self.stage == "tile") != (self.tile_stats is not None):
             raise ValueError("tile_stats: required for stage 'tile' and only for it")
 
@@ -149,8 +196,8 @@ class NormalizationStats:
         tile = d.get("tile_stats")
         return cls(
             stage=d["stage"],
-            pixel_threshold=as_float(d["pixel_threshold"], "pixel_threshold"),
-            image_threshold=as_float(d["image_threshold"], "image_threshold"),
+            pixel_threshold=_raw(d["pixel_threshold"], "pixel_threshold"),
+            image_threshold=_raw(d["image_threshold"], "image_threshold"),
             pixel_range=_range(d.get("pixel_range"), "pixel_range"),
             image_range=_range(d.get("image_range"), "image_range"),
             tile_stats=None if tile is None else TileStats.from_dict(tile),

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tilead import _kernels
-from tilead.runtime.bundle import BundleError, Manifest, sha256_file
+from tilead.runtime.bundle import BundleError, Manifest, read_verified_file
 from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
 from tilead.runtime.postprocess import (
     BLEND_CODES,
@@ -91,9 +91,8 @@ class TensorRTBackend:
         self._io: list[tuple[str, str]] = []
         for f in engine_set.files:
             path = Path(bundle) / f.file
-            if not path.is_file() or sha256_file(path) != f.sha256:
-                raise BundleError(f"engine {path}: missing or its sha256 differs from the manifest's; rebuild it")
-            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+            # Read once inside the bundle (no symlinks, regular file), size and sha256 checked on these bytes.
+            engine = self._runtime.deserialize_cuda_engine(read_verified_file(bundle, f, "engine"))
             if engine is None:
                 raise BundleError(f"engine {path}: TensorRT {self.version} cannot deserialize it (see its log)")
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]

@@ -26,8 +26,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tilead.atomic import atomic_write_bytes, atomic_write_json
-from tilead.runtime.bundle import MANIFEST, read_manifest, sha256_file, verify_files
+from tilead.atomic import atomic_write_bytes
+from tilead.runtime.bundle import read_manifest, sha256_file, verify_files, write_manifest
 from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
 from tilead.trt.modules import TensorRTUnavailableError, import_builder, major_version, require_gpu, require_map_only
 
@@ -230,11 +230,8 @@ def build_engines(
 
 def add_engine_set(bundle: Path, engine_set: EngineSet) -> None:
     """List ``engine_set`` in the bundle's manifest (replacing a set with the same key), atomically."""
-    import json
-
-    path = Path(bundle) / MANIFEST
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = dict(read_manifest(Path(bundle)).raw)  # digest checked: a hand edit is not laundered into a new digest
     sets = [s for s in data.get("engines", []) if s.get("key") != engine_set.key]
     sets.append(engine_set.to_dict())
     data["engines"] = sets
-    atomic_write_json(path, data)
+    write_manifest(Path(bundle), data)  # with a fresh manifest digest

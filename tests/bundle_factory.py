@@ -1,0 +1,122 @@
+"""Small real bundles without torch: ONNX graphs built with ``onnx.helper``, run by the real ONNX Runtime.
+
+Each location's model maps tiles ``(n, C, th, tw)`` to ``map`` ``(n, 1, h, w)``:
+the channel mean, average-pooled to the map size, times a per-location gain
+(so every location's file and hash differ). With ``detector=True`` it also
+outputs ``score`` ``(n,)``, the map's max. The parameters let a test build
+models that disagree with the manifest (names, channels, sizes, batch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tilead.runtime import TileGrid
+from tilead.runtime.bundle import SCHEMA_VERSION, location_files, sha256_file, write_manifest
+
+GRID = {"image_size": [64, 64], "tile_size": [40, 40], "stride": [24, 24], "edge": "shift"}
+MAP_SIZE = (5, 5)
+
+
+def onnx_model(
+    gain: float,
+    *,
+    channels: int = 3,
+    tile: tuple[int, int] = (40, 40),
+    map_size: tuple[int, int] = MAP_SIZE,
+    input_name: str = "tiles",
+    output_name: str = "map",
+    batch: int | str = "n",
+    detector: bool = False,
+) -> bytes:
+    """Serialized ONNX model of one location (opset 17)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    th, tw = tile
+    h, w = map_size
+    kernel = [th // h, tw // w]
+    nodes = [
+        helper.make_node("ReduceMean", [input_name], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("AveragePool", ["mean"], ["pooled"], kernel_shape=kernel, strides=kernel),
+        helper.make_node("Mul", ["pooled", "gain"], [output_name]),
+    ]
+    outputs = [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch, 1, h, w])]
+    if detector:
+        nodes.append(helper.make_node("ReduceMax", [output_name], ["score"], axes=[1, 2, 3], keepdims=0))
+        outputs.append(helper.make_tensor_value_info("score", TensorProto.FLOAT, [batch]))
+    graph = helper.make_graph(
+        nodes,
+        "location",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, channels, th, tw])],
+        outputs,
+        initializer=[helper.make_tensor("gain", TensorProto.FLOAT, [], [gain])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return bytes(model.SerializeToString())
+
+
+def normalization(stage: str = "image") -> dict[str, Any]:
+    """Statistics that fit the models above on uint8 images (maps lie in about [-2.2, 2.7])."""
+    if stage == "none":
+        return {"stage": "none", "pixel_threshold": 1.0, "image_threshold": 1.5}
+    return {
+        "stage": "image",
+        "pixel_threshold": 1.0,
+        "image_threshold": 1.5,
+        "pixel_range": [-2.5, 3.0],
+        "image_range": [-2.5, 3.0],
+        "tile_stats": None,
+    }
+
+
+def manifest_data(root: Path, *, detector: bool = False, stage: str = "image") -> dict[str, Any]:
+    """The manifest of the files under ``root/tiles`` (written by :func:`make_bundle`), without digest."""
+    grid = TileGrid.from_dict(GRID)
+    locations = []
+    for name, rel in zip(grid.location_names(), location_files(grid), strict=True):
+        path = root / rel
+        locations.append({"name": name, "file": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tilead_version": "0.1.0",
+        "created": "2026-12-01T00:00:00+00:00",
+        "grid": dict(GRID),
+        "preprocessing": {
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+            "channels": 3,
+            "color_order": "RGB",
+            "dtype": "float32",
+        },
+        "model": {
+            "family": "padim",
+            "map_size": list(MAP_SIZE),
+            "input": "tiles",
+            "output": "map",
+            "dtype": "float32",
+            **({"score_output": "score"} if detector else {}),
+        },
+        "locations": locations,
+        "postprocess": {
+            "weights": "feather",
+            "seam": None,
+            "image_score": "detector" if detector else "max",
+        },
+        "normalization": normalization(stage),
+        "source": {"run": "synthetic"},
+    }
+
+
+def make_bundle(root: Path, *, detector: bool = False, stage: str = "image", **model: Any) -> Path:
+    """Write a 2x2-location bundle at ``root`` (``model`` keywords go to :func:`onnx_model` for every location)."""
+    grid = TileGrid.from_dict(GRID)
+    for i, rel in enumerate(location_files(grid)):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(onnx_model(1.0 + 0.25 * i, detector=detector, **model))
+    write_manifest(root, manifest_data(root, detector=detector, stage=stage))
+    return root
