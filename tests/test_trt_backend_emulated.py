@@ -19,12 +19,12 @@ import fake_tensorrt
 import numpy as np
 import pytest
 
+from tilead.exporter.engines import add_engine_set
 from tilead.runtime import BundleError, Predictor
+from tilead.runtime.backends import tensorrt as backend
+from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
 from tilead.runtime.bundle import read_manifest, sha256_file
 from tilead.runtime.engines import EngineFile, EngineSet, engine_key
-from tilead.trt import backend
-from tilead.trt.build import add_engine_set
-from tilead.trt.modules import TensorRTUnavailableError
 
 pytestmark = pytest.mark.integration
 
