@@ -68,7 +68,7 @@ def _current_version() -> str:
 
 
 def _read_models(bundle: Path, manifest: Manifest) -> tuple[bytes, ...]:
-    """Every location's ONNX bytes, row-major, read once (the backends load models from bytes).
+    """Every location's ONNX bytes, row-major (after :func:`verify_files`; backends load models from bytes).
 
     Raises:
         BundleError: If a file cannot be read.
@@ -149,7 +149,7 @@ class Predictor:
         request = BackendRequest(
             bundle=self.path,
             manifest=self.manifest,
-            models=_read_models(self.path, self.manifest),
+            models=_read_models(self.path, self.manifest) if spec.reads_onnx else (),
             device=device,
             threads=threads,
             location_workers=location_workers,

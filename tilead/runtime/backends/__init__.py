@@ -39,11 +39,14 @@ class BackendSpec:
         name: What ``Predictor(backend=...)`` takes.
         module: Module holding ``create(request: BackendRequest) -> Backend`` (imported on first use).
         devices: Devices it runs on (checked before the bundle is read).
+        reads_onnx: It loads the bundle's ONNX models (the request carries their bytes);
+            False for backends that run other files (TensorRT's engines).
     """
 
     name: str
     module: str
     devices: tuple[str, ...]
+    reads_onnx: bool = True
 
     def create(self, request: BackendRequest) -> Backend:
         """Import the backend's module and build the backend."""
@@ -56,7 +59,7 @@ REGISTRY: dict[str, BackendSpec] = {
     for spec in (
         BackendSpec("onnxruntime", "tilead.runtime.backends.onnxruntime", ("cpu", "cuda")),
         BackendSpec("openvino", "tilead.runtime.backends.openvino", ("cpu",)),
-        BackendSpec("tensorrt", "tilead.runtime.backends.tensorrt", ("cuda",)),
+        BackendSpec("tensorrt", "tilead.runtime.backends.tensorrt", ("cuda",), reads_onnx=False),
     )
 }
 DEFAULT = "onnxruntime"

@@ -60,7 +60,8 @@ class BackendRequest:
     Attributes:
         bundle: Bundle directory.
         manifest: Its manifest (files verified).
-        models: Every location's ONNX model bytes, row-major (read once by the Predictor).
+        models: Every location's ONNX model bytes, row-major (read by the Predictor; empty for a
+            backend whose registry entry has ``reads_onnx`` False).
         device: ``"cpu"`` or ``"cuda"``.
         threads: CPU threads for inference in all (None: the machine's logical cores).
         location_workers: Locations run at the same time (None: the backend's default).
