@@ -162,7 +162,7 @@ class FakeContext:
 
 
 def make_module(version: str = "11.4.0.106") -> types.ModuleType:
-    """A module with the runtime API the backend touches (see tilead.trt.modules.RUNTIME_API)."""
+    """A module with the runtime API the backend touches (see tilead.runtime.backends.tensorrt_modules.RUNTIME_API)."""
     trt = types.ModuleType("tensorrt_lean")
     trt.__version__ = version  # type: ignore[attr-defined]
 

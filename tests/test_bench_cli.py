@@ -100,3 +100,24 @@ def test_compare_torch_needs_the_source_run(tiny_trained: tuple[Path, Path], tmp
     assert result.exit_code == 2
     assert "--run" in result.output
     assert "elsewhere" in result.output
+
+
+def test_bench_openvino_beside_onnxruntime(tiny_trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """``--backend openvino --compare onnxruntime``: both routes, query by query, in one report."""
+    _, bundle = tiny_trained
+    out = tmp_path / "bench.json"
+    args = ["--backend", "openvino", "--compare", "onnxruntime", "--batch", "2", "--warmup", "1", "--iterations", "3"]
+    result = CliRunner().invoke(main, [str(bundle), *args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    targets = report["targets"]
+    assert [t["name"] for t in targets] == ["tilead openvino", "tilead onnxruntime"]
+    assert targets[0]["info"]["providers"][0].startswith("OpenVINO ")
+    assert targets[1]["info"]["providers"] == ["CPUExecutionProvider"]
+    for t in report["results"][0]["targets"].values():
+        assert t["queries"] == 3
+        assert {"tile", "inference", "untile", "normalize"} <= {s["stage"] for s in t["stages"]}
+    assert "tilead onnxruntime / tilead openvino" in result.output
+    bad = CliRunner().invoke(main, [str(bundle), "--backend", "openvino", "--device", "cuda"])
+    assert bad.exit_code == 2
+    assert "--backend openvino runs on --device cpu" in bad.output

@@ -134,8 +134,8 @@ def test_manifest_image_score_and_score_output_go_together() -> None:
 
 def test_tensorrt_refuses_a_bundle_with_a_detector_score_before_looking_for_a_gpu(tmp_path: Path) -> None:
     """The native TensorRT path runs one output per engine: a clear error, not a failure on the factory GPU."""
+    from tilead.exporter.engines import build_engines
     from tilead.runtime import Predictor
-    from tilead.trt.build import build_engines
 
     data = _manifest(image_score="detector")
     data["model"]["score_output"] = "score"

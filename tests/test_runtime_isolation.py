@@ -1,4 +1,4 @@
-"""tilead.runtime never imports torch (nor cv2), and works where torch cannot be imported."""
+"""tilead.runtime (every backend included) never imports torch, cv2, the trainer, the exporter or the CLI."""
 
 from __future__ import annotations
 
@@ -70,6 +70,49 @@ BENCH_SCRIPT = textwrap.dedent(
     print("OK", tilead.benchmarking.stats.latency_stats([0.001, 0.003]).mean_ms)
     """
 )
+
+
+BACKENDS_SCRIPT = textwrap.dedent(
+    """
+    import importlib
+    import importlib.abc
+    import sys
+
+    BLOCKED = ("torch", "torchvision", "timm", "cv2")
+    FORBIDDEN = ("tilead.trainer", "tilead.exporter", "tilead.cli", "tilead.demo", "tilead.benchmarking")
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED or name.startswith(FORBIDDEN):
+                raise ImportError(f"blocked in this test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+
+    import tilead.runtime
+    from tilead.runtime import backends
+
+    modules = [spec.module for spec in backends.REGISTRY.values()]
+    modules += ["tilead.runtime.backends.base", "tilead.runtime.backends.tensorrt_modules"]
+    for module in modules:
+        importlib.import_module(module)
+    import openvino  # the OpenVINO backend's package itself must not pull torch or cv2 in either
+
+    openvino.Core()
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED or m.startswith(FORBIDDEN))
+    print("MODULES", len(modules))
+    print("LOADED", loaded)
+    """
+)
+
+
+def test_every_backend_module_imports_without_torch_cv2_trainer_exporter_or_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", BACKENDS_SCRIPT], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "MODULES 5" in proc.stdout
+    assert "LOADED []" in proc.stdout
 
 
 def test_bench_and_predict_commands_import_without_torch() -> None:

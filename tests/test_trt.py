@@ -22,11 +22,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tilead.exporter import engines as builder
 from tilead.runtime import cuda_status
+from tilead.runtime.backends import tensorrt_modules as modules
+from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
 from tilead.runtime.bundle import parse_manifest
 from tilead.runtime.engines import EngineFile, EngineSet, engine_key, parse_engine_sets, runs_on, select_engine_set
-from tilead.trt import modules
-from tilead.trt.modules import TensorRTUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
 STATUS = cuda_status()
@@ -43,13 +44,13 @@ def test_lean_runtime_has_every_member_the_backend_uses() -> None:
 
 def test_lean_module_carries_the_builder_enums_of_its_version_but_no_builder() -> None:
     trt = __import__("tensorrt_lean")
-    assert modules.missing_api(trt, modules.BUILDER_ENUMS[11]) == []
+    assert modules.missing_api(trt, builder.BUILDER_ENUMS[11]) == []
     # TensorRT 11 is strongly typed only: no FP16 builder flag (FP16 means an FP16 ONNX) ...
     assert not hasattr(trt.BuilderFlag, "FP16")
     # ... which is why the TensorRT 10 list, which sets it, must not be used with 11.
-    assert modules.missing_api(trt, modules.BUILDER_ENUMS[10]) == ["BuilderFlag.FP16"]
+    assert modules.missing_api(trt, builder.BUILDER_ENUMS[10]) == ["BuilderFlag.FP16"]
     # The lean runtime cannot build.
-    assert "Builder.create_network" in modules.missing_api(trt, modules.BUILDER_API)
+    assert "Builder.create_network" in modules.missing_api(trt, builder.BUILDER_API)
 
 
 def test_missing_api_names_what_is_missing() -> None:
@@ -70,7 +71,7 @@ def test_no_tensorrt_at_all_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(TensorRTUnavailableError, match="pip install tensorrt-lean-cu13"):
         modules.import_runtime()
     with pytest.raises(TensorRTUnavailableError, match="the lean runtime cannot build"):
-        modules.import_builder()
+        builder.import_builder()
 
 
 @pytest.mark.skipif(STATUS.usable, reason="a CUDA device is usable here")
@@ -205,7 +206,7 @@ def test_fp16_onnx_keeps_float32_io_and_the_values(tmp_path: Path) -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from tilead.trt.build import fp16_onnx_bytes
+    from tilead.exporter.engines import fp16_onnx_bytes
 
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")
@@ -309,7 +310,7 @@ def test_fp16_conversion_of_a_tilead_export_runs_and_stays_close(tiny_trained: t
 
     import onnxruntime as ort
 
-    from tilead.trt.build import fp16_onnx_bytes
+    from tilead.exporter.engines import fp16_onnx_bytes
 
     path = tiny_trained[1] / "tiles" / "r0c0.onnx"
     with warnings.catch_warnings():

@@ -19,12 +19,13 @@ import fake_tensorrt
 import numpy as np
 import pytest
 
+from tilead.exporter.engines import add_engine_set
 from tilead.runtime import BundleError, Predictor
+from tilead.runtime.backends import PipelineBackend
+from tilead.runtime.backends import tensorrt as backend
+from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
 from tilead.runtime.bundle import read_manifest, sha256_file
 from tilead.runtime.engines import EngineFile, EngineSet, engine_key
-from tilead.trt import backend
-from tilead.trt.build import add_engine_set
-from tilead.trt.modules import TensorRTUnavailableError
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +94,19 @@ def test_tensorrt_backend_matches_onnxruntime(bundle: Path, tiny_trained: tuple[
     stages = set(times.seconds)
     assert {"h2d", "tile", "inference", "untile", "seam", "crop", "normalize", "d2h"} <= stages
     assert {f"location:r{r}c{c}" for r in (0, 1) for c in (0, 1)} <= stages
+
+
+def test_the_native_backend_is_a_full_pipeline_backend_that_does_not_build(bundle: Path) -> None:
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        inner = trt._backend
+        assert isinstance(inner, PipelineBackend)
+        assert inner.capabilities.full_pipeline
+        assert not inner.capabilities.detector_score
+        assert (trt.threads, trt.location_workers) == (1, 1)
+    with pytest.raises(RuntimeError, match="closed"):
+        _ = trt.providers
+    with pytest.raises(ValueError, match=r"build_on_load: the runtime does not build TensorRT engines.*--trt"):
+        Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4, build_on_load=True)
 
 
 def test_engine_selection_and_integrity_errors(bundle: Path) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 import fake_tensorrt
 import pytest
 
+from tilead.exporter import engines as build
+from tilead.runtime.backends.tensorrt_modules import missing_api
 from tilead.runtime.bundle import read_manifest, sha256_file, write_manifest
-from tilead.trt import build
-from tilead.trt.modules import missing_api
 
 NAMES = ["r0c0", "r0c1", "r1c0", "r1c1"]
 
@@ -58,7 +58,7 @@ def builder(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_the_stand_in_has_the_builder_api_tilead_uses() -> None:
-    from tilead.trt.modules import BUILDER_API, BUILDER_ENUMS
+    from tilead.exporter.engines import BUILDER_API, BUILDER_ENUMS
 
     for major in (10, 11):
         module = fake_tensorrt.make_builder_module(major, [])

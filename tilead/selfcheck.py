@@ -83,7 +83,8 @@ def inventory() -> dict[str, Any]:
         "onnxruntime": ort.__version__,
         "onnxruntime_providers": list(ort.get_available_providers()),
     }
-    from tilead.trt.modules import BUILDER_API, BUILDER_ENUMS, RUNTIME_API, major_version, missing_api
+    from tilead.exporter.engines import BUILDER_API, BUILDER_ENUMS
+    from tilead.runtime.backends.tensorrt_modules import RUNTIME_API, major_version, missing_api
 
     trt_info: dict[str, Any] = {}
     for name in ("tensorrt", "tensorrt_lean"):
@@ -177,7 +178,11 @@ def _bundle_checks(bundle: Path, rng: np.random.Generator, build: bool) -> list[
         images = rng.integers(0, 256, (2, h, w, cpu.channels), dtype=np.uint8)
         want_maps = cpu.location_maps(images)
         want = cpu.predict(list(images))
-    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=2, build_on_load=build) as gpu:
+    if build:  # the exporter builds engines (tilead-export --trt); the runtime only loads them
+        from tilead.exporter.engines import build_engines
+
+        build_engines(bundle, max_batch=2, progress=False)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=2) as gpu:
         got_maps = gpu.location_maps(images)
         got = gpu.predict(list(images))
         key = gpu.providers[0]

@@ -99,7 +99,7 @@ def load_predictor(
     predictor = Predictor(
         bundle,
         device=device,
-        backend=backend,  # type: ignore[arg-type]  # validated by Predictor with a clear message
+        backend=backend,  # validated by Predictor with a clear message
         threads=threads,
         location_workers=location_workers,
         max_batch=max_batch,

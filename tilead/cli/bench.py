@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from tilead.cli._common import fail_on_errors
+from tilead.runtime.backends import REGISTRY, names
 
 DEFAULT_ITERATIONS = 30
 
@@ -128,7 +129,7 @@ class BenchSettings:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+    type=click.Choice(list(names())),
     default="auto",
     show_default=True,
     help="Predictor backend.",
@@ -175,7 +176,8 @@ class BenchSettings:
     type=click.Choice(["torch", "onnxruntime"]),
     default=None,
     help="Also time the same ensemble through PyTorch eager (needs the run folder and the trainer extra), "
-    "or, with --backend tensorrt, through ONNX Runtime; alternating with tilead's route.",
+    "or, with --backend openvino or tensorrt, through ONNX Runtime; alternating with tilead's route "
+    "query by query.",
 )
 @click.option(
     "--run",
@@ -206,11 +208,14 @@ def main(**options: Any) -> None:
         raise click.UsageError("--iterations and --duration are exclusive; give one")
     if s.iterations is None and s.duration is None:
         s = replace(s, iterations=DEFAULT_ITERATIONS)
-    if s.backend == "tensorrt" and s.device != "cuda":
-        raise click.UsageError("--backend tensorrt runs on the GPU: add --device cuda")
-    if s.compare == "onnxruntime" and s.backend != "tensorrt":
+    devices = REGISTRY["onnxruntime" if s.backend == "auto" else s.backend].devices
+    if s.device not in devices:
+        where = "the GPU: add --device cuda" if devices == ("cuda",) else f"--device {' or '.join(devices)}"
+        raise click.UsageError(f"--backend {s.backend} runs on {where}")
+    if s.compare == "onnxruntime" and s.backend in ("auto", "onnxruntime"):
         raise click.UsageError(
-            "--compare onnxruntime compares the TensorRT backend with ONNX Runtime; add --backend tensorrt"
+            "--compare onnxruntime compares another backend with ONNX Runtime; "
+            "add --backend tensorrt (GPU) or --backend openvino (CPU)"
         )
     if s.run_dir is not None and s.compare != "torch":
         raise click.UsageError("--run is only used by --compare torch")

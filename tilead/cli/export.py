@@ -50,7 +50,8 @@ def main(
     with fail_on_errors():
         try:
             if trt:  # fail fast, before minutes of export, when TensorRT or the GPU is missing
-                from tilead.trt.modules import import_builder, require_gpu
+                from tilead.exporter.engines import import_builder
+                from tilead.runtime.backends.tensorrt_modules import require_gpu
 
                 import_builder()
                 require_gpu()
@@ -59,7 +60,7 @@ def main(
                 assert output is not None
                 bundle = _export(source, output, opset, overwrite, progress)
             if trt:
-                from tilead.trt.build import build_engines
+                from tilead.exporter.engines import build_engines
 
                 engine_set = build_engines(
                     bundle, precision=precision, opt_batch=opt_batch, max_batch=max_batch,

@@ -1,60 +1,43 @@
 """``runtime.Predictor``: a bundle in, anomaly scores, labels, maps and masks out.
 
-No torch, no OpenCV: numpy, ONNX Runtime and the ``tilead._kernels`` CPU
-twins. One ONNX Runtime session per tile location; every image's tile for a
-location goes through that location's session in one call (batched tiles),
-then the runtime's untile, seam smoothing and normalization run on the maps
-(and, for a bundle that deploys the detector's own image score, on the
-per-tile ``score`` outputs: see :func:`tilead.runtime.stats.score_images`).
+No torch, no OpenCV: numpy, a backend and the ``tilead._kernels`` CPU twins.
+The Predictor checks the input, splits it into ``max_batch`` chunks and builds
+the results; a backend (:mod:`tilead.runtime.backends`, chosen by name from its
+registry) runs the models. For an inference-only backend (ONNX Runtime,
+OpenVINO) the Predictor tiles the images on the host, the backend returns every
+location's maps (and, for a bundle that deploys the detector's own image score,
+the per-tile ``score`` outputs), and the runtime's untile, seam smoothing and
+normalization run here (:func:`tilead.runtime.stats.postprocess_maps`). A
+full-pipeline backend (native TensorRT) takes the images and returns the
+normalized maps itself.
 
-Locations run side by side: on a CPU a small pool of worker threads runs
-different locations' sessions at the same time, each session with a share of
-the thread budget (``threads // location_workers`` intra-op threads). On this
-project's 2-core reference machine two workers with one thread each are about
-1.2x faster than one session at a time with two threads: the per-position
-Mahalanobis products of one location are memory-bound and overlap with the
-convolutions of another.
-
-Thread safety: sessions are created once and only read afterwards; ONNX
-Runtime's ``InferenceSession.run`` may be called from several threads at once,
-and every buffer of a ``predict`` call is its own. Concurrent calls therefore
-return exactly the serial results (tested).
+Thread safety: backends are built once and only read afterwards, and every
+buffer of a ``predict`` call is its own; concurrent calls return exactly the
+serial results (tested for ONNX Runtime and OpenVINO).
 """
 
 from __future__ import annotations
 
-import os
 import threading
-import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, cast
 
 import numpy as np
 
+from tilead.runtime import backends
 from tilead.runtime._checks import describe
-from tilead.runtime.bundle import (
-    INPUT_NAME,
-    OUTPUT_NAME,
-    SCORE_NAME,
-    BundleError,
-    Manifest,
-    check_model_io,
-    ort_specs,
-    read_manifest,
-    read_verified_file,
-    verify_files,
-)
-from tilead.runtime.engines import onnx_digest
+from tilead.runtime.backends.base import Backend, BackendRequest, InferenceBackend, LocationOutputs, PipelineBackend
+from tilead.runtime.bundle import Manifest, read_manifest, read_verified, verify_files
 from tilead.runtime.image_resize import resize_uint8
 from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import nonfinite_errors, postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
-Backend = Literal["auto", "onnxruntime", "tensorrt"]
+BACKENDS = backends.names()
+"""What ``Predictor(backend=...)`` accepts: ``auto`` and the registry's names."""
 
 
 @dataclass(frozen=True)
@@ -107,53 +90,6 @@ def _current_version() -> str:
     return __version__
 
 
-def ort_trt_cache(manifest: Manifest) -> Path:
-    """Where ONNX Runtime's TensorRT provider caches engines for a bundle: outside the bundle.
-
-    ``$TILEAD_CACHE`` (default ``$XDG_CACHE_HOME/tilead``, else ``~/.cache/tilead``)
-    ``/onnxruntime-trt/<digest of the locations' ONNX sha256s>``. The provider
-    loads cached engines without any hash check, so they are never read from
-    the bundle, where anyone who can edit the bundle could plant one; the
-    cache belongs to the user running the Predictor. Engines depend on the
-    ONNX files only, so a recalibrated bundle keeps its cache and a
-    re-exported one gets a new folder.
-    """
-    base = os.environ.get("TILEAD_CACHE") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilead"
-    )
-    return Path(base) / "onnxruntime-trt" / onnx_digest([loc.sha256 for loc in manifest.locations])
-
-
-def _providers(device: str, manifest: Manifest) -> list[Any]:
-    """ONNX Runtime providers for ``device``.
-
-    On CUDA: TensorRT's provider when present (engine cache outside the bundle: :func:`ort_trt_cache`), then CUDA's.
-    """
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise RuntimeError(
-                "device='cuda': this onnxruntime has no CUDAExecutionProvider (available: "
-                f"{', '.join(available)}); install onnxruntime-gpu on a machine with an NVIDIA GPU"
-            )
-        providers: list[Any] = []
-        if "TensorrtExecutionProvider" in available:
-            cache = ort_trt_cache(manifest)
-            options = {
-                "trt_engine_cache_enable": True,
-                "trt_engine_cache_path": str(cache),
-                "trt_timing_cache_enable": True,
-                "trt_timing_cache_path": str(cache),
-            }
-            providers.append(("TensorrtExecutionProvider", options))
-        return [*providers, "CUDAExecutionProvider", "CPUExecutionProvider"]
-    raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
-
-
 class Predictor:
     """Runs a bundle on uint8 images.
 
@@ -161,25 +97,28 @@ class Predictor:
         bundle: Bundle directory (``tilead-export`` output).
         device: ``"cpu"`` or ``"cuda"``.
         backend: ``"auto"`` / ``"onnxruntime"`` (ONNX Runtime: CPU, or on
-            CUDA its TensorRT provider when present, then its CUDA provider), or
-            ``"tensorrt"`` (the native TensorRT backend, device ``"cuda"``:
-            the bundle's engines for this GPU on the extension's device
-            pipeline; see :mod:`tilead.trt.backend`).
+            CUDA its TensorRT provider when present, then its CUDA provider),
+            ``"openvino"`` (OpenVINO, device ``"cpu"``), or ``"tensorrt"`` (the
+            native TensorRT backend, device ``"cuda"``: the bundle's engines for
+            this GPU on the extension's device pipeline; see
+            :mod:`tilead.runtime.backends.tensorrt`). See :mod:`tilead.runtime.backends`.
         threads: CPU threads for inference in all (default: the machine's
             logical cores); each session gets ``threads // location_workers``.
         location_workers: Locations run at the same time (default: on CPU
             ``min(locations, threads)``, on CUDA 1).
         max_batch: Images per inference call (bounds memory for long lists).
         precision: TensorRT engines to use, ``"fp32"`` or ``"fp16"`` (None: any listed).
-        build_on_load: TensorRT: build missing engines for this GPU from the
-            bundle's ONNX (needs the full TensorRT builder; minutes).
+        build_on_load: Refused with a ValueError for TensorRT: the runtime does not
+            build engines; build them with ``tilead-export BUNDLE --trt``.
 
     Raises:
         BundleError: For a missing, corrupt, modified or unknown-schema bundle.
         ValueError: For bad arguments.
-        RuntimeError: If the device is not available (for TensorRT:
-            :class:`tilead.trt.modules.TensorRTUnavailableError`, naming what is
-            missing and how to get it).
+        RuntimeError: If the device or the backend's package is not available
+            (for TensorRT:
+            :class:`tilead.runtime.backends.tensorrt_modules.TensorRTUnavailableError`,
+            for OpenVINO :class:`tilead.runtime.backends.openvino.OpenVinoUnavailableError`,
+            naming what is missing and how to get it).
 
     Example:
         >>> with Predictor("bundles/bottle") as predictor:  # doctest: +SKIP
@@ -191,7 +130,7 @@ class Predictor:
         self,
         bundle: str | Path,
         device: str = "cpu",
-        backend: Backend = "auto",
+        backend: str = "auto",
         *,
         threads: int | None = None,
         location_workers: int | None = None,
@@ -199,10 +138,9 @@ class Predictor:
         precision: str | None = None,
         build_on_load: bool = False,
     ) -> None:
-        if backend not in ("auto", "onnxruntime", "tensorrt"):
-            raise ValueError(f"backend: expected 'auto', 'onnxruntime' or 'tensorrt', got {describe(backend)}")
-        if backend == "tensorrt" and device != "cuda":
-            raise ValueError(f"backend='tensorrt' runs on device='cuda', got device={describe(device)}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
+        spec = backends.resolve(backend, device)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected a positive integer, got {describe(max_batch)}")
         for name, value in (("threads", threads), ("location_workers", location_workers)):
@@ -210,58 +148,34 @@ class Predictor:
                 raise ValueError(f"{name}: expected a positive integer or None, got {describe(value)}")
         self.path = Path(bundle)
         self.device = device
-        self.backend = "tensorrt" if backend == "tensorrt" else "onnxruntime"
+        self.backend = spec.name
         self.max_batch = max_batch
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
+        if spec.reads_onnx:
+            # Each model file read once; size and sha256 checked on these bytes, which the backend then loads.
+            verified = read_verified(self.path, self.manifest)
+            models = tuple(verified[loc.name] for loc in self.manifest.locations)
+        else:
+            verify_files(self.path, self.manifest)  # the engines are read and checked by their backend
+            models = ()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
         self._running = 0
         self._closed = False
-        self._pool: ThreadPoolExecutor | None = None
-        self._sessions: list[Any] | None = None
-        self._trt: Any = None
-        self.threads = threads if threads is not None else (os.cpu_count() or 1)
-        self.location_workers = 1
-        if self.backend == "tensorrt":
-            from tilead.trt.modules import require_map_only
-
-            require_map_only(self.path, self.manifest)  # before any GPU check: the bundle itself is the problem
-            verify_files(self.path, self.manifest)
-            from tilead.trt.backend import TensorRTBackend
-
-            self._trt = TensorRTBackend(
-                self.path, self.manifest, precision=precision, max_batch=max_batch, build_on_load=build_on_load
-            )
-            return
-        providers = _providers(device, self.manifest)
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One session per location runs at a time: idle pools must not spin on the cores the active one needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        budget = threads if threads is not None else (os.cpu_count() or 1)
-        count = self.manifest.grid.num_locations
-        if location_workers is None:
-            location_workers = min(count, budget) if device == "cpu" else 1
-        self.location_workers = min(location_workers, count)
-        self.threads = budget
-        options.intra_op_num_threads = max(1, budget // self.location_workers)
-        # Inter-op parallelism comes from the location workers; graphs are sequential chains.
-        options.inter_op_num_threads = 1
-        sessions: list[Any] = []
-        for loc in self.manifest.locations:
-            path = self.path / loc.file
-            model = read_verified_file(self.path, loc)  # read once, hashed; the session gets these bytes
-            try:
-                session = ort.InferenceSession(model, sess_options=options, providers=providers)
-            except Exception as err:  # onnxruntime raises its own exception types
-                raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {path}: {err}") from err
-            check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), self.manifest)
-            sessions.append(session)
-        self._sessions = sessions
-        if self.location_workers > 1:
-            self._pool = ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-location")
+        request = BackendRequest(
+            bundle=self.path,
+            manifest=self.manifest,
+            models=models,
+            device=device,
+            threads=threads,
+            location_workers=location_workers,
+            max_batch=max_batch,
+            precision=precision,
+            build_on_load=build_on_load,
+        )
+        self._backend: Backend | None = spec.create(request)
+        self.threads = self._backend.threads
+        self.location_workers = self._backend.location_workers
 
     # -- properties -------------------------------------------------------------------------------
 
@@ -277,18 +191,20 @@ class Predictor:
 
     @property
     def device_memory_bytes(self) -> int | None:
-        """Device memory the TensorRT backend holds (buffers + engine activations); None for ONNX Runtime."""
-        return None if self._trt is None else int(self._trt.device_bytes)
+        """Device memory the backend holds (TensorRT: buffers + engine activations); None for host-memory backends."""
+        return self._open().device_memory_bytes
 
     @property
     def providers(self) -> list[str]:
-        """What runs the models: ONNX Runtime's execution providers in priority order, or the TensorRT engines."""
-        if self._trt is not None:
-            return list(self._trt.providers)
-        sessions = self._sessions
-        if not sessions:
+        """What runs the models: ONNX Runtime's execution providers in priority order, OpenVINO, or the engines."""
+        return list(self._open().providers)
+
+    def _open(self) -> Backend:
+        """The backend, or RuntimeError after :meth:`close`."""
+        backend = self._backend
+        if backend is None:
             raise RuntimeError("Predictor is closed")
-        return list(sessions[0].get_providers())
+        return backend
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -300,24 +216,19 @@ class Predictor:
             self.predict(blank, input_order="GRAY" if self.channels == 1 else "BGR")
 
     def close(self) -> None:
-        """Release the sessions once running calls have finished; later calls raise ``RuntimeError``.
+        """Release the backend (sessions, pools, device memory) once running calls have finished.
 
-        The error is always ``RuntimeError("Predictor is closed")``.
-
-        Safe to call from another thread during a ``predict`` (which completes
-        normally) and more than once.
+        Later calls raise ``RuntimeError("Predictor is closed")``. Safe to call
+        from another thread during a ``predict`` (which completes normally) and
+        more than once.
         """
         with self._idle:
-            self._closed = True
+            self._closed = True  # no new call starts; running ones finish on the backend they hold
             while self._running:
                 self._idle.wait()
-            self._sessions = None
-            trt, self._trt = self._trt, None
-            pool, self._pool = self._pool, None
-        if trt is not None:
-            trt.close()
-        if pool is not None:
-            pool.shutdown(wait=True)
+            backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
@@ -386,55 +297,21 @@ class Predictor:
 
     def _location_outputs(
         self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None
-    ) -> tuple[np.ndarray, np.ndarray | None]:
+    ) -> LocationOutputs:
         """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch.
 
         Returns:
             ``(maps, scores)``: the maps, and the detector's per-tile scores
             float32 ``(locations, n)`` when the bundle deploys them (else None).
         """
-        sessions, pool = self._sessions, self._pool
+        backend = self._open()
         order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
-        if self._trt is not None:
-            return np.asarray(self._trt.location_maps(batch, order)), None
-        if sessions is None:
-            raise RuntimeError("Predictor is closed")
+        if backend.capabilities.full_pipeline:
+            return cast(PipelineBackend, backend).location_outputs(batch, order)
         m = self.manifest
-        n = batch.shape[0]
         with timed(timer, "tile"):
             tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order)
-        h, w = m.map_size
-        maps = np.empty((m.grid.num_locations, n, h, w), dtype=np.float32)
-        with_score = m.image_score == "detector"
-        names = [OUTPUT_NAME, SCORE_NAME] if with_score else [OUTPUT_NAME]
-        scores = np.empty((m.grid.num_locations, n), dtype=np.float32) if with_score else None
-
-        def run(index: int) -> float:
-            start = time.perf_counter()
-            outs = sessions[index].run(names, {INPUT_NAME: tiles[index]})
-            out = outs[0]
-            if out.shape != (n, 1, h, w):
-                raise BundleError(
-                    f"location {m.locations[index].name}: model output shape {out.shape}, the manifest promises "
-                    f"({n}, 1, {h}, {w})"
-                )
-            maps[index] = out[:, 0]
-            if scores is not None:
-                if outs[1].shape != (n,):
-                    raise BundleError(
-                        f"location {m.locations[index].name}: model output {SCORE_NAME!r} has shape "
-                        f"{outs[1].shape}, expected ({n},)"
-                    )
-                scores[index] = outs[1]
-            return time.perf_counter() - start
-
-        with timed(timer, "inference"):
-            indices = range(len(sessions))
-            seconds = list(pool.map(run, indices)) if pool is not None else [run(i) for i in indices]
-        if timer is not None:
-            for loc, sec in zip(m.locations, seconds, strict=True):
-                timer.add(f"location:{loc.name}", sec)
-        return maps, scores
+        return cast(InferenceBackend, backend).infer(tiles, timer)
 
     def location_maps(self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False) -> np.ndarray:
         """Raw per-location maps, before merging (what evaluation needs).
@@ -475,12 +352,14 @@ class Predictor:
 
     def _run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None) -> list[Prediction]:
         m = self.manifest
-        trt = self._trt
-        if trt is not None:
+        backend = self._open()
+        if backend.capabilities.full_pipeline:
             order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
-            result = trt.run(batch, order, timer)
+            pipeline = cast(PipelineBackend, backend)
+            result = pipeline.run_images(batch, order, timer)
             if not result.finite.all():  # name the broken locations: one more pass, only for a broken output
-                result = replace(result, errors=nonfinite_errors(np.asarray(trt.location_maps(batch, order)), m.grid))
+                maps = np.asarray(pipeline.location_outputs(batch, order)[0])
+                result = replace(result, errors=nonfinite_errors(maps, m.grid))
         else:
             maps, scores = self._location_outputs(batch, input_order, timer)
             _, result = postprocess_maps(

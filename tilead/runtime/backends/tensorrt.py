@@ -14,6 +14,12 @@ after every stage so each gets its own wall time (``h2d``, ``tile``,
 Calls are serialized by a lock (one pipeline per backend), which keeps the
 ONNX Runtime backend's promise: concurrent ``predict`` calls are safe.
 
+Unlike the inference-only backends it takes the uint8 images, not tiles
+(``capabilities.full_pipeline``): :meth:`TensorRTBackend.run_images` returns
+the normalized maps, :meth:`TensorRTBackend.location_outputs` the raw
+per-location maps. It only runs engines: building them is the exporter's
+(``tilead-export BUNDLE --trt``, :mod:`tilead.exporter.engines`).
+
 CUDA graph capture is not implemented. This module has never run on a GPU where
 it was written (there is none); ``tilead-doctor`` checks it on the first one.
 """
@@ -28,6 +34,13 @@ from typing import Any
 import numpy as np
 
 from tilead import _kernels
+from tilead.runtime.backends.base import BackendRequest, Capabilities, LocationOutputs
+from tilead.runtime.backends.tensorrt_modules import (
+    TensorRTUnavailableError,
+    import_runtime,
+    require_gpu,
+    require_map_only,
+)
 from tilead.runtime.bundle import BundleError, Manifest, read_verified_file
 from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
 from tilead.runtime.postprocess import (
@@ -40,9 +53,14 @@ from tilead.runtime.postprocess import (
 )
 from tilead.runtime.preprocess import InputOrder
 from tilead.runtime.timing import StageTimes, timed
-from tilead.trt.modules import TensorRTUnavailableError, import_runtime, require_gpu
 
-log = logging.getLogger("tilead.trt")
+log = logging.getLogger("tilead.runtime.backends.tensorrt")
+
+CAPABILITIES = Capabilities(devices=("cuda",), full_pipeline=True, detector_score=False)
+BUILD_ELSEWHERE = (
+    "the runtime does not build TensorRT engines: build them on this machine with `tilead-export {bundle} --trt` "
+    "(tilead.exporter.engines.build_engines), then load the bundle again"
+)
 
 
 class TensorRTBackend:
@@ -53,17 +71,16 @@ class TensorRTBackend:
         manifest: Its verified manifest.
         precision: ``fp32``, ``fp16`` or None (any listed set).
         max_batch: Largest batch per call (the engine set's profile must allow it).
-        build_on_load: Build the engines here when no listed set fits this GPU
-            (needs the full TensorRT builder).
 
     Raises:
-        TensorRTUnavailableError: Without TensorRT, a GPU, or engines for this GPU.
+        TensorRTUnavailableError: Without TensorRT, a GPU, or engines for this GPU (the
+            message says how to build them: ``tilead-export BUNDLE --trt``).
         BundleError: For a modified engine file or one TensorRT cannot load.
     """
 
-    def __init__(
-        self, bundle: Path, manifest: Manifest, *, precision: str | None, max_batch: int, build_on_load: bool
-    ) -> None:
+    capabilities = CAPABILITIES
+
+    def __init__(self, bundle: Path, manifest: Manifest, *, precision: str | None, max_batch: int) -> None:
         trt = import_runtime()
         gpu, cc = require_gpu()
         self.version = str(trt.__version__)
@@ -73,16 +90,11 @@ class TensorRTBackend:
             precision=precision, batch=max_batch,
         )  # fmt: skip
         if engine_set is None:
-            if not build_on_load:
-                raise TensorRTUnavailableError(
-                    f"{bundle}: no TensorRT engines for {gpu} (sm {cc}) with TensorRT {self.version}, "
-                    f"precision {precision or 'any'}, batch {max_batch} "
-                    f"(listed: {describe_sets(manifest.engine_sets)}); "
-                    f"build them on this machine with `tilead-export {bundle} --trt` or pass build_on_load=True"
-                )
-            from tilead.trt.build import build_engines
-
-            engine_set = build_engines(bundle, precision=precision or "fp32", max_batch=max_batch, progress=False)
+            raise TensorRTUnavailableError(
+                f"{bundle}: no TensorRT engines for {gpu} (sm {cc}) with TensorRT {self.version}, "
+                f"precision {precision or 'any'}, batch {max_batch} "
+                f"(listed: {describe_sets(manifest.engine_sets)}); {BUILD_ELSEWHERE.format(bundle=bundle)}"
+            )
         self.engine_set: EngineSet = engine_set
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -113,10 +125,12 @@ class TensorRTBackend:
         )
         self.pipeline = _make_pipeline(manifest, max_batch, self._norm)
         self.max_batch = max_batch
+        self.threads = 1
+        self.location_workers = 1
         self._lock = threading.Lock()
 
     @property
-    def device_bytes(self) -> int:
+    def device_memory_bytes(self) -> int:
         """Device memory this backend holds: the pipeline's buffers plus every engine's activation memory."""
         pipeline = 0 if self.pipeline is None else int(self.pipeline.device_bytes)
         return pipeline + sum(int(e.device_memory_size_v2) for e in self._engines)
@@ -124,6 +138,8 @@ class TensorRTBackend:
     @property
     def providers(self) -> list[str]:
         """What runs the models, for reports."""
+        if self.pipeline is None:
+            raise RuntimeError("Predictor is closed")
         return [f"TensorRT {self.version} (native, engines {self.engine_set.key})"]
 
     def _enqueue(self, n: int, timer: StageTimes | None) -> None:
@@ -147,7 +163,7 @@ class TensorRTBackend:
             if timer is not None:
                 self.pipeline.synchronize()
 
-    def run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None) -> NormalizedMaps:
+    def run_images(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None) -> NormalizedMaps:
         """Score a uint8 ``(n, H, W, C)`` batch (``n <= max_batch``).
 
         Returns:
@@ -155,8 +171,8 @@ class TensorRTBackend:
         """
         n = batch.shape[0]
         swap = self._swap(batch, input_order)
-        p = self.pipeline
         with self._lock:
+            p = self._open_pipeline()
             self._stage(timer, "h2d", p.upload, np.ascontiguousarray(batch))
             self._stage(timer, "tile", p.tile, n, swap)
             self._enqueue(n, timer)
@@ -169,16 +185,23 @@ class TensorRTBackend:
         labels = labels_of(scores, self._norm)
         return NormalizedMaps(maps, masks.view(np.bool_), raw, scores, labels)
 
-    def location_maps(self, batch: np.ndarray, input_order: InputOrder) -> np.ndarray:
-        """Raw per-location maps ``(locations, n, h, w)`` float32 of a uint8 batch."""
+    def location_outputs(self, batch: np.ndarray, input_order: InputOrder) -> LocationOutputs:
+        """Raw per-location maps ``(locations, n, h, w)`` float32 of a uint8 batch, and None (no detector score)."""
         n = batch.shape[0]
         swap = self._swap(batch, input_order)
         with self._lock:
-            self.pipeline.upload(np.ascontiguousarray(batch))
-            self.pipeline.tile(n, swap)
+            p = self._open_pipeline()
+            p.upload(np.ascontiguousarray(batch))
+            p.tile(n, swap)
             self._enqueue(n, None)
-            out: np.ndarray = self.pipeline.download_location_maps(n)
-        return out
+            out = np.asarray(p.download_location_maps(n))
+        return out, None
+
+    def _open_pipeline(self) -> Any:
+        """The pipeline, or RuntimeError after :meth:`close` (call under the lock)."""
+        if self.pipeline is None:
+            raise RuntimeError("Predictor is closed")
+        return self.pipeline
 
     def _swap(self, batch: np.ndarray, input_order: InputOrder) -> bool:
         """Whether the tile kernel must swap R and B: the images' order differs from the model's."""
@@ -190,6 +213,20 @@ class TensorRTBackend:
             self._contexts.clear()
             self._engines.clear()
             self.pipeline = None
+
+
+def create(request: BackendRequest) -> TensorRTBackend:
+    """The registry's factory.
+
+    Raises:
+        BundleError: For a bundle the native pipeline cannot run (checked before any GPU check).
+        ValueError: For ``build_on_load`` (the exporter builds engines, not the runtime).
+        TensorRTUnavailableError: Without TensorRT, a GPU or engines for this GPU.
+    """
+    require_map_only(request.bundle, request.manifest)  # before any GPU check: the bundle itself is the problem
+    if request.build_on_load:
+        raise ValueError(f"build_on_load: {BUILD_ELSEWHERE.format(bundle=request.bundle)}")
+    return TensorRTBackend(request.bundle, request.manifest, precision=request.precision, max_batch=request.max_batch)
 
 
 def _make_pipeline(manifest: Manifest, max_batch: int, norm: NormParams) -> Any:

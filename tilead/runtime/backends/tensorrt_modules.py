@@ -1,14 +1,14 @@
-"""Importing TensorRT, the API tilead relies on, and clear errors where it or a GPU is missing.
+"""Importing the TensorRT runtime, the API the backend relies on, and clear errors where it or a GPU is missing.
 
 The runtime side prefers the full ``tensorrt`` package when it is installed and
 otherwise uses the lean runtime from PyPI (``pip install tensorrt-lean-cu13``,
 module ``tensorrt_lean``), which can run the version-compatible engines
-``tilead-export --trt`` builds. Building needs the full package's ``Builder``.
+``tilead-export --trt`` builds. Building is the exporter's
+(:mod:`tilead.exporter.engines`, with its own API lists).
 
-:data:`RUNTIME_API` and :data:`BUILDER_API` list every class member and enum
-member the backend and the builder touch; a test checks them against the
-installed lean module (which carries the enums but not the builder classes),
-so an API change in a new TensorRT fails here, not on a factory GPU.
+:data:`RUNTIME_API` lists every class member and enum member the backend
+touches; a test checks them against the installed lean module, so an API
+change in a new TensorRT fails here, not on a factory GPU.
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ INSTALL_RUNTIME = (
     "install the TensorRT runtime: pip install tensorrt-lean-cu13 (CUDA 13; tensorrt-lean-cu12 for CUDA 12), "
     "or the full tensorrt package; on Jetson it comes with JetPack (python3-libnvinfer)"
 )
-INSTALL_BUILDER = (
-    "building engines needs the full TensorRT with its builder: pip install tensorrt-cu13 (or tensorrt-cu12) on "
-    "the target machine, or JetPack's python3-libnvinfer on Jetson; the lean runtime cannot build"
-)
-
 # (class, member) pairs the backend uses on a runtime module (full or lean).
 RUNTIME_API: tuple[tuple[str, str], ...] = (
     ("Logger", "WARNING"),
@@ -44,38 +39,6 @@ RUNTIME_API: tuple[tuple[str, str], ...] = (
     ("TensorIOMode", "INPUT"),
     ("TensorIOMode", "OUTPUT"),
     ("DataType", "FLOAT"),
-)
-
-# Enum members the builder sets, per TensorRT major version. TensorRT 11 builds
-# strongly typed networks only: BuilderFlag has no FP16 (precision comes from the
-# ONNX's types), so FP16 means an FP16 ONNX.
-BUILDER_ENUMS: dict[int, tuple[tuple[str, str], ...]] = {
-    10: (
-        ("BuilderFlag", "FP16"),
-        ("BuilderFlag", "VERSION_COMPATIBLE"),
-        ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"),
-        ("MemoryPoolType", "WORKSPACE"),
-    ),
-    11: (
-        ("BuilderFlag", "VERSION_COMPATIBLE"),
-        ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"),
-        ("MemoryPoolType", "WORKSPACE"),
-    ),
-}
-# Builder classes and their members (only in the full package).
-BUILDER_API: tuple[tuple[str, str], ...] = (
-    ("Builder", "create_network"),
-    ("Builder", "create_builder_config"),
-    ("Builder", "create_optimization_profile"),
-    ("Builder", "build_serialized_network"),
-    ("OnnxParser", "parse"),
-    ("IBuilderConfig", "set_flag"),
-    ("IBuilderConfig", "set_memory_pool_limit"),
-    ("IBuilderConfig", "add_optimization_profile"),
-    ("IBuilderConfig", "create_timing_cache"),
-    ("IBuilderConfig", "set_timing_cache"),
-    ("IBuilderConfig", "get_timing_cache"),
-    ("IOptimizationProfile", "set_shape"),
 )
 
 
@@ -119,28 +82,6 @@ def import_runtime() -> ModuleType:
             )
         return module
     raise TensorRTUnavailableError(f"backend='tensorrt' needs TensorRT ({'; '.join(errors)}): {INSTALL_RUNTIME}")
-
-
-def import_builder() -> ModuleType:
-    """The full ``tensorrt`` module with its builder.
-
-    Raises:
-        TensorRTUnavailableError: If it is not installed or is not TensorRT 10 or 11.
-    """
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        raise TensorRTUnavailableError(f"--trt needs the TensorRT builder ({err}): {INSTALL_BUILDER}") from None
-    major = major_version(trt)
-    if major not in BUILDER_ENUMS:
-        raise TensorRTUnavailableError(
-            f"tensorrt {trt.__version__}: tilead builds engines with TensorRT 10 or 11, got major version {major}"
-        )
-    missing = missing_api(trt, BUILDER_API + BUILDER_ENUMS[major])
-    if missing:
-        raise TensorRTUnavailableError(f"tensorrt {trt.__version__} lacks {', '.join(missing)}, which the builder uses")
-    module: ModuleType = trt
-    return module
 
 
 def require_gpu() -> tuple[str, str]:

@@ -1,5 +1,8 @@
 """Build one TensorRT engine per location from a bundle's ONNX (``tilead-export --trt``).
 
+The exporter's side of TensorRT: the runtime (:mod:`tilead.runtime.backends.tensorrt`)
+only loads and runs what this builds, and never imports this module.
+
 Every location has the same architecture, so one timing cache serves them all:
 the first build measures the tactics and the others reuse them. The cache is
 saved next to the engines and reused by later builds of the same set.
@@ -22,18 +25,83 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from tilead.atomic import atomic_write_bytes
+from tilead.runtime.backends.tensorrt_modules import (
+    TensorRTUnavailableError,
+    major_version,
+    missing_api,
+    require_gpu,
+    require_map_only,
+)
 from tilead.runtime.bundle import read_manifest, sha256_file, verify_files, write_manifest
 from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
-from tilead.trt.modules import TensorRTUnavailableError, import_builder, major_version, require_gpu, require_map_only
 
-log = logging.getLogger("tilead.trt")
+log = logging.getLogger("tilead.exporter.engines")
 
 TIMING_CACHE = "timing.cache"
+
+INSTALL_BUILDER = (
+    "building engines needs the full TensorRT with its builder: pip install tensorrt-cu13 (or tensorrt-cu12) on "
+    "the target machine, or JetPack's python3-libnvinfer on Jetson; the lean runtime cannot build"
+)
+# Enum members the builder sets, per TensorRT major version. TensorRT 11 builds
+# strongly typed networks only: BuilderFlag has no FP16 (precision comes from the
+# ONNX's types), so FP16 means an FP16 ONNX.
+BUILDER_ENUMS: dict[int, tuple[tuple[str, str], ...]] = {
+    10: (
+        ("BuilderFlag", "FP16"),
+        ("BuilderFlag", "VERSION_COMPATIBLE"),
+        ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"),
+        ("MemoryPoolType", "WORKSPACE"),
+    ),
+    11: (
+        ("BuilderFlag", "VERSION_COMPATIBLE"),
+        ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"),
+        ("MemoryPoolType", "WORKSPACE"),
+    ),
+}
+# Builder classes and their members (only in the full package).
+BUILDER_API: tuple[tuple[str, str], ...] = (
+    ("Builder", "create_network"),
+    ("Builder", "create_builder_config"),
+    ("Builder", "create_optimization_profile"),
+    ("Builder", "build_serialized_network"),
+    ("OnnxParser", "parse"),
+    ("IBuilderConfig", "set_flag"),
+    ("IBuilderConfig", "set_memory_pool_limit"),
+    ("IBuilderConfig", "add_optimization_profile"),
+    ("IBuilderConfig", "create_timing_cache"),
+    ("IBuilderConfig", "set_timing_cache"),
+    ("IBuilderConfig", "get_timing_cache"),
+    ("IOptimizationProfile", "set_shape"),
+)
+
+
+def import_builder() -> ModuleType:
+    """The full ``tensorrt`` module with its builder.
+
+    Raises:
+        TensorRTUnavailableError: If it is not installed or is not TensorRT 10 or 11.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError as err:
+        raise TensorRTUnavailableError(f"--trt needs the TensorRT builder ({err}): {INSTALL_BUILDER}") from None
+    major = major_version(trt)
+    if major not in BUILDER_ENUMS:
+        raise TensorRTUnavailableError(
+            f"tensorrt {trt.__version__}: tilead builds engines with TensorRT 10 or 11, got major version {major}"
+        )
+    missing = missing_api(trt, BUILDER_API + BUILDER_ENUMS[major])
+    if missing:
+        raise TensorRTUnavailableError(f"tensorrt {trt.__version__} lacks {', '.join(missing)}, which the builder uses")
+    module: ModuleType = trt
+    return module
 
 
 def _float32_weights(model: Any) -> None:

@@ -1,0 +1,246 @@
+"""The OpenVINO backend against ONNX Runtime on real trained bundles, its errors, closing and concurrency.
+
+Both backends run the same exported ONNX graphs on the CPU in float32
+(OpenVINO with ``INFERENCE_PRECISION_HINT`` f32), with different kernels, so
+maps agree to rounding, not bit for bit; labels must be identical.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tilead.runtime import BundleError, Prediction, Predictor, read_manifest
+from tilead.runtime.backends import REGISTRY, BackendRequest, BackendSpec, InferenceBackend
+from tilead.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from tilead.runtime.backends.openvino import OpenVinoBackend, OpenVinoUnavailableError
+
+pytestmark = pytest.mark.integration
+
+# Maps of the tiny bundles reach about 1e2 before normalization; both backends compute in float32.
+MAP_ATOL = 1e-4
+
+
+def _test_images(root: Path, count: int = 5) -> list[np.ndarray]:
+    import cv2
+
+    paths = sorted((root / "data").rglob("test/*/*.png"))[:count]
+    images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in paths]
+    assert len(images) == count
+    assert all(im is not None for im in images)
+    return [np.asarray(im) for im in images]
+
+
+@pytest.fixture(scope="module")
+def detector_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2x2 PatchCore bundle that deploys the reweighted score (graphs ``map`` + ``score``)."""
+    import yaml
+
+    from tilead.demo.synthetic import SyntheticSpec, generate
+    from tilead.exporter.bundle import export_bundle
+    from tilead.trainer.config import load_config
+    from tilead.trainer.pipeline import train
+
+    tmp = tmp_path_factory.mktemp("patchcore")
+    data = generate(tmp / "data", SyntheticSpec(image_size=160, train_good=6, test_good=2, test_per_defect=1, seed=5))
+    cfg = {
+        "name": "tiny_patchcore",
+        "data": {"format": "mvtec", "root": str(data)},
+        "grid": {"tile_size": 96, "stride": 64},
+        "model": {"family": "patchcore", "coreset_ratio": 0.25, "blur_sigma": 1.0},
+        "postprocess": {"weights": "feather", "image_score": "detector"},
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = train(load_config(path), tmp / "run", progress=False)
+    bundle = export_bundle(result.paths.root, tmp / "bundle", progress=False).bundle
+    assert read_manifest(bundle).image_score == "detector"
+    return bundle
+
+
+def _assert_same(got: list[Prediction], want: list[Prediction]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=MAP_ATOL, rtol=1e-5)
+        assert g.label == w.label
+        assert g.raw_score == pytest.approx(w.raw_score, rel=1e-5, abs=MAP_ATOL)
+        assert g.score == pytest.approx(w.score, rel=1e-5, abs=MAP_ATOL)
+        # Masks can differ only where a pixel sits on the threshold within rounding.
+        assert np.mean(g.mask != w.mask) < 1e-3
+
+
+def _parity(bundle: Path, images: list[np.ndarray]) -> None:
+    with Predictor(bundle, max_batch=4) as ort_p, Predictor(bundle, backend="openvino", max_batch=4) as ov_p:
+        assert ov_p.backend == "openvino"
+        assert ov_p.providers[0].startswith("OpenVINO ")
+        assert ov_p.device_memory_bytes is None
+        want = ort_p.predict(images)
+        got = ov_p.predict(images)
+        want_maps, want_scores = ort_p.location_outputs(images)
+        got_maps, got_scores = ov_p.location_outputs(images)
+    assert isinstance(want, list)
+    assert isinstance(got, list)
+    _assert_same(got, want)
+    np.testing.assert_allclose(got_maps, want_maps, atol=MAP_ATOL, rtol=1e-5)
+    if want_scores is None:
+        assert got_scores is None
+    else:
+        assert got_scores is not None
+        np.testing.assert_allclose(got_scores, want_scores, atol=MAP_ATOL, rtol=1e-5)
+
+
+def test_openvino_matches_onnxruntime_on_the_tiny_padim_bundle(tiny_trained: tuple[Path, Path]) -> None:
+    run, bundle = tiny_trained
+    _parity(bundle, _test_images(run.parent))
+
+
+def test_openvino_matches_onnxruntime_with_the_detector_score(detector_bundle: Path) -> None:
+    images = _test_images(detector_bundle.parent)
+    _parity(detector_bundle, images)
+    with Predictor(detector_bundle, backend="openvino") as ov_p:
+        _, scores = ov_p.location_outputs(images)
+    assert scores is not None
+    assert scores.shape == (4, len(images))
+    assert np.all(np.isfinite(scores))
+
+
+def test_batches_and_single_images_agree(tiny_trained: tuple[Path, Path]) -> None:
+    """Dynamic batch: one compiled model per location serves batches of 1, 3 and 5 with the same results."""
+    run, bundle = tiny_trained
+    images = _test_images(run.parent, 5)
+    with Predictor(bundle, backend="openvino", max_batch=3) as p:
+        batched = p.predict(images)
+        stacked = p.predict(np.stack(images))
+        singles = [p.predict(im) for im in images]
+    assert isinstance(batched, list)
+    assert isinstance(stacked, list)
+    for b, s, one in zip(batched, stacked, singles, strict=True):
+        assert isinstance(one, Prediction)
+        np.testing.assert_allclose(b.anomaly_map, one.anomaly_map, atol=MAP_ATOL, rtol=1e-5)
+        np.testing.assert_array_equal(b.anomaly_map, s.anomaly_map)
+
+
+def test_concurrent_predict_equals_serial(tiny_trained: tuple[Path, Path]) -> None:
+    run, bundle = tiny_trained
+    images = _test_images(run.parent)
+    with Predictor(bundle, backend="openvino", threads=2) as p:
+        serial = [p.predict(im) for im in images]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            concurrent = list(pool.map(p.predict, images * 4))
+    for i, got in enumerate(concurrent):
+        want = serial[i % len(images)]
+        assert isinstance(got, Prediction)
+        assert isinstance(want, Prediction)
+        np.testing.assert_array_equal(got.anomaly_map, want.anomaly_map)
+        assert got.label == want.label
+
+
+def test_threads_and_location_workers(tiny_trained: tuple[Path, Path]) -> None:
+    run, bundle = tiny_trained
+    images = _test_images(run.parent, 3)
+    with Predictor(bundle, backend="openvino", threads=1, location_workers=1) as one:
+        assert (one.threads, one.location_workers) == (1, 1)
+        want = one.predict(images)
+    with Predictor(bundle, backend="openvino", threads=4, location_workers=9) as many:
+        assert (many.threads, many.location_workers) == (4, 4)  # at most one worker per location
+        got = many.predict(images)
+    assert isinstance(want, list)
+    assert isinstance(got, list)
+    _assert_same(got, want)
+
+
+def test_closing(tiny_trained: tuple[Path, Path]) -> None:
+    run, bundle = tiny_trained
+    image = _test_images(run.parent, 1)[0]
+    p = Predictor(bundle, backend="openvino")
+    p.predict(image)
+    p.close()
+    p.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        p.predict(image)
+    with pytest.raises(RuntimeError, match="closed"):
+        _ = p.providers
+    with Predictor(bundle, backend="openvino") as q:
+        q.predict(image)
+    with pytest.raises(RuntimeError, match="closed"):
+        q.location_maps(image)
+
+
+def test_bad_arguments_and_inputs(tiny_trained: tuple[Path, Path]) -> None:
+    _, bundle = tiny_trained
+    with pytest.raises(ValueError, match=r"backend='openvino' runs on device='cpu', got device='cuda'"):
+        Predictor(bundle, backend="openvino", device="cuda")
+    with pytest.raises(ValueError, match=r"backend: expected one of 'auto', 'onnxruntime', 'openvino', 'tensorrt'"):
+        Predictor(bundle, backend="openvin0")
+    with Predictor(bundle, backend="openvino") as p:
+        h, w = p.image_size
+        with pytest.raises(ValueError, match="expected dtype uint8"):
+            p.predict(np.zeros((h, w, 3), dtype=np.float32))
+        with pytest.raises(ValueError, match=f"expected image size {h}x{w}"):
+            p.predict(np.zeros((h + 1, w, 3), dtype=np.uint8))
+        with pytest.raises(ValueError, match="the list is empty"):
+            p.predict([])
+
+
+def test_a_model_openvino_cannot_read_is_a_bundle_error(tiny_trained: tuple[Path, Path]) -> None:
+    _, bundle = tiny_trained
+    manifest = read_manifest(bundle)
+    models = [(bundle / loc.file).read_bytes() for loc in manifest.locations]
+    models[2] = b"not an onnx model"
+    with pytest.raises(BundleError, match=r"location r1c0: OpenVINO cannot load tiles/r1c0\.onnx"):
+        OpenVinoBackend(manifest, models, threads=1, location_workers=1)
+
+
+def test_a_missing_openvino_is_one_clear_error(
+    tiny_trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, bundle = tiny_trained
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(OpenVinoUnavailableError, match=r"backend='openvino' needs OpenVINO .*tilead\[openvino\]"):
+        Predictor(bundle, backend="openvino")
+
+
+def test_backends_follow_the_protocol_and_a_registered_backend_needs_no_predictor_edit(
+    tiny_trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run, bundle = tiny_trained
+    manifest = read_manifest(bundle)
+    models = tuple((bundle / loc.file).read_bytes() for loc in manifest.locations)
+    request = BackendRequest(bundle, manifest, models, "cpu", threads=1, location_workers=1, max_batch=2)
+    for name in ("onnxruntime", "openvino"):
+        backend = REGISTRY[name].create(request)
+        assert isinstance(backend, InferenceBackend)
+        assert not backend.capabilities.full_pipeline
+        assert backend.capabilities.detector_score
+        backend.close()
+    # A new backend is a module with create(request) plus one registry entry: this test module is one.
+    monkeypatch.setitem(REGISTRY, "recording", BackendSpec("recording", __name__, ("cpu",)))
+    CALLS.clear()
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    image = _test_images(run.parent, 1)[0]
+    with Predictor(copy, backend="recording") as p, Predictor(copy) as reference:
+        got, want = p.predict(image), reference.predict(image)
+    assert isinstance(got, Prediction)
+    assert isinstance(want, Prediction)
+    np.testing.assert_allclose(got.anomaly_map, want.anomaly_map, atol=1e-6)  # other thread counts: rounding
+    assert CALLS == [(4, 1)]  # one infer call: four locations, one image
+
+
+CALLS: list[tuple[int, int]] = []
+
+
+class _Recording(OnnxRuntimeBackend):
+    def infer(self, tiles: np.ndarray, timer: object = None) -> tuple[np.ndarray, np.ndarray | None]:
+        CALLS.append((tiles.shape[0], tiles.shape[1]))
+        return super().infer(tiles)
+
+
+def create(request: BackendRequest) -> _Recording:
+    """Registry factory of the test's ``recording`` backend: ONNX Runtime that records its calls."""
+    return _Recording(request.manifest, request.models, ["CPUExecutionProvider"], threads=1, location_workers=1)

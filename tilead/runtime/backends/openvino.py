@@ -1,0 +1,171 @@
+"""The OpenVINO backend (CPU): each location's ONNX model compiled by OpenVINO's CPU plugin.
+
+``pip install 'tilead[openvino]'`` (the ``openvino`` package from PyPI). The
+models are read from the bytes the Predictor hands over (no second read of the
+files) and compiled once, with a dynamic batch dimension, for:
+
+* ``PERFORMANCE_HINT`` ``LATENCY`` (one stream per compiled model: one call at a time is fastest),
+* ``INFERENCE_NUM_THREADS`` ``threads // location_workers``, like ONNX Runtime's
+  intra-op threads, with locations side by side on worker threads,
+* ``INFERENCE_PRECISION_HINT`` ``f32``: on CPUs with bfloat16 units OpenVINO
+  would otherwise compute in bf16, far from the exported graph's results,
+* ``ENABLE_CPU_PINNING`` off: several compiled models share the cores.
+
+Thread safety: an OpenVINO infer request serves one call at a time, so each
+location keeps a stack of idle requests; a call takes one (creating it when
+all are busy) and returns it afterwards. Concurrent ``predict`` calls therefore
+each run on their own request (tested: 8 threads give the serial results).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from tilead.runtime.backends.base import (
+    BackendRequest,
+    Capabilities,
+    LocationOutputs,
+    default_location_workers,
+    run_locations,
+)
+from tilead.runtime.bundle import OUTPUT_NAME, SCORE_NAME, BundleError, Manifest
+from tilead.runtime.timing import StageTimes
+
+CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=True)
+INSTALL = "pip install 'tilead[openvino]' (or pip install openvino)"
+
+
+class OpenVinoUnavailableError(RuntimeError):
+    """OpenVINO is not installed; the message says how to get it."""
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module.
+
+    Raises:
+        OpenVinoUnavailableError: If it does not import.
+    """
+    try:
+        import openvino
+    except ImportError as err:
+        raise OpenVinoUnavailableError(f"backend='openvino' needs OpenVINO ({err}): {INSTALL}") from None
+    return openvino
+
+
+class _Location:
+    """One location's compiled model and its idle infer requests."""
+
+    def __init__(self, compiled: Any, names: Sequence[str], shape: tuple[int, int, int]) -> None:
+        self.compiled = compiled
+        self.outputs = [compiled.output(name) for name in names]
+        request = compiled.create_infer_request()
+        # One call now, while no other location runs: the plugin's first call initializes lazily, and first
+        # calls of several models at once hang in OpenVINO when Python's faulthandler is enabled (as under pytest).
+        request.infer([np.zeros((1, *shape), dtype=np.float32)])
+        self._idle: list[Any] = [request]
+        self._lock = threading.Lock()
+
+    def run(self, tiles: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            request = self._idle.pop() if self._idle else None
+        if request is None:
+            request = self.compiled.create_infer_request()
+        try:
+            result = request.infer([tiles])
+            # The request owns the result tensors and reuses them on its next call: copy before handing it back.
+            return [np.array(result[port], dtype=np.float32, copy=True) for port in self.outputs]
+        finally:
+            with self._lock:
+                self._idle.append(request)
+
+
+class OpenVinoBackend:
+    """One compiled OpenVINO model per location (see the module docstring).
+
+    Args:
+        manifest: The bundle's verified manifest.
+        models: Every location's ONNX bytes, row-major.
+        threads: CPU threads in all.
+        location_workers: Locations run at the same time (at most the number of locations).
+
+    Raises:
+        OpenVinoUnavailableError: If OpenVINO is not installed.
+        BundleError: If OpenVINO cannot read or compile a location's model, or it lacks an output.
+    """
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, manifest: Manifest, models: Sequence[bytes], *, threads: int, location_workers: int) -> None:
+        ov = import_openvino()
+        self.manifest = manifest
+        count = manifest.grid.num_locations
+        self.threads = threads
+        self.location_workers = max(1, min(location_workers, count))
+        self.version = str(ov.__version__)
+        core = ov.Core()
+        config = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": max(1, threads // self.location_workers),
+            "INFERENCE_PRECISION_HINT": "f32",
+            "ENABLE_CPU_PINNING": False,
+        }
+        names = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
+        shape = (manifest.preprocessing.channels, *manifest.grid.tile_size)
+        locations: list[_Location] = []
+        for loc, model in zip(manifest.locations, models, strict=True):
+            try:
+                compiled = core.compile_model(core.read_model(model=model), "CPU", config)
+                locations.append(_Location(compiled, names, shape))
+            except Exception as err:  # OpenVINO raises RuntimeError and its own types
+                raise BundleError(f"location {loc.name}: OpenVINO cannot load {loc.file}: {err}") from err
+        self._locations: list[_Location] | None = locations
+        self._pool = (
+            ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-openvino")
+            if self.location_workers > 1
+            else None
+        )
+
+    @property
+    def providers(self) -> list[str]:
+        """``OpenVINO <version> CPU``."""
+        if self._locations is None:
+            raise RuntimeError("Predictor is closed")
+        return [f"OpenVINO {self.version} CPU"]
+
+    @property
+    def device_memory_bytes(self) -> int | None:
+        """None: the models run in host memory."""
+        return None
+
+    def infer(self, tiles: np.ndarray, timer: StageTimes | None = None) -> LocationOutputs:
+        """Every location's compiled model on its tiles (see :meth:`.base.InferenceBackend.infer`)."""
+        locations, pool = self._locations, self._pool
+        if locations is None:
+            raise RuntimeError("Predictor is closed")
+
+        def run_one(index: int, location_tiles: np.ndarray) -> Sequence[np.ndarray]:
+            return locations[index].run(np.ascontiguousarray(location_tiles))
+
+        return run_locations(self.manifest, tiles, run_one, pool, timer)
+
+    def close(self) -> None:
+        """Drop the compiled models and stop the location workers."""
+        self._locations = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def create(request: BackendRequest) -> OpenVinoBackend:
+    """The registry's factory (CPU only; the Predictor checks the device against the capabilities)."""
+    budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
+    workers = request.location_workers
+    if workers is None:
+        workers = default_location_workers(request.device, request.manifest.grid.num_locations, budget)
+    return OpenVinoBackend(request.manifest, request.models, threads=budget, location_workers=workers)
