@@ -32,6 +32,7 @@ from typing import IO, Any
 import click
 
 from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_option
+from tilead.runtime.backends import names as backend_names
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 RESULTS = "results.jsonl"
@@ -144,10 +145,10 @@ def _cli_words(message: str) -> str:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "onnxruntime", "tensorrt"]),
+    type=click.Choice(list(backend_names())),
     default="auto",
     show_default=True,
-    help="Predictor backend (tensorrt: the bundle's engines, --device cuda).",
+    help="Predictor backend (openvino: CPU; tensorrt: the bundle's engines, --device cuda).",
 )
 @click.option("--batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Images per inference call.")
 @click.option(
@@ -214,7 +215,7 @@ def _predict_all(
     from tilead.runtime.preprocess import InputOrder
     from tilead.trainer.overlays import overlay
 
-    with Predictor(bundle, device=device, backend=backend, threads=threads, max_batch=batch) as predictor:  # type: ignore[arg-type]
+    with Predictor(bundle, device=device, backend=backend, threads=threads, max_batch=batch) as predictor:
         gray = predictor.channels == 1
         order: InputOrder = "GRAY" if gray else "BGR"
         h, w = predictor.image_size

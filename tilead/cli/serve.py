@@ -11,6 +11,7 @@ from types import FrameType
 import click
 
 from tilead.cli._common import fail_on_errors
+from tilead.runtime.backends import names as backend_names
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,7 +28,7 @@ from tilead.cli._common import fail_on_errors
     help="Longest wait for a batch to fill after its first request.",
 )
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(list(backend_names())), default="auto", show_default=True)
 @click.option(
     "--threads",
     type=click.IntRange(1, 1024),

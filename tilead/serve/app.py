@@ -53,7 +53,7 @@ class ServeOptions:
         threads: CPU threads per replica's Predictor (and the CPUs Ray reserves for it).
         resize: Resize images of another size instead of refusing them (422).
         max_body_bytes: Largest accepted request body (413 above it).
-        backend: The Predictor's backend (``auto``, ``onnxruntime``, ``tensorrt``).
+        backend: The Predictor's backend (``auto`` or a name of :mod:`tilead.runtime.backends`).
     """
 
     bundle: str
@@ -117,7 +117,7 @@ class InspectionServer:
         self.predictor: Predictor | None = Predictor(
             o.bundle,
             device=o.device,
-            backend=o.backend,  # type: ignore[arg-type]
+            backend=o.backend,
             threads=o.threads,
             max_batch=o.max_batch,
         )
