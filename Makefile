@@ -14,6 +14,7 @@
 #   make bench-detectors  PaDiM, PatchCore (map max / reweighted score), STFPM on bottle side by side
 #   make bench-serve      tilead-serve under load (concurrency 1, 4, 16) beside direct Predictor calls, bottle bundle
 #   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, banded vs whole-image
+#   make bench-soak       Predictor soak on the bottle bundle: RSS slope per 1000 predictions, result drift
 #   make bench-good-only  thresholds from good images only (holdout, synthetic, SuperADD, oracle) on bottle + demo
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
@@ -28,7 +29,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-resize-rss bench-good-only bench-train train-bottle info doctor clean
+.PHONY: mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -93,6 +94,9 @@ bench-resize-rss: $(STAMP)
 # Fits PaDiM once per dataset on good images only, re-validates it two ways, evaluates four threshold rules.
 bench-good-only: $(STAMP)
 	$(BIN)/python benchmarks/bench_good_only.py --json out/bench/good_only.json
+
+bench-soak: $(STAMP) bundles/padim_bottle/manifest.json
+	$(BIN)/python benchmarks/bench_soak.py bundles/padim_bottle --predictions 1000 --json out/bench/soak.json
 
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_bottle.py --json out/bench/train_bottle.json
