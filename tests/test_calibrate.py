@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tilead.calibrate import Sample, calibrate, new_stats, score
+from tilead.calibrate import Sample, calibrate, new_stats, score, synthetic_samples
 from tilead.cli.calibrate import main
 from tilead.runtime import NormalizationStats, Predictor, TileStats
 from tilead.runtime.bundle import DIGEST_KEY, manifest_digest, read_manifest
@@ -216,3 +216,49 @@ def test_cli_errors_are_clear(bundle: Path, tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     assert "dry run" in out.output
     assert not list(bundle.glob("manifest.*.json"))
+
+
+def test_synthetic_samples_are_deterministic_defects_of_the_good_images() -> None:
+    good = [Sample(f"g{i}", _good(i)) for i in range(3)]
+    gray = [Sample(f"gray{i}", _good(9 + i)[:, :, 0]) for i in range(2)]
+    assert all(s.image.shape == (64, 64) for s in synthetic_samples(gray, seed=0, per_image=2))
+    first = synthetic_samples(good, seed=3, per_image=2, tile_size=(32, 32))
+    again = synthetic_samples(good, seed=3, per_image=2, tile_size=(32, 32))
+    assert len(first) == 6
+    for made, same in zip(first, again, strict=True):
+        assert made.name == same.name
+        assert np.array_equal(made.image, same.image)
+        assert made.mask is not None
+        assert same.mask is not None
+        assert np.array_equal(made.mask, same.mask)
+    for k, made in enumerate(first):
+        source = good[k // 2]
+        assert made.name.startswith(f"{source.name} [synthetic ")
+        assert made.image.shape == source.image.shape  # gray stays (H, W)
+        assert made.mask is not None
+        assert made.mask.shape == source.image.shape[:2]
+        assert made.mask.any()
+        changed = made.image != source.image
+        changed = changed if changed.ndim == 2 else changed.any(axis=-1)
+        assert np.array_equal(changed, made.mask)  # exact masks: the changed pixels, nothing else
+    other = synthetic_samples(good, seed=4, per_image=2, tile_size=(32, 32))
+    assert any(not np.array_equal(a.image, b.image) for a, b in zip(first, other, strict=True))
+
+
+def test_cli_synthetic_defects_replace_real_ones(bundle: Path, tmp_path: Path) -> None:
+    _write(tmp_path / "good", [_good(i) for i in range(12)])
+    runner = CliRunner()
+    out = runner.invoke(
+        main, [str(bundle), "--good", str(tmp_path / "good"), "--synthetic", "--synthetic-per-image", "2", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    calibration = read_manifest(bundle).raw["calibration"]
+    assert calibration["images"] == {"good": 12, "defective": 24}
+    assert any("synthetic defects: 2 per good image, seed 0" in s for s in calibration["sources"])
+    assert calibration["rules"]["image_threshold"].startswith("f1_adaptive")
+    out = runner.invoke(
+        main, [str(bundle), "--good", str(tmp_path / "good"), "--synthetic", "--defects", str(tmp_path),
+               "--masks", str(tmp_path)],
+    )  # fmt: skip
+    assert out.exit_code == 2
+    assert "--synthetic replaces --defects/--masks" in out.output

@@ -205,6 +205,38 @@ def folder_samples(images: Path, masks: Path, gray: bool) -> Iterator[Sample]:
         yield Sample(str(path), _read(path, gray), mask)
 
 
+def synthetic_samples(
+    good: Sequence[Sample], *, seed: int = 0, per_image: int = 1, tile_size: tuple[int, int] | None = None
+) -> list[Sample]:
+    """Defective samples made by drawing synthetic defects into the good images (:mod:`tilead.synthesis`).
+
+    Every kind of :data:`tilead.synthesis.KINDS` in turn, seeded and deterministic,
+    with exact masks: the calibration's stand-in for defective parts when the
+    line has none to show. The good images themselves are not changed.
+
+    Args:
+        good: Good samples, each uint8 ``(H, W)`` or ``(H, W, C)``.
+        seed: Seed of the synthesis.
+        per_image: Defects drawn from each good image (one defect per copy).
+        tile_size: The bundle's tile size (defect sizes scale with it; some sit on tile seams).
+
+    Returns:
+        ``len(good) * per_image`` samples with masks, named after their source image and kind.
+    """
+    from tilead.synthesis import synthesize_defects
+
+    images = [s.image if s.image.ndim == 3 else s.image[:, :, None] for s in good]
+    made = synthesize_defects(images, seed=seed, per_image=per_image, tile_size=tile_size)
+    return [
+        Sample(
+            f"{good[d.source].name} [synthetic {d.kind}]",
+            d.image if good[d.source].image.ndim == 3 else d.image[:, :, 0],
+            d.mask,
+        )
+        for d in made
+    ]
+
+
 # -- scoring ---------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,6 +22,19 @@ from tilead.cli._common import fail_on_errors
               help="Folder of defective images (needs --masks).")  # fmt: skip
 @click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Their masks: same relative path, name x.png or x_mask.png, nonzero = defect.")  # fmt: skip
+@click.option(
+    "--synthetic",
+    is_flag=True,
+    help="Synthetic defects drawn into the good images (seeded) instead of --defects/--masks.",
+)
+@click.option(
+    "--synthetic-per-image",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="Synthetic defects drawn from each good image.",
+)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the synthetic defects.")
 @click.option("--target-false-alarm", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.01,
               show_default=True, help="Accepted share of good images flagged (good-images-only rule).")  # fmt: skip
 @click.option("--image-threshold", type=float, default=None, help="Manual image threshold, raw units.")
@@ -36,6 +50,9 @@ def main(
     good_dir: Path | None,
     defects_dir: Path | None,
     masks_dir: Path | None,
+    synthetic: bool,
+    synthetic_per_image: int,
+    seed: int,
     target_false_alarm: float,
     image_threshold: float | None,
     pixel_threshold: float | None,
@@ -56,20 +73,30 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if (defects_dir is None) != (masks_dir is None):
         raise click.UsageError("--defects and --masks go together")
+    if synthetic and defects_dir is not None:
+        raise click.UsageError("--synthetic replaces --defects/--masks: give one or the other")
     if good_dir is None:
         raise click.UsageError("--good is required: the folder of good images from the line")
     with fail_on_errors():
-        from tilead.calibrate import calibrate, dumps, folder_samples, good_samples, summary
+        from tilead.calibrate import calibrate, dumps, folder_samples, good_samples, summary, synthetic_samples
         from tilead.runtime.bundle import read_manifest
 
-        gray = read_manifest(bundle).preprocessing.channels == 1
-        defects = None
+        manifest = read_manifest(bundle)
+        gray = manifest.preprocessing.channels == 1
+        defects: Any = None
+        good: Any = good_samples(good_dir, gray)
         sources = [f"good: {good_dir}"]
+        if synthetic:
+            good = list(good)
+            defects = synthetic_samples(
+                good, seed=seed, per_image=synthetic_per_image, tile_size=manifest.grid.tile_size
+            )
+            sources.append(f"synthetic defects: {synthetic_per_image} per good image, seed {seed}")
         if defects_dir is not None and masks_dir is not None:
             defects = folder_samples(defects_dir, masks_dir, gray)
             sources.append(f"defects: {defects_dir} (masks {masks_dir})")
         result = calibrate(
-            bundle, good_samples(good_dir, gray), defects, target_false_alarm=target_false_alarm,
+            bundle, good, defects, target_false_alarm=target_false_alarm,
             image_threshold=image_threshold, pixel_threshold=pixel_threshold, min_good=min_images,
             resize=resize, threads=threads, dry_run=dry_run, sources=sources,
         )  # fmt: skip
