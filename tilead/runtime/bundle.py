@@ -111,6 +111,7 @@ _MODEL_KEYS = (
     "mahalanobis_blocks",
     "detector",
     "score_output",
+    "precision",
 )
 
 
@@ -167,6 +168,8 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         for key in ("family", "map_size"):
             if key not in model:
                 raise ValueError(f"model: missing key {key!r}")
+        if model.get("precision", "fp32") not in ("fp32", "int8"):
+            raise ValueError(f"model.precision: expected 'fp32' or 'int8', got {describe(model['precision'])}")
         h, w = (as_int(v, "model.map_size") for v in model["map_size"])
         model["map_size"] = [h, w]
         post = check_mapping(d["postprocess"], "postprocess", ("weights", "seam", "image_score"), ("weights",))
