@@ -12,6 +12,7 @@
 #   make bench-predictor  runtime.Predictor vs the eager PyTorch ensemble on bottle: latency, stages, RSS
 #   make bench-latency    tilead-bench on the bottle bundle, batch 1 and 4, beside PyTorch (--compare torch)
 #   make bench-detectors  PaDiM, PatchCore (map max / reweighted score), STFPM on bottle side by side
+#   make bench-int8      FP32 vs INT8 bottle bundle (tilead-export --precision int8), alternating, one process
 #   make bench-serve      tilead-serve under load (concurrency 1, 4, 16) beside direct Predictor calls, bottle bundle
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
@@ -25,7 +26,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-train train-bottle info doctor clean
+.PHONY: install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -98,3 +99,10 @@ doctor: $(STAMP)
 
 clean:
 	rm -rf build out .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+# FP32 vs INT8 bundles of the bottle run in one process, calls alternating (issue #21).
+bundles/padim_bottle_int8/manifest.json: runs/padim_bottle/stats.json
+	$(BIN)/tilead-export runs/padim_bottle -o bundles/padim_bottle_int8 --precision int8 --overwrite --quiet
+
+bench-int8: $(STAMP) bundles/padim_bottle/manifest.json bundles/padim_bottle_int8/manifest.json
+	$(BIN)/python benchmarks/bench_int8.py bundles/padim_bottle bundles/padim_bottle_int8 --batch 1 8 --json out/bench/int8.json
