@@ -151,3 +151,21 @@ def test_a_graph_without_module_scopes_cannot_be_split() -> None:
     entry = node.metadata_props.add()
     entry.key, entry.value = "pkg.torch.onnx.name_scopes", "['', 'embedding', 'embedding.backbone', 'relu']"
     assert split_nodes(helper.make_model(graph)) == (["relu"], [])
+
+
+@pytest.mark.integration
+def test_int8_is_refused_for_a_family_without_a_refit(tiny_trained: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    from tilead.exporter.bundle import export_bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_trained[0], run)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"] = {"family": "patchcore", "backbone": cfg["model"]["backbone"], "feature_stride": 8}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"precision int8: implemented for padim runs .* model is 'patchcore'"):
+        export_bundle(run, tmp_path / "out", precision="int8", progress=False)
+    assert not (tmp_path / "out").exists()

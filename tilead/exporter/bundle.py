@@ -109,7 +109,7 @@ def export_bundle(
         FileExistsError: If ``out`` exists and ``overwrite`` is off.
         FileNotFoundError: If the run is not finished.
         RuntimeError: If a location's ONNX output differs from the eager model.
-        ValueError: For an unknown precision or a calibration_images below 1.
+        ValueError: For an unknown precision, a calibration_images below 1, or int8 for a family other than padim.
     """
     check_precision(precision)
     if calibration_images < 1:
@@ -119,6 +119,11 @@ def export_bundle(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     paths, cfg = open_run(run_dir)
+    if precision == "int8" and cfg.model.family != "padim":
+        raise ValueError(
+            f"precision int8: implemented for padim runs (its Gaussians are refit on the INT8 backbone's features); "
+            f"this run's model is {cfg.model.family!r}, whose FP32-fitted head would not match: export fp32"
+        )
     stats = load_stats(paths)
     run = read_json(paths.run_json)
     grid = TileGrid.from_dict(run["grid"])
@@ -179,7 +184,7 @@ def export_bundle(
                 ]
                 info = quantize_location(target, target, batches)
                 refit = 0
-                if cfg.model.family == "padim":  # the Gaussians fitted again on the INT8 backbone's features
+                if cfg.model.family == "padim":  # the Gaussians fitted again on the INT8 backbone's features (always)
                     head = getattr(export_model, "model", export_model).head
                     fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, index, name)
                     arrays = (np.ascontiguousarray(t.numpy()) for t in fit_tiles)
