@@ -12,6 +12,8 @@
 #   make bench-predictor  runtime.Predictor vs the eager PyTorch ensemble on bottle: latency, stages, RSS
 #   make bench-latency    tilead-bench on the bottle bundle, batch 1 and 4, beside PyTorch (--compare torch)
 #   make bench-detectors  PaDiM, PatchCore (map max / reweighted score), STFPM on bottle side by side
+#   make bench-int8      FP32 vs INT8 bottle bundle (tilead-export --precision int8), alternating, one process
+#   make bench-vs-anomalib  anomalib 2.7's tiled-ensemble core beside the Predictor on bottle, one process (ratio of medians)
 #   make bench-serve      tilead-serve under load (concurrency 1, 4, 16) beside direct Predictor calls, bottle bundle
 #   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, banded vs whole-image
 #   make bench-soak       Predictor soak on the bottle bundle: RSS slope per 1000 predictions, result drift
@@ -29,7 +31,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
+.PHONY: mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -124,3 +126,16 @@ mutation: $(STAMP)
 
 clean:
 	rm -rf build out .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants
+
+# FP32 vs INT8 bundles of the bottle run in one process, calls alternating (issue #21).
+bundles/padim_bottle_int8/manifest.json: runs/padim_bottle/stats.json
+	$(BIN)/tilead-export runs/padim_bottle -o bundles/padim_bottle_int8 --precision int8 --overwrite --no-progress
+
+bench-int8: $(STAMP) bundles/padim_bottle/manifest.json bundles/padim_bottle_int8/manifest.json
+	$(BIN)/python benchmarks/bench_int8.py bundles/padim_bottle bundles/padim_bottle_int8 --batch 1 8 --json out/bench/int8.json
+
+# anomalib's tiled-ensemble inference core and the Predictor, alternating image by image (issue #21).
+# Installs the optional extra (anomalib 2.7.0) on first use; fits anomalib's PaDiM on all 209 train/good images.
+bench-vs-anomalib: $(STAMP) bundles/padim_bottle/manifest.json
+	$(BIN)/python -c "import anomalib" 2>/dev/null || $(BIN)/pip install --quiet "anomalib==2.7.0"
+	$(BIN)/python benchmarks/bench_vs_anomalib.py bundles/padim_bottle --images 20 --json out/bench/vs_anomalib.json

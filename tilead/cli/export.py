@@ -16,7 +16,10 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
 @click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True, help="ONNX opset.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines for this machine's GPU into the bundle.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+    help="int8: the bundle's backbones quantized for the CPU (head FP32); fp16: TensorRT engines (--trt).",
+)  # fmt: skip
 @click.option("--opt-batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Batch tuned for.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")
 @click.option("--workspace-mib", type=click.IntRange(16, 1 << 20), default=2048, show_default=True)
@@ -45,6 +48,9 @@ def main(
         raise click.UsageError(f"{source} is already a bundle; pass --trt to build its TensorRT engines")
     if not is_bundle and output is None:
         raise click.UsageError(f"{source} is a run folder: pass -o/--output BUNDLE_DIR for the bundle to write")
+    if precision == "int8" and (is_bundle or trt):
+        raise click.BadParameter("int8 quantizes a run's ONNX export (CPU); TensorRT engines take fp32 or fp16",
+                                 param_hint="--precision")  # fmt: skip
     if opt_batch > max_batch:
         raise click.BadParameter(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}", param_hint="--opt-batch")
     with fail_on_errors():
@@ -58,7 +64,7 @@ def main(
             bundle = source
             if not is_bundle:
                 assert output is not None
-                bundle = _export(source, output, opset, overwrite, progress)
+                bundle = _export(source, output, opset, overwrite, progress, precision)
             if trt:
                 from tilead.exporter.engines import build_engines
 
@@ -71,15 +77,19 @@ def main(
             raise click.ClickException(str(err)) from err
 
 
-def _export(run_dir: Path, output: Path, opset: int, overwrite: bool, progress: bool) -> Path:
+def _export(run_dir: Path, output: Path, opset: int, overwrite: bool, progress: bool, precision: str = "fp32") -> Path:
     from tilead.exporter.bundle import export_bundle
 
-    result = export_bundle(run_dir, output, opset=opset, overwrite=overwrite, progress=progress)
+    onnx_precision = "int8" if precision == "int8" else "fp32"  # fp16 applies to the TensorRT engines only
+    result = export_bundle(
+        run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision
+    )
     locs = result.manifest["locations"]
     size = sum(loc["bytes"] for loc in locs) / 2**20
     worst = max(result.manifest["source"]["parity_onnxruntime_vs_torch"].values())
     click.echo(f"bundle:     {result.bundle}")
     click.echo(f"locations:  {len(locs)} ONNX models, {size:.1f} MiB in all (opset {opset})")
-    click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range")
+    click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range"
+               + (" (INT8, on training tiles)" if onnx_precision == "int8" else ""))  # fmt: skip
     click.echo(f"time:       {result.seconds:.1f} s")
     return result.bundle

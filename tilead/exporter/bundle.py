@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -41,6 +42,13 @@ from tilead.exporter.onnx_export import (
     export_like,
     export_location,
 )
+from tilead.exporter.quantize import (
+    INT8_PARITY_TOLERANCE,
+    check_precision,
+    compare_int8,
+    quantize_location,
+    refit_padim_head,
+)
 from tilead.runtime import TileGrid
 from tilead.runtime.bundle import (
     INPUT_NAME,
@@ -51,8 +59,17 @@ from tilead.runtime.bundle import (
     sha256_file,
     write_manifest,
 )
+from tilead.trainer.config import RunConfig
+from tilead.trainer.data import Sample, discover
 from tilead.trainer.detectors import LocationModel, create_detector
-from tilead.trainer.ensemble import load_location_models, make_backbone, make_preprocessing
+from tilead.trainer.ensemble import (
+    LocationTiles,
+    holdout_split,
+    load_location_models,
+    make_backbone,
+    make_preprocessing,
+    make_splits,
+)
 from tilead.trainer.pipeline import load_stats
 from tilead.trainer.run_dir import open_run, read_json
 
@@ -123,6 +140,9 @@ def export_bundle(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     progress: bool = True,
+    precision: str = "fp32",
+    calibration_images: int = 32,
+    int8_tolerance: float = INT8_PARITY_TOLERANCE,
 ) -> ExportResult:
     """Export a trained run as a bundle.
 
@@ -132,6 +152,13 @@ def export_bundle(
         opset: ONNX opset (>= 17).
         overwrite: Replace an existing bundle at ``out``.
         progress: Show a progress bar.
+        precision: ``fp32``, or ``int8``: each location's backbone statically
+            quantized (QDQ, per-channel weights, calibrated on that location's
+            training tiles), its head kept FP32 (:mod:`tilead.exporter.quantize`).
+        calibration_images: With ``int8``: training images (evenly spaced over
+            the run's fit images) whose tiles calibrate each location.
+        int8_tolerance: With ``int8``: the largest INT8-vs-eager map difference
+            accepted (relative to the map's range on training tiles); recorded in the manifest.
 
     Returns:
         The bundle path, its manifest and the time taken.
@@ -140,12 +167,21 @@ def export_bundle(
         FileExistsError: If ``out`` exists and ``overwrite`` is off.
         FileNotFoundError: If the run is not finished.
         RuntimeError: If a location's ONNX output differs from the eager model.
+        ValueError: For an unknown precision, a calibration_images below 1, or int8 for a family other than padim.
     """
+    check_precision(precision)
+    if calibration_images < 1:
+        raise ValueError(f"calibration_images: expected 1 or more, got {calibration_images}")
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     paths, cfg = open_run(run_dir)
+    if precision == "int8" and cfg.model.family != "padim":
+        raise ValueError(
+            f"precision int8: implemented for padim runs (its Gaussians are refit on the INT8 backbone's features); "
+            f"this run's model is {cfg.model.family!r}, whose FP32-fitted head would not match: export fp32"
+        )
     stats = load_stats(paths)
     run = read_json(paths.run_json)
     grid = TileGrid.from_dict(run["grid"])
@@ -164,6 +200,13 @@ def export_bundle(
     exported = [graph(m) for m in variants]
     detector = create_detector(cfg, extractor, grid.tile_size)
     tile_shape = (prep.channels, *grid.tile_size)
+    calibration = _calibration_samples(cfg, calibration_images) if precision == "int8" else ()
+    fit_samples = (
+        holdout_split(make_splits(cfg, discover(cfg.data)).fit, detector.holdout_fraction, cfg.seed)[0]
+        if calibration
+        else []
+    )
+    quant_info: dict[str, Any] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -176,7 +219,7 @@ def export_bundle(
         bar = tqdm(list(zip(grid.location_names(), files, models, exported, strict=True)), desc="export",
                    unit="loc", disable=not progress)  # fmt: skip
         template: tuple[Path, torch.nn.Module] | None = None
-        for name, rel, model, export_model in bar:
+        for index, (name, rel, model, export_model) in enumerate(bar):
             target = tmp / rel
             # The first location is traced; the others reuse its graph with their own weights when that is safe.
             reused = template is not None and export_like(template[0], template[1], export_model, target)
@@ -195,6 +238,32 @@ def export_bundle(
                     f"location {name}: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
                     f"(tolerance {PARITY_TOLERANCE:.0e})"
                 )
+            if calibration:  # INT8: quantize the FP32 graph just written and checked, then check it on real tiles
+                batches = [
+                    np.ascontiguousarray(t.numpy()) for t in LocationTiles(cfg, calibration, grid, prep, index, name)
+                ]
+                info = quantize_location(target, target, batches)
+                refit = 0
+                if cfg.model.family == "padim":  # the Gaussians fitted again on the INT8 backbone's features (always)
+                    head = getattr(export_model, "model", export_model).head
+                    fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, index, name)
+                    arrays = (np.ascontiguousarray(t.numpy()) for t in fit_tiles)
+                    refit = refit_padim_head(target, head, arrays, float(cfg.model.covariance_eps))
+                check_onnx(target)
+                diff = compare_int8(model, target, batches[0])
+                log.info("location %s: INT8 differs from eager by %.1e of the map range", name, diff)
+                if diff > int8_tolerance:
+                    raise RuntimeError(
+                        f"location {name}: the INT8 graph differs from the eager model by {diff:.2e} of the map "
+                        f"range on training tiles (INT8 tolerance {int8_tolerance})"
+                    )
+                quant_info = {
+                    "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
+                    "quantized_nodes": info.backbone_nodes, "fp32_nodes": info.fp32_nodes,
+                    "calibration_images": len(calibration), "parity_tolerance": int8_tolerance,
+                    "head_refit_tiles": refit,
+                    "normalization": "the FP32 run's statistics (not recomputed on INT8 maps)",
+                }  # fmt: skip
             parity[name] = diff
             entries.append({"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size})
             log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
@@ -216,6 +285,7 @@ def export_bundle(
                 **({"score_output": SCORE_NAME} if with_score else {}),
                 "opset": opset,
                 "dtype": "float32",
+                "precision": precision,
                 **detector.manifest_info(),
             },
             "locations": entries,
@@ -231,6 +301,7 @@ def export_bundle(
                 "fit_key": cfg.fit_key(),
                 "validation": run.get("splits", {}),
                 "parity_onnxruntime_vs_torch": parity,
+                **({"quantization": quant_info} if quant_info else {}),
             },
         }
         manifest = write_manifest(tmp, manifest)  # adds manifest_sha256, the digest read_manifest checks
@@ -247,3 +318,12 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, manifest, time.perf_counter() - start)
+
+
+def _calibration_samples(cfg: RunConfig, limit: int) -> tuple[Sample, ...]:
+    """At most ``limit`` of the run's fit images, evenly spaced (the first included)."""
+    fit = make_splits(cfg, discover(cfg.data)).fit
+    if not fit:
+        raise ValueError(f"INT8 calibration: the run's data ({cfg.data.root}) has no training images")
+    picks = np.unique(np.linspace(0, len(fit) - 1, num=min(limit, len(fit))).round().astype(int))
+    return tuple(fit[i] for i in picks)

@@ -158,6 +158,7 @@ _MODEL_KEYS = (
     "mahalanobis_blocks",
     "detector",
     "score_output",
+    "precision",
 )
 
 
@@ -198,6 +199,9 @@ def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
     if h > th or w > tw:
         raise ValueError(f"model.map_size: expected at most the tile size {th} x {tw}, got {h} x {w}")
     model["map_size"] = [h, w]
+    precision = model.get("precision", "fp32")
+    if not isinstance(precision, str) or precision not in ("fp32", "int8"):
+        raise ValueError(f"model.precision: expected 'fp32' or 'int8', got {describe(precision)}")
     for key, expected in (("input", INPUT_NAME), ("output", OUTPUT_NAME), ("dtype", "float32")):
         if key in model and model[key] != expected:
             raise ValueError(f"model.{key}: expected {expected!r}, got {describe(model[key])}")
