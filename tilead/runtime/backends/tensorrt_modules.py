@@ -33,6 +33,8 @@ RUNTIME_API: tuple[tuple[str, str], ...] = (
     ("ICudaEngine", "get_tensor_mode"),
     ("ICudaEngine", "get_tensor_dtype"),
     ("ICudaEngine", "get_tensor_profile_shape"),
+    ("ICudaEngine", "get_tensor_shape"),
+    ("ICudaEngine", "num_optimization_profiles"),
     ("IExecutionContext", "set_input_shape"),
     ("IExecutionContext", "set_tensor_address"),
     ("IExecutionContext", "execute_async_v3"),
