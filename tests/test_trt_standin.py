@@ -33,6 +33,7 @@ from tilead import _kernels
 from tilead.exporter.engines import add_engine_set
 from tilead.runtime import BundleError, Predictor
 from tilead.runtime.backends import tensorrt as backend
+from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
 from tilead.runtime.bundle import read_manifest, sha256_file
 from tilead.runtime.engines import EngineFile, EngineSet, engine_key
 
@@ -45,7 +46,9 @@ EDGE_GRIDS = {
 }
 
 
-def engine_bundle(root: Path, grid_data: dict[str, Any], batch: tuple[int, int, int] = (1, 4, 4)) -> Path:
+def engine_bundle(
+    root: Path, grid_data: dict[str, Any], batch: tuple[int, int, int] = (1, 4, 4), *, compatible: bool = True
+) -> Path:
     """A factory bundle with a "TensorRT" engine set whose plans are its ONNX models."""
     make_bundle(root, grid_data=grid_data)
     manifest = read_manifest(root)
@@ -58,7 +61,7 @@ def engine_bundle(root: Path, grid_data: dict[str, Any], batch: tuple[int, int, 
         files.append(
             EngineFile(loc.name, target.relative_to(root).as_posix(), sha256_file(target), target.stat().st_size)
         )
-    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", batch, 256, True, None, tuple(files)))
+    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", batch, 256, compatible, None, tuple(files)))
     return root
 
 
@@ -236,6 +239,30 @@ def test_upload_check_names_dtype_layout_and_rank() -> None:
         _kernels.check_pipeline_images(grid, 1, 4, np.zeros((1, 60, 60, 2), np.uint8)[..., :1])
     with pytest.raises(ValueError, match=r"images: expected \(n, height, width, channels\) uint8, got \(60, 60, 3\)"):
         _kernels.check_pipeline_images(grid, 3, 4, np.zeros((60, 60, 3), np.uint8))
+
+
+# -- #18.4: lean runtime and version compatibility ------------------------------------------------
+
+
+@pytest.mark.parametrize("compatible", [True, False])
+def test_host_code_is_allowed_for_version_compatible_plans_only(
+    standin: Callable[..., None], tmp_path: Path, compatible: bool
+) -> None:
+    bundle = engine_bundle(tmp_path / "b", GRID, compatible=compatible)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        inner = trt._backend
+        assert isinstance(inner, backend.TensorRTBackend)
+        assert inner._runtime.engine_host_code_allowed is compatible
+
+
+def test_an_engine_set_of_another_tensorrt_version_is_not_selected(
+    standin: Callable[..., None], tmp_path: Path
+) -> None:
+    """A set built by 11.4 is refused by an 11.5 lean runtime (the plans exclude the lean runtime)."""
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    standin(version="11.5.0.1")
+    with pytest.raises(TensorRTUnavailableError, match=r"no TensorRT engines for Fake GPU .*TensorRT 11\.5\.0\.1"):
+        Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4)
 
 
 # -- stand-in fidelity: shift, pad and resize bundles; a builder that fails -----------------------

@@ -101,6 +101,11 @@ class TensorRTBackend:
         self.engine_set: EngineSet = engine_set
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if engine_set.version_compatible:
+            # A version-compatible plan may carry host code (the lean runtime, when not excluded), which TensorRT
+            # refuses to deserialize unless allowed. These plans are trusted: each file's sha256 is checked against
+            # the digest-verified manifest before TensorRT sees it.
+            self._runtime.engine_host_code_allowed = True
         self._engines: list[Any] = []
         self._contexts: list[Any] = []
         self._io: list[tuple[str, str]] = []

@@ -27,6 +27,7 @@ INSTALL_RUNTIME = (
 RUNTIME_API: tuple[tuple[str, str], ...] = (
     ("Logger", "WARNING"),
     ("Runtime", "deserialize_cuda_engine"),
+    ("Runtime", "engine_host_code_allowed"),
     ("ICudaEngine", "create_execution_context"),
     ("ICudaEngine", "num_io_tensors"),
     ("ICudaEngine", "get_tensor_name"),
