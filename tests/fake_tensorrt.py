@@ -285,11 +285,16 @@ def make_module(
     return trt
 
 
-def make_builder_module(major: int, log: list[str]) -> types.ModuleType:
+def make_builder_module(
+    major: int, log: list[str], *, reject_parse: bytes | None = None, reject_build: bytes | None = None
+) -> types.ModuleType:
     """A full-TensorRT stand-in whose builder records what it was asked to do.
 
     A plan is ``PLAN|<flags>|<profile>|<cache it started from>|<model bytes>``; the
     timing cache grows by one ``+`` per build, so a test can see it being shared.
+    A model containing ``reject_parse`` does not parse (``parse`` returns False
+    with two parser errors); one containing ``reject_build`` does not build
+    (``build_serialized_network`` returns None), as TensorRT reports failures.
     """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = f"{major}.4.0.1"  # type: ignore[attr-defined]
@@ -312,12 +317,21 @@ def make_builder_module(major: int, log: list[str]) -> types.ModuleType:
             return types.SimpleNamespace(name="tiles")
 
     class OnnxParser:
-        num_errors = 0
-
         def __init__(self, network: Network, logger: Logger) -> None:
             self.network = network
+            self.errors: list[str] = []
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
+
+        def get_error(self, index: int) -> str:
+            return self.errors[index]
 
         def parse(self, data: bytes) -> bool:
+            if reject_parse is not None and reject_parse in data:
+                self.errors = ["node 3 (Einsum): unsupported equation", "network has no output"]
+                return False
             self.network.model = data
             return True
 
@@ -368,7 +382,10 @@ def make_builder_module(major: int, log: list[str]) -> types.ModuleType:
         def create_optimization_profile(self) -> Profile:
             return Profile()
 
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
+        def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
+            if reject_build is not None and reject_build in network.model:
+                log.append("build failed")
+                return None
             started = config.cache.data
             config.cache = Cache(started + b"+")
             log.append(f"build flags={','.join(config.flags)} network={network.flags} cache={started.decode()}")
