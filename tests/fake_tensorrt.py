@@ -252,7 +252,8 @@ def make_module(
     Args:
         version: ``__version__`` of the module.
         profile: (min, opt, max) batch of every engine's optimization profile.
-        refuse: Context calls that return False (see :class:`FakeEngine`).
+        refuse: Context calls that return False (see :class:`FakeEngine`); with ``deserialize_cuda_engine``
+            the runtime returns None for every plan.
         dtype: What ``get_tensor_dtype`` reports for every tensor ("FLOAT" or "HALF").
         edit: Called on every deserialized engine (a test changes its reported shapes there).
     """
@@ -270,7 +271,9 @@ def make_module(
             self.logger = logger
             self.engine_host_code_allowed = False
 
-        def deserialize_cuda_engine(self, plan: bytes) -> FakeEngine:
+        def deserialize_cuda_engine(self, plan: bytes) -> FakeEngine | None:
+            if "deserialize_cuda_engine" in refuse:
+                return None  # how TensorRT reports a plan it cannot load
             engine = FakeEngine(plan, profile, frozenset(refuse), dtype)
             if edit is not None:
                 edit(engine)

@@ -209,6 +209,13 @@ def test_an_engine_that_does_not_fit_the_pipeline_is_refused_at_load(
         Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4)
 
 
+def test_a_plan_tensorrt_cannot_deserialize_is_a_clear_error(standin: Callable[..., None], tmp_path: Path) -> None:
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    standin(refuse=("deserialize_cuda_engine",))
+    with pytest.raises(BundleError, match=r"engine .*r0c0\.engine: TensorRT 11\.4\.0\.106 cannot deserialize it"):
+        Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4)
+
+
 def test_a_profile_with_a_larger_max_batch_loads(standin: Callable[..., None], tmp_path: Path) -> None:
     bundle = engine_bundle(tmp_path / "b", GRID, batch=(1, 4, 8))
     standin(profile=(1, 4, 8))
