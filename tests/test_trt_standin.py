@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from tilead import _kernels
 from tilead.exporter.engines import add_engine_set
-from tilead.runtime import BundleError, Predictor
+from tilead.runtime import BundleError, Predictor, cuda_status
 from tilead.runtime.backends import tensorrt as backend
 from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
 from tilead.runtime.bundle import read_manifest, sha256_file
@@ -298,3 +298,32 @@ def test_shift_pad_and_resize_bundles_match_onnxruntime(
         np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=1e-5)
         np.testing.assert_array_equal(g.mask, w.mask)
         assert g.score == pytest.approx(w.score, abs=1e-5)
+
+
+# -- the real DevicePipeline (CUDA): skipped without a usable GPU, run by the first GPU session ---------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_status().usable, reason="no usable CUDA device (the stand-in tests above ran instead)")
+def test_cuda_pipeline_blocks_are_aligned_and_untile_reads_the_padded_stride() -> None:
+    """58x58 maps (13456 bytes, not a multiple of 256): the padded layout must still untile like the CPU twin."""
+    grid = _kernels.Grid(200, 200, 100, 100, 100, 100, _kernels.EDGE_SHIFT)
+    pipe = _kernels.cuda.DevicePipeline(
+        grid, 3, 3, 3, [1.0] * 3, [0.0] * 3, 58, 58, _kernels.BLEND_UNIFORM, [], [], 0.0, 0.0, _kernels.NORM_NONE,
+        0.5, 0.0, 1.0, 0.5, 0.0, 1.0,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3):
+        assert pipe.tiles_stride(n) % 256 == 0
+        assert pipe.maps_stride(n) % 256 == 0
+        assert all(pipe.tiles_address(loc, n) % 256 == 0 for loc in range(4))
+        assert all(pipe.maps_address(loc, n) % 256 == 0 for loc in range(4))
+        maps = rng.random((4, n, 58, 58), dtype=np.float32)
+        pipe.upload_location_maps(maps)
+        np.testing.assert_array_equal(pipe.download_location_maps(n), maps)
+        for stage in (pipe.untile, pipe.smooth_seams, pipe.crop, pipe.normalize):
+            stage(n)
+        got = pipe.download(n)[0]
+        want = np.empty((n, 200, 200), np.float32)
+        _kernels.untile_maps(maps, grid, want, _kernels.BLEND_UNIFORM, None, None)
+        np.testing.assert_allclose(got, want, atol=1e-5)
