@@ -73,9 +73,12 @@ def normalization(stage: str = "image") -> dict[str, Any]:
     }
 
 
-def manifest_data(root: Path, *, detector: bool = False, stage: str = "image") -> dict[str, Any]:
+def manifest_data(
+    root: Path, *, detector: bool = False, stage: str = "image", grid_data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The manifest of the files under ``root/tiles`` (written by :func:`make_bundle`), without digest."""
-    grid = TileGrid.from_dict(GRID)
+    grid_data = dict(GRID if grid_data is None else grid_data)
+    grid = TileGrid.from_dict(grid_data)
     locations = []
     for name, rel in zip(grid.location_names(), location_files(grid), strict=True):
         path = root / rel
@@ -84,7 +87,7 @@ def manifest_data(root: Path, *, detector: bool = False, stage: str = "image") -
         "schema_version": SCHEMA_VERSION,
         "tilead_version": "0.1.0",
         "created": "2026-12-01T00:00:00+00:00",
-        "grid": dict(GRID),
+        "grid": grid_data,
         "preprocessing": {
             "mean": [0.485, 0.456, 0.406],
             "std": [0.229, 0.224, 0.225],
@@ -111,12 +114,17 @@ def manifest_data(root: Path, *, detector: bool = False, stage: str = "image") -
     }
 
 
-def make_bundle(root: Path, *, detector: bool = False, stage: str = "image", **model: Any) -> Path:
-    """Write a 2x2-location bundle at ``root`` (``model`` keywords go to :func:`onnx_model` for every location)."""
-    grid = TileGrid.from_dict(GRID)
+def make_bundle(
+    root: Path, *, detector: bool = False, stage: str = "image", grid_data: dict[str, Any] | None = None, **model: Any
+) -> Path:
+    """Write a bundle at ``root`` (``model`` keywords go to :func:`onnx_model` for every location).
+
+    ``grid_data`` is the manifest's grid (default :data:`GRID`, 2x2 locations of 40x40 tiles).
+    """
+    grid = TileGrid.from_dict(GRID if grid_data is None else grid_data)
     for i, rel in enumerate(location_files(grid)):
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(onnx_model(1.0 + 0.25 * i, detector=detector, **model))
-    write_manifest(root, manifest_data(root, detector=detector, stage=stage))
+    write_manifest(root, manifest_data(root, detector=detector, stage=stage, grid_data=grid_data))
     return root

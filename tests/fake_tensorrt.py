@@ -11,6 +11,7 @@ a GPU.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,18 +19,25 @@ import onnxruntime as ort
 
 from tilead import _kernels
 
-_BUFFERS: dict[int, tuple[FakePipeline, str, int]] = {}  # address -> (pipeline, "tiles" | "maps", float offset)
+_BUFFERS: dict[int, tuple[FakePipeline, str]] = {}  # base address -> (pipeline, "tiles" | "maps")
+_SPACING = 1 << 40  # one fake allocation per 2**40 bytes: base addresses are 256-byte aligned like cudaMalloc's
 
 
 class FakePipeline:
-    """Same constructor and methods as ``tilead._kernels.cuda.DevicePipeline``, on the CPU twins."""
+    """Same constructor and methods as ``tilead._kernels.cuda.DevicePipeline``, on the CPU twins.
+
+    Like the real one, each location's tile and map block starts at a 256-byte
+    aligned offset (``_kernels.aligned_block_floats``, the rule the C++ pipeline
+    uses), and the "device addresses" are a 256-byte aligned base plus the byte
+    offset, so a test can check TensorRT's alignment rule on them.
+    """
 
     def __init__(self, grid: Any, max_batch: int, in_channels: int, out_channels: int, scale: list[float],
                  bias: list[float], map_h: int, map_w: int, weights: int, loc_threshold: list[float],
                  loc_scale: list[float], seam_sigma: float, seam_width: float, norm_mode: int, pt: float,
                  pmin: float, pmax: float, it: float, imin: float, imax: float, device: int = 0) -> None:  # fmt: skip
         self.grid, self.max_batch = grid, max_batch
-        self.channels, self.scale, self.bias = out_channels, scale, bias
+        self.in_channels, self.channels, self.scale, self.bias = in_channels, out_channels, scale, bias
         self.map_h, self.map_w, self.weights = map_h, map_w, weights
         self.loc = (np.asarray(loc_threshold, np.float32), np.asarray(loc_scale, np.float32)) if loc_threshold else None
         self.seam = (seam_sigma, seam_width)
@@ -37,50 +45,70 @@ class FakePipeline:
         self.locations = grid.rows * grid.cols
         th, tw = grid.tile_h, grid.tile_w
         self.tile_floats = out_channels * th * tw
-        self.tiles = np.zeros(self.locations * max_batch * self.tile_floats, np.float32)
-        self.maps = np.zeros(self.locations * max_batch * map_h * map_w, np.float32)
+        self.map_floats = map_h * map_w
+        self.tiles = np.zeros(self.locations * _kernels.aligned_block_floats(max_batch * self.tile_floats), np.float32)
+        self.maps = np.zeros(self.locations * _kernels.aligned_block_floats(max_batch * self.map_floats), np.float32)
+        self.bases = {}
+        for kind in ("tiles", "maps"):
+            self.bases[kind] = (len(_BUFFERS) + 1) * _SPACING
+            _BUFFERS[self.bases[kind]] = (self, kind)
         self.calls: list[str] = []
         self.stream = 1234
 
-    def _address(self, kind: str, offset: int) -> int:
-        address = id(self) * 1000 + len(_BUFFERS)
-        _BUFFERS[address] = (self, kind, offset)
-        return address
+    def _check(self, location: int, n: int) -> None:
+        if not (0 <= location < self.locations and 1 <= n <= self.max_batch):
+            raise IndexError(f"location {location} or batch {n} out of range")
+
+    def tiles_stride(self, n: int) -> int:
+        self._check(0, n)
+        return 4 * int(_kernels.aligned_block_floats(n * self.tile_floats))
+
+    def maps_stride(self, n: int) -> int:
+        self._check(0, n)
+        return 4 * int(_kernels.aligned_block_floats(n * self.map_floats))
 
     def tiles_address(self, location: int, n: int) -> int:
-        return self._address("tiles", location * n * self.tile_floats)
+        self._check(location, n)
+        return self.bases["tiles"] + location * self.tiles_stride(n)
 
     def maps_address(self, location: int, n: int) -> int:
-        return self._address("maps", location * n * self.map_h * self.map_w)
+        self._check(location, n)
+        return self.bases["maps"] + location * self.maps_stride(n)
 
     @property
     def device_bytes(self) -> int:
         return int(self.tiles.nbytes + self.maps.nbytes)
 
     def upload(self, images: np.ndarray) -> None:
-        assert images.dtype == np.uint8
-        assert images.flags.c_contiguous
+        # The C++ boundary check of the real upload: dtype, contiguity, batch range, H, W and C against the grid.
+        _kernels.check_pipeline_images(self.grid, self.in_channels, self.max_batch, images)
         self.calls.append("upload")
         self.images = images.copy()
 
+    def _blocks(self, buffer: np.ndarray, n: int, floats: int) -> np.ndarray:
+        """(L, n * floats) view of the padded per-location blocks of a batch of n."""
+        stride = int(_kernels.aligned_block_floats(n * floats))
+        return buffer[: self.locations * stride].reshape(self.locations, stride)[:, : n * floats]
+
     def tile(self, n: int, swap_rb: bool) -> None:
         self.calls.append("tile")
-        out = self.tiles[: self.locations * n * self.tile_floats].reshape(
-            self.locations, n, self.channels, self.grid.tile_h, self.grid.tile_w)  # fmt: skip
+        out = np.empty((self.locations, n, self.channels, self.grid.tile_h, self.grid.tile_w), np.float32)
         _kernels.tile_images(self.images, self.grid, out, self.scale, self.bias, swap_rb)
+        self._blocks(self.tiles, n, self.tile_floats)[:] = out.reshape(self.locations, -1)
 
     def upload_location_maps(self, maps: np.ndarray) -> None:
-        self.maps[: maps.size] = maps.ravel()
+        n = maps.shape[1]
+        self._blocks(self.maps, n, self.map_floats)[:] = maps.reshape(self.locations, -1)
 
     def _location_maps(self, n: int) -> np.ndarray:
-        return self.maps[: self.locations * n * self.map_h * self.map_w].reshape(
-            self.locations, n, self.map_h, self.map_w)  # fmt: skip
+        return self._blocks(self.maps, n, self.map_floats).reshape(self.locations, n, self.map_h, self.map_w)
 
     def untile(self, n: int) -> None:
         self.calls.append("untile")
         self.canvas = np.empty((n, self.grid.canvas_h, self.grid.canvas_w), np.float32)
         thr, sc = self.loc if self.loc is not None else (None, None)
-        _kernels.untile_maps(self._location_maps(n), self.grid, self.canvas, self.weights, thr, sc)
+        maps = np.ascontiguousarray(self._location_maps(n))
+        _kernels.untile_maps(maps, self.grid, self.canvas, self.weights, thr, sc)
 
     def smooth_seams(self, n: int) -> None:
         self.calls.append("seam")
@@ -88,9 +116,17 @@ class FakePipeline:
             _kernels.smooth_seams(self.canvas, self.grid, *self.seam)
 
     def crop(self, n: int) -> None:
+        """Canvas to image size as the real pipeline does: nothing (shift), crop (pad) or bilinear resize (resize)."""
         self.calls.append("crop")
         h, w = self.grid.image_h, self.grid.image_w
-        self.image = np.ascontiguousarray(self.canvas[:, :h, :w])
+        if self.canvas.shape[1:] == (h, w):
+            self.image = self.canvas
+        elif self.grid.edge == _kernels.EDGE_RESIZE:
+            self.calls.append("resize")
+            self.image = np.empty((n, h, w), np.float32)
+            _kernels.resize_maps(self.canvas, self.image)
+        else:
+            self.image = np.ascontiguousarray(self.canvas[:, :h, :w])
 
     def normalize(self, n: int) -> None:
         self.calls.append("normalize")
@@ -111,18 +147,40 @@ class FakePipeline:
 
 
 def _view(address: int, count: int) -> np.ndarray:
-    pipeline, kind, offset = _BUFFERS[address]
+    """``count`` floats at a fake device address; KeyError or ValueError like a bad pointer would fault."""
+    base = address // _SPACING * _SPACING
+    pipeline, kind = _BUFFERS[base]
+    offset = address - base
+    if offset % 256:
+        raise ValueError(f"address {address:#x} is not 256-byte aligned (TensorRT rejects it)")
     buffer: np.ndarray = pipeline.tiles if kind == "tiles" else pipeline.maps
-    return buffer[offset : offset + count]
+    if offset // 4 + count > buffer.size:
+        raise ValueError(f"address {address:#x}: {count} floats run past the {kind} buffer")
+    return buffer[offset // 4 : offset // 4 + count]
+
+
+def _shape(dims: list[Any]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else -1 for d in dims)
 
 
 class FakeEngine:
-    """An "engine" whose plan is the ONNX model itself."""
+    """An "engine" whose plan is the ONNX model itself.
 
-    def __init__(self, plan: bytes) -> None:
+    Its I/O shapes are the ONNX model's (a symbolic batch is -1, as TensorRT
+    reports a dynamic dimension); its optimization profile takes batches
+    ``profile`` = (min, opt, max). ``refuse`` names context calls that return
+    False (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``).
+    """
+
+    def __init__(self, plan: bytes, profile: tuple[int, int, int] = (1, 4, 4), refuse: frozenset[str] = frozenset(),
+                 dtype: str = "FLOAT") -> None:  # fmt: skip
         self.session = ort.InferenceSession(plan, providers=["CPUExecutionProvider"])
-        self.names = [self.session.get_inputs()[0].name, self.session.get_outputs()[0].name]
+        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        self.names = [inp.name, out.name]
+        self.shapes = {inp.name: _shape(inp.shape), out.name: _shape(out.shape)}
+        self.profile, self.refuse, self.dtype = profile, refuse, dtype
         self.num_io_tensors = 2
+        self.num_optimization_profiles = 1
         self.device_memory_size_v2 = 1 << 20
 
     def get_tensor_name(self, i: int) -> str:
@@ -132,7 +190,16 @@ class FakeEngine:
         return "INPUT" if name == self.names[0] else "OUTPUT"
 
     def get_tensor_dtype(self, name: str) -> str:
-        return "FLOAT"
+        return self.dtype
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
+        if name != self.names[0] or profile_index != 0:
+            raise ValueError(f"no profile {profile_index} for {name}")
+        rest = self.shapes[name][1:]
+        return [(b, *rest) for b in self.profile]
 
     def create_execution_context(self) -> FakeContext:
         return FakeContext(self)
@@ -145,13 +212,24 @@ class FakeContext:
         self.addresses: dict[str, int] = {}
         self.streams: list[int] = []
 
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        if "set_input_shape" in self.engine.refuse:
+            return False
+        lo, _, hi = self.engine.profile
+        if name != self.engine.names[0] or not lo <= shape[0] <= hi or shape[1:] != self.engine.shapes[name][1:]:
+            return False  # TensorRT refuses a shape outside the profile
         self.shape = shape
+        return True
 
-    def set_tensor_address(self, name: str, address: int) -> None:
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        if "set_tensor_address" in self.engine.refuse or address % 256 or name not in self.engine.names:
+            return False  # TensorRT refuses a misaligned address
         self.addresses[name] = address
+        return True
 
     def execute_async_v3(self, stream: int) -> bool:
+        if "execute_async_v3" in self.engine.refuse:
+            return False
         self.streams.append(stream)
         inp, out = self.engine.names
         assert self.shape is not None
@@ -161,8 +239,24 @@ class FakeContext:
         return True
 
 
-def make_module(version: str = "11.4.0.106") -> types.ModuleType:
-    """A module with the runtime API the backend touches (see tilead.runtime.backends.tensorrt_modules.RUNTIME_API)."""
+def make_module(
+    version: str = "11.4.0.106",
+    *,
+    profile: tuple[int, int, int] = (1, 4, 4),
+    refuse: tuple[str, ...] = (),
+    dtype: str = "FLOAT",
+    edit: Callable[[FakeEngine], None] | None = None,
+) -> types.ModuleType:
+    """A module with the runtime API the backend touches (see tilead.runtime.backends.tensorrt_modules.RUNTIME_API).
+
+    Args:
+        version: ``__version__`` of the module.
+        profile: (min, opt, max) batch of every engine's optimization profile.
+        refuse: Context calls that return False (see :class:`FakeEngine`); with ``deserialize_cuda_engine``
+            the runtime returns None for every plan.
+        dtype: What ``get_tensor_dtype`` reports for every tensor ("FLOAT" or "HALF").
+        edit: Called on every deserialized engine (a test changes its reported shapes there).
+    """
     trt = types.ModuleType("tensorrt_lean")
     trt.__version__ = version  # type: ignore[attr-defined]
 
@@ -175,24 +269,35 @@ def make_module(version: str = "11.4.0.106") -> types.ModuleType:
     class Runtime:
         def __init__(self, logger: Logger) -> None:
             self.logger = logger
+            self.engine_host_code_allowed = False
 
-        def deserialize_cuda_engine(self, plan: bytes) -> FakeEngine:
-            return FakeEngine(plan)
+        def deserialize_cuda_engine(self, plan: bytes) -> FakeEngine | None:
+            if "deserialize_cuda_engine" in refuse:
+                return None  # how TensorRT reports a plan it cannot load
+            engine = FakeEngine(plan, profile, frozenset(refuse), dtype)
+            if edit is not None:
+                edit(engine)
+            return engine
 
     trt.Logger = Logger  # type: ignore[attr-defined]
     trt.Runtime = Runtime  # type: ignore[attr-defined]
     trt.ICudaEngine = FakeEngine  # type: ignore[attr-defined]
     trt.IExecutionContext = FakeContext  # type: ignore[attr-defined]
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")  # type: ignore[attr-defined]
-    trt.DataType = types.SimpleNamespace(FLOAT="FLOAT")  # type: ignore[attr-defined]
+    trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF")  # type: ignore[attr-defined]
     return trt
 
 
-def make_builder_module(major: int, log: list[str]) -> types.ModuleType:
+def make_builder_module(
+    major: int, log: list[str], *, reject_parse: bytes | None = None, reject_build: bytes | None = None
+) -> types.ModuleType:
     """A full-TensorRT stand-in whose builder records what it was asked to do.
 
     A plan is ``PLAN|<flags>|<profile>|<cache it started from>|<model bytes>``; the
     timing cache grows by one ``+`` per build, so a test can see it being shared.
+    A model containing ``reject_parse`` does not parse (``parse`` returns False
+    with two parser errors); one containing ``reject_build`` does not build
+    (``build_serialized_network`` returns None), as TensorRT reports failures.
     """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = f"{major}.4.0.1"  # type: ignore[attr-defined]
@@ -215,12 +320,21 @@ def make_builder_module(major: int, log: list[str]) -> types.ModuleType:
             return types.SimpleNamespace(name="tiles")
 
     class OnnxParser:
-        num_errors = 0
-
         def __init__(self, network: Network, logger: Logger) -> None:
             self.network = network
+            self.errors: list[str] = []
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
+
+        def get_error(self, index: int) -> str:
+            return self.errors[index]
 
         def parse(self, data: bytes) -> bool:
+            if reject_parse is not None and reject_parse in data:
+                self.errors = ["node 3 (Einsum): unsupported equation", "network has no output"]
+                return False
             self.network.model = data
             return True
 
@@ -271,7 +385,10 @@ def make_builder_module(major: int, log: list[str]) -> types.ModuleType:
         def create_optimization_profile(self) -> Profile:
             return Profile()
 
-        def build_serialized_network(self, network: Network, config: Config) -> bytes:
+        def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
+            if reject_build is not None and reject_build in network.model:
+                log.append("build failed")
+                return None
             started = config.cache.data
             config.cache = Cache(started + b"+")
             log.append(f"build flags={','.join(config.flags)} network={network.flags} cache={started.decode()}")

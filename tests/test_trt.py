@@ -163,20 +163,51 @@ def test_engine_sets_round_trip_and_validate() -> None:
         parse_engine_sets([s.to_dict() | {"color": "red"}], LOCATIONS)
 
 
-def test_version_compatible_engines_run_on_newer_runtimes_of_the_same_major() -> None:
+def test_engines_excluding_the_lean_runtime_run_only_on_their_own_tensorrt_version() -> None:
+    """#18.4: plans built with EXCLUDE_LEAN_RUNTIME need the lean runtime of the version that built them."""
     s = _set()
     here: dict[str, Any] = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
     assert runs_on(s, runtime_version="11.4.0.106", **here)
-    assert runs_on(s, runtime_version="11.6.1", **here)
+    assert runs_on(s, runtime_version="11.4.0.107", **here)  # same major.minor.patch, another build
+    assert not runs_on(s, runtime_version="11.5.0.1", **here)  # a later minor: its lean library is not 11.4's
+    assert not runs_on(s, runtime_version="11.4.1", **here)  # a later patch
     assert not runs_on(s, runtime_version="11.3.0", **here)  # older runtime
     assert not runs_on(s, runtime_version="12.0.0", **here)  # next major
-    assert not runs_on(_set(version_compatible=False), runtime_version="11.6.1", **here)
+    assert not runs_on(_set(version_compatible=False), runtime_version="11.5.0", **here)
     assert not runs_on(s, gpu="NVIDIA A100", compute_capability="8.0", runtime_version="11.4.0.106")
-    exact = _set(key="exact", tensorrt="11.6.1")
+    later = _set(key="later", tensorrt="11.5.0.2")
+    assert select_engine_set([s, later], runtime_version="11.5.0.2", **here) == later
+    assert select_engine_set([s], runtime_version="11.5.0.2", **here) is None  # an 11.4 set is not picked for 11.5
+    same_build = _set(key="build", tensorrt="11.4.0.107")
+    assert select_engine_set([s, same_build], runtime_version="11.4.0.106", **here) == s  # the exact build first
+    assert select_engine_set([s, same_build], runtime_version="11.4.0.107", **here) == same_build
     fp16 = _set(key="half", precision="fp16")
-    assert select_engine_set([s, exact], runtime_version="11.6.1", **here) == exact
     assert select_engine_set([s, fp16], runtime_version="11.4.0.106", precision="fp16", **here) == fp16
     assert select_engine_set([s], runtime_version="11.4.0.106", batch=16, **here) is None  # profile max is 8
+
+
+def test_builder_and_lean_runtime_are_pinned_to_the_same_version() -> None:
+    """The plans exclude the lean runtime: the extras must install a lean runtime of the builder's version."""
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pins: dict[str, set[str]] = {}
+    for extra in ("tensorrt", "tensorrt-build", "dev"):
+        for line in extras[extra]:
+            req = Requirement(line)
+            if req.name.startswith("tensorrt"):
+                pins.setdefault(req.name, set()).add(str(req.specifier))
+    assert set(pins) == {"tensorrt-lean-cu13", "tensorrt-cu13"}
+    specs = set().union(*pins.values())
+    assert len(specs) == 1, pins  # one version for the builder and the lean runtime, everywhere
+    (spec,) = specs
+    assert spec.startswith("==")
+    assert spec.endswith(".*")
+    assert spec.count(".") == 3  # major.minor.patch: what runs_on compares
+    lean = __import__("tensorrt_lean")
+    assert Requirement(f"x{spec}").specifier.contains(lean.__version__)  # the installed lean runtime fits the pin
 
 
 def test_manifest_with_engines_parses_and_bad_engines_are_refused() -> None:

@@ -46,9 +46,9 @@ def _bundle(root: Path) -> Path:
 
 @pytest.fixture
 def builder(monkeypatch: pytest.MonkeyPatch) -> Any:
-    def install(major: int) -> list[str]:
+    def install(major: int, **failures: bytes) -> list[str]:
         log: list[str] = []
-        module = fake_tensorrt.make_builder_module(major, log)
+        module = fake_tensorrt.make_builder_module(major, log, **failures)
         monkeypatch.setattr(build, "import_builder", lambda: module)
         monkeypatch.setattr(build, "require_gpu", lambda: ("Fake GPU", "8.7"))
         monkeypatch.setattr(build, "fp16_onnx_bytes", lambda path: b"fp16 " + Path(path).read_bytes())
@@ -135,3 +135,31 @@ def test_bad_build_arguments(builder: Any, tmp_path: Path) -> None:
         build.build_engines(root, precision="int8")
     with pytest.raises(ValueError, match=r"opt \(8\) <= max \(4\)"):
         build.build_engines(root, opt_batch=8, max_batch=4)
+
+
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (
+            "reject_parse",
+            r"TensorRT's ONNX parser rejected the model: node 3 \(Einsum\): unsupported equation; "
+            r"network has no output",
+        ),
+        ("reject_build", r"TensorRT's builder returned no engine"),
+    ],
+)
+def test_a_location_that_does_not_parse_or_build_is_a_clear_error_and_nothing_is_listed(
+    builder: Any, tmp_path: Path, failure: str, message: str
+) -> None:
+    """The stand-in fails like TensorRT (parse False, build None), so these error branches are reached."""
+    builder(11, **{failure: b"model r1c0"})
+    root = _bundle(tmp_path / "b")
+    with pytest.raises(RuntimeError, match=r"location r1c0 \(.*r1c0\.onnx\): " + message):
+        build.build_engines(root, progress=False)
+    assert read_manifest(root).engine_sets == ()
+    partial = next((root / "engines").glob("*.partial"))
+    assert sorted(p.name for p in partial.iterdir()) == ["r0c0.engine", "r0c1.engine", "timing.cache"]
+    builder(11)  # the model fixed (here: a builder that takes it): the build resumes and completes
+    engines = build.build_engines(root, progress=False)
+    assert [f.name for f in engines.files] == NAMES
+    assert not partial.exists()

@@ -348,6 +348,18 @@ void bind_family(py::module_& m) {
 }
 
 // The TensorRT backend's device-resident pipeline (CUDA builds; elsewhere the constructor raises).
+// The DevicePipeline's upload boundary: a uint8 (n, H, W, C) C-contiguous batch whose H, W match the
+// grid's image, C the pipeline's input channels and n the range 1..max_batch (else the copy reads past it).
+void check_pipeline_images(const Grid& g, int in_channels, int max_batch, const py::array& images) {
+  if (images.ndim() != 4) fail("images: expected (n, height, width, channels) uint8, got " + shape_str(images));
+  const auto n = images.shape(0);
+  if (n < 1 || n > max_batch) {
+    fail("images: batch of " + std::to_string(n) + " images, expected 1 to " + std::to_string(max_batch) +
+         " (max_batch)");
+  }
+  check_array(images, "images", dt<uint8_t>(), {n, g.y.size, g.x.size, in_channels}, false);
+}
+
 void bind_device_pipeline(py::module_& cuda) {
   using device::DevicePipeline;
   py::class_<DevicePipeline>(cuda, "DevicePipeline",
@@ -406,13 +418,15 @@ void bind_device_pipeline(py::module_& cuda) {
            "Device address of a location's (n, C, tile_h, tile_w) float32 tiles: the engine's input.")
       .def("maps_address", &DevicePipeline::maps_address, py::arg("location"), py::arg("n"),
            "Device address of a location's (n, 1, map_h, map_w) float32 map: the engine's output.")
+      .def("tiles_stride", &DevicePipeline::tiles_stride, py::arg("n"),
+           "Bytes from one location's tile block to the next for a batch of n (a multiple of 256).")
+      .def("maps_stride", &DevicePipeline::maps_stride, py::arg("n"),
+           "Bytes from one location's map block to the next for a batch of n (a multiple of 256).")
       .def(
           "upload",
           [](DevicePipeline& self, const py::array& images) {
-            if (images.ndim() != 4)
-              fail("images: expected (n, height, width, channels) uint8, got " + shape_str(images));
-            check_array(images, "images", dt<uint8_t>(),
-                        {images.shape(0), images.shape(1), images.shape(2), images.shape(3)}, false);
+            const device::PipelineSpec& sp = self.spec();
+            check_pipeline_images(sp.grid, sp.tile.in_channels, sp.max_batch, images);
             const int n = static_cast<int>(images.shape(0));
             py::gil_scoped_release nogil;
             self.upload(ptr<uint8_t>(images), n);
@@ -500,6 +514,9 @@ PYBIND11_MODULE(_kernels, m) {
       .def_property_readonly("tile_w", [](const Grid& g) { return g.x.tile; })
       .def_property_readonly("rows", [](const Grid& g) { return g.y.count; })
       .def_property_readonly("cols", [](const Grid& g) { return g.x.count; })
+      .def_property_readonly(
+          "edge", [](const Grid& g) { return static_cast<int>(g.y.edge); },
+          "Edge policy: EDGE_SHIFT, EDGE_PAD or EDGE_RESIZE.")
       .def_property_readonly("canvas_h", [](const Grid& g) { return g.y.canvas; })
       .def_property_readonly("canvas_w", [](const Grid& g) { return g.x.canvas; })
       .def_property_readonly("origins_y", [](const Grid& g) { return origins(g.y); })
@@ -530,6 +547,23 @@ PYBIND11_MODULE(_kernels, m) {
       "cpu_simd", []() { return std::string(cpu::row_converters().rgb_f32 != nullptr ? "avx2+f16c" : "portable"); },
       "Code path of the CPU tile kernel on this machine: 'avx2+f16c' or 'portable'.");
   bind_family<false>(m);
+  m.attr("TENSOR_ALIGN_BYTES") = static_cast<int>(kTensorAlignBytes);
+  m.def(
+      "aligned_block_floats",
+      [](int64_t floats) {
+        if (floats < 0) fail("floats: expected >= 0, got " + std::to_string(floats));
+        return aligned_block_floats(floats);
+      },
+      py::arg("floats"),
+      "Floats from one location's block to the next in the DevicePipeline: floats rounded up to 256 bytes.");
+  m.def(
+      "check_pipeline_images",
+      [](const Grid& g, int in_channels, int max_batch, const py::array& images) {
+        check_pipeline_images(g, in_channels, max_batch, images);
+      },
+      py::arg("grid"), py::arg("in_channels"), py::arg("max_batch"), py::arg("images"),
+      "The DevicePipeline.upload check: ValueError unless images is uint8 (n, image_h, image_w, in_channels), "
+      "C-contiguous, 1 <= n <= max_batch.");
 
   py::module_ cuda = m.def_submodule("cuda", "CUDA twins, host-staged: same signatures as the CPU twins.");
   cuda.def("is_built", &staged::built_with_cuda, "Whether the module was compiled with the CUDA kernels.");

@@ -48,10 +48,15 @@ class DevicePipeline {
 
   // The cudaStream_t every stage runs on, as an integer (TensorRT's execute_async_v3 takes it).
   uintptr_t stream() const;
-  // Device address of location l's tile block (n, C, tile_h, tile_w) float32 for a batch of n.
+  // Device address of location l's tile block (n, C, tile_h, tile_w) float32 for a batch of n:
+  // 256-byte aligned (TensorRT's requirement), location l at l * tiles_stride(n) bytes from location 0.
   uintptr_t tiles_address(int location, int n) const;
-  // Device address of location l's map block (n, 1, map_h, map_w) float32 for a batch of n.
+  // Device address of location l's map block (n, 1, map_h, map_w) float32 for a batch of n, aligned likewise.
   uintptr_t maps_address(int location, int n) const;
+  // Bytes from one location's tile block to the next for a batch of n: a multiple of kTensorAlignBytes.
+  size_t tiles_stride(int n) const;
+  // Bytes from one location's map block to the next for a batch of n: a multiple of kTensorAlignBytes.
+  size_t maps_stride(int n) const;
   // What the pipeline was built for.
   const PipelineSpec& spec() const;
   // Bytes of device memory this pipeline holds.

@@ -17,6 +17,8 @@ DevicePipeline::~DevicePipeline() = default;
 uintptr_t DevicePipeline::stream() const { return 0; }
 uintptr_t DevicePipeline::tiles_address(int, int) const { return 0; }
 uintptr_t DevicePipeline::maps_address(int, int) const { return 0; }
+size_t DevicePipeline::tiles_stride(int) const { return 0; }
+size_t DevicePipeline::maps_stride(int) const { return 0; }
 size_t DevicePipeline::device_bytes() const { return 0; }
 const PipelineSpec& DevicePipeline::spec() const { throw std::runtime_error("no CUDA"); }
 void DevicePipeline::upload(const uint8_t*, int) {}

@@ -72,6 +72,8 @@ BUILDER_API: tuple[tuple[str, str], ...] = (
     ("Builder", "create_optimization_profile"),
     ("Builder", "build_serialized_network"),
     ("OnnxParser", "parse"),
+    ("OnnxParser", "num_errors"),
+    ("OnnxParser", "get_error"),
     ("IBuilderConfig", "set_flag"),
     ("IBuilderConfig", "set_memory_pool_limit"),
     ("IBuilderConfig", "add_optimization_profile"),

@@ -10,8 +10,11 @@ can carry sets for several targets side by side::
 ``gpu`` is the device name in lower case with non-alphanumerics as ``-``;
 the ONNX digest is the first 12 hex digits of the sha256 over the locations'
 ONNX sha256s, so re-exporting the models changes every key. Engines are built
-version-compatible, so a set built with TensorRT 11.x also runs on a later 11.y
-runtime of the same major version (:func:`select_engine_set`).
+version-compatible with the lean runtime excluded from the plan
+(``EXCLUDE_LEAN_RUNTIME``): such a plan runs only with the lean runtime of the
+TensorRT version that built it (``Runtime.load_runtime``'s documentation), so a
+set is selected only for the same major.minor.patch runtime
+(:func:`select_engine_set`); a newer runtime needs engines built by it.
 
 Nothing here imports TensorRT or torch.
 """
@@ -198,17 +201,17 @@ def parse_engine_sets(data: Any, locations: Sequence[str]) -> tuple[EngineSet, .
 def runs_on(engine_set: EngineSet, gpu: str, compute_capability: str, runtime_version: str) -> bool:
     """Whether a set can run on this GPU with this TensorRT runtime.
 
-    The GPU name and compute capability must match. The version must match
-    exactly, or, for a version-compatible set, have the same major version and
-    be at least as new.
+    The GPU name and compute capability must match, and the runtime's
+    major.minor.patch must be the builder's: the exporter's plans exclude the
+    lean runtime, and such a plan needs the lean runtime library of its own
+    TensorRT version, version-compatible or not (a later runtime would need to
+    load that library, which tilead does not do).
     """
     if slug(engine_set.gpu) != slug(gpu) or engine_set.compute_capability != compute_capability:
         return False
     built = tuple(int(p) for p in _version(engine_set.tensorrt)[:3])
     here = tuple(int(p) for p in _version(runtime_version)[:3])
-    if built == here:
-        return True
-    return engine_set.version_compatible and built[0] == here[0] and here >= built
+    return built == here
 
 
 def select_engine_set(
@@ -222,11 +225,11 @@ def select_engine_set(
 ) -> EngineSet | None:
     """The best set for this target, or None.
 
-    Among the sets that :func:`runs_on` this target, have the precision (any
-    when None) and take ``batch``: an exact TensorRT version first, then the
-    newest builder.
+    Among the sets that :func:`runs_on` this target (same TensorRT
+    major.minor.patch), have the precision (any when None) and take ``batch``:
+    the same full version (build number) first, then the newest build.
     """
-    here = runtime_version.split(".")[:3]
+    here = runtime_version.split(".")
     fits = [
         s
         for s in sets
@@ -236,7 +239,7 @@ def select_engine_set(
     ]
     if not fits:
         return None
-    fits.sort(key=lambda s: (s.tensorrt.split(".")[:3] == here, [int(p) for p in s.tensorrt.split(".")]), reverse=True)
+    fits.sort(key=lambda s: (s.tensorrt.split(".") == here, [int(p) for p in s.tensorrt.split(".")]), reverse=True)
     return fits[0]
 
 

@@ -140,11 +140,26 @@ inline int64_t seam_scratch_floats(const Grid& g, int n) {
   return static_cast<int64_t>(n) * g.y.canvas * g.x.canvas + g.y.canvas + 2LL * g.x.canvas;
 }
 
+// TensorRT needs every engine input and output address aligned to 256 bytes:
+// the DevicePipeline pads each location's block to a multiple of this.
+constexpr int64_t kTensorAlignBytes = 256;
+
+// Floats from one location's block to the next for a block of `floats` float32
+// values: `floats` rounded up to a multiple of kTensorAlignBytes / 4.
+inline int64_t aligned_block_floats(int64_t floats) {
+  constexpr int64_t q = kTensorAlignBytes / static_cast<int64_t>(sizeof(float));
+  return (floats + q - 1) / q * q;
+}
+
 #if defined(TILEAD_WITH_CUDA)
 namespace cuda {
 
-void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out, cudaStream_t stream);
-void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out, cudaStream_t stream);
+// loc_stride: elements from one location's block to the next (0: dense, n * C * tile_h * tile_w).
+void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out, cudaStream_t stream,
+                 int64_t loc_stride = 0);
+// loc_stride: floats from one location's maps to the next (0: dense, n * map_h * map_w).
+void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out, cudaStream_t stream,
+                 int64_t loc_stride = 0);
 void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, float* scratch, cudaStream_t stream);
 void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out_h, int out_w, cudaStream_t stream);
 // raw_scores and scores are device pointers too.

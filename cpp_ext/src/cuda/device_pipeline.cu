@@ -35,6 +35,20 @@ struct DevicePipeline::Impl {
 
   explicit Impl(const PipelineSpec& s) : spec(s) {}
 
+  // Floats from one location's block to the next for a batch of n (256-byte aligned blocks).
+  size_t tiles_stride(int n) const {
+    return static_cast<size_t>(aligned_block_floats(static_cast<int64_t>(n) * static_cast<int64_t>(tile_floats)));
+  }
+  size_t maps_stride(int n) const {
+    return static_cast<size_t>(aligned_block_floats(static_cast<int64_t>(n) * static_cast<int64_t>(map_floats)));
+  }
+  void check_location(int location, int n, const char* what) const {
+    if (location < 0 || location >= locations || n < 1 || n > spec.max_batch) {
+      throw std::out_of_range(std::string("DevicePipeline::") + what + ": location " + std::to_string(location) +
+                              " or batch " + std::to_string(n) + " out of range (0 to " +
+                              std::to_string(locations - 1) + ", 1 to " + std::to_string(spec.max_batch) + ")");
+    }
+  }
   void check_batch(int n) const {
     if (n < 1 || n > spec.max_batch) {
       throw std::out_of_range("DevicePipeline: batch of " + std::to_string(n) + " images, expected 1 to " +
@@ -60,8 +74,9 @@ DevicePipeline::DevicePipeline(const PipelineSpec& spec) {
   m.canvas_floats = static_cast<size_t>(g.y.canvas) * g.x.canvas;
   m.out_floats = static_cast<size_t>(g.y.size) * g.x.size;
   m.images = DeviceBuffer(n * m.image_bytes);
-  m.tiles = DeviceBuffer(sizeof(float) * m.locations * n * m.tile_floats);
-  m.maps = DeviceBuffer(sizeof(float) * m.locations * n * m.map_floats);
+  // Each location's block padded to 256 bytes for the largest batch: every smaller batch's stride fits.
+  m.tiles = DeviceBuffer(sizeof(float) * m.locations * m.tiles_stride(spec.max_batch));
+  m.maps = DeviceBuffer(sizeof(float) * m.locations * m.maps_stride(spec.max_batch));
   m.canvas = DeviceBuffer(sizeof(float) * n * m.canvas_floats);
   m.scratch = DeviceBuffer(sizeof(float) * static_cast<size_t>(seam_scratch_floats(g, spec.max_batch)));
   const bool same = g.y.canvas == g.y.size && g.x.canvas == g.x.size;
@@ -94,20 +109,26 @@ uintptr_t DevicePipeline::stream() const { return reinterpret_cast<uintptr_t>(im
 
 uintptr_t DevicePipeline::tiles_address(int location, int n) const {
   const Impl& m = *impl_;
-  if (location < 0 || location >= m.locations || n < 1 || n > m.spec.max_batch) {
-    throw std::out_of_range("DevicePipeline::tiles_address: location or batch out of range");
-  }
-  // Layout of the tile kernel's output for a batch of n: [L][n][C][th][tw].
-  return reinterpret_cast<uintptr_t>(m.tiles.as<float>() + static_cast<size_t>(location) * n * m.tile_floats);
+  m.check_location(location, n, "tiles_address");
+  // Layout of the tile kernel's output for a batch of n: [L][stride >= n*C*th*tw], blocks 256-byte aligned.
+  return reinterpret_cast<uintptr_t>(m.tiles.as<float>() + static_cast<size_t>(location) * m.tiles_stride(n));
 }
 
 uintptr_t DevicePipeline::maps_address(int location, int n) const {
   const Impl& m = *impl_;
-  if (location < 0 || location >= m.locations || n < 1 || n > m.spec.max_batch) {
-    throw std::out_of_range("DevicePipeline::maps_address: location or batch out of range");
-  }
-  // Layout the untile kernel reads for a batch of n: [L][n][map_h][map_w].
-  return reinterpret_cast<uintptr_t>(m.maps.as<float>() + static_cast<size_t>(location) * n * m.map_floats);
+  m.check_location(location, n, "maps_address");
+  // Layout the untile kernel reads for a batch of n: [L][stride >= n*map_h*map_w], blocks 256-byte aligned.
+  return reinterpret_cast<uintptr_t>(m.maps.as<float>() + static_cast<size_t>(location) * m.maps_stride(n));
+}
+
+size_t DevicePipeline::tiles_stride(int n) const {
+  impl_->check_location(0, n, "tiles_stride");
+  return sizeof(float) * impl_->tiles_stride(n);
+}
+
+size_t DevicePipeline::maps_stride(int n) const {
+  impl_->check_location(0, n, "maps_stride");
+  return sizeof(float) * impl_->maps_stride(n);
 }
 
 const PipelineSpec& DevicePipeline::spec() const { return impl_->spec; }
@@ -132,8 +153,10 @@ void DevicePipeline::upload(const uint8_t* images, int n) {
 void DevicePipeline::upload_location_maps(const float* maps, int n) {
   Impl& m = *impl_;
   m.check_batch(n);
-  const size_t bytes = sizeof(float) * m.locations * n * m.map_floats;
-  check(cudaMemcpyAsync(m.maps.as<void>(), maps, bytes, cudaMemcpyHostToDevice, m.stream.get()), "upload maps");
+  const size_t row = sizeof(float) * n * m.map_floats;  // one location's maps, dense on the host
+  check(cudaMemcpy2DAsync(m.maps.as<void>(), sizeof(float) * m.maps_stride(n), maps, row, row,
+                          static_cast<size_t>(m.locations), cudaMemcpyHostToDevice, m.stream.get()),
+        "upload maps");
   m.stream.sync();  // pageable source: done before returning
 }
 
@@ -142,7 +165,8 @@ void DevicePipeline::tile(int n, bool swap_rb) {
   m.check_batch(n);
   TileParams p = m.spec.tile;
   p.swap_rb = swap_rb && p.in_channels == 3 ? 1 : 0;
-  cuda::tile_images(m.images.as<uint8_t>(), n, m.spec.grid, p, m.tiles.as<void>(), m.stream.get());
+  cuda::tile_images(m.images.as<uint8_t>(), n, m.spec.grid, p, m.tiles.as<void>(), m.stream.get(),
+                    static_cast<int64_t>(m.tiles_stride(n)));
 }
 
 void DevicePipeline::untile(int n) {
@@ -153,7 +177,8 @@ void DevicePipeline::untile(int n) {
     up.loc_threshold = m.loc_threshold.as<float>();
     up.loc_scale = m.loc_scale.as<float>();
   }
-  cuda::untile_maps(m.maps.as<float>(), n, m.spec.grid, up, m.canvas.as<float>(), m.stream.get());
+  cuda::untile_maps(m.maps.as<float>(), n, m.spec.grid, up, m.canvas.as<float>(), m.stream.get(),
+                    static_cast<int64_t>(m.maps_stride(n)));
 }
 
 void DevicePipeline::smooth_seams(int n) {
@@ -193,8 +218,10 @@ void DevicePipeline::normalize(int n) {
 void DevicePipeline::download_location_maps(int n, float* maps) {
   Impl& m = *impl_;
   m.check_batch(n);
-  const size_t bytes = sizeof(float) * m.locations * n * m.map_floats;
-  check(cudaMemcpyAsync(maps, m.maps.as<void>(), bytes, cudaMemcpyDeviceToHost, m.stream.get()), "download maps");
+  const size_t row = sizeof(float) * n * m.map_floats;  // one location's maps, dense on the host
+  check(cudaMemcpy2DAsync(maps, row, m.maps.as<void>(), sizeof(float) * m.maps_stride(n), row,
+                          static_cast<size_t>(m.locations), cudaMemcpyDeviceToHost, m.stream.get()),
+        "download maps");
   m.stream.sync();
 }
 

@@ -26,7 +26,7 @@ __device__ __forceinline__ float sample(const uint8_t* img, const Grid& g, int i
 }
 
 template <typename T>
-__global__ void tile_kernel(const uint8_t* images, int n, Grid g, TileParams p, T* out) {
+__global__ void tile_kernel(const uint8_t* images, int n, Grid g, TileParams p, T* out, long long loc_stride) {
   const int th = g.y.tile, tw = g.x.tile;
   const long long plane = static_cast<long long>(th) * tw;
   const long long total = static_cast<long long>(grid_locations(g)) * n * plane;
@@ -42,8 +42,8 @@ __global__ void tile_kernel(const uint8_t* images, int n, Grid g, TileParams p, 
     const int cy = axis_origin(g.y, l / g.x.count) + y;
     const int cx = axis_origin(g.x, l % g.x.count) + x;
     const uint8_t* src = images + img * img_bytes;
-    T* dst =
-        out + ((static_cast<long long>(l) * n + img) * p.out_channels) * plane + static_cast<long long>(y) * tw + x;
+    T* dst = out + static_cast<long long>(l) * loc_stride + static_cast<long long>(img) * p.out_channels * plane +
+             static_cast<long long>(y) * tw + x;
     for (int c = 0; c < p.out_channels; ++c) {
       const int ch = p.in_channels == 1 ? 0 : (p.swap_rb ? 2 - c : c);
       store(dst + c * plane, sample(src, g, p.in_channels, ch, cy, cx) * p.scale[c] + p.bias[c]);
@@ -53,15 +53,18 @@ __global__ void tile_kernel(const uint8_t* images, int n, Grid g, TileParams p, 
 
 }  // namespace
 
-void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out, cudaStream_t stream) {
+void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out, cudaStream_t stream,
+                 int64_t loc_stride) {
   if (n <= 0) return;
+  const long long stride =
+      loc_stride > 0 ? loc_stride : static_cast<long long>(n) * p.out_channels * grid.y.tile * grid.x.tile;
   const long long total = static_cast<long long>(grid_locations(grid)) * n * grid.y.tile * grid.x.tile;
   constexpr int kThreads = 256;
   const unsigned blocks = blocks_for(total, kThreads);
   if (p.out_type == kFloat16) {
-    tile_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(images, n, grid, p, static_cast<uint16_t*>(out));
+    tile_kernel<uint16_t><<<blocks, kThreads, 0, stream>>>(images, n, grid, p, static_cast<uint16_t*>(out), stride);
   } else {
-    tile_kernel<float><<<blocks, kThreads, 0, stream>>>(images, n, grid, p, static_cast<float*>(out));
+    tile_kernel<float><<<blocks, kThreads, 0, stream>>>(images, n, grid, p, static_cast<float*>(out), stride);
   }
   check(cudaGetLastError(), "tile_kernel launch");
 }

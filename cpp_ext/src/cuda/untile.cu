@@ -6,7 +6,7 @@ namespace tilead {
 namespace cuda {
 namespace {
 
-__global__ void untile_kernel(const float* maps, int n, Grid g, UntileParams p, float* out) {
+__global__ void untile_kernel(const float* maps, int n, Grid g, UntileParams p, float* out, long long loc_stride) {
   const int H = g.y.canvas, W = g.x.canvas;
   const long long total = static_cast<long long>(n) * H * W;
   const long long map_plane = static_cast<long long>(p.map_h) * p.map_w;
@@ -32,7 +32,7 @@ __global__ void untile_kernel(const float* maps, int n, Grid g, UntileParams p, 
         const float wx = axis_weight(g.x, c, lx, p.weights) / sum_wx;
         const Lerp h = lerp_coord(lx, p.map_w, g.x.tile);
         const int l = r * g.x.count + c;
-        const float* m = maps + (static_cast<long long>(l) * n + img) * map_plane;
+        const float* m = maps + static_cast<long long>(l) * loc_stride + static_cast<long long>(img) * map_plane;
         const float* m0 = m + static_cast<long long>(v.i0) * p.map_w;
         const float* m1 = m + static_cast<long long>(v.i1) * p.map_w;
         const float top = (1.0f - h.w1) * m0[h.i0] + h.w1 * m0[h.i1];
@@ -48,11 +48,13 @@ __global__ void untile_kernel(const float* maps, int n, Grid g, UntileParams p, 
 
 }  // namespace
 
-void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out, cudaStream_t stream) {
+void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out, cudaStream_t stream,
+                 int64_t loc_stride) {
   if (n <= 0) return;
+  const long long stride = loc_stride > 0 ? loc_stride : static_cast<long long>(n) * p.map_h * p.map_w;
   const long long total = static_cast<long long>(n) * grid.y.canvas * grid.x.canvas;
   constexpr int kThreads = 256;
-  untile_kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(maps, n, grid, p, out);
+  untile_kernel<<<blocks_for(total, kThreads), kThreads, 0, stream>>>(maps, n, grid, p, out, stride);
   check(cudaGetLastError(), "untile_kernel launch");
 }
 

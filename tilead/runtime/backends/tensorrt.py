@@ -56,6 +56,9 @@ from tilead.runtime.timing import StageTimes, timed
 
 log = logging.getLogger("tilead.runtime.backends.tensorrt")
 
+TENSOR_ALIGN_BYTES = 256
+"""TensorRT's alignment for every engine input and output address (the DevicePipeline pads its blocks to it)."""
+
 CAPABILITIES = Capabilities(devices=("cuda",), full_pipeline=True, detector_score=False)
 BUILD_ELSEWHERE = (
     "the runtime does not build TensorRT engines: build them on this machine with `tilead-export {bundle} --trt` "
@@ -98,6 +101,11 @@ class TensorRTBackend:
         self.engine_set: EngineSet = engine_set
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
+        if engine_set.version_compatible:
+            # A version-compatible plan may carry host code (the lean runtime, when not excluded), which TensorRT
+            # refuses to deserialize unless allowed. These plans are trusted: each file's sha256 is checked against
+            # the digest-verified manifest before TensorRT sees it.
+            self._runtime.engine_host_code_allowed = True
         self._engines: list[Any] = []
         self._contexts: list[Any] = []
         self._io: list[tuple[str, str]] = []
@@ -112,9 +120,7 @@ class TensorRTBackend:
             outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
             if len(inputs) != 1 or len(outputs) != 1:
                 raise BundleError(f"engine {path}: expected one input and one output, got {inputs} and {outputs}")
-            for name in (inputs[0], outputs[0]):
-                if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
-                    raise BundleError(f"engine {path}: tensor {name} is not float32")
+            _check_engine(trt, engine, path, inputs[0], outputs[0], manifest, max_batch)
             self._engines.append(engine)
             self._contexts.append(engine.create_execution_context())
             self._io.append((inputs[0], outputs[0]))
@@ -148,12 +154,26 @@ class TensorRTBackend:
         stream = self.pipeline.stream
         with timed(timer, "inference"):
             for index, (ctx, (inp, out)) in enumerate(zip(self._contexts, self._io, strict=True)):
-                with timed(timer, f"location:{m.locations[index].name}"):
-                    ctx.set_input_shape(inp, (n, c, th, tw))
-                    ctx.set_tensor_address(inp, self.pipeline.tiles_address(index, n))
-                    ctx.set_tensor_address(out, self.pipeline.maps_address(index, n))
+                name = m.locations[index].name
+                with timed(timer, f"location:{name}"):
+                    # A False here would leave the previous batch's shape or address in place: never ignore it.
+                    if not ctx.set_input_shape(inp, (n, c, th, tw)):
+                        raise RuntimeError(
+                            f"location {name}: TensorRT refused input shape {(n, c, th, tw)} for tensor {inp!r}"
+                        )
+                    for tensor, address in ((inp, self.pipeline.tiles_address(index, n)),
+                                            (out, self.pipeline.maps_address(index, n))):  # fmt: skip
+                        if address % TENSOR_ALIGN_BYTES:
+                            raise RuntimeError(
+                                f"location {name}: device address {address:#x} of tensor {tensor!r} is not "
+                                f"{TENSOR_ALIGN_BYTES}-byte aligned (batch {n})"
+                            )
+                        if not ctx.set_tensor_address(tensor, address):
+                            raise RuntimeError(
+                                f"location {name}: TensorRT refused device address {address:#x} for tensor {tensor!r}"
+                            )
                     if not ctx.execute_async_v3(stream):
-                        raise RuntimeError(f"location {m.locations[index].name}: TensorRT failed to enqueue")
+                        raise RuntimeError(f"location {name}: TensorRT failed to enqueue")
                     if timer is not None:
                         self.pipeline.synchronize()
 
@@ -227,6 +247,50 @@ def create(request: BackendRequest) -> TensorRTBackend:
     if request.build_on_load:
         raise ValueError(f"build_on_load: {BUILD_ELSEWHERE.format(bundle=request.bundle)}")
     return TensorRTBackend(request.bundle, request.manifest, precision=request.precision, max_batch=request.max_batch)
+
+
+def _dims(value: Any) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` (or any sequence of ints) as a tuple."""
+    return tuple(int(d) for d in value)
+
+
+def _check_engine(trt: Any, engine: Any, path: Path, inp: str, out: str, manifest: Manifest, max_batch: int) -> None:
+    """Check one engine against what the pipeline will give it, before any launch.
+
+    Input ``(batch, channels, tile_h, tile_w)`` float32 with an optimization
+    profile 0 whose min batch is 1 and max batch at least ``max_batch`` (and
+    the same channels and tile size at min, opt and max); output ``(batch, 1,
+    map_h, map_w)`` float32. A batch dimension may be dynamic (-1).
+
+    Raises:
+        BundleError: Naming the engine, the tensor, what it has and what the pipeline expects.
+    """
+    c, (th, tw) = manifest.preprocessing.channels, manifest.grid.tile_size
+    mh, mw = manifest.map_size
+    for name in (inp, out):
+        dtype = engine.get_tensor_dtype(name)
+        if dtype != trt.DataType.FLOAT:
+            raise BundleError(f"engine {path}: tensor {name!r} is {dtype}, expected float32 (DataType.FLOAT)")
+    for name, want in ((inp, (c, th, tw)), (out, (1, mh, mw))):
+        shape = _dims(engine.get_tensor_shape(name))
+        if len(shape) != 4 or shape[1:] != want or shape[0] not in (-1, max_batch):
+            raise BundleError(
+                f"engine {path}: tensor {name!r} has shape {shape}, expected (batch, {', '.join(map(str, want))}) "
+                f"for this bundle's pipeline"
+            )
+    if int(engine.num_optimization_profiles) < 1:
+        raise BundleError(f"engine {path}: no optimization profile, expected one taking batches 1 to {max_batch}")
+    lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(inp, 0))
+    for label, dims in (("min", lo), ("opt", opt), ("max", hi)):
+        if len(dims) != 4 or dims[1:] != (c, th, tw):
+            raise BundleError(
+                f"engine {path}: profile {label} shape of {inp!r} is {dims}, expected (batch, {c}, {th}, {tw})"
+            )
+    if lo[0] != 1 or hi[0] < max_batch:
+        raise BundleError(
+            f"engine {path}: profile takes batches {lo[0]} to {hi[0]} (opt {opt[0]}), the pipeline needs 1 to "
+            f"{max_batch} (max_batch); rebuild with `tilead-export BUNDLE --trt --max-batch {max_batch}` or lower it"
+        )
 
 
 def _make_pipeline(manifest: Manifest, max_batch: int, norm: NormParams) -> Any:
