@@ -36,6 +36,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "grid": {"tile_size": 96, "stride": 64},
         "model": {"feature_stride": 8, "n_features": 16, "blur_sigma": 1.0},
         "train": {"batch_size": 2, "threads": 1, "task_cpus": 1, "max_retries": 2},
+        "validation": {"force": True},  # 5 test images, below min_images
     }
     (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     return root

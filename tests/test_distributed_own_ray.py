@@ -26,6 +26,7 @@ def test_ray_backend_starts_and_stops_its_own_local_ray(tmp_path: Path) -> None:
         "grid": {"tile_size": 96, "stride": 32},
         "model": {"feature_stride": 8, "n_features": 8, "blur_sigma": 1.0},
         "train": {"backend": "ray", "task_cpus": 1, "batch_size": 4},
+        "validation": {"force": True},  # 4 test images, below min_images
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

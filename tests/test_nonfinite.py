@@ -139,7 +139,7 @@ def _poison_location(bundle: Path, target: Path, location: str) -> Path:
     import onnx
     from onnx import helper
 
-    from tilead.runtime.bundle import OUTPUT_NAME, sha256_file
+    from tilead.runtime.bundle import OUTPUT_NAME, sha256_file, write_manifest
 
     shutil.copytree(bundle, target)
     manifest = json.loads((target / "manifest.json").read_text())
@@ -154,7 +154,7 @@ def _poison_location(bundle: Path, target: Path, location: str) -> Path:
     onnx.save(model, str(path))
     entry["sha256"] = sha256_file(path)
     entry["bytes"] = path.stat().st_size
-    (target / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(target, manifest)  # a re-export of the poisoned model: hashes and digest refreshed
     return target
 
 

@@ -54,6 +54,7 @@ def detector_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "grid": {"tile_size": 96, "stride": 64},
         "model": {"family": "patchcore", "coreset_ratio": 0.25, "blur_sigma": 1.0},
         "postprocess": {"weights": "feather", "image_score": "detector"},
+        "validation": {"force": True},  # 5 test images, below min_images
     }
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
