@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_predictor import read_images, summarize, test_images
+from bench_predictor import DATA, read_images, summarize, test_images
 
 from tilead.benchmarking.environment import cpu_model
 
@@ -237,7 +237,7 @@ def main() -> int:
         parser.error("--images and --repeats must be >= 1")
     for name in args.entries:
         ensure(name, args.train)
-    paths = test_images(args.images)
+    paths = test_images(args.images, DATA)
     images = read_images(paths)
     rows = {name: describe(name) for name in args.entries}
     for name, lat in latency(args.entries, images, args.repeats).items():

@@ -28,34 +28,11 @@ import numpy as np
 
 from tilead.benchmarking.environment import cpu_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predictor import read_images, test_images
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mvtec_bottle"
-
-
-def test_images(folder: Path, count: int) -> list[Path]:
-    """The first ``count`` images under ``folder/test``, taken round-robin over its defect folders."""
-    lists = [sorted(f.glob("*.png")) for f in sorted(p for p in (folder / "test").iterdir() if p.is_dir())]
-    out: list[Path] = []
-    while len(out) < count and any(lists):
-        for files in lists:
-            if files and len(out) < count:
-                out.append(files.pop(0))
-    if not out:
-        raise SystemExit(f"no test images under {folder / 'test'}")
-    return out
-
-
-def load(paths: list[Path]) -> list[np.ndarray]:
-    """Decode images as uint8 BGR ``(H, W, 3)``."""
-    import cv2
-
-    images = []
-    for p in paths:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            raise SystemExit(f"cannot read {p}")
-        images.append(img)
-    return images
 
 
 def measure(
@@ -115,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         got = manifest["model"].get("precision", "fp32")
         if got != name:
             raise SystemExit(f"{getattr(args, name)}: model.precision is {got!r}, expected {name!r}")
-    images = load(test_images(args.data, max(args.images, max(args.batch))))
+    images = read_images(test_images(max(args.images, max(args.batch)), args.data))
     bundles = {"fp32": args.fp32, "int8": args.int8}
     rows = []
     for batch in args.batch:

@@ -49,9 +49,9 @@ BARS = {"speedup_vs_eager": 5.0, "outside_inference_share": 0.05, "speedup_vs_an
 STAGES = ("input", "tile", "inference", "untile", "seam", "crop", "normalize")
 
 
-def test_images(count: int) -> list[Path]:
-    """The first ``count`` bottle test images, taken round-robin over the defect folders."""
-    folders = sorted(p for p in (DATA / "test").iterdir() if p.is_dir())
+def test_images(count: int, data: Path) -> list[Path]:
+    """The first ``count`` test images of an MVTec-layout category (bottle), round-robin over the defect folders."""
+    folders = sorted(p for p in (data / "test").iterdir() if p.is_dir())
     lists = [sorted(f.glob("*.png")) for f in folders]
     out: list[Path] = []
     while len(out) < count and any(lists):
@@ -59,7 +59,7 @@ def test_images(count: int) -> list[Path]:
             if files and len(out) < count:
                 out.append(files.pop(0))
     if not out:
-        raise SystemExit(f"no test images under {DATA / 'test'}")
+        raise SystemExit(f"no test images under {data / 'test'}")
     return out
 
 
@@ -319,7 +319,7 @@ def main() -> int:
     if not DATA.is_dir():
         raise SystemExit(f"the bottle data is missing: expected {DATA}")
     ensure_run_and_bundle(args.run, args.bundle)
-    paths = test_images(args.images)
+    paths = test_images(args.images, DATA)
     print(f"{len(paths)} bottle test images x {args.repeats} repeats; Predictor-only child first ...", flush=True)
     child_res = run_child(args.bundle, paths, args.repeats)
     res = side_by_side(args.run, args.bundle, paths, args.repeats, args.batch)

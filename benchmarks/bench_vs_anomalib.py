@@ -50,6 +50,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predictor import read_images
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's seam smoothing would draw a progress bar per image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,19 +75,6 @@ def image_paths(folder: Path, count: int | None) -> list[Path]:
                 out.append(files.pop(0))
     if not out:
         raise SystemExit(f"no PNG images under {folder}")
-    return out
-
-
-def decode(paths: list[Path]) -> list[np.ndarray]:
-    """uint8 BGR ``(H, W, 3)`` images."""
-    import cv2
-
-    out = []
-    for p in paths:
-        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
-        if img is None:
-            raise SystemExit(f"cannot read {p}")
-        out.append(img)
     return out
 
 
@@ -189,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from tilead.benchmarking.environment import cpu_model
     from tilead.runtime import Predictor
 
-    train = decode(image_paths(args.data / "train" / "good", args.train_images))
-    test = decode(image_paths(args.data / "test", args.images))
+    train = read_images(image_paths(args.data / "train" / "good", args.train_images))
+    test = read_images(image_paths(args.data / "test", args.images))
     anomalib = AnomalibEnsemble(args.threads)
     fit_s = anomalib.fit(train)
     del train
