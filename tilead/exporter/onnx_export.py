@@ -161,10 +161,27 @@ def compare_with_eager(model: nn.Module, path: Path, tile_shape: tuple[int, int,
     Raises:
         RuntimeError: If the ONNX outputs' shapes differ from the eager ones.
     """
+    rng = np.random.default_rng(seed)
+    return compare_outputs(model, path, rng.standard_normal((2, *tile_shape)).astype(np.float32))
+
+
+def compare_outputs(model: nn.Module, path: Path, x: np.ndarray) -> float:
+    """Max abs difference of ONNX Runtime (CPU) vs the eager model on the tiles ``x``.
+
+    Args:
+        model: The eager reference; a :class:`MapAndScore` compares the score output too.
+        path: The exported ONNX file.
+        x: float32 ``(n, C, th, tw)`` tiles.
+
+    Returns:
+        As :func:`compare_with_eager`.
+
+    Raises:
+        RuntimeError: If the ONNX outputs' shapes differ from the eager ones.
+    """
     import onnxruntime as ort
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, *tile_shape)).astype(np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = output_names(model)
     got = session.run(names, {INPUT_NAME: x})

@@ -189,24 +189,9 @@ def compare_int8(model: Any, path: Path, batch: np.ndarray) -> float:
         The largest max abs difference of any output relative to the eager
         map's range (the score's magnitude) on these tiles.
     """
-    import onnxruntime as ort
-    import torch
+    from tilead.exporter.onnx_export import compare_outputs
 
-    from tilead.exporter.onnx_export import output_names
-    from tilead.runtime.bundle import OUTPUT_NAME
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = output_names(model)
-    x = np.ascontiguousarray(batch, dtype=np.float32)
-    got = session.run(names, {INPUT_NAME: x})
-    with torch.inference_mode():
-        out = model.eval()(torch.from_numpy(x))
-    refs = [t.numpy() for t in out] if isinstance(out, tuple) else [out.numpy()]
-    worst = 0.0
-    for name, g, ref in zip(names, got, refs, strict=True):
-        span = float(ref.max() - ref.min()) if name == OUTPUT_NAME else float(np.abs(ref).max())
-        worst = max(worst, float(np.abs(g - ref).max()) / (span or 1.0))
-    return worst
+    return compare_outputs(model, path, batch)
 
 
 def _is_head_node(node: Any) -> bool:
