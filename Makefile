@@ -15,7 +15,7 @@
 #   make bench-int8      FP32 vs INT8 bottle bundle (tilead-export --precision int8), alternating, one process
 #   make bench-vs-anomalib  anomalib 2.7's tiled-ensemble core beside the Predictor on bottle, one process (ratio of medians)
 #   make bench-serve      tilead-serve under load (concurrency 1, 4, 16) beside direct Predictor calls, bottle bundle
-#   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, banded vs whole-image
+#   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, area kernel, banded bilinear, whole-image
 #   make bench-soak       Predictor soak on the bottle bundle: RSS slope per 1000 predictions, result drift
 #   make bench-good-only  thresholds from good images only (holdout, synthetic, SuperADD, oracle) on bottle + demo
 #   make info        what this installation can do here (tilead-info)

@@ -2,8 +2,10 @@
 
 Each measurement runs in a fresh subprocess: it builds a random uint8 image of
 SIZE x SIZE x 3, records the RSS, resizes it to the bundle-like size with
-either the banded resize (``tilead.runtime.image_resize.resize_uint8``, what
-the Predictor runs) or the whole-image float32 conversion it replaced, and
+the area kernel (``tilead.runtime.image_resize.resize_image``, what the
+Predictor runs on a shrinking image since issue #19), the banded bilinear
+resize (``resize_uint8``, what it runs on a growing image, and ran before #19
+on every image) or the whole-image float32 conversion that one replaced, and
 reports the peak RSS above the image itself (``ru_maxrss`` minus the RSS with
 the image allocated).
 
@@ -30,11 +32,13 @@ def rss_mib():
     raise RuntimeError("no VmRSS")
 
 size, out_size, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-from tilead.runtime.image_resize import resize_uint8
+from tilead.runtime.image_resize import resize_image, resize_uint8
 image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
 base = rss_mib()
 start = time.perf_counter()
-if mode == "banded":
+if mode == "area":
+    out = resize_image(image, (out_size, out_size))
+elif mode == "banded":
     out = resize_uint8(image, (out_size, out_size))
 else:  # what Predictor did before: the whole image as float32 planes
     out = resize_uint8(image, (out_size, out_size), whole_elements=image.size)
@@ -56,22 +60,22 @@ def measure(size: int, out_size: int, mode: str) -> dict[str, float]:
 
 
 def main() -> None:
-    """Measure the banded resize and, unless --banded-only, the whole-image conversion it replaced."""
+    """Measure the area and banded resizes and, unless --banded-only, the whole-image conversion."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=20000, help="Input image side in pixels.")
     parser.add_argument("--out-size", type=int, default=900, help="Output side (the bundle's image size).")
     parser.add_argument("--banded-only", action="store_true", help="Skip the old whole-image route (needs ~5x RAM).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
     args = parser.parse_args()
-    modes = ["banded"] if args.banded_only else ["banded", "whole"]
+    modes = ["area", "banded"] if args.banded_only else ["area", "banded", "whole"]
     rows = [measure(args.size, args.out_size, m) for m in modes]
     for r in rows:
         print(
             f"{r['mode']:7s} {args.size}x{args.size}x3 -> {args.out_size}: image {r['image_mib']:.0f} MiB, "
             f"temporaries {r['temporaries_mib']:.0f} MiB (peak RSS {r['peak_rss_mib']:.0f} MiB), {r['seconds']:.2f} s"
         )
-    if len(rows) == 2:
-        print(f"same output: {rows[0]['checksum'] == rows[1]['checksum']}")
+    if len(rows) == 3:
+        print(f"banded and whole give the same output: {rows[1]['checksum'] == rows[2]['checksum']}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -205,3 +205,73 @@ def normalize(
     scores = np.clip((raw - image_threshold) / (image_range[1] - image_range[0]) + 0.5, 0.0, 1.0)
     scores = np.where(bad_image, 1.0, scores)
     return norm, norm > 0.5, raw, scores
+
+
+def area_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_AREA coverage table along one axis (downscaling, ``in_size >= out_size``).
+
+    Output pixel ``d`` covers ``[d * s, (d + 1) * s)`` of the input (``s = 1 / (out / in)`` in float64,
+    as OpenCV computes it); every input pixel it touches gets its covered fraction divided by the cell
+    width, rounded to float32. Returns ``(index, weight)`` of shape ``(out_size, taps)``, zero-padded
+    (weight 0 on index 0) after each row's taps, in increasing index order.
+    """
+    scale = 1.0 / (out_size / in_size)
+    rows: list[list[tuple[int, float]]] = []
+    for d in range(out_size):
+        f1 = d * scale
+        f2 = f1 + scale
+        cell = min(scale, in_size - f1)
+        s2 = min(int(np.floor(f2)), in_size - 1)
+        s1 = min(int(np.ceil(f1)), s2)
+        taps = []
+        if s1 - f1 > 1e-3:
+            taps.append((s1 - 1, (s1 - f1) / cell))
+        taps.extend((s, 1.0 / cell) for s in range(s1, s2))
+        if f2 - s2 > 1e-3:
+            taps.append((s2, min(f2 - s2, 1.0, cell) / cell))
+        rows.append(taps)
+    width = max(len(t) for t in rows)
+    index = np.zeros((out_size, width), dtype=np.int64)
+    weight = np.zeros((out_size, width), dtype=np.float32)
+    for d, taps in enumerate(rows):
+        for k, (s, a) in enumerate(taps):
+            index[d, k] = s
+            weight[d, k] = np.float32(a)
+    return index, weight
+
+
+def area_resize(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """OpenCV's ``INTER_AREA`` downscale of a uint8 ``(H, W, C)`` image (``out_h <= H``, ``out_w <= W``).
+
+    Written from OpenCV's description of the algorithm: with whole-number scale factors on both axes
+    each output pixel is the mean of its block (``(sum + 2) >> 2`` for 2x2 blocks, else
+    ``sum * float32(1 / area)`` rounded half to even); otherwise each output pixel is the coverage-weighted
+    mean in float32, summed per source row horizontally, then over rows, rounded half to even.
+    """
+    h, w, _ = image.shape
+    if (out_h, out_w) == (h, w):
+        same: np.ndarray = image.copy()
+        return same
+    sx, sy = 1.0 / (out_w / w), 1.0 / (out_h / h)
+    ix, iy = int(np.rint(sx)), int(np.rint(sy))
+    if abs(sx - ix) < np.finfo(np.float64).eps and abs(sy - iy) < np.finfo(np.float64).eps:
+        blocks = image[: out_h * iy, : out_w * ix].astype(np.int64)
+        sums = blocks.reshape(out_h, iy, out_w, ix, -1).sum(axis=(1, 3))
+        if ix == 2 and iy == 2:
+            halved: np.ndarray = ((sums + 2) >> 2).astype(np.uint8)
+            return halved
+        scaled = sums.astype(np.float32) * np.float32(1.0 / (ix * iy))
+        block: np.ndarray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return block
+    xi, xa = area_taps(w, out_w)
+    yi, ya = area_taps(h, out_h)
+    pixels = image.astype(np.float32)
+    out = np.zeros((out_h, out_w, image.shape[2]), dtype=np.float32)
+    for t in range(yi.shape[1]):
+        rows = pixels[yi[:, t]]  # (out_h, W, C)
+        buf = np.zeros(out.shape, dtype=np.float32)
+        for k in range(xi.shape[1]):
+            buf = buf + rows[:, xi[:, k]] * xa[None, :, k, None]
+        out = (out + ya[:, t, None, None] * buf).astype(np.float32)
+    result: np.ndarray = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return result

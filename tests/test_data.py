@@ -14,6 +14,7 @@ from conftest import BOTTLE
 from pydantic import ValidationError
 
 from tilead.demo.synthetic import SyntheticSpec, generate
+from tilead.runtime.image_resize import resize_uint8
 from tilead.trainer.data import DataConfig, DatasetError, Sample, UnreadableFileError, discover
 from tilead.trainer.images import Batch, ImageLoader, _header_size
 
@@ -357,11 +358,12 @@ def test_resize_uses_area_for_shrinking_and_linear_for_growing(tmp_path: Path) -
     assert np.all(small == 64)  # INTER_AREA averages 4x4 blocks: 255 / 4; INTER_LINEAR would give 0
     checker = write(tmp_path / "checker.png", np.array([[0, 255], [255, 0]], dtype=np.uint8))
     big = ImageLoader(mvtec(tmp_path, image_size=(5, 7), color="gray")).load_image(checker)
-    linear = cv2.resize(np.array([[0, 255], [255, 0]], dtype=np.uint8), (7, 5), interpolation=cv2.INTER_LINEAR)
+    # Growing: the runtime's bilinear resize, the one Predictor(resize=True) uses (issue #19).
+    linear = resize_uint8(np.array([[0, 255], [255, 0]], dtype=np.uint8)[:, :, None], (5, 7))
     area = cv2.resize(np.array([[0, 255], [255, 0]], dtype=np.uint8), (7, 5), interpolation=cv2.INTER_AREA)
-    assert not np.array_equal(linear, area)  # the check below can tell them apart
+    assert not np.array_equal(linear[:, :, 0], area)  # the check below can tell them apart
     assert big.shape == (5, 7, 1)
-    np.testing.assert_array_equal(big[:, :, 0], linear)
+    np.testing.assert_array_equal(big, linear)
 
 
 def test_resize_image_and_mask_to_image_size(tmp_path: Path) -> None:

@@ -213,7 +213,10 @@ def test_bad_images(trained: tuple[Path, Path]) -> None:
             predictor.predict(np.zeros((100, 120, 3), np.uint8))
         resized = predictor.predict(np.zeros((100, 120, 3), np.uint8), resize=True)
         assert isinstance(resized, Prediction)
-        assert resized.anomaly_map.shape == (160, 160)
+        assert resized.anomaly_map.shape == resized.mask.shape == (100, 120)  # at the input's size
+        at_bundle = predictor.predict(np.zeros((100, 120, 3), np.uint8), resize=True, map_size="bundle")
+        assert isinstance(at_bundle, Prediction)
+        assert at_bundle.mask.shape == (160, 160)
         with pytest.raises(ValueError, match="expected dtype uint8, got float32"):
             predictor.predict(images[0].astype(np.float32))
         with pytest.raises(ValueError, match=r"got shape \(160, 160, 4\)"):

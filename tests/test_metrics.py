@@ -403,3 +403,35 @@ GOOD_MASKS = GOOD_MAPS > 0.8
 def test_invalid_inputs_raise(call: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@given(st.integers(2, 12), st.integers(2, 12), st.integers(0, 2**32 - 1))
+def test_images_of_different_sizes_are_each_judged_at_their_own_size(h: int, w: int, seed: int) -> None:
+    """A list of per-image maps (issue #19): transposing one image changes its shape, not its pixels or regions."""
+    rng = np.random.default_rng(seed)
+    maps = rng.random((2, h, w)).astype(np.float32)
+    masks = rng.random((2, h, w)) > 0.7
+    masks[0, 0, 0] = True  # at least one region
+    masks[1, -1, -1] = False  # at least one normal pixel
+    scores = np.array([0.2, 0.9])
+    labels = np.array([False, True])
+    stacked = evaluate(scores, labels, maps, masks, image_threshold=0.5, pixel_threshold=0.5)
+    mixed = evaluate(
+        scores, labels, [maps[0], maps[1].T], [masks[0], masks[1].T], image_threshold=0.5, pixel_threshold=0.5
+    )
+    assert mixed == pytest.approx(stacked, abs=1e-12)
+    assert mixed["pixel_auroc"] == pytest.approx(roc_auc_score(masks.reshape(-1), maps.reshape(-1)))
+
+
+def test_per_image_lists_are_checked() -> None:
+    with pytest.raises(ValueError, match="equally long"):
+        evaluate([0.1], [True], [np.zeros((2, 2))], [], image_threshold=0.5, pixel_threshold=0.5)
+    with pytest.raises(ValueError, match="same shape"):
+        evaluate(
+            [0.1, 0.2],
+            [True, False],
+            [np.zeros((2, 2)), np.zeros((3, 2))],
+            [np.zeros((2, 2), bool), np.zeros((2, 3), bool)],
+            image_threshold=0.5,
+            pixel_threshold=0.5,
+        )

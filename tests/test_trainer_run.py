@@ -244,3 +244,38 @@ def test_interrupted_fit_keeps_finished_locations(
     assert result.fitted_now == 2
     assert sorted(p.stem for p in paths.locations.iterdir()) == ["r0c0", "r0c1", "r1c0", "r1c1"]
     assert json.loads(paths.run_json.read_text())["status"] == "trained"
+
+
+def test_mixed_size_dataset_is_evaluated_at_each_images_own_resolution(tmp_path: Path, synthetic: Path) -> None:
+    """Issue #19: images of different sizes, data.image_size set, eval.resolution original (the default)."""
+    import shutil
+
+    import cv2
+
+    from tilead.trainer.pipeline import evaluate, train
+
+    root = tmp_path / "mixed"
+    shutil.copytree(synthetic, root)
+    sizes = {"test/good/001.png": (150, 210), "test/scratch/000.png": (220, 190), "train/good/003.png": (200, 160)}
+    for rel, (h, w) in sizes.items():
+        path = root / rel
+        cv2.imwrite(str(path), cv2.resize(np.asarray(cv2.imread(str(path))), (w, h), interpolation=cv2.INTER_AREA))
+        mask = root / "ground_truth" / Path(rel).parent.name / f"{Path(rel).stem}_mask.png"
+        if rel.startswith("test/") and mask.exists():
+            gt = np.asarray(cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE))
+            cv2.imwrite(str(mask), cv2.resize(gt, (w, h), interpolation=cv2.INTER_NEAREST))
+    overrides = {"data.image_size": 96, "grid.tile_size": 96, "grid.stride": 96, "eval.overlays": 9}
+    cfg = load_config(_config(tmp_path, root), overrides)
+    result = train(cfg, tmp_path / "run", progress=False)
+    report = evaluate(result.paths.root, tmp_path / "eval", progress=False)
+    assert report.metrics["evaluated_at"] == "original (mixed sizes)"
+    for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1"):
+        assert 0.0 <= report.metrics["metrics"][key] <= 1.0
+    assert report.metrics["metrics"]["image_auroc"] >= 0.8
+    # Overlays at each image's own size (image and map panels side by side).
+    shapes = {p.name: np.asarray(cv2.imread(str(p))).shape[:2] for p in report.overlays}
+    assert shapes["scratch_000.png"] == (220, 380)
+    assert shapes["good_000.png"] == (176, 352)
+    # The same run at the model's resolution still works (one size: 96x96).
+    model_res = evaluate(result.paths.root, tmp_path / "model", progress=False, overrides={"eval.resolution": "model"})
+    assert model_res.metrics["evaluated_at"] == [96, 96]

@@ -6,6 +6,7 @@ They have exactly the CPU twins' signatures, so the stub re-exports those.
 import numpy as np
 
 from ._kernels import normalize_maps as normalize_maps
+from ._kernels import resize_area as resize_area
 from ._kernels import resize_maps as resize_maps
 from ._kernels import smooth_seams as smooth_seams
 from ._kernels import tile_images as tile_images

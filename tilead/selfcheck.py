@@ -35,6 +35,7 @@ from tilead.runtime import (
     tile_images,
     untile_maps,
 )
+from tilead.runtime.image_resize import resize_image
 
 TOLERANCE = 1e-4  # kernels: float32 math in a different order
 ENGINE_TOLERANCE = 1e-2  # TensorRT fp32 engines against ONNX Runtime CPU, relative to the map range
@@ -131,6 +132,10 @@ def _kernel_checks(rng: np.random.Generator) -> list[Check]:
     got = resize_maps(canvas, (211, 173), device="cuda")
     want = resize_maps(canvas, (211, 173))
     checks.append(_compare("kernel resize_maps", got, want, TOLERANCE))
+    for size in ((150, 205), (97, 131)):  # whole-number factors, then fractional coverage
+        got_u8 = resize_image(images[0], size, device="cuda").astype(np.float32)
+        want_u8 = resize_image(images[0], size).astype(np.float32)
+        checks.append(_compare(f"kernel resize_area {size[0]}x{size[1]}", got_u8, want_u8, 0.0))  # exact: same rounding
     args: dict[str, Any] = {"pixel_threshold": 0.4, "image_threshold": 0.7, "pixel_range": (0.0, 1.0),
                             "image_range": (0.2, 1.0)}  # fmt: skip
     got_n = normalize_maps(canvas, device="cuda", **args)

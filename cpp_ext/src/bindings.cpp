@@ -221,6 +221,23 @@ int check_resize(const py::array& in, const py::array& out) {
   return static_cast<int>(in.shape(0));
 }
 
+int check_area(const py::array& in, const py::array& out) {
+  if (in.ndim() != 4) fail("images: expected 4 dimensions (n, height, width, channels), got shape " + shape_str(in));
+  if (out.ndim() != 4) fail("out: expected 4 dimensions (n, height, width, channels), got shape " + shape_str(out));
+  check_array(in, "images", dt<uint8_t>(), {in.shape(0), in.shape(1), in.shape(2), in.shape(3)}, false);
+  check_array(out, "out", dt<uint8_t>(), {in.shape(0), out.shape(1), out.shape(2), in.shape(3)}, true);
+  if (in.shape(3) < 1 || out.shape(1) < 1 || out.shape(2) < 1) {
+    fail("images and out: channels, heights and widths must be at least 1, got " + shape_str(in) + " and " +
+         shape_str(out));
+  }
+  if (out.shape(1) > in.shape(1) || out.shape(2) > in.shape(2)) {
+    fail("out: the area resize only shrinks; expected a height <= " + std::to_string(in.shape(1)) +
+         " and a width <= " + std::to_string(in.shape(2)) + ", got shape " + shape_str(out));
+  }
+  check_disjoint(in, "images", out, "out");
+  return static_cast<int>(in.shape(0));
+}
+
 NormParams check_normalize(const py::array& in, const py::array& out, const py::object& mask,
                            const py::array& raw_scores, const py::array& scores, int mode, float pt, float pmin,
                            float pmax, float it, float imin, float imax, py::array* mask_arr) {
@@ -322,6 +339,22 @@ void bind_family(py::module_& m) {
         }
       },
       py::arg("maps"), py::arg("out"), "Bilinear resize (align_corners=False) of maps (n, h, w) into out (n, H, W).");
+  m.def(
+      "resize_area",
+      [](const py::array& images, py::array& out) {
+        const int n = check_area(images, out);
+        const int ih = static_cast<int>(images.shape(1)), iw = static_cast<int>(images.shape(2));
+        const int c = static_cast<int>(images.shape(3));
+        const int oh = static_cast<int>(out.shape(1)), ow = static_cast<int>(out.shape(2));
+        py::gil_scoped_release nogil;
+        if (Cuda) {
+          staged::resize_area(ptr<uint8_t>(images), n, ih, iw, c, ptr<uint8_t>(out), oh, ow);
+        } else {
+          cpu::resize_area(ptr<uint8_t>(images), n, ih, iw, c, ptr<uint8_t>(out), oh, ow);
+        }
+      },
+      py::arg("images"), py::arg("out"),
+      "Area downscale (OpenCV's INTER_AREA) of uint8 images (n, h, w, c) into out (n, H, W, c), H <= h, W <= w.");
   m.def(
       "normalize_maps",
       [](const py::array& in, py::array& out, const py::object& mask, py::array& raw_scores, py::array& scores,

@@ -24,6 +24,7 @@ void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParam
 void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out);
 void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p);
 void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out_h, int out_w);
+void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uint8_t* out, int out_h, int out_w);
 void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_scores, float* scores, int n, int64_t hw,
                     const NormParams& p);
 

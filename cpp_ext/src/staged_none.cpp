@@ -24,6 +24,7 @@ void tile_images(const uint8_t*, int, const Grid&, const TileParams&, void*) { n
 void untile_maps(const float*, int, const Grid&, const UntileParams&, float*) { no_cuda(); }
 void smooth_seams(float*, int, const Grid&, const SeamParams&) { no_cuda(); }
 void resize_maps(const float*, int, int, int, float*, int, int) { no_cuda(); }
+void resize_area(const uint8_t*, int, int, int, int, uint8_t*, int, int) { no_cuda(); }
 void normalize_maps(const float*, float*, uint8_t*, float*, float*, int, int64_t, const NormParams&) { no_cuda(); }
 
 }  // namespace staged

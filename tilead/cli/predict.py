@@ -140,7 +140,12 @@ def _cli_words(message: str) -> str:
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @output_option("Output folder: results.jsonl and overlays/.", required=True, legacy=("--out",))
-@click.option("--resize", is_flag=True, help="Resize images of another size to the bundle's.")
+@click.option(
+    "--resize",
+    is_flag=True,
+    help="Resize images of another size to the bundle's, as training does; maps and overlays come back at each "
+    "image's own size.",
+)
 @click.option("--overlays/--no-overlays", default=True, show_default=True, help="Write overlay PNGs.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(

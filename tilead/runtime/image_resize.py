@@ -1,4 +1,10 @@
-"""Bilinear resize of uint8 images in bounded memory (``Predictor(resize=True)``).
+"""Resizing uint8 images the way training does, in bounded memory (``Predictor(resize=True)``).
+
+:func:`resize_image` is the one image resize of training and the runtime: an
+image that shrinks along both axes goes through the area kernel
+(``_kernels.resize_area``, OpenCV's ``INTER_AREA`` bit for bit, uint8 in and
+out, no temporaries beyond the output); any other size change is bilinear
+(:func:`resize_uint8`). See ``docs/resizing.md``.
 
 The runtime's resize kernel works on float32 planes: converting a whole
 20000x20000x3 camera image first would take 4.8 GB of temporaries. Here the
@@ -16,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from tilead.runtime._checks import check_array
+from tilead.runtime.devices import kernel_family
 from tilead.runtime.postprocess import resize_maps
 
 BAND_ELEMENTS = 1 << 20  # floats per band of rows (x 4 bytes, a few such arrays alive at once)
@@ -83,3 +90,38 @@ def resize_uint8(
         resized = resize_maps(planes, (stop - start, out_w))  # horizontal only: the vertical step is the identity
         out[start:stop] = np.clip(np.rint(resized), 0, 255).astype(np.uint8).transpose(1, 2, 0)
     return out
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int], *, device: str = "cpu") -> np.ndarray:
+    """Resize a uint8 ``(H, W, C)`` image as training does: area when shrinking on both axes, else bilinear.
+
+    Shrinking along both axes (``height <= H`` and ``width <= W``) is OpenCV's ``INTER_AREA``, bit for bit
+    (the area kernel, :mod:`tilead/area.h`); growing along either axis is the runtime's bilinear resize
+    (:func:`resize_uint8`, align_corners=False, rounded half to even). The trainer loads images through this
+    function, so a bundle's model sees the same pixels in training and in ``Predictor(resize=True)``.
+    Memory: the area path allocates only the output; the bilinear path works in bands of rows.
+
+    Args:
+        image: uint8 ``(H, W, C)``.
+        size: Output ``(height, width)``, both at least 1.
+        device: ``"cpu"`` or ``"cuda"`` (the area kernel's twin; the bilinear path runs on the CPU).
+
+    Returns:
+        uint8 ``(height, width, C)``, C-contiguous (a copy when the size is unchanged).
+
+    Raises:
+        ValueError: For a non-uint8 or non-3-D image or a size below 1.
+    """
+    check_array(image, "image", dtypes=[np.uint8], ndims=[3], contiguous=False)
+    out_h, out_w = (int(v) for v in size)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f"size: expected a (height, width) of at least 1x1, got {size}")
+    in_h, in_w, channels = image.shape
+    if (out_h, out_w) == (in_h, in_w):
+        return np.array(image, order="C", copy=True)
+    if out_h > in_h or out_w > in_w:
+        return resize_uint8(image, (out_h, out_w))
+    out = np.empty((1, out_h, out_w, channels), dtype=np.uint8)
+    kernel_family(device).resize_area(np.ascontiguousarray(image)[None], out)
+    result: np.ndarray = out[0]
+    return result

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -31,13 +31,18 @@ from tilead.runtime import backends
 from tilead.runtime._checks import describe
 from tilead.runtime.backends.base import Backend, BackendRequest, InferenceBackend, LocationOutputs, PipelineBackend
 from tilead.runtime.bundle import Manifest, read_manifest, read_verified, verify_files
-from tilead.runtime.image_resize import resize_uint8
+from tilead.runtime.image_resize import resize_image
+from tilead.runtime.postprocess import resize_maps
 from tilead.runtime.preprocess import InputOrder, tile_images
 from tilead.runtime.stats import nonfinite_errors, postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
 BACKENDS = backends.names()
 """What ``Predictor(backend=...)`` accepts: ``auto`` and the registry's names."""
+
+MapSize = Literal["input", "bundle"]
+MAP_SIZES: tuple[MapSize, ...] = ("input", "bundle")
+"""Where ``predict(..., resize=True)`` returns maps and masks: at each input image's size, or the bundle's."""
 
 
 @dataclass(frozen=True)
@@ -253,8 +258,12 @@ class Predictor:
 
     # -- inference --------------------------------------------------------------------------------
 
-    def _images(self, images: Any, resize: bool) -> tuple[bool, list[np.ndarray]]:
-        """Split the input into single HxWxC images; returns (was_single, images)."""
+    def _images(self, images: Any, resize: bool) -> tuple[bool, list[np.ndarray], list[tuple[int, int] | None]]:
+        """Split the input into single HxWxC images at the bundle's size.
+
+        Returns:
+            ``(was_single, images, sizes)``: ``sizes[i]`` is image i's own ``(H, W)`` when it was resized, else None.
+        """
         if isinstance(images, np.ndarray):
             if images.ndim in (2, 3):
                 items, single = [images], True
@@ -269,6 +278,7 @@ class Predictor:
         if not items:
             raise ValueError("images: the list is empty; expected at least one image")
         out = []
+        sizes: list[tuple[int, int] | None] = []
         h, w = self.image_size
         for i, img in enumerate(items):
             if not isinstance(img, np.ndarray):
@@ -283,6 +293,7 @@ class Predictor:
                 raise ValueError(
                     f"images[{i}]: the bundle's model takes {self.channels} channel(s), got {img.shape[2]}"
                 )
+            sizes.append(None if img.shape[:2] == (h, w) else (int(img.shape[0]), int(img.shape[1])))
             if img.shape[:2] != (h, w):
                 if not resize:
                     raise ValueError(
@@ -293,7 +304,7 @@ class Predictor:
             if img.shape[2] == 1 and self.channels == 3:
                 img = np.repeat(img, 3, axis=2)
             out.append(np.ascontiguousarray(img))
-        return single, out
+        return single, out, sizes
 
     def _location_outputs(
         self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None
@@ -340,7 +351,7 @@ class Predictor:
             ``(maps, scores)``: float32 ``(locations, n, h, w)`` and float32
             ``(locations, n)`` (None unless the manifest's image score is ``detector``).
         """
-        _, items = self._images(images, resize)
+        _, items, _ = self._images(images, resize)
         with self._in_use():
             chunks = [
                 self._location_outputs(np.stack(items[start : start + self.max_batch]), input_order)
@@ -378,7 +389,7 @@ class Predictor:
         ]
 
     def predict(
-        self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False
+        self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False, map_size: MapSize = "input"
     ) -> Prediction | list[Prediction]:
         """Score images.
 
@@ -387,7 +398,16 @@ class Predictor:
                 or a list of ``(H, W[, C])`` arrays; ``C`` 1 or 3, at the bundle's
                 image size unless ``resize``.
             input_order: Channel order of 3-channel images: ``"BGR"`` (OpenCV's) or ``"RGB"``.
-            resize: Resize other sizes to the bundle's (bilinear) instead of raising.
+            resize: Resize other sizes to the bundle's instead of raising, as training resizes
+                (:func:`tilead.runtime.image_resize.resize_image`: OpenCV's ``INTER_AREA`` when
+                shrinking along both axes, else bilinear).
+            map_size: With ``resize``, where a resized image's ``anomaly_map`` and ``mask``
+                come back: ``"input"`` (default) at the image's own size, ``"bundle"`` at the
+                bundle's image size (what the models saw). At the input size the map is the
+                bundle-size map resized bilinearly (align_corners=False) and the mask is that
+                map above the pixel threshold (0.5 on normalized maps, the raw pixel threshold
+                for stage ``none``; non-finite values anomalous). ``score``, ``raw_score`` and
+                ``label`` do not depend on it.
 
         Returns:
             One :class:`Prediction` for one image, else a list in input order.
@@ -396,17 +416,18 @@ class Predictor:
             ValueError: For a wrong type, dtype, channel count, size or an empty list.
             RuntimeError: After :meth:`close`.
         """
-        single, results = self._predict(images, input_order, resize, None)
+        single, results = self._predict(images, input_order, resize, None, map_size)
         return results[0] if single else results
 
     def predict_timed(
-        self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False
+        self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False, map_size: MapSize = "input"
     ) -> tuple[list[Prediction], StageTimes]:
         """:meth:`predict` that also returns where the time went.
 
         Stages (seconds, summed over ``max_batch`` chunks): ``input`` (checks,
         resizing, stacking), ``tile``, ``inference`` (wall time of all
-        locations), ``untile``, ``seam``, ``crop``, ``normalize``,
+        locations), ``untile``, ``seam``, ``crop``, ``normalize``, ``output_resize`` (maps of
+        resized images back to their own size),
         plus ``location:<name>`` per location (the time of its session's run,
         which overlaps with other locations' when they run side by side).
 
@@ -414,14 +435,16 @@ class Predictor:
             ``(predictions, times)``; predictions always as a list.
         """
         timer = StageTimes()
-        _, results = self._predict(images, input_order, resize, timer)
+        _, results = self._predict(images, input_order, resize, timer, map_size)
         return results, timer
 
     def _predict(
-        self, images: Any, input_order: InputOrder, resize: bool, timer: StageTimes | None
+        self, images: Any, input_order: InputOrder, resize: bool, timer: StageTimes | None, map_size: MapSize = "input"
     ) -> tuple[bool, list[Prediction]]:
+        if map_size not in MAP_SIZES:
+            raise ValueError(f"map_size: expected 'input' or 'bundle', got {describe(map_size)}")
         with timed(timer, "input"):
-            single, items = self._images(images, resize)
+            single, items, sizes = self._images(images, resize)
         results: list[Prediction] = []
         with self._in_use():
             for start in range(0, len(items), self.max_batch):
@@ -429,9 +452,25 @@ class Predictor:
                     chunk = items[start : start + self.max_batch]
                     batch = chunk[0][None] if len(chunk) == 1 else np.stack(chunk)  # one image: a view, no copy
                 results.extend(self._run(batch, input_order, timer))
+        if map_size == "input" and any(sizes):
+            with timed(timer, "output_resize"):
+                results = [
+                    r if size is None else self._at_size(r, size) for r, size in zip(results, sizes, strict=True)
+                ]
         return single, results
+
+    def _at_size(self, result: Prediction, size: tuple[int, int]) -> Prediction:
+        """``result`` with its map resized (bilinear) to ``size`` and its mask re-thresholded there."""
+        stats = self.manifest.stats
+        anomaly_map = resize_maps(result.anomaly_map[None], size)[0]
+        with np.errstate(invalid="ignore"):
+            if stats.stage == "none":
+                mask = ~np.isfinite(anomaly_map) | (anomaly_map > np.float32(stats.pixel_threshold))
+            else:
+                mask = ~np.isfinite(anomaly_map) | (anomaly_map > np.float32(0.5))
+        return replace(result, anomaly_map=anomaly_map, mask=mask)
 
 
 def _resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 ``(H, W, C)`` image with the runtime's resize kernel, in bounded memory."""
-    return resize_uint8(image, size)
+    """Resize a uint8 ``(H, W, C)`` image as training does (area or bilinear), in bounded memory."""
+    return resize_image(image, size)

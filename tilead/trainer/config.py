@@ -325,8 +325,9 @@ class EvalConfig(_Section):
         fpr_limit: AUPRO integration limit.
         resolution: ``original``: maps are upsampled to the images' original
             size and compared with the original masks (the fair comparison
-            for downscaled configs); ``model``: at the configured
-            ``data.image_size``. The same when images are not resized.
+            for downscaled configs; images of different sizes are each judged
+            at their own size, pixel metrics pooling all pixels); ``model``: at
+            the configured ``data.image_size``. The same when images are not resized.
     """
 
     batch_size: int = Field(default=4, ge=1, le=1024)

@@ -10,8 +10,10 @@ Pixel conventions of :class:`ImageLoader`:
 * a mask pixel is anomalous when its 8-bit value is ``> 127`` (16-bit masks are
   reduced by ``>> 8`` first; colour masks use the brightest of B, G, R), except
   that masks whose maximum is exactly 1 (0/1 label masks) use ``> 0``;
-* with ``image_size`` set, images are resized with ``cv2.INTER_AREA`` when
-  shrinking in both directions, else ``cv2.INTER_LINEAR``; masks with
+* with ``image_size`` set, images are resized with the runtime's
+  :func:`~tilead.runtime.image_resize.resize_image` (OpenCV's ``INTER_AREA``, bit
+  for bit, when shrinking in both directions, else bilinear), the same function
+  ``Predictor(resize=True)`` uses (``docs/resizing.md``); masks with
   ``cv2.INTER_NEAREST`` after the mask's size has been checked against its
   image's native size.
 
@@ -33,6 +35,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from tilead.runtime.image_resize import resize_image
 from tilead.trainer.data import MASK_THRESHOLD, DataConfig, DatasetError, Sample, UnreadableFileError
 
 __all__ = ["Batch", "ImageLoader"]
@@ -83,12 +86,12 @@ def _gray_or_bgr(image: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    h, w = image.shape[:2]
-    interpolation = cv2.INTER_AREA if size[0] <= h and size[1] <= w else cv2.INTER_LINEAR
-    out: np.ndarray = cv2.resize(image, (size[1], size[0]), interpolation=interpolation)
-    if out.ndim == 2 and image.ndim == 3:
-        out = out[:, :, None]
-    return out
+    """Resize with the runtime's image resize, so that ``Predictor(resize=True)`` sees the pixels training saw.
+
+    ``(H, W)`` or ``(H, W, C)`` uint8 in, the same layout out (:func:`tilead.runtime.image_resize.resize_image`).
+    """
+    out = resize_image(image if image.ndim == 3 else image[:, :, None], size)
+    return out if image.ndim == 3 else out[:, :, 0]
 
 
 def _header_size(path: Path) -> tuple[int, int] | None:

@@ -41,6 +41,7 @@ the ``fpr_limit`` quantile, so its cost grows with ``fpr_limit``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import cv2
 import numpy as np
@@ -85,8 +86,20 @@ _CHUNK = 1 << 22
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _maps_and_masks(anomaly_maps: npt.ArrayLike, masks: npt.ArrayLike) -> tuple[FloatArray, BoolArray]:
-    """Validate (n, H, W) anomaly maps and masks of the same shape."""
+PixelMaps = FloatArray | list[FloatArray]
+PixelMasks = BoolArray | list[BoolArray]
+
+
+def _maps_and_masks(anomaly_maps: Any, masks: Any) -> tuple[PixelMaps, PixelMasks]:
+    """Validate (n, H, W) anomaly maps and masks of the same shape, or lists of per-image (H_i, W_i) ones."""
+    if isinstance(anomaly_maps, list) and isinstance(masks, list):
+        if len(anomaly_maps) != len(masks) or not anomaly_maps:
+            raise ValueError(
+                f"anomaly_maps and masks: expected two equally long, non-empty lists, got {len(anomaly_maps)} "
+                f"maps and {len(masks)} masks"
+            )
+        pairs = [_maps_and_masks(m[None], k[None]) for m, k in zip(anomaly_maps, masks, strict=True)]
+        return [np.asarray(m)[0] for m, _ in pairs], [np.asarray(k)[0] for _, k in pairs]
     maps = _as_scores(anomaly_maps, "anomaly_maps")
     if maps.ndim != 3:
         raise ValueError(f"anomaly_maps must have shape (n, H, W), got shape {maps.shape}")
@@ -140,11 +153,18 @@ def _trapezoid_to_limit(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64], 
     return area
 
 
-def _aupro(maps: FloatArray, mask: BoolArray, limit: float) -> float:
+def _flat(values: PixelMaps | PixelMasks) -> np.ndarray:
+    """All pixels of all images, flat (a view for an (n, H, W) array, a concatenation for a list)."""
+    if isinstance(values, list):
+        return np.concatenate([v.reshape(-1) for v in values])
+    return values.reshape(-1)
+
+
+def _aupro(maps: PixelMaps, mask: PixelMasks, limit: float) -> float:
     anomalous_scores: list[FloatArray] = []
     inverse_sizes: list[npt.NDArray[np.float64]] = []
     n_regions = 0
-    for i in range(maps.shape[0]):
+    for i in range(len(maps)):
         m = np.ascontiguousarray(mask[i])
         if not m.any():
             continue
@@ -157,7 +177,12 @@ def _aupro(maps: FloatArray, mask: BoolArray, limit: float) -> float:
     if n_regions == 0:
         raise ValueError("aupro needs at least one anomalous region in masks, got masks that are all empty")
 
-    normal = maps[~mask]  # flat copy, partitioned in place below
+    # A flat copy of the normal pixels' scores, partitioned in place below.
+    normal = (
+        np.concatenate([m[~np.asarray(k)] for m, k in zip(maps, mask, strict=True)])
+        if isinstance(maps, list)
+        else maps[~np.asarray(mask)]
+    )
     n_normal = normal.size
     if n_normal == 0:
         raise ValueError("aupro needs normal pixels in masks, got masks that mark every pixel anomalous")
@@ -268,8 +293,9 @@ def evaluate(
     Args:
         image_scores: Image scores of shape (n,).
         image_labels: Image labels of shape (n,), bool or 0/1 (1 = anomalous).
-        anomaly_maps: Pixel scores of shape (n, H, W).
-        masks: Ground-truth masks of shape (n, H, W), bool or 0/1.
+        anomaly_maps: Pixel scores of shape (n, H, W), or a list of n per-image ``(H_i, W_i)`` arrays
+            (images of different sizes, each judged at its own size; pixel metrics pool all pixels).
+        masks: Ground-truth masks of the same shape(s), bool or 0/1 (a list when ``anomaly_maps`` is one).
         image_threshold: Image threshold; an image is anomalous iff its score > image_threshold.
         pixel_threshold: Pixel threshold; a pixel is anomalous iff its score > pixel_threshold.
         fpr_limit: FPR integration limit of the AUPRO, in (0, 1].
@@ -288,17 +314,17 @@ def evaluate(
             raise ValueError(f"{name} must be a number, got NaN")
     img_s, img_l = _pair(image_scores, image_labels, "image_scores", "image_labels")
     maps, mask = _maps_and_masks(anomaly_maps, masks)
-    if img_s.size != maps.shape[0]:
+    if img_s.size != len(maps):
         raise ValueError(
             f"image_scores and anomaly_maps must describe the same images, got {img_s.size} image scores "
-            f"and {maps.shape[0]} anomaly maps"
+            f"and {len(maps)} anomaly maps"
         )
     result: dict[str, float] = {}
     images = _split(img_s, img_l)
     result["image_auroc"] = _auroc_split(images, "image_labels")
     result["image_f1"] = _metrics_split(images, image_threshold, "image_threshold").f1
     result["image_f1_max"] = _f1_adaptive_split(images, "image_labels").f1
-    pixels = _split(maps.reshape(-1), mask.reshape(-1))
+    pixels = _split(_flat(maps), _flat(mask))
     result["pixel_auroc"] = _auroc_split(pixels, "masks")
     result["pixel_f1"] = _metrics_split(pixels, pixel_threshold, "pixel_threshold").f1
     result["pixel_f1_max"] = _f1_adaptive_split(pixels, "masks").f1

@@ -21,12 +21,12 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from tilead.runtime import Preprocessing, TileGrid, resize_maps, set_num_threads
+from tilead.runtime.image_resize import resize_image
 from tilead.runtime.stats import (
     NormalizationStats,
     image_scores_of_tiles,
@@ -37,7 +37,7 @@ from tilead.runtime.stats import (
 from tilead.synthesis import SyntheticDefect, synthesize_defects
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import RunConfig, load_config
-from tilead.trainer.data import Sample, discover
+from tilead.trainer.data import DataConfig, Sample, discover
 from tilead.trainer.ensemble import (
     Splits,
     collect_maps,
@@ -395,13 +395,15 @@ def _per_image_csv(samples: list[Sample], raw: np.ndarray, scores: np.ndarray, l
     return buf.getvalue()
 
 
-def _original_masks(loader: ImageLoader, samples: list[Sample], batch_size: int) -> np.ndarray:
-    """Ground-truth masks at the images' original (common) size: bool ``(n, H, W)``."""
-    chunks = [b.masks for b in loader.iter_batches(samples, batch_size, with_masks=True) if b.masks is not None]
-    masks = np.concatenate(chunks, axis=0)
-    if masks.shape[0] != len(samples):
-        raise ValueError(f"evaluation: {len(samples) - masks.shape[0]} images could not be re-read at original size")
-    return masks
+def _original_masks_each(native: DataConfig, samples: list[Sample]) -> list[np.ndarray]:
+    """Each sample's ground-truth mask at its image's original size (sizes may differ): bool ``(H_i, W_i)``."""
+    loader = ImageLoader(native)
+    return [loader.load_mask(s) for s in samples]
+
+
+def _pooled(values: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """All pixels of all images, flat."""
+    return values.reshape(-1) if isinstance(values, np.ndarray) else np.concatenate([v.reshape(-1) for v in values])
 
 
 def _bundle_maps(
@@ -630,16 +632,39 @@ def evaluate(
                 f"evaluation: the model output is not finite for {len(broken)} test image(s), e.g. "
                 + "; ".join(broken[:3])
             )
+        # Per image: merged map, deployed map, deployed mask, ground truth (arrays, or lists for mixed sizes).
+        merged_maps: np.ndarray | list[np.ndarray] = merged
+        pred_maps: np.ndarray | list[np.ndarray] = result.maps
+        pred_masks: np.ndarray | list[np.ndarray] = result.masks
+        gt_masks: np.ndarray | list[np.ndarray] = masks
+        evaluated_at: list[int] | str = list(result.maps.shape[1:])
+        native = cfg.data.model_copy(update={"image_size": None})
         if cfg.eval.resolution == "original" and cfg.data.image_size is not None:
             # Judge downscaled configs at the original resolution: upsample the maps, use the original masks.
-            loader = ImageLoader(cfg.data.model_copy(update={"image_size": None}))
-            masks = _original_masks(loader, kept, cfg.eval.batch_size)
-            merged = resize_maps(merged, masks.shape[1:])
-            result = normalize_with_stats(merged, stats)
+            gt = _original_masks_each(native, kept)
+            if len({m.shape for m in gt}) == 1:
+                masks = gt_masks = np.stack(gt)
+                merged = merged_maps = resize_maps(merged, masks.shape[1:])
+                result = normalize_with_stats(merged, stats)
+                pred_maps, pred_masks, evaluated_at = result.maps, result.masks, list(masks.shape[1:])
+            else:  # images of different sizes: each at its own
+                merged_maps = [resize_maps(merged[i : i + 1], m.shape)[0] for i, m in enumerate(gt)]
+                parts = [normalize_with_stats(m[None], stats) for m in merged_maps]
+                gt_masks, evaluated_at = gt, "original (mixed sizes)"
+                pred_maps, pred_masks = [r.maps[0] for r in parts], [r.masks[0] for r in parts]
+                flat_masks = np.concatenate([m.reshape(-1) for m in pred_masks])[None]  # pooled, for rates
+                result = dataclasses.replace(
+                    result,
+                    maps=np.concatenate([m.reshape(-1) for m in pred_maps])[None],
+                    masks=flat_masks,
+                    raw_scores=np.concatenate([r.raw_scores for r in parts]),
+                    scores=np.concatenate([r.scores for r in parts]),
+                    labels=np.concatenate([r.labels for r in parts]),
+                )
         if deployed is not None:
             result = score_images(result, deployed, stats)
         labels = np.array([s.label for s in kept], dtype=bool)
-        map_max = merged.reshape(merged.shape[0], -1).max(axis=1)
+        map_max = np.array([m.max() for m in merged_maps], dtype=np.float32)
         raw_scores = map_max if deployed is None else deployed
         if good_only:
             return _evaluate_good_only(
@@ -648,8 +673,8 @@ def evaluate(
         metrics = compute_metrics(
             raw_scores,
             labels,
-            merged,
-            masks,
+            merged_maps,
+            gt_masks,
             image_threshold=float(stats.image_threshold),
             pixel_threshold=float(stats.pixel_threshold),
             fpr_limit=cfg.eval.fpr_limit,
@@ -662,17 +687,18 @@ def evaluate(
             metrics["image_auroc_detector_score"] = auroc(own, labels)
         # F1 of the deployed decisions (normalized labels / masks).
         metrics["image_f1"] = f1_at_threshold(result.labels.astype(np.float32), labels, 0.5)
-        metrics["pixel_f1"] = f1_at_threshold(result.masks.view(np.uint8), masks, 0.5)
+        metrics["pixel_f1"] = f1_at_threshold(_pooled(pred_masks).view(np.uint8), _pooled(gt_masks), 0.5)
         n_overlays = min(cfg.eval.overlays, len(kept))
         written: list[Path] = []
         for i in pick_overlays([s.defect_type for s in kept], n_overlays):
             s = kept[i]
-            image = loader.load_image(s)
-            if image.shape[:2] != result.maps.shape[1:]:
-                image = cv2.resize(image, result.maps.shape[1:][::-1], interpolation=cv2.INTER_AREA)
+            # A fresh loader per image: at original resolution the images may differ in size.
+            image = ImageLoader(native if cfg.eval.resolution == "original" else cfg.data).load_image(s)
+            if image.shape[:2] != pred_maps[i].shape:
+                image = resize_image(image, pred_maps[i].shape)
             caption = f"{s.defect_type}/{s.path.name} score {result.scores[i]:.2f} {'NG' if result.labels[i] else 'OK'}"
             pic = overlay(
-                image, result.maps[i], result.masks[i], masks[i], caption, channel_order=cfg.data.channel_order
+                image, pred_maps[i], pred_masks[i], gt_masks[i], caption, channel_order=cfg.data.channel_order
             )
             path = out / "overlays" / f"{s.defect_type}_{s.path.stem}.png"
             atomic_write_png(path, pic)
@@ -685,7 +711,7 @@ def evaluate(
             "grid_shape": [grid.rows, grid.cols],
             "backbone": cfg.model.backbone.name,
             "inference": f"runtime.Predictor on bundle {bundle}" if bundle is not None else "eager PyTorch",
-            "evaluated_at": list(result.maps.shape[1:]),
+            "evaluated_at": evaluated_at,
             "normalization": stats.stage,
             "image_score": cfg.postprocess.image_score,
             "validation": read_json(paths.stats).get("validation", {}).get("split", {}),

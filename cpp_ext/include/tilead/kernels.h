@@ -123,6 +123,10 @@ void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, flo
 // Bilinear resize (align_corners=False) of float maps: [n][in_h][in_w] -> [n][out_h][out_w].
 void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out_h, int out_w);
 
+// Area downscale (OpenCV's INTER_AREA, tilead/area.h) of uint8 images:
+// [n][in_h][in_w][channels] -> [n][out_h][out_w][channels], out_h <= in_h, out_w <= in_w.
+void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uint8_t* out, int out_h, int out_w);
+
 // maps_in/maps_out: [n][h*w] float32 (may alias). mask: [n][h*w] uint8 or null.
 // raw_scores, scores: [n] float32 (max of the raw map; normalized image score).
 void normalize_maps(const float* maps_in, float* maps_out, uint8_t* mask, float* raw_scores, float* scores, int n,
@@ -162,6 +166,8 @@ void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams&
                  int64_t loc_stride = 0);
 void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, float* scratch, cudaStream_t stream);
 void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out_h, int out_w, cudaStream_t stream);
+void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uint8_t* out, int out_h, int out_w,
+                 cudaStream_t stream);
 // raw_scores and scores are device pointers too.
 void normalize_maps(const float* maps_in, float* maps_out, uint8_t* mask, float* raw_scores, float* scores, int n,
                     int64_t hw, const NormParams& p, cudaStream_t stream);

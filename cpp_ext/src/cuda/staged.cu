@@ -108,6 +108,16 @@ void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out
   s.sync();
 }
 
+void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uint8_t* out, int out_h, int out_w) {
+  Stream s;
+  DeviceBuffer d_in = upload(in, static_cast<size_t>(n) * in_h * in_w * channels, s);
+  const size_t out_bytes = static_cast<size_t>(n) * out_h * out_w * channels;
+  DeviceBuffer d_out(out_bytes);
+  cuda::resize_area(d_in.as<uint8_t>(), n, in_h, in_w, channels, d_out.as<uint8_t>(), out_h, out_w, s.get());
+  download(out, d_out, out_bytes, s);
+  s.sync();
+}
+
 void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_scores, float* scores, int n, int64_t hw,
                     const NormParams& p) {
   Stream s;
