@@ -173,3 +173,15 @@ def test_a_location_that_does_not_parse_or_build_is_a_clear_error_and_nothing_is
     engines = build.build_engines(root, progress=False)
     assert [f.name for f in engines.files] == NAMES
     assert not partial.exists()
+
+
+def test_tf32_is_an_engine_option(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tilead.cli.export import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    result = CliRunner().invoke(main, [str(run), "-o", str(tmp_path / "bundle"), "--tf32"])
+    assert result.exit_code == 2
+    assert "--tf32 sets how TensorRT engines compute: add --trt" in result.output

@@ -423,6 +423,43 @@ def test_graphs_are_off_for_other_backends_without_complaint(tmp_path: Path) -> 
         _assert_same(a.predict(images), b.predict(images))
 
 
+def test_bench_compares_graphs_on_and_off_and_reports_device_memory(
+    standin: Callable[..., None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tilead-bench --cuda-graphs compare`` on the stand-in: two routes, device memory around the load."""
+    import json
+
+    from click.testing import CliRunner
+
+    from tilead.benchmarking import environment
+    from tilead.cli.bench import main
+
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    readings = iter([1000.0, 900.0, 990.0])  # free MiB: before load, after warm-up, after close (no GPU here)
+    monkeypatch.setattr(environment, "cuda_free_memory_mib", lambda index=0: next(readings))
+    out = tmp_path / "bench.json"
+    args = [str(bundle), "--backend", "tensorrt", "--device", "cuda", "--batch", "1,2", "--iterations", "3"]
+    result = CliRunner().invoke(main, [*args, "--cuda-graphs", "compare", "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    names = ["tilead tensorrt (CUDA graphs)", "tilead tensorrt (no CUDA graphs)"]
+    assert [t["name"] for t in report["targets"]] == names
+    assert [t["info"]["cuda_graphs"] for t in report["targets"]] == ["on", "off"]
+    for res in report["results"]:
+        assert list(res["targets"]) == names
+        assert all(res["targets"][n]["queries"] == 3 for n in names)
+    dev = report["memory"]["device"]
+    assert (dev["free_before_load_mib"], dev["free_after_warmup_mib"], dev["free_after_close_mib"]) == (1000, 900, 990)
+    assert dev["used_by_route_mib"] == 100
+    assert dev["backend_reports_mib"] == report["targets"][0]["info"]["device_memory_mib"] > 0
+    assert "device memory free 1000 MiB before loading, 900 after warm-up" in result.output
+    assert report["settings"]["cuda_graphs"] == "compare"
+    # --cuda-graphs compare is for the TensorRT backend only.
+    refused = CliRunner().invoke(main, [str(bundle), "--cuda-graphs", "compare"])
+    assert refused.exit_code == 2
+    assert "--cuda-graphs compare times the TensorRT backend" in refused.output
+
+
 # -- #18.8: the detector's own image score (second engine output) ---------------------------------
 
 
@@ -479,6 +516,34 @@ def test_the_detector_score_differs_from_the_map_max_and_decides_the_label(
     for g, m in zip(got, merged, strict=True):
         np.testing.assert_allclose(g.anomaly_map, m.anomaly_map, atol=1e-6)  # the maps are the same
         assert g.label == (g.score > 0.5)
+
+
+def test_a_non_finite_detector_score_names_its_location(standin: Callable[..., None], tmp_path: Path) -> None:
+    """The non-finite rule (#16) for the second output: anomalous, raw score NaN, the location and output named."""
+    bundle = engine_bundle(tmp_path / "b", GRID, detector=True)
+    made: list[fake_tensorrt.FakeEngine] = []
+
+    class NanScore:
+        def __init__(self, session: Any) -> None:
+            self.session = session
+
+        def run(self, names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            out = self.session.run(names, feeds)
+            return [out[0], np.full_like(out[1], np.nan)]
+
+    def poison_second(engine: fake_tensorrt.FakeEngine) -> None:
+        made.append(engine)
+        if len(made) == 2:  # r0c1
+            engine.session = NanScore(engine.session)
+
+    standin(edit=poison_second)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        got = trt.predict(_images(2, 64, 64))
+    assert isinstance(got, list)
+    for p in got:
+        assert p.label
+        assert np.isnan(p.raw_score)
+        assert p.error == "non-finite model output (NaN or infinity) at location r0c1 (score)"
 
 
 def _drop_score(engine: fake_tensorrt.FakeEngine) -> None:
@@ -540,3 +605,101 @@ def test_cuda_pipeline_blocks_are_aligned_and_untile_reads_the_padded_stride() -
         want = np.empty((n, 200, 200), np.float32)
         _kernels.untile_maps(maps, grid, want, _kernels.BLEND_UNIFORM, None, None)
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _real_pipeline(location_scores: bool = False) -> tuple[Any, Any]:
+    grid = _kernels.Grid(200, 200, 100, 100, 100, 100, _kernels.EDGE_SHIFT)
+    return grid, _kernels.cuda.DevicePipeline(
+        grid, 3, 3, 3, [1.0] * 3, [0.0] * 3, 58, 58, _kernels.BLEND_UNIFORM, [], [], 1.5, 0.1, _kernels.NORM_MINMAX,
+        0.5, 0.0, 1.0, 0.5, 0.0, 1.0, 0, location_scores,
+    )  # fmt: skip
+
+
+def _cpu_result(maps: np.ndarray, grid: Any) -> tuple[np.ndarray, np.ndarray]:
+    n = maps.shape[1]
+    canvas = np.empty((n, 200, 200), np.float32)
+    _kernels.untile_maps(maps, grid, canvas, _kernels.BLEND_UNIFORM, None, None)
+    _kernels.smooth_seams(canvas, grid, 1.5, 0.1)
+    mask = np.empty((n, 200, 200), np.uint8)
+    raw, scores = np.empty(n, np.float32), np.empty(n, np.float32)
+    _kernels.normalize_maps(canvas, canvas, mask, raw, scores, _kernels.NORM_MINMAX, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0)
+    return canvas, raw
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_status().usable, reason="no usable CUDA device (the stand-in tests above ran instead)")
+def test_cuda_graph_replay_equals_the_stage_by_stage_run_and_reads_new_inputs() -> None:
+    """#18.7 on the real pipeline: capture untile..download once, replay on new maps, compare with the CPU twins."""
+    grid, pipe = _real_pipeline()
+    rng = np.random.default_rng(1)
+    first = rng.random((4, 2, 58, 58), dtype=np.float32)
+    pipe.upload_location_maps(first)
+    for stage in (pipe.untile, pipe.smooth_seams, pipe.crop, pipe.normalize):
+        stage(2)
+    eager = pipe.download(2)
+    pipe.begin_capture()
+    for stage in (pipe.untile, pipe.smooth_seams, pipe.crop, pipe.normalize, pipe.enqueue_download):
+        stage(2)
+    pipe.end_capture(7)
+    assert pipe.has_graph(7)
+    assert not pipe.has_graph(4)
+    assert pipe.graph_count == 1
+    pipe.launch(7)
+    replay = pipe.fetch(2)
+    for a, b in zip(eager, replay, strict=True):
+        np.testing.assert_array_equal(a, b)
+    second = rng.random((4, 2, 58, 58), dtype=np.float32)
+    pipe.upload_location_maps(second)
+    pipe.launch(7)
+    maps, _, raw, _ = pipe.fetch(2)
+    want_maps, want_raw = _cpu_result(second, grid)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-5)
+    np.testing.assert_allclose(raw, want_raw, atol=1e-5)
+    with pytest.raises(IndexError, match="no graph captured under key 3"):
+        pipe.launch(3)
+    pipe.abort_capture()  # none running: nothing happens
+    pipe.begin_capture()
+    with pytest.raises(RuntimeError, match="cudaStreamSynchronize"):
+        pipe.synchronize()  # a host wait inside a capture fails (and invalidates it) ...
+    pipe.abort_capture()  # ... and the stream works again once the capture is ended
+    pipe.launch(7)
+    np.testing.assert_allclose(pipe.fetch(2)[0], want_maps, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_status().usable, reason="no usable CUDA device (the stand-in tests above ran instead)")
+def test_cuda_context_memory_score_blocks_and_memory_info() -> None:
+    """#18.6 and #18.8 on the real pipeline: one aligned context block, aligned score blocks, cudaMemGetInfo."""
+    free, total = _kernels.cuda.memory_info(0)
+    assert 0 < free <= total
+    _, pipe = _real_pipeline(location_scores=True)
+    before = pipe.device_bytes
+    address = pipe.context_memory(3 << 20)
+    assert address % 256 == 0
+    assert pipe.device_bytes == before + (3 << 20)
+    assert pipe.context_memory(1 << 20) == address  # smaller requests reuse the block
+    for n in (1, 2, 3):
+        assert all(pipe.scores_address(loc, n) % 256 == 0 for loc in range(4))
+    assert pipe.download_location_scores(3).shape == (4, 3)
+    _, plain = _real_pipeline()
+    with pytest.raises(RuntimeError, match="location_scores"):
+        plain.scores_address(0, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_status().usable, reason="no usable CUDA device (the stand-in tests above ran instead)")
+def test_cuda_normalize_takes_more_images_than_grid_dim_y_allows() -> None:
+    """#18.6: 70000 images (gridDim.y is at most 65535): the kernel loops over the rest, like the CPU twin."""
+    n = 70_000
+    maps = np.random.default_rng(2).random((n, 2, 3), dtype=np.float32)
+    args = (_kernels.NORM_MINMAX, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0)
+    out, want_out = np.empty((n, 2, 3), np.float32), np.empty((n, 2, 3), np.float32)
+    mask, want_mask = np.empty((n, 2, 3), np.uint8), np.empty((n, 2, 3), np.uint8)
+    raw, want_raw = np.empty(n, np.float32), np.empty(n, np.float32)
+    scores, want_scores = np.empty(n, np.float32), np.empty(n, np.float32)
+    _kernels.cuda.normalize_maps(maps, out, mask, raw, scores, *args)
+    _kernels.normalize_maps(maps, want_out, want_mask, want_raw, want_scores, *args)
+    np.testing.assert_allclose(raw, want_raw)  # every image's score, the ones past 65535 too
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    np.testing.assert_allclose(out, want_out, atol=1e-6)
+    np.testing.assert_array_equal(mask, want_mask)
