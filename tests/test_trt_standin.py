@@ -363,6 +363,11 @@ def test_graphs_are_captured_once_per_batch_size_and_replays_equal_no_graphs(
         assert graph.pipeline.launches == len(calls) - 3
         assert graph.graph_error is None
         assert plain.pipeline.captures == plain.pipeline.launches == plain.graphs_captured == 0
+        # Before a replay the contexts get that batch size's shapes back (TensorRT keeps shape state in them).
+        assert {ctx.shape[0] for ctx in graph._contexts} == {2}
+        on.predict(_images(1, 64, 64, seed=8))
+        assert {ctx.shape[0] for ctx in graph._contexts} == {1}
+        assert graph.pipeline.launches == len(calls) - 3 + 1
         # A replay is one launch between the host copies: no stage of its own on the stream.
         graph.pipeline.calls.clear()
         on.predict(_images(2, 64, 64, seed=7))

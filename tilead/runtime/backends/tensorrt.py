@@ -167,6 +167,7 @@ class TensorRTBackend:
                 raise RuntimeError(f"TensorRT {self.version} could not create an execution context (see its log)")
             ctx.set_device_memory(address, self._context_bytes)
             self._contexts.append(ctx)
+        self._bound: int | None = None  # batch size every context's shapes and addresses are set for
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_error: str | None = None
         """Why capture failed (graphs are then off for this backend); None while it works or is off."""
@@ -196,39 +197,55 @@ class TensorRTBackend:
             raise RuntimeError("Predictor is closed")
         return [f"TensorRT {self.version} (native, engines {self.engine_set.key})"]
 
-    def _enqueue(self, n: int, timer: StageTimes | None) -> None:
+    def _bind(self, index: int, n: int) -> None:
+        """Give location ``index``'s context the shape and the pipeline's addresses of a batch of ``n``."""
         m = self.manifest
         c, (th, tw) = m.preprocessing.channels, m.grid.tile_size
+        ctx, (inp, out, score) = self._contexts[index], self._io[index]
+        name = m.locations[index].name
+        # A False here would leave the previous batch's shape or address in place: never ignore it.
+        if not ctx.set_input_shape(inp, (n, c, th, tw)):
+            raise RuntimeError(f"location {name}: TensorRT refused input shape {(n, c, th, tw)} for tensor {inp!r}")
+        bindings = [(inp, self.pipeline.tiles_address(index, n)), (out, self.pipeline.maps_address(index, n))]
+        if score is not None:
+            bindings.append((score, self.pipeline.scores_address(index, n)))
+        for tensor, address in bindings:
+            if address % TENSOR_ALIGN_BYTES:
+                raise RuntimeError(
+                    f"location {name}: device address {address:#x} of tensor {tensor!r} is not "
+                    f"{TENSOR_ALIGN_BYTES}-byte aligned (batch {n})"
+                )
+            if not ctx.set_tensor_address(tensor, address):
+                raise RuntimeError(
+                    f"location {name}: TensorRT refused device address {address:#x} for tensor {tensor!r}"
+                )
+
+    def _enqueue(self, n: int, timer: StageTimes | None) -> None:
         stream = self.pipeline.stream
+        self._bound = None  # until every context holds batch n
         with timed(timer, "inference"):
-            for index, (ctx, (inp, out, score)) in enumerate(zip(self._contexts, self._io, strict=True)):
-                name = m.locations[index].name
-                with timed(timer, f"location:{name}"):
-                    # A False here would leave the previous batch's shape or address in place: never ignore it.
-                    if not ctx.set_input_shape(inp, (n, c, th, tw)):
-                        raise RuntimeError(
-                            f"location {name}: TensorRT refused input shape {(n, c, th, tw)} for tensor {inp!r}"
-                        )
-                    bindings = [
-                        (inp, self.pipeline.tiles_address(index, n)),
-                        (out, self.pipeline.maps_address(index, n)),
-                    ]
-                    if score is not None:
-                        bindings.append((score, self.pipeline.scores_address(index, n)))
-                    for tensor, address in bindings:
-                        if address % TENSOR_ALIGN_BYTES:
-                            raise RuntimeError(
-                                f"location {name}: device address {address:#x} of tensor {tensor!r} is not "
-                                f"{TENSOR_ALIGN_BYTES}-byte aligned (batch {n})"
-                            )
-                        if not ctx.set_tensor_address(tensor, address):
-                            raise RuntimeError(
-                                f"location {name}: TensorRT refused device address {address:#x} for tensor {tensor!r}"
-                            )
+            for index, ctx in enumerate(self._contexts):
+                with timed(timer, f"location:{self.manifest.locations[index].name}"):
+                    self._bind(index, n)
                     if not ctx.execute_async_v3(stream):
-                        raise RuntimeError(f"location {name}: TensorRT failed to enqueue")
+                        raise RuntimeError(
+                            f"location {self.manifest.locations[index].name}: TensorRT failed to enqueue"
+                        )
                     if timer is not None:
                         self.pipeline.synchronize()
+        self._bound = n
+
+    def _launch(self, p: Any, n: int, key: int) -> None:
+        """Replay graph ``key``; the contexts first get batch ``n``'s shapes and addresses back if another size ran.
+
+        A graph holds what TensorRT enqueued for its batch size, and TensorRT keeps shape-dependent state in the
+        execution context, so the contexts are put back in the state the graph was captured in (host calls only).
+        """
+        if self._bound != n:
+            for index in range(len(self._contexts)):
+                self._bind(index, n)
+            self._bound = n
+        p.launch(key)
 
     def _stage(self, timer: StageTimes | None, name: str, fn: Any, *args: Any) -> None:
         with timed(timer, name):
@@ -252,7 +269,7 @@ class TensorRTBackend:
             with timed(timer, "h2d"):
                 p.stage_images(np.ascontiguousarray(batch))
             if self._graphs_on() and p.has_graph(key):
-                self._stage(timer, "graph", p.launch, key)
+                self._stage(timer, "graph", self._launch, p, n, key)
             else:
                 self._stage(timer, "h2d", p.upload_staged, n)
                 self._enqueue_stages(p, n, swap, timer)
