@@ -374,6 +374,35 @@ def test_graphs_are_captured_once_per_batch_size_and_replays_equal_no_graphs(
         assert graph.pipeline.calls == ["use_device", "stage", "launch", "fetch"]
 
 
+def test_any_sequence_of_batches_replays_like_no_graphs(standin: Callable[..., None], tmp_path: Path) -> None:
+    """Property: any order of batch sizes and channel orders gives the results of no graphs, one capture each."""
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    seen: set[tuple[int, str]] = set()
+    with (
+        Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as on,
+        Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4, cuda_graphs=False) as off,
+    ):
+        inner = on._backend
+        assert isinstance(inner, backend.TensorRTBackend)
+
+        @settings(max_examples=25, deadline=None)
+        @given(
+            st.lists(
+                st.tuples(st.integers(1, 4), st.sampled_from(["BGR", "RGB"]), st.integers(0, 1 << 16)),
+                min_size=1,
+                max_size=6,
+            )
+        )
+        def check(calls: list[tuple[int, str, int]]) -> None:
+            for n, order, seed in calls:
+                images = _images(n, 64, 64, seed=seed)
+                _assert_same(on.predict(images, input_order=order), off.predict(images, input_order=order))  # type: ignore[arg-type]
+                seen.add((n, order))
+                assert inner.pipeline.captures == len(seen)
+
+        check()
+
+
 def test_a_replayed_batch_is_one_graph_stage_when_timed(standin: Callable[..., None], tmp_path: Path) -> None:
     bundle = engine_bundle(tmp_path / "b", GRID)
     images = _images(2, 64, 64)
