@@ -185,3 +185,17 @@ def test_tf32_is_an_engine_option(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [str(run), "-o", str(tmp_path / "bundle"), "--tf32"])
     assert result.exit_code == 2
     assert "--tf32 sets how TensorRT engines compute: add --trt" in result.output
+
+
+def test_a_bundle_that_deploys_the_detector_score_builds(builder: Any, tmp_path: Path) -> None:
+    """#18.8: the builder no longer refuses ``image_score: detector`` (the engine keeps the graph's second output)."""
+    log = builder(11)
+    root = _bundle(tmp_path / "b")
+    data = dict(read_manifest(root).raw)
+    data["model"] = {**data["model"], "score_output": "score"}
+    data["postprocess"] = {**data["postprocess"], "image_score": "detector"}
+    write_manifest(root, data)
+    assert read_manifest(root).image_score == "detector"
+    engines = build.build_engines(root, progress=False)
+    assert len(engines.files) == 4
+    assert len([line for line in log if line.startswith("build")]) == 4
