@@ -6,10 +6,21 @@ twins of the kernels on them, and a fake engine is an ONNX model run by ONNX
 Runtime on the tile block its input address points at. What this cannot
 check, the CUDA pipeline and real TensorRT engines, is left to tilead-doctor on
 a GPU.
+
+CUDA graphs are modelled as the real pipeline has them: between
+``begin_capture`` and ``end_capture(key)`` every stage and every engine enqueued
+on the pipeline's stream is recorded (with the shapes and addresses of that
+moment) instead of run, and ``launch(key)`` replays the record; a host wait
+(``stage_images``, ``synchronize``, a blocking download) during capture fails
+as CUDA fails it, and :attr:`FakePipeline.fail_capture` makes capture itself
+fail. The host copies into and out of pinned memory (``stage_images``,
+``fetch``) stay outside the graph, as in the C++ pipeline, so a replay really
+reads the newly staged images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import types
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +30,8 @@ import onnxruntime as ort
 
 from tilead import _kernels
 
-_BUFFERS: dict[int, tuple[FakePipeline, str]] = {}  # base address -> (pipeline, "tiles" | "maps")
+_BUFFERS: dict[int, tuple[FakePipeline, str]] = {}  # base address -> (pipeline, "tiles" | "maps" | "scores" | ...)
+_STREAMS: dict[int, FakePipeline] = {}  # stream handle -> its pipeline (engines enqueue on it)
 _SPACING = 1 << 40  # one fake allocation per 2**40 bytes: base addresses are 256-byte aligned like cudaMalloc's
 
 
@@ -32,10 +44,14 @@ class FakePipeline:
     offset, so a test can check TensorRT's alignment rule on them.
     """
 
+    fail_capture: str | None = None
+    """``"begin"`` or ``"end"``: that capture call raises as CUDA's error would (a test sets it)."""
+
     def __init__(self, grid: Any, max_batch: int, in_channels: int, out_channels: int, scale: list[float],
                  bias: list[float], map_h: int, map_w: int, weights: int, loc_threshold: list[float],
                  loc_scale: list[float], seam_sigma: float, seam_width: float, norm_mode: int, pt: float,
-                 pmin: float, pmax: float, it: float, imin: float, imax: float, device: int = 0) -> None:  # fmt: skip
+                 pmin: float, pmax: float, it: float, imin: float, imax: float, device: int = 0,
+                 location_scores: bool = False) -> None:  # fmt: skip
         self.grid, self.max_batch = grid, max_batch
         self.in_channels, self.channels, self.scale, self.bias = in_channels, out_channels, scale, bias
         self.map_h, self.map_w, self.weights = map_h, map_w, weights
@@ -48,12 +64,40 @@ class FakePipeline:
         self.map_floats = map_h * map_w
         self.tiles = np.zeros(self.locations * _kernels.aligned_block_floats(max_batch * self.tile_floats), np.float32)
         self.maps = np.zeros(self.locations * _kernels.aligned_block_floats(max_batch * self.map_floats), np.float32)
-        self.bases = {}
-        for kind in ("tiles", "maps"):
-            self.bases[kind] = (len(_BUFFERS) + 1) * _SPACING
-            _BUFFERS[self.bases[kind]] = (self, kind)
+        self.location_scores = location_scores
+        self.scores = np.zeros(self.locations * _kernels.aligned_block_floats(max_batch) if location_scores else 0,
+                               np.float32)  # fmt: skip
+        self.context = np.zeros(0, np.float32)
+        self.bases: dict[str, int] = {}
+        for kind in ("tiles", "maps", "scores", "context"):
+            self._register(kind)
         self.calls: list[str] = []
-        self.stream = 1234
+        self.stream = 1000 + len(_STREAMS)
+        _STREAMS[self.stream] = self
+        self.device = device
+        self.capturing: list[Callable[[], None]] | None = None
+        self.graphs: dict[int, list[Callable[[], None]]] = {}
+        self.captures = 0
+        self.launches = 0
+        self.context_requests: list[int] = []
+
+    def _register(self, kind: str) -> None:
+        self.bases[kind] = (len(_BUFFERS) + 1) * _SPACING
+        _BUFFERS[self.bases[kind]] = (self, kind)
+
+    def _enqueue(self, name: str, fn: Callable[[], None]) -> None:
+        """Run a stage now, or record it while capturing (as a stream capture records, without running)."""
+        if self.capturing is not None:
+            self.capturing.append(fn)
+        else:
+            self.calls.append(name)
+            fn()
+
+    def _host_wait(self, what: str) -> None:
+        if self.capturing is not None:
+            self.capturing = None  # CUDA invalidates the capture
+            raise RuntimeError(f"CUDA error in {what}: cudaErrorStreamCaptureUnsupported (operation not permitted "
+                               "when stream is capturing)")  # fmt: skip
 
     def _check(self, location: int, n: int) -> None:
         if not (0 <= location < self.locations and 1 <= n <= self.max_batch):
@@ -75,15 +119,43 @@ class FakePipeline:
         self._check(location, n)
         return self.bases["maps"] + location * self.maps_stride(n)
 
+    def scores_address(self, location: int, n: int) -> int:
+        self._check(location, n)
+        if not self.location_scores:
+            raise RuntimeError("DevicePipeline::scores_address: built without location_scores")
+        return self.bases["scores"] + location * 4 * int(_kernels.aligned_block_floats(n))
+
     @property
     def device_bytes(self) -> int:
-        return int(self.tiles.nbytes + self.maps.nbytes)
+        return int(self.tiles.nbytes + self.maps.nbytes + self.scores.nbytes + self.context.nbytes)
+
+    def context_memory(self, nbytes: int) -> int:
+        self.context_requests.append(nbytes)
+        if nbytes > self.context.nbytes:
+            self.graphs.clear()  # as the C++ pipeline: graphs hold the old address
+            self.context = np.zeros((nbytes + 3) // 4, np.float32)
+            self._register("context")
+        return self.bases["context"]
+
+    def use_device(self) -> None:
+        self.calls.append("use_device")
 
     def upload(self, images: np.ndarray) -> None:
+        self.stage_images(images)
+        self.upload_staged(images.shape[0])
+
+    def stage_images(self, images: np.ndarray) -> None:
         # The C++ boundary check of the real upload: dtype, contiguity, batch range, H, W and C against the grid.
         _kernels.check_pipeline_images(self.grid, self.in_channels, self.max_batch, images)
-        self.calls.append("upload")
-        self.images = images.copy()
+        self._host_wait("cudaStreamSynchronize")
+        self.calls.append("stage")
+        self.staged = images.copy()  # pinned memory
+
+    def upload_staged(self, n: int) -> None:
+        def run() -> None:
+            self.images = self.staged[:n].copy()
+
+        self._enqueue("upload", run)
 
     def _blocks(self, buffer: np.ndarray, n: int, floats: int) -> np.ndarray:
         """(L, n * floats) view of the padded per-location blocks of a batch of n."""
@@ -91,10 +163,12 @@ class FakePipeline:
         return buffer[: self.locations * stride].reshape(self.locations, stride)[:, : n * floats]
 
     def tile(self, n: int, swap_rb: bool) -> None:
-        self.calls.append("tile")
-        out = np.empty((self.locations, n, self.channels, self.grid.tile_h, self.grid.tile_w), np.float32)
-        _kernels.tile_images(self.images, self.grid, out, self.scale, self.bias, swap_rb)
-        self._blocks(self.tiles, n, self.tile_floats)[:] = out.reshape(self.locations, -1)
+        def run() -> None:
+            out = np.empty((self.locations, n, self.channels, self.grid.tile_h, self.grid.tile_w), np.float32)
+            _kernels.tile_images(self.images, self.grid, out, self.scale, self.bias, swap_rb)
+            self._blocks(self.tiles, n, self.tile_floats)[:] = out.reshape(self.locations, -1)
+
+        self._enqueue("tile", run)
 
     def upload_location_maps(self, maps: np.ndarray) -> None:
         n = maps.shape[1]
@@ -104,46 +178,125 @@ class FakePipeline:
         return self._blocks(self.maps, n, self.map_floats).reshape(self.locations, n, self.map_h, self.map_w)
 
     def untile(self, n: int) -> None:
-        self.calls.append("untile")
-        self.canvas = np.empty((n, self.grid.canvas_h, self.grid.canvas_w), np.float32)
-        thr, sc = self.loc if self.loc is not None else (None, None)
-        maps = np.ascontiguousarray(self._location_maps(n))
-        _kernels.untile_maps(maps, self.grid, self.canvas, self.weights, thr, sc)
+        def run() -> None:
+            self.canvas = np.empty((n, self.grid.canvas_h, self.grid.canvas_w), np.float32)
+            thr, sc = self.loc if self.loc is not None else (None, None)
+            maps = np.ascontiguousarray(self._location_maps(n))
+            _kernels.untile_maps(maps, self.grid, self.canvas, self.weights, thr, sc)
+
+        self._enqueue("untile", run)
 
     def smooth_seams(self, n: int) -> None:
-        self.calls.append("seam")
-        if self.seam[0] > 0:
-            _kernels.smooth_seams(self.canvas, self.grid, *self.seam)
+        def run() -> None:
+            if self.seam[0] > 0:
+                _kernels.smooth_seams(self.canvas, self.grid, *self.seam)
+
+        self._enqueue("seam", run)
 
     def crop(self, n: int) -> None:
         """Canvas to image size as the real pipeline does: nothing (shift), crop (pad) or bilinear resize (resize)."""
-        self.calls.append("crop")
-        h, w = self.grid.image_h, self.grid.image_w
-        if self.canvas.shape[1:] == (h, w):
-            self.image = self.canvas
-        elif self.grid.edge == _kernels.EDGE_RESIZE:
-            self.calls.append("resize")
-            self.image = np.empty((n, h, w), np.float32)
-            _kernels.resize_maps(self.canvas, self.image)
-        else:
-            self.image = np.ascontiguousarray(self.canvas[:, :h, :w])
+
+        def run() -> None:
+            h, w = self.grid.image_h, self.grid.image_w
+            if self.canvas.shape[1:] == (h, w):
+                self.image = self.canvas
+            elif self.grid.edge == _kernels.EDGE_RESIZE:
+                self.calls.append("resize")
+                self.image = np.empty((n, h, w), np.float32)
+                _kernels.resize_maps(self.canvas, self.image)
+            else:
+                self.image = np.ascontiguousarray(self.canvas[:, :h, :w])
+
+        self._enqueue("crop", run)
 
     def normalize(self, n: int) -> None:
-        self.calls.append("normalize")
-        self.mask = np.empty(self.image.shape, np.uint8)
-        self.raw, self.scores = np.empty(n, np.float32), np.empty(n, np.float32)
-        _kernels.normalize_maps(self.image, self.image, self.mask, self.raw, self.scores, *self.norm)
+        def run() -> None:
+            self.mask = np.empty(self.image.shape, np.uint8)
+            self.raw, self.image_scores = np.empty(n, np.float32), np.empty(n, np.float32)
+            _kernels.normalize_maps(self.image, self.image, self.mask, self.raw, self.image_scores, *self.norm)
+
+        self._enqueue("normalize", run)
 
     def download(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        self.calls.append("download")
-        return self.image.copy(), self.mask.copy(), self.raw.copy(), self.scores.copy()
+        self.enqueue_download(n)
+        return self.fetch(n)
+
+    def enqueue_download(self, n: int) -> None:
+        def run() -> None:  # into pinned memory
+            loc = self._score_blocks(n).copy() if self.location_scores else None
+            self.out = (self.image.copy(), self.mask.copy(), self.raw.copy(), self.image_scores.copy(), loc)
+
+        self._enqueue("download", run)
+
+    def fetch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self._host_wait("cudaStreamSynchronize")
+        self.calls.append("fetch")
+        maps, mask, raw, scores, _ = self.out
+        assert maps.shape[0] == n
+        return maps.copy(), mask.copy(), raw.copy(), scores.copy()
+
+    def _score_blocks(self, n: int) -> np.ndarray:
+        return self._blocks(self.scores, n, 1)
+
+    def fetch_location_scores(self, n: int) -> np.ndarray:
+        if not self.location_scores:
+            raise RuntimeError("DevicePipeline: built without location_scores")
+        loc = self.out[4]
+        assert loc is not None
+        assert loc.shape == (self.locations, n)
+        out: np.ndarray = np.asarray(loc).copy()
+        return out
 
     def download_location_maps(self, n: int) -> np.ndarray:
+        self._host_wait("cudaStreamSynchronize")
         out: np.ndarray = self._location_maps(n).copy()
         return out
 
+    def download_location_scores(self, n: int) -> np.ndarray:
+        self._host_wait("cudaStreamSynchronize")
+        if not self.location_scores:
+            raise RuntimeError("DevicePipeline: built without location_scores")
+        out: np.ndarray = self._score_blocks(n).copy()
+        return out
+
     def synchronize(self) -> None:
+        self._host_wait("cudaStreamSynchronize")
         self.calls.append("sync")
+
+    # -- CUDA graphs --------------------------------------------------------------------------------
+
+    def begin_capture(self) -> None:
+        if self.fail_capture == "begin":
+            raise RuntimeError("CUDA error in cudaStreamBeginCapture: cudaErrorNotSupported (operation not supported)")
+        if self.capturing is not None:
+            raise RuntimeError("CUDA error in cudaStreamBeginCapture: cudaErrorIllegalState (already capturing)")
+        self.capturing = []
+
+    def end_capture(self, key: int) -> None:
+        recorded, self.capturing = self.capturing, None
+        if recorded is None:
+            raise RuntimeError("CUDA error in cudaStreamEndCapture: cudaErrorStreamCaptureInvalidated")
+        if self.fail_capture == "end":
+            raise RuntimeError("CUDA error in cudaStreamEndCapture: cudaErrorStreamCaptureInvalidated "
+                               "(capture was invalidated by an unsupported operation)")  # fmt: skip
+        self.graphs[key] = recorded
+        self.captures += 1
+
+    def abort_capture(self) -> None:
+        self.capturing = None
+
+    def has_graph(self, key: int) -> bool:
+        return key in self.graphs
+
+    @property
+    def graph_count(self) -> int:
+        return len(self.graphs)
+
+    def launch(self, key: int) -> None:
+        self.calls.append("launch")
+        self.launches += 1
+        for step in self.graphs[key]:
+            step()
 
 
 def _view(address: int, count: int) -> np.ndarray:
@@ -153,7 +306,7 @@ def _view(address: int, count: int) -> np.ndarray:
     offset = address - base
     if offset % 256:
         raise ValueError(f"address {address:#x} is not 256-byte aligned (TensorRT rejects it)")
-    buffer: np.ndarray = pipeline.tiles if kind == "tiles" else pipeline.maps
+    buffer: np.ndarray = getattr(pipeline, kind)
     if offset // 4 + count > buffer.size:
         raise ValueError(f"address {address:#x}: {count} floats run past the {kind} buffer")
     return buffer[offset // 4 : offset // 4 + count]
@@ -167,21 +320,24 @@ class FakeEngine:
     """An "engine" whose plan is the ONNX model itself.
 
     Its I/O shapes are the ONNX model's (a symbolic batch is -1, as TensorRT
-    reports a dynamic dimension); its optimization profile takes batches
+    reports a dynamic dimension), every output too (``map``, and ``score`` for
+    detector bundles); its optimization profile takes batches
     ``profile`` = (min, opt, max). ``refuse`` names context calls that return
-    False (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``).
+    False (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``);
+    ``capture`` in it makes ``execute_async_v3`` fail while its stream is being
+    captured (an engine that cannot be captured).
     """
 
     def __init__(self, plan: bytes, profile: tuple[int, int, int] = (1, 4, 4), refuse: frozenset[str] = frozenset(),
                  dtype: str = "FLOAT") -> None:  # fmt: skip
         self.session = ort.InferenceSession(plan, providers=["CPUExecutionProvider"])
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.names = [inp.name, out.name]
-        self.shapes = {inp.name: _shape(inp.shape), out.name: _shape(out.shape)}
+        io = [self.session.get_inputs()[0], *self.session.get_outputs()]
+        self.names = [t.name for t in io]
+        self.shapes = {t.name: _shape(t.shape) for t in io}
         self.profile, self.refuse, self.dtype = profile, refuse, dtype
-        self.num_io_tensors = 2
+        self.num_io_tensors = len(io)
         self.num_optimization_profiles = 1
-        self.device_memory_size_v2 = 1 << 20
+        self.device_memory_size_v2 = (1 << 20) + 256 * (hashlib.sha256(plan).digest()[0] % 7)  # differs by engine
 
     def get_tensor_name(self, i: int) -> str:
         return str(self.names[i])
@@ -201,16 +357,27 @@ class FakeEngine:
         rest = self.shapes[name][1:]
         return [(b, *rest) for b in self.profile]
 
-    def create_execution_context(self) -> FakeContext:
-        return FakeContext(self)
+    def create_execution_context(self, strategy: str = "STATIC") -> FakeContext:
+        return FakeContext(self, strategy)
 
 
 class FakeContext:
-    def __init__(self, engine: FakeEngine) -> None:
+    def __init__(self, engine: FakeEngine, strategy: str = "STATIC") -> None:
         self.engine = engine
+        self.strategy = strategy
+        self.memory: tuple[int, int] | None = None
         self.shape: tuple[int, ...] | None = None
         self.addresses: dict[str, int] = {}
         self.streams: list[int] = []
+
+    def set_device_memory(self, memory: int, size: int) -> None:
+        if self.strategy != "USER_MANAGED":
+            raise RuntimeError("set_device_memory needs a context created with USER_MANAGED allocation")
+        if memory % 256 or size < self.engine.device_memory_size_v2:
+            raise ValueError(f"device memory {memory:#x} ({size} bytes): needs 256-byte alignment and at least "
+                             f"{self.engine.device_memory_size_v2} bytes")  # fmt: skip
+        _view(memory, size // 4)  # a real (fake) device allocation of that size
+        self.memory = (memory, size)
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         if "set_input_shape" in self.engine.refuse:
@@ -230,12 +397,24 @@ class FakeContext:
     def execute_async_v3(self, stream: int) -> bool:
         if "execute_async_v3" in self.engine.refuse:
             return False
+        if self.strategy == "USER_MANAGED" and self.memory is None:
+            return False  # TensorRT: no device memory set for a USER_MANAGED context
         self.streams.append(stream)
-        inp, out = self.engine.names
+        pipeline = _STREAMS[stream]
+        if pipeline.capturing is not None and "capture" in self.engine.refuse:
+            pipeline.capturing = None  # the capture is invalidated
+            return False
         assert self.shape is not None
-        tiles = _view(self.addresses[inp], int(np.prod(self.shape))).reshape(self.shape)
-        result = self.engine.session.run(None, {inp: tiles})[0]
-        _view(self.addresses[out], result.size)[:] = result.ravel()
+        shape, addresses = self.shape, dict(self.addresses)  # what a capture bakes in
+
+        def run() -> None:
+            inp, *outs = self.engine.names
+            tiles = _view(addresses[inp], int(np.prod(shape))).reshape(shape)
+            results = self.engine.session.run(None, {inp: tiles})
+            for name, result in zip(outs, results, strict=True):
+                _view(addresses[name], result.size)[:] = result.ravel()
+
+        pipeline._enqueue("engine", run)
         return True
 
 
@@ -252,8 +431,8 @@ def make_module(
     Args:
         version: ``__version__`` of the module.
         profile: (min, opt, max) batch of every engine's optimization profile.
-        refuse: Context calls that return False (see :class:`FakeEngine`); with ``deserialize_cuda_engine``
-            the runtime returns None for every plan.
+        refuse: Context calls that return False (see :class:`FakeEngine`; ``capture``: execute_async_v3 during
+            a capture); with ``deserialize_cuda_engine`` the runtime returns None for every plan.
         dtype: What ``get_tensor_dtype`` reports for every tensor ("FLOAT" or "HALF").
         edit: Called on every deserialized engine (a test changes its reported shapes there).
     """
@@ -284,6 +463,9 @@ def make_module(
     trt.ICudaEngine = FakeEngine  # type: ignore[attr-defined]
     trt.IExecutionContext = FakeContext  # type: ignore[attr-defined]
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")  # type: ignore[attr-defined]
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(  # type: ignore[attr-defined]
+        STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE", USER_MANAGED="USER_MANAGED"
+    )
     trt.DataType = types.SimpleNamespace(FLOAT="FLOAT", HALF="HALF")  # type: ignore[attr-defined]
     return trt
 
@@ -301,7 +483,7 @@ def make_builder_module(
     """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = f"{major}.4.0.1"  # type: ignore[attr-defined]
-    flags = ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"] + (["FP16"] if major == 10 else [])
+    flags = ["TF32", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"] + (["FP16"] if major == 10 else [])
     trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})  # type: ignore[attr-defined]
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")  # type: ignore[attr-defined]
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)  # type: ignore[attr-defined]
@@ -347,7 +529,7 @@ def make_builder_module(
 
     class Config:
         def __init__(self) -> None:
-            self.flags: list[str] = []
+            self.flags: list[str] = ["TF32"]  # TensorRT's default: TF32 on
             self.cache = Cache(b"")
 
         def set_memory_pool_limit(self, pool: str, size: int) -> None:
@@ -355,6 +537,10 @@ def make_builder_module(
 
         def set_flag(self, flag: str) -> None:
             self.flags.append(flag)
+
+        def clear_flag(self, flag: str) -> None:
+            if flag in self.flags:
+                self.flags.remove(flag)
 
         def add_optimization_profile(self, profile: Any) -> None:
             self.profile = profile.shapes

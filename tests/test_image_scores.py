@@ -132,10 +132,14 @@ def test_manifest_image_score_and_score_output_go_together() -> None:
         parse_manifest(stray)
 
 
-def test_tensorrt_refuses_a_bundle_with_a_detector_score_before_looking_for_a_gpu(tmp_path: Path) -> None:
-    """The native TensorRT path runs one output per engine: a clear error, not a failure on the factory GPU."""
+def test_tensorrt_takes_a_bundle_with_a_detector_score(tmp_path: Path) -> None:
+    """The native TensorRT path runs the second output (issue #18.8): the bundle is no longer refused.
+
+    Here, without a GPU or the builder, what stops it is the missing GPU / builder, not the bundle.
+    """
     from tilead.exporter.engines import build_engines
     from tilead.runtime import Predictor
+    from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
 
     data = _manifest(image_score="detector")
     data["model"]["score_output"] = "score"
@@ -146,7 +150,7 @@ def test_tensorrt_refuses_a_bundle_with_a_detector_score_before_looking_for_a_gp
         loc["sha256"] = sha256_file(path)
         loc["bytes"] = path.stat().st_size
     write_manifest(tmp_path, data)
-    with pytest.raises(BundleError, match=r"image_score 'detector'.*backend='onnxruntime'"):
+    with pytest.raises(TensorRTUnavailableError):
         Predictor(tmp_path, device="cuda", backend="tensorrt")
-    with pytest.raises(BundleError, match="engine builder do not handle yet"):
+    with pytest.raises(TensorRTUnavailableError):
         build_engines(tmp_path)

@@ -101,7 +101,7 @@ def test_the_native_backend_is_a_full_pipeline_backend_that_does_not_build(bundl
         inner = trt._backend
         assert isinstance(inner, PipelineBackend)
         assert inner.capabilities.full_pipeline
-        assert not inner.capabilities.detector_score
+        assert inner.capabilities.detector_score
         assert (trt.threads, trt.location_workers) == (1, 1)
     with pytest.raises(RuntimeError, match="closed"):
         _ = trt.providers

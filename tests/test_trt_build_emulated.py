@@ -71,8 +71,8 @@ def test_fp32_build_shares_one_timing_cache_and_lists_the_set(builder: Any, tmp_
     engines = build.build_engines(root, precision="fp32", opt_batch=2, max_batch=4, workspace_mib=64, progress=False)
     assert engines.key.startswith("fake-gpu-sm87-trt11.4.0-fp32-b4-")
     builds = [line for line in log if line.startswith("build")]
-    # Every location is version-compatible without the lean runtime, strongly typed (11), and starts from the cache
-    # the previous one left: one timing cache for the bundle.
+    # Every location is version-compatible without the lean runtime, strongly typed (11), without TensorRT's default
+    # TF32 (FP32 engines compute in FP32, #18.6), and starts from the cache the previous one left: one timing cache.
     assert builds == [f"build flags=VERSION_COMPATIBLE,EXCLUDE_LEAN_RUNTIME network={1 << 5} cache={'+' * i}"
                       for i in range(4)]  # fmt: skip
     assert "workspace 64" in log
@@ -99,6 +99,16 @@ def test_fp16_is_a_flag_on_tensorrt_10_and_an_fp16_onnx_on_11(builder: Any, tmp_
     e11 = build.build_engines(_bundle(tmp_path / "b"), precision="fp16", progress=False)
     assert "FP16" not in log11[-1].split()[1]
     assert (tmp_path / "b" / e11.files[0].file).read_bytes().endswith(b"|fp16 model r0c0")
+
+
+def test_tf32_only_when_asked(builder: Any, tmp_path: Path) -> None:
+    """TensorRT turns TF32 on by default; the builder clears it unless tf32=True (issue #18.6)."""
+    for major in (10, 11):
+        log = builder(major)
+        build.build_engines(_bundle(tmp_path / f"plain{major}"), progress=False)
+        assert "TF32" not in log[-1].split()[1]
+        build.build_engines(_bundle(tmp_path / f"tf32{major}"), progress=False, tf32=True)
+        assert log[-1].split()[1].split("=")[1].split(",")[0] == "TF32"
 
 
 def test_an_interrupted_build_resumes(builder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,3 +173,29 @@ def test_a_location_that_does_not_parse_or_build_is_a_clear_error_and_nothing_is
     engines = build.build_engines(root, progress=False)
     assert [f.name for f in engines.files] == NAMES
     assert not partial.exists()
+
+
+def test_tf32_is_an_engine_option(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from tilead.cli.export import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    result = CliRunner().invoke(main, [str(run), "-o", str(tmp_path / "bundle"), "--tf32"])
+    assert result.exit_code == 2
+    assert "--tf32 sets how TensorRT engines compute: add --trt" in result.output
+
+
+def test_a_bundle_that_deploys_the_detector_score_builds(builder: Any, tmp_path: Path) -> None:
+    """#18.8: the builder no longer refuses ``image_score: detector`` (the engine keeps the graph's second output)."""
+    log = builder(11)
+    root = _bundle(tmp_path / "b")
+    data = dict(read_manifest(root).raw)
+    data["model"] = {**data["model"], "score_output": "score"}
+    data["postprocess"] = {**data["postprocess"], "image_score": "detector"}
+    write_manifest(root, data)
+    assert read_manifest(root).image_score == "detector"
+    engines = build.build_engines(root, progress=False)
+    assert len(engines.files) == 4
+    assert len([line for line in log if line.startswith("build")]) == 4

@@ -402,7 +402,7 @@ void bind_device_pipeline(py::module_& cuda) {
                        const std::vector<float>& bias, int map_h, int map_w, int weights,
                        const std::vector<float>& loc_threshold, const std::vector<float>& loc_scale, float seam_sigma,
                        float seam_width, int norm_mode, float pt, float pmin, float pmax, float it, float imin,
-                       float imax, int device_index) {
+                       float imax, int device_index, bool location_scores) {
              if (max_batch < 1) fail("max_batch: expected >= 1, got " + std::to_string(max_batch));
              if ((in_channels != 1 && in_channels != 3) || (out_channels != 1 && out_channels != 3)) {
                fail("in_channels and out_channels: expected 1 or 3");
@@ -438,19 +438,27 @@ void bind_device_pipeline(py::module_& cuda) {
              spec.norm.image_max = imax;
              spec.max_batch = max_batch;
              spec.device = device_index;
+             spec.location_scores = location_scores;
              return std::make_unique<DevicePipeline>(spec);
            }),
            py::arg("grid"), py::arg("max_batch"), py::arg("in_channels"), py::arg("out_channels"), py::arg("scale"),
            py::arg("bias"), py::arg("map_h"), py::arg("map_w"), py::arg("weights"), py::arg("loc_threshold"),
            py::arg("loc_scale"), py::arg("seam_sigma"), py::arg("seam_width"), py::arg("norm_mode"),
            py::arg("pixel_threshold"), py::arg("pixel_min"), py::arg("pixel_max"), py::arg("image_threshold"),
-           py::arg("image_min"), py::arg("image_max"), py::arg("device") = 0)
+           py::arg("image_min"), py::arg("image_max"), py::arg("device") = 0, py::arg("location_scores") = false)
       .def_property_readonly("stream", &DevicePipeline::stream, "cudaStream_t of every stage, as an integer.")
       .def_property_readonly("device_bytes", &DevicePipeline::device_bytes)
       .def("tiles_address", &DevicePipeline::tiles_address, py::arg("location"), py::arg("n"),
            "Device address of a location's (n, C, tile_h, tile_w) float32 tiles: the engine's input.")
       .def("maps_address", &DevicePipeline::maps_address, py::arg("location"), py::arg("n"),
            "Device address of a location's (n, 1, map_h, map_w) float32 map: the engine's output.")
+      .def("scores_address", &DevicePipeline::scores_address, py::arg("location"), py::arg("n"),
+           "Device address of a location's (n,) float32 per-tile scores: the engine's second output "
+           "(location_scores pipelines only).")
+      .def("context_memory", &DevicePipeline::context_memory, py::arg("bytes"),
+           "Address of one device buffer of at least `bytes` shared by every engine's execution context "
+           "(TensorRT USER_MANAGED); grows when asked for more, dropping captured graphs.")
+      .def("use_device", &DevicePipeline::use_device, "Make the pipeline's device current on the calling thread.")
       .def("tiles_stride", &DevicePipeline::tiles_stride, py::arg("n"),
            "Bytes from one location's tile block to the next for a batch of n (a multiple of 256).")
       .def("maps_stride", &DevicePipeline::maps_stride, py::arg("n"),
@@ -465,6 +473,18 @@ void bind_device_pipeline(py::module_& cuda) {
             self.upload(ptr<uint8_t>(images), n);
           },
           py::arg("images"), "Enqueue the copy of a uint8 batch (n, H, W, C) to the device (via pinned memory).")
+      .def(
+          "stage_images",
+          [](DevicePipeline& self, const py::array& images) {
+            const device::PipelineSpec& sp = self.spec();
+            check_pipeline_images(sp.grid, sp.tile.in_channels, sp.max_batch, images);
+            const int n = static_cast<int>(images.shape(0));
+            py::gil_scoped_release nogil;
+            self.stage_images(ptr<uint8_t>(images), n);
+          },
+          py::arg("images"), "First half of upload: wait for the stream, copy the batch into pinned memory.")
+      .def("upload_staged", &DevicePipeline::upload_staged, py::arg("n"), py::call_guard<py::gil_scoped_release>(),
+           "Second half of upload: enqueue the host-to-device copy of the staged batch.")
       .def(
           "upload_location_maps",
           [](DevicePipeline& self, const py::array& maps) {
@@ -515,6 +535,54 @@ void bind_device_pipeline(py::module_& cuda) {
           },
           py::arg("n"),
           "Copy maps (n, H, W) float32, masks (n, H, W) uint8, raw scores and scores (n,) back; waits for the stream.")
+      .def("enqueue_download", &DevicePipeline::enqueue_download, py::arg("n"),
+           py::call_guard<py::gil_scoped_release>(), "First half of download: enqueue the copies into pinned memory.")
+      .def(
+          "fetch",
+          [](DevicePipeline& self, int n) {
+            const Grid& g = self.spec().grid;
+            py::array_t<float> maps({n, g.y.size, g.x.size});
+            py::array_t<uint8_t> mask({n, g.y.size, g.x.size});
+            py::array_t<float> raw(n), scores(n);
+            float* mp = maps.mutable_data();
+            uint8_t* kp = mask.mutable_data();
+            float* rp = raw.mutable_data();
+            float* sp = scores.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.fetch(n, mp, kp, rp, sp);
+            }
+            return py::make_tuple(maps, mask, raw, scores);
+          },
+          py::arg("n"), "Second half of download: wait for the stream, return (maps, masks, raw scores, scores).")
+      .def(
+          "fetch_location_scores",
+          [](DevicePipeline& self, int n) {
+            py::array_t<float> out({grid_locations(self.spec().grid), n});
+            self.fetch_location_scores(n, out.mutable_data());
+            return out;
+          },
+          py::arg("n"), "After fetch/download: the per-tile scores (L, n) float32 the engines wrote.")
+      .def(
+          "download_location_scores",
+          [](DevicePipeline& self, int n) {
+            py::array_t<float> out({grid_locations(self.spec().grid), n});
+            float* op = out.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.download_location_scores(n, op);
+            }
+            return out;
+          },
+          py::arg("n"), "Copy every location's per-tile scores (L, n) back; waits for the stream.")
+      .def("begin_capture", &DevicePipeline::begin_capture, "Start capturing the stream into a CUDA graph.")
+      .def("end_capture", &DevicePipeline::end_capture, py::arg("key"), py::call_guard<py::gil_scoped_release>(),
+           "End the capture and keep the instantiated graph under key (RuntimeError on a capture error).")
+      .def("abort_capture", &DevicePipeline::abort_capture, "End a capture without keeping it (no-op when none).")
+      .def("has_graph", &DevicePipeline::has_graph, py::arg("key"))
+      .def_property_readonly("graph_count", &DevicePipeline::graph_count)
+      .def("launch", &DevicePipeline::launch, py::arg("key"), py::call_guard<py::gil_scoped_release>(),
+           "Replay the graph kept under key on the stream (returns at once).")
       .def(
           "synchronize",
           [](DevicePipeline& self) {
@@ -610,6 +678,13 @@ PYBIND11_MODULE(_kernels, m) {
       },
       "(count, error): CUDA devices visible, and the runtime's error text when it reported one.");
   cuda.def("device_name", &staged::device_name, py::arg("index") = 0);
+  cuda.def(
+      "memory_info",
+      [](int index) {
+        const auto info = staged::memory_info(index);
+        return py::make_tuple(info.first, info.second);
+      },
+      py::arg("index") = 0, "(free, total) bytes of device memory on CUDA device `index` (cudaMemGetInfo).");
   bind_family<true>(cuda);
   bind_device_pipeline(cuda);
 }

@@ -12,8 +12,18 @@
 //   untile(n), smooth_seams(n), crop(n), normalize(n)
 //   download(n, ...)                      one D2H copy per output, then the stream is synchronized
 //
-// all on the one stream, so nothing waits between stages. In a build without
-// CUDA the constructor throws.
+// all on the one stream, so nothing waits between stages. upload is
+// stage_images (host copy into pinned memory) + upload_staged (the H2D copy);
+// download is enqueue_download (D2H copies into pinned memory) + fetch (wait,
+// host copies out). Everything between upload_staged and enqueue_download,
+// engines included, can be captured into a CUDA graph per batch size
+// (begin_capture ... end_capture(n)) and replayed with launch(n); the host
+// copies stay outside the graph.
+//
+// Every method that touches the GPU first makes spec.device current on the
+// calling thread (the current device is per thread, and a caller may move
+// between threads). The destructor waits for the stream before it frees
+// anything. In a build without CUDA the constructor throws.
 #pragma once
 
 #include <cstdint>
@@ -36,7 +46,8 @@ struct PipelineSpec {
   SeamParams seam{0.f, 0.f};  // sigma <= 0: no seam smoothing
   NormParams norm{};
   int max_batch = 1;
-  int device = 0;  // CUDA device index
+  int device = 0;                // CUDA device index
+  bool location_scores = false;  // engines write a second output: one score per tile (n,) per location
 };
 
 class DevicePipeline {
@@ -59,12 +70,23 @@ class DevicePipeline {
   size_t maps_stride(int n) const;
   // What the pipeline was built for.
   const PipelineSpec& spec() const;
-  // Bytes of device memory this pipeline holds.
+  // Device address of location l's per-tile scores (n,) float32 (location_scores only), 256-byte aligned.
+  uintptr_t scores_address(int location, int n) const;
+  // Bytes of device memory this pipeline holds (buffers and the shared context memory).
   size_t device_bytes() const;
+  // One device buffer of at least `bytes` for the engines' execution contexts (TensorRT USER_MANAGED
+  // allocation): they run one after another on stream(), so one buffer serves all. Grows when asked for more
+  // (waiting for the stream first and dropping every captured graph, which holds the old address).
+  uintptr_t context_memory(size_t bytes);
+  // Make spec().device the calling thread's current CUDA device (TensorRT enqueues on it).
+  void use_device() const;
 
   // Each stage is enqueued on stream() and returns at once (download waits).
   // images: host (n, H, W, in_channels) uint8, n <= max_batch; staged through pinned memory.
   void upload(const uint8_t* images, int n);
+  // The two halves of upload: wait for the stream and copy into pinned memory (host), then enqueue the H2D copy.
+  void stage_images(const uint8_t* images, int n);
+  void upload_staged(int n);
   // maps: host (L, n, map_h, map_w) float32 into the engines' output blocks (for the GPU self-check).
   void upload_location_maps(const float* maps, int n);
   // Tile kernel into every location's block; swap_rb: the images' channel order differs from the model's.
@@ -79,9 +101,28 @@ class DevicePipeline {
   void normalize(int n);
   // Host outputs: maps (n, H, W) float32, mask (n, H, W) uint8, raw_scores and scores (n,) float32.
   void download(int n, float* maps, uint8_t* mask, float* raw_scores, float* scores);
+  // The two halves of download: enqueue the D2H copies into pinned memory, then wait and copy out (host).
+  void enqueue_download(int n);
+  void fetch(int n, float* maps, uint8_t* mask, float* raw_scores, float* scores) const;
+  // After fetch: the per-tile scores (L, n) float32 the engines wrote (location_scores only).
+  void fetch_location_scores(int n, float* scores) const;
   // Host output: every location's raw map (L, n, map_h, map_w) float32, as the engines wrote them.
   void download_location_maps(int n, float* maps);
+  // Host output: every location's per-tile scores (L, n) float32 (location_scores only).
+  void download_location_scores(int n, float* scores);
   void synchronize();
+
+  // CUDA graphs. begin_capture starts capturing stream() (thread-local mode); the caller enqueues a batch's
+  // stages and engines; end_capture(key) instantiates the graph and keeps it under `key` (>= 0, the caller's
+  // label: the backend uses the batch size and channel order, both baked into the graph); it throws on a capture
+  // error, with the capture ended and nothing kept. abort_capture ends a capture the caller gave up on.
+  // launch(key) replays the graph on stream().
+  void begin_capture();
+  void end_capture(int key);
+  void abort_capture();
+  bool has_graph(int key) const;
+  int graph_count() const;
+  void launch(int key);
 
  private:
   struct Impl;

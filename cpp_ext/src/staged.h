@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "tilead/kernels.h"
 
@@ -18,6 +19,8 @@ bool built_with_cuda();
 // (for example cudaErrorInsufficientDriver on a machine without a GPU).
 int device_count(std::string* error);
 std::string device_name(int index);
+// (free, total) bytes of device memory on device `index` (cudaMemGetInfo).
+std::pair<size_t, size_t> memory_info(int index);
 std::string cuda_architectures();
 
 void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out);

@@ -19,6 +19,7 @@ int device_count(std::string* error) {
   return 0;
 }
 std::string device_name(int) { no_cuda(); }
+std::pair<size_t, size_t> memory_info(int) { no_cuda(); }
 std::string cuda_architectures() { return ""; }
 void tile_images(const uint8_t*, int, const Grid&, const TileParams&, void*) { no_cuda(); }
 void untile_maps(const float*, int, const Grid&, const UntileParams&, float*) { no_cuda(); }

@@ -101,3 +101,18 @@ def environment() -> dict[str, Any]:
         "cuda_devices": list(status.devices),
         "cuda_error": status.error or None,
     }
+
+
+def cuda_free_memory_mib(index: int = 0) -> float | None:
+    """Free device memory on CUDA device ``index`` in MiB (``cudaMemGetInfo`` through the extension), else None.
+
+    None where the extension has no CUDA build or no usable device. Like NVML's figure it is device-wide:
+    the difference between two readings is what this process (or another) allocated in between.
+    """
+    try:
+        from tilead import _kernels
+
+        free, _ = _kernels.cuda.memory_info(index)
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    return float(free) / 2**20

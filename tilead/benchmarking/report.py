@@ -187,6 +187,14 @@ def render(report: dict[str, Any]) -> str:
         + (f"{mem['gpu_memory_used_mib']:.0f} MiB in use" if mem["gpu_memory_used_mib"] is not None else "not measured")
         + (f" ({mem['gpu_note']})" if mem.get("gpu_note") else "")
     )
+    dev = mem.get("device")
+    if dev is not None:
+        used = dev["used_by_route_mib"]
+        lines.append(
+            f"device memory free {_fmt(dev['free_before_load_mib'], 0)} MiB before loading, "
+            f"{_fmt(dev['free_after_warmup_mib'], 0)} after warm-up, {_fmt(dev['free_after_close_mib'], 0)} after "
+            f"closing; route {_fmt(used, 0)} MiB (backend reports {_fmt(dev['backend_reports_mib'], 0)} MiB)"
+        )
     for w in report["warnings"]:
         lines.append(f"WARNING       {w}")
     return "\n".join(line.rstrip() for line in lines)

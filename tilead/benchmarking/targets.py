@@ -70,12 +70,18 @@ class PredictorTarget(LoadedRoute):
     """:class:`tilead.runtime.Predictor` on a bundle (``load_s``: manifest, hashes, sessions)."""
 
     predictor: Predictor | None = None
+    stages: bool = True
+    """Time each stage (``predict_timed``); False: plain ``predict``, whole-call latency only (a TensorRT call
+    without a graph then synchronizes once, as in production, instead of after every stage)."""
 
     def run(self, batch: np.ndarray) -> StageTimes:
-        """``Predictor.predict_timed`` on the batch."""
+        """``Predictor.predict_timed`` on the batch (``predict`` and no stages when ``stages`` is False)."""
         if self.predictor is None:
             raise RuntimeError(f"{self.name}: closed")
         order: InputOrder = "GRAY" if batch.shape[3] == 1 else "BGR"
+        if not self.stages:
+            self.predictor.predict(batch, input_order=order)
+            return StageTimes()
         _, times = self.predictor.predict_timed(batch, input_order=order)
         return times
 
@@ -86,9 +92,21 @@ class PredictorTarget(LoadedRoute):
 
 
 def load_predictor(
-    bundle: Path, *, backend: str, device: str, threads: int | None, location_workers: int | None, max_batch: int
+    bundle: Path,
+    *,
+    backend: str,
+    device: str,
+    threads: int | None,
+    location_workers: int | None,
+    max_batch: int,
+    cuda_graphs: bool = True,
+    stages: bool = True,
+    label: str = "",
 ) -> PredictorTarget:
     """Load a bundle into a :class:`PredictorTarget` and time the load.
+
+    ``cuda_graphs`` goes to the Predictor (the TensorRT backend uses it), ``stages`` to the target, ``label``
+    after the route's name (``tilead tensorrt (no CUDA graphs)``).
 
     Raises:
         BundleError, ValueError, RuntimeError: As :class:`~tilead.runtime.Predictor` does.
@@ -103,6 +121,7 @@ def load_predictor(
         threads=threads,
         location_workers=location_workers,
         max_batch=max_batch,
+        cuda_graphs=cuda_graphs,
     )
     load_s = time.perf_counter() - start
     info = {
@@ -114,7 +133,10 @@ def load_predictor(
         "max_batch": max_batch,
         "device_memory_mib": None if predictor.device_memory_bytes is None else predictor.device_memory_bytes / 2**20,
     }
-    return PredictorTarget(f"tilead {info['backend']}", load_s, info, predictor)
+    if predictor.backend == "tensorrt":
+        info["cuda_graphs"] = "on" if cuda_graphs else "off"
+    name = f"tilead {info['backend']}" + (f" ({label})" if label else "")
+    return PredictorTarget(name, load_s, info, predictor, stages)
 
 
 @dataclass

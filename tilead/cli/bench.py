@@ -2,6 +2,7 @@
 
 Example:
     tilead-bench bundles/padim_bottle --batch 1,4 --iterations 50 --compare torch --json out/bench.json
+    tilead-bench bundles/padim_bottle --backend tensorrt --device cuda --batch 1,4 --cuda-graphs compare
 """
 
 from __future__ import annotations
@@ -81,14 +82,25 @@ def _bundle_facts(bundle: Path, manifest: Any) -> dict[str, Any]:
     }
 
 
-def _notes(device: str, backend: str, location_workers: int, locations: int) -> list[str]:
+def _notes(device: str, backend: str, location_workers: int, locations: int, cuda_graphs: str = "on") -> list[str]:
     notes = []
     if device == "cpu":
         notes.append("no host->device or device->host copies: the CPU route runs in host memory")
+    elif backend == "tensorrt" and cuda_graphs == "compare":
+        notes.append(
+            "TensorRT backend, CUDA graphs on and off: whole-call latency of untimed calls (no per-stage "
+            "breakdown: timing each stage would synchronize after every stage and hide what graphs save)"
+        )
     elif backend == "tensorrt":
         notes.append(
-            "TensorRT backend: the stream is synchronized after every stage so each gets its own time "
-            "(a little slower than an untimed call, which synchronizes once)"
+            "TensorRT backend: a call without a CUDA graph is synchronized after every stage so each gets its "
+            "own time (a little slower than an untimed call, which synchronizes once)"
+            + (
+                "; with CUDA graphs on, every query after the first of a batch size replays one graph "
+                "(stage 'graph': tile, engines, untile, seams, normalize and the copies in one launch)"
+                if cuda_graphs == "on"
+                else ""
+            )
         )
     else:
         notes.append(
@@ -120,6 +132,7 @@ class BenchSettings:
     threads: int | None
     location_workers: int | None
     compare: str | None
+    cuda_graphs: str
     run_dir: Path | None
     json_path: Path | None
     progress: bool | None
@@ -180,6 +193,15 @@ class BenchSettings:
     "query by query.",
 )
 @click.option(
+    "--cuda-graphs",
+    "cuda_graphs",
+    type=click.Choice(["on", "off", "compare"]),
+    default="on",
+    show_default=True,
+    help="TensorRT backend: replay one CUDA graph per batch size (on), run stage by stage (off), or time both "
+    "routes alternating query by query (compare; whole-call latency only).",
+)
+@click.option(
     "--run",
     "run_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -217,6 +239,11 @@ def main(**options: Any) -> None:
             "--compare onnxruntime compares another backend with ONNX Runtime; "
             "add --backend tensorrt (GPU) or --backend openvino (CPU)"
         )
+    if s.cuda_graphs == "compare" and (s.backend != "tensorrt" or s.compare is not None):
+        raise click.UsageError(
+            "--cuda-graphs compare times the TensorRT backend with and without CUDA graphs: use it with "
+            "--backend tensorrt --device cuda and without --compare"
+        )
     if s.run_dir is not None and s.compare != "torch":
         raise click.UsageError("--run is only used by --compare torch")
     if s.resize and not s.image_paths:
@@ -238,18 +265,23 @@ def main(**options: Any) -> None:
 
 
 def _run(s: BenchSettings) -> dict[str, Any]:
-    from tilead.benchmarking.environment import environment, gpu_memory_used_mib, peak_rss_mib
+    from tilead.benchmarking.environment import cuda_free_memory_mib, environment, gpu_memory_used_mib, peak_rss_mib
     from tilead.benchmarking.report import batch_result, warnings_for
     from tilead.benchmarking.runner import make_batch, measure, warm_up
     from tilead.benchmarking.targets import PredictorTarget, Target, load_predictor, load_torch
 
-    def predictor(backend: str) -> PredictorTarget:
+    def predictor(backend: str, *, cuda_graphs: bool = True, stages: bool = True, label: str = "") -> PredictorTarget:
         return load_predictor(
             s.bundle, backend=backend, device=s.device, threads=s.threads, location_workers=s.location_workers,
-            max_batch=max(s.batches),
+            max_batch=max(s.batches), cuda_graphs=cuda_graphs, stages=stages, label=label,
         )  # fmt: skip
 
-    main_target = predictor(s.backend)
+    graph_compare = s.cuda_graphs == "compare"
+    free_before = cuda_free_memory_mib() if s.device == "cuda" else None
+    main_target = predictor(
+        s.backend, cuda_graphs=s.cuda_graphs != "off", stages=not graph_compare,
+        label="CUDA graphs" if graph_compare else "",
+    )  # fmt: skip
     targets: list[Target] = [main_target]
     assert main_target.predictor is not None
     manifest = main_target.predictor.manifest
@@ -266,7 +298,11 @@ def _run(s: BenchSettings) -> dict[str, Any]:
             described = f"synthetic uint8 noise {h}x{w}x{channels} (the bundle's image size), seed {s.seed}"
         prepared = {b: make_batch(images, b) for b in s.batches}
         for b in s.batches:
-            warm_up(main_target, prepared[b], s.warmup)
+            # TensorRT with graphs: the first query of a batch size runs stage by stage and captures, so at least
+            # two warm-up queries put replays, not the capture, into the timed ones.
+            graphs_on = s.backend == "tensorrt" and s.cuda_graphs != "off"
+            warm_up(main_target, prepared[b], max(s.warmup, 2) if graphs_on else s.warmup)
+        free_after = cuda_free_memory_mib() if s.device == "cuda" else None
         rss_alone = peak_rss_mib()
         torch_before = "torch" in sys.modules  # tilead's route never imports it; proven in the report
         if s.compare == "torch":
@@ -280,6 +316,8 @@ def _run(s: BenchSettings) -> dict[str, Any]:
             targets.append(load_torch(run, threads=s.threads, expected_fit_key=source.get("fit_key")))
         elif s.compare == "onnxruntime":
             targets.append(predictor("onnxruntime"))
+        elif graph_compare:
+            targets.append(predictor("tensorrt", cuda_graphs=False, stages=False, label="no CUDA graphs"))
         results = []
         for b in s.batches:
             for extra in targets[1:]:
@@ -297,6 +335,8 @@ def _run(s: BenchSettings) -> dict[str, Any]:
     finally:
         for t in targets:
             t.close()
+    free_closed = cuda_free_memory_mib() if s.device == "cuda" else None
+    device_memory = _device_memory(free_before, free_after, free_closed, main_target.info.get("device_memory_mib"))
     return {
         "tool": "tilead-bench",
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -318,6 +358,7 @@ def _run(s: BenchSettings) -> dict[str, Any]:
             "threads": s.threads,
             "location_workers": s.location_workers,
             "compare": s.compare,
+            "cuda_graphs": s.cuda_graphs if s.backend == "tensorrt" else None,
         },
         "targets": [
             {
@@ -337,10 +378,31 @@ def _run(s: BenchSettings) -> dict[str, Any]:
             "gpu_note": "device-wide use at the end of the run (NVML)"
             if gpu is not None
             else ("no GPU route" if s.device == "cpu" else "NVML (nvidia-ml-py) not available"),
+            "device": device_memory,
         },
-        "notes": _notes(s.device, s.backend, main_target.info["location_workers"], manifest.grid.num_locations),
+        "notes": _notes(
+            s.device, s.backend, main_target.info["location_workers"], manifest.grid.num_locations, s.cuda_graphs
+        ),
         "warnings": warnings_for(results),
         "environment": environment(),
+    }
+
+
+def _device_memory(
+    before: float | None, after: float | None, closed: float | None, backend_mib: float | None
+) -> dict[str, Any] | None:
+    """Device memory around tilead's route (``cudaMemGetInfo`` on device 0), or None off the GPU."""
+    if before is None and backend_mib is None:
+        return None
+    return {
+        "free_before_load_mib": before,
+        "free_after_warmup_mib": after,
+        "free_after_close_mib": closed,
+        "used_by_route_mib": None if before is None or after is None else before - after,
+        "backend_reports_mib": backend_mib,
+        "note": "free device memory before tilead's route was loaded, after its warm-up (graphs captured) and "
+        "after every route was closed; the backend's own figure counts its buffers and the engines' shared "
+        "context memory, not TensorRT's weights",
     }
 
 

@@ -115,6 +115,9 @@ class Predictor:
         precision: TensorRT engines to use, ``"fp32"`` or ``"fp16"`` (None: any listed).
         build_on_load: Refused with a ValueError for TensorRT: the runtime does not
             build engines; build them with ``tilead-export BUNDLE --trt``.
+        cuda_graphs: TensorRT backend: capture each batch size's device pipeline once
+            into a CUDA graph and replay it (falls back, logged once, where capture
+            fails). Other backends accept and ignore it.
 
     Raises:
         BundleError: For a missing, corrupt, modified or unknown-schema bundle.
@@ -142,6 +145,7 @@ class Predictor:
         max_batch: int = 8,
         precision: str | None = None,
         build_on_load: bool = False,
+        cuda_graphs: bool = True,
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
@@ -177,6 +181,7 @@ class Predictor:
             max_batch=max_batch,
             precision=precision,
             build_on_load=build_on_load,
+            cuda_graphs=bool(cuda_graphs),
         )
         self._backend: Backend | None = spec.create(request)
         self.threads = self._backend.threads
@@ -369,8 +374,8 @@ class Predictor:
             pipeline = cast(PipelineBackend, backend)
             result = pipeline.run_images(batch, order, timer)
             if not result.finite.all():  # name the broken locations: one more pass, only for a broken output
-                maps = np.asarray(pipeline.location_outputs(batch, order)[0])
-                result = replace(result, errors=nonfinite_errors(maps, m.grid))
+                maps, tile_scores = pipeline.location_outputs(batch, order)
+                result = replace(result, errors=nonfinite_errors(np.asarray(maps), m.grid, tile_scores))
         else:
             maps, scores = self._location_outputs(batch, input_order, timer)
             _, result = postprocess_maps(

@@ -17,6 +17,14 @@ inline void check(cudaError_t err, const char* what) {
   }
 }
 
+// Largest gridDim.y and gridDim.z a launch may use; kernels fold larger extents into a loop.
+constexpr unsigned kMaxGridYZ = 65535;
+
+inline unsigned grid_yz(long long extent) {
+  if (extent < 1) return 1;
+  return extent > kMaxGridYZ ? kMaxGridYZ : static_cast<unsigned>(extent);
+}
+
 inline unsigned blocks_for(long long total, int threads) {
   long long b = (total + threads - 1) / threads;
   if (b < 1) b = 1;
@@ -97,6 +105,31 @@ class Stream {
 
  private:
   cudaStream_t s_ = nullptr;
+};
+
+// Owns one instantiated CUDA graph. Move-only.
+class GraphExec {
+ public:
+  GraphExec() = default;
+  explicit GraphExec(cudaGraphExec_t g) : g_(g) {}
+  ~GraphExec() {
+    if (g_ != nullptr) cudaGraphExecDestroy(g_);
+  }
+  GraphExec(const GraphExec&) = delete;
+  GraphExec& operator=(const GraphExec&) = delete;
+  GraphExec(GraphExec&& o) noexcept : g_(o.g_) { o.g_ = nullptr; }
+  GraphExec& operator=(GraphExec&& o) noexcept {
+    if (this != &o) {
+      if (g_ != nullptr) cudaGraphExecDestroy(g_);
+      g_ = o.g_;
+      o.g_ = nullptr;
+    }
+    return *this;
+  }
+  cudaGraphExec_t get() const { return g_; }
+
+ private:
+  cudaGraphExec_t g_ = nullptr;
 };
 
 }  // namespace cuda

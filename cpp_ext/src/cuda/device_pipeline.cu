@@ -2,6 +2,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstring>
+#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -29,11 +30,51 @@ struct DevicePipeline::Impl {
   size_t map_floats = 0;     // one location map
   size_t canvas_floats = 0;  // one canvas
   size_t out_floats = 0;     // one image-size map
-  DeviceBuffer images, tiles, maps, canvas, scratch, out, mask, raw, scores, loc_threshold, loc_scale;
-  PinnedBuffer staging;  // uint8 images in, float maps + uint8 masks + scores out
+  DeviceBuffer images, tiles, maps, canvas, scratch, out, mask, raw, scores, loc_threshold, loc_scale, loc_scores;
+  DeviceBuffer context;  // shared by every engine's execution context (USER_MANAGED), may stay empty
+  PinnedBuffer staging;  // uint8 images in, float maps + uint8 masks + scores (+ per-tile scores) out
   size_t staging_bytes = 0;
+  std::map<int, cuda::GraphExec> graphs;  // batch size -> instantiated graph; declared last, destroyed first
 
   explicit Impl(const PipelineSpec& s) : spec(s) {}
+  // Nothing may be freed while the stream still uses it: wait first (errors ignored: a destructor must not throw).
+  ~Impl() {
+    if (cudaSetDevice(spec.device) == cudaSuccess && stream.get() != nullptr) {
+      cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream.get(), &status) == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+        cudaGraph_t partial = nullptr;
+        if (cudaStreamEndCapture(stream.get(), &partial) == cudaSuccess && partial != nullptr) {
+          cudaGraphDestroy(partial);
+        }
+      }
+      cudaStreamSynchronize(stream.get());
+    }
+    cudaGetLastError();
+  }
+
+  void use_device() const { check(cudaSetDevice(spec.device), "cudaSetDevice"); }
+
+  // Pinned output layout of a batch of n: maps | masks | pad to 4 bytes | raw (n) | scores (n) | tile scores (L n).
+  struct Outputs {
+    float* maps;
+    uint8_t* mask;
+    float* raw;
+    float* scores;
+    float* loc_scores;
+  };
+  Outputs outputs(int n) const {
+    const size_t mask_bytes = static_cast<size_t>(n) * out_floats;
+    uint8_t* host = staging.as<uint8_t>();
+    Outputs o;
+    o.maps = reinterpret_cast<float*>(host);
+    o.mask = host + sizeof(float) * n * out_floats;
+    o.raw = reinterpret_cast<float*>(o.mask + mask_bytes + (4 - mask_bytes % 4) % 4);
+    o.scores = o.raw + n;
+    o.loc_scores = o.scores + n;
+    return o;
+  }
+  // Floats from one location's score block to the next for a batch of n.
+  size_t scores_stride(int n) const { return static_cast<size_t>(aligned_block_floats(n)); }
 
   // Floats from one location's block to the next for a batch of n (256-byte aligned blocks).
   size_t tiles_stride(int n) const {
@@ -62,7 +103,7 @@ struct DevicePipeline::Impl {
 DevicePipeline::DevicePipeline(const PipelineSpec& spec) {
   if (spec.max_batch < 1) throw std::invalid_argument("DevicePipeline: max_batch must be >= 1");
   if (spec.tile.out_type != kFloat32) throw std::invalid_argument("DevicePipeline: tiles must be float32");
-  check(cudaSetDevice(spec.device), "cudaSetDevice");
+  check(cudaSetDevice(spec.device), "cudaSetDevice");  // before the stream is created: it belongs to this device
   impl_ = std::make_unique<Impl>(spec);
   Impl& m = *impl_;
   const Grid& g = spec.grid;
@@ -98,8 +139,11 @@ DevicePipeline::DevicePipeline(const PipelineSpec& spec) {
         cudaMemcpy(m.loc_scale.as<void>(), spec.loc_scale.data(), sizeof(float) * m.locations, cudaMemcpyHostToDevice),
         "upload loc_scale");
   }
-  // Downloads share it: maps, masks, up to 3 bytes of alignment, raw scores and scores.
-  m.staging_bytes = max_of(n * m.image_bytes, n * (m.out_floats * (sizeof(float) + 1) + 2 * sizeof(float)) + 4);
+  const size_t score_floats = spec.location_scores ? static_cast<size_t>(m.locations) : 0;
+  if (spec.location_scores) m.loc_scores = DeviceBuffer(sizeof(float) * score_floats * m.scores_stride(spec.max_batch));
+  // Downloads share it: maps, masks, up to 3 bytes of alignment, raw scores, scores and per-tile scores.
+  m.staging_bytes =
+      max_of(n * m.image_bytes, n * (m.out_floats * (sizeof(float) + 1) + (2 + score_floats) * sizeof(float)) + 4);
   m.staging = PinnedBuffer(m.staging_bytes);
 }
 
@@ -121,6 +165,15 @@ uintptr_t DevicePipeline::maps_address(int location, int n) const {
   return reinterpret_cast<uintptr_t>(m.maps.as<float>() + static_cast<size_t>(location) * m.maps_stride(n));
 }
 
+uintptr_t DevicePipeline::scores_address(int location, int n) const {
+  const Impl& m = *impl_;
+  m.check_location(location, n, "scores_address");
+  if (m.loc_scores.bytes() == 0) {
+    throw std::logic_error("DevicePipeline::scores_address: built without location_scores (no per-tile score output)");
+  }
+  return reinterpret_cast<uintptr_t>(m.loc_scores.as<float>() + static_cast<size_t>(location) * m.scores_stride(n));
+}
+
 size_t DevicePipeline::tiles_stride(int n) const {
   impl_->check_location(0, n, "tiles_stride");
   return sizeof(float) * impl_->tiles_stride(n);
@@ -136,23 +189,51 @@ const PipelineSpec& DevicePipeline::spec() const { return impl_->spec; }
 size_t DevicePipeline::device_bytes() const {
   const Impl& m = *impl_;
   return m.images.bytes() + m.tiles.bytes() + m.maps.bytes() + m.canvas.bytes() + m.scratch.bytes() + m.out.bytes() +
-         m.mask.bytes() + m.raw.bytes() + m.scores.bytes() + m.loc_threshold.bytes() + m.loc_scale.bytes();
+         m.mask.bytes() + m.raw.bytes() + m.scores.bytes() + m.loc_threshold.bytes() + m.loc_scale.bytes() +
+         m.loc_scores.bytes() + m.context.bytes();
 }
 
+uintptr_t DevicePipeline::context_memory(size_t bytes) {
+  Impl& m = *impl_;
+  if (bytes > m.context.bytes()) {
+    m.use_device();
+    m.stream.sync();   // the old buffer may still be in use
+    m.graphs.clear();  // they hold the old address
+    m.context = DeviceBuffer();
+    m.context = DeviceBuffer(bytes);  // cudaMalloc: 256-byte aligned, as TensorRT requires
+  }
+  return reinterpret_cast<uintptr_t>(m.context.as<void>());
+}
+
+void DevicePipeline::use_device() const { impl_->use_device(); }
+
 void DevicePipeline::upload(const uint8_t* images, int n) {
+  stage_images(images, n);
+  upload_staged(n);
+}
+
+void DevicePipeline::stage_images(const uint8_t* images, int n) {
   Impl& m = *impl_;
   m.check_batch(n);
-  const size_t bytes = static_cast<size_t>(n) * m.image_bytes;
+  m.use_device();
   // The staging buffer may still be read by the previous batch's download: wait for the stream first.
   m.stream.sync();
-  std::memcpy(m.staging.as<uint8_t>(), images, bytes);
-  check(cudaMemcpyAsync(m.images.as<void>(), m.staging.as<void>(), bytes, cudaMemcpyHostToDevice, m.stream.get()),
+  std::memcpy(m.staging.as<uint8_t>(), images, static_cast<size_t>(n) * m.image_bytes);
+}
+
+void DevicePipeline::upload_staged(int n) {
+  Impl& m = *impl_;
+  m.check_batch(n);
+  m.use_device();
+  check(cudaMemcpyAsync(m.images.as<void>(), m.staging.as<void>(), static_cast<size_t>(n) * m.image_bytes,
+                        cudaMemcpyHostToDevice, m.stream.get()),
         "upload images");
 }
 
 void DevicePipeline::upload_location_maps(const float* maps, int n) {
   Impl& m = *impl_;
   m.check_batch(n);
+  m.use_device();
   const size_t row = sizeof(float) * n * m.map_floats;  // one location's maps, dense on the host
   check(cudaMemcpy2DAsync(m.maps.as<void>(), sizeof(float) * m.maps_stride(n), maps, row, row,
                           static_cast<size_t>(m.locations), cudaMemcpyHostToDevice, m.stream.get()),
@@ -163,6 +244,7 @@ void DevicePipeline::upload_location_maps(const float* maps, int n) {
 void DevicePipeline::tile(int n, bool swap_rb) {
   Impl& m = *impl_;
   m.check_batch(n);
+  m.use_device();
   TileParams p = m.spec.tile;
   p.swap_rb = swap_rb && p.in_channels == 3 ? 1 : 0;
   cuda::tile_images(m.images.as<uint8_t>(), n, m.spec.grid, p, m.tiles.as<void>(), m.stream.get(),
@@ -172,6 +254,7 @@ void DevicePipeline::tile(int n, bool swap_rb) {
 void DevicePipeline::untile(int n) {
   Impl& m = *impl_;
   m.check_batch(n);
+  m.use_device();
   UntileParams up{m.spec.map_h, m.spec.map_w, m.spec.weights, nullptr, nullptr};
   if (!m.spec.loc_threshold.empty()) {
     up.loc_threshold = m.loc_threshold.as<float>();
@@ -184,6 +267,7 @@ void DevicePipeline::untile(int n) {
 void DevicePipeline::smooth_seams(int n) {
   Impl& m = *impl_;
   m.check_batch(n);
+  m.use_device();
   if (m.spec.seam.sigma > 0.f) {
     cuda::smooth_seams(m.canvas.as<float>(), n, m.spec.grid, m.spec.seam, m.scratch.as<float>(), m.stream.get());
   }
@@ -192,6 +276,7 @@ void DevicePipeline::smooth_seams(int n) {
 void DevicePipeline::crop(int n) {
   Impl& m = *impl_;
   m.check_batch(n);
+  m.use_device();
   if (m.out.bytes() == 0) return;  // shift: the canvas is the image
   const Grid& g = m.spec.grid;
   cudaStream_t s = m.stream.get();
@@ -210,6 +295,7 @@ void DevicePipeline::crop(int n) {
 void DevicePipeline::normalize(int n) {
   Impl& m = *impl_;
   m.check_batch(n);
+  m.use_device();
   float* image_maps = m.image_maps();
   cuda::normalize_maps(image_maps, image_maps, m.mask.as<uint8_t>(), m.raw.as<float>(), m.scores.as<float>(), n,
                        static_cast<int64_t>(m.out_floats), m.spec.norm, m.stream.get());
@@ -218,6 +304,7 @@ void DevicePipeline::normalize(int n) {
 void DevicePipeline::download_location_maps(int n, float* maps) {
   Impl& m = *impl_;
   m.check_batch(n);
+  m.use_device();
   const size_t row = sizeof(float) * n * m.map_floats;  // one location's maps, dense on the host
   check(cudaMemcpy2DAsync(maps, row, m.maps.as<void>(), sizeof(float) * m.maps_stride(n), row,
                           static_cast<size_t>(m.locations), cudaMemcpyDeviceToHost, m.stream.get()),
@@ -225,31 +312,122 @@ void DevicePipeline::download_location_maps(int n, float* maps) {
   m.stream.sync();
 }
 
-void DevicePipeline::download(int n, float* maps, uint8_t* mask, float* raw_scores, float* scores) {
+void DevicePipeline::download_location_scores(int n, float* scores) {
   Impl& m = *impl_;
   m.check_batch(n);
-  cudaStream_t s = m.stream.get();
-  const size_t map_bytes = sizeof(float) * n * m.out_floats;
-  const size_t mask_bytes = static_cast<size_t>(n) * m.out_floats;
-  const float* image_maps = m.image_maps();
-  uint8_t* host = m.staging.as<uint8_t>();
-  float* h_maps = reinterpret_cast<float*>(host);
-  uint8_t* h_mask = host + map_bytes;
-  float* h_raw = reinterpret_cast<float*>(h_mask + mask_bytes + (4 - mask_bytes % 4) % 4);
-  float* h_scores = h_raw + n;
-  check(cudaMemcpyAsync(h_maps, image_maps, map_bytes, cudaMemcpyDeviceToHost, s), "download maps");
-  check(cudaMemcpyAsync(h_mask, m.mask.as<void>(), mask_bytes, cudaMemcpyDeviceToHost, s), "download masks");
-  check(cudaMemcpyAsync(h_raw, m.raw.as<void>(), sizeof(float) * n, cudaMemcpyDeviceToHost, s), "download raw");
-  check(cudaMemcpyAsync(h_scores, m.scores.as<void>(), sizeof(float) * n, cudaMemcpyDeviceToHost, s),
-        "download scores");
+  if (m.loc_scores.bytes() == 0) throw std::logic_error("DevicePipeline: built without location_scores");
+  m.use_device();
+  const size_t row = sizeof(float) * n;
+  check(cudaMemcpy2DAsync(scores, row, m.loc_scores.as<void>(), sizeof(float) * m.scores_stride(n), row,
+                          static_cast<size_t>(m.locations), cudaMemcpyDeviceToHost, m.stream.get()),
+        "download tile scores");
   m.stream.sync();
-  std::memcpy(maps, h_maps, map_bytes);
-  std::memcpy(mask, h_mask, mask_bytes);
-  std::memcpy(raw_scores, h_raw, sizeof(float) * n);
-  std::memcpy(scores, h_scores, sizeof(float) * n);
 }
 
-void DevicePipeline::synchronize() { impl_->stream.sync(); }
+void DevicePipeline::download(int n, float* maps, uint8_t* mask, float* raw_scores, float* scores) {
+  enqueue_download(n);
+  fetch(n, maps, mask, raw_scores, scores);
+}
+
+void DevicePipeline::enqueue_download(int n) {
+  Impl& m = *impl_;
+  m.check_batch(n);
+  m.use_device();
+  cudaStream_t s = m.stream.get();
+  const Impl::Outputs o = m.outputs(n);
+  const size_t map_bytes = sizeof(float) * n * m.out_floats;
+  const size_t mask_bytes = static_cast<size_t>(n) * m.out_floats;
+  check(cudaMemcpyAsync(o.maps, m.image_maps(), map_bytes, cudaMemcpyDeviceToHost, s), "download maps");
+  check(cudaMemcpyAsync(o.mask, m.mask.as<void>(), mask_bytes, cudaMemcpyDeviceToHost, s), "download masks");
+  check(cudaMemcpyAsync(o.raw, m.raw.as<void>(), sizeof(float) * n, cudaMemcpyDeviceToHost, s), "download raw");
+  check(cudaMemcpyAsync(o.scores, m.scores.as<void>(), sizeof(float) * n, cudaMemcpyDeviceToHost, s),
+        "download scores");
+  if (m.loc_scores.bytes() > 0) {
+    const size_t row = sizeof(float) * n;
+    check(cudaMemcpy2DAsync(o.loc_scores, row, m.loc_scores.as<void>(), sizeof(float) * m.scores_stride(n), row,
+                            static_cast<size_t>(m.locations), cudaMemcpyDeviceToHost, s),
+          "download tile scores");
+  }
+}
+
+void DevicePipeline::fetch(int n, float* maps, uint8_t* mask, float* raw_scores, float* scores) const {
+  const Impl& m = *impl_;
+  m.check_batch(n);
+  m.use_device();
+  m.stream.sync();
+  const Impl::Outputs o = m.outputs(n);
+  std::memcpy(maps, o.maps, sizeof(float) * n * m.out_floats);
+  std::memcpy(mask, o.mask, static_cast<size_t>(n) * m.out_floats);
+  std::memcpy(raw_scores, o.raw, sizeof(float) * n);
+  std::memcpy(scores, o.scores, sizeof(float) * n);
+}
+
+void DevicePipeline::fetch_location_scores(int n, float* scores) const {
+  const Impl& m = *impl_;
+  m.check_batch(n);
+  if (m.loc_scores.bytes() == 0) throw std::logic_error("DevicePipeline: built without location_scores");
+  std::memcpy(scores, m.outputs(n).loc_scores, sizeof(float) * m.locations * n);
+}
+
+void DevicePipeline::synchronize() {
+  impl_->use_device();
+  impl_->stream.sync();
+}
+
+void DevicePipeline::begin_capture() {
+  Impl& m = *impl_;
+  m.use_device();
+  // Thread-local mode: an unsafe CUDA call on this thread (a cudaMalloc inside an engine, say) fails the capture
+  // instead of racing; other threads are not affected.
+  check(cudaStreamBeginCapture(m.stream.get(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+}
+
+void DevicePipeline::end_capture(int key) {
+  Impl& m = *impl_;
+  if (key < 0) throw std::out_of_range("DevicePipeline::end_capture: graph key must be >= 0");
+  m.use_device();
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = cudaStreamEndCapture(m.stream.get(), &graph);
+  if (ended != cudaSuccess) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();  // a failed capture is not sticky: clear it so later calls start clean
+    check(ended, "cudaStreamEndCapture");
+  }
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  if (made != cudaSuccess) {
+    cudaGetLastError();
+    check(made, "cudaGraphInstantiate");
+  }
+  m.graphs[key] = cuda::GraphExec(exec);
+}
+
+void DevicePipeline::abort_capture() {
+  Impl& m = *impl_;
+  m.use_device();
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(m.stream.get(), &status), "cudaStreamIsCapturing");
+  if (status != cudaStreamCaptureStatusNone) {
+    cudaGraph_t partial = nullptr;
+    if (cudaStreamEndCapture(m.stream.get(), &partial) == cudaSuccess && partial != nullptr) cudaGraphDestroy(partial);
+  }
+  cudaGetLastError();
+}
+
+bool DevicePipeline::has_graph(int key) const { return impl_->graphs.count(key) > 0; }
+
+int DevicePipeline::graph_count() const { return static_cast<int>(impl_->graphs.size()); }
+
+void DevicePipeline::launch(int key) {
+  Impl& m = *impl_;
+  const auto it = m.graphs.find(key);
+  if (it == m.graphs.end()) {
+    throw std::out_of_range("DevicePipeline::launch: no graph captured under key " + std::to_string(key));
+  }
+  m.use_device();
+  check(cudaGraphLaunch(it->second.get(), m.stream.get()), "cudaGraphLaunch");
+}
 
 }  // namespace device
 }  // namespace tilead

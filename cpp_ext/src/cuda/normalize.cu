@@ -27,35 +27,39 @@ constexpr int kThreads = 256;
 
 constexpr int kPoison = 0x7fc00000;  // ordered(+quiet NaN): above ordered(+inf) = 0x7f800000
 
-__global__ void normalize_kernel(const float* in, float* out, uint8_t* mask, int* acc, long long hw, NormParams p,
-                                 float pscale) {
+__global__ void normalize_kernel(const float* in, float* out, uint8_t* mask, int* acc, int n, long long hw,
+                                 NormParams p, float pscale) {
   __shared__ int smax[kThreads];
-  const int img = blockIdx.y;
-  const float* s = in + img * hw;
-  float* d = out + img * hw;
-  uint8_t* m = mask != nullptr ? mask + img * hw : nullptr;
-  int local = ordered(-INFINITY);
-  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < hw;
-       i += static_cast<long long>(blockDim.x) * gridDim.x) {
-    const float v = s[i];
-    const int key = finite_value(v) ? ordered(v) : kPoison;
-    if (key > local) local = key;
-    if (p.mode == kNormMinMax) {
-      const float nv = normalize_pixel(v, p.pixel_threshold, pscale);
-      d[i] = nv;
-      if (m != nullptr) m[i] = nv > 0.5f ? 1 : 0;
-    } else {
-      d[i] = v;
-      if (m != nullptr) m[i] = raw_pixel_anomalous(v, p.pixel_threshold);
+  // Images along gridDim.y, folded: a batch over 65535 images loops (every thread of a block takes the same
+  // images, so the __syncthreads below are reached by all of them).
+  for (long long img = blockIdx.y; img < n; img += gridDim.y) {
+    const float* s = in + img * hw;
+    float* d = out + img * hw;
+    uint8_t* m = mask != nullptr ? mask + img * hw : nullptr;
+    int local = ordered(-INFINITY);
+    for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < hw;
+         i += static_cast<long long>(blockDim.x) * gridDim.x) {
+      const float v = s[i];
+      const int key = finite_value(v) ? ordered(v) : kPoison;
+      if (key > local) local = key;
+      if (p.mode == kNormMinMax) {
+        const float nv = normalize_pixel(v, p.pixel_threshold, pscale);
+        d[i] = nv;
+        if (m != nullptr) m[i] = nv > 0.5f ? 1 : 0;
+      } else {
+        d[i] = v;
+        if (m != nullptr) m[i] = raw_pixel_anomalous(v, p.pixel_threshold);
+      }
     }
-  }
-  smax[threadIdx.x] = local;
-  __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w && smax[threadIdx.x + w] > smax[threadIdx.x]) smax[threadIdx.x] = smax[threadIdx.x + w];
+    smax[threadIdx.x] = local;
     __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+      if (threadIdx.x < w && smax[threadIdx.x + w] > smax[threadIdx.x]) smax[threadIdx.x] = smax[threadIdx.x + w];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) atomicMax(acc + img, smax[0]);
+    __syncthreads();  // smax is rewritten for the next image
   }
-  if (threadIdx.x == 0) atomicMax(acc + img, smax[0]);
 }
 
 __global__ void finish_scores(const int* acc, float* raw_scores, float* scores, int n, NormParams p, float iscale) {
@@ -80,8 +84,8 @@ void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_score
   long long bx = (hw + kThreads - 1) / kThreads;
   if (bx > 1024) bx = 1024;
   if (bx < 1) bx = 1;
-  const dim3 blocks(static_cast<unsigned>(bx), static_cast<unsigned>(n));
-  normalize_kernel<<<blocks, kThreads, 0, stream>>>(in, out, mask, acc, hw, p, pscale);
+  const dim3 blocks(static_cast<unsigned>(bx), grid_yz(n));  // gridDim.y <= 65535: the kernel loops past it
+  normalize_kernel<<<blocks, kThreads, 0, stream>>>(in, out, mask, acc, n, hw, p, pscale);
   check(cudaGetLastError(), "normalize_kernel launch");
   const float ir = p.image_max - p.image_min;
   const float iscale = ir > 0.0f ? 1.0f / ir : 0.0f;

@@ -56,6 +56,13 @@ std::string device_name(int index) {
   return std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ")";
 }
 
+std::pair<size_t, size_t> memory_info(int index) {
+  check(cudaSetDevice(index), "cudaSetDevice");
+  size_t free_bytes = 0, total = 0;
+  check(cudaMemGetInfo(&free_bytes, &total), "cudaMemGetInfo");
+  return {free_bytes, total};
+}
+
 std::string cuda_architectures() { return TILEAD_CUDA_ARCHS; }
 
 void tile_images(const uint8_t* images, int n, const Grid& g, const TileParams& p, void* out) {

@@ -68,6 +68,7 @@ class BackendRequest:
         max_batch: Most images per call.
         precision: Engine precision for backends that have several (TensorRT), or None.
         build_on_load: Asks the backend to build missing engines (refused: the exporter builds them).
+        cuda_graphs: Capture and replay CUDA graphs per batch size (the TensorRT backend; others ignore it).
     """
 
     bundle: Path
@@ -79,6 +80,7 @@ class BackendRequest:
     max_batch: int
     precision: str | None = None
     build_on_load: bool = False
+    cuda_graphs: bool = True
 
 
 @runtime_checkable

@@ -7,12 +7,34 @@ engine reads; each location's engine is enqueued with ``execute_async_v3``;
 untile, seam smoothing, crop and normalization run on the device; maps, masks
 and scores come back in one copy each.
 
-With a :class:`~tilead.runtime.timing.StageTimes` the backend synchronizes
-after every stage so each gets its own wall time (``h2d``, ``tile``,
-``location:<name>``, ``inference``, ``untile``, ``seam``, ``crop``,
-``normalize``, ``d2h``); without one it synchronizes only at the end.
-Calls are serialized by a lock (one pipeline per backend), which keeps the
-ONNX Runtime backend's promise: concurrent ``predict`` calls are safe.
+Every engine's execution context uses one shared block of device memory
+(TensorRT's ``USER_MANAGED`` allocation, the largest ``device_memory_size_v2``
+of the set): the locations run one after another on the one stream, so they
+never need it at the same time.
+
+**CUDA graphs** (``cuda_graphs=True``, the default): the first batch of each
+size and channel order runs stage by stage (which also lets TensorRT settle
+its shapes), then the device part of the batch (H2D copy, tile, every
+engine, untile, seams, crop, normalize, D2H copies) is captured once into a
+CUDA graph, and later batches of that size replay it with one launch; only
+the host copies into and out of pinned memory stay outside. Where capture
+fails (a driver, an engine or a plugin that cannot be captured) the error is
+logged once and the backend keeps running without graphs.
+
+With a :class:`~tilead.runtime.timing.StageTimes` a call without a graph
+synchronizes after every stage so each gets its own wall time (``h2d``,
+``tile``, ``location:<name>``, ``inference``, ``untile``, ``seam``, ``crop``,
+``normalize``, ``d2h``); a replayed graph is one stage, ``graph`` (between
+``h2d``, the host copy into pinned memory, and ``d2h``); without a timer it
+synchronizes only at the end. Calls are serialized by a lock (one pipeline per
+backend), which keeps the ONNX Runtime backend's promise: concurrent
+``predict`` calls are safe.
+
+Bundles that deploy the detector's own image score (``image_score:
+detector``, PatchCore's reweighted score) have engines with a second output,
+one score per tile; the pipeline gives each location an aligned block for it,
+and the image score is the max over an image's tiles, normalized with the
+bundle's image statistics, as on every other backend.
 
 Unlike the inference-only backends it takes the uint8 images, not tiles
 (``capabilities.full_pipeline``): :meth:`TensorRTBackend.run_images` returns
@@ -20,8 +42,9 @@ the normalized maps, :meth:`TensorRTBackend.location_outputs` the raw
 per-location maps. It only runs engines: building them is the exporter's
 (``tilead-export BUNDLE --trt``, :mod:`tilead.exporter.engines`).
 
-CUDA graph capture is not implemented. This module has never run on a GPU where
-it was written (there is none); ``tilead-doctor`` checks it on the first one.
+This module has never run on a GPU where it was written (there is none): the
+tests run it against a CPU stand-in (tests/fake_tensorrt.py); ``tilead-doctor``
+checks it on the first GPU.
 """
 
 from __future__ import annotations
@@ -35,13 +58,8 @@ import numpy as np
 
 from tilead import _kernels
 from tilead.runtime.backends.base import BackendRequest, Capabilities, LocationOutputs
-from tilead.runtime.backends.tensorrt_modules import (
-    TensorRTUnavailableError,
-    import_runtime,
-    require_gpu,
-    require_map_only,
-)
-from tilead.runtime.bundle import BundleError, Manifest, read_verified_file
+from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError, import_runtime, require_gpu
+from tilead.runtime.bundle import OUTPUT_NAME, SCORE_NAME, BundleError, Manifest, read_verified_file
 from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
 from tilead.runtime.postprocess import (
     BLEND_CODES,
@@ -52,6 +70,7 @@ from tilead.runtime.postprocess import (
     tile_norm_arrays,
 )
 from tilead.runtime.preprocess import InputOrder
+from tilead.runtime.stats import image_scores_of_tiles, score_images
 from tilead.runtime.timing import StageTimes, timed
 
 log = logging.getLogger("tilead.runtime.backends.tensorrt")
@@ -59,7 +78,7 @@ log = logging.getLogger("tilead.runtime.backends.tensorrt")
 TENSOR_ALIGN_BYTES = 256
 """TensorRT's alignment for every engine input and output address (the DevicePipeline pads its blocks to it)."""
 
-CAPABILITIES = Capabilities(devices=("cuda",), full_pipeline=True, detector_score=False)
+CAPABILITIES = Capabilities(devices=("cuda",), full_pipeline=True, detector_score=True)
 BUILD_ELSEWHERE = (
     "the runtime does not build TensorRT engines: build them on this machine with `tilead-export {bundle} --trt` "
     "(tilead.exporter.engines.build_engines), then load the bundle again"
@@ -74,6 +93,7 @@ class TensorRTBackend:
         manifest: Its verified manifest.
         precision: ``fp32``, ``fp16`` or None (any listed set).
         max_batch: Largest batch per call (the engine set's profile must allow it).
+        cuda_graphs: Capture each batch size's pipeline once into a CUDA graph and replay it.
 
     Raises:
         TensorRTUnavailableError: Without TensorRT, a GPU, or engines for this GPU (the
@@ -83,7 +103,9 @@ class TensorRTBackend:
 
     capabilities = CAPABILITIES
 
-    def __init__(self, bundle: Path, manifest: Manifest, *, precision: str | None, max_batch: int) -> None:
+    def __init__(
+        self, bundle: Path, manifest: Manifest, *, precision: str | None, max_batch: int, cuda_graphs: bool = True
+    ) -> None:
         trt = import_runtime()
         gpu, cc = require_gpu()
         self.version = str(trt.__version__)
@@ -108,7 +130,8 @@ class TensorRTBackend:
             self._runtime.engine_host_code_allowed = True
         self._engines: list[Any] = []
         self._contexts: list[Any] = []
-        self._io: list[tuple[str, str]] = []
+        self._io: list[tuple[str, str, str | None]] = []  # input, map output, score output (detector bundles)
+        self._detector = manifest.image_score == "detector"
         for f in engine_set.files:
             path = Path(bundle) / f.file
             # Read once inside the bundle (no symlinks, regular file), size and sha256 checked on these bytes.
@@ -118,18 +141,36 @@ class TensorRTBackend:
             names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
             inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
             outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-            if len(inputs) != 1 or len(outputs) != 1:
-                raise BundleError(f"engine {path}: expected one input and one output, got {inputs} and {outputs}")
-            _check_engine(trt, engine, path, inputs[0], outputs[0], manifest, max_batch)
+            want = [OUTPUT_NAME, SCORE_NAME] if self._detector else [OUTPUT_NAME]
+            if len(inputs) != 1 or sorted(outputs) != sorted(want):
+                raise BundleError(
+                    f"engine {path}: expected one input and the output(s) {want} (postprocess.image_score "
+                    f"{manifest.image_score!r}), got inputs {inputs} and outputs {outputs}"
+                )
+            score = SCORE_NAME if self._detector else None
+            _check_engine(trt, engine, path, inputs[0], OUTPUT_NAME, manifest, max_batch, score=score)
             self._engines.append(engine)
-            self._contexts.append(engine.create_execution_context())
-            self._io.append((inputs[0], outputs[0]))
+            self._io.append((inputs[0], OUTPUT_NAME, score))
         stats = manifest.stats
         # Normalization parameters: the pipeline's kernel and the labels use the same ones, computed once.
         self._norm: NormParams = norm_params(
             stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range
         )
-        self.pipeline = _make_pipeline(manifest, max_batch, self._norm)
+        self.pipeline = _make_pipeline(manifest, max_batch, self._norm, location_scores=self._detector)
+        # One block of context memory for every engine: they run one after another on the pipeline's stream.
+        user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self._context_bytes = max(int(e.device_memory_size_v2) for e in self._engines)
+        address = int(self.pipeline.context_memory(self._context_bytes))
+        for engine in self._engines:
+            ctx = engine.create_execution_context(user_managed)
+            if ctx is None:
+                raise RuntimeError(f"TensorRT {self.version} could not create an execution context (see its log)")
+            ctx.set_device_memory(address, self._context_bytes)
+            self._contexts.append(ctx)
+        self._bound: int | None = None  # batch size every context's shapes and addresses are set for
+        self.cuda_graphs = bool(cuda_graphs)
+        self.graph_error: str | None = None
+        """Why capture failed (graphs are then off for this backend); None while it works or is off."""
         self.max_batch = max_batch
         self.threads = 1
         self.location_workers = 1
@@ -137,9 +178,17 @@ class TensorRTBackend:
 
     @property
     def device_memory_bytes(self) -> int:
-        """Device memory this backend holds: the pipeline's buffers plus every engine's activation memory."""
-        pipeline = 0 if self.pipeline is None else int(self.pipeline.device_bytes)
-        return pipeline + sum(int(e.device_memory_size_v2) for e in self._engines)
+        """Device memory this backend holds: the pipeline's buffers and the engines' shared context memory.
+
+        Engine weights are TensorRT's own allocations and not counted; ``tilead-bench`` reports the
+        device-wide change (``cudaMemGetInfo`` before and after loading) beside this figure.
+        """
+        return 0 if self.pipeline is None else int(self.pipeline.device_bytes)
+
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs captured so far (one per batch size and channel order used)."""
+        return 0 if self.pipeline is None else int(self.pipeline.graph_count)
 
     @property
     def providers(self) -> list[str]:
@@ -148,34 +197,55 @@ class TensorRTBackend:
             raise RuntimeError("Predictor is closed")
         return [f"TensorRT {self.version} (native, engines {self.engine_set.key})"]
 
-    def _enqueue(self, n: int, timer: StageTimes | None) -> None:
+    def _bind(self, index: int, n: int) -> None:
+        """Give location ``index``'s context the shape and the pipeline's addresses of a batch of ``n``."""
         m = self.manifest
         c, (th, tw) = m.preprocessing.channels, m.grid.tile_size
+        ctx, (inp, out, score) = self._contexts[index], self._io[index]
+        name = m.locations[index].name
+        # A False here would leave the previous batch's shape or address in place: never ignore it.
+        if not ctx.set_input_shape(inp, (n, c, th, tw)):
+            raise RuntimeError(f"location {name}: TensorRT refused input shape {(n, c, th, tw)} for tensor {inp!r}")
+        bindings = [(inp, self.pipeline.tiles_address(index, n)), (out, self.pipeline.maps_address(index, n))]
+        if score is not None:
+            bindings.append((score, self.pipeline.scores_address(index, n)))
+        for tensor, address in bindings:
+            if address % TENSOR_ALIGN_BYTES:
+                raise RuntimeError(
+                    f"location {name}: device address {address:#x} of tensor {tensor!r} is not "
+                    f"{TENSOR_ALIGN_BYTES}-byte aligned (batch {n})"
+                )
+            if not ctx.set_tensor_address(tensor, address):
+                raise RuntimeError(
+                    f"location {name}: TensorRT refused device address {address:#x} for tensor {tensor!r}"
+                )
+
+    def _enqueue(self, n: int, timer: StageTimes | None) -> None:
         stream = self.pipeline.stream
+        self._bound = None  # until every context holds batch n
         with timed(timer, "inference"):
-            for index, (ctx, (inp, out)) in enumerate(zip(self._contexts, self._io, strict=True)):
-                name = m.locations[index].name
-                with timed(timer, f"location:{name}"):
-                    # A False here would leave the previous batch's shape or address in place: never ignore it.
-                    if not ctx.set_input_shape(inp, (n, c, th, tw)):
-                        raise RuntimeError(
-                            f"location {name}: TensorRT refused input shape {(n, c, th, tw)} for tensor {inp!r}"
-                        )
-                    for tensor, address in ((inp, self.pipeline.tiles_address(index, n)),
-                                            (out, self.pipeline.maps_address(index, n))):  # fmt: skip
-                        if address % TENSOR_ALIGN_BYTES:
-                            raise RuntimeError(
-                                f"location {name}: device address {address:#x} of tensor {tensor!r} is not "
-                                f"{TENSOR_ALIGN_BYTES}-byte aligned (batch {n})"
-                            )
-                        if not ctx.set_tensor_address(tensor, address):
-                            raise RuntimeError(
-                                f"location {name}: TensorRT refused device address {address:#x} for tensor {tensor!r}"
-                            )
+            for index, ctx in enumerate(self._contexts):
+                with timed(timer, f"location:{self.manifest.locations[index].name}"):
+                    self._bind(index, n)
                     if not ctx.execute_async_v3(stream):
-                        raise RuntimeError(f"location {name}: TensorRT failed to enqueue")
+                        raise RuntimeError(
+                            f"location {self.manifest.locations[index].name}: TensorRT failed to enqueue"
+                        )
                     if timer is not None:
                         self.pipeline.synchronize()
+        self._bound = n
+
+    def _launch(self, p: Any, n: int, key: int) -> None:
+        """Replay graph ``key``; the contexts first get batch ``n``'s shapes and addresses back if another size ran.
+
+        A graph holds what TensorRT enqueued for its batch size, and TensorRT keeps shape-dependent state in the
+        execution context, so the contexts are put back in the state the graph was captured in (host calls only).
+        """
+        if self._bound != n:
+            for index in range(len(self._contexts)):
+                self._bind(index, n)
+            self._bound = n
+        p.launch(key)
 
     def _stage(self, timer: StageTimes | None, name: str, fn: Any, *args: Any) -> None:
         with timed(timer, name):
@@ -187,35 +257,85 @@ class TensorRTBackend:
         """Score a uint8 ``(n, H, W, C)`` batch (``n <= max_batch``).
 
         Returns:
-            Maps ``(n, H, W)``, masks, raw scores, scores and labels.
+            Maps ``(n, H, W)``, masks, raw scores, scores and labels (for ``image_score`` ``detector``
+            bundles the scores are the detector's: max over each image's per-tile scores).
+        """
+        n = batch.shape[0]
+        swap = self._swap(batch, input_order)
+        key = 2 * n + int(swap)  # the batch size and the channel flag are both baked into a graph
+        with self._lock:
+            p = self._open_pipeline()
+            p.use_device()  # this thread's current device: TensorRT enqueues on it
+            with timed(timer, "h2d"):
+                p.stage_images(np.ascontiguousarray(batch))
+            if self._graphs_on() and p.has_graph(key):
+                self._stage(timer, "graph", self._launch, p, n, key)
+            else:
+                self._stage(timer, "h2d", p.upload_staged, n)
+                self._enqueue_stages(p, n, swap, timer)
+                p.enqueue_download(n)
+            with timed(timer, "d2h"):
+                maps, masks, raw, scores = p.fetch(n)
+                tile_scores = np.asarray(p.fetch_location_scores(n)) if self._detector else None
+            if self._graphs_on() and not p.has_graph(key):
+                self._capture(p, n, swap, key)  # after a run at this shape, as TensorRT asks; replayed from next call
+        labels = labels_of(scores, self._norm)
+        result = NormalizedMaps(maps, masks.view(np.bool_), raw, scores, labels)
+        if tile_scores is not None:
+            result = score_images(result, image_scores_of_tiles(tile_scores), self.manifest.stats)
+        return result
+
+    def _enqueue_stages(self, p: Any, n: int, swap: bool, timer: StageTimes | None) -> None:
+        """Tile, every engine, untile, seams, crop and normalize, enqueued on the pipeline's stream."""
+        self._stage(timer, "tile", p.tile, n, swap)
+        self._enqueue(n, timer)
+        self._stage(timer, "untile", p.untile, n)
+        self._stage(timer, "seam", p.smooth_seams, n)
+        self._stage(timer, "crop", p.crop, n)
+        self._stage(timer, "normalize", p.normalize, n)
+
+    def _graphs_on(self) -> bool:
+        return self.cuda_graphs and self.graph_error is None
+
+    def _capture(self, p: Any, n: int, swap: bool, key: int) -> None:
+        """Capture the device part of a batch into a graph kept under ``key``; on failure, graphs go off (logged once).
+
+        Nothing runs during capture: the stages and engines are recorded, with this batch's shapes and addresses.
+        """
+        try:
+            p.begin_capture()
+            try:
+                p.upload_staged(n)
+                self._enqueue_stages(p, n, swap, None)
+                p.enqueue_download(n)
+            except BaseException:
+                p.abort_capture()
+                raise
+            p.end_capture(key)
+        except Exception as err:  # capture is an optimization: any failure means "run without graphs"
+            self.graph_error = f"batch {n}: {type(err).__name__}: {err}"
+            log.warning(
+                "CUDA graph capture failed (%s); this TensorRT backend runs without CUDA graphs", self.graph_error
+            )
+
+    def location_outputs(self, batch: np.ndarray, input_order: InputOrder) -> LocationOutputs:
+        """Raw per-location maps and per-tile scores of a uint8 batch (run stage by stage, never captured).
+
+        Returns:
+            Maps float32 ``(locations, n, h, w)``, and the scores float32 ``(locations, n)`` for
+            ``image_score`` ``detector`` bundles (else None).
         """
         n = batch.shape[0]
         swap = self._swap(batch, input_order)
         with self._lock:
             p = self._open_pipeline()
-            self._stage(timer, "h2d", p.upload, np.ascontiguousarray(batch))
-            self._stage(timer, "tile", p.tile, n, swap)
-            self._enqueue(n, timer)
-            self._stage(timer, "untile", p.untile, n)
-            self._stage(timer, "seam", p.smooth_seams, n)
-            self._stage(timer, "crop", p.crop, n)
-            self._stage(timer, "normalize", p.normalize, n)
-            with timed(timer, "d2h"):
-                maps, masks, raw, scores = p.download(n)
-        labels = labels_of(scores, self._norm)
-        return NormalizedMaps(maps, masks.view(np.bool_), raw, scores, labels)
-
-    def location_outputs(self, batch: np.ndarray, input_order: InputOrder) -> LocationOutputs:
-        """Raw per-location maps ``(locations, n, h, w)`` float32 of a uint8 batch, and None (no detector score)."""
-        n = batch.shape[0]
-        swap = self._swap(batch, input_order)
-        with self._lock:
-            p = self._open_pipeline()
+            p.use_device()
             p.upload(np.ascontiguousarray(batch))
             p.tile(n, swap)
             self._enqueue(n, None)
             out = np.asarray(p.download_location_maps(n))
-        return out, None
+            scores = np.asarray(p.download_location_scores(n)) if self._detector else None
+        return out, scores
 
     def _open_pipeline(self) -> Any:
         """The pipeline, or RuntimeError after :meth:`close` (call under the lock)."""
@@ -228,8 +348,10 @@ class TensorRTBackend:
         return batch.shape[3] == 3 and input_order not in ("GRAY", self.manifest.preprocessing.color_order)
 
     def close(self) -> None:
-        """Release contexts, engines and device memory (in that order)."""
+        """Wait for the stream, then release contexts, engines and device memory (in that order)."""
         with self._lock:
+            if self.pipeline is not None:
+                self.pipeline.synchronize()
             self._contexts.clear()
             self._engines.clear()
             self.pipeline = None
@@ -239,14 +361,15 @@ def create(request: BackendRequest) -> TensorRTBackend:
     """The registry's factory.
 
     Raises:
-        BundleError: For a bundle the native pipeline cannot run (checked before any GPU check).
         ValueError: For ``build_on_load`` (the exporter builds engines, not the runtime).
         TensorRTUnavailableError: Without TensorRT, a GPU or engines for this GPU.
     """
-    require_map_only(request.bundle, request.manifest)  # before any GPU check: the bundle itself is the problem
     if request.build_on_load:
         raise ValueError(f"build_on_load: {BUILD_ELSEWHERE.format(bundle=request.bundle)}")
-    return TensorRTBackend(request.bundle, request.manifest, precision=request.precision, max_batch=request.max_batch)
+    return TensorRTBackend(
+        request.bundle, request.manifest, precision=request.precision, max_batch=request.max_batch,
+        cuda_graphs=request.cuda_graphs,
+    )  # fmt: skip
 
 
 def _dims(value: Any) -> tuple[int, ...]:
@@ -254,20 +377,31 @@ def _dims(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in value)
 
 
-def _check_engine(trt: Any, engine: Any, path: Path, inp: str, out: str, manifest: Manifest, max_batch: int) -> None:
+def _check_engine(
+    trt: Any,
+    engine: Any,
+    path: Path,
+    inp: str,
+    out: str,
+    manifest: Manifest,
+    max_batch: int,
+    *,
+    score: str | None = None,
+) -> None:
     """Check one engine against what the pipeline will give it, before any launch.
 
     Input ``(batch, channels, tile_h, tile_w)`` float32 with an optimization
     profile 0 whose min batch is 1 and max batch at least ``max_batch`` (and
     the same channels and tile size at min, opt and max); output ``(batch, 1,
-    map_h, map_w)`` float32. A batch dimension may be dynamic (-1).
+    map_h, map_w)`` float32; the score output (detector bundles) ``(batch,)``
+    float32. A batch dimension may be dynamic (-1).
 
     Raises:
         BundleError: Naming the engine, the tensor, what it has and what the pipeline expects.
     """
     c, (th, tw) = manifest.preprocessing.channels, manifest.grid.tile_size
     mh, mw = manifest.map_size
-    for name in (inp, out):
+    for name in (inp, out) if score is None else (inp, out, score):
         dtype = engine.get_tensor_dtype(name)
         if dtype != trt.DataType.FLOAT:
             raise BundleError(f"engine {path}: tensor {name!r} is {dtype}, expected float32 (DataType.FLOAT)")
@@ -277,6 +411,12 @@ def _check_engine(trt: Any, engine: Any, path: Path, inp: str, out: str, manifes
             raise BundleError(
                 f"engine {path}: tensor {name!r} has shape {shape}, expected (batch, {', '.join(map(str, want))}) "
                 f"for this bundle's pipeline"
+            )
+    if score is not None:
+        shape = _dims(engine.get_tensor_shape(score))
+        if len(shape) != 1 or shape[0] not in (-1, max_batch):
+            raise BundleError(
+                f"engine {path}: tensor {score!r} has shape {shape}, expected (batch,): one score per tile"
             )
     if int(engine.num_optimization_profiles) < 1:
         raise BundleError(f"engine {path}: no optimization profile, expected one taking batches 1 to {max_batch}")
@@ -293,7 +433,7 @@ def _check_engine(trt: Any, engine: Any, path: Path, inp: str, out: str, manifes
         )
 
 
-def _make_pipeline(manifest: Manifest, max_batch: int, norm: NormParams) -> Any:
+def _make_pipeline(manifest: Manifest, max_batch: int, norm: NormParams, *, location_scores: bool = False) -> Any:
     """The extension's DevicePipeline for this bundle's grid, preprocessing and post-processing."""
     m = manifest
     prep, stats = m.preprocessing, m.stats
@@ -305,5 +445,5 @@ def _make_pipeline(manifest: Manifest, max_batch: int, norm: NormParams) -> Any:
         m.grid.native, max_batch, prep.channels, prep.channels, prep.scale, prep.bias, h, w, BLEND_CODES[m.weights],
         [] if thresholds is None else thresholds.tolist(), [] if scales is None else scales.tolist(),
         0.0 if seam is None else seam.sigma, 0.0 if seam is None else seam.width,
-        *norm,
+        *norm, 0, location_scores,
     )  # fmt: skip

@@ -13,10 +13,8 @@ change in a new TensorRT fails here, not on a factory GPU.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import ModuleType
 
-from tilead.runtime.bundle import BundleError, Manifest
 from tilead.runtime.devices import cuda_status, kernel_family
 
 INSTALL_RUNTIME = (
@@ -36,6 +34,9 @@ RUNTIME_API: tuple[tuple[str, str], ...] = (
     ("ICudaEngine", "get_tensor_profile_shape"),
     ("ICudaEngine", "get_tensor_shape"),
     ("ICudaEngine", "num_optimization_profiles"),
+    ("ICudaEngine", "device_memory_size_v2"),
+    ("ExecutionContextAllocationStrategy", "USER_MANAGED"),
+    ("IExecutionContext", "set_device_memory"),
     ("IExecutionContext", "set_input_shape"),
     ("IExecutionContext", "set_tensor_address"),
     ("IExecutionContext", "execute_async_v3"),
@@ -112,18 +113,3 @@ def parse_device_name(text: str) -> tuple[str, str]:
     if not sep or not digits.isdigit() or len(digits) < 2:
         raise ValueError(f"device name {text!r}: expected 'NAME (sm_XY)'")
     return name, f"{digits[:-1]}.{digits[-1]}"
-
-
-def require_map_only(bundle: Path, manifest: Manifest) -> None:
-    """Refuse a bundle the native TensorRT path cannot run: one that deploys the detector's own image score.
-
-    Raises:
-        BundleError: For ``postprocess.image_score`` ``detector`` (graphs with a second output ``score``).
-    """
-    if manifest.image_score == "detector":
-        raise BundleError(
-            f"{bundle}: this bundle deploys the detector's own image score (postprocess.image_score 'detector', "
-            "a second graph output), which the native TensorRT backend and engine builder do not handle yet; use "
-            "backend='onnxruntime' (CPU, or device='cuda' with onnxruntime-gpu), or export the run with "
-            "postprocess.image_score 'max'"
-        )
