@@ -21,7 +21,6 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -56,10 +55,11 @@ from tilead.trainer.images import ImageLoader
 from tilead.trainer.io import atomic_write_json, atomic_write_png, atomic_write_text
 from tilead.trainer.metrics import auroc, f1_at_threshold
 from tilead.trainer.metrics import evaluate as compute_metrics
-from tilead.trainer.overlays import overlay, pick_overlays
+from tilead.trainer.report import overlay_of, write_eval_report
 from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
 from tilead.trainer.validation import check_validation_count, compute_stats
+from tilead.viz.overlays import pick_overlays
 
 log = logging.getLogger("tilead.trainer")
 
@@ -537,6 +537,7 @@ def evaluate(
     bundle: Path | None = None,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    report_page: bool | Path = False,
 ) -> EvalResult:
     """Evaluate a trained run on its test set.
 
@@ -555,6 +556,8 @@ def evaluate(
         overrides: Dotted config keys to replace for this evaluation (``eval.*``,
             ``data.*`` such as ``data.max_test_images``); keys that change what
             was fitted are refused.
+        report_page: Also write the HTML report (:mod:`tilead.viz.report`): True for
+            ``OUT/report.html``, or the page's path.
 
     Returns:
         Metrics and the written overlays.
@@ -641,10 +644,18 @@ def evaluate(
         labels = np.array([s.label for s in kept], dtype=bool)
         map_max = merged.reshape(merged.shape[0], -1).max(axis=1)
         raw_scores = map_max if deployed is None else deployed
+        page = None if report_page is False else out / "report.html" if report_page is True else Path(report_page)
         if good_only:
-            return _evaluate_good_only(
+            done = _evaluate_good_only(
                 paths, cfg, out, kept, held, result, stats, grid, bundle, start, time.perf_counter() - t_inf
             )
+            if page is not None:
+                groups = [f"{s.defect_type} (held out)" if s.path in held else s.defect_type for s in kept]
+                write_eval_report(page, metrics_json=done.metrics, samples=kept, loader=loader,
+                                  channel_order=cfg.data.channel_order, result=result, merged=None, truth=masks,
+                                  raw_scores=raw_scores, stats=stats, group_names=groups)  # fmt: skip
+                log.info("eval: report %s", page)
+            return done
         metrics = compute_metrics(
             raw_scores,
             labels,
@@ -667,13 +678,8 @@ def evaluate(
         written: list[Path] = []
         for i in pick_overlays([s.defect_type for s in kept], n_overlays):
             s = kept[i]
-            image = loader.load_image(s)
-            if image.shape[:2] != result.maps.shape[1:]:
-                image = cv2.resize(image, result.maps.shape[1:][::-1], interpolation=cv2.INTER_AREA)
-            caption = f"{s.defect_type}/{s.path.name} score {result.scores[i]:.2f} {'NG' if result.labels[i] else 'OK'}"
-            pic = overlay(
-                image, result.maps[i], result.masks[i], masks[i], caption, channel_order=cfg.data.channel_order
-            )
+            pic = overlay_of(loader, s, cfg.data.channel_order, result.maps[i], result.masks[i], masks[i],
+                             float(result.scores[i]), bool(result.labels[i]), float(raw_scores[i]))  # fmt: skip
             path = out / "overlays" / f"{s.defect_type}_{s.path.stem}.png"
             atomic_write_png(path, pic)
             written.append(path)
@@ -704,6 +710,11 @@ def evaluate(
         atomic_write_text(out / "per_image.csv", _per_image_csv(kept, result.raw_scores, result.scores, result.labels))
         _update(paths, last_eval={"out": str(out), **report["metrics"]})
         log.info("eval: %s", ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()))
+        if page is not None:
+            write_eval_report(page, metrics_json=report, samples=kept, loader=loader,
+                              channel_order=cfg.data.channel_order, result=result, merged=merged, truth=masks,
+                              raw_scores=raw_scores, stats=stats)  # fmt: skip
+            log.info("eval: report %s", page)
         return EvalResult(out, report, written)
     finally:
         detach_log(handler)
