@@ -13,14 +13,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 
-from tilead.viz.overlays import MIN_SPAN, PRED_RGB, TRUE_RGB, HeatScale, heat_layer, outline, overlay
+from tilead.viz.overlays import MIN_SPAN, PRED_RGB, TRUE_RGB, HeatScale, frame, heat_layer, outline, overlay
 
 
 def _layout(pic: np.ndarray, h: int, w: int) -> tuple[int, int]:
     """(header height, footer height) of an overlay of an ``h x w`` image."""
     assert pic.shape[1] == 2 * w
-    fs = int(np.clip(round(w / 36), 11, 72))
-    head, foot = round(fs * 1.9), round(fs * 3.2)
+    head, foot = frame(h, w)
+    assert head >= 11
+    assert foot >= 11
     assert pic.shape[0] == head + h + foot
     return head, foot
 

@@ -287,6 +287,20 @@ def _footer(canvas: Image.Image, top: int, width: int, fs: int, scale: HeatScale
         x += _text_width(draw, text, fnt) + 3 * pad
 
 
+def _font_size(width: int) -> int:
+    return int(np.clip(round(width / 36), 11, 72))
+
+
+def frame(height: int, width: int) -> tuple[int, int]:
+    """Heights of the header and the footer of the overlay of a ``height x width`` image.
+
+    The overlay is ``(header + height + footer, 2 * width, 3)``; the panels start at row ``header``.
+    """
+    del height
+    fs = _font_size(width)
+    return round(fs * 1.9), round(fs * 3.2)
+
+
 def overlay(
     image: np.ndarray,
     normalized: np.ndarray,
@@ -347,9 +361,8 @@ def overlay(
             m = _upsample_mask(np.asarray(mask).astype(bool), (h, w))
             if m.any():
                 annotated_u8[outline(m, line)] = colour
-    fs = int(np.clip(round(w / 36), 11, 72))
-    head_h = round(fs * 1.9)
-    foot_h = round(fs * 3.2)
+    fs = _font_size(w)
+    head_h, foot_h = frame(h, w)
     canvas = Image.new("RGB", (2 * w, head_h + h + foot_h), (32, 32, 32))
     canvas.paste(Image.fromarray(rgb), (0, head_h))
     canvas.paste(Image.fromarray(annotated_u8), (w, head_h))
