@@ -174,13 +174,20 @@ def test_good_only_synthetic_validation_end_to_end(tmp_path: Path) -> None:
     assert run_json["splits"] == split
 
     # Good-only evaluation: false alarms on the held-out (never fitted) good images.
-    res = CliRunner().invoke(eval_main, [str(run), "--quiet"])
+    res = CliRunner().invoke(eval_main, [str(run), "--quiet", "--report"])
     assert res.exit_code == 0, res.output
     assert "good images only" in res.output
     report = json.loads((run / "eval" / "metrics.json").read_text())
     assert report["good_only"] is True
     assert report["metrics"]["good_images_holdout"] == 10
     assert 0 <= report["metrics"]["false_alarm_rate"] <= 1
+    # The HTML report is the false-alarm view: no curves, no misses, the held-out images as their own group.
+    page = (run / "eval" / "report.html").read_text(encoding="utf-8")
+    assert "Only good images: ROC and precision-recall curves need defective images." in page
+    assert "No defective image in this data set: no miss to show." in page
+    assert "<td class='l'>good (held out)</td><td>10</td>" in page
+    assert "false_alarm_rate" in page
+    assert page.count('<img src="data:image/png;base64,') == 4  # the 4 highest-scoring good images
 
     # The manifest carries the split record, false-alarm estimate included.
     bundle = export_bundle(run, tmp_path / "bundle", progress=False).bundle

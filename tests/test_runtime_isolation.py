@@ -66,8 +66,10 @@ BENCH_SCRIPT = textwrap.dedent(
     import tilead.benchmarking.targets
     import tilead.cli.bench
     import tilead.cli.predict
-    import tilead.trainer.overlays  # tilead-predict's overlays
+    import tilead.viz.overlays  # tilead-predict's overlays
+    import tilead.viz.report
     print("OK", tilead.benchmarking.stats.latency_stats([0.001, 0.003]).mean_ms)
+    print("TRAINER", sorted(m for m in sys.modules if m.startswith("tilead.trainer")))
     """
 )
 
@@ -122,3 +124,4 @@ def test_bench_and_predict_commands_import_without_torch() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "OK 2.0" in proc.stdout
+    assert "TRAINER []" in proc.stdout  # tilead predict's overlays and the report page need no trainer module

@@ -199,12 +199,15 @@ def test_downscaled_config_is_evaluated_at_original_resolution(tmp_path: Path, s
     assert json.loads(result.paths.run_json.read_text())["grid_shape"] == [1, 1]
     original = evaluate(result.paths.root, tmp_path / "original", progress=False)
     assert original.metrics["evaluated_at"] == [176, 176]
-    # The overlay shows the original-size image (two panels side by side).
+    # The overlay shows the original-size image (two panels side by side, header and footer).
     import cv2
+
+    from tilead.viz.overlays import frame
 
     picture = cv2.imread(str(original.overlays[0]))
     assert picture is not None
-    assert picture.shape == (176, 352, 3)
+    head, foot = frame(176, 176)
+    assert picture.shape == (head + 176 + foot, 352, 3)
     # The same run judged at the model's resolution.
     cfg_path = result.paths.config
     data = yaml.safe_load(cfg_path.read_text())

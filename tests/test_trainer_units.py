@@ -15,7 +15,7 @@ from tilead.runtime import SeamSmoothing, TileGrid, merge_maps
 from tilead.runtime.stats import NormalizationStats, TileStats, postprocess_maps
 from tilead.trainer.config import ConfigError, PadimConfig, load_config, parse_config
 from tilead.trainer.io import atomic_write_bytes, load_tensors, read_metadata, save_tensors
-from tilead.trainer.overlays import overlay, pick_overlays
+from tilead.trainer.overlays import pick_overlays
 from tilead.trainer.validation import canvas_masks, compute_stats
 
 # -- config -------------------------------------------------------------------------------------
@@ -231,18 +231,8 @@ def test_safetensors_roundtrip_and_corrupt_file(tmp_path: Path) -> None:
         load_tensors(tmp_path / "missing.safetensors")
 
 
-def test_overlay_picture_and_selection() -> None:
-    image = np.full((40, 60, 3), 128, dtype=np.uint8)
-    norm = np.zeros((40, 60), dtype=np.float32)
-    pred = np.zeros((40, 60), dtype=bool)
-    pred[10:20, 10:20] = True
-    true = np.zeros_like(pred)
-    true[25:35, 30:40] = True
-    pic = overlay(image, norm, pred, true, "x")
-    assert pic.shape == (40, 120, 3)
-    right = pic[:, 60:]
-    assert (right[10, 15] == (0, 0, 255)).all()  # predicted outline in red
-    assert (right[25, 35] == (0, 255, 0)).all()  # true outline in green
+def test_overlay_selection() -> None:
+    # The pictures themselves: tests/test_viz_overlays.py.
     types = ["good"] * 5 + ["crack"] * 2 + ["scratch"] * 3
     picked = pick_overlays(types, 4)
     assert len(picked) == 4

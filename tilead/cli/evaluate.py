@@ -20,10 +20,27 @@ from tilead.cli.train import _print_eval
     default=None,
     help="Evaluate this run's exported bundle through runtime.Predictor instead of PyTorch.",
 )
+@click.option(
+    "--report",
+    "report",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[PATH]",
+    help="Also write a self-contained HTML report (curves, histograms, confusion, gallery).  "
+    "[default PATH: OUTPUT/report.html]",
+)
 @set_option
 @progress_option
-def main(run_dir: Path, output: Path | None, bundle: Path | None, overrides: tuple[str, ...], progress: bool) -> None:
-    """Image/pixel AUROC, F1 and AUPRO, per-image results and overlay PNGs.
+def main(
+    run_dir: Path,
+    output: Path | None,
+    bundle: Path | None,
+    report: str | None,
+    overrides: tuple[str, ...],
+    progress: bool,
+) -> None:
+    """Image/pixel AUROC, F1 and AUPRO, per-image results and overlay PNGs (and, with --report, an HTML page).
 
     --set overrides the run's eval.* keys (and test-set keys such as data.max_test_images).
     """
@@ -31,7 +48,12 @@ def main(run_dir: Path, output: Path | None, bundle: Path | None, overrides: tup
     with fail_on_errors():
         from tilead.trainer.pipeline import evaluate
 
-        result = evaluate(run_dir, output, bundle=bundle, progress=progress, overrides=parse_overrides(overrides))
+        page: bool | Path = False if report is None else Path(report) if report else True
+        result = evaluate(
+            run_dir, output, bundle=bundle, progress=progress, overrides=parse_overrides(overrides), report_page=page
+        )
         click.echo(f"metrics:    {result.out_dir / 'metrics.json'}")
+        if page is not False:
+            click.echo(f"report:     {result.out_dir / 'report.html' if page is True else page}")
         click.echo(f"overlays:   {result.out_dir / 'overlays'} ({len(result.overlays)} images)")
         _print_eval(result.metrics)

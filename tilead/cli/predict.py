@@ -218,7 +218,7 @@ def _predict_all(
     from tilead.atomic import atomic_write_png
     from tilead.runtime import Prediction, Predictor
     from tilead.runtime.preprocess import InputOrder
-    from tilead.trainer.overlays import overlay
+    from tilead.viz.overlays import overlay
 
     with Predictor(bundle, device=device, backend=backend, threads=threads, max_batch=batch) as predictor:
         gray = predictor.channels == 1
@@ -258,13 +258,10 @@ def _predict_all(
                 record["overlay"] = str(Path("overlays") / rel)
             verdict = "NG" if result.label else "OK"
             if overlays:  # the overlay first: a line in results.jsonl means its overlay exists
-                shown = image if image.shape[:2] == result.anomaly_map.shape else cv2.resize(
-                    image, result.anomaly_map.shape[::-1], interpolation=cv2.INTER_AREA
-                )  # fmt: skip
-                caption = f"{rel.as_posix()} score {result.score:.2f} {verdict}"
-                atomic_write_png(
-                    output / "overlays" / rel, overlay(shown, result.anomaly_map, result.mask, None, caption)
-                )
+                # At the file's full resolution: the overlay upsamples the map and mask to the image.
+                pic = overlay(image, result.anomaly_map, result.mask, None, rel.as_posix(), score=result.score,
+                              label=result.label, extra=f"raw {result.raw_score:.4g}")  # fmt: skip
+                atomic_write_png(output / "overlays" / rel, pic)
             writer.write(record)
             note = f"  ERROR {result.error}" if result.error else ""
             click.echo(f"{path}: score {result.score:.3f} {verdict} ({ms:.0f} ms){note}")

@@ -298,7 +298,7 @@ def _predict(
     from tilead.runtime import Predictor
     from tilead.trainer.data import MASK_THRESHOLD, discover
     from tilead.trainer.io import atomic_write_png, atomic_write_text
-    from tilead.trainer.overlays import overlay, pick_overlays
+    from tilead.viz.overlays import overlay, pick_overlays
 
     samples = list(discover(cfg.data).test)
     drawn = set(pick_overlays([s.defect_type for s in samples], overlays))
@@ -332,9 +332,9 @@ def _predict(
                     if mask is None:
                         raise OSError(f"cannot read mask {sample.mask_path}")
                     truth = mask > MASK_THRESHOLD
-                verdict = "NG" if result.label else "OK"
-                caption = f"{sample.defect_type}/{sample.path.name} score {result.score:.2f} {verdict}"
-                pic = overlay(image, result.anomaly_map, result.mask, truth, caption)
+                caption = f"{sample.defect_type}/{sample.path.name}"
+                pic = overlay(image, result.anomaly_map, result.mask, truth, caption, score=result.score,
+                              label=result.label, extra=f"raw {result.raw_score:.4g}")  # fmt: skip
                 target = paths.overlays / f"{sample.defect_type}_{sample.path.stem}.png"
                 atomic_write_png(target, pic)
                 written.append(target)

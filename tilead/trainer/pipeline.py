@@ -26,7 +26,6 @@ import torch
 from tqdm import tqdm
 
 from tilead.runtime import Preprocessing, TileGrid, resize_maps, set_num_threads
-from tilead.runtime.image_resize import resize_image
 from tilead.runtime.stats import (
     NormalizationStats,
     image_scores_of_tiles,
@@ -56,10 +55,11 @@ from tilead.trainer.images import ImageLoader
 from tilead.trainer.io import atomic_write_json, atomic_write_png, atomic_write_text
 from tilead.trainer.metrics import auroc, f1_at_threshold
 from tilead.trainer.metrics import evaluate as compute_metrics
-from tilead.trainer.overlays import overlay, pick_overlays
+from tilead.trainer.report import overlay_of, write_eval_report
 from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
 from tilead.trainer.validation import check_validation_count, compute_stats
+from tilead.viz.overlays import pick_overlays
 
 log = logging.getLogger("tilead.trainer")
 
@@ -539,6 +539,7 @@ def evaluate(
     bundle: Path | None = None,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    report_page: bool | Path = False,
 ) -> EvalResult:
     """Evaluate a trained run on its test set.
 
@@ -557,6 +558,8 @@ def evaluate(
         overrides: Dotted config keys to replace for this evaluation (``eval.*``,
             ``data.*`` such as ``data.max_test_images``); keys that change what
             was fitted are refused.
+        report_page: Also write the HTML report (:mod:`tilead.viz.report`): True for
+            ``OUT/report.html``, or the page's path.
 
     Returns:
         Metrics and the written overlays.
@@ -666,10 +669,24 @@ def evaluate(
         labels = np.array([s.label for s in kept], dtype=bool)
         map_max = np.array([m.max() for m in merged_maps], dtype=np.float32)
         raw_scores = map_max if deployed is None else deployed
+        page = None if report_page is False else out / "report.html" if report_page is True else Path(report_page)
+
+        def load_at_eval_size(sample: Sample) -> np.ndarray:
+            # A fresh loader per image: at original resolution the images may differ in size.
+            return ImageLoader(native if cfg.eval.resolution == "original" else cfg.data).load_image(sample)
+
         if good_only:
-            return _evaluate_good_only(
+            done = _evaluate_good_only(
                 paths, cfg, out, kept, held, result, stats, grid, bundle, start, time.perf_counter() - t_inf
             )
+            if page is not None:
+                groups = [f"{s.defect_type} (held out)" if s.path in held else s.defect_type for s in kept]
+                write_eval_report(page, metrics_json=done.metrics, samples=kept, load_image=load_at_eval_size,
+                                  channel_order=cfg.data.channel_order, result=result, maps=pred_maps,
+                                  masks=pred_masks, merged=None, truth=gt_masks,
+                                  raw_scores=raw_scores, stats=stats, group_names=groups)  # fmt: skip
+                log.info("eval: report %s", page)
+            return done
         metrics = compute_metrics(
             raw_scores,
             labels,
@@ -692,14 +709,8 @@ def evaluate(
         written: list[Path] = []
         for i in pick_overlays([s.defect_type for s in kept], n_overlays):
             s = kept[i]
-            # A fresh loader per image: at original resolution the images may differ in size.
-            image = ImageLoader(native if cfg.eval.resolution == "original" else cfg.data).load_image(s)
-            if image.shape[:2] != pred_maps[i].shape:
-                image = resize_image(image, pred_maps[i].shape)
-            caption = f"{s.defect_type}/{s.path.name} score {result.scores[i]:.2f} {'NG' if result.labels[i] else 'OK'}"
-            pic = overlay(
-                image, pred_maps[i], pred_masks[i], gt_masks[i], caption, channel_order=cfg.data.channel_order
-            )
+            pic = overlay_of(load_at_eval_size(s), s, cfg.data.channel_order, pred_maps[i], pred_masks[i], gt_masks[i],
+                             float(result.scores[i]), bool(result.labels[i]), float(raw_scores[i]))  # fmt: skip
             path = out / "overlays" / f"{s.defect_type}_{s.path.stem}.png"
             atomic_write_png(path, pic)
             written.append(path)
@@ -730,6 +741,12 @@ def evaluate(
         atomic_write_text(out / "per_image.csv", _per_image_csv(kept, result.raw_scores, result.scores, result.labels))
         _update(paths, last_eval={"out": str(out), **report["metrics"]})
         log.info("eval: %s", ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()))
+        if page is not None:
+            write_eval_report(page, metrics_json=report, samples=kept, load_image=load_at_eval_size,
+                              channel_order=cfg.data.channel_order, result=result, maps=pred_maps,
+                              masks=pred_masks, merged=merged_maps, truth=gt_masks,
+                              raw_scores=raw_scores, stats=stats)  # fmt: skip
+            log.info("eval: report %s", page)
         return EvalResult(out, report, written)
     finally:
         detach_log(handler)
