@@ -40,7 +40,7 @@ $(STAMP): $(NATIVE)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PAIR)
 	$(BIN)/pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[train,dev]"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[cpu,train,dev]"
 	touch $@
 
 demo: $(STAMP)
