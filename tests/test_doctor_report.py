@@ -45,3 +45,28 @@ def test_doctor_json_report_without_gpu(tmp_path: Path) -> None:
     assert not [c for c in report["checks"] if c["status"] == "fail"]
     strict = CliRunner().invoke(main, ["--bundle", str(bundle), "--json", str(out), "--require-gpu"])
     assert strict.exit_code == 1
+
+
+@pytest.mark.skipif(STATUS.usable, reason="a CUDA device is usable here: the script runs the GPU checks instead")
+def test_gpu_check_script_without_gpu_exits_3_with_a_report(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu"
+    done = subprocess.run(
+        [sys.executable, str(root / "scripts" / "gpu_check.py"), str(out)],
+        cwd=root, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["exit_status"] == 3
+    assert report["result"] == "no GPU: GPU checks skipped"
+    steps = {s["step"]: s for s in report["steps"]}
+    assert set(steps) == {"extension", "bundle", "engines", "doctor", "bench"}
+    assert steps["extension"]["status"] == "skipped"
+    assert steps["bench"]["status"] == "skipped"
+    assert steps["doctor"]["status"] == "skipped"
+    doctor = json.loads((out / "doctor.json").read_text())
+    assert doctor["result"] == "skipped"
+    assert not [c for c in doctor["checks"] if c["status"] == "pass" and "ONNX Runtime" not in c["name"]]

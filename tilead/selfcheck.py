@@ -121,7 +121,10 @@ def _kernel_checks(rng: np.random.Generator) -> list[Check]:
         prep = Preprocessing(dtype=dtype)
         got = tile_images(images, grid, prep, device="cuda").astype(np.float32)
         want = tile_images(images, grid, prep).astype(np.float32)
-        checks.append(_compare(f"kernel tile_images ({dtype})", got, want, TOLERANCE if dtype == "float32" else 1e-3))
+        # FP16: nvcc's fused multiply-add rounds once where the CPU twin rounds twice, which can move an FP16
+        # value by one step: the tolerance is one FP16 step at the largest value.
+        tol = TOLERANCE if dtype == "float32" else float(np.spacing(np.float16(np.max(np.abs(want)))))
+        checks.append(_compare(f"kernel tile_images ({dtype})", got, want, tol))
     maps = rng.random((grid.num_locations, 3, 16, 12), dtype=np.float32)
     for weights in ("uniform", "feather"):
         got = untile_maps(maps, grid, weights=weights, device="cuda")
