@@ -72,8 +72,6 @@ def inventory() -> dict[str, Any]:
     """The installation and the machine, as far as tilead is concerned (never raises)."""
     from importlib import metadata
 
-    import onnxruntime as ort
-
     status = cuda_status()
     info: dict[str, Any] = {
         "tilead": __version__,
@@ -84,9 +82,15 @@ def inventory() -> dict[str, Any]:
         "cuda_architectures": status.architectures,
         "cuda_devices": list(status.devices),
         "cuda_error": status.error or None,
-        "onnxruntime": ort.__version__,
-        "onnxruntime_providers": list(ort.get_available_providers()),
     }
+    try:  # from either wheel (tilead[cpu] or tilead[gpu]); neither installed is reported, not raised
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["onnxruntime_providers"] = list(ort.get_available_providers())
+    except ImportError as err:
+        info["onnxruntime"] = f"not installed ({err})"
+        info["onnxruntime_providers"] = []
     from tilead.exporter.engines import BUILDER_API, BUILDER_ENUMS
     from tilead.runtime.backends.tensorrt_modules import RUNTIME_API, major_version, missing_api
 
