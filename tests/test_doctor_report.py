@@ -70,3 +70,60 @@ def test_gpu_check_script_without_gpu_exits_3_with_a_report(tmp_path: Path) -> N
     doctor = json.loads((out / "doctor.json").read_text())
     assert doctor["result"] == "skipped"
     assert not [c for c in doctor["checks"] if c["status"] == "pass" and "ONNX Runtime" not in c["name"]]
+
+
+def _stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The doctor's device checks on the CPU stand-in of the DevicePipeline (tests/fake_tensorrt.py)."""
+    import types
+
+    import fake_tensorrt
+
+    from tilead import selfcheck
+
+    monkeypatch.setattr(selfcheck._kernels, "cuda", types.SimpleNamespace(DevicePipeline=fake_tensorrt.FakePipeline),
+                        raising=False)  # fmt: skip
+    monkeypatch.setattr(selfcheck, "_read_device", lambda address, count: fake_tensorrt._view(address, count).copy())
+
+
+def test_device_checks_pass_on_the_cpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    from tilead import selfcheck
+
+    _stand_in(monkeypatch)
+    rng = np.random.default_rng(0)
+    tiles = selfcheck._tile_checks(rng)
+    post = selfcheck._postprocess_checks(rng)
+    assert [c.name for c in tiles] == [f"device upload + tile ({e} grid, {c} channel(s))"
+                                       for e in ("shift", "pad", "resize") for c in (1, 3)]  # fmt: skip
+    assert len(post) == 6
+    assert any("resize crop" in c.name and "tile stage" in c.name for c in post)
+    assert all(c.status == "pass" for c in tiles + post), [c for c in tiles + post if c.status != "pass"]
+
+
+def test_device_checks_fail_when_the_pipeline_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fake_tensorrt
+    import numpy as np
+
+    from tilead import selfcheck
+
+    _stand_in(monkeypatch)
+    real_tile = fake_tensorrt.FakePipeline.tile
+
+    def tile_off_by_one(self: fake_tensorrt.FakePipeline, n: int, swap_rb: bool) -> None:
+        real_tile(self, n, swap_rb)
+        self.tiles[7] += 0.01  # one wrong value in location 0's block
+
+    def crop_never_resizes(self: fake_tensorrt.FakePipeline, n: int) -> None:
+        h, w = self.grid.image_h, self.grid.image_w
+        self.image = np.ascontiguousarray(self.canvas[:, :h, :w])
+
+    monkeypatch.setattr(fake_tensorrt.FakePipeline, "tile", tile_off_by_one)
+    monkeypatch.setattr(fake_tensorrt.FakePipeline, "crop", crop_never_resizes)
+    rng = np.random.default_rng(0)
+    tiles = selfcheck._tile_checks(rng)
+    assert all(c.status == "fail" for c in tiles)
+    assert all(c.max_abs_diff is not None and abs(c.max_abs_diff - 0.01) < 1e-6 for c in tiles)
+    post = {c.name: c.status for c in selfcheck._postprocess_checks(rng)}
+    assert [s for n, s in post.items() if "resize" in n] == ["fail", "fail"]  # crop instead of the resize
+    assert [s for n, s in post.items() if "resize" not in n] == ["pass"] * 4
