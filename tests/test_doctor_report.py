@@ -78,9 +78,9 @@ def _stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import fake_tensorrt
 
-    from tilead import selfcheck
+    from tilead import _kernels, selfcheck
 
-    monkeypatch.setattr(selfcheck._kernels, "cuda", types.SimpleNamespace(DevicePipeline=fake_tensorrt.FakePipeline),
+    monkeypatch.setattr(_kernels, "cuda", types.SimpleNamespace(DevicePipeline=fake_tensorrt.FakePipeline),
                         raising=False)  # fmt: skip
     monkeypatch.setattr(selfcheck, "_read_device", lambda address, count: fake_tensorrt._view(address, count).copy())
 
