@@ -35,7 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 540.0
-STEP_LIMITS_S = {"extension": 300.0, "bundle": 150.0, "engines": 240.0, "doctor": 240.0, "bench": 90.0}
+STEP_LIMITS_S = {"extension": 300.0, "bundle": 150.0, "engines": 270.0, "doctor": 180.0, "bench": 90.0}
 EXIT_PASS, EXIT_FAIL, EXIT_NO_GPU = 0, 1, 3
 
 

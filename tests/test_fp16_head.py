@@ -194,3 +194,15 @@ def test_fp16_tilead_export_has_no_fp16_tensor_near_overflow_on_real_tiles(tiny_
         fp16_outputs = {v.name for v in model.graph.value_info if v.type.tensor_type.elem_type == TensorProto.FLOAT16}
         head_outputs = {o for n in model.graph.node if n.name in kept for o in n.output}
         assert not head_outputs & fp16_outputs
+
+
+def test_fp32_layer_names_for_tensorrt_10_name_the_head_nodes_outputs_and_parameters(tmp_path: Path) -> None:
+    from tilead.exporter.engines import fp32_layer_names
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(mahalanobis_model())
+    names = fp32_layer_names(path)
+    assert {"sub", "matmul", "sum", "clamp", "unsq"} <= names  # nodes
+    assert {"diff", "prod", "sq", "sq_pos", "dist", "map"} <= names  # their outputs (the last layer of each node)
+    assert {"head.mean", "head.inv", "min_val", "axis", "one"} <= names  # constants the head reads
+    assert not {"conv", "relu", "conv2", "feat", "act", "emb", "embedding.w", "embedding.w2"} & names
