@@ -20,6 +20,7 @@
 #   make bench-good-only  thresholds from good images only (holdout, synthetic, SuperADD, oracle) on bottle + demo
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
+#   make gpu-check OUT=dir  the prepared first-GPU check (< 9 min, offline): extension, engines, doctor, bench; JSON in OUT
 #   make mutation    mutmut over tilead/runtime with the fast runtime tests; share of mutants killed (slow)
 
 PYTHON ?= python3
@@ -31,7 +32,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
+.PHONY: gpu-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -40,7 +41,7 @@ $(STAMP): $(NATIVE)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PAIR)
 	$(BIN)/pip install --quiet "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(BIN)/pip install --quiet --no-build-isolation -e ".[train,dev]"
+	$(BIN)/pip install --quiet --no-build-isolation -e ".[cpu,train,dev]"
 	touch $@
 
 demo: $(STAMP)
@@ -111,6 +112,11 @@ info: $(STAMP)
 
 doctor: $(STAMP)
 	$(BIN)/tilead-doctor
+
+# Exit status 0 pass, 1 fail, 3 no usable GPU (docs/gpu.md). Uses the installed venv; no network needed.
+OUT ?= out/gpu-check
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(OUT) $(if $(BUNDLE),--bundle $(BUNDLE))
 
 # Mutation testing ([tool.mutmut] in pyproject.toml: what is mutated, which tests run). mutmut imports the
 # package from its mutants/ copy, so the built extension is copied beside the sources for the run and

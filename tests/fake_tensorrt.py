@@ -470,6 +470,18 @@ def make_module(
     return trt
 
 
+LAYERS: list[tuple[str, list[str]]] = [
+    ("node_conv", ["feat"]),
+    ("head.mean", ["head.mean"]),  # a constant layer: named after its initializer
+    ("node_sub_9", ["diff"]),
+    ("node_sub_97", ["diff2"]),
+    ("node_sum_1_reduce", ["sum_part"]),  # one of the layers of a node made of several
+    ("node_sum_1", ["sum_1"]),
+    ("node_sqrt", ["sqrt"]),
+]
+"""The stand-in network's layers as (name, output names), as TensorRT 10's ONNX parser would name them."""
+
+
 def make_builder_module(
     major: int, log: list[str], *, reject_parse: bytes | None = None, reject_build: bytes | None = None
 ) -> types.ModuleType:
@@ -483,7 +495,10 @@ def make_builder_module(
     """
     trt = types.ModuleType("tensorrt")
     trt.__version__ = f"{major}.4.0.1"  # type: ignore[attr-defined]
-    flags = ["TF32", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"] + (["FP16"] if major == 10 else [])
+    flags = ["TF32", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"] + (
+        ["FP16", "OBEY_PRECISION_CONSTRAINTS"] if major == 10 else []
+    )
+    trt.float32 = "float32"  # type: ignore[attr-defined]
     trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in flags})  # type: ignore[attr-defined]
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")  # type: ignore[attr-defined]
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=5)  # type: ignore[attr-defined]
@@ -494,12 +509,40 @@ def make_builder_module(
         def __init__(self, severity: int) -> None:
             pass
 
+    class Layer:
+        """A parsed layer: ``name``, outputs by name; records the precision it is pinned to."""
+
+        def __init__(self, name: str, outputs: list[str]) -> None:
+            self.name, self.precision = name, "default"
+            self.outputs = [types.SimpleNamespace(name=o) for o in outputs]
+            self.output_types: dict[int, str] = {}
+
+        @property
+        def num_outputs(self) -> int:
+            return len(self.outputs)
+
+        def get_output(self, index: int) -> Any:
+            return self.outputs[index]
+
+        def set_output_type(self, index: int, dtype: str) -> None:
+            self.output_types[index] = dtype
+
     class Network:
+        """Every parsed model has the same layers: a backbone, then a head as TensorRT's parser names them."""
+
         def __init__(self, flags: int) -> None:
             self.flags, self.model = flags, b""
+            self.layers = [Layer(n, o) for n, o in LAYERS]
 
         def get_input(self, i: int) -> Any:
             return types.SimpleNamespace(name="tiles")
+
+        @property
+        def num_layers(self) -> int:
+            return len(self.layers)
+
+        def get_layer(self, index: int) -> Layer:
+            return self.layers[index]
 
     class OnnxParser:
         def __init__(self, network: Network, logger: Logger) -> None:
@@ -578,10 +621,15 @@ def make_builder_module(
             started = config.cache.data
             config.cache = Cache(started + b"+")
             log.append(f"build flags={','.join(config.flags)} network={network.flags} cache={started.decode()}")
+            pinned = [f"{x.name}:{x.precision}/{','.join(x.output_types.values())}" for x in network.layers
+                      if x.precision != "default"]  # fmt: skip
+            if pinned:
+                log.append(f"fp32 layers {' '.join(pinned)}")
             return b"|".join([b"PLAN", ",".join(config.flags).encode(), repr(config.profile).encode(), started,
                               network.model])  # fmt: skip
 
     for name, cls in {"Logger": Logger, "OnnxParser": OnnxParser, "Builder": Builder, "IBuilderConfig": Config,
-                      "IOptimizationProfile": Profile}.items():  # fmt: skip
+                      "IOptimizationProfile": Profile, "INetworkDefinition": Network,
+                      "ILayer": Layer}.items():  # fmt: skip
         setattr(trt, name, cls)
     return trt

@@ -51,7 +51,15 @@ def test_tile_cuda_matches_cpu(edge: str, dtype: str) -> None:
     prep = Preprocessing(dtype=dtype)  # type: ignore[arg-type]
     cpu = tile_images(images, grid, prep)
     gpu = tile_images(images, grid, prep, device="cuda")
-    np.testing.assert_allclose(gpu.astype(np.float32), cpu.astype(np.float32), rtol=1e-5, atol=1e-5)
+    if dtype == "float32":
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-5)
+        return
+    # FP16 tiles: nvcc contracts x * scale + bias into one fused multiply-add (one rounding), the CPU twin rounds
+    # twice, so the float32 values may differ in their last bit, and that can move the FP16 result by one step.
+    # Allowed: one FP16 step (the spacing at each CPU value), nothing more.
+    step = np.spacing(np.abs(cpu)).astype(np.float32)
+    diff = np.abs(gpu.astype(np.float32) - cpu.astype(np.float32))
+    assert np.all(diff <= step), float(np.max(diff / step))
 
 
 @pytest.mark.gpu

@@ -270,15 +270,25 @@ def test_mixed_size_dataset_is_evaluated_at_each_images_own_resolution(tmp_path:
     overrides = {"data.image_size": 96, "grid.tile_size": 96, "grid.stride": 96, "eval.overlays": 9}
     cfg = load_config(_config(tmp_path, root), overrides)
     result = train(cfg, tmp_path / "run", progress=False)
-    report = evaluate(result.paths.root, tmp_path / "eval", progress=False)
+    report = evaluate(result.paths.root, tmp_path / "eval", progress=False, report_page=True)
     assert report.metrics["evaluated_at"] == "original (mixed sizes)"
     for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1"):
         assert 0.0 <= report.metrics["metrics"][key] <= 1.0
     assert report.metrics["metrics"]["image_auroc"] >= 0.8
     # Overlays at each image's own size (image and map panels side by side).
+    from tilead.viz.overlays import frame
+
+    def framed(h: int, w: int) -> tuple[int, int]:
+        head, foot = frame(h, w)
+        return (head + h + foot, 2 * w)
+
     shapes = {p.name: np.asarray(cv2.imread(str(p))).shape[:2] for p in report.overlays}
-    assert shapes["scratch_000.png"] == (220, 380)
-    assert shapes["good_000.png"] == (176, 352)
+    assert shapes["scratch_000.png"] == framed(220, 190)
+    assert shapes["good_000.png"] == framed(176, 176)
+    # The HTML report of a mixed-size evaluation: its gallery draws each image at its own size.
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert page.count("<img") >= 1
+    assert "data:image/png;base64," in page
     # The same run at the model's resolution still works (one size: 96x96).
     model_res = evaluate(result.paths.root, tmp_path / "model", progress=False, overrides={"eval.resolution": "model"})
     assert model_res.metrics["evaluated_at"] == [96, 96]

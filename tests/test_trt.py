@@ -45,10 +45,13 @@ def test_lean_runtime_has_every_member_the_backend_uses() -> None:
 def test_lean_module_carries_the_builder_enums_of_its_version_but_no_builder() -> None:
     trt = __import__("tensorrt_lean")
     assert modules.missing_api(trt, builder.BUILDER_ENUMS[11]) == []
-    # TensorRT 11 is strongly typed only: no FP16 builder flag (FP16 means an FP16 ONNX) ...
+    # TensorRT 11 is strongly typed only: no FP16 builder flag nor precision constraints (FP16 means an FP16 ONNX) ...
     assert not hasattr(trt.BuilderFlag, "FP16")
     # ... which is why the TensorRT 10 list, which sets it, must not be used with 11.
-    assert modules.missing_api(trt, builder.BUILDER_ENUMS[10]) == ["BuilderFlag.FP16"]
+    assert modules.missing_api(trt, builder.BUILDER_ENUMS[10]) == [
+        "BuilderFlag.FP16",
+        "BuilderFlag.OBEY_PRECISION_CONSTRAINTS",
+    ]
     # The lean runtime cannot build.
     assert "Builder.create_network" in modules.missing_api(trt, builder.BUILDER_API)
 

@@ -20,6 +20,7 @@ from tilead.runtime.backends.tensorrt_modules import missing_api
 from tilead.runtime.bundle import read_manifest, sha256_file, write_manifest
 
 NAMES = ["r0c0", "r0c1", "r1c0", "r1c1"]
+HEAD_NAMES = frozenset({"node_sub_97", "diff2", "node_sum_1", "sum_1", "tilead_node_3", "sqrt", "head.mean"})
 
 
 def _bundle(root: Path) -> Path:
@@ -52,6 +53,8 @@ def builder(monkeypatch: pytest.MonkeyPatch) -> Any:
         monkeypatch.setattr(build, "import_builder", lambda: module)
         monkeypatch.setattr(build, "require_gpu", lambda: ("Fake GPU", "8.7"))
         monkeypatch.setattr(build, "fp16_onnx_bytes", lambda path: b"fp16 " + Path(path).read_bytes())
+        # What fp32_layer_names finds in a PaDiM export's head (tests/test_fp16_head.py runs the real one).
+        monkeypatch.setattr(build, "fp32_layer_names", lambda path: HEAD_NAMES)
         return log
 
     return install
@@ -93,12 +96,40 @@ def test_fp32_build_shares_one_timing_cache_and_lists_the_set(builder: Any, tmp_
 def test_fp16_is_a_flag_on_tensorrt_10_and_an_fp16_onnx_on_11(builder: Any, tmp_path: Path) -> None:
     log10 = builder(10)
     e10 = build.build_engines(_bundle(tmp_path / "a"), precision="fp16", progress=False)
-    assert "FP16" in log10[-1].split()[1]
+    builds = [line for line in log10 if line.startswith("build")]
+    assert len(builds) == 4
+    assert all("FP16,OBEY_PRECISION_CONSTRAINTS" in line.split()[1] for line in builds)
     assert (tmp_path / "a" / e10.files[0].file).read_bytes().endswith(b"|model r0c0")
     log11 = builder(11)
     e11 = build.build_engines(_bundle(tmp_path / "b"), precision="fp16", progress=False)
     assert "FP16" not in log11[-1].split()[1]
     assert (tmp_path / "b" / e11.files[0].file).read_bytes().endswith(b"|fp16 model r0c0")
+    assert not [line for line in log11 if line.startswith("fp32 layers")]  # 11: the converted graph's types rule
+
+
+def test_tensorrt_10_fp16_pins_the_distance_head_to_fp32(builder: Any, tmp_path: Path) -> None:
+    log = builder(10)
+    build.build_engines(_bundle(tmp_path / "a"), precision="fp16", progress=False)
+    pinned = [line for line in log if line.startswith("fp32 layers")]
+    assert len(pinned) == 4  # every location
+    # By exact node name, by "<node>_" prefix (a node of several layers), by output name, the constant by name;
+    # node_sub_9 is another node (a prefix of node_sub_97 without the "_") and the backbone stays free.
+    assert pinned[0].split()[2:] == [
+        f"{n}:float32/float32" for n in ("head.mean", "node_sub_97", "node_sum_1_reduce", "node_sum_1", "node_sqrt")
+    ]
+    log.clear()
+    build.build_engines(_bundle(tmp_path / "b"), precision="fp32", progress=False)
+    assert not [line for line in log if line.startswith("fp32 layers")]
+    assert all("OBEY" not in line for line in log)
+
+
+def test_tensorrt_10_fp16_fails_when_no_layer_matches_the_head(
+    builder: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builder(10)
+    monkeypatch.setattr(build, "fp32_layer_names", lambda path: frozenset({"/head/Sub"}))
+    with pytest.raises(RuntimeError, match="no TensorRT layer matches the distance head"):
+        build.build_engines(_bundle(tmp_path / "a"), precision="fp16", progress=False)
 
 
 def test_tf32_only_when_asked(builder: Any, tmp_path: Path) -> None:

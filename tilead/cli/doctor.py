@@ -17,16 +17,31 @@ import click
 )
 @click.option("--build", is_flag=True, help="Build the bundle's engines for this GPU when missing (full TensorRT).")
 @click.option("--require-gpu", is_flag=True, help="Exit 1 when the GPU checks are skipped (for deployment boxes).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def main(bundle: Path | None, build: bool, require_gpu: bool, as_json: bool) -> None:
-    """Print the installation's capabilities, run the GPU self-checks, and end with pass / fail / skipped."""
+@click.option(
+    "--json",
+    "json_path",
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="[PATH]",
+    help="Write the report as one JSON object to PATH (atomically); --json alone prints it instead of text.",
+)
+def main(bundle: Path | None, build: bool, require_gpu: bool, json_path: str | None) -> None:
+    """Print the installation's capabilities, run the GPU self-checks, and end with pass / fail / skipped.
+
+    Exit status: 0 pass (or skipped without --require-gpu), 1 fail (or skipped with --require-gpu).
+    """
+    from tilead.atomic import atomic_write_bytes
     from tilead.selfcheck import as_dicts, gpu_checks, inventory, summary
 
     info = inventory()
     checks = gpu_checks(bundle, build=build)
     verdict = summary(checks)
-    if as_json:
-        click.echo(json.dumps({"inventory": info, "checks": as_dicts(checks), "result": verdict}, indent=2))
+    report = json.dumps({"inventory": info, "checks": as_dicts(checks), "result": verdict}, indent=2)
+    if json_path not in (None, "-"):
+        atomic_write_bytes(Path(str(json_path)), (report + "\n").encode())
+    if json_path == "-":
+        click.echo(report)
     else:
         for key, value in info.items():
             if key == "tensorrt":

@@ -11,7 +11,9 @@ Engines are built version-compatible with the lean runtime excluded from the
 plan, so the small ``tensorrt_lean`` package can run them on the target. With
 TensorRT 10, FP16 is a builder flag; TensorRT 11 builds strongly typed networks
 only, so FP16 there means converting the ONNX to FP16 first
-(:func:`fp16_onnx_bytes`, inputs and outputs kept float32).
+(:func:`fp16_onnx_bytes`, inputs and outputs kept float32). Either way the
+distance head (:func:`distance_nodes`) stays FP32: TensorRT 10 pins its layers'
+precision, TensorRT 11 gets a graph converted around it.
 
 Long builds resume: engines go to ``engines/<key>.partial/`` one atomic file at
 a time, a rerun skips the locations already there, and the folder is renamed to
@@ -43,6 +45,10 @@ from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
 log = logging.getLogger("tilead.exporter.engines")
 
 TIMING_CACHE = "timing.cache"
+HEAD_PREFIX = "head."
+"""Parameters of a location model's distance head carry this prefix in the exported ONNX (module ``head``)."""
+EMBEDDING_PREFIX = "embedding."
+"""Parameters of a location model's feature extractor (module ``embedding``) carry this prefix."""
 
 INSTALL_BUILDER = (
     "building engines needs the full TensorRT with its builder: pip install tensorrt-cu13 (or tensorrt-cu12) on "
@@ -55,6 +61,7 @@ BUILDER_ENUMS: dict[int, tuple[tuple[str, str], ...]] = {
     10: (
         ("BuilderFlag", "FP16"),
         ("BuilderFlag", "TF32"),
+        ("BuilderFlag", "OBEY_PRECISION_CONSTRAINTS"),
         ("BuilderFlag", "VERSION_COMPATIBLE"),
         ("BuilderFlag", "EXCLUDE_LEAN_RUNTIME"),
         ("MemoryPoolType", "WORKSPACE"),
@@ -83,6 +90,8 @@ BUILDER_API: tuple[tuple[str, str], ...] = (
     ("IBuilderConfig", "set_timing_cache"),
     ("IBuilderConfig", "get_timing_cache"),
     ("IOptimizationProfile", "set_shape"),
+    ("INetworkDefinition", "get_layer"),
+    ("ILayer", "set_output_type"),
 )
 
 
@@ -129,9 +138,82 @@ def _float32_weights(model: Any) -> None:
     del model.graph.value_info[:]  # recorded intermediate types may name fp16; shape inference redoes them
 
 
-def fp16_onnx_bytes(path: Path) -> bytes:
-    """The ONNX model at ``path`` with float tensors converted to FP16, inputs and outputs kept float32.
+def distance_nodes(model: Any) -> list[str]:
+    """Names of the nodes that compute the distances of a location graph, which FP16 engines keep in FP32.
 
+    A tilead location graph is the ``embedding`` module (a backbone whose
+    parameters the export names ``embedding.*``) followed by the ``head``
+    (PaDiM: difference to the mean, the inverse covariance product, the sum,
+    the square root; PatchCore: nearest-neighbour distances; then the blur).
+    Squared distances reach 1e4-1e6 on ordinary tiles, near or above FP16's
+    largest finite value (65504), so an FP16 head returns inf. Listed: every
+    node downstream of the last node that reads an ``embedding.*`` parameter
+    (the feature resize, concatenation and selection, then the whole head),
+    and every node that reads a ``head.*`` parameter or is downstream of one.
+    The head's parameters cannot be relied on alone: the exporter's constant
+    folding renames some of them. A graph with neither (STFPM) gives an empty
+    list. Nodes without a name get a unique one first (in place), since the
+    converter and TensorRT's layers go by node name.
+
+    Args:
+        model: An ``onnx.ModelProto`` (its unnamed nodes are named in place).
+
+    Returns:
+        Node names in graph order.
+    """
+    taken = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"tilead_node_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+    params = {t.name for t in model.graph.initializer}
+    head = {p for p in params if p.startswith(HEAD_PREFIX)}
+    backbone = {p for p in params if p.startswith(EMBEDDING_PREFIX)}
+    readers = [i for i, n in enumerate(model.graph.node) if any(x in backbone for x in n.input)]
+    last = readers[-1] if readers else None
+    tainted: set[str] = set(model.graph.node[last].output) if last is not None else set()
+    tainted.discard("")
+    names: list[str] = []
+    for i, node in enumerate(model.graph.node):  # ONNX graphs are topologically sorted
+        if i != last and any(x in head or x in tainted for x in node.input):
+            names.append(node.name)
+            tainted.update(o for o in node.output if o)
+    return names
+
+
+def _own_initializers(model: Any, keep: set[str]) -> None:
+    """Give the kept (FP32) nodes their own copy of every initializer they share with converted nodes, in place.
+
+    The converter turns a shared initializer into FP16 for its converted readers
+    and leaves the kept reader with an FP16 input beside FP32 ones (an invalid
+    graph: e.g. the Clip after the distance sum shares its lower bound with the
+    backbone's activations).
+    """
+    readers: dict[str, set[bool]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name in keep)
+    shared = {t.name: t for t in model.graph.initializer if readers.get(t.name) == {True, False}}
+    for name, tensor in shared.items():
+        copy = model.graph.initializer.add()
+        copy.CopyFrom(tensor)
+        copy.name = f"{name}__fp32"
+    for node in model.graph.node:
+        if node.name in keep:
+            for i, name in enumerate(node.input):
+                if name in shared:
+                    node.input[i] = f"{name}__fp32"
+
+
+def fp16_onnx_bytes(path: Path) -> bytes:
+    """The ONNX model at ``path`` converted to FP16 except its distance head; inputs and outputs kept float32.
+
+    The backbone (the convolutions, where FP16 pays) becomes FP16; the nodes of
+    :func:`distance_nodes` stay FP32, with Casts at the border, so TensorRT 11's
+    strongly typed engine computes the distances in FP32 and cannot overflow.
     Uses onnxconverter-common's converter (``pip install onnxconverter-common``).
 
     Raises:
@@ -147,8 +229,100 @@ def fp16_onnx_bytes(path: Path) -> bytes:
         ) from None
     model = onnx.load(str(path))
     _float32_weights(model)
-    converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    keep = distance_nodes(model)
+    _own_initializers(model, set(keep))
+    io_types = {o.name: o.type.tensor_type.elem_type for o in model.graph.output}
+    converted = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    _restore_output_types(converted, io_types)
     return bytes(converted.SerializeToString())
+
+
+def _restore_output_types(model: Any, types: dict[str, int]) -> None:
+    """Give every graph output its original element type again, in place.
+
+    With ``keep_io_types`` the converter still casts an output that a kept (FP32)
+    node computes down to FP16 and types the output FP16 (onnxconverter-common
+    1.16); the final Cast is pointed back at the original type.
+
+    Raises:
+        RuntimeError: If an output changed type and no Cast produces it.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for out in model.graph.output:
+        want = types.get(out.name)
+        if want is None or out.type.tensor_type.elem_type == want:
+            continue
+        node = producers.get(out.name)
+        if node is None or node.op_type != "Cast":
+            raise RuntimeError(f"FP16 conversion changed output {out.name!r} to another type and no Cast makes it")
+        for attr in node.attribute:
+            if attr.name == "to":
+                attr.i = want
+        out.type.tensor_type.elem_type = want
+
+
+def fp32_layer_names(path: Path) -> frozenset[str]:
+    """What a TensorRT 10 FP16 build keeps in FP32: the distance head's node, tensor and parameter names.
+
+    The head is :func:`distance_nodes`; its parameters are the initializers those nodes read.
+
+    TensorRT's ONNX parser names a node's layers after the node (a node made of
+    several layers gives ``<node>_<suffix>`` names) and its last layer's output
+    after the node's output; the head's parameters become constant layers named
+    after their tensors. :func:`keep_layers_fp32` matches layers against these.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    kept = set(distance_nodes(model))
+    names = set(kept)
+    names.update(o for n in model.graph.node if n.name in kept for o in n.output if o)
+    params = {t.name for t in model.graph.initializer}
+    names.update(x for n in model.graph.node if n.name in kept for x in n.input if x in params)
+    return frozenset(names)
+
+
+def _is_kept(layer: Any, names: frozenset[str]) -> bool:
+    name = str(layer.name)
+    if name in names or any(name.startswith(f"{n}_") for n in names):
+        return True
+    return any(str(layer.get_output(j).name) in names for j in range(layer.num_outputs))
+
+
+def keep_layers_fp32(trt: Any, network: Any, config: Any, names: frozenset[str]) -> list[str]:
+    """TensorRT 10 with the FP16 flag: pin the distance head's layers to FP32 (issue #18, item 3).
+
+    Sets each matching layer's precision and output types to float32 and the
+    builder flag ``OBEY_PRECISION_CONSTRAINTS``, so the builder cannot choose
+    FP16 kernels for the squared distances (which exceed FP16's 65504).
+
+    Args:
+        trt: The ``tensorrt`` module.
+        network: The parsed network.
+        config: The builder config.
+        names: :func:`fp32_layer_names` of the location's ONNX.
+
+    Returns:
+        Names of the layers pinned to FP32.
+
+    Raises:
+        RuntimeError: If ``names`` is not empty and no layer matches (the parser named layers differently).
+    """
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if _is_kept(layer, names):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+            pinned.append(str(layer.name))
+    if names and not pinned:
+        raise RuntimeError(
+            "no TensorRT layer matches the distance head's ONNX nodes, so it cannot be kept in FP32 "
+            f"(looked for {', '.join(sorted(names)[:5])}, ...)"
+        )
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    return pinned
 
 
 def _check_args(precision: str, opt_batch: int, max_batch: int, workspace_mib: int) -> None:
@@ -172,8 +346,11 @@ def _build_one(
     cache_bytes: bytes,
     logger: Any,
     tf32: bool = False,
+    fp32_names: frozenset[str] = frozenset(),
 ) -> tuple[bytes, bytes]:
     """Build one engine; returns ``(plan, timing cache)``.
+
+    With TensorRT 10 and ``fp16`` the layers named by ``fp32_names`` stay FP32 (:func:`keep_layers_fp32`).
 
     Raises:
         RuntimeError: If the ONNX does not parse or the build fails (with the parser's errors).
@@ -193,6 +370,7 @@ def _build_one(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
     if precision == "fp16" and major == 10:
         config.set_flag(trt.BuilderFlag.FP16)
+        keep_layers_fp32(trt, network, config, fp32_names)
     if not tf32:
         # TensorRT sets TF32 by default: FP32 convolutions and matmuls would round their inputs to 10 mantissa
         # bits, so an "fp32" engine would not match the FP32 ONNX the bundle was validated with.
@@ -271,15 +449,14 @@ def build_engines(
         target = partial / f"{loc.name}.engine"
         if not target.is_file() or rebuild:
             onnx_path = root / loc.file
-            data = (
-                fp16_onnx_bytes(onnx_path)
-                if precision == "fp16" and major_version(trt) >= 11
-                else onnx_path.read_bytes()
-            )
+            major = major_version(trt)
+            data = fp16_onnx_bytes(onnx_path) if precision == "fp16" and major >= 11 else onnx_path.read_bytes()
+            fp32_names = fp32_layer_names(onnx_path) if precision == "fp16" and major == 10 else frozenset()
             try:
                 plan, cache_bytes = _build_one(
                     trt, data, shape, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
                     workspace_mib=workspace_mib, cache_bytes=cache_bytes, logger=logger, tf32=tf32,
+                    fp32_names=fp32_names,
                 )  # fmt: skip
             except RuntimeError as err:
                 raise RuntimeError(f"location {loc.name} ({onnx_path}): {err}") from None

@@ -17,6 +17,7 @@ serial results (tested).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,8 @@ from tilead.runtime.backends.base import (
 from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, BundleError, Manifest, check_model_io, ort_specs
 from tilead.runtime.engines import onnx_digest
 from tilead.runtime.timing import StageTimes
+
+log = logging.getLogger("tilead.runtime.backends.onnxruntime")
 
 CAPABILITIES = Capabilities(devices=("cpu", "cuda"), full_pipeline=False, detector_score=True)
 
@@ -57,17 +60,61 @@ def ort_trt_cache(manifest: Manifest) -> Path:
     return Path(base) / "onnxruntime-trt" / onnx_digest([loc.sha256 for loc in manifest.locations])
 
 
-def session_providers(device: str, manifest: Manifest) -> list[Any]:
+INSTALL_ORT = (
+    "install one ONNX Runtime wheel: pip install 'tilead[cpu]' (onnxruntime) or, on a machine with an NVIDIA GPU, "
+    "pip install 'tilead[gpu]' (onnxruntime-gpu); never both, they install the same module"
+)
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def import_ort() -> Any:
+    """The ``onnxruntime`` module (from either wheel).
+
+    Raises:
+        ImportError: If neither ``onnxruntime`` nor ``onnxruntime-gpu`` is installed, saying how to install one.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ImportError(f"tilead's ONNX Runtime backend needs ONNX Runtime ({err}): {INSTALL_ORT}") from None
+    return ort
+
+
+def trt_profile_shapes(manifest: Manifest, max_batch: int) -> dict[str, str]:
+    """The TensorRT provider's profile options: batch 1 to ``max_batch`` of the bundle's tiles.
+
+    With explicit profile shapes the provider builds one engine per location for
+    the whole range at the first run; without them it rebuilds whenever a call
+    brings a batch size outside what it has seen.
+
+    Raises:
+        ValueError: If ``max_batch`` is below 1.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch: expected at least 1, got {max_batch}")
+    c, (th, tw) = manifest.preprocessing.channels, manifest.grid.tile_size
+
+    def shape(n: int) -> str:
+        return f"{INPUT_NAME}:{n}x{c}x{th}x{tw}"
+
+    return {
+        "trt_profile_min_shapes": shape(1),
+        "trt_profile_opt_shapes": shape(max_batch),
+        "trt_profile_max_shapes": shape(max_batch),
+    }
+
+
+def session_providers(device: str, manifest: Manifest, max_batch: int = 1) -> list[Any]:
     """ONNX Runtime providers for ``device``.
 
-    On CUDA: TensorRT's provider when present (engine cache outside the bundle: :func:`ort_trt_cache`), then CUDA's.
+    On CUDA: TensorRT's provider when present (engine cache outside the bundle: :func:`ort_trt_cache`; profile
+    shapes for batch 1 to ``max_batch``: :func:`trt_profile_shapes`), then CUDA's.
 
     Raises:
         RuntimeError: For ``cuda`` without ONNX Runtime's CUDA provider.
         ValueError: For an unknown device.
     """
-    import onnxruntime as ort
-
+    ort = import_ort()
     available = ort.get_available_providers()
     if device == "cpu":
         return ["CPUExecutionProvider"]
@@ -85,10 +132,44 @@ def session_providers(device: str, manifest: Manifest) -> list[Any]:
                 "trt_engine_cache_path": str(cache),
                 "trt_timing_cache_enable": True,
                 "trt_timing_cache_path": str(cache),
+                **trt_profile_shapes(manifest, max_batch),
             }
             providers.append(("TensorrtExecutionProvider", options))
         return [*providers, "CUDAExecutionProvider", "CPUExecutionProvider"]
     raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
+
+
+def check_providers(requested: Sequence[Any], used: Sequence[str], location: str) -> None:
+    """Fail when a GPU provider was requested but the session runs on the CPU only.
+
+    ONNX Runtime silently drops a provider it cannot load (the CPU wheel has no
+    CUDA; a CUDA or cuDNN library is missing) and runs on the CPU. When the
+    TensorRT provider is dropped but CUDA's runs, the session is still on the
+    GPU: that is logged, not raised (onnxruntime-gpu lists TensorRT's provider
+    even where TensorRT's libraries are not installed).
+
+    Args:
+        requested: Providers passed to the session (names or ``(name, options)``).
+        used: ``session.get_providers()``.
+        location: The location, for the message.
+
+    Raises:
+        RuntimeError: If a GPU provider was requested and none is in ``used``.
+    """
+    names = [p[0] if isinstance(p, tuple) else str(p) for p in requested]
+    wanted = [n for n in names if n in GPU_PROVIDERS]
+    if not wanted:
+        return
+    if not any(n in used for n in GPU_PROVIDERS):
+        raise RuntimeError(
+            f"location {location}: ONNX Runtime was asked for {', '.join(wanted)} but fell back to "
+            f"{', '.join(used) or 'nothing'}; the GPU provider could not load (CPU-only onnxruntime wheel, or a "
+            "missing CUDA/cuDNN library: see ONNX Runtime's warnings above). "
+            f"On a GPU machine: {INSTALL_ORT}"
+        )
+    dropped = [n for n in wanted if n not in used]
+    if dropped:
+        log.warning("location %s: ONNX Runtime dropped %s; running on %s", location, ", ".join(dropped), used[0])
 
 
 class OnnxRuntimeBackend:
@@ -110,8 +191,7 @@ class OnnxRuntimeBackend:
     def __init__(
         self, manifest: Manifest, models: Sequence[bytes], providers: list[Any], *, threads: int, location_workers: int
     ) -> None:
-        import onnxruntime as ort
-
+        ort = import_ort()
         self.manifest = manifest
         count = manifest.grid.num_locations
         self.threads = threads
@@ -129,6 +209,7 @@ class OnnxRuntimeBackend:
                 session = ort.InferenceSession(model, sess_options=options, providers=providers)
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {loc.file}: {err}") from err
+            check_providers(providers, session.get_providers(), loc.name)
             # Names, element types and shapes against the manifest, at load rather than at the first predict.
             check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
             sessions.append(session)
@@ -176,7 +257,7 @@ class OnnxRuntimeBackend:
 
 def create(request: BackendRequest) -> OnnxRuntimeBackend:
     """The registry's factory: sessions for ``request.device`` with the thread budget split over locations."""
-    providers = session_providers(request.device, request.manifest)
+    providers = session_providers(request.device, request.manifest, request.max_batch)
     budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
     count = request.manifest.grid.num_locations
     workers = request.location_workers
