@@ -141,7 +141,11 @@ def _cli_words(message: str) -> str:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @output_option("Output folder: results.jsonl and overlays/.", required=True, legacy=("--out",))
 @click.option("--resize", is_flag=True, help="Resize images of another size to the bundle's.")
-@click.option("--overlays/--no-overlays", default=True, show_default=True, help="Write overlay PNGs.")
+@click.option(
+    "--overlays/--no-overlays",
+    default=None,
+    help="Write overlay PNGs (needs OpenCV: tilead[opencv]). Default: on where OpenCV is installed.",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option(
     "--backend",
@@ -163,7 +167,7 @@ def main(
     images: tuple[Path, ...],
     output: Path,
     resize: bool,
-    overlays: bool,
+    overlays: bool | None,
     device: str,
     backend: str,
     batch: int,
@@ -177,6 +181,7 @@ def main(
     every image scored cleanly; 3: some line carries an error; 1: the run could not start.
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overlays = _overlays_wanted(overlays)
     with fail_on_errors():
         files = collect(images, exclude=output)
         check_writable(output)
@@ -193,6 +198,23 @@ def main(
         raise SystemExit(EXIT_FILE_ERRORS)
 
 
+def _overlays_wanted(asked: bool | None) -> bool:
+    """``--overlays``: an error without OpenCV; unset: on where OpenCV is installed, else a note and off."""
+    if asked is False:
+        return False
+    try:
+        import cv2  # noqa: F401
+    except ImportError:
+        if asked:
+            raise click.UsageError(
+                "--overlays needs OpenCV, which this installation lacks: pip install 'tilead[opencv]', "
+                "or pass --no-overlays"
+            ) from None
+        click.echo("note: no overlays (OpenCV is not installed: pip install 'tilead[opencv]')", err=True)
+        return False
+    return True
+
+
 def _predict_all(
     bundle: Path,
     files: list[tuple[Path, Path]],
@@ -206,14 +228,18 @@ def _predict_all(
     threads: int | None,
     progress: bool,
 ) -> None:
-    import cv2
     import numpy as np
     from tqdm import tqdm
 
-    from tilead.atomic import atomic_write_png
+    from tilead.imagefile import ImageFileError, read_image
     from tilead.runtime import Prediction, Predictor
     from tilead.runtime.preprocess import InputOrder
-    from tilead.trainer.overlays import overlay
+
+    if overlays:  # OpenCV draws the overlays; the lean install has none (tilead[opencv])
+        import cv2
+
+        from tilead.atomic import atomic_write_png
+        from tilead.trainer.overlays import overlay
 
     with Predictor(bundle, device=device, backend=backend, threads=threads, max_batch=batch) as predictor:
         gray = predictor.channels == 1
@@ -227,12 +253,9 @@ def _predict_all(
 
         def decode(path: Path) -> np.ndarray | str:
             try:
-                data = np.fromfile(path, dtype=np.uint8)
-            except OSError as err:
-                return f"cannot read {path}: {err.strerror or err}"
-            image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR) if data.size else None
-            if image is None:
-                return f"cannot decode {path} (empty, truncated, corrupt or unsupported format)"
+                image = read_image(path, gray=gray)
+            except ImageFileError as err:
+                return str(err)
             if image.shape[:2] != (h, w) and not resize:
                 return (
                     f"image size {image.shape[0]}x{image.shape[1]} (height x width) differs from the bundle's "
