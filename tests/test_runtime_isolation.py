@@ -208,3 +208,38 @@ def test_predict_calibrate_and_bench_run_without_torch_or_cv2(tmp_path: Path) ->
     )
     assert bench.returncode == 0, bench.stderr
     assert "LOADED []" in bench.stderr
+
+
+MISSING_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    MISSING = ("torch", "torchvision", "timm", "cv2", "onnx", "pydantic", "safetensors", "sklearn")
+
+    class Missing(importlib.abc.MetaPathFinder):  # as on the runtime-only install: these are not there
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in MISSING:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    sys.meta_path.insert(0, Missing())
+
+    from tilead.cli.main import main
+
+    sys.argv = ["tilead", *sys.argv[1:]]
+    main()
+    """
+)
+
+
+def test_training_commands_on_a_runtime_only_install_name_the_extra(tmp_path: Path) -> None:
+    config = Path(__file__).resolve().parents[1] / "configs" / "padim_demo.yaml"
+    for args in (["train", "--config", str(config), "-o", str(tmp_path / "run")], ["eval", str(tmp_path)]):
+        proc = subprocess.run(
+            [sys.executable, "-c", MISSING_SCRIPT, *args], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "which this installation lacks" in proc.stderr
+        assert "pip install 'tilead[train]'" in proc.stderr
