@@ -82,3 +82,17 @@ def test_python_block_compiles_and_its_imports_work() -> None:
     imports = "\n".join(line for line in code.splitlines() if line.startswith(("from ", "import ")))
     assert imports
     exec(compile(imports, "README.md", "exec"), {})
+
+
+def test_grid_example_is_a_valid_config_and_has_the_stated_locations(tmp_path: Path) -> None:
+    import yaml
+
+    from tilead.trainer.config import parse_config
+
+    (example,) = blocks("yaml")
+    data = yaml.safe_load(example)
+    data["data"].update({"format": "folder", "root": str(tmp_path)})
+    cfg = parse_config(data, base_dir=tmp_path, source="README.md")
+    assert cfg.data.output_size is not None
+    grid = cfg.grid.build(cfg.data.output_size)  # what training builds
+    assert (grid.rows, grid.cols) == (4, 5)  # "4x5 = 20 locations" in the README
