@@ -22,6 +22,7 @@
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
 #   make gpu-check OUT=dir  the prepared first-GPU check (< 9 min, offline): extension, engines, doctor, bench; JSON in OUT
 #   make mutation    mutmut over tilead/runtime with the fast runtime tests; share of mutants killed (slow)
+#   make wheel-check  manylinux wheel -> fresh venv with no compiler -> Predictor on the demo bundle; install size
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -32,7 +33,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: gpu-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
+.PHONY: gpu-check wheel-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -145,3 +146,9 @@ bench-int8: $(STAMP) bundles/padim_bottle/manifest.json bundles/padim_bottle_int
 bench-vs-anomalib: $(STAMP) bundles/padim_bottle/manifest.json
 	$(BIN)/python -c "import anomalib" 2>/dev/null || $(BIN)/pip install --quiet "anomalib==2.7.0"
 	$(BIN)/python benchmarks/bench_vs_anomalib.py bundles/padim_bottle --images 20 --json out/bench/vs_anomalib.json
+
+# A runtime install without a compiler (issue #19 item 6): pip wheel + auditwheel repair (manylinux tag of this
+# glibc), installed into a fresh venv whose PATH has no compiler; Predictor and `tilead predict` on the demo bundle
+# (256 px, trained once); prints the install size. Output in out/wheel/.
+wheel-check: $(STAMP)
+	scripts/check_runtime_wheel.sh

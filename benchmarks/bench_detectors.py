@@ -202,7 +202,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def print_table(rows: dict[str, dict[str, Any]]) -> None:
-    """The README's table."""
+    """The detector table of docs/benchmarks.md."""
     base = rows[next(iter(rows))]["latency"]["median_ms"]
     head = (
         f"{'entry':<20} {'score':>8} {'img AUROC':>9} {'(other)':>8} {'px AUROC':>8} {'AUPRO':>7} {'train s':>8} "

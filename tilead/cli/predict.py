@@ -211,11 +211,11 @@ def _predict_all(
     threads: int | None,
     progress: bool,
 ) -> None:
-    import cv2
     import numpy as np
     from tqdm import tqdm
 
     from tilead.atomic import atomic_write_png
+    from tilead.imagefile import ImageFileError, read_image
     from tilead.runtime import Prediction, Predictor
     from tilead.runtime.preprocess import InputOrder
     from tilead.viz.overlays import overlay
@@ -232,12 +232,9 @@ def _predict_all(
 
         def decode(path: Path) -> np.ndarray | str:
             try:
-                data = np.fromfile(path, dtype=np.uint8)
-            except OSError as err:
-                return f"cannot read {path}: {err.strerror or err}"
-            image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR) if data.size else None
-            if image is None:
-                return f"cannot decode {path} (empty, truncated, corrupt or unsupported format)"
+                image = read_image(path, gray=gray)
+            except ImageFileError as err:
+                return str(err)
             if image.shape[:2] != (h, w) and not resize:
                 return (
                     f"image size {image.shape[0]}x{image.shape[1]} (height x width) differs from the bundle's "

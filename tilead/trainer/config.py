@@ -394,6 +394,7 @@ class RunConfig(_Section):
         if d["validation"]["split"] in ("holdout", "synthetic"):  # the same images held out
             keep["holdout"] = d["validation"]["holdout_fraction"]
         keep["data"].pop("max_test_images", None)
+        keep["data"].pop("mask_template", None)  # masks never enter fitting (and runs fitted before it keep their key)
         blob = json.dumps(keep, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -18,6 +18,7 @@ Folder (``format: folder``; every folder is relative to ``root``)::
     <test_good_dir>/*                   defect-free test images (optional)
     <defect_dir>/*                      defective test images; the folder's name is the defect type
     <mask_dir>/<defect_dir>/<stem><mask_suffix>.png   the mask of <defect_dir>/<stem>.<ext>
+                                        (or wherever mask_template puts it)
 
 Good images only (both layouts): the test set is optional. An MVTec folder
 with ``train/good`` and no ``test`` folder, or a folder config with
@@ -28,7 +29,11 @@ rate on good images. A test folder without images is ignored with a warning.
 
 Mask naming rule (both layouts): the mask of the defective image
 ``<defect folder>/<stem>.<ext>`` is ``<mask folder>/<defect folder>/<stem><mask_suffix>.png``
-(MVTec: mask folder ``ground_truth``, suffix ``_mask``). A defective image
+(MVTec: mask folder ``ground_truth``, suffix ``_mask``). The folder layout can
+name masks any other way with ``mask_template`` (placeholders ``{root}``,
+``{defect_dir}``, ``{defect}``, ``{stem}``, ``{name}``, ``{ext}``; see
+:mod:`tilead.trainer.mask_paths`), e.g. ``"{root}/ground_truth/{defect}/{stem}_mask.png"``;
+it replaces ``mask_dir`` and ``mask_suffix``. A defective image
 without its mask file is an error naming the image and the expected mask path,
 unless ``missing_masks: empty`` (then it has no ground-truth pixels and a
 warning is logged).
@@ -43,12 +48,14 @@ file name. ``max_*_images`` keep an evenly spaced selection of that order.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from tilead.trainer.mask_paths import MaskTemplate
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -75,6 +82,7 @@ _FOLDER_ONLY: dict[str, Any] = {
     "defect_dirs": [],
     "mask_dir": None,
     "mask_suffix": "_mask",
+    "mask_template": None,
 }
 _MAX_LISTED = 5
 
@@ -112,6 +120,9 @@ class DataConfig(BaseModel):
         defect_dirs: Folder only: folders of defective test images; a folder's name is its defect type.
         mask_dir: Folder only: mask folder, laid out as ``<mask_dir>/<defect_dir>/<stem><mask_suffix>.png``.
         mask_suffix: Folder only: appended to the image stem to name its mask.
+        mask_template: Folder only: the mask path of a defective image as a template, e.g.
+            ``"{root}/ground_truth/{defect}/{stem}_mask.png"`` (placeholders: see
+            :mod:`tilead.trainer.mask_paths`; relative to ``root``); replaces ``mask_dir`` and ``mask_suffix``.
         missing_masks: ``"error"`` (default) or ``"empty"``: a defective image without a mask then has no
             ground-truth pixels (a warning is logged).
         image_size: ``(height, width)`` or one int every image and mask is resized to; ``None``: native
@@ -135,6 +146,7 @@ class DataConfig(BaseModel):
     defect_dirs: list[str] = Field(default_factory=list)
     mask_dir: str | None = None
     mask_suffix: str = "_mask"
+    mask_template: str | None = None
     missing_masks: Literal["error", "empty"] = "error"
     image_size: tuple[int, int] | int | None = None
     color: Literal["rgb", "gray"] = "rgb"
@@ -176,6 +188,13 @@ class DataConfig(BaseModel):
                 out.append(ext)
         return out
 
+    @field_validator("mask_template")
+    @classmethod
+    def _check_mask_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            MaskTemplate.parse(value)
+        return value
+
     @field_validator("category", "good_dir", "test_good_dir", "mask_dir")
     @classmethod
     def _check_folder_name(cls, value: str | None) -> str | None:
@@ -195,10 +214,16 @@ class DataConfig(BaseModel):
             return self
         if self.category is not None:
             raise ValueError("category: only used with format 'mvtec'; with format 'folder' put it into root")
-        if self.defect_dirs and self.mask_dir is None and self.missing_masks == "error":
+        if self.mask_template is not None and (self.mask_dir is not None or self.mask_suffix != "_mask"):
+            raise ValueError(
+                "mask_template: replaces mask_dir and mask_suffix (masks are <mask_dir>/<defect_dir>/<stem>"
+                "<mask_suffix>.png without it); give either mask_template or mask_dir/mask_suffix"
+            )
+        if self.defect_dirs and self.mask_dir is None and self.mask_template is None and self.missing_masks == "error":
             raise ValueError(
                 "mask_dir: required with format 'folder' (masks are <mask_dir>/<defect_dir>/<stem><mask_suffix>.png) "
-                "unless missing_masks is 'empty' (defective images without ground-truth pixels)"
+                "unless mask_template names them another way, or missing_masks is 'empty' "
+                "(defective images without ground-truth pixels)"
             )
         types: dict[str, str] = {}
         for folder in self.defect_dirs:
@@ -335,7 +360,7 @@ def discover(config: DataConfig) -> DatasetSplits:
         where = f" (root {config.root}, category {config.category!r})" if config.category is not None else ""
         raise DatasetError(f"dataset root not found: {root}{where}")
 
-    groups: list[tuple[str, Path, Path | None]] = []  # (defect type, folder, mask folder)
+    groups: list[tuple[str, Path, Callable[[Path], Path] | None]] = []  # (defect type, folder, image -> mask)
     if config.format == "mvtec":
         train_dir = root / "train" / "good"
         _require_dir(train_dir, f"training folder (MVTec layout: {_MVTEC_LAYOUT})")
@@ -346,9 +371,8 @@ def discover(config: DataConfig) -> DatasetSplits:
             else []  # good images only: no test set
         )
         for name in sorted(types, key=lambda t: (t != "good", t)):
-            masks = None if name == "good" else root / "ground_truth" / name
+            masks = None if name == "good" else _in_folder(root / "ground_truth" / name, "_mask")
             groups.append((name, test_dir / name, masks))
-        mask_suffix = "_mask"
     else:
         train_dir = root / config.good_dir
         _require_dir(train_dir, "training folder (good_dir)")
@@ -357,12 +381,16 @@ def discover(config: DataConfig) -> DatasetSplits:
             _require_dir(folder, "test folder of good images (test_good_dir)")
             groups.append(("good", folder, None))
         defects = sorted(config.defect_dirs, key=lambda d: Path(d).name)
+        template = MaskTemplate.parse(config.mask_template) if config.mask_template is not None else None
         for defect_dir in defects:
             folder = root / defect_dir
             _require_dir(folder, "defect folder (defect_dirs)")
-            masks = root / config.mask_dir / defect_dir if config.mask_dir is not None else None
+            masks = None
+            if template is not None:
+                masks = _by_template(template, root, defect_dir)
+            elif config.mask_dir is not None:
+                masks = _in_folder(root / config.mask_dir / defect_dir, config.mask_suffix)
             groups.append((Path(defect_dir).name, folder, masks))
-        mask_suffix = config.mask_suffix
 
     train_files = _list_images(train_dir, config.extensions)
     if not train_files:
@@ -371,7 +399,8 @@ def discover(config: DataConfig) -> DatasetSplits:
 
     test: list[Sample] = []
     missing: list[tuple[Path, Path | None]] = []
-    for defect_type, folder, mask_folder in groups:
+    mask_owner: dict[Path, Path] = {}
+    for defect_type, folder, mask_of in groups:
         files = _list_images(folder, config.extensions)
         if not files:
             logger.warning("no images in %s (looked for extensions %s); ignored", folder, _exts(config))
@@ -380,8 +409,14 @@ def discover(config: DataConfig) -> DatasetSplits:
                 test.append(Sample(path, 0, "good", None))
                 continue
             mask: Path | None = None
-            if mask_folder is not None:
-                mask = mask_folder / f"{path.stem}{mask_suffix}.png"
+            if mask_of is not None:
+                mask = mask_of(path)
+                if mask in mask_owner:
+                    raise DatasetError(
+                        f"{mask_owner[mask]} and {path} would share the mask {mask}; make mask_template tell them "
+                        "apart (e.g. with {defect} or {name})"
+                    )
+                mask_owner[mask] = path
                 if not mask.is_file():
                     missing.append((path, mask))
                     mask = None
@@ -399,6 +434,15 @@ def discover(config: DataConfig) -> DatasetSplits:
     )
 
 
+def _in_folder(folder: Path, suffix: str) -> Callable[[Path], Path]:
+    """``<folder>/<stem><suffix>.png`` for an image: the fixed layout's rule."""
+    return lambda image: folder / f"{image.stem}{suffix}.png"
+
+
+def _by_template(template: MaskTemplate, root: Path, defect_dir: str) -> Callable[[Path], Path]:
+    return lambda image: template.path(root, defect_dir, image)
+
+
 def _report_missing_masks(missing: list[tuple[Path, Path | None]], config: DataConfig) -> None:
     lines = [
         f"  {image} -> expected mask {mask}" if mask is not None else f"  {image} (no mask_dir configured)"
@@ -407,10 +451,14 @@ def _report_missing_masks(missing: list[tuple[Path, Path | None]], config: DataC
     if len(missing) > _MAX_LISTED:
         lines.append(f"  ... and {len(missing) - _MAX_LISTED} more")
     listing = "\n".join(lines)
+    rule = (
+        f"mask_template {config.mask_template!r}"
+        if config.mask_template is not None
+        else "<mask folder>/<defect folder>/<stem><mask_suffix>.png"
+    )
     if config.missing_masks == "error":
         raise DatasetError(
-            f"{len(missing)} defective image(s) have no mask file (rule: <mask folder>/<defect folder>/"
-            f"<stem><mask_suffix>.png):\n{listing}\n"
+            f"{len(missing)} defective image(s) have no mask file (rule: {rule}):\n{listing}\n"
             "set missing_masks: empty to treat them as having no ground-truth pixels"
         )
     logger.warning(

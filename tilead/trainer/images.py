@@ -7,6 +7,8 @@ Pixel conventions of :class:`ImageLoader`:
 * 16-bit images are reduced to 8 bits by ``>> 8`` (the high byte); 4-channel
   (BGRA) images lose their alpha; gray+alpha keeps the gray channel;
 * EXIF orientation is ignored (files are decoded as stored);
+* colour files in a gray run become gray with :func:`tilead.imagefile.bgr_to_gray` (the one
+  definition the runtime's commands use too; within one level of OpenCV's ``COLOR_BGR2GRAY``);
 * a mask pixel is anomalous when its 8-bit value is ``> 127`` (16-bit masks are
   reduced by ``>> 8`` first; colour masks use the brightest of B, G, R), except
   that masks whose maximum is exactly 1 (0/1 label masks) use ``> 0``;
@@ -35,6 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from tilead.imagefile import bgr_to_gray
 from tilead.runtime.image_resize import resize_image
 from tilead.trainer.data import MASK_THRESHOLD, DataConfig, DatasetError, Sample, UnreadableFileError
 
@@ -399,7 +402,7 @@ class ImageLoader:
         """``(image at output size, native (height, width))``."""
         image = _gray_or_bgr(_to_uint8(_decode(path), path), path)
         if self.config.color == "gray":
-            image = (image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))[:, :, None]
+            image = (image if image.ndim == 2 else bgr_to_gray(image))[:, :, None]  # the runtime CLIs' gray too
         else:
             if image.ndim == 2:
                 image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
