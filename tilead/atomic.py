@@ -63,7 +63,7 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def atomic_write_png(path: Path, image: np.ndarray) -> None:
-    """Encode ``image`` (uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` BGR) as PNG (with Pillow), write it atomically.
+    """Encode ``image`` (uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` BGR) as PNG with Pillow; write it atomically.
 
     Raises:
         ValueError: If ``image`` is not uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)``.
