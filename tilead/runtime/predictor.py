@@ -155,9 +155,10 @@ class Predictor:
             # Each model file read once; size and sha256 checked on these bytes, which the backend then loads.
             verified = read_verified(self.path, self.manifest)
             models = tuple(verified[loc.name] for loc in self.manifest.locations)
+            backbone = None if self.manifest.backbone is None else verified[self.manifest.backbone.name]
         else:
             verify_files(self.path, self.manifest)  # the engines are read and checked by their backend
-            models = ()
+            models, backbone = (), None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
         self._running = 0
@@ -166,6 +167,7 @@ class Predictor:
             bundle=self.path,
             manifest=self.manifest,
             models=models,
+            backbone=backbone,
             device=device,
             threads=threads,
             location_workers=location_workers,

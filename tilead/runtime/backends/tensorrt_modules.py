@@ -115,11 +115,18 @@ def parse_device_name(text: str) -> tuple[str, str]:
 
 
 def require_map_only(bundle: Path, manifest: Manifest) -> None:
-    """Refuse a bundle the native TensorRT path cannot run: one that deploys the detector's own image score.
+    """Refuse a bundle the native TensorRT path cannot run: the detector's own image score, or a shared backbone.
 
     Raises:
-        BundleError: For ``postprocess.image_score`` ``detector`` (graphs with a second output ``score``).
+        BundleError: For ``postprocess.image_score`` ``detector`` (graphs with a second output ``score``), or
+            for a ``shared_backbone`` layout (its engines would need a backbone stage before the heads).
     """
+    if manifest.layout != "per_location":
+        raise BundleError(
+            f"{bundle}: this bundle has the {manifest.layout!r} layout (one backbone graph, per-location heads), "
+            "which the native TensorRT backend and engine builder do not handle; use backend='onnxruntime' or "
+            "'openvino', or export the run with --layout per_location for TensorRT"
+        )
     if manifest.image_score == "detector":
         raise BundleError(
             f"{bundle}: this bundle deploys the detector's own image score (postprocess.image_score 'detector', "
