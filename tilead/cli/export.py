@@ -22,8 +22,8 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
 )  # fmt: skip
 @click.option(
     "--layout", type=click.Choice(["auto", "per_location", "shared_backbone"]), default="auto", show_default=True,
-    help="shared_backbone: one backbone graph for every tile, a head per location (PaDiM, PatchCore; faster on "
-         "CPU, docs/cpu_speed.md); auto: that where the run allows it, per_location with --trt.",
+    help="shared_backbone: one backbone graph for every tile, a head per location (PaDiM, PatchCore; one copy "
+         "of the backbone's weights, docs/cpu_speed.md); auto: the family's default, per_location with --trt.",
 )  # fmt: skip
 @click.option("--opt-batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Batch tuned for.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")

@@ -163,8 +163,7 @@ def export_bundle(
             accepted (relative to the map's range on training tiles); recorded in the manifest.
         layout: ``per_location`` (each location's full graph), ``shared_backbone``
             (one backbone graph, a head per location: :mod:`tilead.exporter.shared_backbone`),
-            or None for the family's default (``shared_backbone`` for PaDiM and
-            PatchCore with image score ``max``).
+            or None for the family's default (:data:`tilead.exporter.shared_backbone.DEFAULT_LAYOUT`).
 
     Returns:
         The bundle path, its manifest and the time taken.

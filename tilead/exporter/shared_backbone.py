@@ -36,8 +36,13 @@ log = logging.getLogger("tilead.exporter")
 LAYOUTS = ("per_location", "shared_backbone")
 SHARED_FAMILIES = ("padim", "patchcore")
 """Families whose backbone is frozen and the same at every location (the only ones that may share it)."""
-DEFAULT_LAYOUT = {"padim": "shared_backbone", "patchcore": "shared_backbone"}
-"""The layout ``tilead-export`` writes when none is asked for, by family (others: ``per_location``)."""
+DEFAULT_LAYOUT: dict[str, str] = {}
+"""The layout ``tilead-export`` writes when none is asked for, by family (others: ``per_location``).
+
+Empty: ``per_location`` for every family until ``make bench-cpu-speed`` shows the shared layout
+faster on a quiet CPU (issue #21: the default changes only on a measured gain; under the load of
+the machine it was written on, the two measured within noise of each other). Set
+``{"padim": "shared_backbone", "patchcore": "shared_backbone"}`` then."""
 
 
 def choose_layout(layout: str | None, family: str, image_score: str) -> str:
@@ -54,7 +59,7 @@ def choose_layout(layout: str | None, family: str, image_score: str) -> str:
     """
     if layout is None:
         default = DEFAULT_LAYOUT.get(family, "per_location")
-        return default if image_score == "max" else "per_location"
+        return default if image_score == "max" and family in SHARED_FAMILIES else "per_location"
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "shared_backbone":

@@ -12,8 +12,9 @@ full-pipeline backend (native TensorRT) takes the images and returns the
 normalized maps itself.
 
 Thread safety: backends are built once and only read afterwards, and every
-buffer of a ``predict`` call is its own; concurrent calls return exactly the
-serial results (tested for ONNX Runtime and OpenVINO).
+buffer of a ``predict`` call is its own (reused tile buffers come from a pool,
+one per running call); concurrent calls return exactly the serial results
+(tested for ONNX Runtime and OpenVINO).
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ import numpy as np
 
 from tilead.runtime import backends
 from tilead.runtime._checks import describe
-from tilead.runtime.backends.base import Backend, BackendRequest, InferenceBackend, LocationOutputs, PipelineBackend
+from tilead.runtime.backends.base import (
+    Backend,
+    BackendRequest,
+    BufferPool,
+    InferenceBackend,
+    LocationOutputs,
+    PipelineBackend,
+)
 from tilead.runtime.bundle import Manifest, read_manifest, read_verified, verify_files
 from tilead.runtime.image_resize import resize_uint8
-from tilead.runtime.preprocess import InputOrder, tile_images
+from tilead.runtime.preprocess import InputOrder, tile_images, tile_shape
 from tilead.runtime.stats import nonfinite_errors, postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
@@ -175,6 +183,8 @@ class Predictor:
             precision=precision,
             build_on_load=build_on_load,
         )
+        # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
+        self._tiles = BufferPool(keep=2)
         self._backend: Backend | None = spec.create(request)
         self.threads = self._backend.threads
         self.location_workers = self._backend.location_workers
@@ -231,6 +241,7 @@ class Predictor:
             backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
+        self._tiles.clear()
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
@@ -311,9 +322,13 @@ class Predictor:
         if backend.capabilities.full_pipeline:
             return cast(PipelineBackend, backend).location_outputs(batch, order)
         m = self.manifest
-        with timed(timer, "tile"):
-            tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order)
-        return cast(InferenceBackend, backend).infer(tiles, timer)
+        buffer = self._tiles.take(tile_shape(m.grid, batch.shape[0], m.preprocessing), m.preprocessing.dtype)
+        try:
+            with timed(timer, "tile"):
+                tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order, out=buffer)
+            return cast(InferenceBackend, backend).infer(tiles, timer)
+        finally:
+            self._tiles.give(buffer)  # the backends' outputs never alias their input
 
     def location_maps(self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False) -> np.ndarray:
         """Raw per-location maps, before merging (what evaluation needs).
