@@ -25,8 +25,8 @@ Targets (issue #21, 2-core CPU): 2048 at batch 1 <= 170 ms/image; bottle <= 30 m
 share outside inference <= 5 %; peak RSS at 2048 <= 1.5 GB. The table marks them.
 
 Usage:
-    python benchmarks/bench_cpu_speed.py [--work out/bench/cpu_speed] [--sizes 2048 bottle]
-        [--variants per_location:fp32 shared_backbone:fp32 shared_backbone:int8]
+    python benchmarks/bench_cpu_speed.py [--work out/bench/cpu_speed] [--sizes big bottle]
+        [--big 2048] [--variants per_location:fp32 shared_backbone:fp32 shared_backbone:int8]
         [--images 8] [--repeats 3] [--batch 1 8] [--threads N] [--quality] [--json out/bench/cpu_speed.json]
 """
 
@@ -63,18 +63,19 @@ def sh(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def ensure_2048_run(work: Path, train_images: int) -> tuple[Path, Path]:
-    """The 2048x2048 synthetic data and its PaDiM run (4x4 tiles of 512), made when missing."""
+def ensure_big_run(work: Path, side: int, train_images: int) -> tuple[Path, Path]:
+    """Synthetic ``side`` x ``side`` data and its PaDiM run in 4x4 tiles of ``side / 4``, made when missing."""
     from tilead.demo.synthetic import SyntheticSpec, generate
 
-    data = work / "data2048"
+    data = work / f"data{side}"
     if not (data / "train").is_dir():
-        generate(data, SyntheticSpec(image_size=2048, train_good=max(train_images, 3), test_good=4, test_per_defect=2))
-    run = work / "run2048"
+        generate(data, SyntheticSpec(image_size=side, train_good=max(train_images, 3), test_good=4, test_per_defect=2))
+    run = work / f"run{side}"
     if not (run / "stats.json").is_file():
+        tile = side // 4
         sh([str(BIN / "tilead-train"), "--config", str(ROOT / "configs" / "padim_demo.yaml"), "-o", str(run),
-            "--resume", "--no-progress", "--set", f"data.root={data}", "--set", "grid.tile_size=512",
-            "--set", "grid.stride=512", "--set", f"data.max_train_images={train_images}"])  # fmt: skip
+            "--resume", "--no-progress", "--set", f"data.root={data}", "--set", f"grid.tile_size={tile}",
+            "--set", f"grid.stride={tile}", "--set", f"data.max_train_images={train_images}"])  # fmt: skip
     return data, run
 
 
@@ -194,11 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     """Make what is missing, measure every size, print one table (and JSON with ``--json``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "cpu_speed", help="data, runs, bundles")
-    ap.add_argument("--sizes", nargs="+", choices=["2048", "bottle"], default=["2048", "bottle"])
+    ap.add_argument("--sizes", nargs="+", choices=["big", "bottle"], default=["big", "bottle"])
+    ap.add_argument("--big", type=int, default=2048, help="side of the synthetic images (4x4 tiles of side/4)")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:3]))
     ap.add_argument("--bottle-run", type=Path, default=ROOT / "runs" / "padim_bottle")
     ap.add_argument("--bottle-data", type=Path, default=BOTTLE_DATA)
-    ap.add_argument("--train-images", type=int, default=6, help="2048 run: training images (holdout included)")
+    ap.add_argument("--train-images", type=int, default=6, help="big run: training images (holdout included)")
     ap.add_argument("--images", type=int, default=8, help="test images per size")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
@@ -218,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
 
     count = max(args.images, max(args.batch))
     report: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "sizes": {}}
-    for size in args.sizes:
-        if size == "2048":
-            data, run = ensure_2048_run(args.work, args.train_images)
+    for which in args.sizes:
+        size = str(args.big) if which == "big" else "bottle"
+        if which == "big":
+            data, run = ensure_big_run(args.work, args.big, args.train_images)
         else:
             data, run = args.bottle_data, ensure_bottle_run(args.bottle_run)
         bundles = {v: ensure_bundle(run, args.work / f"{size}_{v.replace(':', '_')}", v) for v in args.variants}

@@ -184,7 +184,7 @@ class Predictor:
             build_on_load=build_on_load,
         )
         # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
-        self._tiles = BufferPool(keep=2)
+        self._tiles = BufferPool(keep=4)
         self._backend: Backend | None = spec.create(request)
         self.threads = self._backend.threads
         self.location_workers = self._backend.location_workers
@@ -380,7 +380,7 @@ class Predictor:
         else:
             maps, scores = self._location_outputs(batch, input_order, timer)
             _, result = postprocess_maps(
-                maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer, tile_scores=scores
+                maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer, tile_scores=scores, inplace=True
             )
         return [
             Prediction(
@@ -444,8 +444,14 @@ class Predictor:
             for start in range(0, len(items), self.max_batch):
                 with timed(timer, "input"):
                     chunk = items[start : start + self.max_batch]
-                    batch = chunk[0][None] if len(chunk) == 1 else np.stack(chunk)  # one image: a view, no copy
-                results.extend(self._run(batch, input_order, timer))
+                    stacked = None if len(chunk) == 1 else self._tiles.take((len(chunk), *chunk[0].shape), "uint8")
+                    # One image: a view, no copy; several: stacked into a reused buffer.
+                    batch = chunk[0][None] if stacked is None else np.stack(chunk, out=stacked)
+                try:
+                    results.extend(self._run(batch, input_order, timer))
+                finally:
+                    if stacked is not None:
+                        self._tiles.give(stacked)
         return single, results
 
 
