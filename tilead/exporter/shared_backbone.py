@@ -217,10 +217,15 @@ def export_shared(
     check_onnx(backbone_path)
     quant: dict[str, Any] = {}
     if calibration is not None:
-        batches = [calibration(index) for index in range(grid.num_locations)]
-        per_location = -(-sum(int(b.shape[0]) for b in batches[0]) // grid.num_locations)
-        spread = [np.concatenate(location)[:per_location] for location in batches if location]
-        del batches
+        # One location's worth of tiles in all, an equal share from every location (one location in memory at a time).
+        first = calibration(0)
+        per_location = -(-sum(int(b.shape[0]) for b in first) // grid.num_locations)
+        spread = [np.concatenate(first)[:per_location]] if first else []
+        del first
+        for index in range(1, grid.num_locations):
+            tiles = calibration(index)
+            if tiles:
+                spread.append(np.concatenate(tiles)[:per_location])
         info = quantize_location(backbone_path, backbone_path, spread)
         check_onnx(backbone_path)
         quant = {
