@@ -226,20 +226,29 @@ def main(argv: list[str] | None = None) -> int:
             data, run = ensure_big_run(args.work, args.big, args.train_images)
         else:
             data, run = args.bottle_data, ensure_bottle_run(args.bottle_run)
-        bundles = {v: ensure_bundle(run, args.work / f"{size}_{v.replace(':', '_')}", v) for v in args.variants}
+        bundles: dict[str, Path] = {}
+        failed: dict[str, str] = {}
+        for v in args.variants:
+            try:
+                bundles[v] = ensure_bundle(run, args.work / f"{size}_{v.replace(':', '_')}", v)
+            except subprocess.CalledProcessError as err:  # e.g. an INT8 parity refusal: reported, the rest measured
+                if v == BASELINE:
+                    raise
+                failed[v] = f"export failed ({err.returncode}); see the log above"
+                print(f"{size}: {v}: {failed[v]}", flush=True)
         paths = test_images(count, data)
         images = read_images(paths)
         rows: list[dict[str, Any]] = []
         for batch in args.batch:
             res = measure(bundles, images, batch, args.repeats, args.threads)
             base = float(np.median(res[BASELINE]["ms"]))
-            for variant in args.variants:
+            for variant in bundles:
                 ms = float(np.median(res[variant]["ms"]))
                 rows.append({
                     "variant": variant, "batch": batch, "ms_per_image": ms, "ratio_vs_per_location_fp32": base / ms,
                     "outside_inference": float(np.median(res[variant]["outside"])), "samples": len(res[variant]["ms"]),
                 })  # fmt: skip
-        entry: dict[str, Any] = {"run": str(run), "rows": rows, "rss": {}, "quality": {}}
+        entry: dict[str, Any] = {"run": str(run), "rows": rows, "rss": {}, "quality": {}, "failed": failed}
         if not args.no_rss:
             for variant, bundle in bundles.items():
                 entry["rss"][variant] = run_child(bundle, paths[: max(args.batch)], args.batch, args.threads)
@@ -271,6 +280,8 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"{size:>6} {row['variant']:>22} {row['batch']:>5} {row['ms_per_image']:>6.1f}{mark:<5} "
                   f"{row['ratio_vs_per_location_fp32']:>14.2f}x {row['outside_inference'] * 100:>8.1f} %{out_mark:<5} "
                   f"{rss_text:>10}")  # fmt: skip
+        for variant, why in entry.get("failed", {}).items():
+            print(f"{size:>6} {variant:>22} {why}")
         for variant, q in entry["quality"].items():
             print(f"{size:>6} {variant:>22} quality: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(q.items())))
     print(f"targets (batch 1): 2048 <= {TARGETS_MS['2048']:.0f} ms, bottle <= {TARGETS_MS['bottle']:.0f} ms; "

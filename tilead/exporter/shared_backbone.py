@@ -36,6 +36,8 @@ log = logging.getLogger("tilead.exporter")
 LAYOUTS = ("per_location", "shared_backbone")
 SHARED_FAMILIES = ("padim", "patchcore")
 """Families whose backbone is frozen and the same at every location (the only ones that may share it)."""
+CALIBRATION_MIN_PER_LOCATION = 4
+"""INT8: calibration tiles taken from each location at least (when it has that many)."""
 DEFAULT_LAYOUT: dict[str, str] = {}
 """The layout ``tilead-export`` writes when none is asked for, by family (others: ``per_location``).
 
@@ -217,9 +219,11 @@ def export_shared(
     check_onnx(backbone_path)
     quant: dict[str, Any] = {}
     if calibration is not None:
-        # One location's worth of tiles in all, an equal share from every location (one location in memory at a time).
+        # An equal share from every location (one location in memory at a time): one location's worth of tiles
+        # in all, but at least CALIBRATION_MIN_PER_LOCATION from each (a 16-location grid would leave 2 otherwise).
         first = calibration(0)
-        per_location = -(-sum(int(b.shape[0]) for b in first) // grid.num_locations)
+        available = sum(int(b.shape[0]) for b in first)
+        per_location = max(-(-available // grid.num_locations), min(available, CALIBRATION_MIN_PER_LOCATION))
         spread = [np.concatenate(first)[:per_location]] if first else []
         del first
         for index in range(1, grid.num_locations):
