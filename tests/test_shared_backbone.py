@@ -320,3 +320,17 @@ def test_buffer_pool_reuses_and_bounds_idle_buffers() -> None:
     assert pool.take((2, 3)) is not a
     pool.clear()
     assert pool.take((4,), "float16") is not c
+
+
+def test_recalibrating_a_shared_bundle_keeps_its_layout_and_backbone(shared: Path) -> None:
+    from tilead.calibrate import Sample, calibrate
+
+    before = read_manifest(shared)
+    goods = [_images(1, seed=s)[0] // 4 + 90 for s in range(12)]
+    calibrate(shared, [Sample(f"g{i}", g) for i, g in enumerate(goods)], target_false_alarm=0.1, min_good=10)
+    after = read_manifest(shared)
+    assert after.layout == "shared_backbone"
+    assert after.backbone == before.backbone
+    assert after.stats != before.stats
+    with Predictor(shared, threads=1) as predictor:
+        assert len(predictor.predict(goods)) == len(goods)  # type: ignore[arg-type]
