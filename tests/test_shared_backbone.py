@@ -334,3 +334,17 @@ def test_recalibrating_a_shared_bundle_keeps_its_layout_and_backbone(shared: Pat
     assert after.stats != before.stats
     with Predictor(shared, threads=1) as predictor:
         assert len(predictor.predict(goods)) == len(goods)  # type: ignore[arg-type]
+
+
+def test_cpu_sessions_do_not_keep_the_model_bytes(pair: tuple[Path, Path]) -> None:
+    from tilead.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    for bundle in pair:
+        with Predictor(bundle, threads=1) as predictor:
+            backend = predictor._backend
+            assert isinstance(backend, OnnxRuntimeBackend)
+            sessions = [*(backend._sessions or []), *([backend._backbone] if backend._backbone is not None else [])]
+            assert len(sessions) == 4 + (bundle == pair[1])
+            # ONNX Runtime would hold every file's bytes for the session's lifetime (its fallback copy).
+            assert all(getattr(s, "_model_bytes", None) is None for s in sessions)
+            assert predictor.predict(_images(1)[0]).anomaly_map.shape == (64, 64)  # type: ignore[union-attr]
