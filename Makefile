@@ -14,6 +14,8 @@
 #   make bench-detectors  PaDiM, PatchCore (map max / reweighted score), STFPM on bottle side by side
 #   make bench-int8      FP32 vs INT8 bottle bundle (tilead-export --precision int8), alternating, one process
 #   make bench-vs-anomalib  anomalib 2.7's tiled-ensemble core beside the Predictor on bottle, one process (ratio of medians)
+#                           (VS_ANOMALIB_BUNDLE=bundles/padim_bottle_shared_int8 for the shared-backbone INT8 bundle)
+#   make bench-cpu-speed  per-location vs shared-backbone layout, FP32 vs INT8, at 2048x2048 (4x4 of 512) and on bottle
 #   make bench-serve      tilead-serve under load (concurrency 1, 4, 16) beside direct Predictor calls, bottle bundle
 #   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, area kernel, banded bilinear, whole-image
 #   make bench-soak       Predictor soak on the bottle bundle: RSS slope per 1000 predictions, result drift
@@ -33,7 +35,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: gpu-check wheel-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
+.PHONY: gpu-check wheel-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-cpu-speed bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -143,9 +145,20 @@ bench-int8: $(STAMP) bundles/padim_bottle/manifest.json bundles/padim_bottle_int
 
 # anomalib's tiled-ensemble inference core and the Predictor, alternating image by image (issue #21).
 # Installs the optional extra (anomalib 2.7.0) on first use; fits anomalib's PaDiM on all 209 train/good images.
-bench-vs-anomalib: $(STAMP) bundles/padim_bottle/manifest.json
+VS_ANOMALIB_BUNDLE ?= bundles/padim_bottle
+bench-vs-anomalib: $(STAMP) $(VS_ANOMALIB_BUNDLE)/manifest.json
 	$(BIN)/python -c "import anomalib" 2>/dev/null || $(BIN)/pip install --quiet "anomalib==2.7.0"
-	$(BIN)/python benchmarks/bench_vs_anomalib.py bundles/padim_bottle --images 20 --json out/bench/vs_anomalib.json
+	$(BIN)/python benchmarks/bench_vs_anomalib.py $(VS_ANOMALIB_BUNDLE) --images 20 --json out/bench/vs_anomalib.json
+
+# The bottle run as one INT8 backbone graph for every tile plus FP32 heads (issue #21, docs/cpu_speed.md).
+bundles/padim_bottle_shared_int8/manifest.json: runs/padim_bottle/stats.json
+	$(BIN)/tilead-export runs/padim_bottle -o bundles/padim_bottle_shared_int8 --layout shared_backbone --precision int8 --overwrite --no-progress
+
+# Layouts x precisions side by side in one process, 2048x2048 (4x4 tiles of 512, trained on a few synthetic
+# images) and bottle: ms/image at batch 1 and 8, share outside inference, peak RSS, ratios, bottle quality.
+# Makes the data, runs and bundles it lacks under out/bench/cpu_speed (the bottle run: runs/padim_bottle).
+bench-cpu-speed: $(STAMP) runs/padim_bottle/stats.json
+	$(BIN)/python benchmarks/bench_cpu_speed.py --quality --json out/bench/cpu_speed.json
 
 # A runtime install without a compiler (issue #19 item 6): pip wheel + auditwheel repair (manylinux tag of this
 # glibc), installed into a fresh venv whose PATH has no compiler; Predictor and `tilead predict` on the demo bundle

@@ -74,13 +74,26 @@ def normalization(stage: str = "image") -> dict[str, Any]:
 
 
 def manifest_data(
-    root: Path, *, detector: bool = False, stage: str = "image", grid_data: dict[str, Any] | None = None
+    root: Path,
+    *,
+    detector: bool = False,
+    stage: str = "image",
+    grid_data: dict[str, Any] | None = None,
+    layout: str = "per_location",
 ) -> dict[str, Any]:
-    """The manifest of the files under ``root/tiles`` (written by :func:`make_bundle`), without digest."""
+    """The manifest of the files under ``root`` (written by :func:`make_bundle` / :func:`make_shared_bundle`).
+
+    Without digest; ``layout`` ``shared_backbone`` adds ``layout`` and the ``backbone`` entry.
+    """
     grid_data = dict(GRID if grid_data is None else grid_data)
     grid = TileGrid.from_dict(grid_data)
     locations = []
-    for name, rel in zip(grid.location_names(), location_files(grid), strict=True):
+    shared: dict[str, Any] = {}
+    if layout == "shared_backbone":
+        path = root / "backbone.onnx"
+        entry = {"name": "backbone", "file": "backbone.onnx", "sha256": sha256_file(path), "bytes": path.stat().st_size}
+        shared = {"layout": layout, "backbone": {**entry, "output": "features", "features": [FEATURES, *MAP_SIZE]}}
+    for name, rel in zip(grid.location_names(), location_files(grid, layout), strict=True):
         path = root / rel
         locations.append({"name": name, "file": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size})
     return {
@@ -111,6 +124,7 @@ def manifest_data(
         },
         "normalization": normalization(stage),
         "source": {"run": "synthetic"},
+        **shared,
     }
 
 
@@ -127,4 +141,97 @@ def make_bundle(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(onnx_model(1.0 + 0.25 * i, detector=detector, **model))
     write_manifest(root, manifest_data(root, detector=detector, stage=stage, grid_data=grid_data))
+    return root
+
+
+FEATURES = 2
+"""Channels of the shared backbone's features in :func:`make_shared_bundle`."""
+
+
+def backbone_model(
+    *,
+    channels: int = 3,
+    tile: tuple[int, int] = (40, 40),
+    map_size: tuple[int, int] = MAP_SIZE,
+    output_name: str = "features",
+    features: int = FEATURES,
+) -> bytes:
+    """Serialized ONNX shared backbone: tiles ``(n, C, th, tw)`` to ``features`` ``(n, features, h, w)``.
+
+    Channel ``k`` of the features is ``(k + 1)`` times the pooled channel mean, so their
+    channel mean is ``(features + 1) / 2`` times the pooled mean.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    th, tw = tile
+    h, w = map_size
+    kernel = [th // h, tw // w]
+    scales = [float(k + 1) for k in range(features)]
+    nodes = [
+        helper.make_node("ReduceMean", ["tiles"], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("AveragePool", ["mean"], ["pooled"], kernel_shape=kernel, strides=kernel),
+        helper.make_node("Mul", ["pooled", "scales"], [output_name]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "backbone",
+        [helper.make_tensor_value_info("tiles", TensorProto.FLOAT, ["n", channels, th, tw])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["n", features, h, w])],
+        initializer=[helper.make_tensor("scales", TensorProto.FLOAT, [1, features, 1, 1], scales)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return bytes(model.SerializeToString())
+
+
+def head_model(
+    gain: float, *, map_size: tuple[int, int] = MAP_SIZE, input_name: str = "features", features: int = FEATURES
+) -> bytes:
+    """Serialized ONNX head: ``features`` ``(n, features, h, w)`` to ``map`` ``(n, 1, h, w)`` (channel mean x gain)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    h, w = map_size
+    nodes = [
+        helper.make_node("ReduceMean", [input_name], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("Mul", ["mean", "gain"], ["map"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, ["n", features, h, w])],
+        [helper.make_tensor_value_info("map", TensorProto.FLOAT, ["n", 1, h, w])],
+        initializer=[helper.make_tensor("gain", TensorProto.FLOAT, [], [gain])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return bytes(model.SerializeToString())
+
+
+def make_shared_bundle(
+    root: Path,
+    *,
+    grid_data: dict[str, Any] | None = None,
+    backbone: bytes | None = None,
+    heads: list[bytes] | None = None,
+) -> Path:
+    """A ``shared_backbone`` bundle whose maps equal :func:`make_bundle`'s (same grid).
+
+    Location ``i``'s head gain is ``(1 + 0.25 i) / ((FEATURES + 1) / 2)``, so
+    ``head(backbone(x))`` is :func:`make_bundle`'s location model. ``backbone`` and
+    ``heads`` replace the files (models that disagree with the manifest).
+    """
+    grid = TileGrid.from_dict(GRID if grid_data is None else grid_data)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "backbone.onnx").write_bytes(backbone_model() if backbone is None else backbone)
+    for i, rel in enumerate(location_files(grid, "shared_backbone")):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gain = (1.0 + 0.25 * i) / ((FEATURES + 1) / 2)
+        path.write_bytes(head_model(gain) if heads is None else heads[i])
+    data = manifest_data(root, grid_data=grid_data, layout="shared_backbone")
+    write_manifest(root, data)
     return root

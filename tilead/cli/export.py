@@ -20,6 +20,11 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
     "--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
     help="int8: the bundle's backbones quantized for the CPU (head FP32); fp16: TensorRT engines (--trt).",
 )  # fmt: skip
+@click.option(
+    "--layout", type=click.Choice(["auto", "per_location", "shared_backbone"]), default="auto", show_default=True,
+    help="shared_backbone: one backbone graph for every tile, a head per location (PaDiM, PatchCore; one copy "
+         "of the backbone's weights, docs/cpu_speed.md); auto: the family's default, per_location with --trt.",
+)  # fmt: skip
 @click.option("--opt-batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Batch tuned for.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")
 @click.option("--workspace-mib", type=click.IntRange(16, 1 << 20), default=2048, show_default=True)
@@ -36,6 +41,7 @@ def main(
     overwrite: bool,
     trt: bool,
     precision: str,
+    layout: str,
     opt_batch: int,
     max_batch: int,
     workspace_mib: int,
@@ -58,6 +64,8 @@ def main(
                                  param_hint="--precision")  # fmt: skip
     if tf32 and not trt:
         raise click.UsageError("--tf32 sets how TensorRT engines compute: add --trt")
+    if layout == "shared_backbone" and trt:
+        raise click.BadParameter("TensorRT engines need the per_location layout", param_hint="--layout")
     if opt_batch > max_batch:
         raise click.BadParameter(f"--opt-batch {opt_batch} exceeds --max-batch {max_batch}", param_hint="--opt-batch")
     with fail_on_errors():
@@ -71,7 +79,10 @@ def main(
             bundle = source
             if not is_bundle:
                 assert output is not None
-                bundle = _export(source, output, opset, overwrite, progress, precision)
+                chosen = None if layout == "auto" else layout
+                if trt and chosen is None:
+                    chosen = "per_location"  # the TensorRT engines are built per location
+                bundle = _export(source, output, opset, overwrite, progress, precision, chosen)
             if trt:
                 from tilead.exporter.engines import build_engines
 
@@ -84,18 +95,28 @@ def main(
             raise click.ClickException(str(err)) from err
 
 
-def _export(run_dir: Path, output: Path, opset: int, overwrite: bool, progress: bool, precision: str = "fp32") -> Path:
+def _export(
+    run_dir: Path,
+    output: Path,
+    opset: int,
+    overwrite: bool,
+    progress: bool,
+    precision: str = "fp32",
+    layout: str | None = None,
+) -> Path:
     from tilead.exporter.bundle import export_bundle
 
     onnx_precision = "int8" if precision == "int8" else "fp32"  # fp16 applies to the TensorRT engines only
     result = export_bundle(
-        run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision
+        run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout
     )
     locs = result.manifest["locations"]
-    size = sum(loc["bytes"] for loc in locs) / 2**20
+    backbone = result.manifest.get("backbone")
+    size = (sum(loc["bytes"] for loc in locs) + (backbone["bytes"] if backbone else 0)) / 2**20
     worst = max(result.manifest["source"]["parity_onnxruntime_vs_torch"].values())
     click.echo(f"bundle:     {result.bundle}")
-    click.echo(f"locations:  {len(locs)} ONNX models, {size:.1f} MiB in all (opset {opset})")
+    shared = " + a shared backbone" if backbone else ""
+    click.echo(f"locations:  {len(locs)} ONNX models{shared}, {size:.1f} MiB in all (opset {opset})")
     click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range"
                + (" (INT8, on training tiles)" if onnx_precision == "int8" else ""))  # fmt: skip
     click.echo(f"time:       {result.seconds:.1f} s")

@@ -49,6 +49,7 @@ from tilead.exporter.quantize import (
     quantize_location,
     refit_padim_head,
 )
+from tilead.exporter.shared_backbone import choose_layout, export_shared, refit_padim
 from tilead.runtime import TileGrid
 from tilead.runtime.bundle import (
     INPUT_NAME,
@@ -59,7 +60,7 @@ from tilead.runtime.bundle import (
     sha256_file,
     write_manifest,
 )
-from tilead.trainer.config import RunConfig
+from tilead.trainer.config import PadimConfig, RunConfig
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.detectors import LocationModel, create_detector
 from tilead.trainer.ensemble import (
@@ -143,6 +144,7 @@ def export_bundle(
     precision: str = "fp32",
     calibration_images: int = 32,
     int8_tolerance: float = INT8_PARITY_TOLERANCE,
+    layout: str | None = None,
 ) -> ExportResult:
     """Export a trained run as a bundle.
 
@@ -159,6 +161,9 @@ def export_bundle(
             the run's fit images) whose tiles calibrate each location.
         int8_tolerance: With ``int8``: the largest INT8-vs-eager map difference
             accepted (relative to the map's range on training tiles); recorded in the manifest.
+        layout: ``per_location`` (each location's full graph), ``shared_backbone``
+            (one backbone graph, a head per location: :mod:`tilead.exporter.shared_backbone`),
+            or None for the family's default (:data:`tilead.exporter.shared_backbone.DEFAULT_LAYOUT`).
 
     Returns:
         The bundle path, its manifest and the time taken.
@@ -167,7 +172,8 @@ def export_bundle(
         FileExistsError: If ``out`` exists and ``overwrite`` is off.
         FileNotFoundError: If the run is not finished.
         RuntimeError: If a location's ONNX output differs from the eager model.
-        ValueError: For an unknown precision, a calibration_images below 1, or int8 for a family other than padim.
+        ValueError: For an unknown precision, a calibration_images below 1, int8 for a family other than padim,
+            or a layout the run cannot have.
     """
     check_precision(precision)
     if calibration_images < 1:
@@ -182,6 +188,7 @@ def export_bundle(
             f"precision int8: implemented for padim runs (its Gaussians are refit on the INT8 backbone's features); "
             f"this run's model is {cfg.model.family!r}, whose FP32-fitted head would not match: export fp32"
         )
+    layout = choose_layout(layout, cfg.model.family, cfg.postprocess.image_score)
     stats = load_stats(paths)
     run = read_json(paths.run_json)
     grid = TileGrid.from_dict(run["grid"])
@@ -215,58 +222,90 @@ def export_bundle(
         tmp.chmod(0o755)  # mkdtemp creates 0700
         entries = []
         parity = {}
-        files = location_files(grid)
-        bar = tqdm(list(zip(grid.location_names(), files, models, exported, strict=True)), desc="export",
-                   unit="loc", disable=not progress)  # fmt: skip
-        template: tuple[Path, torch.nn.Module] | None = None
-        for index, (name, rel, model, export_model) in enumerate(bar):
-            target = tmp / rel
-            # The first location is traced; the others reuse its graph with their own weights when that is safe.
-            reused = template is not None and export_like(template[0], template[1], export_model, target)
-            if not reused:
-                export_location(export_model, tile_shape, target, opset=opset)
-                template = template or (target, export_model)
-            check_onnx(target)
-            diff = compare_with_eager(model, target, tile_shape)
-            if reused and diff > PARITY_TOLERANCE:
-                log.warning("location %s: the reused graph differs by %.1e; exporting it afresh", name, diff)
-                export_location(export_model, tile_shape, target, opset=opset)
-                check_onnx(target)
-                diff = compare_with_eager(model, target, tile_shape)
-            if diff > PARITY_TOLERANCE:
-                raise RuntimeError(
-                    f"location {name}: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
-                    f"(tolerance {PARITY_TOLERANCE:.0e})"
-                )
-            if calibration:  # INT8: quantize the FP32 graph just written and checked, then check it on real tiles
-                batches = [
-                    np.ascontiguousarray(t.numpy()) for t in LocationTiles(cfg, calibration, grid, prep, index, name)
-                ]
-                info = quantize_location(target, target, batches)
-                refit = 0
-                if cfg.model.family == "padim":  # the Gaussians fitted again on the INT8 backbone's features (always)
-                    head = getattr(export_model, "model", export_model).head
-                    fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, index, name)
-                    arrays = (np.ascontiguousarray(t.numpy()) for t in fit_tiles)
-                    refit = refit_padim_head(target, head, arrays, float(cfg.model.covariance_eps))
-                check_onnx(target)
-                diff = compare_int8(model, target, batches[0])
-                log.info("location %s: INT8 differs from eager by %.1e of the map range", name, diff)
-                if diff > int8_tolerance:
-                    raise RuntimeError(
-                        f"location {name}: the INT8 graph differs from the eager model by {diff:.2e} of the map "
-                        f"range on training tiles (INT8 tolerance {int8_tolerance})"
-                    )
+        backbone_entry: dict[str, Any] | None = None
+        if layout == "shared_backbone":
+
+            def location_batches(index: int, samples: Any = calibration) -> list[np.ndarray]:
+                name = grid.location_names()[index]
+                return [np.ascontiguousarray(t.numpy()) for t in LocationTiles(cfg, samples, grid, prep, index, name)]
+
+            def refit_head(index: int, session: Any, head: torch.nn.Module) -> tuple[torch.nn.Module, int]:
+                eps = cfg.model.covariance_eps if isinstance(cfg.model, PadimConfig) else 0.0
+                return refit_padim(session, head, location_batches(index, fit_samples), float(eps))
+
+            shared = export_shared(
+                tmp, grid, tile_shape, models, exported, opset=opset, tolerance=PARITY_TOLERANCE,
+                calibration=location_batches if calibration else None,
+                refit=refit_head if calibration and cfg.model.family == "padim" else None,
+                int8_tolerance=int8_tolerance,
+                progress=lambda it: tqdm(list(it), desc="export", unit="loc", disable=not progress),
+            )  # fmt: skip
+            entries, parity, backbone_entry = shared.entries, shared.parity, shared.backbone
+            if calibration:
                 quant_info = {
                     "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
-                    "quantized_nodes": info.backbone_nodes, "fp32_nodes": info.fp32_nodes,
-                    "calibration_images": len(calibration), "parity_tolerance": int8_tolerance,
-                    "head_refit_tiles": refit,
+                    **shared.quantization, "calibration_images": len(calibration),
+                    "parity_tolerance": int8_tolerance, "scope": "the shared backbone graph; heads FP32",
                     "normalization": "the FP32 run's statistics (not recomputed on INT8 maps)",
                 }  # fmt: skip
-            parity[name] = diff
-            entries.append({"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size})
-            log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
+        else:
+            files = location_files(grid)
+            bar = tqdm(list(zip(grid.location_names(), files, models, exported, strict=True)), desc="export",
+                       unit="loc", disable=not progress)  # fmt: skip
+            template: tuple[Path, torch.nn.Module] | None = None
+            for index, (name, rel, model, export_model) in enumerate(bar):
+                target = tmp / rel
+                # The first location is traced; the others reuse its graph with their own weights when that is safe.
+                reused = template is not None and export_like(template[0], template[1], export_model, target)
+                if not reused:
+                    export_location(export_model, tile_shape, target, opset=opset)
+                    template = template or (target, export_model)
+                check_onnx(target)
+                diff = compare_with_eager(model, target, tile_shape)
+                if reused and diff > PARITY_TOLERANCE:
+                    log.warning("location %s: the reused graph differs by %.1e; exporting it afresh", name, diff)
+                    export_location(export_model, tile_shape, target, opset=opset)
+                    check_onnx(target)
+                    diff = compare_with_eager(model, target, tile_shape)
+                if diff > PARITY_TOLERANCE:
+                    raise RuntimeError(
+                        f"location {name}: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
+                        f"(tolerance {PARITY_TOLERANCE:.0e})"
+                    )
+                if calibration:  # INT8: quantize the FP32 graph just written and checked, then check it on real tiles
+                    batches = [
+                        np.ascontiguousarray(t.numpy())
+                        for t in LocationTiles(cfg, calibration, grid, prep, index, name)
+                    ]
+                    info = quantize_location(target, target, batches)
+                    refit = 0
+                    if (
+                        cfg.model.family == "padim"
+                    ):  # the Gaussians fitted again on the INT8 backbone's features (always)
+                        head = getattr(export_model, "model", export_model).head
+                        fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, index, name)
+                        arrays = (np.ascontiguousarray(t.numpy()) for t in fit_tiles)
+                        refit = refit_padim_head(target, head, arrays, float(cfg.model.covariance_eps))
+                    check_onnx(target)
+                    diff = compare_int8(model, target, batches[0])
+                    log.info("location %s: INT8 differs from eager by %.1e of the map range", name, diff)
+                    if diff > int8_tolerance:
+                        raise RuntimeError(
+                            f"location {name}: the INT8 graph differs from the eager model by {diff:.2e} of the map "
+                            f"range on training tiles (INT8 tolerance {int8_tolerance})"
+                        )
+                    quant_info = {
+                        "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
+                        "quantized_nodes": info.backbone_nodes, "fp32_nodes": info.fp32_nodes,
+                        "calibration_images": len(calibration), "parity_tolerance": int8_tolerance,
+                        "head_refit_tiles": refit,
+                        "normalization": "the FP32 run's statistics (not recomputed on INT8 maps)",
+                    }  # fmt: skip
+                parity[name] = diff
+                entries.append(
+                    {"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size}
+                )
+                log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
         h, w = detector.map_size
         seam = cfg.postprocess.seam_smoothing()
         manifest: dict[str, Any] = {
@@ -289,6 +328,7 @@ def export_bundle(
                 **detector.manifest_info(),
             },
             "locations": entries,
+            **({"layout": layout, "backbone": backbone_entry} if backbone_entry is not None else {}),
             "postprocess": {
                 "weights": cfg.postprocess.weights,
                 "seam": None if seam is None else seam.to_dict(),

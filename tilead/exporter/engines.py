@@ -38,6 +38,7 @@ from tilead.runtime.backends.tensorrt_modules import (
     major_version,
     missing_api,
     require_gpu,
+    require_per_location,
 )
 from tilead.runtime.bundle import read_manifest, sha256_file, verify_files, write_manifest
 from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
@@ -427,6 +428,7 @@ def build_engines(
     from tilead import __version__
 
     manifest = read_manifest(root, current_version=__version__)
+    require_per_location(root, manifest)
     trt = import_builder()
     gpu, cc = require_gpu()
     verify_files(root, manifest)

@@ -46,7 +46,13 @@ def output_names(model: nn.Module) -> list[str]:
 
 
 def export_location(
-    model: nn.Module, tile_shape: tuple[int, int, int], path: Path, *, opset: int = DEFAULT_OPSET
+    model: nn.Module,
+    tile_shape: tuple[int, int, int],
+    path: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    input_name: str = INPUT_NAME,
+    outputs: list[str] | None = None,
 ) -> None:
     """Export one location's model with a dynamic batch dimension.
 
@@ -56,6 +62,8 @@ def export_location(
         tile_shape: ``(C, th, tw)``.
         path: Target ``.onnx`` file (parameters embedded, no external data).
         opset: ONNX opset (>= 17).
+        input_name: The graph input's name (a shared-backbone head reads ``features``).
+        outputs: The graph outputs' names (default: :func:`output_names`).
 
     Raises:
         ValueError: For an opset below 17.
@@ -63,6 +71,7 @@ def export_location(
     """
     if opset < 17:
         raise ValueError(f"opset: expected 17 or newer, got {opset}")
+    names = outputs
     model = model.eval()
     example = torch.zeros(2, *tile_shape, dtype=torch.float32)
     batch = torch.export.Dim("n", min=1, max=MAX_BATCH)
@@ -73,8 +82,8 @@ def export_location(
             model,
             (example,),
             dynamo=True,
-            input_names=[INPUT_NAME],
-            output_names=output_names(model),
+            input_names=[input_name],
+            output_names=output_names(model) if names is None else names,
             dynamic_shapes=({0: batch},),
             opset_version=opset,
             external_data=False,

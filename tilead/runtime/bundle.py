@@ -9,6 +9,17 @@ A bundle is a directory::
                          with postprocess.image_score "detector" also output
                          "score" (n,) float32, the detector's own image score)
 
+Layouts (the manifest's ``layout``; absent means ``per_location``):
+
+* ``per_location``: the files above, each location's full graph (backbone + head).
+* ``shared_backbone`` (frozen-backbone detectors, PaDiM and PatchCore): one
+  ``backbone.onnx`` (input "tiles" (n, C, th, tw), output "features"
+  (n, d, fh, fw); the manifest's ``backbone`` entry lists its file, sha256,
+  bytes and ``features`` shape ``[d, fh, fw]``) that every tile of every
+  location goes through, and ``heads/rRcC.onnx`` per location (input
+  "features" (n, d, fh, fw), output "map" as above). ``head(backbone(x))``
+  equals the per-location graph of that location.
+
 Integrity (schema 2). The manifest carries ``manifest_sha256``, the sha256
 of its own canonical JSON without that key (:func:`manifest_digest`: sorted
 keys, compact separators, ASCII); :func:`read_manifest` refuses a manifest
@@ -66,6 +77,9 @@ MANIFEST = "manifest.json"
 INPUT_NAME = "tiles"
 OUTPUT_NAME = "map"
 SCORE_NAME = "score"
+FEATURES_NAME = "features"
+LAYOUTS = ("per_location", "shared_backbone")
+BACKBONE_FILE = "backbone.onnx"
 IMAGE_SCORES = ("max", "detector")
 _TOP_KEYS = (
     "schema_version",
@@ -80,6 +94,8 @@ _TOP_KEYS = (
     "source",
     "engines",
     "calibration",
+    "layout",
+    "backbone",
     DIGEST_KEY,
 )
 _REQUIRED = ("schema_version", "grid", "preprocessing", "model", "locations", "postprocess", "normalization")
@@ -121,6 +137,9 @@ class Manifest:
         image_score: ``max`` (of the final map) or ``detector`` (every
             location's graph has the output ``score``; the image score is its
             max over the image's tiles, normalized with ``stats``' image range).
+        layout: ``per_location`` or ``shared_backbone`` (see the module docstring).
+        backbone: The shared backbone's file (``shared_backbone`` only, else None).
+        features: ``(d, fh, fw)`` of the backbone's ``features`` output (``shared_backbone`` only).
     """
 
     grid: TileGrid
@@ -133,6 +152,14 @@ class Manifest:
     tilead_version: str
     raw: dict[str, Any]
     image_score: str = "max"
+    layout: str = "per_location"
+    backbone: LocationFile | None = None
+    features: tuple[int, int, int] | None = None
+
+    @property
+    def files(self) -> tuple[LocationFile, ...]:
+        """Every model file of the bundle: the shared backbone (when there is one), then the locations'."""
+        return self.locations if self.backbone is None else (self.backbone, *self.locations)
 
     @property
     def engine_sets(self) -> tuple[EngineSet, ...]:
@@ -284,9 +311,13 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
             raise ValueError(
                 f"locations: expected one entry per grid location ({len(expected)}, row-major), got {len(locs)}"
             )
+        layout = d.get("layout", "per_location")
+        if not isinstance(layout, str) or layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {describe(layout)}")
+        backbone, features = _parse_backbone(d.get("backbone"), layout, image_score, grid)
         files = [
             parse_location_file(item, f"locations[{i}]", name, rel)
-            for i, (item, name, rel) in enumerate(zip(locs, expected, location_files(grid), strict=True))
+            for i, (item, name, rel) in enumerate(zip(locs, expected, location_files(grid, layout), strict=True))
         ]
         parse_engine_sets(d.get("engines"), expected)
         if stats.tile_stats is not None and len(stats.tile_stats.thresholds) != grid.num_locations:
@@ -299,7 +330,43 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
     except ValueError as err:
         raise BundleError(f"{source}: {err}") from None
     blend: BlendWeights = "feather" if weights == "feather" else "uniform"
-    return Manifest(grid, prep, model, tuple(files), blend, seam, stats, writer, dict(data), image_score)
+    return Manifest(
+        grid, prep, model, tuple(files), blend, seam, stats, writer, dict(data), image_score, layout, backbone, features
+    )
+
+
+_BACKBONE_KEYS = ("name", "file", "sha256", "bytes", "output", "features")
+
+
+def _parse_backbone(
+    data: object, layout: str, image_score: str, grid: TileGrid
+) -> tuple[LocationFile | None, tuple[int, int, int] | None]:
+    """Validate the manifest's ``backbone`` entry against the layout (present exactly for ``shared_backbone``)."""
+    if layout == "per_location":
+        if data is not None:
+            raise ValueError("backbone: only a 'shared_backbone' layout has a backbone entry (layout 'per_location')")
+        return None, None
+    if image_score != "max":
+        raise ValueError(
+            "layout 'shared_backbone': expected postprocess.image_score 'max' (its heads output only the map)"
+        )
+    entry = check_mapping(data, "backbone", _BACKBONE_KEYS, _BACKBONE_KEYS)
+    if entry["output"] != FEATURES_NAME:
+        raise ValueError(f"backbone.output: expected {FEATURES_NAME!r}, got {describe(entry['output'])}")
+    raw = entry["features"]
+    if not isinstance(raw, list) or len(raw) != 3:
+        raise ValueError(f"backbone.features: expected [channels, height, width], got {describe(raw)}")
+    d = as_int(raw[0], "backbone.features[0]", minimum=1, maximum=1 << 16)
+    fh, fw = as_pair(raw[1:], "backbone.features[1:]", maximum=MAX_SIDE)
+    th, tw = grid.tile_size
+    if fh > th or fw > tw:
+        raise ValueError(
+            f"backbone.features: expected a feature map at most the tile size {th} x {tw}, got {fh} x {fw}"
+        )
+    file = parse_location_file(
+        {k: entry[k] for k in ("name", "file", "sha256", "bytes")}, "backbone", "backbone", BACKBONE_FILE
+    )
+    return file, (d, fh, fw)
 
 
 # -- the manifest file ---------------------------------------------------------------------------------
@@ -512,7 +579,8 @@ def read_verified_file(bundle: Path, entry: LocationFile, kind: str = "model fil
             size, or with another sha256.
     """
     root = Path(bundle).resolve()
-    what = f"location {entry.name}: {kind}"
+    owner = "the shared backbone" if entry.file == BACKBONE_FILE else f"location {entry.name}"
+    what = f"{owner}: {kind}"
     path = root / entry.file
     fd = _open_in_bundle(root, entry.file, what)
     with os.fdopen(fd, "rb") as fh:
@@ -527,19 +595,20 @@ def read_verified_file(bundle: Path, entry: LocationFile, kind: str = "model fil
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry.sha256:
         raise BundleError(
-            f"location {entry.name}: sha256 of {path} is {digest}, the manifest lists {entry.sha256} "
+            f"{owner}: sha256 of {path} is {digest}, the manifest lists {entry.sha256} "
             "(the file was modified or corrupted)"
         )
     return data
 
 
 def read_verified(bundle: Path, manifest: Manifest) -> dict[str, bytes]:
-    """Every location's model bytes, each file read once and verified (:func:`read_verified_file`).
+    """Every model file's bytes, each file read once and verified (:func:`read_verified_file`).
 
     Returns:
-        ``{location name: model bytes}`` in row-major order.
+        ``{location name: model bytes}`` in row-major order, preceded for a
+        ``shared_backbone`` bundle by ``"backbone"``: the backbone's bytes.
     """
-    return {loc.name: read_verified_file(bundle, loc) for loc in manifest.locations}
+    return {loc.name: read_verified_file(bundle, loc) for loc in manifest.files}
 
 
 def verify_files(bundle: Path, manifest: Manifest) -> None:
@@ -548,7 +617,7 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
     Raises:
         BundleError: Naming the first file that is missing or does not match.
     """
-    for loc in manifest.locations:
+    for loc in manifest.files:
         read_verified_file(bundle, loc)
 
 
@@ -608,11 +677,16 @@ def check_model_io(
     """
     where = f"location {location}: model"
     names = [s.name for s in inputs]
-    if names != [INPUT_NAME]:
-        raise BundleError(f"{where} has inputs {names}, the manifest needs exactly one named {INPUT_NAME!r}")
-    th, tw = manifest.grid.tile_size
-    prep = manifest.preprocessing
-    _check_spec(where, inputs[0], prep.dtype, (prep.channels, th, tw), "(n, channels, tile_h, tile_w)")
+    features = manifest.features
+    wanted_input = INPUT_NAME if features is None else FEATURES_NAME
+    if names != [wanted_input]:
+        raise BundleError(f"{where} has inputs {names}, the manifest needs exactly one named {wanted_input!r}")
+    if features is None:
+        th, tw = manifest.grid.tile_size
+        prep = manifest.preprocessing
+        _check_spec(where, inputs[0], prep.dtype, (prep.channels, th, tw), "(n, channels, tile_h, tile_w)")
+    else:
+        _check_spec(where, inputs[0], "float32", features, "(n, channels, feature_h, feature_w)")
     by_name = {s.name: s for s in outputs}
     wanted = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
     missing = [n for n in wanted if n not in by_name]
@@ -623,6 +697,28 @@ def check_model_io(
         _check_spec(where, by_name[SCORE_NAME], "float32", (), "(n,)")
 
 
-def location_files(grid: TileGrid) -> list[str]:
-    """Bundle-relative model file names, row-major."""
-    return [f"tiles/{location_name(r, c)}.onnx" for r, c in grid.locations()]
+def check_backbone_io(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], manifest: Manifest) -> None:
+    """Check the shared backbone's inputs and outputs: ``tiles`` (n, C, th, tw) in, ``features`` (n, d, fh, fw) out.
+
+    Raises:
+        BundleError: Naming the tensor and what differs (also for a bundle without a shared backbone).
+    """
+    where = "the shared backbone: model"
+    if manifest.features is None:
+        raise BundleError(f"layout {manifest.layout!r} has no shared backbone")
+    names = [s.name for s in inputs]
+    if names != [INPUT_NAME]:
+        raise BundleError(f"{where} has inputs {names}, the manifest needs exactly one named {INPUT_NAME!r}")
+    th, tw = manifest.grid.tile_size
+    prep = manifest.preprocessing
+    _check_spec(where, inputs[0], prep.dtype, (prep.channels, th, tw), "(n, channels, tile_h, tile_w)")
+    by_name = {s.name: s for s in outputs}
+    if FEATURES_NAME not in by_name:
+        raise BundleError(f"{where} has outputs {list(by_name)}, the manifest needs {FEATURES_NAME!r}")
+    _check_spec(where, by_name[FEATURES_NAME], "float32", manifest.features, "(n, channels, feature_h, feature_w)")
+
+
+def location_files(grid: TileGrid, layout: str = "per_location") -> list[str]:
+    """Bundle-relative model file names, row-major: ``tiles/rRcC.onnx`` (``shared_backbone``: ``heads/``)."""
+    folder = "heads" if layout == "shared_backbone" else "tiles"
+    return [f"{folder}/{location_name(r, c)}.onnx" for r, c in grid.locations()]

@@ -12,8 +12,9 @@ full-pipeline backend (native TensorRT) takes the images and returns the
 normalized maps itself.
 
 Thread safety: backends are built once and only read afterwards, and every
-buffer of a ``predict`` call is its own; concurrent calls return exactly the
-serial results (tested for ONNX Runtime and OpenVINO).
+buffer of a ``predict`` call is its own (reused tile buffers come from a pool,
+one per running call); concurrent calls return exactly the serial results
+(tested for ONNX Runtime and OpenVINO).
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ import numpy as np
 
 from tilead.runtime import backends
 from tilead.runtime._checks import describe
-from tilead.runtime.backends.base import Backend, BackendRequest, InferenceBackend, LocationOutputs, PipelineBackend
+from tilead.runtime.backends.base import (
+    Backend,
+    BackendRequest,
+    BufferPool,
+    InferenceBackend,
+    LocationOutputs,
+    PipelineBackend,
+)
 from tilead.runtime.bundle import Manifest, read_manifest, read_verified, verify_files
 from tilead.runtime.image_resize import resize_image
 from tilead.runtime.postprocess import resize_maps
-from tilead.runtime.preprocess import InputOrder, tile_images
+from tilead.runtime.preprocess import InputOrder, tile_images, tile_shape
 from tilead.runtime.stats import nonfinite_errors, postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
@@ -164,9 +172,10 @@ class Predictor:
             # Each model file read once; size and sha256 checked on these bytes, which the backend then loads.
             verified = read_verified(self.path, self.manifest)
             models = tuple(verified[loc.name] for loc in self.manifest.locations)
+            backbone = None if self.manifest.backbone is None else verified[self.manifest.backbone.name]
         else:
             verify_files(self.path, self.manifest)  # the engines are read and checked by their backend
-            models = ()
+            models, backbone = (), None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
         self._running = 0
@@ -175,6 +184,7 @@ class Predictor:
             bundle=self.path,
             manifest=self.manifest,
             models=models,
+            backbone=backbone,
             device=device,
             threads=threads,
             location_workers=location_workers,
@@ -183,6 +193,8 @@ class Predictor:
             build_on_load=build_on_load,
             cuda_graphs=bool(cuda_graphs),
         )
+        # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
+        self._tiles = BufferPool(keep=4)
         self._backend: Backend | None = spec.create(request)
         self.threads = self._backend.threads
         self.location_workers = self._backend.location_workers
@@ -239,6 +251,7 @@ class Predictor:
             backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
+        self._tiles.clear()
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
@@ -325,9 +338,13 @@ class Predictor:
         if backend.capabilities.full_pipeline:
             return cast(PipelineBackend, backend).location_outputs(batch, order)
         m = self.manifest
-        with timed(timer, "tile"):
-            tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order)
-        return cast(InferenceBackend, backend).infer(tiles, timer)
+        buffer = self._tiles.take(tile_shape(m.grid, batch.shape[0], m.preprocessing), m.preprocessing.dtype)
+        try:
+            with timed(timer, "tile"):
+                tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order, out=buffer)
+            return cast(InferenceBackend, backend).infer(tiles, timer)
+        finally:
+            self._tiles.give(buffer)  # the backends' outputs never alias their input
 
     def location_maps(self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False) -> np.ndarray:
         """Raw per-location maps, before merging (what evaluation needs).
@@ -379,7 +396,7 @@ class Predictor:
         else:
             maps, scores = self._location_outputs(batch, input_order, timer)
             _, result = postprocess_maps(
-                maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer, tile_scores=scores
+                maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer, tile_scores=scores, inplace=True
             )
         return [
             Prediction(
@@ -455,8 +472,14 @@ class Predictor:
             for start in range(0, len(items), self.max_batch):
                 with timed(timer, "input"):
                     chunk = items[start : start + self.max_batch]
-                    batch = chunk[0][None] if len(chunk) == 1 else np.stack(chunk)  # one image: a view, no copy
-                results.extend(self._run(batch, input_order, timer))
+                    stacked = None if len(chunk) == 1 else self._tiles.take((len(chunk), *chunk[0].shape), "uint8")
+                    # One image: a view, no copy; several: stacked into a reused buffer.
+                    batch = chunk[0][None] if stacked is None else np.stack(chunk, out=stacked)
+                try:
+                    results.extend(self._run(batch, input_order, timer))
+                finally:
+                    if stacked is not None:
+                        self._tiles.give(stacked)
         if map_size == "input" and any(sizes):
             with timed(timer, "output_resize"):
                 results = [

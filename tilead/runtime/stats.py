@@ -299,6 +299,7 @@ def postprocess_maps(
     device: str = "cpu",
     timer: StageTimes | None = None,
     tile_scores: np.ndarray | None = None,
+    inplace: bool = False,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -313,6 +314,8 @@ def postprocess_maps(
         tile_scores: float32 ``(locations, n)``: the detector's own per-tile
             scores, which then give the image scores (:func:`image_scores_of_tiles`)
             instead of the map max; None for the map max.
+        inplace: Normalize into the merged maps (no second image-size buffer;
+            ``merged`` is then the normalized maps too): for callers that only keep ``result``.
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -334,7 +337,7 @@ def postprocess_maps(
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
     merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer)
     with timed(timer, "normalize"):
-        result = normalize_with_stats(merged, stats, device=device)
+        result = normalize_with_stats(merged, stats, device=device, inplace=inplace)
         if tile_scores is not None:
             result = score_images(result, image_scores_of_tiles(tile_scores), stats)
         if errors is not None:
@@ -343,13 +346,16 @@ def postprocess_maps(
         return merged, result
 
 
-def normalize_with_stats(merged: np.ndarray, stats: NormalizationStats, *, device: str = "cpu") -> NormalizedMaps:
+def normalize_with_stats(
+    merged: np.ndarray, stats: NormalizationStats, *, device: str = "cpu", inplace: bool = False
+) -> NormalizedMaps:
     """Normalize and threshold merged maps with validation statistics.
 
     Args:
         merged: float32 ``(n, H, W)`` merged maps (tile-normalized for stage ``tile``).
         stats: Validation statistics.
         device: ``"cpu"`` or ``"cuda"``.
+        inplace: Write the normalized values into ``merged``.
 
     Returns:
         Normalized maps, masks, scores and labels.
@@ -360,5 +366,6 @@ def normalize_with_stats(merged: np.ndarray, stats: NormalizationStats, *, devic
         image_threshold=stats.image_threshold,
         pixel_range=stats.pixel_range,
         image_range=stats.image_range,
+        inplace=inplace,
         device=device,
     )

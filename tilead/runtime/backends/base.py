@@ -18,7 +18,10 @@ registry (:mod:`tilead.runtime.backends`) names.
 
 from __future__ import annotations
 
+import itertools
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,7 +64,9 @@ class BackendRequest:
         bundle: Bundle directory.
         manifest: Its manifest (files verified).
         models: Every location's ONNX model bytes, row-major (read by the Predictor; empty for a
-            backend whose registry entry has ``reads_onnx`` False).
+            backend whose registry entry has ``reads_onnx`` False): for a ``shared_backbone``
+            bundle the heads.
+        backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles), else None.
         device: ``"cpu"`` or ``"cuda"``.
         threads: CPU threads for inference in all (None: the machine's logical cores).
         location_workers: Locations run at the same time (None: the backend's default).
@@ -81,6 +86,7 @@ class BackendRequest:
     precision: str | None = None
     build_on_load: bool = False
     cuda_graphs: bool = True
+    backbone: bytes | None = None
 
 
 @runtime_checkable
@@ -152,6 +158,146 @@ class PipelineBackend(Backend, Protocol):
         ...
 
 
+class BufferPool:
+    """Reusable numpy buffers, so a call does not allocate (and page-fault) its large arrays afresh.
+
+    A call :meth:`take` s a buffer and :meth:`give` s it back when done with
+    it; concurrent calls get different buffers (thread-safe). At most
+    ``keep`` idle buffers are held, the least recently returned shape dropped first.
+
+    Args:
+        keep: Idle buffers held at most.
+    """
+
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
+        self._idle: OrderedDict[tuple[tuple[int, ...], str], list[np.ndarray]] = OrderedDict()
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: str | np.dtype[np.generic] = "float32") -> np.ndarray:
+        """An uninitialized C-contiguous buffer of this shape and dtype (an idle one when there is one)."""
+        key = (tuple(int(d) for d in shape), np.dtype(dtype).str)
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                self._count -= 1
+                buffer = idle.pop()
+                if not idle:
+                    del self._idle[key]
+                return buffer
+        return np.empty(key[0], dtype=key[1])
+
+    def give(self, array: np.ndarray) -> None:
+        """Return a buffer from :meth:`take` for later calls."""
+        key = (tuple(array.shape), array.dtype.str)
+        with self._lock:
+            self._idle.setdefault(key, []).append(array)
+            self._idle.move_to_end(key)
+            self._count += 1
+            while self._count > self.keep:
+                oldest = next(iter(self._idle))
+                idle = self._idle[oldest]
+                idle.pop(0)
+                self._count -= 1
+                if not idle:
+                    del self._idle[oldest]
+
+    def clear(self) -> None:
+        """Drop every idle buffer."""
+        with self._lock:
+            self._idle.clear()
+            self._count = 0
+
+
+BACKBONE_CHUNK_BYTES = 8 << 20
+"""Tile bytes per shared-backbone call at most: bigger batches only grow the activations (peak memory)."""
+
+
+def backbone_chunks(
+    total: int, tile_bytes: int, workers: int = 1, limit: int = BACKBONE_CHUNK_BYTES
+) -> list[tuple[int, int]]:
+    """Split ``total`` tiles into near-equal ``[lo, hi)`` runs for the shared backbone.
+
+    At most ``limit`` bytes of tiles per run (at least one tile), and at least
+    ``workers`` runs (a multiple of it where the limit splits further) so every
+    worker gets a share; never more runs than tiles.
+    """
+    if total < 1:
+        return []
+    cap = max(1, limit // max(1, tile_bytes))  # tiles per run at most
+    parts = -(-total // cap)
+    parts = -(-max(parts, workers) // workers) * workers
+    parts = min(parts, total)
+    size, extra = divmod(total, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (1 if i < extra else 0))
+    return list(itertools.pairwise(bounds))
+
+
+RunBackbone = Callable[[np.ndarray, np.ndarray], None]
+"""``(tiles (k, C, th, tw), out (k, d, fh, fw)) -> None``: the shared backbone's features written into ``out``."""
+
+
+def run_backbone(
+    manifest: Manifest,
+    tiles: np.ndarray,
+    run: RunBackbone,
+    buffers: BufferPool,
+    workers: ThreadPoolExecutor | None,
+    timer: StageTimes | None,
+    worker_count: int = 1,
+) -> np.ndarray:
+    """Every tile of every location through the shared backbone, in a few batched calls.
+
+    The calls are spread over the location workers (each call on its own
+    worker, with the session's share of the threads), like the per-location
+    graphs are: on a small CPU, single-threaded calls side by side beat one
+    multi-threaded call, whose threads wait for each other at every layer.
+
+    Args:
+        manifest: A ``shared_backbone`` manifest.
+        tiles: float32 C-contiguous ``(locations, n, C, th, tw)``.
+        run: Runs the backbone on a run of tiles, writing the features into the given buffer.
+        buffers: Where the feature buffer comes from (the caller gives it back when the heads are done).
+        workers: The location workers, or None to run the calls one after another.
+        timer: Receives ``inference`` and ``location:backbone``.
+        worker_count: How many threads ``workers`` has.
+
+    Returns:
+        float32 ``(locations, n, d, fh, fw)``, taken from ``buffers``.
+
+    Raises:
+        BundleError: For a manifest without a shared backbone.
+    """
+    if manifest.features is None:
+        raise BundleError(f"layout {manifest.layout!r} has no shared backbone")
+    count, n = tiles.shape[0], tiles.shape[1]
+    flat = tiles.reshape(count * n, *tiles.shape[2:])
+    features = buffers.take((count, n, *manifest.features))
+    out = features.reshape(count * n, *manifest.features)
+    chunks = backbone_chunks(count * n, flat[0].nbytes, worker_count if workers is not None else 1)
+
+    def one(bounds: tuple[int, int]) -> None:
+        run(flat[bounds[0] : bounds[1]], out[bounds[0] : bounds[1]])
+
+    start = time.perf_counter()
+    try:
+        with timed(timer, "inference"):
+            if workers is None or len(chunks) == 1:
+                for bounds in chunks:
+                    one(bounds)
+            else:
+                list(workers.map(one, chunks))
+    except BaseException:
+        buffers.give(features)
+        raise
+    if timer is not None:
+        timer.add("location:backbone", time.perf_counter() - start)
+    return features
+
+
 RunLocation = Callable[[int, np.ndarray], Sequence[np.ndarray]]
 """``(location index, its tiles (n, C, th, tw)) -> [map (n, 1, h, w), score (n,)?]``."""
 
@@ -172,7 +318,8 @@ def run_locations(
 
     Args:
         manifest: The bundle's manifest (map size, locations, image score).
-        tiles: float32 ``(locations, n, C, th, tw)``.
+        tiles: float32 ``(locations, n, C, th, tw)`` (for a ``shared_backbone``
+            bundle the backbone's features ``(locations, n, d, fh, fw)``).
         run_one: Runs one location's model; returns its outputs in the order
             ``map`` then (for ``image_score`` ``detector``) ``score``.
         pool: Worker threads, or None to run the locations one after another.

@@ -9,6 +9,15 @@ faster than one session at a time with two threads: the per-position
 Mahalanobis products of one location are memory-bound and overlap with the
 convolutions of another.
 
+A ``shared_backbone`` bundle (:mod:`tilead.runtime.bundle`) has one more
+session, the backbone's (one copy of its weights for all locations): every
+tile of every location goes through it in a few batched calls (at most
+:data:`~tilead.runtime.backends.base.BACKBONE_CHUNK_BYTES` of tiles each,
+which bounds the activations, spread over the location workers like the
+locations are), its features written through I/O binding straight into a
+reused buffer; then each location's head session runs on its block of
+features as above.
+
 Thread safety: sessions are created once and only read afterwards; ONNX
 Runtime's ``InferenceSession.run`` may be called from several threads at once,
 and every buffer of a call is its own, so concurrent calls return exactly the
@@ -29,12 +38,24 @@ import numpy as np
 from tilead.runtime._checks import describe
 from tilead.runtime.backends.base import (
     BackendRequest,
+    BufferPool,
     Capabilities,
     LocationOutputs,
     default_location_workers,
+    run_backbone,
     run_locations,
 )
-from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME, SCORE_NAME, BundleError, Manifest, check_model_io, ort_specs
+from tilead.runtime.bundle import (
+    FEATURES_NAME,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SCORE_NAME,
+    BundleError,
+    Manifest,
+    check_backbone_io,
+    check_model_io,
+    ort_specs,
+)
 from tilead.runtime.engines import onnx_digest
 from tilead.runtime.timing import StageTimes
 
@@ -57,7 +78,7 @@ def ort_trt_cache(manifest: Manifest) -> Path:
     base = os.environ.get("TILEAD_CACHE") or str(
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilead"
     )
-    return Path(base) / "onnxruntime-trt" / onnx_digest([loc.sha256 for loc in manifest.locations])
+    return Path(base) / "onnxruntime-trt" / onnx_digest([loc.sha256 for loc in manifest.files])
 
 
 INSTALL_ORT = (
@@ -172,24 +193,49 @@ def check_providers(requested: Sequence[Any], used: Sequence[str], location: str
         log.warning("location %s: ONNX Runtime dropped %s; running on %s", location, ", ".join(dropped), used[0])
 
 
+def release_model_bytes(session: Any, providers: list[Any]) -> None:
+    """Let go of the model bytes an ONNX Runtime session was created from, on the CPU provider alone.
+
+    ``onnxruntime.InferenceSession`` keeps the bytes it was given for as long as
+    the session lives (``_model_bytes``, only read again to rebuild the session
+    when a GPU provider fails and it falls back to another): the size of every
+    model file, again, for the lifetime of the Predictor (816 MiB of heads at
+    2048x2048 in 4x4 tiles). With only the CPU provider there is nothing to fall
+    back to: fallback is switched off (public API) and the reference dropped.
+    """
+    if [p if isinstance(p, str) else p[0] for p in providers] != ["CPUExecutionProvider"]:
+        return
+    session.disable_fallback()
+    if getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+
+
 class OnnxRuntimeBackend:
     """One ONNX Runtime session per location (see the module docstring).
 
     Args:
         manifest: The bundle's verified manifest.
-        models: Every location's ONNX bytes, row-major.
+        models: Every location's ONNX bytes, row-major (the heads of a ``shared_backbone`` bundle).
         providers: Execution providers (:func:`session_providers`).
         threads: CPU threads in all.
         location_workers: Locations run at the same time (at most the number of locations).
+        backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles only).
 
     Raises:
-        BundleError: If ONNX Runtime cannot load a location's model.
+        BundleError: If ONNX Runtime cannot load a model, or a bundle's layout and ``backbone`` disagree.
     """
 
     capabilities = CAPABILITIES
 
     def __init__(
-        self, manifest: Manifest, models: Sequence[bytes], providers: list[Any], *, threads: int, location_workers: int
+        self,
+        manifest: Manifest,
+        models: Sequence[bytes],
+        providers: list[Any],
+        *,
+        threads: int,
+        location_workers: int,
+        backbone: bytes | None = None,
     ) -> None:
         ort = import_ort()
         self.manifest = manifest
@@ -210,9 +256,29 @@ class OnnxRuntimeBackend:
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {loc.file}: {err}") from err
             check_providers(providers, session.get_providers(), loc.name)
+            release_model_bytes(session, providers)
             # Names, element types and shapes against the manifest, at load rather than at the first predict.
             check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
             sessions.append(session)
+        self._backbone: Any = None
+        if (backbone is None) != (manifest.backbone is None):
+            state = "missing" if backbone is None else "given, but the layout has no shared backbone"
+            raise BundleError(f"layout {manifest.layout!r}: the backbone's model bytes are {state}")
+        if backbone is not None:
+            whole = ort.SessionOptions()
+            whole.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            whole.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            # Its calls are spread over the location workers (run_backbone): the heads' share of the threads.
+            whole.intra_op_num_threads = options.intra_op_num_threads
+            whole.inter_op_num_threads = 1
+            try:
+                self._backbone = ort.InferenceSession(backbone, sess_options=whole, providers=providers)
+            except Exception as err:
+                raise BundleError(f"the shared backbone: ONNX Runtime cannot load backbone.onnx: {err}") from err
+            check_providers(providers, self._backbone.get_providers(), "backbone")
+            release_model_bytes(self._backbone, providers)
+            check_backbone_io(ort_specs(self._backbone.get_inputs()), ort_specs(self._backbone.get_outputs()), manifest)
+        self._buffers = BufferPool()
         self._sessions: list[Any] | None = sessions
         self._names = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
         self._pool = (
@@ -240,16 +306,38 @@ class OnnxRuntimeBackend:
         if sessions is None:
             raise RuntimeError("Predictor is closed")
         names = self._names
+        backbone = self._backbone
+        if backbone is None:
 
-        def run_one(index: int, location_tiles: np.ndarray) -> Sequence[np.ndarray]:
-            outs: Sequence[np.ndarray] = sessions[index].run(names, {INPUT_NAME: location_tiles})
+            def run_one(index: int, location_tiles: np.ndarray) -> Sequence[np.ndarray]:
+                outs: Sequence[np.ndarray] = sessions[index].run(names, {INPUT_NAME: location_tiles})
+                return outs
+
+            return run_locations(self.manifest, tiles, run_one, pool, timer)
+
+        def run_features(part: np.ndarray, out: np.ndarray) -> None:
+            binding = backbone.io_binding()
+            binding.bind_cpu_input(INPUT_NAME, part)
+            binding.bind_output(FEATURES_NAME, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+            backbone.run_with_iobinding(binding)
+
+        def run_head(index: int, features: np.ndarray) -> Sequence[np.ndarray]:
+            outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: features})
             return outs
 
-        return run_locations(self.manifest, tiles, run_one, pool, timer)
+        features = run_backbone(
+            self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
+        )
+        try:
+            return run_locations(self.manifest, features, run_head, pool, timer)
+        finally:
+            self._buffers.give(features)
 
     def close(self) -> None:
         """Drop the sessions and stop the location workers."""
         self._sessions = None
+        self._backbone = None
+        self._buffers.clear()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
@@ -263,4 +351,11 @@ def create(request: BackendRequest) -> OnnxRuntimeBackend:
     workers = request.location_workers
     if workers is None:
         workers = default_location_workers(request.device, count, budget)
-    return OnnxRuntimeBackend(request.manifest, request.models, providers, threads=budget, location_workers=workers)
+    return OnnxRuntimeBackend(
+        request.manifest,
+        request.models,
+        providers,
+        threads=budget,
+        location_workers=workers,
+        backbone=request.backbone,
+    )

@@ -11,6 +11,10 @@ files) and compiled once, with a dynamic batch dimension, for:
   would otherwise compute in bf16, far from the exported graph's results,
 * ``ENABLE_CPU_PINNING`` off: several compiled models share the cores.
 
+A ``shared_backbone`` bundle's backbone is compiled once (one copy of its
+weights); every tile goes through it in a few batched calls spread over the
+location workers, then each location's compiled head runs on its block of features.
+
 Thread safety: an OpenVINO infer request serves one call at a time, so each
 location keeps a stack of idle requests; a call takes one (creating it when
 all are busy) and returns it afterwards. Concurrent ``predict`` calls therefore
@@ -29,12 +33,14 @@ import numpy as np
 
 from tilead.runtime.backends.base import (
     BackendRequest,
+    BufferPool,
     Capabilities,
     LocationOutputs,
     default_location_workers,
+    run_backbone,
     run_locations,
 )
-from tilead.runtime.bundle import OUTPUT_NAME, SCORE_NAME, BundleError, Manifest
+from tilead.runtime.bundle import FEATURES_NAME, OUTPUT_NAME, SCORE_NAME, BundleError, Manifest
 from tilead.runtime.timing import StageTimes
 
 CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=True)
@@ -61,7 +67,7 @@ def import_openvino() -> Any:
 class _Location:
     """One location's compiled model and its idle infer requests."""
 
-    def __init__(self, compiled: Any, names: Sequence[str], shape: tuple[int, int, int]) -> None:
+    def __init__(self, compiled: Any, names: Sequence[str], shape: tuple[int, ...]) -> None:
         self.compiled = compiled
         self.outputs = [compiled.output(name) for name in names]
         request = compiled.create_infer_request()
@@ -90,9 +96,10 @@ class OpenVinoBackend:
 
     Args:
         manifest: The bundle's verified manifest.
-        models: Every location's ONNX bytes, row-major.
+        models: Every location's ONNX bytes, row-major (the heads of a ``shared_backbone`` bundle).
         threads: CPU threads in all.
         location_workers: Locations run at the same time (at most the number of locations).
+        backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles only).
 
     Raises:
         OpenVinoUnavailableError: If OpenVINO is not installed.
@@ -101,7 +108,15 @@ class OpenVinoBackend:
 
     capabilities = CAPABILITIES
 
-    def __init__(self, manifest: Manifest, models: Sequence[bytes], *, threads: int, location_workers: int) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        models: Sequence[bytes],
+        *,
+        threads: int,
+        location_workers: int,
+        backbone: bytes | None = None,
+    ) -> None:
         ov = import_openvino()
         self.manifest = manifest
         count = manifest.grid.num_locations
@@ -116,7 +131,19 @@ class OpenVinoBackend:
             "ENABLE_CPU_PINNING": False,
         }
         names = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
-        shape = (manifest.preprocessing.channels, *manifest.grid.tile_size)
+        tile = (manifest.preprocessing.channels, *manifest.grid.tile_size)
+        shape = tile if manifest.features is None else manifest.features
+        if (backbone is None) != (manifest.backbone is None):
+            state = "missing" if backbone is None else "given, but the layout has no shared backbone"
+            raise BundleError(f"layout {manifest.layout!r}: the backbone's model bytes are {state}")
+        self._backbone: _Location | None = None
+        if backbone is not None:
+            try:
+                whole = core.compile_model(core.read_model(model=backbone), "CPU", config)
+                self._backbone = _Location(whole, [FEATURES_NAME], tile)
+            except Exception as err:
+                raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
+        self._buffers = BufferPool()
         locations: list[_Location] = []
         for loc, model in zip(manifest.locations, models, strict=True):
             try:
@@ -152,11 +179,31 @@ class OpenVinoBackend:
         def run_one(index: int, location_tiles: np.ndarray) -> Sequence[np.ndarray]:
             return locations[index].run(np.ascontiguousarray(location_tiles))
 
-        return run_locations(self.manifest, tiles, run_one, pool, timer)
+        backbone = self._backbone
+        if backbone is None:
+            return run_locations(self.manifest, tiles, run_one, pool, timer)
+
+        def run_features(part: np.ndarray, out: np.ndarray) -> None:
+            features = backbone.run(part)[0]
+            if features.shape != out.shape:
+                raise BundleError(
+                    f"the shared backbone: output shape {features.shape}, the manifest promises {out.shape}"
+                )
+            out[...] = features
+
+        features = run_backbone(
+            self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
+        )
+        try:
+            return run_locations(self.manifest, features, run_one, pool, timer)
+        finally:
+            self._buffers.give(features)
 
     def close(self) -> None:
         """Drop the compiled models and stop the location workers."""
         self._locations = None
+        self._backbone = None
+        self._buffers.clear()
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
@@ -168,4 +215,6 @@ def create(request: BackendRequest) -> OpenVinoBackend:
     workers = request.location_workers
     if workers is None:
         workers = default_location_workers(request.device, request.manifest.grid.num_locations, budget)
-    return OpenVinoBackend(request.manifest, request.models, threads=budget, location_workers=workers)
+    return OpenVinoBackend(
+        request.manifest, request.models, threads=budget, location_workers=workers, backbone=request.backbone
+    )

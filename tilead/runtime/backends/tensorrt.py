@@ -58,7 +58,12 @@ import numpy as np
 
 from tilead import _kernels
 from tilead.runtime.backends.base import BackendRequest, Capabilities, LocationOutputs
-from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError, import_runtime, require_gpu
+from tilead.runtime.backends.tensorrt_modules import (
+    TensorRTUnavailableError,
+    import_runtime,
+    require_gpu,
+    require_per_location,
+)
 from tilead.runtime.bundle import OUTPUT_NAME, SCORE_NAME, BundleError, Manifest, read_verified_file
 from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
 from tilead.runtime.postprocess import (
@@ -361,9 +366,11 @@ def create(request: BackendRequest) -> TensorRTBackend:
     """The registry's factory.
 
     Raises:
+        BundleError: For a bundle layout the native pipeline cannot run (checked before any GPU check).
         ValueError: For ``build_on_load`` (the exporter builds engines, not the runtime).
         TensorRTUnavailableError: Without TensorRT, a GPU or engines for this GPU.
     """
+    require_per_location(request.bundle, request.manifest)  # before any GPU check: the bundle itself is the problem
     if request.build_on_load:
         raise ValueError(f"build_on_load: {BUILD_ELSEWHERE.format(bundle=request.bundle)}")
     return TensorRTBackend(

@@ -13,8 +13,10 @@ change in a new TensorRT fails here, not on a factory GPU.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
+from tilead.runtime.bundle import BundleError, Manifest
 from tilead.runtime.devices import cuda_status, kernel_family
 
 INSTALL_RUNTIME = (
@@ -113,3 +115,17 @@ def parse_device_name(text: str) -> tuple[str, str]:
     if not sep or not digits.isdigit() or len(digits) < 2:
         raise ValueError(f"device name {text!r}: expected 'NAME (sm_XY)'")
     return name, f"{digits[:-1]}.{digits[-1]}"
+
+
+def require_per_location(bundle: Path, manifest: Manifest) -> None:
+    """Refuse a bundle layout the native TensorRT path cannot run: a shared backbone.
+
+    Raises:
+        BundleError: For a ``shared_backbone`` layout (its engines would need a backbone stage before the heads).
+    """
+    if manifest.layout != "per_location":
+        raise BundleError(
+            f"{bundle}: this bundle has the {manifest.layout!r} layout (one backbone graph, per-location heads), "
+            "which the native TensorRT backend and engine builder do not handle; use backend='onnxruntime' or "
+            "'openvino', or export the run with --layout per_location for TensorRT"
+        )

@@ -1,0 +1,292 @@
+"""CPU speed of the bundle layouts and precisions side by side in one process (issue #21, items 2-4).
+
+Two image sizes, each with up to four bundles of the same training run:
+
+* **2048**: synthetic 2048x2048 images (the demo generator), PaDiM in 4x4 tiles of 512
+  (16 locations), trained on a few images (speed does not depend on how many);
+* **bottle**: MVTec AD bottle (900x900, 2x2 tiles of 464), the run ``runs/padim_bottle``.
+
+Bundles: ``per_location`` FP32 (each location's full graph: the layout before issue #21),
+``shared_backbone`` FP32 (one backbone graph for every tile, a head per location),
+``shared_backbone`` INT8 and ``per_location`` INT8 (``--precision int8``). Missing runs and
+bundles are made first (data, ``tilead-train``, ``tilead-export``), under ``--work``.
+
+Per size, every bundle is loaded in this process and the calls alternate bundle by bundle
+on the same decoded images (decoding excluded), so all see the same machine load. Reported
+per bundle and batch: median ms per image (a batch's wall time / its images), the share
+outside model inference (``1 - inference / wall`` from ``Predictor.predict_timed``), and the
+ratio to ``per_location`` FP32 at that batch. Peak RSS comes from one fresh child process
+per bundle that imports only ``tilead.runtime``, loads the bundle and predicts at batch 1 and 8
+(``VmHWM``; ``ru_maxrss`` would carry the parent's peak over the exec). ``--quality`` adds
+image/pixel AUROC and AUPRO of each bottle bundle
+(``tilead-eval RUN --bundle B``).
+
+Targets (issue #21, 2-core CPU): 2048 at batch 1 <= 170 ms/image; bottle <= 30 ms/image;
+share outside inference <= 5 %; peak RSS at 2048 <= 1.5 GB. The table marks them.
+
+Usage:
+    python benchmarks/bench_cpu_speed.py [--work out/bench/cpu_speed] [--sizes big bottle]
+        [--big 2048] [--variants per_location:fp32 shared_backbone:fp32 shared_backbone:int8]
+        [--images 8] [--repeats 3] [--batch 1 8] [--threads N] [--quality] [--json out/bench/cpu_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_predictor import _BlockTorch, read_images, test_images
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BOTTLE_DATA = ROOT.parent / "shared" / "data" / "mvtec_bottle"
+VARIANTS = ("per_location:fp32", "shared_backbone:fp32", "shared_backbone:int8", "per_location:int8")
+BASELINE = "per_location:fp32"
+TARGETS_MS = {"2048": 170.0, "bottle": 30.0}
+OUTSIDE_MAX = 0.05
+RSS_MAX_MIB = {"2048": 1536.0}
+
+
+def sh(cmd: list[str]) -> None:
+    """Run a command (progress to the terminal), raising on failure."""
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def ensure_big_run(work: Path, side: int, train_images: int) -> tuple[Path, Path]:
+    """Synthetic ``side`` x ``side`` data and its PaDiM run in 4x4 tiles of ``side / 4``, made when missing."""
+    from tilead.demo.synthetic import SyntheticSpec, generate
+
+    data = work / f"data{side}"
+    if not (data / "train").is_dir():
+        generate(data, SyntheticSpec(image_size=side, train_good=max(train_images, 3), test_good=4, test_per_defect=2))
+    run = work / f"run{side}"
+    if not (run / "stats.json").is_file():
+        tile = side // 4
+        sh([str(BIN / "tilead-train"), "--config", str(ROOT / "configs" / "padim_demo.yaml"), "-o", str(run),
+            "--resume", "--no-progress", "--set", f"data.root={data}", "--set", f"grid.tile_size={tile}",
+            "--set", f"grid.stride={tile}", "--set", f"data.max_train_images={train_images}"])  # fmt: skip
+    return data, run
+
+
+def ensure_bottle_run(run: Path) -> Path:
+    """The bottle run (``make train-bottle``'s config), trained when missing (~5 min on a quiet CPU)."""
+    if not (run / "stats.json").is_file():
+        sh([str(BIN / "tilead-train"), "--config", str(ROOT / "configs" / "padim_bottle.yaml"), "-o", str(run),
+            "--resume", "--no-progress"])  # fmt: skip
+    return run
+
+
+def ensure_bundle(run: Path, out: Path, variant: str) -> Path:
+    """Export ``run`` as ``variant`` (``layout:precision``) into ``out`` when it is not there yet."""
+    layout, precision = variant.split(":")
+    manifest = out / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        if data.get("layout", "per_location") == layout and data["model"].get("precision", "fp32") == precision:
+            return out
+    sh([str(BIN / "tilead-export"), str(run), "-o", str(out), "--layout", layout, "--precision", precision,
+        "--overwrite", "--no-progress"])  # fmt: skip
+    return out
+
+
+def synthetic_images(data: Path, count: int) -> list[np.ndarray]:
+    """``count`` test images of the synthetic set, round-robin over its folders."""
+    return read_images(test_images(count, data))
+
+
+def measure(
+    bundles: dict[str, Path], images: list[np.ndarray], batch: int, repeats: int, threads: int | None
+) -> dict[str, dict[str, list[float]]]:
+    """Alternate every bundle's ``predict_timed`` on the same batches.
+
+    Returns:
+        ``{variant: {"ms": [ms per image...], "outside": [share outside inference...]}}``.
+    """
+    from tilead.runtime import Predictor
+
+    predictors = {name: Predictor(path, threads=threads, max_batch=batch) for name, path in bundles.items()}
+    try:
+        batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
+        if not batches:
+            raise SystemExit(f"--batch {batch}: more than the {len(images)} images")
+        for p in predictors.values():  # warm-up: first-call allocations, thread pools, reused buffers
+            p.predict(batches[0])
+            p.predict(batches[-1])
+        out: dict[str, dict[str, list[float]]] = {n: {"ms": [], "outside": []} for n in predictors}
+        for _ in range(repeats):
+            for b in batches:
+                for name, p in predictors.items():
+                    t0 = time.perf_counter()
+                    _, times = p.predict_timed(b)
+                    wall = time.perf_counter() - t0
+                    out[name]["ms"].append(wall * 1e3 / len(b))
+                    out[name]["outside"].append(max(0.0, 1.0 - times.seconds.get("inference", 0.0) / wall))
+    finally:
+        for p in predictors.values():
+            p.close()
+    return out
+
+
+def child(bundle: Path, images: list[Path], batches: list[int], threads: int | None) -> None:
+    """Predictor-only process (torch blocked): load, predict at each batch; peak RSS as JSON on stdout."""
+    sys.meta_path.insert(0, _BlockTorch())
+    from tilead.runtime import Predictor
+
+    decoded = read_images(images)
+    before = vm_hwm_mib()
+    with Predictor(bundle, threads=threads, max_batch=max(batches)) as predictor:
+        for batch in batches:
+            for _ in range(2):
+                predictor.predict(decoded[:batch])
+    print("CHILD-JSON " + json.dumps({"rss_before_load_mib": before, "peak_rss_mib": vm_hwm_mib()}))
+
+
+def vm_hwm_mib() -> float:
+    """This process's peak RSS (``VmHWM``): unlike ``ru_maxrss`` it does not carry the parent's peak over exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_child(bundle: Path, images: list[Path], batches: list[int], threads: int | None) -> dict[str, Any]:
+    """:func:`child` in a fresh interpreter."""
+    cmd = [sys.executable, __file__, "--child", str(bundle), "--batch", *map(str, batches), "--paths",
+           *map(str, images)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"RSS child for {bundle} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("CHILD-JSON "))
+    result: dict[str, Any] = json.loads(line[len("CHILD-JSON ") :])
+    return result
+
+
+def quality(run: Path, bundle: Path, out: Path) -> dict[str, float]:
+    """Image/pixel AUROC and AUPRO of a bundle on the run's test set (``tilead-eval --bundle``)."""
+    sh([str(BIN / "tilead-eval"), str(run), "--bundle", str(bundle), "-o", str(out), "--no-progress",
+        "--set", "eval.overlays=0"])  # fmt: skip
+    report = json.loads((out / "metrics.json").read_text())
+    flat: dict[str, float] = {}
+    stack: list[tuple[str, Any]] = [("", report)]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{prefix}{k}.", v) for k, v in node.items())
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            key = prefix[:-1]
+            for name in ("image_auroc", "pixel_auroc", "aupro"):
+                if key.split(".")[-1] == name and name not in flat:
+                    flat[name] = float(node)
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Make what is missing, measure every size, print one table (and JSON with ``--json``)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "cpu_speed", help="data, runs, bundles")
+    ap.add_argument("--sizes", nargs="+", choices=["big", "bottle"], default=["big", "bottle"])
+    ap.add_argument("--big", type=int, default=2048, help="side of the synthetic images (4x4 tiles of side/4)")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:3]))
+    ap.add_argument("--bottle-run", type=Path, default=ROOT / "runs" / "padim_bottle")
+    ap.add_argument("--bottle-data", type=Path, default=BOTTLE_DATA)
+    ap.add_argument("--train-images", type=int, default=6, help="big run: training images (holdout included)")
+    ap.add_argument("--images", type=int, default=8, help="test images per size")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--threads", type=int, default=None, help="inference threads per Predictor [all cores]")
+    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--quality", action="store_true", help="also AUROCs and AUPRO of the bottle bundles")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--paths", type=Path, nargs="*", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        child(args.child, args.paths, args.batch, args.threads)
+        return 0
+    if BASELINE not in args.variants:
+        args.variants.insert(0, BASELINE)
+    from tilead.benchmarking.environment import cpu_model
+
+    count = max(args.images, max(args.batch))
+    report: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "sizes": {}}
+    for which in args.sizes:
+        size = str(args.big) if which == "big" else "bottle"
+        if which == "big":
+            data, run = ensure_big_run(args.work, args.big, args.train_images)
+        else:
+            data, run = args.bottle_data, ensure_bottle_run(args.bottle_run)
+        bundles: dict[str, Path] = {}
+        failed: dict[str, str] = {}
+        for v in args.variants:
+            try:
+                bundles[v] = ensure_bundle(run, args.work / f"{size}_{v.replace(':', '_')}", v)
+            except subprocess.CalledProcessError as err:  # e.g. an INT8 parity refusal: reported, the rest measured
+                if v == BASELINE:
+                    raise
+                failed[v] = f"export failed ({err.returncode}); see the log above"
+                print(f"{size}: {v}: {failed[v]}", flush=True)
+        paths = test_images(count, data)
+        images = read_images(paths)
+        rows: list[dict[str, Any]] = []
+        for batch in args.batch:
+            res = measure(bundles, images, batch, args.repeats, args.threads)
+            base = float(np.median(res[BASELINE]["ms"]))
+            for variant in bundles:
+                ms = float(np.median(res[variant]["ms"]))
+                rows.append({
+                    "variant": variant, "batch": batch, "ms_per_image": ms, "ratio_vs_per_location_fp32": base / ms,
+                    "outside_inference": float(np.median(res[variant]["outside"])), "samples": len(res[variant]["ms"]),
+                })  # fmt: skip
+        entry: dict[str, Any] = {"run": str(run), "rows": rows, "rss": {}, "quality": {}, "failed": failed}
+        if not args.no_rss:
+            for variant, bundle in bundles.items():
+                entry["rss"][variant] = run_child(bundle, paths[: max(args.batch)], args.batch, args.threads)
+        if args.quality and size == "bottle":
+            for variant, bundle in bundles.items():
+                entry["quality"][variant] = quality(run, bundle, args.work / f"eval_{variant.replace(':', '_')}")
+        report["sizes"][size] = entry
+    print_table(report)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """One table: per size, bundle and batch; targets marked ``ok`` / ``MISS``."""
+    print(f"\ncpu: {report['cpu']} ({report['cores']} logical cores); calls alternate bundle by bundle")
+    head = ("size", "bundle", "batch", "ms/img", "vs per_loc fp32", "outside inf.", "peak RSS MiB")
+    print(f"{head[0]:>6} {head[1]:>22} {head[2]:>5} {head[3]:>9} {head[4]:>15} {head[5]:>12} {head[6]:>13}")
+    for size, entry in report["sizes"].items():
+        for row in entry["rows"]:
+            rss = entry["rss"].get(row["variant"], {}).get("peak_rss_mib")
+            target = TARGETS_MS.get(size)
+            mark = "" if target is None or row["batch"] != 1 else (" ok" if row["ms_per_image"] <= target else " MISS")
+            out_mark = " ok" if row["outside_inference"] <= OUTSIDE_MAX else " MISS"
+            rss_text = "-" if rss is None else f"{rss:.0f}"
+            if rss is not None and size in RSS_MAX_MIB:
+                rss_text += " ok" if rss <= RSS_MAX_MIB[size] else " MISS"
+            print(f"{size:>6} {row['variant']:>22} {row['batch']:>5} {row['ms_per_image']:>6.1f}{mark:<5} "
+                  f"{row['ratio_vs_per_location_fp32']:>14.2f}x {row['outside_inference'] * 100:>8.1f} %{out_mark:<5} "
+                  f"{rss_text:>10}")  # fmt: skip
+        for variant, why in entry.get("failed", {}).items():
+            print(f"{size:>6} {variant:>22} {why}")
+        for variant, q in entry["quality"].items():
+            print(f"{size:>6} {variant:>22} quality: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(q.items())))
+    print(f"targets (batch 1): 2048 <= {TARGETS_MS['2048']:.0f} ms, bottle <= {TARGETS_MS['bottle']:.0f} ms; "
+          f"outside inference <= {OUTSIDE_MAX:.0%}; peak RSS at 2048 <= {RSS_MAX_MIB['2048']:.0f} MiB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The ``shared_backbone`` bundle layout: one backbone graph for every tile, one head graph per location (issue #21).
+
+For a detector whose backbone is frozen and identical at every location
+(PaDiM, PatchCore: ``model.embedding`` is the same module with the same
+weights and buffers everywhere), a location's graph is ``head(embedding(x))``.
+The exporter then writes ``backbone.onnx`` (``embedding``: tiles in,
+``features`` ``(n, d, fh, fw)`` out) once and ``heads/rRcC.onnx`` (``head``:
+features in, ``map`` out) per location; the runtime runs every tile of a
+batch through the backbone in a few batched calls, then each location's head
+on its block of features. ``head(backbone(x))`` is checked against the eager
+location model exactly as the per-location graphs are.
+
+INT8 (``--precision int8``): the backbone graph is quantized once (QDQ,
+per-channel weights, calibrated on the training tiles of every location) and
+every PaDiM head is refit on the INT8 backbone's own features, then exported
+in FP32 like the others (see :mod:`tilead.exporter.quantize` for why the refit).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tilead.exporter.onnx_export import check_onnx, export_like, export_location
+from tilead.exporter.quantize import quantize_location
+from tilead.runtime.bundle import BACKBONE_FILE, FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, location_files, sha256_file
+
+log = logging.getLogger("tilead.exporter")
+LAYOUTS = ("per_location", "shared_backbone")
+SHARED_FAMILIES = ("padim", "patchcore")
+"""Families whose backbone is frozen and the same at every location (the only ones that may share it)."""
+CALIBRATION_MIN_PER_LOCATION = 4
+"""INT8: calibration tiles taken from each location at least (when it has that many)."""
+DEFAULT_LAYOUT: dict[str, str] = {}
+"""The layout ``tilead-export`` writes when none is asked for, by family (others: ``per_location``).
+
+Empty: ``per_location`` for every family until ``make bench-cpu-speed`` shows the shared layout
+faster on a quiet CPU (issue #21: the default changes only on a measured gain; under the load of
+the machine it was written on, the two measured within noise of each other). Set
+``{"padim": "shared_backbone", "patchcore": "shared_backbone"}`` then."""
+
+
+def choose_layout(layout: str | None, family: str, image_score: str) -> str:
+    """The layout to export: the one asked for, checked, or the family's default.
+
+    Args:
+        layout: ``per_location``, ``shared_backbone`` or None (the default for the family).
+        family: The run's detector family.
+        image_score: The run's ``postprocess.image_score``.
+
+    Raises:
+        ValueError: For an unknown layout, or ``shared_backbone`` for a family
+            that trains its backbone or a run that deploys the detector's own score.
+    """
+    if layout is None:
+        default = DEFAULT_LAYOUT.get(family, "per_location")
+        return default if image_score == "max" and family in SHARED_FAMILIES else "per_location"
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "shared_backbone":
+        if family not in SHARED_FAMILIES:
+            raise ValueError(
+                f"layout shared_backbone: needs a frozen backbone shared by every location "
+                f"({', '.join(SHARED_FAMILIES)}); this run's model is {family!r}: export per_location"
+            )
+        if image_score != "max":
+            raise ValueError(
+                "layout shared_backbone: the heads output only the map; this run deploys the detector's own image "
+                f"score (postprocess.image_score {image_score!r}): export per_location"
+            )
+    return layout
+
+
+class FeatureGraph(nn.Module):
+    """The shared part of a location model: ``(n, C, th, tw)`` tiles to ``(n, d, fh, fw)`` features."""
+
+    def __init__(self, embedding: nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of a tile batch."""
+        out: torch.Tensor = self.embedding(x)
+        return out
+
+
+class HeadGraph(nn.Module):
+    """One location's head: ``(n, d, fh, fw)`` features to the ``(n, 1, h, w)`` map."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Map of a feature batch."""
+        out: torch.Tensor = self.head(features)
+        return out
+
+
+def same_module(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules hold equal state and buffers (persistent or not) under the same names."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k]) for k in sa):
+        return False
+    ba, bb = dict(a.named_buffers()), dict(b.named_buffers())
+    return ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)
+
+
+def shared_embedding(models: Sequence[nn.Module]) -> nn.Module:
+    """The one ``embedding`` every location model shares.
+
+    Raises:
+        ValueError: If a model has no ``embedding`` / ``head`` or the embeddings differ.
+    """
+    for i, m in enumerate(models):
+        if not isinstance(getattr(m, "embedding", None), nn.Module) or not isinstance(
+            getattr(m, "head", None), nn.Module
+        ):
+            raise ValueError(f"layout shared_backbone: location {i}'s model has no embedding/head split")
+    first = models[0].get_submodule("embedding")
+    for i, m in enumerate(models[1:], start=1):
+        if m.get_submodule("embedding") is not first and not same_module(m.get_submodule("embedding"), first):
+            raise ValueError(
+                f"layout shared_backbone: location {i}'s embedding differs from location 0's (weights, channel "
+                "subset or size); export per_location"
+            )
+    return first
+
+
+@dataclass
+class SharedExport:
+    """What :func:`export_shared` wrote into the bundle folder."""
+
+    backbone: dict[str, Any]
+    entries: list[dict[str, Any]]
+    parity: dict[str, float]
+    quantization: dict[str, Any] = field(default_factory=dict)
+
+
+def _features(session: Any, tiles: np.ndarray) -> np.ndarray:
+    return np.asarray(session.run([FEATURES_NAME], {INPUT_NAME: np.ascontiguousarray(tiles, dtype=np.float32)})[0])
+
+
+def chain_difference(backbone: Any, head_path: Path, model: nn.Module, tiles: np.ndarray) -> float:
+    """Max abs difference of ``head(backbone(tiles))`` (ONNX Runtime) vs the eager location model, relative to the map.
+
+    Args:
+        backbone: An ONNX Runtime session of ``backbone.onnx``.
+        head_path: The location's head graph.
+        model: The eager location model (tiles to map).
+        tiles: float32 ``(n, C, th, tw)``.
+
+    Raises:
+        RuntimeError: If the shapes differ.
+    """
+    import onnxruntime as ort
+
+    head = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+    got = head.run([OUTPUT_NAME], {FEATURES_NAME: _features(backbone, tiles)})[0]
+    with torch.inference_mode():
+        ref = model.eval()(torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))).numpy()
+    if got.shape != ref.shape:
+        raise RuntimeError(f"{head_path}: map shape {got.shape} differs from the eager model's {ref.shape}")
+    span = float(ref.max() - ref.min()) or 1.0
+    return float(np.abs(got - ref).max()) / span
+
+
+def export_shared(
+    root: Path,
+    grid: Any,
+    tile_shape: tuple[int, int, int],
+    models: Sequence[nn.Module],
+    exported: Sequence[nn.Module],
+    *,
+    opset: int,
+    tolerance: float,
+    calibration: Callable[[int], list[np.ndarray]] | None = None,
+    refit: Callable[[int, Any, nn.Module], tuple[nn.Module, int]] | None = None,
+    int8_tolerance: float = 1.0,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+) -> SharedExport:
+    """Write ``backbone.onnx`` and ``heads/rRcC.onnx`` into ``root`` and check them.
+
+    Args:
+        root: The bundle's temporary folder.
+        grid: The run's tile grid.
+        tile_shape: ``(C, th, tw)``.
+        models: Every location's eager model (the reference), row-major.
+        exported: Every location's export variant (same embedding, the head that is traced).
+        opset: ONNX opset.
+        tolerance: Largest FP32 chain-vs-eager difference accepted (relative to the map's range).
+        calibration: INT8 only: ``location index -> its calibration tile batches``; the backbone is
+            calibrated on about as many tiles in all as one location has (spread over the locations).
+        refit: INT8 only: ``(location index, INT8 backbone session, export head) -> (refit head, tiles fitted on)``.
+        int8_tolerance: INT8 only: largest chain-vs-eager difference accepted on real tiles.
+        progress: Wraps the per-location loop (a progress bar).
+
+    Returns:
+        The manifest's ``backbone`` entry, the location entries, the parity per location and INT8 facts.
+
+    Raises:
+        RuntimeError: If a chain differs from its eager model beyond the tolerance.
+        ValueError: If the locations do not share one embedding.
+    """
+    import onnxruntime as ort
+
+    embedding = shared_embedding(list(exported))
+    shared_embedding(list(models))
+    backbone_path = root / BACKBONE_FILE
+    graph = FeatureGraph(embedding).eval()
+    export_location(graph, tile_shape, backbone_path, opset=opset, outputs=[FEATURES_NAME])
+    check_onnx(backbone_path)
+    quant: dict[str, Any] = {}
+    if calibration is not None:
+        # An equal share from every location (one location in memory at a time): one location's worth of tiles
+        # in all, but at least CALIBRATION_MIN_PER_LOCATION from each (a 16-location grid would leave 2 otherwise).
+        first = calibration(0)
+        available = sum(int(b.shape[0]) for b in first)
+        per_location = max(-(-available // grid.num_locations), min(available, CALIBRATION_MIN_PER_LOCATION))
+        spread = [np.concatenate(first)[:per_location]] if first else []
+        del first
+        for index in range(1, grid.num_locations):
+            tiles = calibration(index)
+            if tiles:
+                spread.append(np.concatenate(tiles)[:per_location])
+        info = quantize_location(backbone_path, backbone_path, spread)
+        check_onnx(backbone_path)
+        quant = {
+            "quantized_nodes": info.backbone_nodes,
+            "fp32_nodes": info.fp32_nodes,
+            "calibration_tiles": info.calibration_tiles,
+        }
+    session = ort.InferenceSession(str(backbone_path), providers=["CPUExecutionProvider"])
+    probe = np.random.default_rng(0).standard_normal((2, *tile_shape)).astype(np.float32)
+    feats = _features(session, probe)
+    d, fh, fw = (int(v) for v in feats.shape[1:])
+    if calibration is None:
+        with torch.inference_mode():
+            ref = graph(torch.from_numpy(probe)).numpy()
+        span = float(ref.max() - ref.min()) or 1.0
+        diff = float(np.abs(feats - ref).max()) / span
+        if diff > tolerance:
+            raise RuntimeError(f"backbone.onnx differs from the eager embedding by {diff:.2e} of its range")
+    entries: list[dict[str, Any]] = []
+    parity: dict[str, float] = {}
+    refit_tiles = 0
+    template: tuple[Path, nn.Module] | None = None
+    files = location_files(grid, "shared_backbone")
+    for index in progress(range(grid.num_locations)):
+        name, rel = grid.location_names()[index], files[index]
+        target = root / rel
+        head = HeadGraph(exported[index].get_submodule("head")).eval()
+        real: list[np.ndarray] = calibration(index)[:1] if calibration is not None else []
+        if refit is not None:
+            new, fitted = refit(index, session, exported[index].get_submodule("head"))
+            head = HeadGraph(new).eval()
+            refit_tiles = max(refit_tiles, fitted)
+        reused = template is not None and export_like(template[0], template[1], head, target)
+        if not reused:
+            export_location(head, (d, fh, fw), target, opset=opset, input_name=FEATURES_NAME)
+            template = template or (target, head)
+        check_onnx(target)
+        # The eager reference: FP32, the plain location model; INT8, the exported backbone's own head chain.
+        if calibration is None:
+            diff = chain_difference(session, target, models[index], probe)
+            if reused and diff > tolerance:
+                export_location(head, (d, fh, fw), target, opset=opset, input_name=FEATURES_NAME)
+                check_onnx(target)
+                diff = chain_difference(session, target, models[index], probe)
+            if diff > tolerance:
+                raise RuntimeError(
+                    f"location {name}: backbone.onnx + {rel} differ from the eager model by {diff:.2e} of the map "
+                    f"range (tolerance {tolerance:.0e})"
+                )
+        else:
+            diff = chain_difference(session, target, models[index], real[0])
+            if diff > int8_tolerance:
+                raise RuntimeError(
+                    f"location {name}: the INT8 backbone + {rel} differ from the eager model by {diff:.2e} of the "
+                    f"map range on training tiles (INT8 tolerance {int8_tolerance})"
+                )
+        parity[name] = diff
+        entries.append({"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size})
+        log.info("exported %s head (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
+    backbone = {
+        "name": "backbone",
+        "file": BACKBONE_FILE,
+        "sha256": sha256_file(backbone_path),
+        "bytes": backbone_path.stat().st_size,
+        "output": FEATURES_NAME,
+        "features": [d, fh, fw],
+    }
+    if quant and refit is not None:
+        quant["head_refit_tiles"] = refit_tiles
+    return SharedExport(backbone, entries, parity, quant)
+
+
+def refit_padim(session: Any, head: Any, batches: Iterable[np.ndarray], eps: float) -> tuple[nn.Module, int]:
+    """A PaDiM head fitted again on the (INT8) backbone session's features of a location's training tiles.
+
+    Args:
+        session: ONNX Runtime session of ``backbone.onnx``.
+        head: The location's export head (a ``BlockRowPadimHead``): its size, blur, block count and storage dtype.
+        batches: The location's training tiles, float32 ``(n, C, th, tw)``.
+        eps: The run's covariance regularization.
+
+    Returns:
+        The refit ``BlockRowPadimHead`` and the number of tiles it was fitted on.
+    """
+    from tilead.trainer.padim import BlockRowPadimHead, PadimAccumulator
+
+    h, w = head.size
+    acc = PadimAccumulator(h * w, int(head.mean.shape[1]))
+    for batch in batches:
+        acc.update(torch.from_numpy(_features(session, batch)))
+    mean, inv_cov = acc.finalize(eps)
+    refit = BlockRowPadimHead(mean, inv_cov.to(head.row0.dtype), (h, w), head.blur_sigma, blocks=len(head.bounds) - 1)
+    return refit.eval(), acc.count
