@@ -33,6 +33,14 @@ are equally common on a log scale. Centres are uniform over the whole image
 centres are snapped onto a multiple of the tile size along one axis, so that
 defects lie across tile seams too.
 
+Opacity: with ``opacity=(lo, hi)`` every defect is made fainter after it is
+drawn: the result is ``good + a * (defect - good)`` (rounded to uint8) with
+``a`` drawn uniformly from ``[lo, hi]`` per defect, so the shape, size and
+place are those of the full-strength defect and only the contrast changes
+(the mask stays exact: the pixels the faint defect changed). Real defects are
+often faint (a stain, a shallow dent); validation thresholds fitted only on
+high-contrast fakes land too high for them (see ``docs/good_only.md``).
+
 Determinism: defect ``k`` of image ``i`` draws from its own stream seeded by
 ``(seed, i, k)``, so the result depends only on the seed, the inputs and
 ``per_image``. Kinds go round-robin over ``kinds`` (every kind appears once
@@ -304,7 +312,12 @@ assert tuple(_MAKERS) == KINDS
 
 
 def _check_inputs(
-    images: Sequence[np.ndarray], seed: int, per_image: int, kinds: Sequence[str] | None, tile_size: object
+    images: Sequence[np.ndarray],
+    seed: int,
+    per_image: int,
+    kinds: Sequence[str] | None,
+    tile_size: object,
+    opacity: object = (1.0, 1.0),
 ) -> tuple[tuple[str, ...], tuple[int, int] | None]:
     if isinstance(images, np.ndarray) or not isinstance(images, Sequence):
         raise TypeError(f"images: expected a sequence of uint8 (H, W, C) arrays, got {type(images).__name__}")
@@ -351,6 +364,13 @@ def _check_inputs(
         ):
             raise ValueError(f"tile_size: expected (height, width) of positive integers, got {tile_size!r}")
         tile = (int(tile_size[0]), int(tile_size[1]))
+    if (
+        not isinstance(opacity, Sequence)
+        or len(opacity) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in opacity)
+        or not 0.0 < float(opacity[0]) <= float(opacity[1]) <= 1.0
+    ):
+        raise ValueError(f"opacity: expected (low, high) with 0 < low <= high <= 1, got {opacity!r}")
     return chosen, tile
 
 
@@ -361,6 +381,7 @@ def synthesize_defects(
     per_image: int = 1,
     kinds: Sequence[str] | None = None,
     tile_size: tuple[int, int] | None = None,
+    opacity: tuple[float, float] = (1.0, 1.0),
 ) -> list[SyntheticDefect]:
     """Draw synthetic defects into copies of good images (see the module docstring).
 
@@ -372,16 +393,19 @@ def synthesize_defects(
         kinds: Kinds to draw, round-robin (default: all of :data:`KINDS`).
         tile_size: ``(height, width)`` of the tiles the model sees: defect sizes scale with it and some
             defects are centred on tile seams (None: sizes scale with each image).
+        opacity: ``(low, high)`` range, ``0 < low <= high <= 1``, of the factor each defect's change is scaled
+            by (drawn per defect; ``(1, 1)``: full strength, the default).
 
     Returns:
         ``len(images) * per_image`` defects: image-major, ``per_image`` consecutive ones per image.
 
     Raises:
         TypeError: If ``images`` or ``kinds`` have the wrong type.
-        ValueError: For a bad image (naming ``images[i]``), seed, count, kind or tile size, or if an
+        ValueError: For a bad image (naming ``images[i]``), seed, count, kind, tile size or opacity, or if an
             image is so uniform that no attempt changed a pixel.
     """
-    chosen, tile = _check_inputs(images, seed, per_image, kinds, tile_size)
+    chosen, tile = _check_inputs(images, seed, per_image, kinds, tile_size, opacity)
+    lo, hi = float(opacity[0]), float(opacity[1])
     out: list[SyntheticDefect] = []
     for i, good in enumerate(images):
         ref = tile if tile is not None else (int(good.shape[0]), int(good.shape[1]))
@@ -391,6 +415,10 @@ def synthesize_defects(
             ctx = _Ctx(images, i, rng, ref, tile)
             for _ in range(_ATTEMPTS):
                 image = _MAKERS[kind](ctx)
+                if lo < 1.0:
+                    a = rng.uniform(lo, hi)
+                    mixed = good.astype(np.float64) + a * (image.astype(np.float64) - good)
+                    image = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
                 mask = np.any(image != good, axis=-1)
                 area = int(mask.sum())
                 if area:

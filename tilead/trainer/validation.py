@@ -35,6 +35,7 @@ import numpy as np
 from tilead.runtime import SeamSmoothing, TileGrid, merge_maps, resize_maps
 from tilead.runtime.postprocess import BlendWeights
 from tilead.runtime.stats import NormalizationStage, NormalizationStats, TileStats
+from tilead.thresholds import good_bound_threshold
 from tilead.trainer.metrics import f1_adaptive_threshold
 
 
@@ -48,6 +49,45 @@ def _threshold(scores: np.ndarray, labels: np.ndarray, good_quantile: float) -> 
     good = flat[~lab] if not lab.all() else flat
     value = float(np.quantile(good.astype(np.float64), good_quantile))
     return value, {"rule": f"quantile {good_quantile} of good scores (no anomalies to fit an F1 threshold)"}
+
+
+def bounded_image_threshold(
+    scores: np.ndarray, labels: np.ndarray, good_quantile: float, target_false_alarm: float | None
+) -> tuple[float, dict[str, Any]]:
+    """The image threshold, never below the good-score bound at ``target_false_alarm`` (synthetic validation).
+
+    F1-adaptive on good plus (synthetic) anomalous images trades false alarms for misses by the synthetic
+    defects' mix, which says nothing about real defects. With ``target_false_alarm`` the threshold is
+    ``max(F1-adaptive, good bound)``, the bound being :func:`tilead.thresholds.good_bound_threshold` of the
+    good images' scores: a new good part exceeds it with probability at most the recorded ``bound``.
+
+    Args:
+        scores: Raw image scores ``(n,)``.
+        labels: Image labels ``(n,)`` (True: anomalous).
+        good_quantile: Quantile rule without anomalies (as :func:`_threshold`).
+        target_false_alarm: Target false-alarm rate on new good parts, or None for plain F1-adaptive.
+
+    Returns:
+        The threshold and how it was chosen.
+    """
+    value, rule = _threshold(scores, labels, good_quantile)
+    lab = np.asarray(labels).astype(bool).reshape(-1)
+    if target_false_alarm is None or rule["rule"] != "f1_adaptive":
+        return value, rule
+    bound, rate = good_bound_threshold(np.asarray(scores).reshape(-1)[~lab], target_false_alarm)
+    chosen = max(value, bound)
+    return chosen, {
+        "rule": "max(f1_adaptive, good bound)",
+        "f1_adaptive": value,
+        "f1": rule["f1"],
+        "good_bound": bound,
+        "target_false_alarm": target_false_alarm,
+        "false_alarm_bound": rate,
+        "binding": "good bound" if bound > value else "f1_adaptive",
+        "note": "the good bound is the k-th smallest held-out good score with k = ceil((1 - target) * (n + 1)) "
+        "(the largest when n is too small): a new good part scores above it with probability at most "
+        "false_alarm_bound (split-conformal)",
+    }
 
 
 def false_alarm_estimate(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -217,6 +257,7 @@ def compute_stats(
     seam: SeamSmoothing | None,
     good_quantile: float,
     image_scores: np.ndarray | None = None,
+    target_false_alarm: float | None = None,
 ) -> tuple[NormalizationStats, dict[str, Any]]:
     """Normalization statistics of a validation set.
 
@@ -231,6 +272,8 @@ def compute_stats(
         good_quantile: Threshold quantile when there are no anomalies.
         image_scores: float32 ``(n,)`` raw image scores of the detector's own
             (None: each merged map's max).
+        target_false_alarm: With anomalies (synthetic validation): the image threshold is at least the
+            good-score bound at this false-alarm rate (:func:`bounded_image_threshold`); None: F1-adaptive.
 
     Returns:
         The statistics and a description of how they were obtained.
@@ -258,7 +301,7 @@ def compute_stats(
         tile_stats, rules = tile_statistics(maps, masks, labels, grid, good_quantile)
         merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats.as_tuple())
         scores = image_scores_of(merged)
-        image_t, image_rule = _threshold(scores, labels, good_quantile)
+        image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)
         stats = NormalizationStats(
             stage="tile",
             pixel_threshold=0.5,
@@ -273,7 +316,7 @@ def compute_stats(
     merged = merge_maps(maps, grid, weights=weights, seam=seam)
     scores = image_scores_of(merged)
     pixel_t, pixel_rule = _threshold(merged, masks, good_quantile)
-    image_t, image_rule = _threshold(scores, labels, good_quantile)
+    image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)
     info.update({"pixel_threshold_rule": pixel_rule, "image_threshold_rule": image_rule})
     info["false_alarm_estimate"] = false_alarm_estimate(scores, labels, image_t)
     if stage == "none":
