@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tilead.thresholds import good_bound_threshold
-from tilead.trainer.validation import bounded_image_threshold
+from tilead.thresholds import false_alarm_threshold, good_bound_threshold
+from tilead.trainer.validation import bounded_image_threshold, bounded_pixel_threshold, compute_stats
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False)
 
@@ -85,3 +85,64 @@ def test_image_threshold_without_anomalies_keeps_the_quantile_rule() -> None:
     t, rule = bounded_image_threshold(scores, np.zeros(11, bool), 0.5, 0.05)
     assert t == pytest.approx(0.5)
     assert rule["rule"].startswith("quantile")
+
+
+def _pixel_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Good maps with a smooth background, and defective copies whose small defects score far above it."""
+    rng = np.random.default_rng(0)
+    good = rng.uniform(0.0, 10.0, size=(4, 32, 32)).astype(np.float32)
+    bad = good.copy()
+    masks = np.zeros((8, 32, 32), dtype=bool)
+    for i in range(4):
+        masks[4 + i, 10:13, 10:13] = True
+        bad[i, 10:13, 10:13] = 100.0  # strong, tiny synthetic defects
+        bad[i, 8:15, 8:15] = np.maximum(bad[i, 8:15, 8:15], 20.0)  # their blurred halo
+        bad[i, 10:13, 10:13] = 100.0
+    maps = np.concatenate([good, bad])
+    labels = np.r_[np.zeros(4, bool), np.ones(4, bool)]
+    return maps, masks, labels
+
+
+def test_pixel_threshold_is_capped_by_the_good_pixel_quantile() -> None:
+    maps, masks, labels = _pixel_case()
+    plain, rule = bounded_pixel_threshold(maps, masks, labels, 0.99, None)
+    assert rule["rule"] == "f1_adaptive"
+    assert plain > 20.0  # F1 trims the halo
+    t, rule = bounded_pixel_threshold(maps, masks, labels, 0.99, 0.01)
+    assert t == false_alarm_threshold(maps[:4], 0.01)
+    assert t < plain
+    assert rule["binding"] == "good pixel quantile"
+    assert rule["f1_adaptive"] == plain
+    good_pixels = maps[:4]
+    assert (good_pixels > t).mean() <= 0.01
+
+
+def test_pixel_threshold_keeps_f1_when_it_is_lower() -> None:
+    maps, masks, labels = _pixel_case()
+    maps[:4] *= 30.0  # good pixels reach far above the defects' F1 threshold
+    t, rule = bounded_pixel_threshold(maps, masks, labels, 0.99, 0.001)
+    assert rule["binding"] == "f1_adaptive"
+    assert t == rule["f1_adaptive"]
+
+
+def test_compute_stats_records_both_bounded_rules() -> None:
+    from tilead.runtime import TileGrid
+
+    maps, masks, labels = _pixel_case()
+    grid = TileGrid(image_size=(32, 32), tile_size=(32, 32), stride=(32, 32))
+    stats, info = compute_stats(
+        maps[None],
+        masks,
+        labels,
+        grid,
+        stage="image",
+        weights="uniform",
+        seam=None,
+        good_quantile=0.99,
+        target_false_alarm=0.05,
+        pixel_false_positive=0.01,
+    )
+    assert info["image_threshold_rule"]["rule"] == "max(f1_adaptive, good bound)"
+    assert info["pixel_threshold_rule"]["rule"] == "min(f1_adaptive, good pixel quantile)"
+    assert stats.pixel_threshold == pytest.approx(info["pixel_threshold_rule"]["good_pixel_quantile"])
+    assert stats.image_threshold >= info["image_threshold_rule"]["good_bound"]

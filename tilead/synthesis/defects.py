@@ -92,6 +92,7 @@ class _Ctx:
     rng: np.random.Generator
     ref: tuple[int, int]  # reference (tile) size for defect sizes
     tile: tuple[int, int] | None
+    min_fraction: float = 0.0  # smallest defect side as a fraction of min(ref)
 
     @property
     def image(self) -> np.ndarray:
@@ -100,6 +101,12 @@ class _Ctx:
     @property
     def max_side(self) -> float:
         return max(4.0, 0.5 * min(self.ref))
+
+    def low(self, pixels: float) -> float:
+        """The smallest side of a kind (``pixels``), raised to ``min_fraction`` of the reference size."""
+        if self.min_fraction <= 0.0:
+            return pixels
+        return min(max(pixels, self.min_fraction * min(self.ref)), self.max_side)
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def _blend(
 
 
 def _perlin_texture(ctx: _Ctx) -> np.ndarray:
-    side = _log_uniform(ctx.rng, 8, ctx.max_side)
+    side = _log_uniform(ctx.rng, ctx.low(8), ctx.max_side)
     aspect = ctx.rng.uniform(0.5, 2.0)
     box = _box(ctx, round(side * math.sqrt(aspect)), round(side / math.sqrt(aspect)))
     region = _perlin_region(ctx, box)
@@ -240,7 +247,7 @@ def _perlin_texture(ctx: _Ctx) -> np.ndarray:
 
 
 def _cutpaste(ctx: _Ctx) -> np.ndarray:
-    side = _log_uniform(ctx.rng, 4, ctx.max_side)
+    side = _log_uniform(ctx.rng, ctx.low(4), ctx.max_side)
     aspect = math.exp(ctx.rng.uniform(math.log(0.3), math.log(3.3)))
     box = _box(ctx, round(side * math.sqrt(aspect)), round(side / math.sqrt(aspect)))
     bh, bw = box[1] - box[0], box[3] - box[2]
@@ -252,7 +259,7 @@ def _cutpaste(ctx: _Ctx) -> np.ndarray:
 
 def _scar(ctx: _Ctx) -> np.ndarray:
     width = ctx.rng.uniform(4, 16)
-    length = _log_uniform(ctx.rng, 10, max(12.0, ctx.max_side))
+    length = _log_uniform(ctx.rng, ctx.low(10), max(12.0, ctx.max_side))
     box, region = _oriented(ctx, length, width)
     patch = _crop(ctx.image, box[1] - box[0], box[3] - box[2], ctx.rng)
     return _blend(ctx.image, box, region, _jitter(patch, ctx.rng, 1.0), 1.0)
@@ -260,7 +267,7 @@ def _scar(ctx: _Ctx) -> np.ndarray:
 
 def _scratch(ctx: _Ctx) -> np.ndarray:
     width = ctx.rng.uniform(1, 4)
-    length = _log_uniform(ctx.rng, 6, max(8.0, 1.2 * ctx.max_side))
+    length = _log_uniform(ctx.rng, ctx.low(6), max(8.0, 1.2 * ctx.max_side))
     box, region = _oriented(ctx, length, width)
     y0, y1, x0, x1 = box
     colour = _contrast_colour(ctx, ctx.image[y0:y1, x0:x1])
@@ -269,7 +276,7 @@ def _scratch(ctx: _Ctx) -> np.ndarray:
 
 def _spot(ctx: _Ctx) -> np.ndarray:
     scale = max(1.0, min(ctx.ref) / 256)
-    r = _log_uniform(ctx.rng, 1, 8) * scale
+    r = max(_log_uniform(ctx.rng, 1, 8) * scale, 0.5 * ctx.low(0))
     ry, rx = r * ctx.rng.uniform(0.6, 1.4), r * ctx.rng.uniform(0.6, 1.4)
     h, w = ctx.image.shape[:2]
     cy, cx = _centre(ctx)
@@ -283,7 +290,7 @@ def _spot(ctx: _Ctx) -> np.ndarray:
 
 
 def _blotch(ctx: _Ctx) -> np.ndarray:
-    side = _log_uniform(ctx.rng, 8, ctx.max_side)
+    side = _log_uniform(ctx.rng, ctx.low(8), ctx.max_side)
     box = _box(ctx, round(side), round(side * ctx.rng.uniform(0.6, 1.6)))
     region = _perlin_region(ctx, box)
     y0, y1, x0, x1 = box
@@ -382,6 +389,7 @@ def synthesize_defects(
     kinds: Sequence[str] | None = None,
     tile_size: tuple[int, int] | None = None,
     opacity: tuple[float, float] = (1.0, 1.0),
+    min_fraction: float = 0.0,
 ) -> list[SyntheticDefect]:
     """Draw synthetic defects into copies of good images (see the module docstring).
 
@@ -395,6 +403,8 @@ def synthesize_defects(
             defects are centred on tile seams (None: sizes scale with each image).
         opacity: ``(low, high)`` range, ``0 < low <= high <= 1``, of the factor each defect's change is scaled
             by (drawn per defect; ``(1, 1)``: full strength, the default).
+        min_fraction: Smallest defect side (length for scratches and scars, diameter for spots) as a
+            fraction of the reference size, in ``[0, 0.5]`` (0: the kinds' own few-pixel minimum).
 
     Returns:
         ``len(images) * per_image`` defects: image-major, ``per_image`` consecutive ones per image.
@@ -406,13 +416,15 @@ def synthesize_defects(
     """
     chosen, tile = _check_inputs(images, seed, per_image, kinds, tile_size, opacity)
     lo, hi = float(opacity[0]), float(opacity[1])
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, int | float) or not 0.0 <= min_fraction <= 0.5:
+        raise ValueError(f"min_fraction: expected a number in [0, 0.5], got {min_fraction!r}")
     out: list[SyntheticDefect] = []
     for i, good in enumerate(images):
         ref = tile if tile is not None else (int(good.shape[0]), int(good.shape[1]))
         for k in range(per_image):
             kind = chosen[(i * per_image + k) % len(chosen)]
             rng = np.random.default_rng([int(seed), i, k])
-            ctx = _Ctx(images, i, rng, ref, tile)
+            ctx = _Ctx(images, i, rng, ref, tile, float(min_fraction))
             for _ in range(_ATTEMPTS):
                 image = _MAKERS[kind](ctx)
                 if lo < 1.0:

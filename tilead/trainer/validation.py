@@ -35,7 +35,7 @@ import numpy as np
 from tilead.runtime import SeamSmoothing, TileGrid, merge_maps, resize_maps
 from tilead.runtime.postprocess import BlendWeights
 from tilead.runtime.stats import NormalizationStage, NormalizationStats, TileStats
-from tilead.thresholds import good_bound_threshold
+from tilead.thresholds import false_alarm_threshold, good_bound_threshold
 from tilead.trainer.metrics import f1_adaptive_threshold
 
 
@@ -87,6 +87,47 @@ def bounded_image_threshold(
         "note": "the good bound is the k-th smallest held-out good score with k = ceil((1 - target) * (n + 1)) "
         "(the largest when n is too small): a new good part scores above it with probability at most "
         "false_alarm_bound (split-conformal)",
+    }
+
+
+def bounded_pixel_threshold(
+    merged: np.ndarray, masks: np.ndarray, labels: np.ndarray, good_quantile: float, pixel_false_positive: float | None
+) -> tuple[float, dict[str, Any]]:
+    """The pixel threshold, never above the good pixels' ``1 - pixel_false_positive`` quantile (synthetic validation).
+
+    Synthetic defects score far above many real ones and are mostly small, so the F1-best threshold on them
+    trims the blurred halo that real defects need and lands too high. With ``pixel_false_positive`` the
+    threshold is ``min(F1-adaptive, q)``, ``q`` the smallest threshold with at most ``pixel_false_positive``
+    of the held-out good images' pixels above it (:func:`tilead.thresholds.false_alarm_threshold`): any
+    region scoring above the level that only that share of good pixels reach is
+    marked, however strong the synthetic defects were.
+
+    Args:
+        merged: Merged maps ``(n, H, W)``.
+        masks: Ground truth ``(n, H, W)``.
+        labels: Image labels ``(n,)`` (True: anomalous; good images' pixels give ``q``).
+        good_quantile: Quantile rule without anomalies (as :func:`_threshold`).
+        pixel_false_positive: Share of good pixels allowed above the threshold, or None for plain F1-adaptive.
+
+    Returns:
+        The threshold and how it was chosen.
+    """
+    value, rule = _threshold(merged, masks, good_quantile)
+    lab = np.asarray(labels).astype(bool).reshape(-1)
+    if pixel_false_positive is None or rule["rule"] != "f1_adaptive" or lab.all():
+        return value, rule
+    cap = false_alarm_threshold(merged[~lab], pixel_false_positive)
+    chosen = min(value, cap)
+    return chosen, {
+        "rule": "min(f1_adaptive, good pixel quantile)",
+        "f1_adaptive": value,
+        "f1": rule["f1"],
+        "good_pixel_quantile": cap,
+        "pixel_false_positive": pixel_false_positive,
+        "binding": "good pixel quantile" if cap < value else "f1_adaptive",
+        "note": "the cap is the 1 - pixel_false_positive quantile of the held-out good images' pixels: regions "
+        "scoring above what that share of good pixels reach are marked, however strongly the synthetic "
+        "defects scored",
     }
 
 
@@ -258,6 +299,7 @@ def compute_stats(
     good_quantile: float,
     image_scores: np.ndarray | None = None,
     target_false_alarm: float | None = None,
+    pixel_false_positive: float | None = None,
 ) -> tuple[NormalizationStats, dict[str, Any]]:
     """Normalization statistics of a validation set.
 
@@ -274,6 +316,9 @@ def compute_stats(
             (None: each merged map's max).
         target_false_alarm: With anomalies (synthetic validation): the image threshold is at least the
             good-score bound at this false-alarm rate (:func:`bounded_image_threshold`); None: F1-adaptive.
+        pixel_false_positive: With anomalies (synthetic validation), stages ``image`` and ``none``: the pixel
+            threshold is at most the good pixels' ``1 - pixel_false_positive`` quantile
+            (:func:`bounded_pixel_threshold`); None: F1-adaptive.
 
     Returns:
         The statistics and a description of how they were obtained.
@@ -315,7 +360,7 @@ def compute_stats(
         return stats, info
     merged = merge_maps(maps, grid, weights=weights, seam=seam)
     scores = image_scores_of(merged)
-    pixel_t, pixel_rule = _threshold(merged, masks, good_quantile)
+    pixel_t, pixel_rule = bounded_pixel_threshold(merged, masks, labels, good_quantile, pixel_false_positive)
     image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)
     info.update({"pixel_threshold_rule": pixel_rule, "image_threshold_rule": image_rule})
     info["false_alarm_estimate"] = false_alarm_estimate(scores, labels, image_t)
