@@ -135,6 +135,26 @@ def test_sizes_span_small_to_large_fraction_of_a_tile() -> None:
     assert max(areas) >= 0.1 * 150 * 150
 
 
+def test_min_fraction_raises_the_smallest_defects() -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size=(300, 300, 3), dtype=np.uint8) for _ in range(10)]
+    base = synthesize_defects(images, seed=3, per_image=6, tile_size=(150, 150))
+    zero = synthesize_defects(images, seed=3, per_image=6, tile_size=(150, 150), min_fraction=0.0)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(base, zero, strict=True))
+    large = synthesize_defects(images, seed=3, per_image=6, tile_size=(150, 150), min_fraction=0.3)
+    for kind in ("perlin_texture", "cutpaste", "blotch", "spot"):
+        small_areas = [d.area for d in base if d.kind == kind]
+        large_areas = [d.area for d in large if d.kind == kind]
+        assert min(large_areas) > min(small_areas)
+        assert np.median(large_areas) > np.median(small_areas)
+    for d in large:
+        ys, xs = np.nonzero(d.mask)
+        extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        if d.kind in ("cutpaste", "spot", "scratch", "scar"):  # whole shapes (unless clipped at the border)
+            touches = ys.min() == 0 or xs.min() == 0 or ys.max() == 299 or xs.max() == 299
+            assert touches or extent >= 0.3 * 150 * 0.5
+
+
 def test_other_seed_gives_other_defects() -> None:
     rng = np.random.default_rng(2)
     images = [rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8) for _ in range(2)]
@@ -185,6 +205,8 @@ def test_uniform_images_still_get_every_kind(value: int) -> None:
         ({"opacity": (0.8, 0.5)}, ValueError, "opacity: expected"),
         ({"opacity": (0.5, 1.5)}, ValueError, "opacity: expected"),
         ({"opacity": 0.5}, ValueError, "opacity: expected"),
+        ({"min_fraction": 0.6}, ValueError, "min_fraction: expected"),
+        ({"min_fraction": -0.1}, ValueError, "min_fraction: expected"),
         ({"opacity": (0.5, float("nan"))}, ValueError, "opacity: expected"),
     ],
 )
