@@ -103,21 +103,37 @@ def _pixel_case() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return maps, masks, labels
 
 
-def test_pixel_threshold_is_capped_by_the_good_pixel_quantile() -> None:
+def _with_good_tail(maps: np.ndarray) -> np.ndarray:
+    """Good background with a long tail: a few pixels of every image (good and copies) score up to 95."""
+    out: np.ndarray = maps.copy()
+    out[:, 0, :4] = np.float32(95.0)
+    return out
+
+
+def test_pixel_threshold_pinned_by_good_pixels_is_capped() -> None:
     maps, masks, labels = _pixel_case()
+    maps = _with_good_tail(maps)
     plain, rule = bounded_pixel_threshold(maps, masks, labels, 0.99, None)
     assert rule["rule"] == "f1_adaptive"
-    assert plain > 20.0  # F1 trims the halo
     t, rule = bounded_pixel_threshold(maps, masks, labels, 0.99, 0.01)
+    assert plain <= rule["pinned_below"]  # F1 lies at the top of the good pixels
     assert t == false_alarm_threshold(maps[:4], 0.01)
     assert t < plain
     assert rule["binding"] == "good pixel quantile"
     assert rule["f1_adaptive"] == plain
-    good_pixels = maps[:4]
-    assert (good_pixels > t).mean() <= 0.01
+    assert (maps[:4] > t).mean() <= 0.01
 
 
-def test_pixel_threshold_keeps_f1_when_it_is_lower() -> None:
+def test_pixel_threshold_far_above_the_good_pixels_keeps_f1() -> None:
+    maps, masks, labels = _pixel_case()  # good pixels 0..10, the F1 threshold trims a halo at 20
+    plain, _ = bounded_pixel_threshold(maps, masks, labels, 0.99, None)
+    t, rule = bounded_pixel_threshold(maps, masks, labels, 0.99, 0.01)
+    assert plain > rule["pinned_below"]
+    assert t == plain
+    assert rule["binding"] == "f1_adaptive"
+
+
+def test_pixel_threshold_keeps_f1_when_it_is_lower_than_the_cap() -> None:
     maps, masks, labels = _pixel_case()
     maps[:4] *= 30.0  # good pixels reach far above the defects' F1 threshold
     t, rule = bounded_pixel_threshold(maps, masks, labels, 0.99, 0.001)
@@ -129,6 +145,7 @@ def test_compute_stats_records_both_bounded_rules() -> None:
     from tilead.runtime import TileGrid
 
     maps, masks, labels = _pixel_case()
+    maps = _with_good_tail(maps)
     grid = TileGrid(image_size=(32, 32), tile_size=(32, 32), stride=(32, 32))
     stats, info = compute_stats(
         maps[None],
@@ -143,6 +160,6 @@ def test_compute_stats_records_both_bounded_rules() -> None:
         pixel_false_positive=0.01,
     )
     assert info["image_threshold_rule"]["rule"] == "max(f1_adaptive, good bound)"
-    assert info["pixel_threshold_rule"]["rule"] == "min(f1_adaptive, good pixel quantile)"
+    assert info["pixel_threshold_rule"]["binding"] == "good pixel quantile"
     assert stats.pixel_threshold == pytest.approx(info["pixel_threshold_rule"]["good_pixel_quantile"])
     assert stats.image_threshold >= info["image_threshold_rule"]["good_bound"]

@@ -90,14 +90,20 @@ def bounded_image_threshold(
     }
 
 
+PINNED_MARGIN = 0.25
+"""An F1 pixel threshold at most ``max + PINNED_MARGIN * (max - median)`` of the good pixels is pinned by them."""
+
+
 def bounded_pixel_threshold(
     merged: np.ndarray, masks: np.ndarray, labels: np.ndarray, good_quantile: float, pixel_false_positive: float | None
 ) -> tuple[float, dict[str, Any]]:
     """The pixel threshold, never above the good pixels' ``1 - pixel_false_positive`` quantile (synthetic validation).
 
     Synthetic defects score far above many real ones and are mostly small, so the F1-best threshold on them
-    trims the blurred halo that real defects need and lands too high. With ``pixel_false_positive`` the
-    threshold is ``min(F1-adaptive, q)``, ``q`` the smallest threshold with at most ``pixel_false_positive``
+    trims the blurred halo that real defects need and lands too high. With ``pixel_false_positive``, when
+    the F1-best threshold is pinned by the good pixels (at most ``max + PINNED_MARGIN * (max - median)`` of
+    them: set by false positives on good background rather than by the defects), the threshold is
+    ``min(F1-adaptive, q)``, ``q`` the smallest threshold with at most ``pixel_false_positive``
     of the held-out good images' pixels above it (:func:`tilead.thresholds.false_alarm_threshold`): any
     region scoring above the level that only that share of good pixels reach is
     marked, however strong the synthetic defects were.
@@ -116,18 +122,25 @@ def bounded_pixel_threshold(
     lab = np.asarray(labels).astype(bool).reshape(-1)
     if pixel_false_positive is None or rule["rule"] != "f1_adaptive" or lab.all():
         return value, rule
-    cap = false_alarm_threshold(merged[~lab], pixel_false_positive)
-    chosen = min(value, cap)
+    good = merged[~lab]
+    cap = false_alarm_threshold(good, pixel_false_positive)
+    top, median = float(good.max()), float(np.median(good))
+    pinned_below = top + PINNED_MARGIN * (top - median)
+    pinned = value <= pinned_below
+    chosen = min(value, cap) if pinned else value
     return chosen, {
-        "rule": "min(f1_adaptive, good pixel quantile)",
+        "rule": "min(f1_adaptive, good pixel quantile) when f1_adaptive is pinned by good pixels, else f1_adaptive",
         "f1_adaptive": value,
         "f1": rule["f1"],
         "good_pixel_quantile": cap,
         "pixel_false_positive": pixel_false_positive,
-        "binding": "good pixel quantile" if cap < value else "f1_adaptive",
-        "note": "the cap is the 1 - pixel_false_positive quantile of the held-out good images' pixels: regions "
-        "scoring above what that share of good pixels reach are marked, however strongly the synthetic "
-        "defects scored",
+        "good_pixel_max": top,
+        "pinned_below": pinned_below,
+        "binding": "good pixel quantile" if pinned and cap < value else "f1_adaptive",
+        "note": "when the F1-best threshold lies at the top of the held-out good pixels (<= max + "
+        f"{PINNED_MARGIN} x (max - median)) it is set by false positives on good background, not by how the "
+        "synthetic defects are delineated; it is then capped at the level only pixel_false_positive of good "
+        "pixels reach",
     }
 
 
