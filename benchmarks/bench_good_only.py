@@ -8,8 +8,12 @@ test. The fitted run is then validated twice through the trainer itself
 refitted):
 
 * ``holdout``: the ``good_quantile`` (0.99) of the held-out good images' scores;
-* ``synthetic``: F1-adaptive thresholds on the held-out good images plus
-  synthetic defects drawn into copies of them (``tilead.synthesis``);
+* ``synthetic``: thresholds from the held-out good images plus synthetic
+  defects drawn into copies of them (``tilead.synthesis``): the image
+  threshold is max(F1-adaptive, the good scores' conformal bound at
+  ``validation.target_false_alarm``), the pixel threshold min(F1-adaptive,
+  the good pixels' bound at ``validation.pixel_false_positive``)
+  (``docs/good_only.md``);
 
 and two more thresholds are computed here from the same maps:
 
@@ -137,6 +141,7 @@ def run_dataset(name: str, work: Path, quick: bool) -> dict[str, Any]:
     timings["fit_and_synthetic_validation_s"] = round(time.perf_counter() - t0, 1)
     syn_stats = load_stats(RunPaths(run))
     syn_record = read_json(RunPaths(run).stats)["validation"]
+    syn_rules = {k: syn_record.get(k) for k in ("image_threshold_rule", "pixel_threshold_rule")}
     t0 = time.perf_counter()
     cfg = load_config(config, {"validation.split": "holdout"})
     result = train(cfg, run, resume=True, progress=False)
@@ -191,6 +196,7 @@ def run_dataset(name: str, work: Path, quick: bool) -> dict[str, Any]:
         "test_defective": int(labels.sum()),
         "synthetic": syn_record["split"].get("synthetic"),
         "validation_records": {"holdout": hold_record["split"], "synthetic": syn_record["split"]},
+        "synthetic_threshold_rules": syn_rules,
         "threshold_free": {
             "image_auroc": auroc(scores, labels),
             "pixel_auroc": auroc(merged, test_masks),

@@ -167,8 +167,15 @@ def test_good_only_synthetic_validation_end_to_end(tmp_path: Path) -> None:
     for example in syn["examples"]:
         assert (run / example).is_file()
         assert (run / example.replace(".png", "_mask.png")).is_file()
-    assert stats["validation"]["image_threshold_rule"]["rule"] == "f1_adaptive"
-    assert stats["validation"]["pixel_threshold_rule"]["rule"] == "f1_adaptive"
+    image_rule = stats["validation"]["image_threshold_rule"]
+    pixel_rule = stats["validation"]["pixel_threshold_rule"]
+    assert image_rule["rule"] == "max(f1_adaptive, good bound)"
+    assert stats["normalization"]["image_threshold"] == max(image_rule["f1_adaptive"], image_rule["good_bound"])
+    assert image_rule["false_alarm_bound"] == pytest.approx(1 / 11)  # 10 held-out images: their largest score
+    assert pixel_rule["rule"].startswith("min(f1_adaptive, good pixel quantile) when f1_adaptive is pinned")
+    pinned = pixel_rule["f1_adaptive"] <= pixel_rule["pinned_below"]
+    capped = min(pixel_rule["f1_adaptive"], pixel_rule["good_pixel_quantile"])
+    assert stats["normalization"]["pixel_threshold"] == (capped if pinned else pixel_rule["f1_adaptive"])
     assert split["false_alarm_estimate"]["good_images"] == 10
     run_json = json.loads((run / "run.json").read_text())
     assert run_json["splits"] == split

@@ -61,6 +61,47 @@ def test_defects_are_deterministic_exact_and_inside(
         assert np.array_equal(d.image[~d.mask], good[~d.mask])
 
 
+@given(
+    images=image_sets(),
+    seed=st.integers(0, 2**32),
+    lo=st.floats(0.05, 1.0),
+    span=st.floats(0.0, 1.0),
+    tile=tiles,
+)
+def test_faint_defects_are_the_same_defects_scaled_down(
+    images: list[np.ndarray], seed: int, lo: float, span: float, tile: tuple[int, int] | None
+) -> None:
+    hi = lo + span * (1.0 - lo)
+    full = synthesize_defects(images, seed=seed, per_image=2, tile_size=tile)
+    faint = synthesize_defects(images, seed=seed, per_image=2, tile_size=tile, opacity=(lo, hi))
+    again = synthesize_defects(images, seed=seed, per_image=2, tile_size=tile, opacity=(lo, hi))
+    for f, d, e in zip(faint, full, again, strict=True):
+        assert np.array_equal(f.image, e.image)  # deterministic
+        assert f.kind == d.kind
+        assert np.array_equal(f.mask, np.any(f.image != images[f.source], axis=-1))  # still exact
+        if not (f.mask <= d.mask).all():
+            continue  # the first faint attempt changed no pixel: a later attempt drew another defect
+        good = images[d.source].astype(np.int64)
+        change_full = d.image.astype(np.int64) - good
+        change_faint = f.image.astype(np.int64) - good
+        # Same place, same sign, never stronger: a fainter copy of the full-strength defect.
+        assert np.all(np.abs(change_faint) <= np.abs(change_full))
+        assert np.all(change_faint * change_full >= 0)
+
+
+def test_opacity_one_is_the_default_and_lower_opacity_is_fainter() -> None:
+    rng = np.random.default_rng(4)
+    images = [rng.integers(40, 220, size=(120, 120, 3), dtype=np.uint8) for _ in range(4)]
+    base = synthesize_defects(images, seed=2, per_image=3, tile_size=(60, 60))
+    same = synthesize_defects(images, seed=2, per_image=3, tile_size=(60, 60), opacity=(1.0, 1.0))
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(base, same, strict=True))
+    faint = synthesize_defects(images, seed=2, per_image=3, tile_size=(60, 60), opacity=(0.3, 0.3))
+    full_change = sum(float(np.abs(d.image.astype(int) - images[d.source]).sum()) for d in base)
+    faint_change = sum(float(np.abs(d.image.astype(int) - images[d.source]).sum()) for d in faint)
+    assert 0.2 * full_change < faint_change < 0.4 * full_change
+    assert all((f.mask <= d.mask).all() for f, d in zip(faint, base, strict=True))
+
+
 @given(images=image_sets(), seed=st.integers(0, 2**32))
 def test_round_robin_produces_every_kind(images: list[np.ndarray], seed: int) -> None:
     per_image = -(-len(KINDS) // len(images))
@@ -92,6 +133,26 @@ def test_sizes_span_small_to_large_fraction_of_a_tile() -> None:
     areas = [d.area for d in synthesize_defects(images, seed=3, per_image=6, tile_size=(150, 150))]
     assert min(areas) <= 30
     assert max(areas) >= 0.1 * 150 * 150
+
+
+def test_min_fraction_raises_the_smallest_defects() -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size=(300, 300, 3), dtype=np.uint8) for _ in range(10)]
+    base = synthesize_defects(images, seed=3, per_image=6, tile_size=(150, 150))
+    zero = synthesize_defects(images, seed=3, per_image=6, tile_size=(150, 150), min_fraction=0.0)
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(base, zero, strict=True))
+    large = synthesize_defects(images, seed=3, per_image=6, tile_size=(150, 150), min_fraction=0.3)
+    for kind in ("perlin_texture", "cutpaste", "blotch", "spot"):
+        small_areas = [d.area for d in base if d.kind == kind]
+        large_areas = [d.area for d in large if d.kind == kind]
+        assert min(large_areas) > min(small_areas)
+        assert np.median(large_areas) > np.median(small_areas)
+    for d in large:
+        ys, xs = np.nonzero(d.mask)
+        extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+        if d.kind in ("cutpaste", "spot", "scratch", "scar"):  # whole shapes (unless clipped at the border)
+            touches = ys.min() == 0 or xs.min() == 0 or ys.max() == 299 or xs.max() == 299
+            assert touches or extent >= 0.3 * 150 * 0.5
 
 
 def test_other_seed_gives_other_defects() -> None:
@@ -140,6 +201,13 @@ def test_uniform_images_still_get_every_kind(value: int) -> None:
         ({"kinds": ["spot", "spot"]}, ValueError, "lists a kind twice"),
         ({"tile_size": (0, 5)}, ValueError, "tile_size: expected"),
         ({"tile_size": (5,)}, ValueError, "tile_size: expected"),
+        ({"opacity": (0.0, 0.5)}, ValueError, "opacity: expected"),
+        ({"opacity": (0.8, 0.5)}, ValueError, "opacity: expected"),
+        ({"opacity": (0.5, 1.5)}, ValueError, "opacity: expected"),
+        ({"opacity": 0.5}, ValueError, "opacity: expected"),
+        ({"min_fraction": 0.6}, ValueError, "min_fraction: expected"),
+        ({"min_fraction": -0.1}, ValueError, "min_fraction: expected"),
+        ({"opacity": (0.5, float("nan"))}, ValueError, "opacity: expected"),
     ],
 )
 def test_bad_input_is_named(kwargs: dict[str, object], error: type[Exception], message: str) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "f1_adaptive_threshold",
     "f1_at_threshold",
     "false_alarm_threshold",
+    "good_bound_threshold",
     "metrics_at_threshold",
 ]
 
@@ -281,3 +282,37 @@ def false_alarm_threshold(good_scores: npt.ArrayLike, rate: float) -> float:
         raise ValueError(f"rate: expected a false-alarm rate in [0, 1), got {rate!r}")
     k = math.floor(r * s.size)
     return float(np.partition(s, s.size - 1 - k)[s.size - 1 - k])
+
+
+def good_bound_threshold(good_scores: npt.ArrayLike, rate: float) -> tuple[float, float]:
+    """A threshold that a new good sample exceeds with probability at most ``rate`` (split-conformal bound).
+
+    With ``n`` good scores (held out: not used for fitting) and a new good
+    sample exchangeable with them, the ``k``-th smallest score ``s_(k)``
+    satisfies ``P(new > s_(k)) <= (n + 1 - k) / (n + 1)``. The threshold is
+    ``s_(k)`` with ``k = ceil((1 - rate) * (n + 1))``; when that exceeds
+    ``n`` (too few images for the rate) it is the largest score, whose bound
+    is ``1 / (n + 1)``. Unlike :func:`false_alarm_threshold` (the in-sample
+    rate) this bounds the rate on *new* good parts, which is what a line sees.
+
+    Args:
+        good_scores: Scores of held-out good samples, any shape (flattened), finite.
+        rate: Target false-alarm rate in ``(0, 1)``.
+
+    Returns:
+        ``(threshold, bound)``: the threshold (a value of the data) and the
+        false-alarm rate it guarantees, ``(n + 1 - k) / (n + 1)`` (above
+        ``rate`` only when ``n`` is too small for it).
+
+    Raises:
+        ValueError: For empty or non-finite scores, or a rate outside ``(0, 1)``.
+    """
+    s = _as_scores(good_scores, "good_scores").reshape(-1)
+    r = float(rate)
+    if not 0.0 < r < 1.0:  # also rejects NaN
+        raise ValueError(f"rate: expected a false-alarm rate in (0, 1), got {rate!r}")
+    n = s.size
+    k = min(n, math.ceil((1.0 - r) * (n + 1) - 1e-9))
+    k = max(k, 1)
+    threshold = float(np.partition(s, k - 1)[k - 1])
+    return threshold, (n + 1 - k) / (n + 1)

@@ -33,6 +33,14 @@ are equally common on a log scale. Centres are uniform over the whole image
 centres are snapped onto a multiple of the tile size along one axis, so that
 defects lie across tile seams too.
 
+Opacity: with ``opacity=(lo, hi)`` every defect is made fainter after it is
+drawn: the result is ``good + a * (defect - good)`` (rounded to uint8) with
+``a`` drawn uniformly from ``[lo, hi]`` per defect, so the shape, size and
+place are those of the full-strength defect and only the contrast changes
+(the mask stays exact: the pixels the faint defect changed). Real defects are
+often faint (a stain, a shallow dent); validation thresholds fitted only on
+high-contrast fakes land too high for them (see ``docs/good_only.md``).
+
 Determinism: defect ``k`` of image ``i`` draws from its own stream seeded by
 ``(seed, i, k)``, so the result depends only on the seed, the inputs and
 ``per_image``. Kinds go round-robin over ``kinds`` (every kind appears once
@@ -84,6 +92,7 @@ class _Ctx:
     rng: np.random.Generator
     ref: tuple[int, int]  # reference (tile) size for defect sizes
     tile: tuple[int, int] | None
+    min_fraction: float = 0.0  # smallest defect side as a fraction of min(ref)
 
     @property
     def image(self) -> np.ndarray:
@@ -92,6 +101,12 @@ class _Ctx:
     @property
     def max_side(self) -> float:
         return max(4.0, 0.5 * min(self.ref))
+
+    def low(self, pixels: float) -> float:
+        """The smallest side of a kind (``pixels``), raised to ``min_fraction`` of the reference size."""
+        if self.min_fraction <= 0.0:
+            return pixels
+        return min(max(pixels, self.min_fraction * min(self.ref)), self.max_side)
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -223,7 +238,7 @@ def _blend(
 
 
 def _perlin_texture(ctx: _Ctx) -> np.ndarray:
-    side = _log_uniform(ctx.rng, 8, ctx.max_side)
+    side = _log_uniform(ctx.rng, ctx.low(8), ctx.max_side)
     aspect = ctx.rng.uniform(0.5, 2.0)
     box = _box(ctx, round(side * math.sqrt(aspect)), round(side / math.sqrt(aspect)))
     region = _perlin_region(ctx, box)
@@ -232,7 +247,7 @@ def _perlin_texture(ctx: _Ctx) -> np.ndarray:
 
 
 def _cutpaste(ctx: _Ctx) -> np.ndarray:
-    side = _log_uniform(ctx.rng, 4, ctx.max_side)
+    side = _log_uniform(ctx.rng, ctx.low(4), ctx.max_side)
     aspect = math.exp(ctx.rng.uniform(math.log(0.3), math.log(3.3)))
     box = _box(ctx, round(side * math.sqrt(aspect)), round(side / math.sqrt(aspect)))
     bh, bw = box[1] - box[0], box[3] - box[2]
@@ -244,7 +259,7 @@ def _cutpaste(ctx: _Ctx) -> np.ndarray:
 
 def _scar(ctx: _Ctx) -> np.ndarray:
     width = ctx.rng.uniform(4, 16)
-    length = _log_uniform(ctx.rng, 10, max(12.0, ctx.max_side))
+    length = _log_uniform(ctx.rng, ctx.low(10), max(12.0, ctx.max_side))
     box, region = _oriented(ctx, length, width)
     patch = _crop(ctx.image, box[1] - box[0], box[3] - box[2], ctx.rng)
     return _blend(ctx.image, box, region, _jitter(patch, ctx.rng, 1.0), 1.0)
@@ -252,7 +267,7 @@ def _scar(ctx: _Ctx) -> np.ndarray:
 
 def _scratch(ctx: _Ctx) -> np.ndarray:
     width = ctx.rng.uniform(1, 4)
-    length = _log_uniform(ctx.rng, 6, max(8.0, 1.2 * ctx.max_side))
+    length = _log_uniform(ctx.rng, ctx.low(6), max(8.0, 1.2 * ctx.max_side))
     box, region = _oriented(ctx, length, width)
     y0, y1, x0, x1 = box
     colour = _contrast_colour(ctx, ctx.image[y0:y1, x0:x1])
@@ -261,7 +276,7 @@ def _scratch(ctx: _Ctx) -> np.ndarray:
 
 def _spot(ctx: _Ctx) -> np.ndarray:
     scale = max(1.0, min(ctx.ref) / 256)
-    r = _log_uniform(ctx.rng, 1, 8) * scale
+    r = max(_log_uniform(ctx.rng, 1, 8) * scale, 0.5 * ctx.low(0))
     ry, rx = r * ctx.rng.uniform(0.6, 1.4), r * ctx.rng.uniform(0.6, 1.4)
     h, w = ctx.image.shape[:2]
     cy, cx = _centre(ctx)
@@ -275,7 +290,7 @@ def _spot(ctx: _Ctx) -> np.ndarray:
 
 
 def _blotch(ctx: _Ctx) -> np.ndarray:
-    side = _log_uniform(ctx.rng, 8, ctx.max_side)
+    side = _log_uniform(ctx.rng, ctx.low(8), ctx.max_side)
     box = _box(ctx, round(side), round(side * ctx.rng.uniform(0.6, 1.6)))
     region = _perlin_region(ctx, box)
     y0, y1, x0, x1 = box
@@ -304,7 +319,12 @@ assert tuple(_MAKERS) == KINDS
 
 
 def _check_inputs(
-    images: Sequence[np.ndarray], seed: int, per_image: int, kinds: Sequence[str] | None, tile_size: object
+    images: Sequence[np.ndarray],
+    seed: int,
+    per_image: int,
+    kinds: Sequence[str] | None,
+    tile_size: object,
+    opacity: object = (1.0, 1.0),
 ) -> tuple[tuple[str, ...], tuple[int, int] | None]:
     if isinstance(images, np.ndarray) or not isinstance(images, Sequence):
         raise TypeError(f"images: expected a sequence of uint8 (H, W, C) arrays, got {type(images).__name__}")
@@ -351,6 +371,13 @@ def _check_inputs(
         ):
             raise ValueError(f"tile_size: expected (height, width) of positive integers, got {tile_size!r}")
         tile = (int(tile_size[0]), int(tile_size[1]))
+    if (
+        not isinstance(opacity, Sequence)
+        or len(opacity) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in opacity)
+        or not 0.0 < float(opacity[0]) <= float(opacity[1]) <= 1.0
+    ):
+        raise ValueError(f"opacity: expected (low, high) with 0 < low <= high <= 1, got {opacity!r}")
     return chosen, tile
 
 
@@ -361,6 +388,8 @@ def synthesize_defects(
     per_image: int = 1,
     kinds: Sequence[str] | None = None,
     tile_size: tuple[int, int] | None = None,
+    opacity: tuple[float, float] = (1.0, 1.0),
+    min_fraction: float = 0.0,
 ) -> list[SyntheticDefect]:
     """Draw synthetic defects into copies of good images (see the module docstring).
 
@@ -372,25 +401,36 @@ def synthesize_defects(
         kinds: Kinds to draw, round-robin (default: all of :data:`KINDS`).
         tile_size: ``(height, width)`` of the tiles the model sees: defect sizes scale with it and some
             defects are centred on tile seams (None: sizes scale with each image).
+        opacity: ``(low, high)`` range, ``0 < low <= high <= 1``, of the factor each defect's change is scaled
+            by (drawn per defect; ``(1, 1)``: full strength, the default).
+        min_fraction: Smallest defect side (length for scratches and scars, diameter for spots) as a
+            fraction of the reference size, in ``[0, 0.5]`` (0: the kinds' own few-pixel minimum).
 
     Returns:
         ``len(images) * per_image`` defects: image-major, ``per_image`` consecutive ones per image.
 
     Raises:
         TypeError: If ``images`` or ``kinds`` have the wrong type.
-        ValueError: For a bad image (naming ``images[i]``), seed, count, kind or tile size, or if an
+        ValueError: For a bad image (naming ``images[i]``), seed, count, kind, tile size or opacity, or if an
             image is so uniform that no attempt changed a pixel.
     """
-    chosen, tile = _check_inputs(images, seed, per_image, kinds, tile_size)
+    chosen, tile = _check_inputs(images, seed, per_image, kinds, tile_size, opacity)
+    lo, hi = float(opacity[0]), float(opacity[1])
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, int | float) or not 0.0 <= min_fraction <= 0.5:
+        raise ValueError(f"min_fraction: expected a number in [0, 0.5], got {min_fraction!r}")
     out: list[SyntheticDefect] = []
     for i, good in enumerate(images):
         ref = tile if tile is not None else (int(good.shape[0]), int(good.shape[1]))
         for k in range(per_image):
             kind = chosen[(i * per_image + k) % len(chosen)]
             rng = np.random.default_rng([int(seed), i, k])
-            ctx = _Ctx(images, i, rng, ref, tile)
+            ctx = _Ctx(images, i, rng, ref, tile, float(min_fraction))
             for _ in range(_ATTEMPTS):
                 image = _MAKERS[kind](ctx)
+                if lo < 1.0:
+                    a = rng.uniform(lo, hi)
+                    mixed = good.astype(np.float64) + a * (image.astype(np.float64) - good)
+                    image = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
                 mask = np.any(image != good, axis=-1)
                 area = int(mask.sum())
                 if area:

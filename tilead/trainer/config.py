@@ -288,6 +288,11 @@ class ValidationConfig(_Section):
         min_images: Fewest validation images (good ones for ``holdout`` / ``synthetic``) thresholds
             may come from; fewer is refused unless ``force``.
         force: Accept thresholds from fewer than ``min_images`` images (a warning is recorded).
+        target_false_alarm: ``synthetic``: the image threshold is never below the held-out good scores'
+            bound at this false-alarm rate on new good parts (split-conformal; with ``n`` held-out images
+            the largest score bounds it by ``1 / (n + 1)``); see ``docs/good_only.md``.
+        pixel_false_positive: ``synthetic``: the pixel threshold is never above the held-out good pixels'
+            ``1 - pixel_false_positive`` quantile (stages ``image`` / ``none``); see ``docs/good_only.md``.
     """
 
     split: Literal["same_as_test", "holdout", "synthetic"] = "same_as_test"
@@ -298,6 +303,8 @@ class ValidationConfig(_Section):
     synthetic_examples: int = Field(default=6, ge=0, le=1000)
     min_images: int = Field(default=10, ge=1)
     force: bool = False
+    target_false_alarm: float = Field(default=0.05, gt=0, lt=1)
+    pixel_false_positive: float = Field(default=0.001, gt=0, lt=1)
 
     @field_validator("synthetic_kinds")
     @classmethod

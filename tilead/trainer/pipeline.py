@@ -245,6 +245,8 @@ def _validate(
         seam=cfg.postprocess.seam_smoothing(),
         good_quantile=cfg.validation.good_quantile,
         image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
+        target_false_alarm=v.target_false_alarm if v.split == "synthetic" else None,
+        pixel_false_positive=v.pixel_false_positive if v.split == "synthetic" else None,
     )
     val_seconds = time.perf_counter() - t_val
     return stats, info, labels, synthetic, forced, val_seconds

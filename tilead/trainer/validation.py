@@ -35,6 +35,7 @@ import numpy as np
 from tilead.runtime import SeamSmoothing, TileGrid, merge_maps, resize_maps
 from tilead.runtime.postprocess import BlendWeights
 from tilead.runtime.stats import NormalizationStage, NormalizationStats, TileStats
+from tilead.thresholds import false_alarm_threshold, good_bound_threshold
 from tilead.trainer.metrics import f1_adaptive_threshold
 
 
@@ -48,6 +49,99 @@ def _threshold(scores: np.ndarray, labels: np.ndarray, good_quantile: float) -> 
     good = flat[~lab] if not lab.all() else flat
     value = float(np.quantile(good.astype(np.float64), good_quantile))
     return value, {"rule": f"quantile {good_quantile} of good scores (no anomalies to fit an F1 threshold)"}
+
+
+def bounded_image_threshold(
+    scores: np.ndarray, labels: np.ndarray, good_quantile: float, target_false_alarm: float | None
+) -> tuple[float, dict[str, Any]]:
+    """The image threshold, never below the good-score bound at ``target_false_alarm`` (synthetic validation).
+
+    F1-adaptive on good plus (synthetic) anomalous images trades false alarms for misses by the synthetic
+    defects' mix, which says nothing about real defects. With ``target_false_alarm`` the threshold is
+    ``max(F1-adaptive, good bound)``, the bound being :func:`tilead.thresholds.good_bound_threshold` of the
+    good images' scores: a new good part exceeds it with probability at most the recorded ``bound``.
+
+    Args:
+        scores: Raw image scores ``(n,)``.
+        labels: Image labels ``(n,)`` (True: anomalous).
+        good_quantile: Quantile rule without anomalies (as :func:`_threshold`).
+        target_false_alarm: Target false-alarm rate on new good parts, or None for plain F1-adaptive.
+
+    Returns:
+        The threshold and how it was chosen.
+    """
+    value, rule = _threshold(scores, labels, good_quantile)
+    lab = np.asarray(labels).astype(bool).reshape(-1)
+    if target_false_alarm is None or rule["rule"] != "f1_adaptive":
+        return value, rule
+    bound, rate = good_bound_threshold(np.asarray(scores).reshape(-1)[~lab], target_false_alarm)
+    chosen = max(value, bound)
+    return chosen, {
+        "rule": "max(f1_adaptive, good bound)",
+        "f1_adaptive": value,
+        "f1": rule["f1"],
+        "good_bound": bound,
+        "target_false_alarm": target_false_alarm,
+        "false_alarm_bound": rate,
+        "binding": "good bound" if bound > value else "f1_adaptive",
+        "note": "the good bound is the k-th smallest held-out good score with k = ceil((1 - target) * (n + 1)) "
+        "(the largest when n is too small): a new good part scores above it with probability at most "
+        "false_alarm_bound (split-conformal)",
+    }
+
+
+PINNED_MARGIN = 0.25
+"""An F1 pixel threshold at most ``max + PINNED_MARGIN * (max - median)`` of the good pixels is pinned by them."""
+
+
+def bounded_pixel_threshold(
+    merged: np.ndarray, masks: np.ndarray, labels: np.ndarray, good_quantile: float, pixel_false_positive: float | None
+) -> tuple[float, dict[str, Any]]:
+    """The pixel threshold, never above the good pixels' ``1 - pixel_false_positive`` quantile (synthetic validation).
+
+    Synthetic defects score far above many real ones and are mostly small, so the F1-best threshold on them
+    trims the blurred halo that real defects need and lands too high. With ``pixel_false_positive``, when
+    the F1-best threshold is pinned by the good pixels (at most ``max + PINNED_MARGIN * (max - median)`` of
+    them: set by false positives on good background rather than by the defects), the threshold is
+    ``min(F1-adaptive, q)``, ``q`` the smallest threshold with at most ``pixel_false_positive``
+    of the held-out good images' pixels above it (:func:`tilead.thresholds.false_alarm_threshold`): any
+    region scoring above the level that only that share of good pixels reach is
+    marked, however strong the synthetic defects were.
+
+    Args:
+        merged: Merged maps ``(n, H, W)``.
+        masks: Ground truth ``(n, H, W)``.
+        labels: Image labels ``(n,)`` (True: anomalous; good images' pixels give ``q``).
+        good_quantile: Quantile rule without anomalies (as :func:`_threshold`).
+        pixel_false_positive: Share of good pixels allowed above the threshold, or None for plain F1-adaptive.
+
+    Returns:
+        The threshold and how it was chosen.
+    """
+    value, rule = _threshold(merged, masks, good_quantile)
+    lab = np.asarray(labels).astype(bool).reshape(-1)
+    if pixel_false_positive is None or rule["rule"] != "f1_adaptive" or lab.all():
+        return value, rule
+    good = merged[~lab]
+    cap = false_alarm_threshold(good, pixel_false_positive)
+    top, median = float(good.max()), float(np.median(good))
+    pinned_below = top + PINNED_MARGIN * (top - median)
+    pinned = value <= pinned_below
+    chosen = min(value, cap) if pinned else value
+    return chosen, {
+        "rule": "min(f1_adaptive, good pixel quantile) when f1_adaptive is pinned by good pixels, else f1_adaptive",
+        "f1_adaptive": value,
+        "f1": rule["f1"],
+        "good_pixel_quantile": cap,
+        "pixel_false_positive": pixel_false_positive,
+        "good_pixel_max": top,
+        "pinned_below": pinned_below,
+        "binding": "good pixel quantile" if pinned and cap < value else "f1_adaptive",
+        "note": "when the F1-best threshold lies at the top of the held-out good pixels (<= max + "
+        f"{PINNED_MARGIN} x (max - median)) it is set by false positives on good background, not by how the "
+        "synthetic defects are delineated; it is then capped at the level only pixel_false_positive of good "
+        "pixels reach",
+    }
 
 
 def false_alarm_estimate(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -217,6 +311,8 @@ def compute_stats(
     seam: SeamSmoothing | None,
     good_quantile: float,
     image_scores: np.ndarray | None = None,
+    target_false_alarm: float | None = None,
+    pixel_false_positive: float | None = None,
 ) -> tuple[NormalizationStats, dict[str, Any]]:
     """Normalization statistics of a validation set.
 
@@ -231,6 +327,11 @@ def compute_stats(
         good_quantile: Threshold quantile when there are no anomalies.
         image_scores: float32 ``(n,)`` raw image scores of the detector's own
             (None: each merged map's max).
+        target_false_alarm: With anomalies (synthetic validation): the image threshold is at least the
+            good-score bound at this false-alarm rate (:func:`bounded_image_threshold`); None: F1-adaptive.
+        pixel_false_positive: With anomalies (synthetic validation), stages ``image`` and ``none``: the pixel
+            threshold is at most the good pixels' ``1 - pixel_false_positive`` quantile
+            (:func:`bounded_pixel_threshold`); None: F1-adaptive.
 
     Returns:
         The statistics and a description of how they were obtained.
@@ -258,7 +359,7 @@ def compute_stats(
         tile_stats, rules = tile_statistics(maps, masks, labels, grid, good_quantile)
         merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats.as_tuple())
         scores = image_scores_of(merged)
-        image_t, image_rule = _threshold(scores, labels, good_quantile)
+        image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)
         stats = NormalizationStats(
             stage="tile",
             pixel_threshold=0.5,
@@ -272,8 +373,8 @@ def compute_stats(
         return stats, info
     merged = merge_maps(maps, grid, weights=weights, seam=seam)
     scores = image_scores_of(merged)
-    pixel_t, pixel_rule = _threshold(merged, masks, good_quantile)
-    image_t, image_rule = _threshold(scores, labels, good_quantile)
+    pixel_t, pixel_rule = bounded_pixel_threshold(merged, masks, labels, good_quantile, pixel_false_positive)
+    image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)
     info.update({"pixel_threshold_rule": pixel_rule, "image_threshold_rule": image_rule})
     info["false_alarm_estimate"] = false_alarm_estimate(scores, labels, image_t)
     if stage == "none":
