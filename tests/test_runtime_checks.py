@@ -1,0 +1,454 @@
+"""The runtime's input checks, stage timer, device selection and Predictor, message by message.
+
+Every boundary of the runtime reports bad input through ``tilead.runtime._checks``; these tests pin
+the whole message (what was expected, what was given), the bounds (inclusive) and the values
+returned, so that a check that is loosened, inverted or silenced fails here (issue #16: tests that
+bite).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import reference
+from bundle_factory import make_bundle
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tilead.runtime import Prediction, Predictor, devices
+from tilead.runtime._checks import as_float, as_int, as_pair, check_array, check_mapping, check_shape, describe
+from tilead.runtime.image_resize import resize_uint8
+from tilead.runtime.timing import StageTimes, timed
+
+
+def exactly(message: str) -> str:
+    """A ``pytest.raises(match=...)`` pattern accepting exactly ``message``."""
+    return "^" + re.escape(message) + "$"
+
+
+# -- describe ---------------------------------------------------------------------------------------
+
+
+def test_describe_names_dtype_and_shape_of_arrays() -> None:
+    assert describe(np.zeros((2, 3), np.float32)) == "array of dtype float32 and shape (2, 3)"
+
+
+def test_describe_keeps_short_reprs_and_cuts_long_ones_at_60_characters() -> None:
+    assert describe("a" * 58) == "'" + "a" * 58 + "'"  # repr of 60 characters: kept whole
+    assert describe("a" * 59) == "'" + "a" * 56 + "..."  # repr of 61 characters: 57 kept + "..."
+    assert len(describe(list(range(100)))) == 60
+
+
+# -- check_array ------------------------------------------------------------------------------------
+
+
+def test_check_array_returns_the_same_object() -> None:
+    a = np.zeros((2, 2), np.float32)
+    assert check_array(a, "a", dtypes=[np.float32], ndims=[2]) is a
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        ([1.0], {}, "x: expected a numpy array, got [1.0]"),
+        (np.zeros((2, 2), np.float64), {}, "x: expected dtype float32 or uint8, got float64"),
+        (np.zeros((2,), np.float32), {}, "x: expected 2 or 3 dimensions, got 1 with shape (2,)"),
+        (np.zeros((0, 2), np.float32), {}, "x: expected a non-empty array, got shape (0, 2)"),
+        (
+            np.zeros((3, 4), np.float32)[:, ::2],
+            {},
+            "x: expected a C-contiguous array, got strides (16, 8) for shape (3, 2) (use numpy.ascontiguousarray)",
+        ),
+        (np.zeros((2, 2), np.float32), {"writable": True}, None),
+    ],
+)
+def test_check_array_messages(value: object, kwargs: dict[str, bool], message: str | None) -> None:
+    if message is None:  # the writable case: make the array read-only
+        assert isinstance(value, np.ndarray)
+        frozen = value.copy()
+        frozen.flags.writeable = False
+        value = frozen
+        message = "x: expected a writable array, got a read-only one"
+    with pytest.raises(ValueError, match=exactly(message)):
+        check_array(value, "x", dtypes=[np.float32, np.uint8], ndims=[2, 3], **kwargs)
+
+
+def test_check_array_switches() -> None:
+    empty = np.zeros((0, 2), np.float32)
+    assert check_array(empty, "x", dtypes=[np.float32], ndims=[2], nonempty=False) is empty
+    strided = np.zeros((3, 4), np.float32)[:, ::2]
+    assert check_array(strided, "x", dtypes=[np.float32], ndims=[2], contiguous=False) is strided
+    frozen = np.zeros((2, 2), np.float32)
+    frozen.flags.writeable = False
+    assert check_array(frozen, "x", dtypes=[np.float32], ndims=[2]) is frozen  # writable defaults to False
+    writable = np.zeros((2, 2), np.float32)
+    assert check_array(writable, "x", dtypes=[np.float32], ndims=[2], writable=True) is writable
+
+
+def test_check_shape() -> None:
+    a = np.zeros((2, 3), np.float32)
+    check_shape(a, "a", (2, 3), "(n, w)")
+    with pytest.raises(ValueError, match=exactly("a: expected shape (3, 2) (n, w), got (2, 3)")):
+        check_shape(a, "a", (3, 2), "(n, w)")
+
+
+# -- as_int / as_pair / as_float ----------------------------------------------------------------------
+
+
+@given(st.integers(-1000, 1000), st.integers(-1000, 1000), st.integers(-1000, 1000))
+def test_as_int_bounds_are_inclusive(value: int, low: int, high: int) -> None:
+    if low <= value <= high:
+        assert as_int(value, "n", minimum=low, maximum=high) == value
+        assert as_int(np.int64(value), "n", minimum=low, maximum=high) == value
+        assert type(as_int(np.int64(value), "n", minimum=low)) is int
+    elif value < low:
+        with pytest.raises(ValueError, match=exactly(f"n: expected an integer >= {low}, got {value}")):
+            as_int(value, "n", minimum=low, maximum=high)
+    else:
+        with pytest.raises(ValueError, match=exactly(f"n: expected an integer <= {high}, got {value}")):
+            as_int(value, "n", minimum=low, maximum=high)
+
+
+def test_as_int_defaults_and_refusals() -> None:
+    assert as_int(1, "n") == 1
+    assert as_int(10**30, "n") == 10**30  # no maximum by default
+    with pytest.raises(ValueError, match=exactly("n: expected an integer >= 1, got 0")):
+        as_int(0, "n")
+    for bad, shown in ((True, "True"), (2.0, "2.0"), ("3", "'3'"), (None, "None")):
+        with pytest.raises(ValueError, match=exactly(f"n: expected an integer >= 1, got {shown}")):
+            as_int(bad, "n")
+
+
+def test_as_pair() -> None:
+    assert as_pair(4, "s") == (4, 4)
+    assert as_pair((2, 3), "s") == (2, 3)
+    assert as_pair([2, 3], "s") == (2, 3)
+    assert as_pair(np.array([2, 3]), "s") == (2, 3)
+    assert as_pair((0, 5), "s", minimum=0, maximum=5) == (0, 5)
+    prefix = "s: expected an integer or a pair of integers (height, width), got "
+    with pytest.raises(ValueError, match=exactly(prefix + "'ab'")):
+        as_pair("ab", "s")
+    with pytest.raises(ValueError, match=exactly(prefix + "b'ab'")):
+        as_pair(b"ab", "s")
+    with pytest.raises(ValueError, match=exactly(prefix + "array of dtype int64 and shape (1, 2)")):
+        as_pair(np.array([[2, 3]], np.int64), "s")
+    with pytest.raises(ValueError, match=exactly(prefix + "3 values")):
+        as_pair((1, 2, 3), "s")
+    with pytest.raises(ValueError, match=exactly("s[1]: expected an integer <= 5, got 6")):
+        as_pair((5, 6), "s", maximum=5)
+    with pytest.raises(ValueError, match=exactly("s[0]: expected an integer >= 2, got 1")):
+        as_pair((1, 6), "s", minimum=2)
+    with pytest.raises(ValueError, match=exactly("s: expected an integer <= 5, got 6")):
+        as_pair(6, "s", maximum=5)
+
+
+@given(st.floats(-10, 10), st.floats(-10, 10), st.floats(-10, 10))
+def test_as_float_bounds_are_inclusive(value: float, low: float, high: float) -> None:
+    if low <= value <= high:
+        assert as_float(value, "v", low=low, high=high) == value
+    else:
+        message = f"v: expected a number in [{low:g}, {high:g}], got {value:g}"
+        with pytest.raises(ValueError, match=exactly(message)):
+            as_float(value, "v", low=low, high=high)
+
+
+def test_as_float_refusals_and_open_bounds() -> None:
+    assert as_float(3, "v") == 3.0
+    assert type(as_float(3, "v")) is float
+    assert as_float(np.float32(0.5), "v") == 0.5
+    assert as_float(-1e300, "v", high=0.0) == -1e300
+    assert as_float(1e300, "v", low=0.0) == 1e300
+    with pytest.raises(ValueError, match=exactly("v: expected a number in [-inf, 0], got 1")):
+        as_float(1.0, "v", high=0.0)
+    with pytest.raises(ValueError, match=exactly("v: expected a number in [0, inf], got -1")):
+        as_float(-1.0, "v", low=0.0)
+    for bad, shown in ((True, "True"), ("1", "'1'"), (None, "None"), (1j, "1j")):
+        with pytest.raises(ValueError, match=exactly(f"v: expected a number, got {shown}")):
+            as_float(bad, "v")
+    for bad_float in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=exactly(f"v: expected a finite number, got {bad_float}")):
+            as_float(bad_float, "v")
+
+
+# -- check_mapping ----------------------------------------------------------------------------------
+
+
+def test_check_mapping() -> None:
+    data = {"a": 1}
+    assert check_mapping(data, "m", ("a", "b"), ("a",)) is data
+    with pytest.raises(ValueError, match=exactly("m: expected a mapping with keys a, b, got [1]")):
+        check_mapping([1], "m", ("a", "b"))
+    with pytest.raises(ValueError, match=exactly("m: unknown keys ['c', 'd']; allowed keys are a, b")):
+        check_mapping({"d": 1, "c": 2, "a": 3}, "m", ("a", "b"))
+    with pytest.raises(ValueError, match=exactly("m: missing keys ['b']")):
+        check_mapping({"a": 1}, "m", ("a", "b"), ("a", "b"))
+
+
+# -- timing -----------------------------------------------------------------------------------------
+
+
+def test_stage_times_accumulate_in_first_seen_order_and_total_by_prefix() -> None:
+    t = StageTimes()
+    t.add("predict.infer", 1.5)
+    t.add("tile", 0.25)
+    t.add("predict.infer", 0.5)
+    t.add("predict.untile", 1.0)
+    assert list(t.seconds) == ["predict.infer", "tile", "predict.untile"]
+    assert t.seconds == {"predict.infer": 2.0, "tile": 0.25, "predict.untile": 1.0}
+    assert t.total("predict.") == 3.0
+    assert t.total() == 3.25
+    assert t.total("none") == 0.0
+
+
+def test_stage_context_times_the_block_also_when_it_raises() -> None:
+    t = StageTimes()
+    with t.stage("sleep"):
+        time.sleep(0.02)
+    assert 0.02 <= t.seconds["sleep"] < 5.0
+
+    def failing_stage() -> None:
+        with t.stage("fail"):
+            time.sleep(0.01)
+            raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        failing_stage()
+    assert 0.01 <= t.seconds["fail"] < 5.0
+    with timed(t, "sleep"):
+        time.sleep(0.01)
+    assert t.seconds["sleep"] >= 0.03
+    with timed(None, "ignored"):
+        pass
+    assert "ignored" not in t.seconds
+
+
+# -- devices ----------------------------------------------------------------------------------------
+
+
+def test_kernel_family() -> None:
+    from tilead import _kernels
+
+    assert devices.kernel_family("cpu") is _kernels
+    with pytest.raises(ValueError, match=exactly("device: expected one of cpu, cuda, got 'tpu'")):
+        devices.kernel_family("tpu")
+    status = devices.cuda_status()
+    if status.usable:
+        assert devices.kernel_family("cuda") is _kernels.cuda
+    elif not status.built:
+        with pytest.raises(RuntimeError, match="was built without CUDA"):
+            devices.kernel_family("cuda")
+    else:
+        with pytest.raises(
+            RuntimeError, match=exactly(f"device='cuda' but no CUDA device is usable on this machine: {status.error}")
+        ):
+            devices.kernel_family("cuda")
+
+
+def test_cuda_status_agrees_with_the_extension() -> None:
+    from tilead import _kernels
+
+    status = devices.cuda_status()
+    count, error = _kernels.cuda.device_count()
+    assert status.built is bool(_kernels.cuda.is_built())
+    assert status.device_count == count
+    assert status.error == error
+    assert status.architectures == _kernels.cuda.architectures()
+    assert len(status.devices) == (count if status.built else 0)
+    assert status.usable is (status.built and count > 0)
+
+
+def test_num_threads_round_trip() -> None:
+    before = devices.get_num_threads()
+    try:
+        devices.set_num_threads(1)
+        assert devices.get_num_threads() == 1
+        devices.set_num_threads(2)
+        assert devices.get_num_threads() == 2
+    finally:
+        devices.set_num_threads(before)
+    assert devices.get_num_threads() == before
+
+
+# -- Predictor: arguments, input checks and results against the NumPy reference ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2x2-location bundle of real ONNX models (tests/bundle_factory.py), image stage."""
+    return make_bundle(tmp_path_factory.mktemp("bundle") / "b")
+
+
+def _reference_predictions(images: np.ndarray, swap_rb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(maps, raw scores, scores) of bundle_factory's bundle by tests/reference.py, float64.
+
+    Each location's model: channel mean of the normalized tile, 8x8 average pooling to 5x5, times
+    1 + 0.25 * location; then feather untiling, no seam smoothing, image-stage normalization.
+    """
+    tiles = reference.tile(images, (40, 40), (24, 24), "shift", PREP_MEAN, PREP_STD, 3, swap_rb)  # (L, n, 3, 40, 40)
+    pooled = tiles.mean(axis=2).reshape(4, images.shape[0], 5, 8, 5, 8).mean(axis=(3, 5))
+    maps = pooled * (1.0 + 0.25 * np.arange(4))[:, None, None, None]
+    merged = reference.untile(maps, (64, 64), (40, 40), (24, 24), "shift", "feather")
+    norm, _, raw, scores = reference.normalize(merged, 1.0, 1.5, (-2.5, 3.0), (-2.5, 3.0))
+    return norm, raw, scores
+
+
+PREP_MEAN = [0.485, 0.456, 0.406]
+PREP_STD = [0.229, 0.224, 0.225]
+
+
+def test_predictor_matches_the_numpy_reference(tiny_bundle: Path) -> None:
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    images[1, 10:30, 20:50] = 255  # a bright defect: a high score
+    want_maps, want_raw, want_scores = _reference_predictions(images, swap_rb=True)  # BGR input, RGB model
+    with Predictor(tiny_bundle, threads=1, max_batch=2) as predictor:
+        assert predictor.image_size == (64, 64)
+        assert predictor.channels == 3
+        assert predictor.device_memory_bytes is None
+        assert predictor.providers == ["CPUExecutionProvider"]
+        got = predictor.predict(images)
+        assert isinstance(got, list)
+        assert len(got) == 3
+        for i, p in enumerate(got):
+            np.testing.assert_allclose(p.anomaly_map, want_maps[i], atol=2e-5)
+            assert p.anomaly_map.shape == (64, 64)
+            assert p.anomaly_map.dtype == np.float32
+            np.testing.assert_array_equal(p.mask, p.anomaly_map > 0.5)
+            assert p.raw_score == pytest.approx(want_raw[i], abs=2e-5)
+            assert p.score == pytest.approx(want_scores[i], abs=2e-5)
+            assert p.label is bool(want_scores[i] > 0.5)
+            assert p.error is None
+            assert p.finite
+        rgb = predictor.predict(images[0, :, :, ::-1].copy(), input_order="RGB")
+        assert isinstance(rgb, Prediction)
+        np.testing.assert_array_equal(rgb.anomaly_map, got[0].anomaly_map)
+        want_rgb_maps, _, _ = _reference_predictions(images[:1], swap_rb=False)
+        as_rgb = predictor.predict(images[0], input_order="RGB")
+        assert isinstance(as_rgb, Prediction)
+        np.testing.assert_allclose(as_rgb.anomaly_map, want_rgb_maps[0], atol=2e-5)
+        # Location maps: what the models output, before merging.
+        maps = predictor.location_maps(list(images[:3]))
+        tiles = reference.tile(images, (40, 40), (24, 24), "shift", PREP_MEAN, PREP_STD, 3, True)
+        pooled = tiles.mean(axis=2).reshape(4, 3, 5, 8, 5, 8).mean(axis=(3, 5))
+        want_loc = pooled * (1.0 + 0.25 * np.arange(4))[:, None, None, None]
+        assert maps.shape == (4, 3, 5, 5)
+        assert maps.dtype == np.float32
+        np.testing.assert_allclose(maps, want_loc, atol=2e-5)
+        maps2, scores = predictor.location_outputs(images[1])
+        assert scores is None
+        np.testing.assert_array_equal(maps2, maps[:, 1:2])
+        times_results, times = predictor.predict_timed(images)
+        for a, b in zip(times_results, got, strict=True):
+            np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+        assert {"input", "tile", "inference", "untile", "normalize"} <= set(times.seconds)
+        predictor.warmup(2)
+    with pytest.raises(RuntimeError, match=r"^Predictor is closed$"):
+        predictor.predict(images[0])
+    with pytest.raises(RuntimeError, match=r"^Predictor is closed$"):
+        _ = predictor.providers
+    predictor.close()  # twice is fine
+
+
+def test_predictor_gray_images_on_a_color_bundle_are_repeated(tiny_bundle: Path) -> None:
+    gray = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    color = np.repeat(gray[:, :, None], 3, axis=2)
+    with Predictor(tiny_bundle, threads=1) as predictor:
+        a = predictor.predict(gray)
+        b = predictor.predict(gray[:, :, None])
+        c = predictor.predict(color, input_order="RGB")
+        assert isinstance(a, Prediction)
+        assert isinstance(b, Prediction)
+        assert isinstance(c, Prediction)
+        np.testing.assert_array_equal(a.anomaly_map, c.anomaly_map)
+        np.testing.assert_array_equal(b.anomaly_map, c.anomaly_map)
+
+
+def test_predictor_resize_uses_the_runtime_resize(tiny_bundle: Path) -> None:
+    big = np.random.default_rng(5).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    with Predictor(tiny_bundle, threads=1) as predictor:
+        got = predictor.predict(big, resize=True)
+        want = predictor.predict(resize_uint8(big, (64, 64)))
+        assert isinstance(got, Prediction)
+        assert isinstance(want, Prediction)
+        np.testing.assert_array_equal(got.anomaly_map, want.anomaly_map)
+        assert got.score == want.score
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ("abc", "images: expected a numpy array or a list of arrays, got 'abc'"),
+        (b"abc", "images: expected a numpy array or a list of arrays, got b'abc'"),
+        (7, "images: expected a numpy array or a list of arrays, got 7"),
+        ([], "images: the list is empty; expected at least one image"),
+        (
+            np.zeros((64,), np.uint8),
+            "images: expected (H, W), (H, W, C) or (n, H, W, C), got array of dtype uint8 and shape (64,)",
+        ),
+        (
+            np.zeros((1, 1, 64, 64, 3), np.uint8),
+            "images: expected (H, W), (H, W, C) or (n, H, W, C), got array of dtype uint8 and shape (1, 1, 64, 64, 3)",
+        ),
+        ([np.zeros((64, 64, 3), np.uint8), [1]], "images[1]: expected a numpy array, got [1]"),
+        ([np.zeros((64, 64, 3), np.float32)], "images[0]: expected dtype uint8, got float32"),
+        (
+            [np.zeros((64, 64, 2), np.uint8)],
+            "images[0]: expected (H, W), (H, W, 1) or (H, W, 3), got shape (64, 64, 2)",
+        ),
+        (
+            [np.zeros((2, 64, 64, 3), np.uint8)],
+            "images[0]: expected (H, W), (H, W, 1) or (H, W, 3), got shape (2, 64, 64, 3)",
+        ),
+        (
+            np.zeros((2, 64, 48, 3), np.uint8),
+            "images[0]: expected image size 64x64 (height x width, the bundle's image_size), got 64x48; "
+            "pass resize=True to resize",
+        ),
+    ],
+)
+def test_predictor_input_messages(tiny_bundle: Path, images: object, message: str) -> None:
+    with Predictor(tiny_bundle, threads=1) as predictor, pytest.raises(ValueError, match=exactly(message)):
+        predictor.predict(images)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "tpu"}, "device: expected 'cpu' or 'cuda', got 'tpu'"),
+        ({"max_batch": 0}, "max_batch: expected a positive integer, got 0"),
+        ({"max_batch": 2.0}, "max_batch: expected a positive integer, got 2.0"),
+        ({"threads": 0}, "threads: expected a positive integer or None, got 0"),
+        ({"threads": True}, "threads: expected a positive integer or None, got True"),
+        ({"location_workers": 1.5}, "location_workers: expected a positive integer or None, got 1.5"),
+    ],
+)
+def test_predictor_argument_messages(tiny_bundle: Path, kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=exactly(message)):
+        Predictor(tiny_bundle, **kwargs)  # type: ignore[arg-type]
+
+
+def test_predictor_threads_and_workers(tiny_bundle: Path) -> None:
+    with Predictor(tiny_bundle, threads=2, location_workers=2) as predictor:
+        assert (predictor.threads, predictor.location_workers) == (2, 2)
+        assert predictor.backend == "onnxruntime"
+        assert predictor.device == "cpu"
+        assert predictor.max_batch == 8
+        assert predictor.path == tiny_bundle
+
+
+def test_prediction_repr_and_finite() -> None:
+    p = Prediction(0.25, False, np.zeros((2, 3), np.float32), np.array([[True, False, True]] * 2), 1.5)
+    assert repr(p) == (
+        "Prediction(score=0.2500, label=OK, raw_score=1.5, anomaly_map=<float32 2x3>, mask=<bool 2x3> (4 anomalous))"
+    )
+    assert p.finite
+    bad = Prediction(1.0, True, np.zeros((1, 1), np.float32), np.ones((1, 1), bool), float("nan"), "broken")
+    assert repr(bad) == (
+        "Prediction(score=1.0000, label=NG, raw_score=nan, anomaly_map=<float32 1x1>, mask=<bool 1x1> (1 anomalous), "
+        "error='broken')"
+    )
+    assert not bad.finite
