@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import reference
-from bundle_factory import make_bundle
+from bundle_factory import make_bundle, reference_location_maps, reference_outputs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -282,29 +281,11 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_bundle(tmp_path_factory.mktemp("bundle") / "b")
 
 
-def _reference_predictions(images: np.ndarray, swap_rb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(maps, raw scores, scores) of bundle_factory's bundle by tests/reference.py, float64.
-
-    Each location's model: channel mean of the normalized tile, 8x8 average pooling to 5x5, times
-    1 + 0.25 * location; then feather untiling, no seam smoothing, image-stage normalization.
-    """
-    tiles = reference.tile(images, (40, 40), (24, 24), "shift", PREP_MEAN, PREP_STD, 3, swap_rb)  # (L, n, 3, 40, 40)
-    pooled = tiles.mean(axis=2).reshape(4, images.shape[0], 5, 8, 5, 8).mean(axis=(3, 5))
-    maps = pooled * (1.0 + 0.25 * np.arange(4))[:, None, None, None]
-    merged = reference.untile(maps, (64, 64), (40, 40), (24, 24), "shift", "feather")
-    norm, _, raw, scores = reference.normalize(merged, 1.0, 1.5, (-2.5, 3.0), (-2.5, 3.0))
-    return norm, raw, scores
-
-
-PREP_MEAN = [0.485, 0.456, 0.406]
-PREP_STD = [0.229, 0.224, 0.225]
-
-
 def test_predictor_matches_the_numpy_reference(tiny_bundle: Path) -> None:
     rng = np.random.default_rng(7)
     images = rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     images[1, 10:30, 20:50] = 255  # a bright defect: a high score
-    want_maps, want_raw, want_scores = _reference_predictions(images, swap_rb=True)  # BGR input, RGB model
+    want_maps, want_raw, want_scores = reference_outputs(images, swap_rb=True)  # BGR input, RGB model
     with Predictor(tiny_bundle, threads=1, max_batch=2) as predictor:
         assert predictor.image_size == (64, 64)
         assert predictor.channels == 3
@@ -326,15 +307,13 @@ def test_predictor_matches_the_numpy_reference(tiny_bundle: Path) -> None:
         rgb = predictor.predict(images[0, :, :, ::-1].copy(), input_order="RGB")
         assert isinstance(rgb, Prediction)
         np.testing.assert_array_equal(rgb.anomaly_map, got[0].anomaly_map)
-        want_rgb_maps, _, _ = _reference_predictions(images[:1], swap_rb=False)
+        want_rgb_maps, _, _ = reference_outputs(images[:1], swap_rb=False)
         as_rgb = predictor.predict(images[0], input_order="RGB")
         assert isinstance(as_rgb, Prediction)
         np.testing.assert_allclose(as_rgb.anomaly_map, want_rgb_maps[0], atol=2e-5)
         # Location maps: what the models output, before merging.
         maps = predictor.location_maps(list(images[:3]))
-        tiles = reference.tile(images, (40, 40), (24, 24), "shift", PREP_MEAN, PREP_STD, 3, True)
-        pooled = tiles.mean(axis=2).reshape(4, 3, 5, 8, 5, 8).mean(axis=(3, 5))
-        want_loc = pooled * (1.0 + 0.25 * np.arange(4))[:, None, None, None]
+        want_loc = reference_location_maps(images, swap_rb=True)
         assert maps.shape == (4, 3, 5, 5)
         assert maps.dtype == np.float32
         np.testing.assert_allclose(maps, want_loc, atol=2e-5)
