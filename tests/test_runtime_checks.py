@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -431,3 +432,67 @@ def test_prediction_repr_and_finite() -> None:
         "error='broken')"
     )
     assert not bad.finite
+
+
+def test_location_outputs_concatenate_the_detector_scores_of_every_chunk(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "det", detector=True)
+    images = np.random.default_rng(9).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    want = reference_location_maps(images, swap_rb=True)
+    with Predictor(bundle, threads=1, max_batch=2) as predictor:  # chunks of 2 and 1 images
+        maps, scores = predictor.location_outputs(images)
+        assert scores is not None
+        assert scores.shape == (4, 3)
+        np.testing.assert_allclose(maps, want, atol=2e-5)
+        np.testing.assert_allclose(scores, want.max(axis=(2, 3)), atol=2e-5)  # the models' score: the map's max
+        rgb_maps, _ = predictor.location_outputs(images, input_order="RGB")
+        np.testing.assert_allclose(rgb_maps, reference_location_maps(images, swap_rb=False), atol=2e-5)
+        np.testing.assert_array_equal(predictor.location_maps(images, input_order="RGB"), rgb_maps)
+
+
+def test_resizing_is_opt_in_everywhere(tiny_bundle: Path) -> None:
+    small = np.zeros((48, 64, 3), np.uint8)
+    message = "images[0]: expected image size 64x64 (height x width, the bundle's image_size), got 48x64; "
+    with Predictor(tiny_bundle, threads=1) as predictor:
+        for call in (predictor.predict, predictor.predict_timed, predictor.location_maps, predictor.location_outputs):
+            with pytest.raises(ValueError, match="^" + re.escape(message)):
+                call(small)
+        resized, _ = predictor.predict_timed(small, resize=True)
+        assert resized[0].anomaly_map.shape == (64, 64)
+        assert predictor.location_maps(small, resize=True).shape == (4, 1, 5, 5)
+
+
+def test_warmup_predicts_a_blank_image_iterations_times(tiny_bundle: Path) -> None:
+    class Counting(Predictor):
+        """Counts the calls to the real predict."""
+
+        calls: list[tuple[tuple[int, ...], str]]
+
+        def predict(self, images: Any, *, input_order: Any = "BGR", resize: bool = False) -> Any:
+            self.calls.append((tuple(images.shape), input_order))
+            assert not images.any()
+            return super().predict(images, input_order=input_order, resize=resize)
+
+    with Counting(tiny_bundle, threads=1) as predictor:
+        predictor.calls = []
+        predictor.warmup()
+        assert predictor.calls == [((64, 64, 3), "BGR")]
+        predictor.warmup(3)
+        assert len(predictor.calls) == 4
+
+
+def test_small_api_contracts() -> None:
+    from tilead.runtime import SeamSmoothing, TileGrid, backends
+    from tilead.runtime.geometry import parse_location
+
+    assert backends.names() == ("auto", "onnxruntime", "openvino", "tensorrt")
+    assert SeamSmoothing(3.0, 0.25).to_dict() == {"sigma": 3.0, "width": 0.25}
+    assert SeamSmoothing.from_dict({"sigma": 1, "width": 0.5}) == SeamSmoothing(1.0, 0.5)
+    with pytest.raises(ValueError, match=exactly("seam: unknown keys ['radius']; allowed keys are sigma, width")):
+        SeamSmoothing.from_dict({"radius": 1})
+    grid = TileGrid((64, 100), 40, 24)
+    assert list(grid) == [(r, c) for r in range(2) for c in range(4)]
+    assert len(grid) == 8
+    with pytest.raises(ValueError, match=exactly("location name: expected 'r<row>c<col>' such as 'r0c1', got 'x1'")):
+        parse_location("x1")
+    with pytest.raises(ValueError, match=exactly("location name: expected 'r<row>c<col>' such as 'r0c1', got 3")):
+        parse_location(3)  # type: ignore[arg-type]
