@@ -472,12 +472,15 @@ def test_warmup_predicts_a_blank_image_iterations_times(tiny_bundle: Path) -> No
             assert not images.any()
             return super().predict(images, input_order=input_order, resize=resize)
 
-    with Counting(tiny_bundle, threads=1) as predictor:
+    predictor = Counting(tiny_bundle, threads=1)
+    try:
         predictor.calls = []
         predictor.warmup()
         assert predictor.calls == [((64, 64, 3), "BGR")]
         predictor.warmup(3)
         assert len(predictor.calls) == 4
+    finally:
+        predictor.close()
 
 
 def test_small_api_contracts() -> None:
