@@ -499,3 +499,59 @@ def test_small_api_contracts() -> None:
         parse_location("x1")
     with pytest.raises(ValueError, match=exactly("location name: expected 'r<row>c<col>' such as 'r0c1', got 3")):
         parse_location(3)  # type: ignore[arg-type]
+
+
+def test_onnxruntime_sessions_get_the_documented_settings(tiny_bundle: Path) -> None:
+    from tilead.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from tilead.runtime.bundle import read_manifest
+
+    manifest = read_manifest(tiny_bundle)
+    models = [(tiny_bundle / loc.file).read_bytes() for loc in manifest.locations]
+    backend = OnnxRuntimeBackend(manifest, models, ["CPUExecutionProvider"], threads=5, location_workers=2)
+    try:
+        assert (backend.threads, backend.location_workers) == (5, 2)
+        assert backend._sessions is not None
+        options = backend._sessions[0].get_session_options()
+        assert options.intra_op_num_threads == 2  # 5 threads over 2 location workers
+        assert options.inter_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert backend._pool is not None
+    finally:
+        backend.close()
+    assert backend._sessions is None
+    assert backend._pool is None
+    with pytest.raises(RuntimeError, match=r"^Predictor is closed$"):
+        backend.infer(np.zeros((4, 1, 3, 40, 40), np.float32))
+    with pytest.raises(RuntimeError, match=r"^Predictor is closed$"):
+        _ = backend.providers
+    one = OnnxRuntimeBackend(manifest, models, ["CPUExecutionProvider"], threads=1, location_workers=0)
+    try:
+        assert one.location_workers == 1
+        assert one._pool is None
+        assert one._sessions is not None
+        assert one._sessions[0].get_session_options().intra_op_num_threads == 1
+    finally:
+        one.close()
+    many = OnnxRuntimeBackend(manifest, models, ["CPUExecutionProvider"], threads=2, location_workers=9)
+    try:
+        assert many.location_workers == 4  # at most one worker per location
+        assert many._sessions is not None
+        assert many._sessions[0].get_session_options().intra_op_num_threads == 1  # never 0
+    finally:
+        many.close()
+
+
+def test_describe_engine_sets_and_preprocessing_dicts() -> None:
+    from tilead.runtime.engines import EngineSet, describe_sets
+    from tilead.runtime.preprocess import Preprocessing
+
+    a = EngineSet("k1", "GPU A", "9.0", "11.4.0", "fp16", (1, 2, 4), 256, True, None, ())
+    b = EngineSet("k2", "GPU B", "8.6", "10.13.0", "fp32", (1, 1, 1), 0, False, None, ())
+    assert describe_sets([]) == "none"
+    assert describe_sets({}) == "none"
+    want = "k1 (GPU A, sm 9.0, TensorRT 11.4.0, fp16); k2 (GPU B, sm 8.6, TensorRT 10.13.0, fp32)"
+    assert describe_sets([a, b]) == want
+    assert describe_sets({"x": a, "y": b}) == want
+    prep = Preprocessing(mean=(0.5,), std=(0.25,), channels=1, color_order="BGR", dtype="float16")
+    assert prep.to_dict() == {"mean": [0.5], "std": [0.25], "channels": 1, "color_order": "BGR", "dtype": "float16"}
+    assert Preprocessing.from_dict(prep.to_dict()) == prep

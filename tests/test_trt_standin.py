@@ -300,6 +300,35 @@ def test_shift_pad_and_resize_bundles_match_onnxruntime(
         assert g.score == pytest.approx(w.score, abs=1e-5)
 
 
+def test_stage_times_input_order_and_location_maps_through_the_standin(
+    standin: Callable[..., None], tmp_path: Path
+) -> None:
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    images = _images(3, 64, 64, seed=4)
+    rgb = [np.ascontiguousarray(im[..., ::-1]) for im in images]
+    with Predictor(bundle, max_batch=4) as cpu:
+        want = cpu.predict(images)
+        want_maps = cpu.location_maps(images)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        timed, times = trt.predict_timed(images)
+        swapped = trt.predict(rgb, input_order="RGB")
+        maps = trt.location_maps(images)
+        rgb_maps = trt.location_maps(rgb, input_order="RGB")
+        as_bgr = trt.location_maps(rgb)  # the same pixels read as BGR: other maps
+    assert isinstance(want, list)
+    assert isinstance(swapped, list)
+    for t, s, w in zip(timed, swapped, want, strict=True):
+        np.testing.assert_allclose(t.anomaly_map, w.anomaly_map, atol=1e-5)
+        np.testing.assert_allclose(s.anomaly_map, w.anomaly_map, atol=1e-5)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-5)
+    np.testing.assert_allclose(rgb_maps, want_maps, atol=1e-5)
+    assert np.abs(as_bgr - want_maps).max() > 1e-3
+    stages = set(times.seconds)
+    assert {"input", "h2d", "tile", "inference", "untile", "seam", "crop", "normalize", "d2h"} <= stages
+    assert {"location:r0c0", "location:r0c1", "location:r1c0", "location:r1c1"} <= stages
+    assert all(v >= 0.0 for v in times.seconds.values())
+
+
 # -- the real DevicePipeline (CUDA): skipped without a usable GPU, run by the first GPU session ---------------------
 
 
