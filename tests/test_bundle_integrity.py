@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -271,18 +272,42 @@ def test_a_swapped_model_with_the_listed_size_fails_on_its_hash(bundle: Path) ->
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ({"input_name": "x"}, r"location r0c0: model has inputs \['x'\], the manifest needs exactly one named 'tiles'"),
-        ({"output_name": "heat"}, r"has outputs \['heat'\], the manifest needs \['map'\] \(missing \['map'\]\)"),
-        ({"channels": 1}, r"'tiles' has shape \(n, 1, 40, 40\), the manifest needs \(n, 3, 40, 40\)"),
-        ({"map_size": (4, 4)}, r"'map' has shape \(n, 1, 4, 4\), the manifest needs \(n, 1, 5, 5\)"),
-        ({"batch": 1}, "'tiles' has a fixed batch dimension 1"),
+        ({"input_name": "x"}, "location r0c0: model has inputs ['x'], the manifest needs exactly one named 'tiles'"),
+        (
+            {"output_name": "heat"},
+            "location r0c0: model has outputs ['heat'], the manifest needs ['map'] (missing ['map'])",
+        ),
+        (
+            {"channels": 1},
+            "location r0c0: model: 'tiles' has shape (n, 1, 40, 40), the manifest needs (n, 3, 40, 40) "
+            "(n, channels, tile_h, tile_w)",
+        ),
+        (
+            {"map_size": (4, 4)},
+            "location r0c0: model: 'map' has shape (n, 1, 4, 4), the manifest needs (n, 1, 5, 5) (n, 1, map_h, map_w)",
+        ),
+        (
+            {"batch": 1},
+            "location r0c0: model: 'tiles' has a fixed batch dimension 1; the manifest needs (n, 3, 40, 40) "
+            "(n, channels, tile_h, tile_w) with a dynamic n",
+        ),
     ],
 )
 def test_models_that_disagree_with_the_manifest_fail_at_load(tmp_path: Path, model: Any, message: str) -> None:
     bundle = make_bundle(tmp_path / "b", **model)
     data = manifest_data(bundle)
     write_manifest(bundle, data)
-    with pytest.raises(BundleError, match=message):
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        Predictor(bundle)
+
+
+def test_a_model_of_another_element_type_fails_at_load(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    data = manifest_data(bundle)
+    data["preprocessing"]["dtype"] = "float16"
+    write_manifest(bundle, data)
+    message = "location r0c0: model: 'tiles' has element type float32, the manifest needs float16"
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
         Predictor(bundle)
 
 

@@ -412,6 +412,10 @@ def test_predictor_argument_messages(tiny_bundle: Path, kwargs: dict[str, object
 
 
 def test_predictor_threads_and_workers(tiny_bundle: Path) -> None:
+    with Predictor(tiny_bundle, threads=3, location_workers=1) as predictor:
+        assert (predictor.threads, predictor.location_workers) == (3, 1)
+    with Predictor(tiny_bundle, threads=3) as predictor:
+        assert (predictor.threads, predictor.location_workers) == (3, 3)  # CPU default: min(locations, threads)
     with Predictor(tiny_bundle, threads=2, location_workers=2) as predictor:
         assert (predictor.threads, predictor.location_workers) == (2, 2)
         assert predictor.backend == "onnxruntime"
