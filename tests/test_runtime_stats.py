@@ -309,3 +309,45 @@ def test_postprocess_marks_nonfinite_images(stage: str, score: float) -> None:
     assert scored.scores[1] == score
     assert scored.errors == (None, "non-finite model output (NaN or infinity) at location r0c0 (score)")
     assert scored.raw_scores[0] == np.float32(0.2)
+
+
+def test_tile_and_raw_score_inputs_may_be_strided_and_are_named_in_errors() -> None:
+    from tilead.runtime.stats import image_scores_of_tiles
+
+    tiles = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]  # (4, 3), not C-contiguous
+    np.testing.assert_array_equal(image_scores_of_tiles(tiles), np.array([18.0, 20.0, 22.0], np.float32))
+    with pytest.raises(ValueError, match=exactly("tile_scores: expected dtype float32, got float64")):
+        image_scores_of_tiles(np.zeros((2, 2)))
+    stats = NormalizationStats.from_dict(IMAGE_DICT)
+    strided = np.array([3.0, 0.0, 4.5, 0.0], np.float32)[::2]
+    out = score_images(_result([0.0, 0.0]), strided, stats)
+    np.testing.assert_allclose(out.scores, [0.5, 1.0], rtol=1e-6)
+    with pytest.raises(ValueError, match=exactly("raw_scores: expected dtype float32, got float64")):
+        score_images(_result([0.0]), np.zeros(1), stats)
+
+
+def test_finite_maps_carry_no_errors() -> None:
+    grid = TileGrid(4, 4, 4)
+    stats = NormalizationStats("none", 0.5, 0.5)
+    _, out = postprocess_maps(np.full((1, 2, 2, 2), 0.1, np.float32), grid, stats)
+    assert out.errors is None
+    assert out.error(0) is None
+    _, scored = postprocess_maps(
+        np.full((1, 2, 2, 2), 0.1, np.float32), grid, stats, tile_scores=np.array([[0.2, 0.3]], np.float32)
+    )
+    assert scored.errors is None
+
+
+def test_ort_specs_map_onnx_runtime_types_and_keep_unknown_ones() -> None:
+    from types import SimpleNamespace
+
+    from tilead.runtime.bundle import TensorSpec, ort_specs
+
+    nodes = [
+        SimpleNamespace(name="tiles", type="tensor(float)", shape=["n", 3, 40, 40]),
+        SimpleNamespace(name="x", type="tensor(bool)", shape=None),
+    ]
+    assert ort_specs(nodes) == [
+        TensorSpec("tiles", "float32", ("n", 3, 40, 40)),
+        TensorSpec("x", "tensor(bool)", ()),
+    ]
