@@ -351,3 +351,33 @@ def test_ort_specs_map_onnx_runtime_types_and_keep_unknown_ones() -> None:
         TensorSpec("tiles", "float32", ("n", 3, 40, 40)),
         TensorSpec("x", "tensor(bool)", ()),
     ]
+
+
+@pytest.mark.parametrize("edge", ["shift", "pad"])
+def test_merge_and_postprocess_with_seam_smoothing_match_the_reference(edge: str) -> None:
+    import reference
+
+    from tilead.runtime import SeamSmoothing, merge_maps
+    from tilead.runtime.timing import StageTimes
+
+    size = 64 if edge == "shift" else 60
+    grid = TileGrid(size, 40, 24, edge=edge)  # 2x2 locations; pad: a 64 px canvas cropped to 60
+    maps = np.random.default_rng(1).normal(size=(4, 2, 5, 5)).astype(np.float32)
+    canvas = reference.untile(maps, (size, size), (40, 40), (24, 24), edge, "feather")
+    smoothed = reference.smooth_seams(canvas, (size, size), (40, 40), (24, 24), edge, 2.0, 0.2)
+    want = smoothed[:, :size, :size]
+    timer = StageTimes()
+    got = merge_maps(maps, grid, weights="feather", seam=SeamSmoothing(2.0, 0.2), timer=timer)
+    assert got.shape == (2, size, size)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert list(timer.seconds) == ["untile", "seam", "crop"]
+    plain = merge_maps(maps, grid, weights="feather")
+    np.testing.assert_allclose(plain, canvas[:, :size, :size], atol=1e-5)
+    assert np.abs(plain - got).max() > 1e-3  # the smoothing changed the seams
+    stats = NormalizationStats("none", 0.0, 0.0)
+    timer = StageTimes()
+    merged, out = postprocess_maps(maps, grid, stats, weights="feather", seam=SeamSmoothing(2.0, 0.2), timer=timer)
+    np.testing.assert_allclose(merged, want, atol=1e-5)
+    np.testing.assert_allclose(out.maps, want, atol=1e-5)
+    np.testing.assert_allclose(out.raw_scores, want.reshape(2, -1).max(axis=1), atol=1e-5)
+    assert list(timer.seconds) == ["untile", "seam", "crop", "normalize"]
