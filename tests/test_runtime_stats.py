@@ -361,7 +361,7 @@ def test_merge_and_postprocess_with_seam_smoothing_match_the_reference(edge: str
     from tilead.runtime.timing import StageTimes
 
     size = 64 if edge == "shift" else 60
-    grid = TileGrid(size, 40, 24, edge=edge)  # 2x2 locations; pad: a 64 px canvas cropped to 60
+    grid = TileGrid(size, 40, 24, edge=edge)  # type: ignore[arg-type]  # 2x2 locations; pad: a 64 px canvas cropped to 60
     maps = np.random.default_rng(1).normal(size=(4, 2, 5, 5)).astype(np.float32)
     canvas = reference.untile(maps, (size, size), (40, 40), (24, 24), edge, "feather")
     smoothed = reference.smooth_seams(canvas, (size, size), (40, 40), (24, 24), edge, 2.0, 0.2)
