@@ -559,3 +559,71 @@ def test_describe_engine_sets_and_preprocessing_dicts() -> None:
     prep = Preprocessing(mean=(0.5,), std=(0.25,), channels=1, color_order="BGR", dtype="float16")
     assert prep.to_dict() == {"mean": [0.5], "std": [0.25], "channels": 1, "color_order": "BGR", "dtype": "float16"}
     assert Preprocessing.from_dict(prep.to_dict()) == prep
+
+
+def test_backend_registry_resolution() -> None:
+    from tilead.runtime import backends
+
+    assert backends.DEFAULT == "onnxruntime"
+    assert backends.resolve("auto", "cpu") is backends.REGISTRY["onnxruntime"]
+    assert backends.resolve("auto", "cuda") is backends.REGISTRY["onnxruntime"]
+    assert backends.resolve("openvino", "cpu").module == "tilead.runtime.backends.openvino"
+    assert backends.REGISTRY["tensorrt"].reads_onnx is False
+    assert backends.REGISTRY["onnxruntime"].reads_onnx is True
+    assert backends.REGISTRY["onnxruntime"].devices == ("cpu", "cuda")
+    names = "'auto', 'onnxruntime', 'openvino', 'tensorrt'"
+    with pytest.raises(ValueError, match=exactly(f"backend: expected one of {names}, got 'ort'")):
+        backends.resolve("ort", "cpu")
+    with pytest.raises(ValueError, match=exactly(f"backend: expected one of {names}, got 3")):
+        backends.resolve(3, "cpu")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=exactly("backend='tensorrt' runs on device='cuda', got device='cpu'")):
+        backends.resolve("tensorrt", "cpu")
+    with pytest.raises(
+        ValueError, match=exactly("backend='onnxruntime' runs on device='cpu' or 'cuda', got device='tpu'")
+    ):
+        backends.resolve("auto", "tpu")
+
+
+def test_run_locations_gathers_and_checks_every_output(tiny_bundle: Path, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tilead.runtime import BundleError
+    from tilead.runtime.backends.base import default_location_workers, run_locations
+    from tilead.runtime.bundle import read_manifest
+
+    assert default_location_workers("cpu", 4, 2) == 2
+    assert default_location_workers("cpu", 3, 8) == 3
+    assert default_location_workers("cuda", 4, 8) == 1
+    manifest = read_manifest(tiny_bundle)
+    tiles = np.arange(4 * 2 * 3 * 40 * 40, dtype=np.float32).reshape(4, 2, 3, 40, 40)
+
+    def one(index: int, location_tiles: np.ndarray) -> list[np.ndarray]:
+        assert location_tiles.shape == (2, 3, 40, 40)
+        return [np.full((2, 1, 5, 5), index + location_tiles[0, 0, 0, 0] / 1e6, np.float32)]
+
+    timer = StageTimes()
+    maps, scores = run_locations(manifest, tiles, one, None, timer)
+    assert scores is None
+    assert maps.shape == (4, 2, 5, 5)
+    for i in range(4):
+        assert np.all(maps[i] == np.float32(i + tiles[i, 0, 0, 0, 0] / 1e6))
+    assert list(timer.seconds) == ["inference", "location:r0c0", "location:r0c1", "location:r1c0", "location:r1c1"]
+    with ThreadPoolExecutor(2) as pool:
+        pooled, _ = run_locations(manifest, tiles, one, pool, None)
+    np.testing.assert_array_equal(pooled, maps)
+    with pytest.raises(
+        BundleError, match=exactly("location r0c0: model output shape (2, 5, 5), the manifest promises (2, 1, 5, 5)")
+    ):
+        run_locations(manifest, tiles, lambda i, t: [np.zeros((2, 5, 5), np.float32)], None, None)
+    detector = read_manifest(make_bundle(tmp_path / "det", detector=True))
+    maps, scores = run_locations(
+        detector, tiles, lambda i, t: [np.zeros((2, 1, 5, 5), np.float32), np.array([i, -i], np.float32)], None, None
+    )
+    assert scores is not None
+    np.testing.assert_array_equal(scores, [[0, 0], [1, -1], [2, -2], [3, -3]])
+    with pytest.raises(
+        BundleError, match=exactly("location r0c0: model output 'score' has shape (2, 1), expected (2,)")
+    ):
+        run_locations(
+            detector, tiles, lambda i, t: [np.zeros((2, 1, 5, 5), np.float32), np.zeros((2, 1), np.float32)], None, None
+        )
