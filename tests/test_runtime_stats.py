@@ -381,3 +381,41 @@ def test_merge_and_postprocess_with_seam_smoothing_match_the_reference(edge: str
     np.testing.assert_allclose(out.maps, want, atol=1e-5)
     np.testing.assert_allclose(out.raw_scores, want.reshape(2, -1).max(axis=1), atol=1e-5)
     assert list(timer.seconds) == ["untile", "seam", "crop", "normalize"]
+
+
+def test_postprocess_wrappers_name_what_is_wrong() -> None:
+    from tilead.runtime import canvas_to_image, normalize_maps, resize_maps, smooth_seams
+    from tilead.runtime.postprocess import SeamSmoothing
+
+    grid = TileGrid(60, 40, 24, edge="pad")  # canvas 64 x 64
+    with pytest.raises(ValueError, match=exactly("maps: expected dtype float32, got float64")):
+        canvas_to_image(np.zeros((1, 64, 64)), grid)
+    with pytest.raises(
+        ValueError, match=exactly("maps[0]: expected shape (64, 64) (canvas_h, canvas_w), got (60, 60)")
+    ):
+        canvas_to_image(np.zeros((1, 60, 60), np.float32), grid)
+    with pytest.raises(ValueError, match=exactly("maps: expected dtype float32, got float64")):
+        resize_maps(np.zeros((1, 4, 4)), (8, 8))
+    with pytest.raises(
+        ValueError, match=exactly("maps[0]: expected shape (64, 64) (canvas_h, canvas_w), got (60, 60)")
+    ):
+        smooth_seams(np.zeros((1, 60, 60), np.float32), grid, SeamSmoothing())
+    frozen = np.zeros((1, 64, 64), np.float32)
+    frozen.flags.writeable = False
+    assert smooth_seams(frozen, grid, SeamSmoothing()).shape == (1, 64, 64)  # a copy: read-only input is fine
+    with pytest.raises(ValueError, match=exactly("maps: expected a writable array, got a read-only one")):
+        smooth_seams(frozen, grid, SeamSmoothing(), inplace=True)
+    single = normalize_maps(np.array([[0.0, 2.0], [4.0, 1.0]], np.float32), pixel_threshold=1.0, image_threshold=3.0)
+    assert single.maps.shape == (1, 2, 2)
+    assert single.masks.tolist() == [[[False, True], [True, False]]]
+    assert single.raw_scores.tolist() == [4.0]
+    assert single.labels.tolist() == [True]
+
+
+def test_version_order_reads_digits_only() -> None:
+    from tilead.runtime.bundle import _version_tuple
+
+    assert _version_tuple("1.2.3") == (1, 2, 3)
+    assert _version_tuple("0.1.0rc2") == (0, 1, 2)
+    assert _version_tuple("1.x.0") == (1, 0, 0)
+    assert _version_tuple("1.1234567890") == (1, 123456789)  # at most 9 digits per part
