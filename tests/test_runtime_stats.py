@@ -7,6 +7,7 @@ A bundle's statistics decide every label, so a loosened check here can switch de
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -419,3 +420,62 @@ def test_version_order_reads_digits_only() -> None:
     assert _version_tuple("0.1.0rc2") == (0, 1, 2)
     assert _version_tuple("1.x.0") == (1, 0, 0)
     assert _version_tuple("1.1234567890") == (1, 123456789)  # at most 9 digits per part
+
+
+def test_norm_params_modes_and_messages() -> None:
+    from tilead import _kernels
+    from tilead.runtime.postprocess import norm_params
+
+    assert norm_params(1, 2, None, None) == (_kernels.NORM_NONE, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0)
+    assert norm_params(1, 2, (0, 3), (1, 4)) == (_kernels.NORM_MINMAX, 1.0, 0.0, 3.0, 2.0, 1.0, 4.0)
+    both = "pixel_range and image_range: give both (min-max normalization) or neither (raw values)"
+    with pytest.raises(ValueError, match=exactly(both)):
+        norm_params(1, 2, (0, 3), None)
+    with pytest.raises(ValueError, match=exactly(both)):
+        norm_params(1, 2, None, (0, 3))
+    with pytest.raises(ValueError, match=exactly("image_threshold: expected a finite number, got nan")):
+        norm_params(1, float("nan"), None, None)
+    with pytest.raises(ValueError, match=exactly("pixel_threshold: expected a number, got 'a'")):
+        norm_params("a", 1, None, None)
+    with pytest.raises(ValueError, match=exactly("pixel_range: expected a finite number, got inf")):
+        norm_params(1, 2, (0, float("inf")), (0, 1))
+    with pytest.raises(ValueError, match=exactly("image_range: expected a number, got None")):
+        norm_params(1, 2, (0, 1), (None, 1))
+    with pytest.raises(ValueError, match=exactly("pixel_range: expected min < max, got (1.0, 1.0)")):
+        norm_params(1, 2, (1, 1), (0, 1))
+    with pytest.raises(ValueError, match=exactly("image_range: expected min < max, got (2.0, 2.0)")):
+        norm_params(1, 2, (0, 1), (2, 2))
+
+
+def test_manifest_writing_and_json_depth(tmp_path: Path) -> None:
+    import json
+
+    from tilead.runtime.bundle import DIGEST_KEY, MANIFEST, _depth, write_manifest
+
+    out = write_manifest(tmp_path, {"a": [1, {"b": 2}]})
+    text = (tmp_path / MANIFEST).read_text()
+    assert text == json.dumps(out, indent=2) + "\n"
+    assert text.startswith('{\n  "a": [\n    1,')
+    assert set(out) == {"a", DIGEST_KEY}
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_manifest(tmp_path, {"a": float("nan")})
+    assert _depth(1) == 1
+    assert _depth({}) == 1
+    assert _depth({"a": 1, "b": "x"}) == 1
+    assert _depth([[], {"a": [1]}]) == 3
+    assert _depth({"a": {"b": {"c": {}}}, "d": []}) == 4
+
+
+def test_location_entries_need_every_key() -> None:
+    from tilead.runtime.files import parse_location_file
+
+    entry = {"name": "r0c0", "file": "tiles/r0c0.onnx", "sha256": "0" * 64, "bytes": 10}
+    got = parse_location_file(entry, "locations[0]", "r0c0", "tiles/r0c0.onnx")
+    assert (got.name, got.file, got.sha256, got.bytes) == ("r0c0", "tiles/r0c0.onnx", "0" * 64, 10)
+    partial = {k: v for k, v in entry.items() if k != "bytes"}
+    with pytest.raises(ValueError, match=exactly("locations[0]: missing keys ['bytes']")):
+        parse_location_file(partial, "locations[0]", "r0c0", "tiles/r0c0.onnx")
+    with pytest.raises(
+        ValueError, match=exactly("locations[0]: expected a mapping with keys name, file, sha256, bytes, got 3")
+    ):
+        parse_location_file(3, "locations[0]", "r0c0", "tiles/r0c0.onnx")
