@@ -436,11 +436,11 @@ def test_norm_params_modes_and_messages() -> None:
     with pytest.raises(ValueError, match=exactly("image_threshold: expected a finite number, got nan")):
         norm_params(1, float("nan"), None, None)
     with pytest.raises(ValueError, match=exactly("pixel_threshold: expected a number, got 'a'")):
-        norm_params("a", 1, None, None)
+        norm_params("a", 1, None, None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=exactly("pixel_range: expected a finite number, got inf")):
         norm_params(1, 2, (0, float("inf")), (0, 1))
     with pytest.raises(ValueError, match=exactly("image_range: expected a number, got None")):
-        norm_params(1, 2, (0, 1), (None, 1))
+        norm_params(1, 2, (0, 1), (None, 1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=exactly("pixel_range: expected min < max, got (1.0, 1.0)")):
         norm_params(1, 2, (1, 1), (0, 1))
     with pytest.raises(ValueError, match=exactly("image_range: expected min < max, got (2.0, 2.0)")):
