@@ -585,3 +585,50 @@ def test_model_missing_keys_and_tile_stats_count() -> None:
         parse_manifest(data)
     data["normalization"]["tile_stats"] = {"thresholds": [1.0] * 4, "mins": [0.0] * 4, "maxs": [2.0] * 4}
     assert parse_manifest(data).stats.tile_stats is not None
+
+
+def test_open_in_bundle_refuses_paths_that_leave_it(tmp_path: Path) -> None:
+    from tilead.runtime.bundle import _open_in_bundle
+
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "tiles" / "a.onnx").write_bytes(b"x")
+    fd = _open_in_bundle(tmp_path, "tiles/a.onnx", "model")
+    try:
+        assert os.read(fd, 10) == b"x"
+    finally:
+        os.close(fd)
+    for rel in ("/etc/passwd", "../a.onnx", "tiles/../tiles/a.onnx", "./tiles/a.onnx", "tiles//a.onnx", "tiles/"):
+        with pytest.raises(BundleError, match="^" + re.escape(f"model: file {rel!r} points outside the bundle") + "$"):
+            _open_in_bundle(tmp_path, rel, "model")
+    message = (
+        f"model {tmp_path / 'tiles/a.onnx/b'} is (or lies under) a symbolic link or not a directory; "
+        "bundle files must be regular files inside the bundle"
+    )
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        _open_in_bundle(tmp_path, "tiles/a.onnx/b", "model")  # a file where a folder should be
+    with pytest.raises(BundleError, match="^" + re.escape(f"model {tmp_path / 'tiles/b.onnx'} is missing") + "$"):
+        _open_in_bundle(tmp_path, "tiles/b.onnx", "model")
+
+
+def test_manifest_refusals_say_what_to_do(bundle: Path) -> None:
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data["normalization"]["image_threshold"] = 1.25
+    path.write_text(json.dumps(data))
+    message = (
+        f"{path}: the manifest was edited after it was written (manifest_sha256 does not match its content); "
+        "change thresholds and normalization with tilead-calibrate, not by hand"
+    )
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        read_manifest(bundle)
+    del data["manifest_sha256"]
+    path.write_text(json.dumps(data))
+    message = (
+        f"{path}: no manifest_sha256; the manifest was not written by tilead-export or tilead-calibrate "
+        "(re-export the run, or set thresholds with tilead-calibrate)"
+    )
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        read_manifest(bundle)
+    path.write_text("[]")
+    with pytest.raises(BundleError, match="^" + re.escape(str(path))):
+        read_manifest(bundle)
