@@ -493,6 +493,9 @@ def test_small_api_contracts() -> None:
 
     assert backends.names() == ("auto", "onnxruntime", "openvino", "tensorrt")
     assert SeamSmoothing(3.0, 0.25).to_dict() == {"sigma": 3.0, "width": 0.25}
+    ints = SeamSmoothing(3, 1)  # stored as the checked floats
+    assert type(ints.sigma) is float
+    assert type(ints.width) is float
     assert SeamSmoothing.from_dict({"sigma": 1, "width": 0.5}) == SeamSmoothing(1.0, 0.5)
     with pytest.raises(ValueError, match=exactly("seam: unknown keys ['radius']; allowed keys are sigma, width")):
         SeamSmoothing.from_dict({"radius": 1})
