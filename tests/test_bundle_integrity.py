@@ -632,3 +632,20 @@ def test_manifest_refusals_say_what_to_do(bundle: Path) -> None:
     path.write_text("[]")
     with pytest.raises(BundleError, match="^" + re.escape(str(path))):
         read_manifest(bundle)
+
+
+def test_read_manifest_passes_the_version_and_names_the_file(bundle: Path) -> None:
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data["tilead_version"] = "99.0"
+    write_manifest(bundle, data)
+    with pytest.raises(BundleError, match=r"written by tilead 99\.0.*newer than this tilead 0\.1\.0"):
+        read_manifest(bundle, current_version="0.1.0")
+    assert read_manifest(bundle, current_version="99.0").tilead_version == "99.0"
+    path.write_text("{")
+    with pytest.raises(BundleError, match="^" + re.escape(str(path))):
+        read_manifest(bundle)
+    path.unlink()
+    path.symlink_to(bundle / "tiles" / "r0c0.onnx")
+    with pytest.raises(BundleError, match="^" + re.escape(f"{bundle}: manifest.json {bundle.resolve()}/manifest.json")):
+        read_manifest(bundle)

@@ -418,6 +418,10 @@ def test_predictor_threads_and_workers(tiny_bundle: Path) -> None:
         assert (predictor.threads, predictor.location_workers) == (3, 3)  # CPU default: min(locations, threads)
     with Predictor(tiny_bundle, threads=2, location_workers=2) as predictor:
         assert (predictor.threads, predictor.location_workers) == (2, 2)
+        pool = getattr(predictor._backend, "_pool", None)
+        assert pool is not None
+        assert pool._max_workers == 2
+        assert pool._thread_name_prefix == "tilead-location"
         assert predictor.backend == "onnxruntime"
         assert predictor.device == "cpu"
         assert predictor.max_batch == 8
