@@ -634,3 +634,15 @@ def test_run_locations_gathers_and_checks_every_output(tiny_bundle: Path, tmp_pa
         run_locations(
             detector, tiles, lambda i, t: [np.zeros((2, 1, 5, 5), np.float32), np.zeros((2, 1), np.float32)], None, None
         )
+
+
+def test_resize_uint8_takes_strided_images_and_names_the_argument() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    strided = image[:, ::-1]  # a view with a negative stride
+    np.testing.assert_array_equal(
+        resize_uint8(strided, (10, 15)), resize_uint8(np.ascontiguousarray(strided), (10, 15))
+    )
+    with pytest.raises(ValueError, match=exactly("image: expected dtype uint8, got float32")):
+        resize_uint8(image.astype(np.float32), (10, 15))
+    with pytest.raises(ValueError, match=exactly("image: expected 3 dimensions, got 2 with shape (20, 30)")):
+        resize_uint8(image[:, :, 0], (10, 15))

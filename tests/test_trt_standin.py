@@ -329,6 +329,36 @@ def test_stage_times_input_order_and_location_maps_through_the_standin(
     assert all(v >= 0.0 for v in times.seconds.values())
 
 
+def test_a_nan_location_is_named_through_the_standin(standin: Callable[..., None], tmp_path: Path) -> None:
+    from bundle_factory import manifest_data, onnx_model
+
+    from tilead.runtime.bundle import write_manifest
+
+    root = tmp_path / "nan"
+    make_bundle(root)
+    (root / "tiles" / "r0c1.onnx").write_bytes(onnx_model(float("nan")))  # every map value of r0c1 is NaN
+    write_manifest(root, manifest_data(root))
+    manifest = read_manifest(root)
+    key = engine_key(GPU, CC, VERSION, "fp32", 4, [loc.sha256 for loc in manifest.locations])
+    files = []
+    for loc in manifest.locations:
+        target = root / "engines" / key / f"{loc.name}.engine"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / loc.file, target)
+        files.append(
+            EngineFile(loc.name, f"engines/{key}/{loc.name}.engine", sha256_file(target), target.stat().st_size)
+        )
+    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", (1, 4, 4), 256, True, None, tuple(files)))
+    with Predictor(root, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        got = trt.predict(_images(2, 64, 64, seed=3))
+    assert isinstance(got, list)
+    for p in got:
+        assert p.error == "non-finite model output (NaN or infinity) at location r0c1 (map)"
+        assert p.label is True
+        assert p.score == 1.0
+        assert np.isnan(p.raw_score)
+
+
 # -- the real DevicePipeline (CUDA): skipped without a usable GPU, run by the first GPU session ---------------------
 
 
