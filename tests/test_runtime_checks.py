@@ -615,6 +615,8 @@ def test_run_locations_gathers_and_checks_every_output(tiny_bundle: Path, tmp_pa
     for i in range(4):
         assert np.all(maps[i] == np.float32(i + tiles[i, 0, 0, 0, 0] / 1e6))
     assert list(timer.seconds) == ["inference", "location:r0c0", "location:r0c1", "location:r1c0", "location:r1c1"]
+    # Run one after another, each location's time is a part of the inference wall time.
+    assert sum(v for k, v in timer.seconds.items() if k.startswith("location:")) <= timer.seconds["inference"]
     with ThreadPoolExecutor(2) as pool:
         pooled, _ = run_locations(manifest, tiles, one, pool, None)
     np.testing.assert_array_equal(pooled, maps)
