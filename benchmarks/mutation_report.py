@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         n = sum(counts.values())
         killed = sum(counts[s] for s in KILLED)
         share = 100.0 * killed / n
-        report[path] = {"killed": killed, "total": n, "share": round(share, 1), **dict(counts)}
+        report[path] = {"killed": killed, "total": n, "share": round(share, 1), "statuses": dict(counts)}
         print(
             f"{path:44s} {killed:6d} {n:6d} {share:5.1f}%  {counts['survived']:8d}  {counts['no tests']:8d}  "
             f"{counts['not checked']:11d}"
