@@ -123,15 +123,19 @@ gpu-check:
 
 # Mutation testing ([tool.mutmut] in pyproject.toml: what is mutated, which tests run). mutmut imports the
 # package from its mutants/ copy, so the built extension is copied beside the sources for the run and
-# removed afterwards. JOBS=n runs n mutants at a time. Result: mutants/mutmut-cicd-stats.json.
+# removed afterwards. JOBS=n runs n mutants at a time; MUTANTS="name or glob ..." (re)runs only those mutants
+# (e.g. MUTANTS='tilead.runtime.bundle.*'). Result: mutants/mutmut-cicd-stats.json and the per-module table of
+# benchmarks/mutation_report.py (docs/reliability.md).
 JOBS ?= 2
+MUTANTS ?=
 mutation: $(STAMP)
 	@so_dir=$$($(BIN)/python -c 'import os, tilead._kernels as k; print(os.path.dirname(k.__file__))'); \
 	 copied=$$(cd $$so_dir && ls _kernels*.so); \
 	 for f in $$copied; do cp $$so_dir/$$f tilead/$$f; done; \
-	 TILEAD_MUTATION=1 $(BIN)/mutmut run --max-children $(JOBS); status=$$?; \
+	 TILEAD_MUTATION=1 $(BIN)/mutmut run --max-children $(JOBS) $(MUTANTS); status=$$?; \
 	 for f in $$copied; do rm -f tilead/$$f; done; \
-	 test $$status -eq 0 && $(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+	 test $$status -eq 0 && $(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json && \
+	 $(BIN)/python benchmarks/mutation_report.py
 
 clean:
 	rm -rf build out .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants

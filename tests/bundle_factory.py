@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import reference
+
 from tilead.runtime import TileGrid
 from tilead.runtime.bundle import SCHEMA_VERSION, location_files, sha256_file, write_manifest
 
@@ -235,3 +238,31 @@ def make_shared_bundle(
     data = manifest_data(root, grid_data=grid_data, layout="shared_backbone")
     write_manifest(root, data)
     return root
+
+
+PREP_MEAN = [0.485, 0.456, 0.406]
+PREP_STD = [0.229, 0.224, 0.225]
+
+
+def reference_location_maps(images: np.ndarray, swap_rb: bool) -> np.ndarray:
+    """What :func:`make_bundle`'s default models output, by tests/reference.py: float64 ``(4, n, 5, 5)``.
+
+    Each location: channel mean of the normalized tile, 8x8 average pooling to 5x5, times 1 + 0.25 * location.
+    """
+    tiles = reference.tile(images, (40, 40), (24, 24), "shift", PREP_MEAN, PREP_STD, 3, swap_rb)  # (L, n, 3, 40, 40)
+    pooled = tiles.mean(axis=2).reshape(4, images.shape[0], 5, 8, 5, 8).mean(axis=(3, 5))
+    result: np.ndarray = pooled * (1.0 + 0.25 * np.arange(4))[:, None, None, None]
+    return result
+
+
+def reference_outputs(images: np.ndarray, swap_rb: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(maps, raw scores, scores)`` of :func:`make_bundle`'s default bundle for uint8 ``(n, 64, 64, 3)``.
+
+    The location maps of :func:`reference_location_maps`, feather untiling, no seam smoothing, image-stage
+    normalization, all by tests/reference.py in float64.
+    """
+    merged = reference.untile(
+        reference_location_maps(images, swap_rb), (64, 64), (40, 40), (24, 24), "shift", "feather"
+    )
+    norm, _, raw, scores = reference.normalize(merged, 1.0, 1.5, (-2.5, 3.0), (-2.5, 3.0))
+    return norm, raw, scores

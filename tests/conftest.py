@@ -12,7 +12,7 @@ if os.environ.get("TILEAD_MUTATION"):  # `make mutation`: import mutmut's mutate
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tilead.runtime import cuda_status
+from tilead import _kernels
 
 # "dev" keeps the default run fast; CI selects "ci" (more examples) through
 # HYPOTHESIS_PROFILE. Deadlines are off: timings on shared 2-core machines are noise.
@@ -21,16 +21,20 @@ settings.register_profile("ci", max_examples=250, deadline=None, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 ROOT = Path(__file__).resolve().parents[1]
-BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_bottle"
+_CHECKOUT = ROOT.parent if ROOT.name == "mutants" else ROOT  # `make mutation` runs the tests from mutants/
+BOTTLE = _CHECKOUT.parent / "shared" / "data" / "mvtec_bottle"
 
-_CUDA = cuda_status()
+# Asked of the extension itself, not of tilead.runtime.cuda_status: `make mutation` mutates the runtime, and a
+# mutant that raises while this conftest loads would stop pytest before any test ran.
+_CUDA_COUNT, _CUDA_ERROR = _kernels.cuda.device_count()
+_CUDA_USABLE = bool(_kernels.cuda.is_built()) and int(_CUDA_COUNT) > 0
 DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
         marks=[
             pytest.mark.gpu,
-            pytest.mark.skipif(not _CUDA.usable, reason=f"no usable CUDA device: {_CUDA.error or 'not built'}"),
+            pytest.mark.skipif(not _CUDA_USABLE, reason=f"no usable CUDA device: {_CUDA_ERROR or 'not built'}"),
         ],
     ),
 ]

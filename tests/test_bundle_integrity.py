@@ -8,8 +8,10 @@ and require that loading either succeeds or raises ``BundleError``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -261,7 +263,12 @@ def test_a_swapped_model_with_the_listed_size_fails_on_its_hash(bundle: Path) ->
     path = bundle / loc.file
     path.write_bytes(onnx_model(9.0))  # same graph and size, another gain
     assert path.stat().st_size == loc.bytes
-    with pytest.raises(BundleError, match=r"location r1c0: sha256 of .*r1c0.onnx is [0-9a-f]{64}, the manifest lists"):
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    message = (
+        f"location r1c0: sha256 of {path} is {digest}, the manifest lists {loc.sha256} "
+        "(the file was modified or corrupted)"
+    )
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
         Predictor(bundle)
 
 
@@ -271,18 +278,42 @@ def test_a_swapped_model_with_the_listed_size_fails_on_its_hash(bundle: Path) ->
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ({"input_name": "x"}, r"location r0c0: model has inputs \['x'\], the manifest needs exactly one named 'tiles'"),
-        ({"output_name": "heat"}, r"has outputs \['heat'\], the manifest needs \['map'\] \(missing \['map'\]\)"),
-        ({"channels": 1}, r"'tiles' has shape \(n, 1, 40, 40\), the manifest needs \(n, 3, 40, 40\)"),
-        ({"map_size": (4, 4)}, r"'map' has shape \(n, 1, 4, 4\), the manifest needs \(n, 1, 5, 5\)"),
-        ({"batch": 1}, "'tiles' has a fixed batch dimension 1"),
+        ({"input_name": "x"}, "location r0c0: model has inputs ['x'], the manifest needs exactly one named 'tiles'"),
+        (
+            {"output_name": "heat"},
+            "location r0c0: model has outputs ['heat'], the manifest needs ['map'] (missing ['map'])",
+        ),
+        (
+            {"channels": 1},
+            "location r0c0: model: 'tiles' has shape (n, 1, 40, 40), the manifest needs (n, 3, 40, 40) "
+            "(n, channels, tile_h, tile_w)",
+        ),
+        (
+            {"map_size": (4, 4)},
+            "location r0c0: model: 'map' has shape (n, 1, 4, 4), the manifest needs (n, 1, 5, 5) (n, 1, map_h, map_w)",
+        ),
+        (
+            {"batch": 1},
+            "location r0c0: model: 'tiles' has a fixed batch dimension 1; the manifest needs (n, 3, 40, 40) "
+            "(n, channels, tile_h, tile_w) with a dynamic n",
+        ),
     ],
 )
 def test_models_that_disagree_with_the_manifest_fail_at_load(tmp_path: Path, model: Any, message: str) -> None:
     bundle = make_bundle(tmp_path / "b", **model)
     data = manifest_data(bundle)
     write_manifest(bundle, data)
-    with pytest.raises(BundleError, match=message):
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        Predictor(bundle)
+
+
+def test_a_model_of_another_element_type_fails_at_load(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    data = manifest_data(bundle)
+    data["preprocessing"]["dtype"] = "float16"
+    write_manifest(bundle, data)
+    message = "location r0c0: model: 'tiles' has element type float32, the manifest needs float16"
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
         Predictor(bundle)
 
 
@@ -554,3 +585,67 @@ def test_model_missing_keys_and_tile_stats_count() -> None:
         parse_manifest(data)
     data["normalization"]["tile_stats"] = {"thresholds": [1.0] * 4, "mins": [0.0] * 4, "maxs": [2.0] * 4}
     assert parse_manifest(data).stats.tile_stats is not None
+
+
+def test_open_in_bundle_refuses_paths_that_leave_it(tmp_path: Path) -> None:
+    from tilead.runtime.bundle import _open_in_bundle
+
+    (tmp_path / "tiles").mkdir()
+    (tmp_path / "tiles" / "a.onnx").write_bytes(b"x")
+    fd = _open_in_bundle(tmp_path, "tiles/a.onnx", "model")
+    try:
+        assert os.read(fd, 10) == b"x"
+    finally:
+        os.close(fd)
+    for rel in ("/etc/passwd", "../a.onnx", "tiles/../tiles/a.onnx", "./tiles/a.onnx", "tiles//a.onnx", "tiles/"):
+        with pytest.raises(BundleError, match="^" + re.escape(f"model: file {rel!r} points outside the bundle") + "$"):
+            _open_in_bundle(tmp_path, rel, "model")
+    message = (
+        f"model {tmp_path / 'tiles/a.onnx/b'} is (or lies under) a symbolic link or not a directory; "
+        "bundle files must be regular files inside the bundle"
+    )
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        _open_in_bundle(tmp_path, "tiles/a.onnx/b", "model")  # a file where a folder should be
+    with pytest.raises(BundleError, match="^" + re.escape(f"model {tmp_path / 'tiles/b.onnx'} is missing") + "$"):
+        _open_in_bundle(tmp_path, "tiles/b.onnx", "model")
+
+
+def test_manifest_refusals_say_what_to_do(bundle: Path) -> None:
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data["normalization"]["image_threshold"] = 1.25
+    path.write_text(json.dumps(data))
+    message = (
+        f"{path}: the manifest was edited after it was written (manifest_sha256 does not match its content); "
+        "change thresholds and normalization with tilead-calibrate, not by hand"
+    )
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        read_manifest(bundle)
+    del data["manifest_sha256"]
+    path.write_text(json.dumps(data))
+    message = (
+        f"{path}: no manifest_sha256; the manifest was not written by tilead-export or tilead-calibrate "
+        "(re-export the run, or set thresholds with tilead-calibrate)"
+    )
+    with pytest.raises(BundleError, match="^" + re.escape(message) + "$"):
+        read_manifest(bundle)
+    path.write_text("[]")
+    with pytest.raises(BundleError, match="^" + re.escape(str(path))):
+        read_manifest(bundle)
+
+
+def test_read_manifest_passes_the_version_and_names_the_file(bundle: Path) -> None:
+    path = bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    data["tilead_version"] = "99.0"
+    write_manifest(bundle, data)
+    with pytest.raises(BundleError, match=r"written by tilead 99\.0.*newer than this tilead 0\.1\.0"):
+        read_manifest(bundle, current_version="0.1.0")
+    assert read_manifest(bundle, current_version="99.0").tilead_version == "99.0"
+    path.write_text("{")
+    with pytest.raises(BundleError, match="^" + re.escape(str(path))):
+        read_manifest(bundle)
+    path.unlink()
+    path.symlink_to(bundle / "tiles" / "r0c0.onnx")
+    with pytest.raises(BundleError, match="^" + re.escape(f"{bundle}: manifest.json {bundle.resolve()}/manifest.json")):
+        read_manifest(bundle)

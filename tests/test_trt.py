@@ -77,6 +77,145 @@ def test_no_tensorrt_at_all_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) 
         builder.import_builder()
 
 
+def test_import_runtime_prefers_the_full_package_then_the_lean_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    if "tensorrt" not in sys.modules:  # these machines: the lean runtime only
+        monkeypatch.setitem(sys.modules, "tensorrt", None)
+        assert modules.import_runtime() is __import__("tensorrt_lean")
+    full = types.ModuleType("tensorrt")
+    for cls, member in modules.RUNTIME_API:
+        owner = getattr(full, cls, None) or type(cls, (), {})
+        setattr(owner, member, None)
+        setattr(full, cls, owner)
+    monkeypatch.setitem(sys.modules, "tensorrt", full)
+    assert modules.import_runtime() is full
+    partial = types.ModuleType("tensorrt")
+    partial.__version__ = "9.3.0"  # type: ignore[attr-defined]
+    partial.Logger = type("Logger", (), {"WARNING": 1})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", partial)
+    rest = ", ".join(f"{c}.{m}" for c, m in modules.RUNTIME_API[1:])
+    message = f"tensorrt 9.3.0 lacks {rest}, which the TensorRT backend uses; tilead supports TensorRT 10 and 11"
+    with pytest.raises(TensorRTUnavailableError, match="^" + re.escape(message) + "$"):
+        modules.import_runtime()
+    del partial.__version__
+    with pytest.raises(TensorRTUnavailableError, match=r"^tensorrt \? lacks Runtime\.deserialize_cuda_engine, "):
+        modules.import_runtime()
+
+
+def test_no_tensorrt_at_all_names_both_imports_and_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    message = (
+        "backend='tensorrt' needs TensorRT (tensorrt: import of tensorrt halted; None in sys.modules; "
+        "tensorrt_lean: import of tensorrt_lean halted; None in sys.modules): install the TensorRT runtime: "
+        "pip install tensorrt-lean-cu13 (CUDA 13; tensorrt-lean-cu12 for CUDA 12), or the full tensorrt package; "
+        "on Jetson it comes with JetPack (python3-libnvinfer)"
+    )
+    with pytest.raises(TensorRTUnavailableError, match="^" + re.escape(message) + "$"):
+        modules.import_runtime()
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("NVIDIA H100 80GB HBM3 (sm_90)", ("NVIDIA H100 80GB HBM3", "9.0")),
+        ("NVIDIA GeForce RTX 5090 (sm_120)", ("NVIDIA GeForce RTX 5090", "12.0")),
+        ("Orin (sm_87)", ("Orin", "8.7")),
+        ("A (sm_x) (sm_75)", ("A (sm_x)", "7.5")),
+    ],
+)
+def test_parse_device_name(text: str, want: tuple[str, str]) -> None:
+    assert modules.parse_device_name(text) == want
+
+
+@pytest.mark.parametrize(
+    "text", ["NVIDIA H100", "NVIDIA H100 (sm_9)", "NVIDIA H100 (sm_9a)", "NVIDIA H100 (sm_)", "X(sm_90)"]
+)
+def test_parse_device_name_refuses_other_text(text: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(f"device name {text!r}: expected 'NAME (sm_XY)'") + "$"):
+        modules.parse_device_name(text)
+
+
+def test_major_version() -> None:
+    import types
+
+    fake = types.ModuleType("t")
+    fake.__version__ = "10.13.2.6"  # type: ignore[attr-defined]
+    assert modules.major_version(fake) == 10
+
+
+# -- ONNX Runtime's providers and its TensorRT engine cache (outside the bundle) ------------------------------
+
+
+def test_ort_trt_cache_lies_outside_the_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from bundle_factory import make_bundle
+
+    from tilead.runtime.backends.onnxruntime import ort_trt_cache
+    from tilead.runtime.bundle import read_manifest
+
+    manifest = read_manifest(make_bundle(tmp_path / "b"))
+    digest = hashlib.sha256("".join(loc.sha256 for loc in manifest.locations).encode()).hexdigest()[:12]
+    monkeypatch.setenv("TILEAD_CACHE", str(tmp_path / "tc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert ort_trt_cache(manifest) == tmp_path / "tc" / "onnxruntime-trt" / digest
+    monkeypatch.setenv("TILEAD_CACHE", "")
+    assert ort_trt_cache(manifest) == tmp_path / "xdg" / "tilead" / "onnxruntime-trt" / digest
+    monkeypatch.delenv("TILEAD_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert ort_trt_cache(manifest) == tmp_path / "home" / ".cache" / "tilead" / "onnxruntime-trt" / digest
+
+
+def test_session_providers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    import onnxruntime as ort
+    from bundle_factory import make_bundle
+
+    from tilead.runtime.backends.onnxruntime import session_providers
+    from tilead.runtime.bundle import read_manifest
+
+    manifest = read_manifest(make_bundle(tmp_path / "b"))
+    assert session_providers("cpu", manifest) == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match=r"^device: expected 'cpu' or 'cuda', got 'tpu'$"):
+        session_providers("tpu", manifest)
+    # What an onnxruntime-gpu build reports (these machines have the CPU build only).
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["AzureExecutionProvider", "CPUExecutionProvider"])
+    message = (
+        "device='cuda': this onnxruntime has no CUDAExecutionProvider (available: AzureExecutionProvider, "
+        "CPUExecutionProvider); install onnxruntime-gpu on a machine with an NVIDIA GPU"
+    )
+    with pytest.raises(RuntimeError, match="^" + re.escape(message) + "$"):
+        session_providers("cuda", manifest)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert session_providers("cuda", manifest) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setenv("TILEAD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    trt, cuda, cpu = session_providers("cuda", manifest)
+    digest = hashlib.sha256("".join(loc.sha256 for loc in manifest.locations).encode()).hexdigest()[:12]
+    name, options = trt
+    assert name == "TensorrtExecutionProvider"
+    assert (cuda, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    folder = str(tmp_path / "cache" / "onnxruntime-trt" / digest)
+    assert options == {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": folder,
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": folder,
+        # Batch 1 to max_batch (1 here) of the bundle's 3x40x40 tiles: one engine profile, no rebuilds (#18.5).
+        "trt_profile_min_shapes": "tiles:1x3x40x40",
+        "trt_profile_opt_shapes": "tiles:1x3x40x40",
+        "trt_profile_max_shapes": "tiles:1x3x40x40",
+    }
+
+
 @pytest.mark.skipif(STATUS.usable, reason="a CUDA device is usable here")
 def test_no_gpu_is_one_clear_error() -> None:
     with pytest.raises(TensorRTUnavailableError, match=r"no CUDA device is usable on this machine|built without CUDA"):

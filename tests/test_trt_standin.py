@@ -612,6 +612,65 @@ def test_a_map_only_bundle_refuses_an_engine_with_a_score_output(standin: Callab
         Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4)
 
 
+def test_stage_times_input_order_and_location_maps_through_the_standin(
+    standin: Callable[..., None], tmp_path: Path
+) -> None:
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    images = _images(3, 64, 64, seed=4)
+    rgb = [np.ascontiguousarray(im[..., ::-1]) for im in images]
+    with Predictor(bundle, max_batch=4) as cpu:
+        want = cpu.predict(images)
+        want_maps = cpu.location_maps(images)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        timed, times = trt.predict_timed(images)
+        swapped = trt.predict(rgb, input_order="RGB")
+        maps = trt.location_maps(images)
+        rgb_maps = trt.location_maps(rgb, input_order="RGB")
+        as_bgr = trt.location_maps(rgb)  # the same pixels read as BGR: other maps
+    assert isinstance(want, list)
+    assert isinstance(swapped, list)
+    for t, s, w in zip(timed, swapped, want, strict=True):
+        np.testing.assert_allclose(t.anomaly_map, w.anomaly_map, atol=1e-5)
+        np.testing.assert_allclose(s.anomaly_map, w.anomaly_map, atol=1e-5)
+    np.testing.assert_allclose(maps, want_maps, atol=1e-5)
+    np.testing.assert_allclose(rgb_maps, want_maps, atol=1e-5)
+    assert np.abs(as_bgr - want_maps).max() > 1e-3
+    stages = set(times.seconds)
+    assert {"input", "h2d", "tile", "inference", "untile", "seam", "crop", "normalize", "d2h"} <= stages
+    assert {"location:r0c0", "location:r0c1", "location:r1c0", "location:r1c1"} <= stages
+    assert all(v >= 0.0 for v in times.seconds.values())
+
+
+def test_a_nan_location_is_named_through_the_standin(standin: Callable[..., None], tmp_path: Path) -> None:
+    from bundle_factory import manifest_data, onnx_model
+
+    from tilead.runtime.bundle import write_manifest
+
+    root = tmp_path / "nan"
+    make_bundle(root)
+    (root / "tiles" / "r0c1.onnx").write_bytes(onnx_model(float("nan")))  # every map value of r0c1 is NaN
+    write_manifest(root, manifest_data(root))
+    manifest = read_manifest(root)
+    key = engine_key(GPU, CC, VERSION, "fp32", 4, [loc.sha256 for loc in manifest.locations])
+    files = []
+    for loc in manifest.locations:
+        target = root / "engines" / key / f"{loc.name}.engine"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / loc.file, target)
+        files.append(
+            EngineFile(loc.name, f"engines/{key}/{loc.name}.engine", sha256_file(target), target.stat().st_size)
+        )
+    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", (1, 4, 4), 256, True, None, tuple(files)))
+    with Predictor(root, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        got = trt.predict(_images(2, 64, 64, seed=3))
+    assert isinstance(got, list)
+    for p in got:
+        assert p.error == "non-finite model output (NaN or infinity) at location r0c1 (map)"
+        assert p.label is True
+        assert p.score == 1.0
+        assert np.isnan(p.raw_score)
+
+
 # -- the real DevicePipeline (CUDA): skipped without a usable GPU, run by the first GPU session ---------------------
 
 
