@@ -477,10 +477,12 @@ def test_warmup_predicts_a_blank_image_iterations_times(tiny_bundle: Path) -> No
 
         calls: list[tuple[tuple[int, ...], str]]
 
-        def predict(self, images: Any, *, input_order: Any = "BGR", resize: bool = False) -> Any:
+        def predict(
+            self, images: Any, *, input_order: Any = "BGR", resize: bool = False, map_size: Any = "input"
+        ) -> Any:
             self.calls.append((tuple(images.shape), input_order))
             assert not images.any()
-            return super().predict(images, input_order=input_order, resize=resize)
+            return super().predict(images, input_order=input_order, resize=resize, map_size=map_size)
 
     predictor = Counting(tiny_bundle, threads=1)
     try:
