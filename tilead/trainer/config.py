@@ -291,8 +291,10 @@ class ValidationConfig(_Section):
         target_false_alarm: ``synthetic``: the image threshold is never below the held-out good scores'
             bound at this false-alarm rate on new good parts (split-conformal; with ``n`` held-out images
             the largest score bounds it by ``1 / (n + 1)``); see ``docs/good_only.md``.
-        pixel_false_positive: ``synthetic``: the pixel threshold is never above the held-out good pixels'
-            ``1 - pixel_false_positive`` quantile (stages ``image`` / ``none``); see ``docs/good_only.md``.
+        pixel_false_positive: ``synthetic``: when the F1-adaptive pixel threshold sits within the held-out
+            good pixels' range (set by false positives on good background, not by the defects), it is capped
+            at their ``1 - pixel_false_positive`` quantile (stages ``image`` / ``none``); see
+            ``docs/good_only.md``.
     """
 
     split: Literal["same_as_test", "holdout", "synthetic"] = "same_as_test"
