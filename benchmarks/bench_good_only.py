@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="Write the results as JSON here.")
     parser.add_argument("--quick", action="store_true", help="Small smoke run (subsets, small demo images).")
     args = parser.parse_args(argv)
-    results = [run_dataset(name, args.work, args.quick) for name in args.datasets]
+    work = args.work.resolve()  # the generated configs' data roots would be read relative to the config file
+    results = [run_dataset(name, work, args.quick) for name in args.datasets]
     print(table(results))
     for r in results:
         if r["dataset"] == "bottle" and not args.quick:
