@@ -21,14 +21,45 @@ reads the newly staged images.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from tilead import _kernels
+
+GPU, CC, VERSION = "Fake GPU", "9.0", "11.4.0.106"
+"""The GPU, compute capability and TensorRT version the stand-in's engine sets are built for."""
+
+
+def add_engine_copies(root: Path, batch: tuple[int, int, int] = (1, 4, 4), *, compatible: bool = True) -> None:
+    """List a "TensorRT" engine set in the bundle at ``root`` whose plans are copies of its ONNX models.
+
+    Args:
+        root: A bundle directory (per-location layout).
+        batch: The set's profile (min, opt, max batch).
+        compatible: Whether the set is marked version-compatible.
+    """
+    from tilead.exporter.engines import add_engine_set
+    from tilead.runtime.bundle import read_manifest, sha256_file
+    from tilead.runtime.engines import EngineFile, EngineSet, engine_key
+
+    manifest = read_manifest(root)
+    key = engine_key(GPU, CC, VERSION, "fp32", batch[2], [loc.sha256 for loc in manifest.locations])
+    files = []
+    for loc in manifest.locations:
+        target = root / "engines" / key / f"{loc.name}.engine"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / loc.file, target)
+        files.append(
+            EngineFile(loc.name, target.relative_to(root).as_posix(), sha256_file(target), target.stat().st_size)
+        )
+    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", batch, 256, compatible, None, tuple(files)))
+
 
 _BUFFERS: dict[int, tuple[FakePipeline, str]] = {}  # base address -> (pipeline, "tiles" | "maps" | "scores" | ...)
 _STREAMS: dict[int, FakePipeline] = {}  # stream handle -> its pipeline (engines enqueue on it)

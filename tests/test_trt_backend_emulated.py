@@ -25,11 +25,10 @@ from tilead.runtime.backends import PipelineBackend
 from tilead.runtime.backends import tensorrt as backend
 from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
 from tilead.runtime.bundle import read_manifest, sha256_file
-from tilead.runtime.engines import EngineFile, EngineSet, engine_key
 
 pytestmark = pytest.mark.integration
 
-GPU, CC, VERSION = "Fake GPU", "9.0", "11.4.0.106"
+GPU, CC, VERSION = fake_tensorrt.GPU, fake_tensorrt.CC, fake_tensorrt.VERSION
 
 
 @pytest.fixture
@@ -37,18 +36,7 @@ def bundle(tiny_trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.
     """A copy of the tiny bundle with a "TensorRT" engine set whose plans are the ONNX models."""
     root = tmp_path / "bundle"
     shutil.copytree(tiny_trained[1], root)
-    manifest = read_manifest(root)
-    key = engine_key(GPU, CC, VERSION, "fp32", 4, [loc.sha256 for loc in manifest.locations])
-    files = []
-    for loc in manifest.locations:
-        target = root / "engines" / key / f"{loc.name}.engine"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / loc.file, target)
-        files.append(
-            EngineFile(loc.name, target.relative_to(root).as_posix(), sha256_file(target), target.stat().st_size)
-        )
-    engines = EngineSet(key, GPU, CC, VERSION, "fp32", (1, 2, 4), 256, True, None, tuple(files))
-    add_engine_set(root, engines)
+    fake_tensorrt.add_engine_copies(root, (1, 2, 4))
     monkeypatch.setattr(backend, "import_runtime", fake_tensorrt.make_module)
     monkeypatch.setattr(backend, "require_gpu", lambda: (GPU, CC))
     cuda = types.SimpleNamespace(DevicePipeline=fake_tensorrt.FakePipeline)

@@ -16,7 +16,6 @@ nvcc, and tilead-doctor checks them on a GPU.
 from __future__ import annotations
 
 import itertools
-import shutil
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -30,14 +29,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tilead import _kernels
-from tilead.exporter.engines import add_engine_set
 from tilead.runtime import BundleError, Predictor, cuda_status
 from tilead.runtime.backends import tensorrt as backend
 from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
-from tilead.runtime.bundle import read_manifest, sha256_file, write_manifest
-from tilead.runtime.engines import EngineFile, EngineSet, engine_key
+from tilead.runtime.bundle import read_manifest, write_manifest
 
-GPU, CC, VERSION = "Fake GPU", "9.0", "11.4.0.106"
+GPU, CC, VERSION = fake_tensorrt.GPU, fake_tensorrt.CC, fake_tensorrt.VERSION
 EDGE_GRIDS = {
     "shift": GRID,
     # 60 px with 40 px tiles at stride 24: a 64 px canvas, so pad crops and resize resizes.
@@ -56,17 +53,7 @@ def engine_bundle(
 ) -> Path:
     """A factory bundle with a "TensorRT" engine set whose plans are its ONNX models."""
     make_bundle(root, grid_data=grid_data, detector=detector)
-    manifest = read_manifest(root)
-    key = engine_key(GPU, CC, VERSION, "fp32", batch[2], [loc.sha256 for loc in manifest.locations])
-    files = []
-    for loc in manifest.locations:
-        target = root / "engines" / key / f"{loc.name}.engine"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / loc.file, target)
-        files.append(
-            EngineFile(loc.name, target.relative_to(root).as_posix(), sha256_file(target), target.stat().st_size)
-        )
-    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", batch, 256, compatible, None, tuple(files)))
+    fake_tensorrt.add_engine_copies(root, batch, compatible=compatible)
     return root
 
 
@@ -650,17 +637,7 @@ def test_a_nan_location_is_named_through_the_standin(standin: Callable[..., None
     make_bundle(root)
     (root / "tiles" / "r0c1.onnx").write_bytes(onnx_model(float("nan")))  # every map value of r0c1 is NaN
     write_manifest(root, manifest_data(root))
-    manifest = read_manifest(root)
-    key = engine_key(GPU, CC, VERSION, "fp32", 4, [loc.sha256 for loc in manifest.locations])
-    files = []
-    for loc in manifest.locations:
-        target = root / "engines" / key / f"{loc.name}.engine"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / loc.file, target)
-        files.append(
-            EngineFile(loc.name, f"engines/{key}/{loc.name}.engine", sha256_file(target), target.stat().st_size)
-        )
-    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", (1, 4, 4), 256, True, None, tuple(files)))
+    fake_tensorrt.add_engine_copies(root)
     with Predictor(root, device="cuda", backend="tensorrt", max_batch=4) as trt:
         got = trt.predict(_images(2, 64, 64, seed=3))
     assert isinstance(got, list)

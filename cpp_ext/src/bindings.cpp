@@ -393,6 +393,24 @@ void check_pipeline_images(const Grid& g, int in_channels, int max_batch, const 
   check_array(images, "images", dt<uint8_t>(), {n, g.y.size, g.x.size, in_channels}, false);
 }
 
+// A batch's host outputs, maps (n, H, W) float32, masks (n, H, W) uint8, raw scores and scores (n,) float32,
+// allocated here and filled by `fill(maps, masks, raw, scores)` with the GIL released.
+template <typename Fill>
+py::tuple batch_outputs(const Grid& g, int n, Fill fill) {
+  py::array_t<float> maps({n, g.y.size, g.x.size});
+  py::array_t<uint8_t> mask({n, g.y.size, g.x.size});
+  py::array_t<float> raw(n), scores(n);
+  float* mp = maps.mutable_data();
+  uint8_t* kp = mask.mutable_data();
+  float* rp = raw.mutable_data();
+  float* sp = scores.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    fill(mp, kp, rp, sp);
+  }
+  return py::make_tuple(maps, mask, raw, scores);
+}
+
 void bind_device_pipeline(py::module_& cuda) {
   using device::DevicePipeline;
   py::class_<DevicePipeline>(cuda, "DevicePipeline",
@@ -519,19 +537,9 @@ void bind_device_pipeline(py::module_& cuda) {
       .def(
           "download",
           [](DevicePipeline& self, int n) {
-            const Grid& g = self.spec().grid;
-            py::array_t<float> maps({n, g.y.size, g.x.size});
-            py::array_t<uint8_t> mask({n, g.y.size, g.x.size});
-            py::array_t<float> raw(n), scores(n);
-            float* mp = maps.mutable_data();
-            uint8_t* kp = mask.mutable_data();
-            float* rp = raw.mutable_data();
-            float* sp = scores.mutable_data();
-            {
-              py::gil_scoped_release nogil;
+            return batch_outputs(self.spec().grid, n, [&](float* mp, uint8_t* kp, float* rp, float* sp) {
               self.download(n, mp, kp, rp, sp);
-            }
-            return py::make_tuple(maps, mask, raw, scores);
+            });
           },
           py::arg("n"),
           "Copy maps (n, H, W) float32, masks (n, H, W) uint8, raw scores and scores (n,) back; waits for the stream.")
@@ -540,19 +548,8 @@ void bind_device_pipeline(py::module_& cuda) {
       .def(
           "fetch",
           [](DevicePipeline& self, int n) {
-            const Grid& g = self.spec().grid;
-            py::array_t<float> maps({n, g.y.size, g.x.size});
-            py::array_t<uint8_t> mask({n, g.y.size, g.x.size});
-            py::array_t<float> raw(n), scores(n);
-            float* mp = maps.mutable_data();
-            uint8_t* kp = mask.mutable_data();
-            float* rp = raw.mutable_data();
-            float* sp = scores.mutable_data();
-            {
-              py::gil_scoped_release nogil;
-              self.fetch(n, mp, kp, rp, sp);
-            }
-            return py::make_tuple(maps, mask, raw, scores);
+            return batch_outputs(self.spec().grid, n,
+                                 [&](float* mp, uint8_t* kp, float* rp, float* sp) { self.fetch(n, mp, kp, rp, sp); });
           },
           py::arg("n"), "Second half of download: wait for the stream, return (maps, masks, raw scores, scores).")
       .def(
