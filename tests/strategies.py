@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -29,3 +30,12 @@ def grids(draw: st.DrawFn, max_size: int = 48, edges: tuple[str, ...] = ("shift"
     w, tw, sw = draw(axes(max_size))
     edge = draw(st.sampled_from(edges))
     return GridCase((h, w), (th, tw), (sh, sw), edge)
+
+
+def json_paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key path into a parsed JSON value (dict keys and list indices), depth first, the root excluded."""
+    out = [prefix] if prefix else []
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in children:
+        out.extend(json_paths(child, (*prefix, key)))
+    return out

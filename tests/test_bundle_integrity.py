@@ -22,6 +22,7 @@ import pytest
 from bundle_factory import make_bundle, manifest_data, onnx_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import json_paths
 
 from tilead.runtime import BundleError, Predictor
 from tilead.runtime.bundle import (
@@ -355,20 +356,12 @@ _VALUES = st.one_of(
 )
 
 
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix] if prefix else []
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in children:
-        out.extend(_paths(child, (*prefix, key)))
-    return out
-
-
 @st.composite
 def mutated(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     """A manifest with 1-3 edits: a value replaced, a key deleted, a value wrapped in a list or dict, a key added."""
     data = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, 3))):
-        paths = _paths(data)
+        paths = json_paths(data)
         path = draw(st.sampled_from(paths))
         parent: Any = data
         for key in path[:-1]:

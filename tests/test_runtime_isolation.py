@@ -14,22 +14,33 @@ from pathlib import Path
 
 import numpy as np
 
-SCRIPT = textwrap.dedent(
+
+def blocking(blocked: tuple[str, ...], forbidden: tuple[str, ...]) -> str:
+    """The start of a child script that makes ``blocked`` packages and ``forbidden`` tilead modules unimportable."""
+    return textwrap.dedent(
+        f"""
+        import importlib.abc
+        import sys
+
+        BLOCKED = {blocked!r}
+        FORBIDDEN = {forbidden!r}
+
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED or name.startswith(FORBIDDEN):
+                    raise ImportError(f"blocked in this test: {{name}}")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        """
+    )
+
+
+SCRIPT = blocking(
+    ("torch", "torchvision", "timm", "cv2"),
+    ("tilead.trainer", "tilead.exporter", "tilead.cli", "tilead.demo", "tilead.benchmarking"),
+) + textwrap.dedent(
     """
-    import importlib.abc
-    import sys
-
-    BLOCKED = ("torch", "torchvision", "timm", "cv2")
-    FORBIDDEN = ("tilead.trainer", "tilead.exporter", "tilead.cli", "tilead.demo", "tilead.benchmarking")
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED or name.startswith(FORBIDDEN):
-                raise ImportError(f"blocked in this test: {name}")
-            return None
-
-    sys.meta_path.insert(0, Block())
-
     import numpy as np
     from tilead import runtime
 
@@ -54,19 +65,8 @@ def test_runtime_runs_with_torch_cv2_trainer_exporter_and_cli_unimportable() -> 
     assert "SHAPE (2, 64, 64)" in proc.stdout
 
 
-BENCH_SCRIPT = textwrap.dedent(
+BENCH_SCRIPT = blocking(("torch", "torchvision", "timm", "cv2"), ()) + textwrap.dedent(
     """
-    import importlib.abc
-    import sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "torchvision", "timm", "cv2"):
-                raise ImportError(f"blocked in this test: {name}")
-            return None
-
-    sys.meta_path.insert(0, Block())
-
     import tilead.atomic
     import tilead.benchmarking.environment
     import tilead.benchmarking.report
@@ -140,22 +140,10 @@ def test_bench_predict_and_calibrate_commands_import_without_torch_or_cv2() -> N
     assert "TRAINER []" in proc.stdout  # tilead predict's overlays and the report page need no trainer module
 
 
-CLI_SCRIPT = textwrap.dedent(
+CLI_SCRIPT = blocking(
+    ("torch", "torchvision", "timm", "cv2", "onnx"), ("tilead.trainer", "tilead.exporter", "tilead.demo")
+) + textwrap.dedent(
     """
-    import importlib.abc
-    import sys
-
-    BLOCKED = ("torch", "torchvision", "timm", "cv2", "onnx")
-    FORBIDDEN = ("tilead.trainer", "tilead.exporter", "tilead.demo")
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED or name.startswith(FORBIDDEN):
-                raise ImportError(f"blocked in this test: {name}")
-            return None
-
-    sys.meta_path.insert(0, Block())
-
     from tilead.cli.main import main
 
     sys.argv = ["tilead", *sys.argv[1:]]

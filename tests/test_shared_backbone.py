@@ -20,6 +20,7 @@ import pytest
 from bundle_factory import backbone_model, head_model, make_bundle, make_shared_bundle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import json_paths
 
 from tilead.runtime import BundleError, Prediction, Predictor, read_manifest
 from tilead.runtime.backends.base import BufferPool, backbone_chunks
@@ -219,14 +220,6 @@ def test_tensorrt_refuses_the_shared_layout_with_what_to_do(shared: Path) -> Non
 # -- fuzz: a mutated shared manifest parses into something usable or is one BundleError ------------------------
 
 
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix] if prefix else []
-    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for key, child in children:
-        out.extend(_paths(child, (*prefix, key)))
-    return out
-
-
 _VALUES = st.one_of(
     st.none(),
     st.booleans(),
@@ -240,7 +233,7 @@ _VALUES = st.one_of(
 @st.composite
 def _mutated(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(base)
-    focus = [p for p in _paths(data) if p[0] in ("layout", "backbone", "locations", "postprocess")]
+    focus = [p for p in json_paths(data) if p[0] in ("layout", "backbone", "locations", "postprocess")]
     for _ in range(draw(st.integers(1, 3))):
         path = draw(st.sampled_from(focus))
         parent: Any = data
