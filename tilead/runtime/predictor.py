@@ -318,7 +318,7 @@ class Predictor:
                         f"images[{i}]: expected image size {h}x{w} (height x width, the bundle's image_size), "
                         f"got {img.shape[0]}x{img.shape[1]}; pass resize=True to resize"
                     )
-                img = _resize_uint8(img, (h, w))
+                img = resize_image(img, (h, w))  # as training resizes (area or bilinear), bounded memory
             if img.shape[2] == 1 and self.channels == 3:
                 img = np.repeat(img, 3, axis=2)
             out.append(np.ascontiguousarray(img))
@@ -497,8 +497,3 @@ class Predictor:
             else:
                 mask = ~np.isfinite(anomaly_map) | (anomaly_map > np.float32(0.5))
         return replace(result, anomaly_map=anomaly_map, mask=mask)
-
-
-def _resize_uint8(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a uint8 ``(H, W, C)`` image as training does (area or bilinear), in bounded memory."""
-    return resize_image(image, size)
