@@ -15,8 +15,8 @@ from tilead.runtime import SeamSmoothing, TileGrid, merge_maps
 from tilead.runtime.stats import NormalizationStats, TileStats, postprocess_maps
 from tilead.trainer.config import ConfigError, PadimConfig, load_config, parse_config
 from tilead.trainer.io import atomic_write_bytes, load_tensors, read_metadata, save_tensors
-from tilead.trainer.overlays import pick_overlays
 from tilead.trainer.validation import canvas_masks, compute_stats
+from tilead.viz.overlays import pick_overlays
 
 # -- config -------------------------------------------------------------------------------------
 
