@@ -14,7 +14,7 @@ from tilead.runtime import Preprocessing, TileGrid, tile_images
 
 
 def grid_of(case: GridCase) -> TileGrid:
-    return TileGrid(case.image, case.tile, case.stride, case.edge)  # type: ignore[arg-type]
+    return TileGrid(case.image, case.tile, case.stride, case.edge)
 
 
 @st.composite
@@ -139,7 +139,7 @@ def test_real_bottle_image_tiles(edge: str) -> None:
         pytest.skip(f"real data not found at {path}")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     assert img.shape == (900, 900, 3)
-    grid = TileGrid(900, 448, 384, edge=edge)  # type: ignore[arg-type]
+    grid = TileGrid(900, 448, 384, edge=edge)
     prep = Preprocessing()
     got = tile_images(img, grid, prep, input_order="BGR")
     want = ref.tile(img[None], grid.tile_size, grid.stride, edge, list(prep.mean), list(prep.std), 3, True)
