@@ -229,9 +229,9 @@ class FakePipeline:
 
         def run() -> None:
             h, w = self.grid.image_h, self.grid.image_w
-            if self.canvas.shape[1:] == (h, w):
+            if self.grid.canvas_map == _kernels.CANVAS_IS_IMAGE:
                 self.image = self.canvas
-            elif self.grid.edge == _kernels.EDGE_RESIZE:
+            elif self.grid.canvas_map == _kernels.CANVAS_RESIZED:
                 self.calls.append("resize")
                 self.image = np.empty((n, h, w), np.float32)
                 _kernels.resize_maps(self.canvas, self.image)

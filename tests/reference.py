@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
+EDGES = ("shift", "pad", "resize")
+"""The policies this oracle knows (its own reading of DESIGN.md, not the runtime's list)."""
+
 
 def axis_origins(size: int, tile: int, stride: int, edge: str) -> tuple[list[int], int]:
     """Tile origins along one axis and the canvas length."""
+    if edge not in EDGES:
+        raise ValueError(f"the reference knows no edge policy {edge!r}")
     origins = []
     o = 0
     while o + tile <= size:
@@ -42,6 +47,33 @@ def resize(maps: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     my = bilinear_matrix(maps.shape[-2], out_h)
     mx = bilinear_matrix(maps.shape[-1], out_w)
     result: np.ndarray = my @ maps.astype(np.float64) @ mx.T
+    return result
+
+
+def image_to_canvas(planes: np.ndarray, tile_hw: tuple[int, int], stride_hw: tuple[int, int], edge: str) -> np.ndarray:
+    """(n, H, W) image planes -> (n, canvas_h, canvas_w) float64.
+
+    As they are (shift), zero-padded right and bottom (pad) or bilinearly resized to the canvas (resize).
+    """
+    h, w = planes.shape[1:]
+    _, ch = axis_origins(h, tile_hw[0], stride_hw[0], edge)
+    _, cw = axis_origins(w, tile_hw[1], stride_hw[1], edge)
+    values = planes.astype(np.float64)
+    if edge == "resize":
+        return resize(values, ch, cw)
+    return np.pad(values, ((0, 0), (0, ch - h), (0, cw - w)))
+
+
+def canvas_to_image(maps: np.ndarray, image_hw: tuple[int, int], edge: str) -> np.ndarray:
+    """(n, canvas_h, canvas_w) maps -> (n, H, W) float64.
+
+    The top-left image region (shift, pad) or the canvas bilinearly resized to the image (resize).
+    """
+    if edge not in EDGES:
+        raise ValueError(f"the reference knows no edge policy {edge!r}")
+    if edge == "resize":
+        return resize(maps, *image_hw)
+    result: np.ndarray = maps[:, : image_hw[0], : image_hw[1]].astype(np.float64)
     return result
 
 

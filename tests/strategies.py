@@ -7,6 +7,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
+from tilead.runtime.geometry import EDGE_POLICIES
+
 
 @dataclass(frozen=True)
 class GridCase:
@@ -25,7 +27,7 @@ def axes(draw: st.DrawFn, max_size: int = 48) -> tuple[int, int, int]:
 
 
 @st.composite
-def grids(draw: st.DrawFn, max_size: int = 48, edges: tuple[str, ...] = ("shift", "pad", "resize")) -> GridCase:
+def grids(draw: st.DrawFn, max_size: int = 48, edges: tuple[str, ...] = EDGE_POLICIES) -> GridCase:
     h, th, sh = draw(axes(max_size))
     w, tw, sw = draw(axes(max_size))
     edge = draw(st.sampled_from(edges))

@@ -13,6 +13,7 @@ import pytest
 
 from tilead import _kernels
 from tilead.runtime import (
+    EDGE_POLICIES,
     Preprocessing,
     SeamSmoothing,
     TileGrid,
@@ -43,10 +44,10 @@ def test_cuda_build_status_is_reported() -> None:
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("edge", ["shift", "pad", "resize"])
+@pytest.mark.parametrize("edge", EDGE_POLICIES)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_tile_cuda_matches_cpu(edge: str, dtype: str) -> None:
-    grid = TileGrid((300, 410), (128, 96), (100, 90), edge=edge)  # type: ignore[arg-type]
+    grid = TileGrid((300, 410), (128, 96), (100, 90), edge=edge)
     images = np.random.default_rng(0).integers(0, 256, (3, 300, 410, 3), dtype=np.uint8)
     prep = Preprocessing(dtype=dtype)  # type: ignore[arg-type]
     cpu = tile_images(images, grid, prep)

@@ -15,7 +15,7 @@ from bundle_factory import make_bundle
 from click.testing import CliRunner
 
 from tilead.cli.doctor import main
-from tilead.runtime import cuda_status
+from tilead.runtime import EDGE_POLICIES, cuda_status
 from tilead.selfcheck import BUNDLE_GROUPS, GPU_GROUPS
 
 STATUS = cuda_status()
@@ -95,8 +95,8 @@ def test_device_checks_pass_on_the_cpu_stand_in(monkeypatch: pytest.MonkeyPatch)
     tiles = selfcheck._tile_checks(rng)
     post = selfcheck._postprocess_checks(rng)
     assert [c.name for c in tiles] == [f"device upload + tile ({e} grid, {c} channel(s))"
-                                       for e in ("shift", "pad", "resize") for c in (1, 3)]  # fmt: skip
-    assert len(post) == 6
+                                       for e in EDGE_POLICIES for c in (1, 3)]  # fmt: skip
+    assert len(post) == 2 * len(EDGE_POLICIES)
     assert any("resize crop" in c.name and "tile stage" in c.name for c in post)
     assert all(c.status == "pass" for c in tiles + post), [c for c in tiles + post if c.status != "pass"]
 

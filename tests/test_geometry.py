@@ -14,7 +14,7 @@ from tilead.runtime import TileGrid, location_name, parse_location
 
 
 def make(case: GridCase) -> TileGrid:
-    return TileGrid(case.image, case.tile, case.stride, case.edge)  # type: ignore[arg-type]
+    return TileGrid(case.image, case.tile, case.stride, case.edge)
 
 
 @given(grids(max_size=200))

@@ -362,7 +362,7 @@ def test_merge_and_postprocess_with_seam_smoothing_match_the_reference(edge: str
     from tilead.runtime.timing import StageTimes
 
     size = 64 if edge == "shift" else 60
-    grid = TileGrid(size, 40, 24, edge=edge)  # type: ignore[arg-type]  # 2x2 locations; pad: a 64 px canvas cropped to 60
+    grid = TileGrid(size, 40, 24, edge=edge)  # 2x2 locations; pad: a 64 px canvas cropped to 60
     maps = np.random.default_rng(1).normal(size=(4, 2, 5, 5)).astype(np.float32)
     canvas = reference.untile(maps, (size, size), (40, 40), (24, 24), edge, "feather")
     smoothed = reference.smooth_seams(canvas, (size, size), (40, 40), (24, 24), edge, 2.0, 0.2)
@@ -385,16 +385,16 @@ def test_merge_and_postprocess_with_seam_smoothing_match_the_reference(edge: str
 
 
 def test_postprocess_wrappers_name_what_is_wrong() -> None:
-    from tilead.runtime import canvas_to_image, normalize_maps, resize_maps, smooth_seams
+    from tilead.runtime import normalize_maps, resize_maps, smooth_seams
     from tilead.runtime.postprocess import SeamSmoothing
 
     grid = TileGrid(60, 40, 24, edge="pad")  # canvas 64 x 64
     with pytest.raises(ValueError, match=exactly("maps: expected dtype float32, got float64")):
-        canvas_to_image(np.zeros((1, 64, 64)), grid)
+        grid.canvas_to_image(np.zeros((1, 64, 64)))
     with pytest.raises(
         ValueError, match=exactly("maps[0]: expected shape (64, 64) (canvas_h, canvas_w), got (60, 60)")
     ):
-        canvas_to_image(np.zeros((1, 60, 60), np.float32), grid)
+        grid.canvas_to_image(np.zeros((1, 60, 60), np.float32))
     with pytest.raises(ValueError, match=exactly("maps: expected dtype float32, got float64")):
         resize_maps(np.zeros((1, 4, 4)), (8, 8))
     with pytest.raises(

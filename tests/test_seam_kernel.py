@@ -15,7 +15,7 @@ ndimage = pytest.importorskip("scipy.ndimage")
 
 
 def grid_of(case: GridCase) -> TileGrid:
-    return TileGrid(case.image, case.tile, case.stride, case.edge)  # type: ignore[arg-type]
+    return TileGrid(case.image, case.tile, case.stride, case.edge)
 
 
 def scipy_seams(maps: np.ndarray, case: GridCase, sigma: float, width: float) -> np.ndarray:

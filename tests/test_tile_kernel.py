@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from strategies import GridCase, grids
 
 from tilead import _kernels
-from tilead.runtime import Preprocessing, TileGrid, tile_images
+from tilead.runtime import EDGE_POLICIES, Preprocessing, TileGrid, tile_images
 
 
 def grid_of(case: GridCase) -> TileGrid:
-    return TileGrid(case.image, case.tile, case.stride, case.edge)  # type: ignore[arg-type]
+    return TileGrid(case.image, case.tile, case.stride, case.edge)
 
 
 @st.composite
@@ -129,7 +129,7 @@ def test_writes_into_caller_buffer(device: str) -> None:
     np.testing.assert_allclose(buf, tile_images(img, grid), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("edge", ["shift", "pad", "resize"])
+@pytest.mark.parametrize("edge", EDGE_POLICIES)
 def test_real_bottle_image_tiles(edge: str) -> None:
     cv2 = pytest.importorskip("cv2")
     from conftest import BOTTLE
@@ -139,7 +139,7 @@ def test_real_bottle_image_tiles(edge: str) -> None:
         pytest.skip(f"real data not found at {path}")
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     assert img.shape == (900, 900, 3)
-    grid = TileGrid(900, 448, 384, edge=edge)  # type: ignore[arg-type]
+    grid = TileGrid(900, 448, 384, edge=edge)
     prep = Preprocessing()
     got = tile_images(img, grid, prep, input_order="BGR")
     want = ref.tile(img[None], grid.tile_size, grid.stride, edge, list(prep.mean), list(prep.std), 3, True)
@@ -157,7 +157,7 @@ def test_simd_and_portable_paths_are_bit_identical(tmp_path: object) -> None:
     out = Path(str(tmp_path))
     script = (
         "import numpy as np, sys\n"
-        "from tilead.runtime import Preprocessing, TileGrid, tile_images\n"
+        "from tilead.runtime import EDGE_POLICIES, Preprocessing, TileGrid, tile_images\n"
         "rng = np.random.default_rng(5)\n"
         "grid = TileGrid((67, 101), (40, 53), (27, 24), edge='pad')\n"
         "rgb = rng.integers(0, 256, (2, 67, 101, 3), dtype=np.uint8)\n"

@@ -15,7 +15,7 @@ from tilead.runtime import SeamSmoothing, TileGrid, merge_maps
 from tilead.runtime.stats import NormalizationStats, TileStats, postprocess_maps
 from tilead.trainer.config import ConfigError, PadimConfig, load_config, parse_config
 from tilead.trainer.io import atomic_write_bytes, load_tensors, read_metadata, save_tensors
-from tilead.trainer.validation import canvas_masks, compute_stats
+from tilead.trainer.validation import compute_stats
 from tilead.viz.overlays import pick_overlays
 
 # -- config -------------------------------------------------------------------------------------
@@ -178,15 +178,17 @@ def test_stats_roundtrip_and_validation() -> None:
 def test_canvas_masks_follow_the_edge_policy() -> None:
     masks = np.zeros((1, 50, 50), dtype=bool)
     masks[0, 40:50, 40:50] = True
-    padded = canvas_masks(masks, TileGrid(50, 32, edge="pad"))
+    padded = TileGrid(50, 32, edge="pad").image_to_canvas(masks)
     assert padded.shape == (1, 64, 64)
+    assert padded.dtype == np.bool_
     assert padded[0, 40:50, 40:50].all()
     assert not padded[0, 50:].any()
-    resized = canvas_masks(masks, TileGrid(50, 32, edge="resize"))
+    resized = TileGrid(50, 32, edge="resize").image_to_canvas(masks)
     assert resized.shape == (1, 64, 64)
+    assert resized.dtype == np.bool_
     assert resized[0, 55, 55]
     assert not resized[0, 10, 10]
-    assert canvas_masks(masks, TileGrid(50, 32)) is masks
+    assert TileGrid(50, 32).image_to_canvas(masks) is masks
 
 
 # -- files --------------------------------------------------------------------------------------

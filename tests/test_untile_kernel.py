@@ -9,11 +9,11 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from strategies import GridCase, grids
 
-from tilead.runtime import Preprocessing, TileGrid, canvas_to_image, tile_images, untile_maps
+from tilead.runtime import Preprocessing, TileGrid, tile_images, untile_maps
 
 
 def grid_of(case: GridCase) -> TileGrid:
-    return TileGrid(case.image, case.tile, case.stride, case.edge)  # type: ignore[arg-type]
+    return TileGrid(case.image, case.tile, case.stride, case.edge)
 
 
 @st.composite
@@ -63,7 +63,7 @@ def test_tile_then_untile_of_a_constant_is_the_constant(case: GridCase, weights:
     tiles = tile_images(image, grid, prep, input_order="RGB")
     # Use channel 0, subsampled like a model's output stride, as the anomaly map.
     maps = np.ascontiguousarray(tiles[:, :, 0, ::factor, ::factor])
-    merged = canvas_to_image(untile_maps(maps, grid, weights=weights), grid)  # type: ignore[arg-type]
+    merged = grid.canvas_to_image(untile_maps(maps, grid, weights=weights))  # type: ignore[arg-type]
     assert merged.shape == (1, *case.image)
     # float32 sums over up to tile^2 overlapping tiles (stride 1): a few ulp per term.
     np.testing.assert_allclose(merged, value / 255.0, rtol=2e-5, atol=1e-6)

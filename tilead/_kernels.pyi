@@ -9,9 +9,13 @@ from . import _kernels_cuda
 cuda = _kernels_cuda
 
 __version__: str
-EDGE_SHIFT: int
+EDGE_POLICIES: tuple[str, ...]
+EDGE_SHIFT: int  # EDGE_<NAME>: the code of each name in EDGE_POLICIES (the bindings loop over the list)
 EDGE_PAD: int
 EDGE_RESIZE: int
+CANVAS_IS_IMAGE: int
+CANVAS_PADDED: int
+CANVAS_RESIZED: int
 BLEND_UNIFORM: int
 BLEND_FEATHER: int
 NORM_NONE: int
@@ -37,6 +41,8 @@ class Grid:
     def cols(self) -> int: ...
     @property
     def edge(self) -> int: ...
+    @property
+    def canvas_map(self) -> int: ...
     @property
     def canvas_h(self) -> int: ...
     @property

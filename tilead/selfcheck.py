@@ -23,6 +23,7 @@ import numpy as np
 
 from tilead import __version__, _kernels
 from tilead.runtime import (
+    EDGE_POLICIES,
     NormalizationStats,
     Preprocessing,
     SeamSmoothing,
@@ -159,8 +160,8 @@ def _kernel_checks(rng: np.random.Generator) -> list[Check]:
     return checks
 
 
-GRIDS = {  # one of each edge mode; 300x410 images, 128x96 tiles, stride 100x90
-    edge: TileGrid((300, 410), (128, 96), (100, 90), edge=edge) for edge in ("shift", "pad", "resize")
+GRIDS = {  # one of each edge policy; 300x410 images, 128x96 tiles, stride 100x90
+    edge: TileGrid((300, 410), (128, 96), (100, 90), edge=edge) for edge in EDGE_POLICIES
 }
 
 
@@ -378,8 +379,8 @@ def ort_provider_checks(bundle: Path | None) -> list[Check]:
 
 GPU_GROUPS = (
     "CUDA kernels vs CPU twins",
-    "device upload + tile (shift, pad, resize grids; 1 and 3 channels)",
-    "device post-processing (shift, pad, resize grids; image and tile stages; resize crop)",
+    f"device upload + tile ({', '.join(EDGE_POLICIES)} grids; 1 and 3 channels)",
+    f"device post-processing ({', '.join(EDGE_POLICIES)} grids; image and tile stages; resize crop)",
 )
 BUNDLE_GROUPS = (
     "TensorRT engines vs ONNX Runtime CPU (batches 4, 1, 3)",

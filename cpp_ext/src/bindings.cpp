@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cctype>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -105,8 +106,13 @@ Grid make_grid(int image_h, int image_w, int tile_h, int tile_w, int stride_h, i
   };
   axis_check("height", image_h, tile_h, stride_h);
   axis_check("width", image_w, tile_w, stride_w);
-  if (edge < kEdgeShift || edge > kEdgeResize) {
-    fail("grid: edge must be 0 (shift), 1 (pad) or 2 (resize), got " + std::to_string(edge));
+  if (edge < 0 || edge >= kEdgePolicyCount) {
+    std::string known;
+    for (int i = 0; i < kEdgePolicyCount; ++i) {
+      if (i > 0) known += i + 1 == kEdgePolicyCount ? " or " : ", ";
+      known += std::to_string(i) + " (" + kEdgePolicyNames[i] + ")";
+    }
+    fail("grid: edge must be " + known + ", got " + std::to_string(edge));
   }
   Grid g;
   g.y = make_axis(image_h, tile_h, stride_h, edge);
@@ -594,9 +600,20 @@ void bind_device_pipeline(py::module_& cuda) {
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "tilead tiling kernels: CPU twins (module level) and CUDA twins (submodule cuda).";
   m.attr("__version__") = TILEAD_VERSION;
-  m.attr("EDGE_SHIFT") = static_cast<int>(kEdgeShift);
-  m.attr("EDGE_PAD") = static_cast<int>(kEdgePad);
-  m.attr("EDGE_RESIZE") = static_cast<int>(kEdgeResize);
+  {  // The edge policies, from the one list (geometry.h, TILEAD_EDGE_POLICIES): EDGE_POLICIES holds the
+     // names indexed by code, EDGE_<NAME> each code.
+    py::tuple names(static_cast<size_t>(kEdgePolicyCount));
+    for (int i = 0; i < kEdgePolicyCount; ++i) {
+      std::string name = kEdgePolicyNames[i];
+      names[static_cast<size_t>(i)] = py::str(name);
+      for (char& ch : name) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+      m.attr(("EDGE_" + name).c_str()) = i;
+    }
+    m.attr("EDGE_POLICIES") = names;
+  }
+  m.attr("CANVAS_IS_IMAGE") = static_cast<int>(kCanvasIsImage);
+  m.attr("CANVAS_PADDED") = static_cast<int>(kCanvasPadded);
+  m.attr("CANVAS_RESIZED") = static_cast<int>(kCanvasResized);
   m.attr("BLEND_UNIFORM") = static_cast<int>(kBlendUniform);
   m.attr("BLEND_FEATHER") = static_cast<int>(kBlendFeather);
   m.attr("NORM_NONE") = static_cast<int>(kNormNone);
@@ -614,7 +631,10 @@ PYBIND11_MODULE(_kernels, m) {
       .def_property_readonly("cols", [](const Grid& g) { return g.x.count; })
       .def_property_readonly(
           "edge", [](const Grid& g) { return static_cast<int>(g.y.edge); },
-          "Edge policy: EDGE_SHIFT, EDGE_PAD or EDGE_RESIZE.")
+          "Edge policy code: its index in EDGE_POLICIES.")
+      .def_property_readonly(
+          "canvas_map", [](const Grid& g) { return canvas_map(g); },
+          "How the canvas relates to the image: CANVAS_IS_IMAGE, CANVAS_PADDED or CANVAS_RESIZED.")
       .def_property_readonly("canvas_h", [](const Grid& g) { return g.y.canvas; })
       .def_property_readonly("canvas_w", [](const Grid& g) { return g.x.canvas; })
       .def_property_readonly("origins_y", [](const Grid& g) { return origins(g.y); })

@@ -11,7 +11,6 @@ from tilead.runtime.geometry import EDGE_POLICIES, EdgePolicy, TileGrid, locatio
 from tilead.runtime.postprocess import (
     NormalizedMaps,
     SeamSmoothing,
-    canvas_to_image,
     merge_maps,
     normalize_maps,
     resize_maps,
@@ -43,7 +42,6 @@ __all__ = [
     "SeamSmoothing",
     "TileGrid",
     "TileStats",
-    "canvas_to_image",
     "cuda_status",
     "get_num_threads",
     "image_scores_of_tiles",

@@ -16,6 +16,13 @@ adds one more:
 * ``resize``: a tile at ``n * stride``; the image is resized (bilinear) to that
   canvas and maps are resized back.
 
+The policies, their origin and canvas rules and the image <-> canvas mapping
+are defined once, in the extension's geometry header
+(``cpp_ext/include/tilead/geometry.h``); :data:`EDGE_POLICIES` is its list of
+names, and :meth:`TileGrid.image_to_canvas` / :meth:`TileGrid.canvas_to_image`
+are the Python side of its mapping (the tile kernels apply it to images on the
+fly, the device pipeline's crop to maps on the GPU).
+
 Locations are indexed (row, col), row-major, and named ``rRcC``.
 """
 
@@ -23,14 +30,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
 
 from tilead import _kernels
-from tilead.runtime._checks import as_pair, check_mapping, describe
+from tilead.runtime._checks import as_pair, check_array, check_mapping, check_shape, describe
+from tilead.runtime.devices import kernel_family
 
-EdgePolicy = Literal["shift", "pad", "resize"]
-EDGE_POLICIES: tuple[EdgePolicy, ...] = ("shift", "pad", "resize")
-_EDGE_CODES = {"shift": _kernels.EDGE_SHIFT, "pad": _kernels.EDGE_PAD, "resize": _kernels.EDGE_RESIZE}
+EDGE_POLICIES: tuple[str, ...] = tuple(_kernels.EDGE_POLICIES)
+"""Names of the edge policies, indexed by code: the extension's one list (``TILEAD_EDGE_POLICIES``)."""
+_EDGE_CODES = {name: code for code, name in enumerate(EDGE_POLICIES)}
+if TYPE_CHECKING:
+    EdgePolicy = str
+else:
+    EdgePolicy = Literal[EDGE_POLICIES]
+    """An edge policy name; at run time the ``Literal`` of :data:`EDGE_POLICIES` (pydantic validates against it)."""
 _LOCATION_RE = re.compile(r"^r(\d+)c(\d+)$")
 _DICT_KEYS = ("image_size", "tile_size", "stride", "edge")
 MAX_SIDE = 1 << 16
@@ -45,8 +60,8 @@ class TileGrid:
         tile_size: Tile size as ``(height, width)`` or one int.
         stride: Distance between tile origins, ``(height, width)`` or one int;
             defaults to the tile size (no overlap). Must not exceed the tile.
-        edge: What to do when the tiles do not end at the image edge:
-            ``"shift"``, ``"pad"`` or ``"resize"``.
+        edge: What to do when the tiles do not end at the image edge, one
+            of :data:`EDGE_POLICIES`: ``"shift"``, ``"pad"`` or ``"resize"``.
 
     Raises:
         ValueError: For non-integer, non-positive or larger than
@@ -138,7 +153,7 @@ class TileGrid:
 
     @property
     def edge(self) -> EdgePolicy:
-        """Edge policy: ``"shift"``, ``"pad"`` or ``"resize"``."""
+        """Edge policy, one of :data:`EDGE_POLICIES`."""
         return self._edge
 
     @property
@@ -173,6 +188,71 @@ class TileGrid:
     def origins_x(self) -> tuple[int, ...]:
         """Canvas column of each tile column's left edge."""
         return tuple(int(v) for v in self._native.origins_x)
+
+    # -- image <-> canvas (the edge policy's mapping, geometry.h) -------------------------------------
+
+    def image_to_canvas(self, planes: np.ndarray, *, device: str = "cpu") -> np.ndarray:
+        """Bring image-size planes onto the canvas, as the tile kernel brings the images.
+
+        The canvas is the image (``shift``, or a grid that fits): ``planes``
+        is returned as is. ``pad``: zero-padded right and bottom. ``resize``:
+        bilinear resize to the canvas (a bool mask is resampled as 0/1 and
+        thresholded at 0.5, so it stays a mask).
+
+        Args:
+            planes: float32 or bool ``(n, H, W)`` at the grid's image size,
+                e.g. ground-truth masks.
+            device: ``"cpu"`` or ``"cuda"`` (used by ``resize``).
+
+        Returns:
+            ``(n, canvas_h, canvas_w)`` of the same dtype.
+
+        Raises:
+            ValueError: For a wrong dtype, rank or size.
+        """
+        check_array(planes, "planes", dtypes=[np.float32, np.bool_], ndims=[3], contiguous=False)
+        check_shape(planes[0], "planes[0]", self._image, "(image_h, image_w)")
+        mapping = self._native.canvas_map
+        if mapping == _kernels.CANVAS_IS_IMAGE:
+            return planes
+        ch, cw = self.canvas_size
+        if mapping == _kernels.CANVAS_PADDED:
+            out = np.zeros((planes.shape[0], ch, cw), dtype=planes.dtype)
+            out[:, : self._image[0], : self._image[1]] = planes
+            return out
+        values = np.ascontiguousarray(planes, dtype=np.float32)
+        resized = np.empty((planes.shape[0], ch, cw), dtype=np.float32)
+        kernel_family(device).resize_maps(values, resized)
+        return resized > 0.5 if planes.dtype == np.bool_ else resized
+
+    def canvas_to_image(self, maps: np.ndarray, *, device: str = "cpu") -> np.ndarray:
+        """Bring canvas maps back to the image size.
+
+        The canvas is the image (``shift``, or a grid that fits): returned as
+        is. ``pad``: the padding is cropped off. ``resize``: the canvas is
+        resized (bilinear) to the image size.
+
+        Args:
+            maps: float32 ``(n, canvas_h, canvas_w)``.
+            device: ``"cpu"`` or ``"cuda"`` (used by ``resize``).
+
+        Returns:
+            float32 ``(n, H, W)``, C-contiguous.
+
+        Raises:
+            ValueError: For a wrong dtype, rank or size, or non-contiguous memory.
+        """
+        check_array(maps, "maps", dtypes=[np.float32], ndims=[3])
+        check_shape(maps[0], "maps[0]", self.canvas_size, "(canvas_h, canvas_w)")
+        mapping = self._native.canvas_map
+        if mapping == _kernels.CANVAS_IS_IMAGE:
+            return maps
+        h, w = self._image
+        if mapping == _kernels.CANVAS_RESIZED:
+            out = np.empty((maps.shape[0], h, w), dtype=np.float32)
+            kernel_family(device).resize_maps(maps, out)
+            return out
+        return np.ascontiguousarray(maps[:, :h, :w])
 
     # -- locations -----------------------------------------------------------------------------------
 

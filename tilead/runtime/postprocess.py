@@ -10,8 +10,8 @@ The stages, each a checked wrapper over one kernel (CPU twin or CUDA twin):
    tile edge with a Gaussian-blurred value (anomalib's rule: band half-width
    ``int(tile * width)``, kernel size ``2 * int(4 * sigma + 0.5) + 1``,
    reflect padding).
-3. :func:`canvas_to_image` crops (``pad``) or resizes (``resize``) the canvas
-   back to the image size.
+3. :meth:`TileGrid.canvas_to_image <tilead.runtime.geometry.TileGrid.canvas_to_image>`
+   crops (``pad``) or resizes (``resize``) the canvas back to the image size.
 4. :func:`normalize_maps` applies ``clamp((x - t) / (max - min) + 0.5, 0, 1)``,
    thresholds at 0.5 and reduces each image's score (max of the map).
 
@@ -258,30 +258,6 @@ def resize_maps(maps: np.ndarray, size: int | tuple[int, int], *, device: str = 
     return out
 
 
-def canvas_to_image(maps: np.ndarray, grid: TileGrid, *, device: str = "cpu") -> np.ndarray:
-    """Bring canvas maps back to the image size.
-
-    ``shift``: the canvas is the image (returned as is). ``pad``: the padding
-    is cropped off. ``resize``: the canvas is resized to the image size.
-
-    Args:
-        maps: float32 ``(n, canvas_h, canvas_w)``.
-        grid: The tile grid.
-        device: ``"cpu"`` or ``"cuda"`` (used by ``resize``).
-
-    Returns:
-        float32 ``(n, H, W)``, C-contiguous.
-    """
-    check_array(maps, "maps", dtypes=[np.float32], ndims=[3])
-    check_shape(maps[0], "maps[0]", grid.canvas_size, "(canvas_h, canvas_w)")
-    if grid.canvas_size == grid.image_size:
-        return maps
-    if grid.edge == "resize":
-        return resize_maps(maps, grid.image_size, device=device)
-    h, w = grid.image_size
-    return np.ascontiguousarray(maps[:, :h, :w])
-
-
 def merge_maps(
     maps: np.ndarray,
     grid: TileGrid,
@@ -312,7 +288,7 @@ def merge_maps(
         with timed(timer, "seam"):
             smooth_seams(merged, grid, seam, inplace=True, device=device)
     with timed(timer, "crop"):
-        return canvas_to_image(merged, grid, device=device)
+        return grid.canvas_to_image(merged, device=device)
 
 
 NormParams = tuple[int, float, float, float, float, float, float]

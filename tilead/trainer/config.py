@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tilead.runtime import SeamSmoothing, TileGrid
+from tilead.runtime import EdgePolicy, SeamSmoothing, TileGrid
 from tilead.trainer.data import DataConfig
 
 SCHEMA_VERSION = 1
@@ -37,12 +37,12 @@ class GridConfig(_Section):
     Attributes:
         tile_size: Tile ``(height, width)`` or one int.
         stride: Tile origin step; defaults to the tile size (no overlap).
-        edge: ``shift`` | ``pad`` | ``resize`` (see DESIGN.md).
+        edge: One of the runtime's ``EDGE_POLICIES``: ``shift`` | ``pad`` | ``resize`` (see DESIGN.md).
     """
 
     tile_size: int | tuple[int, int]
     stride: int | tuple[int, int] | None = None
-    edge: Literal["shift", "pad", "resize"] = "shift"
+    edge: EdgePolicy = "shift"  # the Literal of EDGE_POLICIES: the extension's one list
 
     def build(self, image_size: tuple[int, int]) -> TileGrid:
         """The :class:`TileGrid` over images of ``image_size``.

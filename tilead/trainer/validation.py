@@ -218,27 +218,6 @@ def _range(values: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
-def canvas_masks(masks: np.ndarray, grid: TileGrid) -> np.ndarray:
-    """Ground-truth masks on the grid's canvas (padded or resized as the tiles are).
-
-    Args:
-        masks: bool ``(n, H, W)``.
-        grid: The tile grid.
-
-    Returns:
-        bool ``(n, canvas_h, canvas_w)``.
-    """
-    ch, cw = grid.canvas_size
-    if (ch, cw) == masks.shape[1:]:
-        return masks
-    if grid.edge == "pad":
-        out = np.zeros((masks.shape[0], ch, cw), dtype=bool)
-        out[:, : masks.shape[1], : masks.shape[2]] = masks
-        return out
-    resized = resize_maps(np.ascontiguousarray(masks, dtype=np.float32), (ch, cw))
-    return resized > 0.5
-
-
 def tile_statistics(
     maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, grid: TileGrid, good_quantile: float
 ) -> tuple[TileStats, list[dict[str, Any]]]:
@@ -254,7 +233,7 @@ def tile_statistics(
     Returns:
         The statistics and, per location, how its threshold was chosen.
     """
-    cmasks = canvas_masks(masks, grid)
+    cmasks = grid.image_to_canvas(masks)  # padded or resized as the tiles are
     thresholds, mins, maxs, rules = [], [], [], []
     th, tw = grid.tile_size
     for index, (y0, x0, y1, x1) in enumerate(grid.boxes()):

@@ -1,7 +1,8 @@
-// Tile geometry: the one definition of tile origins, canvas size, bilinear
-// source coordinates, blend weights and seam bands. Every kernel (CPU twin and
-// CUDA twin) and the Python TileGrid (through the bindings) call these
-// functions; nothing else computes tile positions.
+// Tile geometry: the one definition of the edge policies, tile origins, canvas
+// size, the image <-> canvas mapping, bilinear source coordinates, blend weights
+// and seam bands. Every kernel (CPU twin and CUDA twin), the device pipeline and
+// the Python TileGrid (through the bindings) call these functions; nothing else
+// computes tile positions or decides how an image becomes the canvas.
 //
 // Conventions (see DESIGN.md, "Tile geometry"):
 //  * Along one axis of length `size`, tiles of length `tile` start at
@@ -20,7 +21,39 @@
 
 namespace tilead {
 
-enum EdgePolicy : int { kEdgeShift = 0, kEdgePad = 1, kEdgeResize = 2 };
+// The edge policies: the one list of their codes and names. The enum, the name
+// table and the bindings' EDGE_POLICIES (from which Python's EDGE_POLICIES, the
+// config schema and the manifest parser take their names) all expand this list,
+// so a policy is added here, with its rules below (edge_shifts_last_tile,
+// edge_resamples) and, for a new kind of mapping, in canvas_map's users.
+#define TILEAD_EDGE_POLICIES(X) \
+  X(kEdgeShift, "shift")        \
+  X(kEdgePad, "pad")            \
+  X(kEdgeResize, "resize")
+
+// Codes 0, 1, 2, ... in the list's order.
+#define TILEAD_EDGE_ENUMERATOR(id, name) id,
+enum EdgePolicy : int { TILEAD_EDGE_POLICIES(TILEAD_EDGE_ENUMERATOR) };
+#undef TILEAD_EDGE_ENUMERATOR
+
+#define TILEAD_EDGE_ONE(id, name) +1
+constexpr int kEdgePolicyCount = 0 TILEAD_EDGE_POLICIES(TILEAD_EDGE_ONE);
+#undef TILEAD_EDGE_ONE
+
+#define TILEAD_EDGE_NAME(id, name) name,
+// Policy names indexed by code (host only).
+constexpr const char* kEdgePolicyNames[kEdgePolicyCount] = {TILEAD_EDGE_POLICIES(TILEAD_EDGE_NAME)};
+#undef TILEAD_EDGE_NAME
+
+// True when the last tile of an axis is shifted back to end at the image edge
+// (the canvas is the image); otherwise it continues the stride and the canvas
+// grows to the grid span.
+TILEAD_HD bool edge_shifts_last_tile(int edge) { return edge == kEdgeShift; }
+
+// True when the image is resampled (bilinear) onto the canvas; otherwise canvas
+// pixel p is image pixel p, black (0 before normalization) past the image.
+TILEAD_HD bool edge_resamples(int edge) { return edge == kEdgeResize; }
+
 enum BlendWeights : int { kBlendUniform = 0, kBlendFeather = 1 };
 
 // Geometry of one axis. Plain data: passed by value into CUDA kernels.
@@ -46,14 +79,14 @@ TILEAD_HD Axis make_axis(int size, int tile, int stride, int edge) {
   a.stride = stride;
   a.edge = edge;
   a.count = axis_count(size, tile, stride);
-  a.canvas = edge == kEdgeShift ? size : (a.count - 1) * stride + tile;
+  a.canvas = edge_shifts_last_tile(edge) ? size : (a.count - 1) * stride + tile;
   return a;
 }
 
 // Origin of tile i on the canvas.
 TILEAD_HD int axis_origin(const Axis& a, int i) {
   const int o = i * a.stride;
-  return (a.edge == kEdgeShift && o + a.tile > a.size) ? a.size - a.tile : o;
+  return (edge_shifts_last_tile(a.edge) && o + a.tile > a.size) ? a.size - a.tile : o;
 }
 
 // Range [first, last] of tiles that cover canvas coordinate p (origins are
@@ -91,6 +124,51 @@ TILEAD_HD Lerp lerp_coord(int dst, int in_size, int out_size) {
   l.i1 = l.i0 < in_size - 1 ? l.i0 + 1 : l.i0;
   l.w1 = src - static_cast<float>(l.i0);
   return l;
+}
+
+// A 2-D tile grid: one Axis per image dimension (both with the same edge
+// policy). Locations are row-major: location l = row * cols + col.
+struct Grid {
+  Axis y;
+  Axis x;
+};
+
+TILEAD_HD int grid_locations(const Grid& g) { return g.y.count * g.x.count; }
+
+// ---- Image <-> canvas: the edge policy's mapping, for every consumer --------
+//
+// Image -> canvas (the tile kernels read the image through it; Python's
+// TileGrid.image_to_canvas brings ground-truth masks onto the canvas):
+//  * direct policies (edge_resamples false): canvas pixel p is image pixel p
+//    where axis_in_image(p), black (0 before normalization) elsewhere (pad);
+//  * resampling policies: canvas pixel p is the bilinear sample
+//    axis_image_sample(p) of the image.
+// Canvas -> image (TileGrid.canvas_to_image and the device pipeline's crop),
+// by canvas_map: nothing, a crop of the top-left image region, or a bilinear
+// resize back to the image size.
+
+// True when canvas coordinate p of a direct policy lies on the image.
+TILEAD_HD bool axis_in_image(const Axis& a, int p) { return p < a.size; }
+
+// How many of the canvas coordinates [p, p + len) lie on the image (direct policies).
+TILEAD_HD int axis_image_run(const Axis& a, int p, int len) {
+  const int left = a.size - p;
+  return left <= 0 ? 0 : (left < len ? left : len);
+}
+
+// Bilinear image sample of canvas coordinate p (resampling policies).
+TILEAD_HD Lerp axis_image_sample(const Axis& a, int p) { return lerp_coord(p, a.size, a.canvas); }
+
+// How the canvas relates to the image, and so how maps get back to it.
+enum CanvasMap : int {
+  kCanvasIsImage = 0,  // the canvas is the image (shift, or a grid that fits exactly): nothing to do
+  kCanvasPadded = 1,   // the image zero-padded right/bottom: crop the top-left image region
+  kCanvasResized = 2,  // the image resampled onto the canvas: bilinear resize back to the image size
+};
+
+TILEAD_HD int canvas_map(const Grid& g) {
+  if (g.y.canvas == g.y.size && g.x.canvas == g.x.size) return kCanvasIsImage;
+  return edge_resamples(g.y.edge) ? kCanvasResized : kCanvasPadded;
 }
 
 // Unnormalised 1-D blend weight of tile i at local coordinate q in [0, tile).

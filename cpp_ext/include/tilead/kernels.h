@@ -17,15 +17,6 @@
 
 namespace tilead {
 
-// A 2-D tile grid: one Axis per image dimension. Locations are row-major:
-// location l = row * cols + col.
-struct Grid {
-  Axis y;
-  Axis x;
-};
-
-TILEAD_HD int grid_locations(const Grid& g) { return g.y.count * g.x.count; }
-
 enum OutputType : int { kFloat32 = 0, kFloat16 = 1 };
 
 // Tiling: uint8 HWC images -> normalized NCHW tiles, one block per location.

@@ -37,7 +37,7 @@ T* dest_row(T* out, const Grid& g, int n, int channels, const RowTask& t, int c)
   return out + ((static_cast<int64_t>(t.l) * n + t.img) * channels + c) * plane + static_cast<int64_t>(t.ty) * g.x.tile;
 }
 
-// One tile row, every output channel, direct (shift / pad) sampling.
+// One tile row, every output channel, direct sampling (shift / pad: geometry.h, image -> canvas).
 // InC/OutC are compile-time so the inner loops vectorize.
 template <typename T, int InC, int OutC, bool Swap>
 void tile_row_direct(const uint8_t* images, const Grid& g, const TileParams& p, T* out, int n, RowTask t) {
@@ -45,7 +45,7 @@ void tile_row_direct(const uint8_t* images, const Grid& g, const TileParams& p, 
   T* dst[3];
   for (int c = 0; c < OutC; ++c) dst[c] = dest_row(out, g, n, OutC, t, c);
   // Pixels outside the image (pad policy) are black: value 0 before normalization.
-  const int valid = t.cy < g.y.size ? (t.ox + tw <= g.x.size ? tw : g.x.size - t.ox) : 0;
+  const int valid = axis_in_image(g.y, t.cy) ? axis_image_run(g.x, t.ox, tw) : 0;
   const uint8_t* src =
       valid > 0 ? images + ((static_cast<int64_t>(t.img) * g.y.size + t.cy) * g.x.size + t.ox) * InC : images;
   const float s0 = p.scale[0], s1 = p.scale[OutC > 1 ? 1 : 0], s2 = p.scale[OutC > 2 ? 2 : 0];
@@ -104,14 +104,14 @@ void tile_row_direct(const uint8_t* images, const Grid& g, const TileParams& p, 
   }
 }
 
-// One tile row with bilinear sampling of the image onto the canvas (resize policy).
+// One tile row with bilinear sampling of the image onto the canvas (resize policy: geometry.h, image -> canvas).
 template <typename T>
 void tile_row_resize(const uint8_t* images, const Grid& g, const TileParams& p, T* out, int n, RowTask t,
                      const std::vector<Lerp>& xl) {
   const int tw = g.x.tile;
   const int inc = p.in_channels;
   const int outc = p.out_channels;
-  const Lerp yl = lerp_coord(t.cy, g.y.size, g.y.canvas);
+  const Lerp yl = axis_image_sample(g.y, t.cy);
   const int64_t row_stride = static_cast<int64_t>(g.x.size) * inc;
   const uint8_t* base = images + static_cast<int64_t>(t.img) * g.y.size * row_stride;
   const uint8_t* r0 = base + yl.i0 * row_stride;
@@ -133,9 +133,9 @@ template <typename T>
 void tile_typed(const uint8_t* images, int n, const Grid& g, const TileParams& p, T* out) {
   const int64_t rows = static_cast<int64_t>(grid_locations(g)) * n * g.y.tile;
   auto task = [&](int64_t i) { return make_task(i, n, g); };
-  if (g.y.edge == kEdgeResize) {
+  if (edge_resamples(g.y.edge)) {
     std::vector<Lerp> xl(static_cast<size_t>(g.x.canvas));
-    for (int x = 0; x < g.x.canvas; ++x) xl[static_cast<size_t>(x)] = lerp_coord(x, g.x.size, g.x.canvas);
+    for (int x = 0; x < g.x.canvas; ++x) xl[static_cast<size_t>(x)] = axis_image_sample(g.x, x);
     parallel_for(rows, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) tile_row_resize(images, g, p, out, n, task(i), xl);
     });

@@ -96,8 +96,8 @@ struct DevicePipeline::Impl {
                               std::to_string(spec.max_batch) + " (max_batch)");
     }
   }
-  // Image-size maps: a separate buffer for pad/resize grids, else the canvas itself.
-  float* image_maps() const { return out.bytes() > 0 ? out.as<float>() : canvas.as<float>(); }
+  // Image-size maps: the canvas itself where it is the image (geometry.h, canvas_map), else a separate buffer.
+  float* image_maps() const { return canvas_map(spec.grid) == kCanvasIsImage ? canvas.as<float>() : out.as<float>(); }
 };
 
 DevicePipeline::DevicePipeline(const PipelineSpec& spec) {
@@ -120,8 +120,7 @@ DevicePipeline::DevicePipeline(const PipelineSpec& spec) {
   m.maps = DeviceBuffer(sizeof(float) * m.locations * m.maps_stride(spec.max_batch));
   m.canvas = DeviceBuffer(sizeof(float) * n * m.canvas_floats);
   m.scratch = DeviceBuffer(sizeof(float) * static_cast<size_t>(seam_scratch_floats(g, spec.max_batch)));
-  const bool same = g.y.canvas == g.y.size && g.x.canvas == g.x.size;
-  if (!same) m.out = DeviceBuffer(sizeof(float) * n * m.out_floats);
+  if (canvas_map(g) != kCanvasIsImage) m.out = DeviceBuffer(sizeof(float) * n * m.out_floats);
   m.mask = DeviceBuffer(n * m.out_floats);
   m.raw = DeviceBuffer(sizeof(float) * n);
   m.scores = DeviceBuffer(sizeof(float) * n);
@@ -277,14 +276,15 @@ void DevicePipeline::crop(int n) {
   Impl& m = *impl_;
   m.check_batch(n);
   m.use_device();
-  if (m.out.bytes() == 0) return;  // shift: the canvas is the image
   const Grid& g = m.spec.grid;
+  const int mapping = canvas_map(g);  // geometry.h: the one canvas -> image rule
+  if (mapping == kCanvasIsImage) return;
   cudaStream_t s = m.stream.get();
-  if (g.y.edge == kEdgeResize || g.x.edge == kEdgeResize) {
+  if (mapping == kCanvasResized) {
     cuda::resize_maps(m.canvas.as<float>(), n, g.y.canvas, g.x.canvas, m.out.as<float>(), g.y.size, g.x.size, s);
     return;
   }
-  for (int i = 0; i < n; ++i) {  // pad: the top-left image region of every canvas
+  for (int i = 0; i < n; ++i) {  // kCanvasPadded: the top-left image region of every canvas
     check(cudaMemcpy2DAsync(m.out.as<float>() + static_cast<size_t>(i) * m.out_floats, sizeof(float) * g.x.size,
                             m.canvas.as<float>() + static_cast<size_t>(i) * m.canvas_floats, sizeof(float) * g.x.canvas,
                             sizeof(float) * g.x.size, g.y.size, cudaMemcpyDeviceToDevice, s),

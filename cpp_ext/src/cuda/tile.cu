@@ -9,11 +9,11 @@ namespace {
 __device__ __forceinline__ void store(float* d, float v) { *d = v; }
 __device__ __forceinline__ void store(uint16_t* d, float v) { *d = float_to_half_bits(v); }
 
-// Pixel value of image channel `ch` at canvas position (cy, cx), as float.
+// Pixel value of image channel `ch` at canvas position (cy, cx), as float (geometry.h, image -> canvas).
 __device__ __forceinline__ float sample(const uint8_t* img, const Grid& g, int inc, int ch, int cy, int cx) {
-  if (g.y.edge == kEdgeResize) {
-    const Lerp ly = lerp_coord(cy, g.y.size, g.y.canvas);
-    const Lerp lx = lerp_coord(cx, g.x.size, g.x.canvas);
+  if (edge_resamples(g.y.edge)) {
+    const Lerp ly = axis_image_sample(g.y, cy);
+    const Lerp lx = axis_image_sample(g.x, cx);
     const long long rs = static_cast<long long>(g.x.size) * inc;
     const uint8_t* r0 = img + ly.i0 * rs;
     const uint8_t* r1 = img + ly.i1 * rs;
@@ -21,7 +21,7 @@ __device__ __forceinline__ float sample(const uint8_t* img, const Grid& g, int i
     const float bot = (1.0f - lx.w1) * r1[lx.i0 * inc + ch] + lx.w1 * r1[lx.i1 * inc + ch];
     return (1.0f - ly.w1) * top + ly.w1 * bot;
   }
-  if (cy >= g.y.size || cx >= g.x.size) return 0.0f;  // pad policy: black
+  if (!axis_in_image(g.y, cy) || !axis_in_image(g.x, cx)) return 0.0f;  // pad policy: black
   return static_cast<float>(img[(static_cast<long long>(cy) * g.x.size + cx) * inc + ch]);
 }
 
