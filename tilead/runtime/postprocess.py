@@ -106,8 +106,11 @@ def parse_seam(data: object, name: str = "seam") -> SeamSmoothing | None:
     """
     if data is None:
         return None
-    seam = SeamSmoothing(**dict(check_mapping(data, name, ("sigma", "width"))))
-    return seam if seam.enabled else None
+    d = check_mapping(data, name, ("sigma", "width"))
+    default = SeamSmoothing()
+    sigma = as_float(d.get("sigma", default.sigma), f"{name}.sigma", low=0.0, high=MAX_SEAM_SIGMA)
+    width = as_float(d.get("width", default.width), f"{name}.width", low=0.0, high=1.0)
+    return SeamSmoothing(sigma, width) if sigma > 0 and width > 0 else None
 
 
 def seam_to_dict(seam: SeamSmoothing | None) -> dict[str, Any] | None:

@@ -479,7 +479,7 @@ class PostProcessor:
         """
         d = check_mapping(section, "postprocess", CONFIG_KEYS)
         stage = d.get("normalization")
-        if stage is not None and stage not in STAGES:
+        if "normalization" in d and (not isinstance(stage, str) or stage not in STAGES):
             raise ValueError(f"postprocess.normalization: expected one of {', '.join(STAGES)}, got {describe(stage)}")
         if stats is not None and stage is not None and stats.stage != stage:
             raise ValueError(f"stats: stage {stats.stage!r}, but the config's postprocess.normalization is {stage!r}")
