@@ -296,6 +296,33 @@ def test_shift_pad_and_resize_bundles_match_onnxruntime(
         assert g.score == pytest.approx(w.score, abs=1e-5)
 
 
+@pytest.mark.parametrize("seam", [{"sigma": 2.0, "width": 0.2}, {"sigma": 0.0, "width": 0.2}, None])
+def test_the_device_pipeline_gets_the_bundles_post_spec(
+    standin: Callable[..., None], tmp_path: Path, seam: dict[str, float] | None
+) -> None:
+    """#15.2: the pipeline is built from the PostProcessor's one spec; seams on (or off) as on ONNX Runtime."""
+    import json
+
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["postprocess"] = {**data["postprocess"], "weights": "uniform", "seam": seam}
+    write_manifest(bundle, data)
+    images = _images(2, 64, 64, seed=4)
+    with Predictor(bundle, max_batch=4) as cpu:
+        want = cpu.predict(images)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        got = trt.predict(images)
+        inner = trt._backend
+        assert isinstance(inner, backend.TensorRTBackend)
+        assert inner.pipeline.post == trt.post.native()
+        assert inner.pipeline.seam.enabled == (seam is not None and seam["sigma"] > 0)
+    assert isinstance(want, list)
+    assert isinstance(got, list)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=1e-5)
+        np.testing.assert_array_equal(g.mask, w.mask)
+
+
 # -- #18.6: one context-memory block for every engine ---------------------------------------------
 
 
