@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from tilead.runtime import merge_maps
-from tilead.runtime.stats import NormalizationStats
+from tilead.runtime.postprocessor import NormalizationStats
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import discover
 from tilead.trainer.ensemble import (

@@ -79,16 +79,18 @@ class FakePipeline:
     """``"begin"`` or ``"end"``: that capture call raises as CUDA's error would (a test sets it)."""
 
     def __init__(self, grid: Any, max_batch: int, in_channels: int, out_channels: int, scale: list[float],
-                 bias: list[float], map_h: int, map_w: int, weights: int, loc_threshold: list[float],
-                 loc_scale: list[float], seam_sigma: float, seam_width: float, norm_mode: int, pt: float,
-                 pmin: float, pmax: float, it: float, imin: float, imax: float, device: int = 0,
+                 bias: list[float], map_h: int, map_w: int, post: Any, device: int = 0,
                  location_scores: bool = False) -> None:  # fmt: skip
+        if not isinstance(post, _kernels.PostSpec):  # the real constructor's type check
+            raise TypeError(f"post: expected tilead._kernels.PostSpec, got {type(post).__name__}")
         self.grid, self.max_batch = grid, max_batch
         self.in_channels, self.channels, self.scale, self.bias = in_channels, out_channels, scale, bias
-        self.map_h, self.map_w, self.weights = map_h, map_w, weights
+        self.map_h, self.map_w, self.weights = map_h, map_w, post.weights
+        self.post = post
+        loc_threshold, loc_scale = post.loc_threshold, post.loc_scale
         self.loc = (np.asarray(loc_threshold, np.float32), np.asarray(loc_scale, np.float32)) if loc_threshold else None
-        self.seam = (seam_sigma, seam_width)
-        self.norm = (norm_mode, pt, pmin, pmax, it, imin, imax)
+        self.seam = post.seam
+        self.norm = post.norm
         self.locations = grid.rows * grid.cols
         th, tw = grid.tile_h, grid.tile_w
         self.tile_floats = out_channels * th * tw
@@ -219,8 +221,7 @@ class FakePipeline:
 
     def smooth_seams(self, n: int) -> None:
         def run() -> None:
-            if self.seam[0] > 0:
-                _kernels.smooth_seams(self.canvas, self.grid, *self.seam)
+            _kernels.smooth_seams(self.canvas, self.grid, self.seam)  # nothing when the spec is off
 
         self._enqueue("seam", run)
 
@@ -244,7 +245,7 @@ class FakePipeline:
         def run() -> None:
             self.mask = np.empty(self.image.shape, np.uint8)
             self.raw, self.image_scores = np.empty(n, np.float32), np.empty(n, np.float32)
-            _kernels.normalize_maps(self.image, self.image, self.mask, self.raw, self.image_scores, *self.norm)
+            _kernels.normalize_maps(self.image, self.image, self.mask, self.raw, self.image_scores, self.norm)
 
         self._enqueue("normalize", run)
 

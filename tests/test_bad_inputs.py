@@ -100,10 +100,13 @@ CANVAS = np.zeros((2, 32, 32), dtype=np.float32)
             r"max must exceed min at every location; location 0",
         ),
         (
-            lambda: smooth_seams(np.zeros((2, 31, 32), np.float32), GRID),
+            lambda: smooth_seams(np.zeros((2, 31, 32), np.float32), GRID, SeamSmoothing()),
             r"maps\[0\]: expected shape \(32, 32\)",
         ),
-        (lambda: smooth_seams(CANVAS.astype(np.float16), GRID), r"maps: expected dtype float32, got float16"),
+        (
+            lambda: smooth_seams(CANVAS.astype(np.float16), GRID, SeamSmoothing()),
+            r"maps: expected dtype float32, got float16",
+        ),
         (lambda: SeamSmoothing(sigma=-1.0), r"seam.sigma: expected a number in \[0, 15.8\], got -1"),
         (lambda: SeamSmoothing(sigma=40.0), r"seam.sigma: expected a number in \[0, 15.8\], got 40"),
         (lambda: SeamSmoothing(width=1.5), r"seam.width: expected a number in \[0, 1\], got 1.5"),
@@ -150,9 +153,9 @@ def test_inplace_on_read_only_maps_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"maps: expected a writable array, got a read-only one"):
         normalize_maps(frozen, pixel_threshold=0.5, image_threshold=0.5, inplace=True)
     with pytest.raises(ValueError, match=r"maps: expected a writable array"):
-        smooth_seams(frozen, GRID, inplace=True)
+        smooth_seams(frozen, GRID, SeamSmoothing(), inplace=True)
     # Without inplace a read-only input is fine.
-    assert smooth_seams(frozen, GRID).flags.writeable
+    assert smooth_seams(frozen, GRID, SeamSmoothing()).flags.writeable
 
 
 def test_cuda_request_without_gpu_is_one_clear_error() -> None:
@@ -172,6 +175,7 @@ def test_cuda_request_without_gpu_is_one_clear_error() -> None:
 # -- the extension's own boundary ---------------------------------------------------------------------
 
 NATIVE = GRID.native
+NORM_NONE = _kernels.NormSpec(_kernels.NORM_NONE, 0, 0, 0, 0, 0, 0)
 TILES = np.zeros((L, 2, 3, 16, 16), dtype=np.float32)
 
 
@@ -216,23 +220,22 @@ TILES = np.zeros((L, 2, 3, 16, 16), dtype=np.float32)
             lambda: _kernels.untile_maps(MAPS, NATIVE, CANVAS, 0, np.zeros(3, np.float32), np.zeros(3, np.float32)),
             r"loc_threshold: expected shape \(9,\)",
         ),
-        (lambda: _kernels.smooth_seams(CANVAS, NATIVE, 2.0, 2.0), r"width: expected 0 <= width <= 1"),
-        (lambda: _kernels.smooth_seams(CANVAS, NATIVE, 100.0, 0.1), r"sigma: expected 0 <= sigma < 15.9"),
-        (lambda: _kernels.smooth_seams(CANVAS, NATIVE, float("nan"), 0.1), r"sigma: expected"),
+        (lambda: _kernels.SeamSpec(2.0, 2.0), r"seam width: expected a number in \[0, 1\], got 2"),
+        (lambda: _kernels.SeamSpec(100.0, 0.1), r"seam sigma: expected a number in \[0, 15.8\]"),
+        (lambda: _kernels.SeamSpec(float("nan"), 0.1), r"seam sigma: expected"),
+        (lambda: _kernels.smooth_seams(CANVAS[0], NATIVE, _kernels.SeamSpec(2.0, 0.1)), r"maps: expected 3 dim"),
         (lambda: _kernels.resize_maps(CANVAS, CANVAS), r"maps and out must not share memory"),
         (
             lambda: _kernels.resize_maps(CANVAS, np.zeros((3, 4, 4), np.float32)),
             r"out: expected shape \(2, 4, 4\)",
         ),
         (
-            lambda: _kernels.normalize_maps(
-                CANVAS, CANVAS, None, np.zeros(2, np.float32), np.zeros(2, np.float32), 1, 0, 1, 1, 0, 0, 1
-            ),
+            lambda: _kernels.NormSpec(1, 0, 1, 1, 0, 0, 1),
             r"pixel_max must be greater than pixel_min",
         ),
         (
             lambda: _kernels.normalize_maps(
-                CANVAS, CANVAS, None, np.zeros(3, np.float32), np.zeros(2, np.float32), 0, 0, 0, 0, 0, 0, 0
+                CANVAS, CANVAS.copy(), None, np.zeros(3, np.float32), np.zeros(2, np.float32), NORM_NONE
             ),
             r"raw_scores: expected shape \(2,\)",
         ),
@@ -243,20 +246,12 @@ TILES = np.zeros((L, 2, 3, 16, 16), dtype=np.float32)
                 np.zeros((2, 32, 32), np.bool_),
                 np.zeros(2, np.float32),
                 np.zeros(2, np.float32),
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
-                0,
+                NORM_NONE,
             ),
             r"mask: expected dtype uint8, got bool",
         ),
         (
-            lambda: _kernels.normalize_maps(
-                CANVAS, CANVAS, None, np.zeros(2, np.float32), np.zeros(2, np.float32), 5, 0, 0, 0, 0, 0, 0
-            ),
+            lambda: _kernels.NormSpec(5, 0, 0, 0, 0, 0, 0),
             r"mode: expected 0 \(none\) or 1",
         ),
         (

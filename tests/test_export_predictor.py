@@ -97,7 +97,7 @@ def test_a_reused_graph_is_byte_identical_to_a_fresh_export(tmp_path: Path) -> N
 
 def test_predictor_matches_the_trainers_pytorch_pipeline(trained: tuple[Path, Path]) -> None:
     """Bundle predictions vs the eager PyTorch forward + the same post-processing: 1e-4, identical labels."""
-    from tilead.runtime.stats import postprocess_maps
+    from tilead.runtime.postprocessor import postprocess_maps
     from tilead.trainer.ensemble import load_location_models, location_maps, make_backbone, make_preprocessing
     from tilead.trainer.pipeline import load_stats
     from tilead.trainer.run_dir import open_run

@@ -84,7 +84,7 @@ def test_false_alarm_estimate_counts_strictly_above_the_threshold() -> None:
 
 
 def test_compute_stats_records_the_false_alarm_estimate() -> None:
-    from tilead.runtime import TileGrid
+    from tilead.runtime import PostProcessor, TileGrid
 
     grid = TileGrid((8, 8), (8, 8))
     maps = np.zeros((1, 4, 8, 8), dtype=np.float32)
@@ -92,7 +92,7 @@ def test_compute_stats_records_the_false_alarm_estimate() -> None:
     masks = np.zeros((4, 8, 8), dtype=bool)
     masks[2:, 0, 0] = True
     labels = np.array([0, 0, 1, 1], dtype=bool)
-    _, info = compute_stats(maps, masks, labels, grid, stage="image", weights="uniform", seam=None, good_quantile=0.99)
+    _, info = compute_stats(maps, masks, labels, PostProcessor(grid), stage="image", good_quantile=0.99)
     est = info["false_alarm_estimate"]
     assert (est["good_images"], est["anomalous_images"], est["false_alarms"], est["misses"]) == (2, 2, 0, 0)
 

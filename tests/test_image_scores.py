@@ -11,7 +11,7 @@ from reference import normalize as ref_normalize
 
 from tilead.runtime import NormalizationStats, TileGrid, image_scores_of_tiles, postprocess_maps, score_images
 from tilead.runtime.bundle import BundleError, parse_manifest, sha256_file, write_manifest
-from tilead.runtime.stats import TileStats
+from tilead.runtime.postprocessor import PostProcessor, TileStats
 from tilead.trainer.metrics import f1_adaptive_threshold
 from tilead.trainer.validation import compute_stats
 
@@ -85,9 +85,10 @@ def test_validation_statistics_of_the_detector_score(stage: Any) -> None:
     masks[labels, 10:30, 10:30] = True
     maps[:, labels] += 2.0  # anomalous images score higher in the maps
     own = np.where(labels, 4.0, 1.0).astype(np.float32) + rng.uniform(0, 2.5, size=n).astype(np.float32)
-    kwargs: dict[str, Any] = {"stage": stage, "weights": "uniform", "seam": None, "good_quantile": 0.99}
-    plain, plain_info = compute_stats(maps, masks, labels, GRID, **kwargs)
-    stats, info = compute_stats(maps, masks, labels, GRID, image_scores=own, **kwargs)
+    kwargs: dict[str, Any] = {"stage": stage, "good_quantile": 0.99}
+    post = PostProcessor(GRID, "uniform", None)
+    plain, plain_info = compute_stats(maps, masks, labels, post, **kwargs)
+    stats, info = compute_stats(maps, masks, labels, post, image_scores=own, **kwargs)
     assert (plain_info["image_score"], info["image_score"]) == ("max", "detector")
     assert stats.pixel_threshold == plain.pixel_threshold
     assert stats.pixel_range == plain.pixel_range
@@ -97,7 +98,7 @@ def test_validation_statistics_of_the_detector_score(stage: Any) -> None:
     if stage != "none":
         assert stats.image_range == (float(own.min()), float(own.max()))
     with pytest.raises(ValueError, match="expected 12 scores"):
-        compute_stats(maps, masks, labels, GRID, image_scores=own[:5], **kwargs)
+        compute_stats(maps, masks, labels, post, image_scores=own[:5], **kwargs)
 
 
 def _manifest(**post: Any) -> dict[str, Any]:

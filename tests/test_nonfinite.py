@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tilead.runtime import NormalizationStats, Prediction, TileGrid, TileStats, postprocess_maps
+from tilead.runtime import NormalizationStats, PostProcessor, Prediction, TileGrid, TileStats, postprocess_maps
 from tilead.runtime.postprocess import SeamSmoothing
 from tilead.trainer.validation import compute_stats
 
@@ -122,14 +122,15 @@ def test_validation_refuses_nonfinite_maps() -> None:
     maps = _maps(4)
     masks = np.zeros((4, *GRID.image_size), dtype=bool)
     labels = np.zeros(4, dtype=bool)
-    kw = {"stage": "image", "weights": "uniform", "seam": None, "good_quantile": 0.99}
-    stats, _ = compute_stats(maps, masks, labels, GRID, **kw)  # type: ignore[arg-type]
+    kw = {"stage": "image", "good_quantile": 0.99}
+    post = PostProcessor(GRID)
+    stats, _ = compute_stats(maps, masks, labels, post, **kw)  # type: ignore[arg-type]
     assert math.isfinite(stats.image_threshold)
     maps[1, 2, 4, 4] = np.nan
     with pytest.raises(ValueError, match=r"non-finite values .* location r0c1 for validation image 2 \(1 location"):
-        compute_stats(maps, masks, labels, GRID, **kw)  # type: ignore[arg-type]
+        compute_stats(maps, masks, labels, post, **kw)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-finite detector score for validation image 3"):
-        compute_stats(_maps(4), masks, labels, GRID, image_scores=np.array([1, 2, 3, np.inf], dtype=np.float32), **kw)  # type: ignore[arg-type]
+        compute_stats(_maps(4), masks, labels, post, image_scores=np.array([1, 2, 3, np.inf], dtype=np.float32), **kw)  # type: ignore[arg-type]
 
 
 def _poison_location(bundle: Path, target: Path, location: str) -> Path:

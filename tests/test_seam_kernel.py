@@ -74,9 +74,9 @@ def test_only_band_pixels_change_and_bands_follow_anomalib_rule() -> None:
 def test_inplace_and_copy_agree() -> None:
     grid = TileGrid(48, 16, 12)
     maps = np.random.default_rng(4).random((2, 48, 48), dtype=np.float32)
-    copy = smooth_seams(maps, grid)
+    copy = smooth_seams(maps, grid, SeamSmoothing())
     assert copy is not maps
-    same = smooth_seams(maps, grid, inplace=True)
+    same = smooth_seams(maps, grid, SeamSmoothing(), inplace=True)
     assert same is maps
     np.testing.assert_array_equal(copy, maps)
 
@@ -91,10 +91,12 @@ def test_disabled_smoothing_changes_nothing(seam: SeamSmoothing) -> None:
 def test_single_tile_has_no_seams() -> None:
     grid = TileGrid(40, 40)
     maps = np.random.default_rng(6).random((1, 40, 40), dtype=np.float32)
-    np.testing.assert_array_equal(smooth_seams(maps, grid), maps)
+    np.testing.assert_array_equal(smooth_seams(maps, grid, SeamSmoothing()), maps)
 
 
 def test_two_dimensional_map_is_accepted() -> None:
     grid = TileGrid(64, 32)
     maps = np.random.default_rng(7).random((64, 64), dtype=np.float32)
-    np.testing.assert_array_equal(smooth_seams(maps, grid), smooth_seams(maps[None], grid)[0])
+    np.testing.assert_array_equal(
+        smooth_seams(maps, grid, SeamSmoothing()), smooth_seams(maps[None], grid, SeamSmoothing())[0]
+    )

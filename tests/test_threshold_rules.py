@@ -142,7 +142,7 @@ def test_pixel_threshold_keeps_f1_when_it_is_lower_than_the_cap() -> None:
 
 
 def test_compute_stats_records_both_bounded_rules() -> None:
-    from tilead.runtime import TileGrid
+    from tilead.runtime import PostProcessor, TileGrid
 
     maps, masks, labels = _pixel_case()
     maps = _with_good_tail(maps)
@@ -151,10 +151,8 @@ def test_compute_stats_records_both_bounded_rules() -> None:
         maps[None],
         masks,
         labels,
-        grid,
+        PostProcessor(grid, "uniform", None),
         stage="image",
-        weights="uniform",
-        seam=None,
         good_quantile=0.99,
         target_false_alarm=0.05,
         pixel_false_positive=0.01,

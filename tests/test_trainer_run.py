@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from tilead.demo.synthetic import SyntheticSpec, generate
 from tilead.runtime import TileGrid, merge_maps
-from tilead.runtime.stats import NormalizationStats
+from tilead.runtime.postprocessor import NormalizationStats
 from tilead.trainer.config import ConfigError, load_config
 from tilead.trainer.ensemble import load_location_models, make_backbone
 from tilead.trainer.io import load_tensors

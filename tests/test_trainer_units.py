@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from tilead.runtime import SeamSmoothing, TileGrid, merge_maps
-from tilead.runtime.stats import NormalizationStats, TileStats, postprocess_maps
+from tilead.runtime.postprocessor import NormalizationStats, PostProcessor, TileStats, postprocess_maps
 from tilead.trainer.config import ConfigError, PadimConfig, load_config, parse_config
 from tilead.trainer.io import atomic_write_bytes, load_tensors, read_metadata, save_tensors
 from tilead.trainer.validation import compute_stats
@@ -112,7 +112,7 @@ def test_image_stage_stats_come_from_merged_maps() -> None:
     maps, masks, labels, grid = _maps()
     seam = SeamSmoothing(2.0, 0.1)
     stats, info = compute_stats(
-        maps, masks, labels, grid, stage="image", weights="uniform", seam=seam, good_quantile=0.99
+        maps, masks, labels, PostProcessor(grid, "uniform", seam), stage="image", good_quantile=0.99
     )
     merged = merge_maps(maps, grid, seam=seam)
     scores = merged.reshape(3, -1).max(axis=1)
@@ -135,7 +135,7 @@ def test_none_stage_keeps_raw_values_and_good_only_uses_the_quantile() -> None:
     masks[:] = False
     labels = np.zeros(3, dtype=int)
     stats, info = compute_stats(
-        maps, masks, labels, grid, stage="none", weights="feather", seam=None, good_quantile=0.9
+        maps, masks, labels, PostProcessor(grid, "feather", None), stage="none", good_quantile=0.9
     )
     merged = merge_maps(maps, grid, weights="feather")
     assert stats.pixel_range is None
@@ -146,7 +146,7 @@ def test_none_stage_keeps_raw_values_and_good_only_uses_the_quantile() -> None:
 
 def test_tile_stage_normalizes_each_location() -> None:
     maps, masks, labels, grid = _maps()
-    stats, _ = compute_stats(maps, masks, labels, grid, stage="tile", weights="uniform", seam=None, good_quantile=0.99)
+    stats, _ = compute_stats(maps, masks, labels, PostProcessor(grid), stage="tile", good_quantile=0.99)
     assert stats.tile_stats is not None
     ts = stats.tile_stats
     # Location r1c1 sees only uniform noise: its range is its own min/max (of the upsampled maps).

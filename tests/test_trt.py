@@ -228,9 +228,9 @@ def test_device_pipeline_without_a_gpu_raises_the_cuda_error() -> None:
     from tilead.runtime import TileGrid
 
     grid = TileGrid(64, 32, 24)
+    post = _kernels.PostSpec(0, [], [], _kernels.SeamSpec.off(), _kernels.NormSpec(0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0))
     with pytest.raises(RuntimeError, match="CUDA error in cudaSetDevice"):
-        _kernels.cuda.DevicePipeline(grid.native, 1, 3, 3, [1.0] * 3, [0.0] * 3, 4, 4, 0, [], [], 0.0, 0.0,
-                                     0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # fmt: skip
+        _kernels.cuda.DevicePipeline(grid.native, 1, 3, 3, [1.0] * 3, [0.0] * 3, 4, 4, post)
 
 
 def test_predictor_tensorrt_needs_cuda_device(tmp_path: Path) -> None:

@@ -79,12 +79,16 @@ def _images(n: int, h: int, w: int, seed: int = 0) -> list[np.ndarray]:
 # -- #18.1: 256-byte aligned engine I/O -----------------------------------------------------------
 
 
+def _post(seam: Any, mode: int) -> Any:
+    """A PostSpec: uniform blending, no per-location normalization, ``seam``, thresholds 0.5 on the range [0, 1]."""
+    norm = _kernels.NormSpec(mode, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0)
+    return _kernels.PostSpec(_kernels.BLEND_UNIFORM, [], [], seam, norm)
+
+
 def _pipeline(image: int, tile: int, stride: int, map_size: int, max_batch: int) -> fake_tensorrt.FakePipeline:
     grid = _kernels.Grid(image, image, tile, tile, stride, stride, _kernels.EDGE_SHIFT)
-    return fake_tensorrt.FakePipeline(
-        grid, max_batch, 3, 3, [1.0] * 3, [0.0] * 3, map_size, map_size, _kernels.BLEND_UNIFORM, [], [],
-        0.0, 0.0, _kernels.NORM_NONE, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0,
-    )  # fmt: skip
+    post = _post(_kernels.SeamSpec.off(), _kernels.NORM_NONE)
+    return fake_tensorrt.FakePipeline(grid, max_batch, 3, 3, [1.0] * 3, [0.0] * 3, map_size, map_size, post)
 
 
 @pytest.mark.parametrize(("image", "tile", "stride", "map_size"), [(900, 464, 436, 58), (1024, 544, 480, 68)])
@@ -290,6 +294,33 @@ def test_shift_pad_and_resize_bundles_match_onnxruntime(
         np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=1e-5)
         np.testing.assert_array_equal(g.mask, w.mask)
         assert g.score == pytest.approx(w.score, abs=1e-5)
+
+
+@pytest.mark.parametrize("seam", [{"sigma": 2.0, "width": 0.2}, {"sigma": 0.0, "width": 0.2}, None])
+def test_the_device_pipeline_gets_the_bundles_post_spec(
+    standin: Callable[..., None], tmp_path: Path, seam: dict[str, float] | None
+) -> None:
+    """#15.2: the pipeline is built from the PostProcessor's one spec; seams on (or off) as on ONNX Runtime."""
+    import json
+
+    bundle = engine_bundle(tmp_path / "b", GRID)
+    data = json.loads((bundle / "manifest.json").read_text())
+    data["postprocess"] = {**data["postprocess"], "weights": "uniform", "seam": seam}
+    write_manifest(bundle, data)
+    images = _images(2, 64, 64, seed=4)
+    with Predictor(bundle, max_batch=4) as cpu:
+        want = cpu.predict(images)
+    with Predictor(bundle, device="cuda", backend="tensorrt", max_batch=4) as trt:
+        got = trt.predict(images)
+        inner = trt._backend
+        assert isinstance(inner, backend.TensorRTBackend)
+        assert inner.pipeline.post == trt.post.native()
+        assert inner.pipeline.seam.enabled == (seam is not None and seam["sigma"] > 0)
+    assert isinstance(want, list)
+    assert isinstance(got, list)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=1e-5)
+        np.testing.assert_array_equal(g.mask, w.mask)
 
 
 # -- #18.6: one context-memory block for every engine ---------------------------------------------
@@ -656,10 +687,8 @@ def test_a_nan_location_is_named_through_the_standin(standin: Callable[..., None
 def test_cuda_pipeline_blocks_are_aligned_and_untile_reads_the_padded_stride() -> None:
     """58x58 maps (13456 bytes, not a multiple of 256): the padded layout must still untile like the CPU twin."""
     grid = _kernels.Grid(200, 200, 100, 100, 100, 100, _kernels.EDGE_SHIFT)
-    pipe = _kernels.cuda.DevicePipeline(
-        grid, 3, 3, 3, [1.0] * 3, [0.0] * 3, 58, 58, _kernels.BLEND_UNIFORM, [], [], 0.0, 0.0, _kernels.NORM_NONE,
-        0.5, 0.0, 1.0, 0.5, 0.0, 1.0,
-    )  # fmt: skip
+    post = _post(_kernels.SeamSpec.off(), _kernels.NORM_NONE)
+    pipe = _kernels.cuda.DevicePipeline(grid, 3, 3, 3, [1.0] * 3, [0.0] * 3, 58, 58, post)
     rng = np.random.default_rng(0)
     for n in (1, 2, 3):
         assert pipe.tiles_stride(n) % 256 == 0
@@ -679,20 +708,20 @@ def test_cuda_pipeline_blocks_are_aligned_and_untile_reads_the_padded_stride() -
 
 def _real_pipeline(location_scores: bool = False) -> tuple[Any, Any]:
     grid = _kernels.Grid(200, 200, 100, 100, 100, 100, _kernels.EDGE_SHIFT)
-    return grid, _kernels.cuda.DevicePipeline(
-        grid, 3, 3, 3, [1.0] * 3, [0.0] * 3, 58, 58, _kernels.BLEND_UNIFORM, [], [], 1.5, 0.1, _kernels.NORM_MINMAX,
-        0.5, 0.0, 1.0, 0.5, 0.0, 1.0, 0, location_scores,
-    )  # fmt: skip
+    post = _post(_kernels.SeamSpec(1.5, 0.1), _kernels.NORM_MINMAX)
+    return grid, _kernels.cuda.DevicePipeline(grid, 3, 3, 3, [1.0] * 3, [0.0] * 3, 58, 58, post, 0, location_scores)
 
 
 def _cpu_result(maps: np.ndarray, grid: Any) -> tuple[np.ndarray, np.ndarray]:
     n = maps.shape[1]
     canvas = np.empty((n, 200, 200), np.float32)
     _kernels.untile_maps(maps, grid, canvas, _kernels.BLEND_UNIFORM, None, None)
-    _kernels.smooth_seams(canvas, grid, 1.5, 0.1)
+    _kernels.smooth_seams(canvas, grid, _kernels.SeamSpec(1.5, 0.1))
     mask = np.empty((n, 200, 200), np.uint8)
     raw, scores = np.empty(n, np.float32), np.empty(n, np.float32)
-    _kernels.normalize_maps(canvas, canvas, mask, raw, scores, _kernels.NORM_MINMAX, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0)
+    _kernels.normalize_maps(
+        canvas, canvas, mask, raw, scores, _kernels.NormSpec(_kernels.NORM_MINMAX, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0)
+    )
     return canvas, raw
 
 
@@ -762,13 +791,13 @@ def test_cuda_normalize_takes_more_images_than_grid_dim_y_allows() -> None:
     """#18.6: 70000 images (gridDim.y is at most 65535): the kernel loops over the rest, like the CPU twin."""
     n = 70_000
     maps = np.random.default_rng(2).random((n, 2, 3), dtype=np.float32)
-    args = (_kernels.NORM_MINMAX, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0)
+    norm = _kernels.NormSpec(_kernels.NORM_MINMAX, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0)
     out, want_out = np.empty((n, 2, 3), np.float32), np.empty((n, 2, 3), np.float32)
     mask, want_mask = np.empty((n, 2, 3), np.uint8), np.empty((n, 2, 3), np.uint8)
     raw, want_raw = np.empty(n, np.float32), np.empty(n, np.float32)
     scores, want_scores = np.empty(n, np.float32), np.empty(n, np.float32)
-    _kernels.cuda.normalize_maps(maps, out, mask, raw, scores, *args)
-    _kernels.normalize_maps(maps, want_out, want_mask, want_raw, want_scores, *args)
+    _kernels.cuda.normalize_maps(maps, out, mask, raw, scores, norm)
+    _kernels.normalize_maps(maps, want_out, want_mask, want_raw, want_scores, norm)
     np.testing.assert_allclose(raw, want_raw)  # every image's score, the ones past 65535 too
     np.testing.assert_allclose(scores, want_scores, atol=1e-6)
     np.testing.assert_allclose(out, want_out, atol=1e-6)

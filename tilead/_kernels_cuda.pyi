@@ -5,6 +5,7 @@ They have exactly the CPU twins' signatures, so the stub re-exports those.
 
 import numpy as np
 
+from ._kernels import PostSpec
 from ._kernels import normalize_maps as normalize_maps
 from ._kernels import resize_area as resize_area
 from ._kernels import resize_maps as resize_maps
@@ -31,21 +32,12 @@ class DevicePipeline:
         bias: list[float],
         map_h: int,
         map_w: int,
-        weights: int,
-        loc_threshold: list[float],
-        loc_scale: list[float],
-        seam_sigma: float,
-        seam_width: float,
-        norm_mode: int,
-        pixel_threshold: float,
-        pixel_min: float,
-        pixel_max: float,
-        image_threshold: float,
-        image_min: float,
-        image_max: float,
+        post: PostSpec,
         device: int = 0,
         location_scores: bool = False,
     ) -> None: ...
+    @property
+    def post(self) -> PostSpec: ...
     @property
     def stream(self) -> int: ...
     @property

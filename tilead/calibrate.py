@@ -49,14 +49,13 @@ import numpy as np
 
 from tilead.atomic import atomic_write_bytes
 from tilead.runtime.bundle import MANIFEST, BundleError, parse_manifest, read_manifest, write_manifest
-from tilead.runtime.predictor import Predictor
-from tilead.runtime.stats import (
+from tilead.runtime.postprocessor import (
     MIN_WIDTH,
     RELATIVE_WIDTH,
     NormalizationStats,
     normalize_with_stats,
-    postprocess_maps,
 )
+from tilead.runtime.predictor import Predictor
 from tilead.thresholds import f1_adaptive_threshold, false_alarm_threshold
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -251,16 +250,13 @@ def score(
     """
     from tilead.imagefile import resize_nearest
 
-    m = predictor.manifest
     out = into if into is not None else Scored()
     gray = predictor.channels == 1
     for sample in samples:
         maps, tile_scores = predictor.location_outputs(
             sample.image, input_order="GRAY" if gray else "BGR", resize=resize
         )
-        merged, result = postprocess_maps(
-            maps, m.grid, m.stats, weights=m.weights, seam=m.seam, tile_scores=tile_scores
-        )
+        merged, result = predictor.post.apply(maps, tile_scores=tile_scores)
         merged_map = merged[0]
         if not np.isfinite(merged_map).all() or not np.isfinite(result.raw_scores[0]):
             raise ValueError(f"{sample.name}: the model gives non-finite values; cannot calibrate on it")

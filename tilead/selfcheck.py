@@ -30,15 +30,13 @@ from tilead.runtime import (
     TileGrid,
     cuda_status,
     normalize_maps,
-    postprocess_maps,
     resize_maps,
     smooth_seams,
     tile_images,
     untile_maps,
 )
 from tilead.runtime.image_resize import resize_image
-from tilead.runtime.postprocess import BLEND_CODES, norm_params, tile_norm_arrays
-from tilead.runtime.stats import TileStats
+from tilead.runtime.postprocessor import PostProcessor, TileStats
 
 TOLERANCE = 1e-4  # kernels: float32 math in a different order
 ENGINE_TOLERANCE = 1e-2  # TensorRT fp32 engines against ONNX Runtime CPU, relative to the map range
@@ -203,10 +201,9 @@ def _tile_checks(rng: np.random.Generator) -> list[Check]:
         for channels in (1, 3):
             prep = Preprocessing(mean=(0.4,) * channels, std=(0.25,) * channels, channels=channels)
             images = rng.integers(0, 256, (n, *grid.image_size, channels), dtype=np.uint8)
-            pipe = _kernels.cuda.DevicePipeline(
-                grid.native, n, channels, channels, prep.scale, prep.bias, 4, 3, BLEND_CODES["uniform"], [], [],
-                0.0, 0.0, *norm_params(1.0, 1.0, (0.0, 2.0), (0.0, 2.0)),
-            )  # fmt: skip
+            stats = NormalizationStats("image", 1.0, 1.0, (0.0, 2.0), (0.0, 2.0))
+            post = PostProcessor(grid, "uniform", None, stats).native()
+            pipe = _kernels.cuda.DevicePipeline(grid.native, n, channels, channels, prep.scale, prep.bias, 4, 3, post)
             pipe.upload(images)
             pipe.tile(n, False)
             pipe.synchronize()
@@ -232,18 +229,13 @@ def _postprocess_check(rng: np.random.Generator, edge: str, stage: str) -> Check
     seam = SeamSmoothing(sigma=2.0, width=0.1)
     maps = rng.random((count, 2, 16, 12), dtype=np.float32)
     prep = Preprocessing()
-    thresholds, scales = tile_norm_arrays(tile_stats.as_tuple() if tile_stats else None, grid)
-    pipe = _kernels.cuda.DevicePipeline(
-        grid.native, 2, 3, 3, prep.scale, prep.bias, 16, 12, BLEND_CODES["feather"],
-        [] if thresholds is None else thresholds.tolist(), [] if scales is None else scales.tolist(),
-        seam.sigma, seam.width,
-        *norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range),
-    )  # fmt: skip
+    post = PostProcessor(grid, "feather", seam, stats)
+    pipe = _kernels.cuda.DevicePipeline(grid.native, 2, 3, 3, prep.scale, prep.bias, 16, 12, post.native())
     pipe.upload_location_maps(maps)
     for step in (pipe.untile, pipe.smooth_seams, pipe.crop, pipe.normalize):
         step(2)
     got_maps, got_masks, _, got_scores = pipe.download(2)
-    _, want = postprocess_maps(maps, grid, stats, weights="feather", seam=seam)
+    _, want = post.apply(maps)
     name = f"device post-processing ({edge} grid{', resize crop' if edge == 'resize' else ''}, {stage} stage)"
     check = _compare(name, got_maps, want.maps, TOLERANCE)
     score = float(np.max(np.abs(got_scores - want.scores)))

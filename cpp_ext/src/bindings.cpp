@@ -204,15 +204,146 @@ UntileCall check_untile(const py::array& maps, const Grid& g, const py::array& o
   return call;
 }
 
-int check_seam(const py::array& maps, const Grid& g, float sigma, float width) {
+int check_seam(const py::array& maps, const Grid& g) {
   if (maps.ndim() != 3) fail("maps: expected 3 dimensions (n, canvas_h, canvas_w), got shape " + shape_str(maps));
   check_array(maps, "maps", dt<float>(), {maps.shape(0), g.y.canvas, g.x.canvas}, true);
-  if (!(sigma >= 0.0f) || gaussian_radius(sigma) > kMaxGaussianRadius) {
-    fail("sigma: expected 0 <= sigma < 15.9 (kernel radius <= " + std::to_string(kMaxGaussianRadius) + "), got " +
-         std::to_string(sigma));
-  }
-  if (!(width >= 0.0f) || width > 1.0f) fail("width: expected 0 <= width <= 1, got " + std::to_string(width));
   return static_cast<int>(maps.shape(0));
+}
+
+std::string num(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+// ---- the post-processing spec objects (tilead._kernels.SeamSpec, NormSpec, PostSpec) ----------------------
+
+SeamParams make_seam(float sigma, float width) {
+  if (!seam_sigma_valid(sigma)) {
+    fail("seam sigma: expected a number in [0, " + num(kMaxSeamSigma) +
+         "] (kernel radius <= " + std::to_string(kMaxGaussianRadius) + "), got " + num(sigma));
+  }
+  if (!seam_width_valid(width)) fail("seam width: expected a number in [0, 1], got " + num(width));
+  return SeamParams{sigma, width};
+}
+
+NormParams make_norm(int mode, float pt, float pmin, float pmax, float it, float imin, float imax) {
+  if (mode != kNormNone && mode != kNormMinMax) {
+    fail("norm mode: expected 0 (none) or 1 (min-max), got " + std::to_string(mode));
+  }
+  for (const float v : {pt, pmin, pmax, it, imin, imax}) {
+    if (!finite_value(v)) fail("norm: expected finite thresholds and ranges, got " + num(v));
+  }
+  if (mode == kNormMinMax && !(pmax > pmin)) {
+    fail("pixel_max must be greater than pixel_min for min-max normalization, got min=" + num(pmin) +
+         " max=" + num(pmax));
+  }
+  if (mode == kNormMinMax && !(imax > imin)) {
+    fail("image_max must be greater than image_min for min-max normalization, got min=" + num(imin) +
+         " max=" + num(imax));
+  }
+  return NormParams{mode, pt, pmin, pmax, it, imin, imax};
+}
+
+PostSpec make_post(int weights, const std::vector<float>& loc_threshold, const std::vector<float>& loc_scale,
+                   const SeamParams& seam, const NormParams& norm) {
+  if (weights != kBlendUniform && weights != kBlendFeather) {
+    fail("weights: expected 0 (uniform) or 1 (feather), got " + std::to_string(weights));
+  }
+  if (loc_threshold.size() != loc_scale.size()) {
+    fail("loc_threshold and loc_scale: expected one value per location each, got " +
+         std::to_string(loc_threshold.size()) + " and " + std::to_string(loc_scale.size()));
+  }
+  for (size_t i = 0; i < loc_threshold.size(); ++i) {
+    if (!finite_value(loc_threshold[i]) || !finite_value(loc_scale[i]) || !(loc_scale[i] > 0.0f)) {
+      fail("loc_threshold and loc_scale: expected finite values and a positive scale, location " + std::to_string(i) +
+           " has " + num(loc_threshold[i]) + " and " + num(loc_scale[i]));
+    }
+  }
+  PostSpec p;
+  p.weights = weights;
+  p.loc_threshold = loc_threshold;
+  p.loc_scale = loc_scale;
+  p.seam = seam;
+  p.norm = norm;
+  return p;
+}
+
+std::string seam_repr(const SeamParams& p) {
+  return "SeamSpec(sigma=" + num(p.sigma) + ", width=" + num(p.width) + ")";
+}
+
+std::string norm_repr(const NormParams& p) {
+  return "NormSpec(mode=" + std::to_string(p.mode) + ", pixel_threshold=" + num(p.pixel_threshold) +
+         ", pixel_min=" + num(p.pixel_min) + ", pixel_max=" + num(p.pixel_max) +
+         ", image_threshold=" + num(p.image_threshold) + ", image_min=" + num(p.image_min) +
+         ", image_max=" + num(p.image_max) + ")";
+}
+
+bool same_norm(const NormParams& a, const NormParams& b) {
+  return a.mode == b.mode && a.pixel_threshold == b.pixel_threshold && a.pixel_min == b.pixel_min &&
+         a.pixel_max == b.pixel_max && a.image_threshold == b.image_threshold && a.image_min == b.image_min &&
+         a.image_max == b.image_max;
+}
+
+void bind_specs(py::module_& m) {
+  py::class_<SeamParams>(m, "SeamSpec",
+                         "Seam smoothing as the kernels take it: Gaussian sigma in [0, MAX_SEAM_SIGMA], band "
+                         "half-width fraction in [0, 1]; off (the stage is skipped) when either is 0.")
+      .def(py::init(&make_seam), py::arg("sigma"), py::arg("width"))
+      .def_static(
+          "off", []() { return SeamParams{0.0f, 0.0f}; }, "The spec of no seam smoothing.")
+      .def_readonly("sigma", &SeamParams::sigma)
+      .def_readonly("width", &SeamParams::width)
+      .def_property_readonly("enabled", [](const SeamParams& p) { return seam_enabled(p); })
+      .def("__eq__", [](const SeamParams& a, const SeamParams& b) { return a.sigma == b.sigma && a.width == b.width; })
+      .def("__repr__", &seam_repr)
+      .def(py::pickle([](const SeamParams& p) { return py::make_tuple(p.sigma, p.width); },
+                      [](const py::tuple& t) { return make_seam(t[0].cast<float>(), t[1].cast<float>()); }));
+  py::class_<NormParams>(m, "NormSpec",
+                         "Normalization as the kernels take it: mode (NORM_NONE or NORM_MINMAX), raw pixel and "
+                         "image thresholds and (min-max) the pixel and image ranges.")
+      .def(py::init(&make_norm), py::arg("mode"), py::arg("pixel_threshold"), py::arg("pixel_min"),
+           py::arg("pixel_max"), py::arg("image_threshold"), py::arg("image_min"), py::arg("image_max"))
+      .def_readonly("mode", &NormParams::mode)
+      .def_readonly("pixel_threshold", &NormParams::pixel_threshold)
+      .def_readonly("pixel_min", &NormParams::pixel_min)
+      .def_readonly("pixel_max", &NormParams::pixel_max)
+      .def_readonly("image_threshold", &NormParams::image_threshold)
+      .def_readonly("image_min", &NormParams::image_min)
+      .def_readonly("image_max", &NormParams::image_max)
+      .def("__eq__", &same_norm)
+      .def("__repr__", &norm_repr)
+      .def(py::pickle(
+          [](const NormParams& p) {
+            return py::make_tuple(p.mode, p.pixel_threshold, p.pixel_min, p.pixel_max, p.image_threshold, p.image_min,
+                                  p.image_max);
+          },
+          [](const py::tuple& t) {
+            return make_norm(t[0].cast<int>(), t[1].cast<float>(), t[2].cast<float>(), t[3].cast<float>(),
+                             t[4].cast<float>(), t[5].cast<float>(), t[6].cast<float>());
+          }));
+  py::class_<PostSpec>(m, "PostSpec",
+                       "Every post-processing setting after the models (the PostProcessor's native form): blend "
+                       "weights, per-location normalization (stage 'tile'; empty lists for none), seams, "
+                       "normalization.")
+      .def(py::init(&make_post), py::arg("weights"), py::arg("loc_threshold"), py::arg("loc_scale"), py::arg("seam"),
+           py::arg("norm"))
+      .def_readonly("weights", &PostSpec::weights)
+      .def_readonly("loc_threshold", &PostSpec::loc_threshold)
+      .def_readonly("loc_scale", &PostSpec::loc_scale)
+      .def_readonly("seam", &PostSpec::seam)
+      .def_readonly("norm", &PostSpec::norm)
+      .def("__eq__",
+           [](const PostSpec& a, const PostSpec& b) {
+             return a.weights == b.weights && a.loc_threshold == b.loc_threshold && a.loc_scale == b.loc_scale &&
+                    a.seam.sigma == b.seam.sigma && a.seam.width == b.seam.width && same_norm(a.norm, b.norm);
+           })
+      .def("__repr__", [](const PostSpec& p) {
+        return "PostSpec(weights=" + std::to_string(p.weights) +
+               ", locations=" + std::to_string(p.loc_threshold.size()) + ", seam=" + seam_repr(p.seam) +
+               ", norm=" + norm_repr(p.norm) + ")";
+      });
 }
 
 int check_resize(const py::array& in, const py::array& out) {
@@ -244,9 +375,8 @@ int check_area(const py::array& in, const py::array& out) {
   return static_cast<int>(in.shape(0));
 }
 
-NormParams check_normalize(const py::array& in, const py::array& out, const py::object& mask,
-                           const py::array& raw_scores, const py::array& scores, int mode, float pt, float pmin,
-                           float pmax, float it, float imin, float imax, py::array* mask_arr) {
+void check_normalize(const py::array& in, const py::array& out, const py::object& mask, const py::array& raw_scores,
+                     const py::array& scores, py::array* mask_arr) {
   if (in.ndim() != 3) fail("maps: expected 3 dimensions (n, height, width), got shape " + shape_str(in));
   const std::vector<py::ssize_t> shape{in.shape(0), in.shape(1), in.shape(2)};
   check_array(in, "maps", dt<float>(), shape, false);
@@ -259,25 +389,6 @@ NormParams check_normalize(const py::array& in, const py::array& out, const py::
   }
   check_array(raw_scores, "raw_scores", dt<float>(), {in.shape(0)}, true);
   check_array(scores, "scores", dt<float>(), {in.shape(0)}, true);
-  if (mode != kNormNone && mode != kNormMinMax)
-    fail("mode: expected 0 (none) or 1 (min-max), got " + std::to_string(mode));
-  if (mode == kNormMinMax && !(pmax > pmin)) {
-    fail("pixel_max must be greater than pixel_min for min-max normalization, got min=" + std::to_string(pmin) +
-         " max=" + std::to_string(pmax));
-  }
-  if (mode == kNormMinMax && !(imax > imin)) {
-    fail("image_max must be greater than image_min for min-max normalization, got min=" + std::to_string(imin) +
-         " max=" + std::to_string(imax));
-  }
-  NormParams p{};
-  p.mode = mode;
-  p.pixel_threshold = pt;
-  p.pixel_min = pmin;
-  p.pixel_max = pmax;
-  p.image_threshold = it;
-  p.image_min = imin;
-  p.image_max = imax;
-  return p;
 }
 
 template <typename T>
@@ -319,18 +430,17 @@ void bind_family(py::module_& m) {
       py::arg("loc_scale") = py::none(), "Untile maps (L, n, map_h, map_w) into out (n, canvas_h, canvas_w).");
   m.def(
       "smooth_seams",
-      [](py::array& maps, const Grid& g, float sigma, float width) {
-        const int n = check_seam(maps, g, sigma, width);
+      [](py::array& maps, const Grid& g, const SeamParams& p) {
+        const int n = check_seam(maps, g);
         py::gil_scoped_release nogil;
-        SeamParams p{sigma, width};
         if (Cuda) {
           staged::smooth_seams(ptr<float>(maps), n, g, p);
         } else {
           cpu::smooth_seams(ptr<float>(maps), n, g, p, nullptr);
         }
       },
-      py::arg("maps"), py::arg("grid"), py::arg("sigma"), py::arg("width"),
-      "Smooth seam bands of maps (n, canvas_h, canvas_w) in place.");
+      py::arg("maps"), py::arg("grid"), py::arg("seam"),
+      "Smooth seam bands of maps (n, canvas_h, canvas_w) in place (nothing when the SeamSpec is off).");
   m.def(
       "resize_maps",
       [](const py::array& in, py::array& out) {
@@ -364,10 +474,9 @@ void bind_family(py::module_& m) {
   m.def(
       "normalize_maps",
       [](const py::array& in, py::array& out, const py::object& mask, py::array& raw_scores, py::array& scores,
-         int mode, float pt, float pmin, float pmax, float it, float imin, float imax) {
+         const NormParams& p) {
         py::array mask_arr;
-        const NormParams p =
-            check_normalize(in, out, mask, raw_scores, scores, mode, pt, pmin, pmax, it, imin, imax, &mask_arr);
+        check_normalize(in, out, mask, raw_scores, scores, &mask_arr);
         uint8_t* mp = mask.is_none() ? nullptr : static_cast<uint8_t*>(mask_arr.mutable_data());
         const int n = static_cast<int>(in.shape(0));
         const int64_t hw = static_cast<int64_t>(in.shape(1)) * in.shape(2);
@@ -380,9 +489,7 @@ void bind_family(py::module_& m) {
                               p);
         }
       },
-      py::arg("maps"), py::arg("out"), py::arg("mask"), py::arg("raw_scores"), py::arg("scores"), py::arg("mode"),
-      py::arg("pixel_threshold"), py::arg("pixel_min"), py::arg("pixel_max"), py::arg("image_threshold"),
-      py::arg("image_min"), py::arg("image_max"),
+      py::arg("maps"), py::arg("out"), py::arg("mask"), py::arg("raw_scores"), py::arg("scores"), py::arg("norm"),
       "Normalize maps (n, h, w) into out, threshold into mask, and reduce per-image scores.");
 }
 
@@ -423,10 +530,8 @@ void bind_device_pipeline(py::module_& cuda) {
                              "Device buffers, a pinned staging buffer and a stream for batches of up to max_batch "
                              "images: upload + tile, engines, untile + seams + normalize, one download.")
       .def(py::init([](const Grid& g, int max_batch, int in_channels, int out_channels, const std::vector<float>& scale,
-                       const std::vector<float>& bias, int map_h, int map_w, int weights,
-                       const std::vector<float>& loc_threshold, const std::vector<float>& loc_scale, float seam_sigma,
-                       float seam_width, int norm_mode, float pt, float pmin, float pmax, float it, float imin,
-                       float imax, int device_index, bool location_scores) {
+                       const std::vector<float>& bias, int map_h, int map_w, const PostSpec& post, int device_index,
+                       bool location_scores) {
              if (max_batch < 1) fail("max_batch: expected >= 1, got " + std::to_string(max_batch));
              if ((in_channels != 1 && in_channels != 3) || (out_channels != 1 && out_channels != 3)) {
                fail("in_channels and out_channels: expected 1 or 3");
@@ -435,8 +540,10 @@ void bind_device_pipeline(py::module_& cuda) {
                fail("scale and bias: expected one value per output channel");
              }
              if (map_h < 1 || map_w < 1) fail("map_h and map_w: expected positive sizes");
-             if (norm_mode != kNormNone && norm_mode != kNormMinMax)
-               fail("norm_mode: expected 0 (none) or 1 (min-max)");
+             if (!post.loc_threshold.empty() && post.loc_threshold.size() != static_cast<size_t>(grid_locations(g))) {
+               fail("post: expected per-location normalization for " + std::to_string(grid_locations(g)) +
+                    " locations (or none), got " + std::to_string(post.loc_threshold.size()));
+             }
              device::PipelineSpec spec;
              spec.grid = g;
              spec.tile.in_channels = in_channels;
@@ -449,27 +556,18 @@ void bind_device_pipeline(py::module_& cuda) {
              spec.tile.out_type = kFloat32;
              spec.map_h = map_h;
              spec.map_w = map_w;
-             spec.weights = weights;
-             spec.loc_threshold = loc_threshold;
-             spec.loc_scale = loc_scale;
-             spec.seam = SeamParams{seam_sigma, seam_width};
-             spec.norm.mode = norm_mode;
-             spec.norm.pixel_threshold = pt;
-             spec.norm.pixel_min = pmin;
-             spec.norm.pixel_max = pmax;
-             spec.norm.image_threshold = it;
-             spec.norm.image_min = imin;
-             spec.norm.image_max = imax;
+             spec.post = post;
              spec.max_batch = max_batch;
              spec.device = device_index;
              spec.location_scores = location_scores;
              return std::make_unique<DevicePipeline>(spec);
            }),
            py::arg("grid"), py::arg("max_batch"), py::arg("in_channels"), py::arg("out_channels"), py::arg("scale"),
-           py::arg("bias"), py::arg("map_h"), py::arg("map_w"), py::arg("weights"), py::arg("loc_threshold"),
-           py::arg("loc_scale"), py::arg("seam_sigma"), py::arg("seam_width"), py::arg("norm_mode"),
-           py::arg("pixel_threshold"), py::arg("pixel_min"), py::arg("pixel_max"), py::arg("image_threshold"),
-           py::arg("image_min"), py::arg("image_max"), py::arg("device") = 0, py::arg("location_scores") = false)
+           py::arg("bias"), py::arg("map_h"), py::arg("map_w"), py::arg("post"), py::arg("device") = 0,
+           py::arg("location_scores") = false)
+      .def_property_readonly(
+          "post", [](const DevicePipeline& self) { return self.spec().post; },
+          "The PostSpec the pipeline was built with.")
       .def_property_readonly("stream", &DevicePipeline::stream, "cudaStream_t of every stage, as an integer.")
       .def_property_readonly("device_bytes", &DevicePipeline::device_bytes)
       .def("tiles_address", &DevicePipeline::tiles_address, py::arg("location"), py::arg("n"),
@@ -619,6 +717,18 @@ PYBIND11_MODULE(_kernels, m) {
   m.attr("NORM_NONE") = static_cast<int>(kNormNone);
   m.attr("NORM_MINMAX") = static_cast<int>(kNormMinMax);
   m.attr("MAX_GAUSSIAN_RADIUS") = kMaxGaussianRadius;
+  m.attr("MAX_SEAM_SIGMA") = kMaxSeamSigma;
+  m.def(
+      "gaussian_taps",
+      [](float sigma) {
+        if (!(sigma > 0.0f) || !seam_sigma_valid(sigma)) {
+          fail("sigma: expected a number in (0, " + num(kMaxSeamSigma) + "], got " + num(sigma));
+        }
+        return gaussian_taps(sigma);
+      },
+      py::arg("sigma"),
+      "The seam kernels' normalized Gaussian taps for sigma: 2 * int(4 * sigma + 0.5) + 1 float32 values.");
+  bind_specs(m);
 
   py::class_<Grid>(m, "Grid", "Validated tile grid; the geometry every kernel uses.")
       .def(py::init(&make_grid), py::arg("image_h"), py::arg("image_w"), py::arg("tile_h"), py::arg("tile_w"),

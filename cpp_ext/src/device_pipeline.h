@@ -37,14 +37,10 @@ namespace device {
 
 struct PipelineSpec {
   Grid grid;
-  TileParams tile;                   // out_type must be kFloat32 (the engines' input)
-  int map_h = 0;                     // rows of each location's map
-  int map_w = 0;                     // columns of each location's map
-  int weights = 0;                   // BlendWeights
-  std::vector<float> loc_threshold;  // per-location normalization (stage "tile"); empty for none
-  std::vector<float> loc_scale;
-  SeamParams seam{0.f, 0.f};  // sigma <= 0: no seam smoothing
-  NormParams norm{};
+  TileParams tile;  // out_type must be kFloat32 (the engines' input)
+  int map_h = 0;    // rows of each location's map
+  int map_w = 0;    // columns of each location's map
+  PostSpec post;    // blending, per-location normalization, seams, normalization
   int max_batch = 1;
   int device = 0;                // CUDA device index
   bool location_scores = false;  // engines write a second output: one score per tile (n,) per location
@@ -93,7 +89,7 @@ class DevicePipeline {
   void tile(int n, bool swap_rb);
   // Untile the locations' maps (with the per-location normalization of stage "tile") onto the canvas.
   void untile(int n);
-  // Seam smoothing of the canvas (nothing when sigma <= 0).
+  // Seam smoothing of the canvas (nothing when the seam spec is off: seam_enabled false).
   void smooth_seams(int n);
   // Canvas to image size: nothing (shift), crop (pad) or bilinear resize (resize).
   void crop(int n);

@@ -307,7 +307,7 @@ def export_bundle(
                 )
                 log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
         h, w = detector.map_size
-        seam = cfg.postprocess.seam_smoothing()
+        post = cfg.postprocess.processor(grid, stats)  # what the Predictor rebuilds from the manifest
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "tilead_version": tilead.__version__,
@@ -329,11 +329,7 @@ def export_bundle(
             },
             "locations": entries,
             **({"layout": layout, "backbone": backbone_entry} if backbone_entry is not None else {}),
-            "postprocess": {
-                "weights": cfg.postprocess.weights,
-                "seam": None if seam is None else seam.to_dict(),
-                "image_score": cfg.postprocess.image_score,
-            },
+            "postprocess": post.manifest_section(),
             "normalization": stats.to_dict(),
             "source": {
                 "run": str(paths.root.resolve()),

@@ -13,20 +13,22 @@ from tilead.runtime.postprocess import (
     SeamSmoothing,
     merge_maps,
     normalize_maps,
+    parse_seam,
     resize_maps,
     smooth_seams,
     untile_maps,
 )
-from tilead.runtime.predictor import Prediction, Predictor
-from tilead.runtime.preprocess import Preprocessing, tile_images
-from tilead.runtime.stats import (
+from tilead.runtime.postprocessor import (
     NormalizationStats,
+    PostProcessor,
     TileStats,
     image_scores_of_tiles,
     normalize_with_stats,
     postprocess_maps,
     score_images,
 )
+from tilead.runtime.predictor import Prediction, Predictor
+from tilead.runtime.preprocess import Preprocessing, tile_images
 
 __all__ = [
     "EDGE_POLICIES",
@@ -36,6 +38,7 @@ __all__ = [
     "Manifest",
     "NormalizationStats",
     "NormalizedMaps",
+    "PostProcessor",
     "Prediction",
     "Predictor",
     "Preprocessing",
@@ -50,6 +53,7 @@ __all__ = [
     "normalize_maps",
     "normalize_with_stats",
     "parse_location",
+    "parse_seam",
     "postprocess_maps",
     "read_manifest",
     "resize_maps",

@@ -61,9 +61,9 @@ from tilead.runtime._checks import as_int, as_pair, check_mapping, describe
 from tilead.runtime.engines import EngineSet, parse_engine_sets
 from tilead.runtime.files import LocationFile, parse_location_file
 from tilead.runtime.geometry import MAX_SIDE, TileGrid, location_name
-from tilead.runtime.postprocess import BlendWeights, SeamSmoothing
+from tilead.runtime.postprocess import BlendWeights, SeamSmoothing, parse_seam
+from tilead.runtime.postprocessor import IMAGE_SCORES, NormalizationStats
 from tilead.runtime.preprocess import Preprocessing
-from tilead.runtime.stats import NormalizationStats
 
 SCHEMA_VERSION = 2
 DIGEST_KEY = "manifest_sha256"
@@ -80,7 +80,6 @@ SCORE_NAME = "score"
 FEATURES_NAME = "features"
 LAYOUTS = ("per_location", "shared_backbone")
 BACKBONE_FILE = "backbone.onnx"
-IMAGE_SCORES = ("max", "detector")
 _TOP_KEYS = (
     "schema_version",
     "tilead_version",
@@ -130,7 +129,7 @@ class Manifest:
         model: Model facts (family, output stride, map size, ...).
         locations: One file per location, row-major.
         weights: Untile blend weights.
-        seam: Seam smoothing or None.
+        seam: Seam smoothing, or None: off.
         stats: Normalization statistics.
         tilead_version: Version that wrote the bundle.
         raw: The manifest as read.
@@ -291,7 +290,7 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         weights = post["weights"]
         if not isinstance(weights, str) or weights not in ("uniform", "feather"):
             raise ValueError(f"postprocess.weights: expected 'uniform' or 'feather', got {describe(weights)}")
-        seam = None if post.get("seam") is None else SeamSmoothing.from_dict(post["seam"])
+        seam = parse_seam(post.get("seam"))  # None: off (null, or a sigma or width of 0)
         image_score = post.get("image_score", "max")
         if not isinstance(image_score, str) or image_score not in IMAGE_SCORES:
             raise ValueError(f"postprocess.image_score: expected 'max' or 'detector', got {describe(image_score)}")

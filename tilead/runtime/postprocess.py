@@ -40,15 +40,22 @@ from tilead.runtime.timing import StageTimes, timed
 
 BlendWeights = Literal["uniform", "feather"]
 BLEND_CODES = {"uniform": _kernels.BLEND_UNIFORM, "feather": _kernels.BLEND_FEATHER}
-MAX_SIGMA = 15.8  # kernel radius int(4 * sigma + 0.5) <= 64
+MAX_SEAM_SIGMA = float(_kernels.MAX_SEAM_SIGMA)
+"""Largest seam sigma (15.8: kernel radius ``int(4 * sigma + 0.5)`` within the CUDA twin's 64), defined once in
+``cpp_ext/include/tilead/seam.h`` and read from the extension."""
 
 
 @dataclass(frozen=True)
 class SeamSmoothing:
     """Seam smoothing settings (anomalib-compatible).
 
+    "Off" is written one way in every API: ``seam=None`` (plain data: ``null``,
+    or a sigma or width of 0, which :func:`parse_seam` reads as None). Settings
+    with a sigma or width of 0 smooth nothing (:attr:`enabled` is False);
+    :class:`~tilead.runtime.postprocessor.PostProcessor` stores them as None.
+
     Attributes:
-        sigma: Gaussian sigma in pixels, in ``[0, 15.8]``; 0 disables smoothing.
+        sigma: Gaussian sigma in pixels, in ``[0, MAX_SEAM_SIGMA]`` (15.8).
         width: Band half-width as a fraction of the tile size, in ``[0, 1]``.
     """
 
@@ -56,8 +63,18 @@ class SeamSmoothing:
     width: float = 0.1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sigma", as_float(self.sigma, "seam.sigma", low=0.0, high=MAX_SIGMA))
+        object.__setattr__(self, "sigma", as_float(self.sigma, "seam.sigma", low=0.0, high=MAX_SEAM_SIGMA))
         object.__setattr__(self, "width", as_float(self.width, "seam.width", low=0.0, high=1.0))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether these settings smooth anything (sigma and width both above 0)."""
+        return self.sigma > 0 and self.width > 0
+
+    @property
+    def native(self) -> _kernels.SeamSpec:
+        """The kernels' form, ``tilead._kernels.SeamSpec`` (its constructor checks the same limits)."""
+        return _kernels.SeamSpec(self.sigma, self.width)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form."""
@@ -71,6 +88,34 @@ class SeamSmoothing:
             ValueError: For unknown keys or invalid values.
         """
         return cls(**dict(check_mapping(data, "seam", ("sigma", "width"))))
+
+
+def parse_seam(data: object, name: str = "seam") -> SeamSmoothing | None:
+    """Seam settings from plain data (a config section or a manifest): the one parser of both.
+
+    Args:
+        data: ``None`` / ``null`` (off) or a mapping with optional ``sigma``
+            (default 2.0) and ``width`` (default 0.1).
+        name: What the data is called in error messages.
+
+    Returns:
+        The settings, or None (off) for ``None`` and for a sigma or width of 0.
+
+    Raises:
+        ValueError: For a non-mapping, unknown keys, or values outside ``[0, MAX_SEAM_SIGMA]`` / ``[0, 1]``.
+    """
+    if data is None:
+        return None
+    d = check_mapping(data, name, ("sigma", "width"))
+    default = SeamSmoothing()
+    sigma = as_float(d.get("sigma", default.sigma), f"{name}.sigma", low=0.0, high=MAX_SEAM_SIGMA)
+    width = as_float(d.get("width", default.width), f"{name}.width", low=0.0, high=1.0)
+    return SeamSmoothing(sigma, width) if sigma > 0 and width > 0 else None
+
+
+def seam_to_dict(seam: SeamSmoothing | None) -> dict[str, Any] | None:
+    """Plain-data form of optional settings: None (off) for None and for settings that smooth nothing."""
+    return seam.to_dict() if seam is not None and seam.enabled else None
 
 
 @dataclass(frozen=True)
@@ -211,7 +256,7 @@ def untile_maps(
 def smooth_seams(
     maps: np.ndarray,
     grid: TileGrid,
-    seam: SeamSmoothing | None = None,
+    seam: SeamSmoothing | None,
     *,
     inplace: bool = False,
     device: str = "cpu",
@@ -221,7 +266,7 @@ def smooth_seams(
     Args:
         maps: float32 ``(n, canvas_h, canvas_w)`` or ``(canvas_h, canvas_w)``.
         grid: The tile grid.
-        seam: Smoothing settings (defaults: sigma 2, width 0.1).
+        seam: Smoothing settings; None is off (the maps come back unchanged), as everywhere.
         inplace: Modify ``maps`` instead of returning a smoothed copy.
         device: ``"cpu"`` or ``"cuda"``.
 
@@ -231,12 +276,14 @@ def smooth_seams(
     Raises:
         ValueError: For invalid maps or settings.
     """
-    settings = seam if seam is not None else SeamSmoothing()
+    if seam is not None and not isinstance(seam, SeamSmoothing):
+        raise ValueError(f"seam: expected SeamSmoothing or None (off), got {describe(seam)}")
     check_array(maps, "maps", dtypes=[np.float32], ndims=[2, 3], writable=inplace)
     result = maps if inplace else maps.copy()
     batch = result[None] if result.ndim == 2 else result
     check_shape(batch[0], "maps[0]", grid.canvas_size, "(canvas_h, canvas_w)")
-    kernel_family(device).smooth_seams(batch, grid.native, settings.sigma, settings.width)
+    if seam is not None and seam.enabled:
+        kernel_family(device).smooth_seams(batch, grid.native, seam.native)
     return result
 
 
@@ -274,7 +321,7 @@ def merge_maps(
         maps: float32 ``(locations, n, h, w)`` or ``(locations, n, 1, h, w)``.
         grid: The tile grid.
         weights: ``"uniform"`` or ``"feather"``.
-        seam: Seam smoothing; ``None`` skips it.
+        seam: Seam smoothing; None is off.
         tile_stats: Per-location normalization (stage ``tile``), or None.
         device: ``"cpu"`` or ``"cuda"``.
         timer: Collects the time of stages ``untile``, ``seam`` and ``crop``.
@@ -284,14 +331,15 @@ def merge_maps(
     """
     with timed(timer, "untile"):
         merged = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, device=device)
-    if seam is not None:
+    if seam is not None and seam.enabled:
         with timed(timer, "seam"):
             smooth_seams(merged, grid, seam, inplace=True, device=device)
     with timed(timer, "crop"):
         return grid.canvas_to_image(merged, device=device)
 
 
-NormParams = tuple[int, float, float, float, float, float, float]
+NormParams = _kernels.NormSpec
+"""The normalization kernel's parameters (``tilead._kernels.NormSpec``)."""
 
 
 def norm_params(
@@ -300,7 +348,7 @@ def norm_params(
     pixel_range: tuple[float, float] | None,
     image_range: tuple[float, float] | None,
 ) -> NormParams:
-    """The normalization kernel's parameters: ``(mode, pt, pmin, pmax, it, imin, imax)``.
+    """The normalization kernel's parameters, ``NormSpec(mode, pt, pmin, pmax, it, imin, imax)``.
 
     Raises:
         ValueError: For non-finite thresholds, one range without the other, or min >= max.
@@ -310,20 +358,19 @@ def norm_params(
     if (pixel_range is None) != (image_range is None):
         raise ValueError("pixel_range and image_range: give both (min-max normalization) or neither (raw values)")
     if pixel_range is None or image_range is None:
-        return _kernels.NORM_NONE, pt, 0.0, 0.0, it, 0.0, 0.0
+        return _kernels.NormSpec(_kernels.NORM_NONE, pt, 0.0, 0.0, it, 0.0, 0.0)
     pmin, pmax = (as_float(v, "pixel_range") for v in pixel_range)
     imin, imax = (as_float(v, "image_range") for v in image_range)
     if not pmax > pmin:
         raise ValueError(f"pixel_range: expected min < max, got ({pmin}, {pmax})")
     if not imax > imin:
         raise ValueError(f"image_range: expected min < max, got ({imin}, {imax})")
-    return _kernels.NORM_MINMAX, pt, pmin, pmax, it, imin, imax
+    return _kernels.NormSpec(_kernels.NORM_MINMAX, pt, pmin, pmax, it, imin, imax)
 
 
 def labels_of(scores: np.ndarray, params: NormParams) -> np.ndarray:
     """Image labels from normalized scores: above 0.5 after min-max normalization, else above the raw threshold."""
-    mode, _, _, _, it, _, _ = params
-    out: np.ndarray = scores > (0.5 if mode == _kernels.NORM_MINMAX else it)
+    out: np.ndarray = scores > (0.5 if params.mode == _kernels.NORM_MINMAX else params.image_threshold)
     return out
 
 
@@ -364,12 +411,12 @@ def normalize_maps(
     """
     check_array(maps, "maps", dtypes=[np.float32], ndims=[2, 3], writable=inplace)
     batch = maps[None] if maps.ndim == 2 else maps
-    mode, pt, pmin, pmax, it, imin, imax = norm_params(pixel_threshold, image_threshold, pixel_range, image_range)
+    params = norm_params(pixel_threshold, image_threshold, pixel_range, image_range)
     out = batch if inplace else np.empty_like(batch)
     n = batch.shape[0]
     masks = np.empty(batch.shape, dtype=np.uint8)
     raw = np.empty(n, dtype=np.float32)
     scores = np.empty(n, dtype=np.float32)
-    kernel_family(device).normalize_maps(batch, out, masks, raw, scores, mode, pt, pmin, pmax, it, imin, imax)
-    labels = labels_of(scores, (mode, pt, pmin, pmax, it, imin, imax))
+    kernel_family(device).normalize_maps(batch, out, masks, raw, scores, params)
+    labels = labels_of(scores, params)
     return NormalizedMaps(out, masks.view(np.bool_), raw, scores, labels)

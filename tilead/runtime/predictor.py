@@ -7,7 +7,7 @@ registry) runs the models. For an inference-only backend (ONNX Runtime,
 OpenVINO) the Predictor tiles the images on the host, the backend returns every
 location's maps (and, for a bundle that deploys the detector's own image score,
 the per-tile ``score`` outputs), and the runtime's untile, seam smoothing and
-normalization run here (:func:`tilead.runtime.stats.postprocess_maps`). A
+normalization run here (the bundle's :class:`tilead.runtime.postprocessor.PostProcessor`). A
 full-pipeline backend (native TensorRT) takes the images and returns the
 normalized maps itself.
 
@@ -41,8 +41,8 @@ from tilead.runtime.backends.base import (
 from tilead.runtime.bundle import Manifest, read_manifest, read_verified, verify_files
 from tilead.runtime.image_resize import resize_image
 from tilead.runtime.postprocess import resize_maps
+from tilead.runtime.postprocessor import PostProcessor, nonfinite_errors
 from tilead.runtime.preprocess import InputOrder, tile_images, tile_shape
-from tilead.runtime.stats import nonfinite_errors, postprocess_maps
 from tilead.runtime.timing import StageTimes, timed
 
 BACKENDS = backends.names()
@@ -168,6 +168,7 @@ class Predictor:
         self.backend = spec.name
         self.max_batch = max_batch
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
+        self.post = PostProcessor.from_manifest(self.manifest)  # every post-processing setting, built once
         if spec.reads_onnx:
             # Each model file read once; size and sha256 checked on these bytes, which the backend then loads.
             verified = read_verified(self.path, self.manifest)
@@ -395,9 +396,7 @@ class Predictor:
                 result = replace(result, errors=nonfinite_errors(np.asarray(maps), m.grid, tile_scores))
         else:
             maps, scores = self._location_outputs(batch, input_order, timer)
-            _, result = postprocess_maps(
-                maps, m.grid, m.stats, weights=m.weights, seam=m.seam, timer=timer, tile_scores=scores, inplace=True
-            )
+            _, result = self.post.apply(maps, tile_scores=scores, timer=timer, inplace=True)
         return [
             Prediction(
                 float(result.scores[i]),

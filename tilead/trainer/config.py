@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tilead.runtime import EdgePolicy, SeamSmoothing, TileGrid
+from tilead.runtime import EdgePolicy, NormalizationStats, PostProcessor, SeamSmoothing, TileGrid, parse_seam
 from tilead.trainer.data import DataConfig
 
 SCHEMA_VERSION = 1
@@ -258,12 +258,16 @@ class PostprocessConfig(_Section):
     @field_validator("seam")
     @classmethod
     def _seam(cls, v: dict[str, float]) -> dict[str, float]:
+        parse_seam(v)  # the runtime's one parser: ValueError for bad keys or values
         return SeamSmoothing.from_dict(v).to_dict()
 
     def seam_smoothing(self) -> SeamSmoothing | None:
-        """The runtime settings, or None when disabled."""
-        s = SeamSmoothing.from_dict(self.seam)
-        return s if s.sigma > 0 and s.width > 0 else None
+        """The runtime settings, or None: off (``sigma: 0`` or ``width: 0``)."""
+        return parse_seam(self.seam)
+
+    def processor(self, grid: TileGrid, stats: NormalizationStats | None = None) -> PostProcessor:
+        """The runtime's post-processing object for this section (:meth:`PostProcessor.from_config`)."""
+        return PostProcessor.from_config(self.model_dump(), grid, stats)
 
 
 class ValidationConfig(_Section):

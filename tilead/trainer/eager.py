@@ -2,7 +2,7 @@
 
 :class:`EagerEnsemble` runs exactly what the trainer's evaluation runs: the
 runtime's tile kernel, every location's PyTorch model on its tile batch, then
-the runtime's post-processing (:func:`tilead.runtime.postprocess_maps`).
+the runtime's post-processing (:class:`tilead.runtime.PostProcessor`, built once from the run's config).
 Benchmarks and ``tilead-bench --compare torch`` time it against
 :class:`tilead.runtime.Predictor`; parity tests compare their maps.
 """
@@ -10,11 +10,12 @@ Benchmarks and ``tilead-bench --compare torch`` time it against
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from tilead.runtime import NormalizationStats, NormalizedMaps, Preprocessing, TileGrid, postprocess_maps
+from tilead.runtime import NormalizationStats, NormalizedMaps, PostProcessor, Preprocessing, TileGrid
 from tilead.runtime.timing import StageTimes
 from tilead.trainer.config import RunConfig
 from tilead.trainer.detectors import LocationModel
@@ -39,6 +40,11 @@ class EagerEnsemble:
     prep: Preprocessing
     models: list[LocationModel]
     stats: NormalizationStats
+
+    @cached_property
+    def post(self) -> PostProcessor:
+        """The run's post-processing (grid, blending, seams, statistics, image score), built once."""
+        return self.cfg.postprocess.processor(self.grid, self.stats)
 
     def location_maps(self, images: np.ndarray, timer: StageTimes | None = None) -> np.ndarray:
         """Raw per-location maps.
@@ -80,19 +86,11 @@ class EagerEnsemble:
             timer: Collects ``tile``, ``inference``, ``untile``, ``seam``, ``crop``, ``normalize``.
 
         Returns:
-            ``(merged, normalized)`` as :func:`tilead.runtime.postprocess_maps`
+            ``(merged, normalized)`` as :meth:`tilead.runtime.PostProcessor.apply`
             (image scores as the run deploys them).
         """
         maps, scores = self.location_outputs(images, timer)
-        return postprocess_maps(
-            maps,
-            self.grid,
-            self.stats,
-            weights=self.cfg.postprocess.weights,
-            seam=self.cfg.postprocess.seam_smoothing(),
-            timer=timer,
-            tile_scores=scores,
-        )
+        return self.post.apply(maps, timer=timer, tile_scores=scores)
 
 
 def load_eager_ensemble(run_dir: str | Path) -> EagerEnsemble:

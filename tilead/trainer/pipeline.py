@@ -26,11 +26,9 @@ import torch
 from tqdm import tqdm
 
 from tilead.runtime import Preprocessing, TileGrid, resize_maps, set_num_threads
-from tilead.runtime.stats import (
+from tilead.runtime.postprocessor import (
     NormalizationStats,
     image_scores_of_tiles,
-    normalize_with_stats,
-    postprocess_maps,
     score_images,
 )
 from tilead.synthesis import SyntheticDefect, synthesize_defects
@@ -239,10 +237,8 @@ def _validate(
         maps,
         masks,
         labels,
-        grid,
+        cfg.postprocess.processor(grid),
         stage=cfg.postprocess.normalization,
-        weights=cfg.postprocess.weights,
-        seam=cfg.postprocess.seam_smoothing(),
         good_quantile=cfg.validation.good_quantile,
         image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
         target_false_alarm=v.target_false_alarm if v.split == "synthetic" else None,
@@ -626,9 +622,8 @@ def evaluate(
         deployed = own if cfg.postprocess.image_score == "detector" else None
         # The config allows 'detector' only for detectors with a score; _bundle_maps checks the bundle's choice.
         assert deployed is not None or cfg.postprocess.image_score == "max"
-        merged, result = postprocess_maps(
-            maps, grid, stats, weights=cfg.postprocess.weights, seam=cfg.postprocess.seam_smoothing()
-        )
+        post = cfg.postprocess.processor(grid, stats)  # the run's post-processing, as its bundle deploys it
+        merged, result = post.apply(maps)
         broken = [f"{kept[i].path}: {result.error(i)}" for i in range(len(kept)) if result.error(i) is not None]
         if deployed is not None:
             broken += [f"{kept[i].path}: non-finite detector score" for i in np.flatnonzero(~np.isfinite(deployed))]
@@ -650,11 +645,11 @@ def evaluate(
             if len({m.shape for m in gt}) == 1:
                 masks = gt_masks = np.stack(gt)
                 merged = merged_maps = resize_maps(merged, masks.shape[1:])
-                result = normalize_with_stats(merged, stats)
+                result = post.normalize(merged)
                 pred_maps, pred_masks, evaluated_at = result.maps, result.masks, list(masks.shape[1:])
             else:  # images of different sizes: each at its own
                 merged_maps = [resize_maps(merged[i : i + 1], m.shape)[0] for i, m in enumerate(gt)]
-                parts = [normalize_with_stats(m[None], stats) for m in merged_maps]
+                parts = [post.normalize(m[None]) for m in merged_maps]
                 gt_masks, evaluated_at = gt, "original (mixed sizes)"
                 pred_maps, pred_masks = [r.maps[0] for r in parts], [r.masks[0] for r in parts]
                 flat_masks = np.concatenate([m.reshape(-1) for m in pred_masks])[None]  # pooled, for rates

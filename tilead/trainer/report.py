@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from tilead.runtime import NormalizedMaps
-from tilead.runtime.stats import NormalizationStats
+from tilead.runtime.postprocessor import NormalizationStats
 from tilead.trainer.data import Sample
 from tilead.viz.overlays import overlay
 from tilead.viz.report import ReportData, write_report

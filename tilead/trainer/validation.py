@@ -1,7 +1,8 @@
 """Normalization statistics from validation maps, merged as the runtime merges them.
 
 The per-location maps of the validation images go through the runtime's
-``merge_maps`` (untile + seam smoothing, the Predictor's code), then:
+:class:`~tilead.runtime.PostProcessor` (``merge``: untile + seam smoothing, the
+Predictor's code and settings), then:
 
 * min/max of the merged maps and of the image scores;
 * thresholds: F1-adaptive (the threshold of best F1 under ``score >
@@ -32,9 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from tilead.runtime import SeamSmoothing, TileGrid, merge_maps, resize_maps
-from tilead.runtime.postprocess import BlendWeights
-from tilead.runtime.stats import NormalizationStage, NormalizationStats, TileStats
+from tilead.runtime import TileGrid, resize_maps
+from tilead.runtime.postprocessor import NormalizationStage, NormalizationStats, PostProcessor, TileStats
 from tilead.thresholds import false_alarm_threshold, good_bound_threshold
 from tilead.trainer.metrics import f1_adaptive_threshold
 
@@ -283,11 +283,9 @@ def compute_stats(
     maps: np.ndarray,
     masks: np.ndarray,
     labels: np.ndarray,
-    grid: TileGrid,
+    post: PostProcessor,
     *,
     stage: NormalizationStage,
-    weights: BlendWeights,
-    seam: SeamSmoothing | None,
     good_quantile: float,
     image_scores: np.ndarray | None = None,
     target_false_alarm: float | None = None,
@@ -299,10 +297,9 @@ def compute_stats(
         maps: float32 ``(L, n, h, w)`` raw per-location maps.
         masks: bool ``(n, H, W)`` ground-truth masks (all False for good).
         labels: int/bool ``(n,)`` image labels.
-        grid: The tile grid.
+        post: The run's post-processing without statistics (grid, blending, seams): the maps are merged
+            with it, as the deployed runtime merges them.
         stage: ``image``, ``tile`` or ``none``.
-        weights: Blending of overlaps.
-        seam: Seam smoothing or None.
         good_quantile: Threshold quantile when there are no anomalies.
         image_scores: float32 ``(n,)`` raw image scores of the detector's own
             (None: each merged map's max).
@@ -316,8 +313,12 @@ def compute_stats(
         The statistics and a description of how they were obtained.
 
     Raises:
-        ValueError: For non-finite maps or scores (:func:`check_finite`) or mismatched score counts.
+        ValueError: For non-finite maps or scores (:func:`check_finite`), mismatched score counts, or a
+            ``post`` that already holds statistics.
     """
+    if post.stats is not None:
+        raise ValueError("post: validation measures the statistics; expected a PostProcessor without them")
+    grid = post.grid
     check_finite(maps, grid, image_scores)
     labels = np.asarray(labels).astype(bool)
     info: dict[str, Any] = {
@@ -336,7 +337,7 @@ def compute_stats(
 
     if stage == "tile":
         tile_stats, rules = tile_statistics(maps, masks, labels, grid, good_quantile)
-        merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats.as_tuple())
+        merged = post.merge(maps, tile_stats=tile_stats)
         scores = image_scores_of(merged)
         image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)
         stats = NormalizationStats(
@@ -350,7 +351,7 @@ def compute_stats(
         info.update({"pixel_threshold_rule": rules, "image_threshold_rule": image_rule})
         info["false_alarm_estimate"] = false_alarm_estimate(scores, labels, image_t)
         return stats, info
-    merged = merge_maps(maps, grid, weights=weights, seam=seam)
+    merged = post.merge(maps)
     scores = image_scores_of(merged)
     pixel_t, pixel_rule = bounded_pixel_threshold(merged, masks, labels, good_quantile, pixel_false_positive)
     image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)

@@ -217,8 +217,8 @@ TILEAD_HD int band_half_width(int tile, float width) { return static_cast<int>(s
 // Gaussian radius for sigma: kernel size 2 * int(4 * sigma + 0.5) + 1.
 TILEAD_HD int gaussian_radius(float sigma) { return static_cast<int>(4.0f * sigma + 0.5f); }
 
-// Largest supported Gaussian radius (sigma <= 15.9): the CUDA twin passes the
-// taps by value in the kernel parameters.
+// Largest supported Gaussian radius: the CUDA twin passes the taps by value in
+// the kernel parameters (the sigma limit, kMaxSeamSigma, is in seam.h).
 constexpr int kMaxGaussianRadius = 64;
 
 // Index reflection without repeating the edge sample ("reflect" in NumPy and

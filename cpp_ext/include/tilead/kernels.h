@@ -8,8 +8,10 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "tilead/geometry.h"
+#include "tilead/seam.h"
 
 #if defined(TILEAD_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -43,12 +45,6 @@ struct UntileParams {
   const float* loc_scale;
 };
 
-// Seam smoothing: Gaussian of `sigma` on the seam bands only.
-struct SeamParams {
-  float sigma;  // Gaussian sigma in pixels; <= 0 disables smoothing
-  float width;  // band half-width as a fraction of the tile size
-};
-
 // Normalization + threshold + per-image score.
 enum NormMode : int { kNormNone = 0, kNormMinMax = 1 };
 struct NormParams {
@@ -57,6 +53,16 @@ struct NormParams {
   float pixel_min, pixel_max;
   float image_threshold;  // on raw image scores
   float image_min, image_max;
+};
+
+// Every post-processing setting after the models, as one spec (the Python PostProcessor's native form,
+// tilead._kernels.PostSpec): blending, per-location normalization (stage "tile"), seams, normalization.
+struct PostSpec {
+  int weights = kBlendUniform;       // BlendWeights
+  std::vector<float> loc_threshold;  // per-location threshold (stage "tile"); empty for none
+  std::vector<float> loc_scale;      // per-location 1 / (max - min), as long as loc_threshold
+  SeamParams seam{0.f, 0.f};         // off unless seam_enabled
+  NormParams norm{};
 };
 
 // The non-finite rule (issue #16), shared by both twins: a NaN or infinite raw

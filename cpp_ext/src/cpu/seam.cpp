@@ -37,19 +37,6 @@ Runs runs_of(const std::vector<char>& flags) {
   return r;
 }
 
-std::vector<float> gaussian_taps(float sigma, int radius) {
-  std::vector<double> t(static_cast<size_t>(2 * radius + 1));
-  double sum = 0.0;
-  for (int i = -radius; i <= radius; ++i) {
-    const double v = std::exp(-static_cast<double>(i) * i / (2.0 * sigma * sigma));
-    t[static_cast<size_t>(i + radius)] = v;
-    sum += v;
-  }
-  std::vector<float> out(t.size());
-  for (size_t i = 0; i < t.size(); ++i) out[i] = static_cast<float>(t[i] / sum);
-  return out;
-}
-
 constexpr int kBlock = 16;  // outputs accumulated in registers across all taps
 
 // The tap loops are compute-bound: on x86-64 they are also compiled for
@@ -105,7 +92,7 @@ struct Unit {
 }  // namespace
 
 void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, float* /*scratch*/) {
-  if (n <= 0 || !(p.sigma > 0.0f)) return;
+  if (n <= 0 || !seam_enabled(p)) return;
   const int H = grid.y.canvas, W = grid.x.canvas;
   const int half_y = band_half_width(grid.y.tile, p.width);
   const int half_x = band_half_width(grid.x.tile, p.width);
@@ -128,7 +115,7 @@ void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, flo
   const Runs band_runs = runs_of(col_band);
   const Runs need_runs = runs_of(col_need);
   const Runs full_row{{0, W}};
-  const std::vector<float> g = gaussian_taps(p.sigma, R);
+  const std::vector<float> g = gaussian_taps(p.sigma);  // 2R + 1 taps (tilead/seam.h)
   auto has_output = [&](int y) { return row_band[static_cast<size_t>(y)] || any_col; };
 
   // Units: each image split into up to get_num_threads() row ranges of at least R + 1 rows.

@@ -124,19 +124,19 @@ DevicePipeline::DevicePipeline(const PipelineSpec& spec) {
   m.mask = DeviceBuffer(n * m.out_floats);
   m.raw = DeviceBuffer(sizeof(float) * n);
   m.scores = DeviceBuffer(sizeof(float) * n);
-  if (!spec.loc_threshold.empty()) {
-    if (spec.loc_threshold.size() != static_cast<size_t>(m.locations) ||
-        spec.loc_scale.size() != spec.loc_threshold.size()) {
+  if (!spec.post.loc_threshold.empty()) {
+    if (spec.post.loc_threshold.size() != static_cast<size_t>(m.locations) ||
+        spec.post.loc_scale.size() != spec.post.loc_threshold.size()) {
       throw std::invalid_argument("DevicePipeline: loc_threshold and loc_scale need one value per location");
     }
     m.loc_threshold = DeviceBuffer(sizeof(float) * m.locations);
     m.loc_scale = DeviceBuffer(sizeof(float) * m.locations);
-    check(cudaMemcpy(m.loc_threshold.as<void>(), spec.loc_threshold.data(), sizeof(float) * m.locations,
+    check(cudaMemcpy(m.loc_threshold.as<void>(), spec.post.loc_threshold.data(), sizeof(float) * m.locations,
                      cudaMemcpyHostToDevice),
           "upload loc_threshold");
-    check(
-        cudaMemcpy(m.loc_scale.as<void>(), spec.loc_scale.data(), sizeof(float) * m.locations, cudaMemcpyHostToDevice),
-        "upload loc_scale");
+    check(cudaMemcpy(m.loc_scale.as<void>(), spec.post.loc_scale.data(), sizeof(float) * m.locations,
+                     cudaMemcpyHostToDevice),
+          "upload loc_scale");
   }
   const size_t score_floats = spec.location_scores ? static_cast<size_t>(m.locations) : 0;
   if (spec.location_scores) m.loc_scores = DeviceBuffer(sizeof(float) * score_floats * m.scores_stride(spec.max_batch));
@@ -254,8 +254,8 @@ void DevicePipeline::untile(int n) {
   Impl& m = *impl_;
   m.check_batch(n);
   m.use_device();
-  UntileParams up{m.spec.map_h, m.spec.map_w, m.spec.weights, nullptr, nullptr};
-  if (!m.spec.loc_threshold.empty()) {
+  UntileParams up{m.spec.map_h, m.spec.map_w, m.spec.post.weights, nullptr, nullptr};
+  if (!m.spec.post.loc_threshold.empty()) {
     up.loc_threshold = m.loc_threshold.as<float>();
     up.loc_scale = m.loc_scale.as<float>();
   }
@@ -267,8 +267,8 @@ void DevicePipeline::smooth_seams(int n) {
   Impl& m = *impl_;
   m.check_batch(n);
   m.use_device();
-  if (m.spec.seam.sigma > 0.f) {
-    cuda::smooth_seams(m.canvas.as<float>(), n, m.spec.grid, m.spec.seam, m.scratch.as<float>(), m.stream.get());
+  if (seam_enabled(m.spec.post.seam)) {
+    cuda::smooth_seams(m.canvas.as<float>(), n, m.spec.grid, m.spec.post.seam, m.scratch.as<float>(), m.stream.get());
   }
 }
 
@@ -298,7 +298,7 @@ void DevicePipeline::normalize(int n) {
   m.use_device();
   float* image_maps = m.image_maps();
   cuda::normalize_maps(image_maps, image_maps, m.mask.as<uint8_t>(), m.raw.as<float>(), m.scores.as<float>(), n,
-                       static_cast<int64_t>(m.out_floats), m.spec.norm, m.stream.get());
+                       static_cast<int64_t>(m.out_floats), m.spec.post.norm, m.stream.get());
 }
 
 void DevicePipeline::download_location_maps(int n, float* maps) {

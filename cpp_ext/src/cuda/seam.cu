@@ -5,6 +5,7 @@
 // scratch layout (floats): V [n][H][W], then row_band [H], col_band [W],
 // col_need [W] flags stored as 0/1 floats; seam_scratch_floats() covers it.
 #include <cmath>
+#include <vector>
 
 #include "cuda_check.h"
 #include "tilead/kernels.h"
@@ -74,7 +75,7 @@ __global__ void horizontal_pass(float* maps, int n, int H, int W, Taps t, const 
 }  // namespace
 
 void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, float* scratch, cudaStream_t stream) {
-  if (n <= 0 || !(p.sigma > 0.0f)) return;
+  if (n <= 0 || !seam_enabled(p)) return;
   const int H = grid.y.canvas, W = grid.x.canvas;
   const int half_y = band_half_width(grid.y.tile, p.width);
   const int half_x = band_half_width(grid.x.tile, p.width);
@@ -82,13 +83,8 @@ void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, flo
   Taps t;
   t.radius = gaussian_radius(p.sigma);
   if (t.radius > kMaxGaussianRadius) throw std::invalid_argument("seam sigma too large for the CUDA twin");
-  double sum = 0.0;
-  double tmp[2 * kMaxGaussianRadius + 1];
-  for (int i = -t.radius; i <= t.radius; ++i) {
-    tmp[i + t.radius] = std::exp(-static_cast<double>(i) * i / (2.0 * p.sigma * p.sigma));
-    sum += tmp[i + t.radius];
-  }
-  for (int i = 0; i <= 2 * t.radius; ++i) t.g[i] = static_cast<float>(tmp[i] / sum);
+  const std::vector<float> taps = gaussian_taps(p.sigma);  // the CPU twin's taps (tilead/seam.h)
+  for (int i = 0; i <= 2 * t.radius; ++i) t.g[i] = taps[static_cast<size_t>(i)];
   float* v = scratch;
   float* row_band = scratch + static_cast<long long>(n) * H * W;
   float* col_band = row_band + H;

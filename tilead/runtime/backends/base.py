@@ -7,7 +7,7 @@ Two kinds of backend fit one protocol (:class:`Backend`):
   :meth:`InferenceBackend.infer` with every location's tiles; the backend runs
   each location's model and returns the raw maps and, for bundles whose
   ``image_score`` is ``detector``, the per-tile scores. Untiling, seams and
-  normalization stay in the Predictor (:func:`tilead.runtime.stats.postprocess_maps`).
+  normalization stay in the Predictor (:func:`tilead.runtime.postprocessor.postprocess_maps`).
 * **Full pipeline** (``capabilities.full_pipeline`` True: native TensorRT).
   The backend takes the uint8 images and runs tiling, inference, untiling,
   seams and normalization itself (:meth:`PipelineBackend.run_images`).

@@ -66,16 +66,9 @@ from tilead.runtime.backends.tensorrt_modules import (
 )
 from tilead.runtime.bundle import OUTPUT_NAME, SCORE_NAME, BundleError, Manifest, read_verified_file
 from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
-from tilead.runtime.postprocess import (
-    BLEND_CODES,
-    NormalizedMaps,
-    NormParams,
-    labels_of,
-    norm_params,
-    tile_norm_arrays,
-)
+from tilead.runtime.postprocess import NormalizedMaps, NormParams, labels_of
+from tilead.runtime.postprocessor import PostProcessor, image_scores_of_tiles, score_images
 from tilead.runtime.preprocess import InputOrder
-from tilead.runtime.stats import image_scores_of_tiles, score_images
 from tilead.runtime.timing import StageTimes, timed
 
 log = logging.getLogger("tilead.runtime.backends.tensorrt")
@@ -156,12 +149,11 @@ class TensorRTBackend:
             _check_engine(trt, engine, path, inputs[0], OUTPUT_NAME, manifest, max_batch, score=score)
             self._engines.append(engine)
             self._io.append((inputs[0], OUTPUT_NAME, score))
-        stats = manifest.stats
-        # Normalization parameters: the pipeline's kernel and the labels use the same ones, computed once.
-        self._norm: NormParams = norm_params(
-            stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range
-        )
-        self.pipeline = _make_pipeline(manifest, max_batch, self._norm, location_scores=self._detector)
+        # The bundle's post-processing as one spec: the pipeline's kernels and the labels use the same one.
+        self.post = PostProcessor.from_manifest(manifest)
+        spec = self.post.native()
+        self._norm: NormParams = spec.norm
+        self.pipeline = _make_pipeline(manifest, max_batch, spec, location_scores=self._detector)
         # One block of context memory for every engine: they run one after another on the pipeline's stream.
         user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
         self._context_bytes = max(int(e.device_memory_size_v2) for e in self._engines)
@@ -440,17 +432,13 @@ def _check_engine(
         )
 
 
-def _make_pipeline(manifest: Manifest, max_batch: int, norm: NormParams, *, location_scores: bool = False) -> Any:
-    """The extension's DevicePipeline for this bundle's grid, preprocessing and post-processing."""
-    m = manifest
-    prep, stats = m.preprocessing, m.stats
-    tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
-    thresholds, scales = tile_norm_arrays(tile_stats, m.grid)
-    h, w = m.map_size
-    seam = m.seam
+def _make_pipeline(
+    manifest: Manifest, max_batch: int, post: _kernels.PostSpec, *, location_scores: bool = False
+) -> Any:
+    """The extension's DevicePipeline for this bundle's grid, preprocessing and post-processing spec."""
+    prep = manifest.preprocessing
+    h, w = manifest.map_size
     return _kernels.cuda.DevicePipeline(
-        m.grid.native, max_batch, prep.channels, prep.channels, prep.scale, prep.bias, h, w, BLEND_CODES[m.weights],
-        [] if thresholds is None else thresholds.tolist(), [] if scales is None else scales.tolist(),
-        0.0 if seam is None else seam.sigma, 0.0 if seam is None else seam.width,
-        *norm, 0, location_scores,
+        manifest.grid.native, max_batch, prep.channels, prep.channels, prep.scale, prep.bias, h, w, post,
+        location_scores=location_scores,
     )  # fmt: skip

@@ -1,4 +1,14 @@
-"""Normalization statistics and the last post-processing step that uses them.
+"""The deployed post-processing: its statistics, and one frozen object holding every setting.
+
+:class:`PostProcessor` is the post-processing after the models, as one value:
+the grid, the blending weights, the seam smoothing (None: off), the
+normalization statistics and thresholds, and the image-score rule. It is built
+once, from a bundle (:meth:`PostProcessor.from_manifest`) or from a trainer
+config's ``postprocess`` section as plain data (:meth:`PostProcessor.from_config`,
+torch-free), and the Predictor, the trainer's eager inference and validation,
+and calibration all run it; it crosses into C++ as one
+``tilead._kernels.PostSpec`` (:meth:`PostProcessor.native`, the TensorRT
+backend's device pipeline).
 
 :class:`NormalizationStats` is what validation produces and what a bundle
 carries: the stage (``image``, ``tile`` or ``none``), thresholds and min/max
@@ -27,14 +37,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from tilead import _kernels
 from tilead.runtime._checks import as_float, check_array, check_mapping, describe
 from tilead.runtime.geometry import TileGrid
-from tilead.runtime.postprocess import BlendWeights, NormalizedMaps, SeamSmoothing, merge_maps, normalize_maps
+from tilead.runtime.postprocess import (
+    BLEND_CODES,
+    BlendWeights,
+    NormalizedMaps,
+    SeamSmoothing,
+    merge_maps,
+    norm_params,
+    normalize_maps,
+    parse_seam,
+    seam_to_dict,
+    tile_norm_arrays,
+)
 from tilead.runtime.timing import StageTimes, timed
+
+if TYPE_CHECKING:
+    from tilead.runtime.bundle import Manifest
 
 NormalizationStage = Literal["image", "tile", "none"]
 STAGES: tuple[NormalizationStage, ...] = ("image", "tile", "none")
@@ -369,3 +394,205 @@ def normalize_with_stats(
         inplace=inplace,
         device=device,
     )
+
+
+ImageScore = Literal["max", "detector"]
+IMAGE_SCORES: tuple[ImageScore, ...] = ("max", "detector")
+"""Image-score rules: the max of the final map, or the detector's own per-tile score (max over the image's tiles)."""
+CONFIG_KEYS = ("weights", "seam", "normalization", "image_score")
+"""Keys of the trainer config's ``postprocess`` section (:meth:`PostProcessor.from_config`)."""
+DEFAULT_SEAM = SeamSmoothing()
+"""Seam smoothing when a config section does not say (sigma 2, width 0.1, as anomalib)."""
+
+
+@dataclass(frozen=True)
+class PostProcessor:
+    """Every post-processing setting after the models, built once: what validation measured is what runs.
+
+    Attributes:
+        grid: The tile grid.
+        weights: Blending of overlaps, ``uniform`` or ``feather``.
+        seam: Seam smoothing, or None: off (settings that smooth nothing, a
+            sigma or width of 0, are stored as None, so None is the one "off").
+        stats: Normalization statistics and thresholds; None before validation
+            has measured them (then only :meth:`merge` runs).
+        image_score: ``max`` (of the final map) or ``detector`` (the
+            detector's per-tile scores, given to :meth:`apply`).
+
+    Raises:
+        ValueError: For a value of the wrong type or out of range, or per-location
+            statistics (stage ``tile``) for another number of locations than the grid's.
+    """
+
+    grid: TileGrid
+    weights: BlendWeights = "uniform"
+    seam: SeamSmoothing | None = None
+    stats: NormalizationStats | None = None
+    image_score: ImageScore = "max"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.grid, TileGrid):
+            raise ValueError(f"grid: expected a TileGrid, got {describe(self.grid)}")
+        if not isinstance(self.weights, str) or self.weights not in BLEND_CODES:
+            raise ValueError(f"weights: expected 'uniform' or 'feather', got {describe(self.weights)}")
+        if self.seam is not None and not isinstance(self.seam, SeamSmoothing):
+            raise ValueError(f"seam: expected SeamSmoothing or None (off), got {describe(self.seam)}")
+        if self.seam is not None and not self.seam.enabled:
+            object.__setattr__(self, "seam", None)
+        if self.stats is not None:
+            if not isinstance(self.stats, NormalizationStats):
+                raise ValueError(f"stats: expected NormalizationStats or None, got {describe(self.stats)}")
+            tile = self.stats.tile_stats
+            if tile is not None and len(tile.thresholds) != self.grid.num_locations:
+                raise ValueError(
+                    f"stats.tile_stats: expected {self.grid.num_locations} values (one per location of the "
+                    f"{self.grid.rows}x{self.grid.cols} grid), got {len(tile.thresholds)}"
+                )
+        if not isinstance(self.image_score, str) or self.image_score not in IMAGE_SCORES:
+            raise ValueError(f"image_score: expected 'max' or 'detector', got {describe(self.image_score)}")
+
+    # -- construction -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> PostProcessor:
+        """The post-processing a verified bundle deploys (its grid, ``postprocess`` and ``normalization``)."""
+        return cls(manifest.grid, manifest.weights, manifest.seam, manifest.stats, manifest.image_score)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_config(
+        cls, section: Mapping[str, Any], grid: TileGrid, stats: NormalizationStats | None = None
+    ) -> PostProcessor:
+        """The post-processing of a trainer config, from its ``postprocess`` section as plain data.
+
+        Torch-free: the trainer passes ``cfg.postprocess.model_dump()``.
+
+        Args:
+            section: Keys ``weights`` (default ``uniform``), ``seam`` (a mapping read by
+                :func:`~tilead.runtime.postprocess.parse_seam`, or None; default sigma 2,
+                width 0.1), ``normalization`` (the stage) and ``image_score`` (default ``max``).
+            grid: The run's tile grid.
+            stats: The run's validation statistics, or None before validation.
+
+        Raises:
+            ValueError: For unknown keys or invalid values, or statistics of another stage
+                than the section's ``normalization``.
+        """
+        d = check_mapping(section, "postprocess", CONFIG_KEYS)
+        stage = d.get("normalization")
+        if "normalization" in d and (not isinstance(stage, str) or stage not in STAGES):
+            raise ValueError(f"postprocess.normalization: expected one of {', '.join(STAGES)}, got {describe(stage)}")
+        if stats is not None and stage is not None and stats.stage != stage:
+            raise ValueError(f"stats: stage {stats.stage!r}, but the config's postprocess.normalization is {stage!r}")
+        seam = parse_seam(d["seam"], "postprocess.seam") if "seam" in d else DEFAULT_SEAM
+        return cls(grid, d.get("weights", "uniform"), seam, stats, d.get("image_score", "max"))
+
+    def with_stats(self, stats: NormalizationStats) -> PostProcessor:
+        """The same settings with validation's statistics."""
+        return replace(self, stats=stats)
+
+    def manifest_section(self) -> dict[str, Any]:
+        """The bundle manifest's ``postprocess`` entry (``weights``, ``seam`` or null, ``image_score``)."""
+        return {"weights": self.weights, "seam": seam_to_dict(self.seam), "image_score": self.image_score}
+
+    def _stats(self) -> NormalizationStats:
+        if self.stats is None:
+            raise ValueError("PostProcessor: no normalization statistics yet (build it with stats, or with_stats)")
+        return self.stats
+
+    def native(self) -> _kernels.PostSpec:
+        """The one spec object the C++ side takes (``tilead._kernels.PostSpec``; the device pipeline's).
+
+        Raises:
+            ValueError: Without statistics.
+        """
+        stats = self._stats()
+        tile = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
+        thresholds, scales = tile_norm_arrays(tile, self.grid)
+        seam = _kernels.SeamSpec.off() if self.seam is None else self.seam.native
+        return _kernels.PostSpec(
+            BLEND_CODES[self.weights],
+            [] if thresholds is None else thresholds.tolist(),
+            [] if scales is None else scales.tolist(),
+            seam,
+            norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range),
+        )
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def merge(
+        self,
+        maps: np.ndarray,
+        *,
+        tile_stats: TileStats | None = None,
+        device: str = "cpu",
+        timer: StageTimes | None = None,
+    ) -> np.ndarray:
+        """Untile, smooth seams and crop or resize to the image (:func:`~tilead.runtime.postprocess.merge_maps`).
+
+        Args:
+            maps: float32 ``(locations, n, h, w)`` or ``(locations, n, 1, h, w)``.
+            tile_stats: Per-location statistics to normalize each tile with before blending
+                (validation's stage ``tile``, before the full statistics exist); None: those of
+                :attr:`stats` (stage ``tile``), else none.
+            device: ``"cpu"`` or ``"cuda"``.
+            timer: Collects ``untile``, ``seam``, ``crop``.
+
+        Returns:
+            float32 ``(n, H, W)``.
+        """
+        if tile_stats is None and self.stats is not None:
+            tile_stats = self.stats.tile_stats
+        return merge_maps(
+            maps,
+            self.grid,
+            weights=self.weights,
+            seam=self.seam,
+            tile_stats=None if tile_stats is None else tile_stats.as_tuple(),
+            device=device,
+            timer=timer,
+        )
+
+    def normalize(self, merged: np.ndarray, *, device: str = "cpu", inplace: bool = False) -> NormalizedMaps:
+        """Normalize and threshold merged maps (:func:`normalize_with_stats`).
+
+        Raises:
+            ValueError: Without statistics, or for invalid maps.
+        """
+        return normalize_with_stats(merged, self._stats(), device=device, inplace=inplace)
+
+    def apply(
+        self,
+        maps: np.ndarray,
+        *,
+        tile_scores: np.ndarray | None = None,
+        device: str = "cpu",
+        timer: StageTimes | None = None,
+        inplace: bool = False,
+    ) -> tuple[np.ndarray, NormalizedMaps]:
+        """The whole post-processing of per-location maps (:func:`postprocess_maps` with these settings).
+
+        Args:
+            maps: float32 ``(locations, n, h, w)`` raw per-location maps.
+            tile_scores: float32 ``(locations, n)``: the detector's per-tile scores, which then give
+                the image scores; None for the map max.
+            device: ``"cpu"`` or ``"cuda"``.
+            timer: Collects ``untile``, ``seam``, ``crop``, ``normalize``.
+            inplace: Normalize into the merged maps (see :func:`postprocess_maps`).
+
+        Returns:
+            ``(merged, result)`` as :func:`postprocess_maps`.
+
+        Raises:
+            ValueError: Without statistics, or for invalid maps or scores.
+        """
+        return postprocess_maps(
+            maps,
+            self.grid,
+            self._stats(),
+            weights=self.weights,
+            seam=self.seam,
+            device=device,
+            timer=timer,
+            tile_scores=tile_scores,
+            inplace=inplace,
+        )

@@ -14,7 +14,7 @@ import pytest
 
 from tilead.runtime import TileGrid
 from tilead.runtime.postprocess import NONFINITE_OUTPUT, NormalizedMaps
-from tilead.runtime.stats import (
+from tilead.runtime.postprocessor import (
     MIN_WIDTH,
     RAW_LIMIT,
     RELATIVE_WIDTH,
@@ -313,7 +313,7 @@ def test_postprocess_marks_nonfinite_images(stage: str, score: float) -> None:
 
 
 def test_tile_and_raw_score_inputs_may_be_strided_and_are_named_in_errors() -> None:
-    from tilead.runtime.stats import image_scores_of_tiles
+    from tilead.runtime.postprocessor import image_scores_of_tiles
 
     tiles = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]  # (4, 3), not C-contiguous
     np.testing.assert_array_equal(image_scores_of_tiles(tiles), np.array([18.0, 20.0, 22.0], np.float32))
@@ -426,8 +426,8 @@ def test_norm_params_modes_and_messages() -> None:
     from tilead import _kernels
     from tilead.runtime.postprocess import norm_params
 
-    assert norm_params(1, 2, None, None) == (_kernels.NORM_NONE, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0)
-    assert norm_params(1, 2, (0, 3), (1, 4)) == (_kernels.NORM_MINMAX, 1.0, 0.0, 3.0, 2.0, 1.0, 4.0)
+    assert norm_params(1, 2, None, None) == _kernels.NormSpec(_kernels.NORM_NONE, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0)
+    assert norm_params(1, 2, (0, 3), (1, 4)) == _kernels.NormSpec(_kernels.NORM_MINMAX, 1.0, 0.0, 3.0, 2.0, 1.0, 4.0)
     both = "pixel_range and image_range: give both (min-max normalization) or neither (raw values)"
     with pytest.raises(ValueError, match=exactly(both)):
         norm_params(1, 2, (0, 3), None)
