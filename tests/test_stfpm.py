@@ -54,7 +54,7 @@ def _teacher(seed: int = 0) -> FeatureExtractor:
 
 
 class _Tiles:
-    """A re-iterable :class:`~tilead.trainer.detectors.TileSource` over tensors in memory."""
+    """A re-iterable :class:`~tilead.trainer.detectors.base.TileSource` over tensors in memory."""
 
     def __init__(self, tiles: torch.Tensor, batch_size: int = 3, label: str = "fit test") -> None:
         self.tiles = tiles

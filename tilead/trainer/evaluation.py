@@ -22,7 +22,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tilead.runtime import NormalizedMaps, TileGrid, resize_maps
+from tilead.runtime import NormalizedMaps, Predictor, TileGrid, resize_maps
 from tilead.runtime.stats import (
     NormalizationStats,
     image_scores_of_tiles,
@@ -149,7 +149,7 @@ class BundleMaps:
         self.cfg = cfg
         self.grid = grid
         self.description = f"runtime.Predictor on bundle {bundle}"
-        self._predictor: Any = None
+        self._predictor: Predictor | None = None
 
     def __enter__(self) -> BundleMaps:
         """Open the bundle.
@@ -157,8 +157,6 @@ class BundleMaps:
         Raises:
             ValueError: If the bundle was exported from another run or grid, or deploys another image score.
         """
-        from tilead.runtime import Predictor
-
         bundle, cfg, grid = self.bundle, self.cfg, self.grid
         predictor = Predictor(bundle, max_batch=cfg.eval.batch_size)
         try:
@@ -447,7 +445,7 @@ def write_overlays(
     kept: list[Sample],
     maps: EvalMaps,
     raw_scores: np.ndarray,
-    load_image: Any,
+    load_image: Callable[[Sample], np.ndarray],
 ) -> list[Path]:
     """Write up to ``eval.overlays`` overlay PNGs (defect types interleaved) under ``OUT/overlays``."""
     result = maps.result

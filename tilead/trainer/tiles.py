@@ -25,7 +25,7 @@ def _to_torch(block: np.ndarray) -> torch.Tensor:
 
 
 class LocationTiles:
-    """One location's normalized tiles of some images: a re-iterable :class:`~tilead.trainer.detectors.TileSource`.
+    """One location's normalized tiles of some images: a re-iterable :class:`~tilead.trainer.detectors.base.TileSource`.
 
     Every pass re-reads the images (in order) and cuts them with the runtime's
     tile kernel, exactly as the Predictor does; batches are float32
