@@ -52,20 +52,16 @@ import numpy as np
 
 from tilead.runtime import merge_maps
 from tilead.runtime.postprocessor import NormalizationStats
+from tilead.trainer.checkpoints import load_location_models
+from tilead.trainer.components import dataset_image_size, make_backbone, make_preprocessing
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import discover
-from tilead.trainer.ensemble import (
-    dataset_image_size,
-    load_location_models,
-    location_maps,
-    make_backbone,
-    make_preprocessing,
-    make_splits,
-)
 from tilead.trainer.images import ImageLoader
+from tilead.trainer.inference import location_maps
 from tilead.trainer.metrics import aupro, auroc, f1_adaptive_threshold, f1_at_threshold
 from tilead.trainer.pipeline import load_stats, train
 from tilead.trainer.run_dir import RunPaths, read_json
+from tilead.trainer.splits import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_bottle"

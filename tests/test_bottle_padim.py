@@ -21,7 +21,8 @@ pytestmark = [
 
 def test_tiled_padim_on_bottle_meets_the_bars(tmp_path: Path) -> None:
     from tilead.trainer.config import load_config
-    from tilead.trainer.pipeline import evaluate, train
+    from tilead.trainer.evaluation import evaluate
+    from tilead.trainer.pipeline import train
 
     cfg = load_config(ROOT / "configs" / "padim_bottle.yaml")
     result = train(cfg, tmp_path / "run", progress=False)

@@ -26,7 +26,8 @@ pytestmark = [
 def test_tiled_patchcore_on_bottle_meets_the_bars(tmp_path: Path) -> None:
     from tilead.runtime import read_manifest
     from tilead.trainer.config import load_config
-    from tilead.trainer.pipeline import evaluate, train
+    from tilead.trainer.evaluation import evaluate
+    from tilead.trainer.pipeline import train
 
     cfg = load_config(ROOT / "configs" / "patchcore_bottle.yaml")
     result = train(cfg, tmp_path / "run", progress=False)

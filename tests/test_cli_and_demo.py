@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tilead.cli.info import main as info_main
 from tilead.demo.synthetic import DEFECT_TYPES, SyntheticSpec, generate
 from tilead.runtime import cuda_status
-from tilead.trainer.config import PadimConfig
+from tilead.trainer.detectors.padim.config import PadimConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = SyntheticSpec(image_size=128, train_good=3, test_good=2, test_per_defect=1, seed=7)

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from tilead.trainer.config import RunConfig, model_sections
+from tilead.trainer.config import RunConfig
+from tilead.trainer.detectors.sections import model_sections
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REFERENCE = CONFIGS / "padim_bottle.yaml"

@@ -16,7 +16,7 @@ pytest.importorskip("ray")
 
 from tilead.demo.synthetic import SyntheticSpec, generate
 from tilead.trainer.config import load_config
-from tilead.trainer.distributed import FAULT_FLAG_ENV, FAULT_LOCATION_ENV
+from tilead.trainer.faults import FAULT_FLAG_ENV, FAULT_LOCATION_ENV
 from tilead.trainer.io import load_tensors
 from tilead.trainer.pipeline import train
 from tilead.trainer.run_dir import RunPaths

@@ -71,8 +71,8 @@ def test_a_reused_graph_is_byte_identical_to_a_fresh_export(tmp_path: Path) -> N
 
     from tilead.exporter.onnx_export import export_like, export_location
     from tilead.trainer.backbones import build_backbone
-    from tilead.trainer.detectors.padim import HEAD_BLOCKS
-    from tilead.trainer.padim import PadimSettings, build_location_model
+    from tilead.trainer.detectors.padim.detector import HEAD_BLOCKS
+    from tilead.trainer.detectors.padim.model import PadimSettings, build_location_model
 
     def models(backbone: Any) -> list[Any]:
         # Tensors large enough to stay named initializers (the exporter inlines tiny ones as constants).
@@ -98,7 +98,9 @@ def test_a_reused_graph_is_byte_identical_to_a_fresh_export(tmp_path: Path) -> N
 def test_predictor_matches_the_trainers_pytorch_pipeline(trained: tuple[Path, Path]) -> None:
     """Bundle predictions vs the eager PyTorch forward + the same post-processing: 1e-4, identical labels."""
     from tilead.runtime.postprocessor import postprocess_maps
-    from tilead.trainer.ensemble import load_location_models, location_maps, make_backbone, make_preprocessing
+    from tilead.trainer.checkpoints import load_location_models
+    from tilead.trainer.components import make_backbone, make_preprocessing
+    from tilead.trainer.inference import location_maps
     from tilead.trainer.pipeline import load_stats
     from tilead.trainer.run_dir import open_run
 
@@ -330,7 +332,7 @@ print(round(r.score, 6), 'torch' in sys.modules)
 
 
 def test_eval_through_the_bundle_matches_eager_eval(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    from tilead.trainer.pipeline import evaluate
+    from tilead.trainer.evaluation import evaluate
 
     run, bundle = trained
     eager = evaluate(run, tmp_path / "eager", progress=False).metrics

@@ -13,7 +13,8 @@ import yaml
 
 from tilead.demo.synthetic import SyntheticSpec, generate
 from tilead.trainer.config import ConfigError, RunConfig, load_config, parse_config
-from tilead.trainer.pipeline import good_only_metrics, train
+from tilead.trainer.evaluation import good_only_metrics
+from tilead.trainer.pipeline import train
 from tilead.trainer.validation import check_validation_count, compute_stats, false_alarm_estimate
 
 
@@ -234,7 +235,7 @@ def test_skipped_files_are_listed_once_and_counts_agree(tmp_path: Path) -> None:
     data = _good_only_data(tmp_path / "data", train_good=12)
     cfg = load_config(_config(tmp_path, data, split="holdout", holdout_fraction=0.34, force=True))
     from tilead.trainer.data import discover
-    from tilead.trainer.ensemble import make_splits
+    from tilead.trainer.splits import make_splits
 
     splits = make_splits(cfg, discover(cfg.data))
     bad = [splits.fit[0].path, splits.validation[0].path]

@@ -207,7 +207,7 @@ def test_issue_reproduction_nan_location_never_passes(tiny_trained: tuple[Path, 
 def test_evaluation_through_a_poisoned_bundle_stops_naming_images(
     tiny_trained: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from tilead.trainer.pipeline import evaluate
+    from tilead.trainer.evaluation import evaluate
 
     run, bundle = tiny_trained
     poisoned = _poison_location(bundle, tmp_path / "poisoned", "r0c1")

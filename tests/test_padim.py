@@ -8,15 +8,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tilead.trainer.maps import gaussian_kernel1d, map_size
-from tilead.trainer.padim import (
+from tilead.trainer.detectors.padim.model import (
     PadimAccumulator,
     PadimHead,
     channel_subset,
-    check_strides,
     state_nbytes,
     state_tensors,
 )
+from tilead.trainer.maps import check_strides, gaussian_kernel1d, map_size
 
 
 def _numpy_fit(x: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:

@@ -12,11 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from tilead.trainer.config import ConfigError, PatchCoreConfig, parse_config
-from tilead.trainer.detectors import LocationState, create_detector, detector_class, families, load_state, save_state
-from tilead.trainer.detectors.patchcore import (
+from tilead.trainer.config import ConfigError, parse_config
+from tilead.trainer.detectors.base import (
+    LocationState,
+    create_detector,
+    detector_class,
+    families,
+    load_state,
+    save_state,
+)
+from tilead.trainer.detectors.patchcore.config import PatchCoreConfig
+from tilead.trainer.detectors.patchcore.detector import PatchCoreDetector
+from tilead.trainer.detectors.patchcore.model import (
     NearestNeighbourHead,
-    PatchCoreDetector,
     PatchCoreLocationModel,
     bank_neighbors,
     greedy_coreset,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tilead.runtime.backends.tensorrt_modules import TensorRTUnavailableError
-from tilead.trainer.detectors.patchcore import PatchCoreLocationModel
+from tilead.trainer.detectors.patchcore.model import PatchCoreLocationModel
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ def test_the_deployed_detector_score_is_the_reweighted_score(
     import torch
 
     from tilead.runtime import Predictor
-    from tilead.trainer.ensemble import _location_tiles, _to_torch
+    from tilead.trainer.tiles import _location_tiles, _to_torch
 
     run, bundle = detector_score_run
     eager, images = _test_images(run)
@@ -176,10 +176,10 @@ def test_eager_evaluation_reports_the_reweighted_image_score(patchcore_run: tupl
 
     from tilead.trainer.data import discover
     from tilead.trainer.eager import load_eager_ensemble
-    from tilead.trainer.ensemble import _location_tiles, _to_torch
+    from tilead.trainer.evaluation import evaluate
     from tilead.trainer.images import ImageLoader
     from tilead.trainer.metrics import auroc
-    from tilead.trainer.pipeline import evaluate
+    from tilead.trainer.tiles import _location_tiles, _to_torch
 
     run, bundle, _ = patchcore_run
     eager = load_eager_ensemble(run)
@@ -202,7 +202,7 @@ def test_evaluation_with_the_deployed_detector_score(
     patchcore_run: tuple[Path, Path, Path], detector_score_run: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """Eager and bundle evaluation agree; image AUROC is the reweighted score's, the map max's is kept beside it."""
-    from tilead.trainer.pipeline import evaluate
+    from tilead.trainer.evaluation import evaluate
 
     run, bundle = detector_score_run
     plain = evaluate(patchcore_run[0], tmp_path / "plain", progress=False).metrics

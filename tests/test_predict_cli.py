@@ -218,6 +218,6 @@ def test_demo_set_overrides_the_config_but_not_the_data_root(tmp_path: Path) -> 
     cfg = load_demo_config(
         DEFAULT_CONFIG, tmp_path, DEFAULT_IMAGE_SIZE, {"model.n_features": 8, "data.root": "/elsewhere"}
     )
-    assert cfg.model.n_features == 8  # type: ignore[union-attr]
+    assert cfg.model.n_features == 8  # type: ignore[attr-defined]
     assert Path(str(cfg.data.root)) == tmp_path.resolve()
     assert "--set KEY=VALUE" in CliRunner().invoke(tilead_main, ["demo", "--help"]).output

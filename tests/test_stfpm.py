@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from tilead.trainer.backbones import BackboneInfo, FeatureExtractor
-from tilead.trainer.config import ConfigError, StfpmConfig, parse_config
-from tilead.trainer.detectors import LocationState, load_state, save_state
-from tilead.trainer.detectors.stfpm import PROGRESS_FILE, StfpmDetector
-from tilead.trainer.stfpm import freeze_batchnorm, make_student, stfpm_loss
+from tilead.trainer.config import ConfigError, parse_config
+from tilead.trainer.detectors.base import LocationState, load_state, save_state
+from tilead.trainer.detectors.stfpm.config import StfpmConfig
+from tilead.trainer.detectors.stfpm.detector import PROGRESS_FILE, StfpmDetector
+from tilead.trainer.detectors.stfpm.model import freeze_batchnorm, make_student, stfpm_loss
 
 TILE = (32, 32)
 
@@ -53,7 +54,7 @@ def _teacher(seed: int = 0) -> FeatureExtractor:
 
 
 class _Tiles:
-    """A re-iterable :class:`~tilead.trainer.detectors.TileSource` over tensors in memory."""
+    """A re-iterable :class:`~tilead.trainer.detectors.base.TileSource` over tensors in memory."""
 
     def __init__(self, tiles: torch.Tensor, batch_size: int = 3, label: str = "fit test") -> None:
         self.tiles = tiles
@@ -301,8 +302,8 @@ def test_config_defaults_and_errors(tmp_path: Path) -> None:
 
 
 def test_checkpoint_roundtrip_and_mismatches(tmp_path: Path) -> None:
-    from tilead.trainer.config import PadimConfig
-    from tilead.trainer.detectors.padim import PadimDetector
+    from tilead.trainer.detectors.padim.config import PadimConfig
+    from tilead.trainer.detectors.padim.detector import PadimDetector
 
     teacher = _teacher()
     det = _detector(teacher, epochs=1)
@@ -376,8 +377,9 @@ def test_train_export_predict_end_to_end_with_parity(tmp_path: Path) -> None:
     from tilead.trainer.config import load_config
     from tilead.trainer.data import discover
     from tilead.trainer.eager import load_eager_ensemble
+    from tilead.trainer.evaluation import evaluate
     from tilead.trainer.images import ImageLoader
-    from tilead.trainer.pipeline import evaluate, train
+    from tilead.trainer.pipeline import train
 
     cfg = load_config(_tiny_stfpm_config(tmp_path))
     result = train(cfg, tmp_path / "run", progress=False)

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from tilead.demo.synthetic import SyntheticSpec, generate
 from tilead.runtime import TileGrid, merge_maps
 from tilead.runtime.postprocessor import NormalizationStats
+from tilead.trainer.checkpoints import load_location_models
+from tilead.trainer.components import make_backbone
 from tilead.trainer.config import ConfigError, load_config
-from tilead.trainer.ensemble import load_location_models, make_backbone
 from tilead.trainer.io import load_tensors
 from tilead.trainer.run_dir import RunPaths
 
@@ -113,9 +114,10 @@ def test_eager_maps_merge_like_the_runtime(tmp_path: Path, synthetic: Path) -> N
     """Validation statistics come from runtime-merged eager maps: recompute min/max independently."""
     import torch
 
+    from tilead.trainer.components import make_preprocessing
     from tilead.trainer.data import discover
-    from tilead.trainer.ensemble import location_maps, make_preprocessing
     from tilead.trainer.images import ImageLoader
+    from tilead.trainer.inference import location_maps
     from tilead.trainer.pipeline import train
 
     cfg = load_config(_config(tmp_path, synthetic))
@@ -156,7 +158,8 @@ def test_bad_config_names_key_and_allowed_values(tmp_path: Path, synthetic: Path
 
 
 def test_tile_stage_holdout_split_and_parallel_workers(tmp_path: Path, synthetic: Path) -> None:
-    from tilead.trainer.pipeline import evaluate, train
+    from tilead.trainer.evaluation import evaluate
+    from tilead.trainer.pipeline import train
 
     cfg = load_config(
         _config(tmp_path, synthetic),
@@ -191,7 +194,8 @@ def test_tile_stage_holdout_split_and_parallel_workers(tmp_path: Path, synthetic
 
 
 def test_downscaled_config_is_evaluated_at_original_resolution(tmp_path: Path, synthetic: Path) -> None:
-    from tilead.trainer.pipeline import evaluate, train
+    from tilead.trainer.evaluation import evaluate
+    from tilead.trainer.pipeline import train
 
     overrides = {"data.image_size": 96, "grid.tile_size": 96, "grid.stride": 96, "eval.overlays": 1}
     cfg = load_config(_config(tmp_path, synthetic), overrides)
@@ -221,7 +225,7 @@ def test_interrupted_fit_keeps_finished_locations(
     tmp_path: Path, synthetic: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An interrupt during the third location: two checkpoints survive, no partial file, resume finishes."""
-    from tilead.trainer.padim import PadimAccumulator
+    from tilead.trainer.detectors.padim.model import PadimAccumulator
     from tilead.trainer.pipeline import train
 
     cfg = load_config(_config(tmp_path, synthetic))
@@ -255,7 +259,8 @@ def test_mixed_size_dataset_is_evaluated_at_each_images_own_resolution(tmp_path:
 
     import cv2
 
-    from tilead.trainer.pipeline import evaluate, train
+    from tilead.trainer.evaluation import evaluate
+    from tilead.trainer.pipeline import train
 
     root = tmp_path / "mixed"
     shutil.copytree(synthetic, root)

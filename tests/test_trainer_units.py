@@ -13,7 +13,8 @@ import yaml
 
 from tilead.runtime import SeamSmoothing, TileGrid, merge_maps
 from tilead.runtime.postprocessor import NormalizationStats, PostProcessor, TileStats, postprocess_maps
-from tilead.trainer.config import ConfigError, PadimConfig, load_config, parse_config
+from tilead.trainer.config import ConfigError, load_config, parse_config
+from tilead.trainer.detectors.padim.config import PadimConfig
 from tilead.trainer.io import atomic_write_bytes, load_tensors, read_metadata, save_tensors
 from tilead.trainer.validation import compute_stats
 from tilead.viz.overlays import pick_overlays

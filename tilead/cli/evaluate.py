@@ -46,7 +46,7 @@ def main(
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with fail_on_errors():
-        from tilead.trainer.pipeline import evaluate
+        from tilead.trainer.evaluation import evaluate
 
         page: bool | Path = False if report is None else Path(report) if report else True
         result = evaluate(

@@ -46,7 +46,8 @@ def main(
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with fail_on_errors():
         from tilead.trainer.config import load_config
-        from tilead.trainer.pipeline import evaluate, train, validation_summary
+        from tilead.trainer.evaluation import evaluate
+        from tilead.trainer.pipeline import train, validation_summary
 
         extra = parse_overrides(overrides)
         if ray_address is not None:

@@ -12,7 +12,7 @@ Every step is the code a user runs on real data:
 4. :class:`tilead.runtime.Predictor` (the torch-free runtime) scores every
    test image one at a time: ``OUT/predictions.jsonl`` and overlay PNGs in
    ``OUT/overlays``;
-5. :func:`tilead.trainer.pipeline.evaluate` evaluates the bundle on the test
+5. :func:`tilead.trainer.evaluation.evaluate` evaluates the bundle on the test
    set: ``OUT/eval/metrics.json`` (image / pixel AUROC, AUPRO, F1) and
    ``OUT/eval/per_image.csv``.
 
@@ -402,7 +402,7 @@ def run(
 
     note(f"[5/5] evaluate the bundle -> {paths.eval}")
     with _timed(timings, "evaluate"):
-        from tilead.trainer.pipeline import evaluate
+        from tilead.trainer.evaluation import evaluate
 
         evaluation = evaluate(paths.run, paths.eval, bundle=paths.bundle, progress=progress)
 

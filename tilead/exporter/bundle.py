@@ -60,19 +60,16 @@ from tilead.runtime.bundle import (
     sha256_file,
     write_manifest,
 )
-from tilead.trainer.config import PadimConfig, RunConfig
+from tilead.trainer.checkpoints import load_location_models
+from tilead.trainer.components import make_backbone, make_preprocessing
+from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample, discover
-from tilead.trainer.detectors import LocationModel, create_detector
-from tilead.trainer.ensemble import (
-    LocationTiles,
-    holdout_split,
-    load_location_models,
-    make_backbone,
-    make_preprocessing,
-    make_splits,
-)
+from tilead.trainer.detectors.base import LocationModel, create_detector
+from tilead.trainer.detectors.padim.config import PadimConfig
 from tilead.trainer.pipeline import load_stats
 from tilead.trainer.run_dir import open_run, read_json
+from tilead.trainer.splits import holdout_split, make_splits
+from tilead.trainer.tiles import LocationTiles
 
 log = logging.getLogger("tilead.exporter")
 PARITY_TOLERANCE = 1e-5  # max abs ONNX-vs-eager difference, relative to the map's range
@@ -279,9 +276,7 @@ def export_bundle(
                     ]
                     info = quantize_location(target, target, batches)
                     refit = 0
-                    if (
-                        cfg.model.family == "padim"
-                    ):  # the Gaussians fitted again on the INT8 backbone's features (always)
+                    if isinstance(cfg.model, PadimConfig):  # the Gaussians fitted again on the INT8 backbone's features
                         head = getattr(export_model, "model", export_model).head
                         fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, index, name)
                         arrays = (np.ascontiguousarray(t.numpy()) for t in fit_tiles)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tilead.runtime.bundle import INPUT_NAME, OUTPUT_NAME, SCORE_NAME
-from tilead.trainer.detectors import LocationModel
+from tilead.trainer.detectors.base import LocationModel
 
 DEFAULT_OPSET = 18
 MAX_BATCH = 1024

@@ -248,7 +248,7 @@ def refit_padim_head(path: Path, head: Any, batches: Iterable[np.ndarray], eps: 
     import torch
     from onnx import numpy_helper
 
-    from tilead.trainer.padim import BlockRowPadimHead, PadimAccumulator
+    from tilead.trainer.detectors.padim.model import BlockRowPadimHead, PadimAccumulator
 
     proto = onnx.load(str(path))
     name = embedding_output(proto)

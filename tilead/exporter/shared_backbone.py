@@ -314,7 +314,7 @@ def refit_padim(session: Any, head: Any, batches: Iterable[np.ndarray], eps: flo
     Returns:
         The refit ``BlockRowPadimHead`` and the number of tiles it was fitted on.
     """
-    from tilead.trainer.padim import BlockRowPadimHead, PadimAccumulator
+    from tilead.trainer.detectors.padim.model import BlockRowPadimHead, PadimAccumulator
 
     h, w = head.size
     acc = PadimAccumulator(h * w, int(head.mean.shape[1]))

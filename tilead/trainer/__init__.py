@@ -6,11 +6,18 @@ Modules:
 * :mod:`~tilead.trainer.data`: MVTec-layout and folder-layout datasets (config, discovery).
 * :mod:`~tilead.trainer.images`: decoding images and masks (OpenCV), batched loading.
 * :mod:`~tilead.trainer.backbones`: offline pretrained feature extractors.
-* :mod:`~tilead.trainer.padim`: PaDiM for one location (streaming fit, distance map).
-* :mod:`~tilead.trainer.ensemble`: fitting every location (resumable), eager inference.
+* :mod:`~tilead.trainer.detectors`: one package per detector family (config section, math, adapter).
+* :mod:`~tilead.trainer.components`: the run's backbone, preprocessing, grid and threads.
+* :mod:`~tilead.trainer.splits`: fit / validation / test images, a detector's holdout.
+* :mod:`~tilead.trainer.tiles`: a location's tiles, cut by the runtime's tile kernel.
+* :mod:`~tilead.trainer.fit`: fitting one location; :mod:`~tilead.trainer.ensemble`: every location
+  (in process, worker processes, or Ray via :mod:`~tilead.trainer.distributed`), resumable.
+* :mod:`~tilead.trainer.checkpoints`: location checkpoints (resume, loading the models).
+* :mod:`~tilead.trainer.inference`: eager PyTorch inference (per-location maps).
 * :mod:`~tilead.trainer.validation`: normalization statistics on runtime-merged maps.
 * :mod:`~tilead.trainer.metrics`: AUROC, F1, AUPRO (exact, NumPy).
-* :mod:`~tilead.trainer.pipeline`: ``train`` and ``evaluate``, as the CLIs call them.
+* :mod:`~tilead.trainer.pipeline`: ``train``; :mod:`~tilead.trainer.evaluation`: ``evaluate`` over any map
+  source (the eager ensemble or a bundle's Predictor), as the CLIs call them.
 
 The trainer cuts tiles with the runtime's tile kernel and merges maps with the
 runtime's untile and seam-smoothing kernels, so what is validated is what the

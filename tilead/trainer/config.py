@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from tilead.runtime import EdgePolicy, NormalizationStats, PostProcessor, SeamSmoothing, TileGrid, parse_seam
 from tilead.trainer.data import DataConfig
+from tilead.trainer.detectors.sections import DEFAULT_FAMILY, DetectorSection, model_sections, section_class
 
 SCHEMA_VERSION = 1
 
@@ -54,163 +56,6 @@ class GridConfig(_Section):
             return TileGrid(image_size, self.tile_size, self.stride, self.edge)
         except ValueError as err:
             raise ConfigError(f"grid: {err} (image size {image_size[0]}x{image_size[1]})") from err
-
-
-class BackboneConfig(_Section):
-    """Feature extractor.
-
-    Attributes:
-        name: ``efficientnet_lite0`` | ``timm:<model>`` | ``torchvision:<model>``.
-        weights: ``default`` (efficientnet_lite0's packaged ImageNet weights),
-            a local state-dict file, or ``none`` (random; warns loudly).
-        layers: Graph nodes whose outputs are the features.
-    """
-
-    name: str = "efficientnet_lite0"
-    weights: str = "default"
-    layers: tuple[str, ...] = ("blocks.1", "blocks.2", "blocks.3")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if v != "efficientnet_lite0" and not v.startswith(("timm:", "torchvision:")):
-            raise ValueError(f"expected 'efficientnet_lite0', 'timm:<model>' or 'torchvision:<model>', got {v!r}")
-        return v
-
-    @field_validator("layers")
-    @classmethod
-    def _layers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        if not v:
-            raise ValueError("expected at least one layer")
-        return v
-
-
-class _DetectorSection(_Section):
-    """Settings every detector has (each family's section extends it).
-
-    Attributes:
-        family: Detector family; selects the section and the detector
-            (``tilead.trainer.detectors``).
-        backbone: Feature extractor.
-        feature_stride: Output stride of the anomaly map (input px per map px).
-        blur_sigma: Gaussian blur of each tile's map, in map pixels.
-    """
-
-    family: str
-    backbone: BackboneConfig = BackboneConfig()
-    feature_stride: Literal[4, 8, 16] = 8
-    blur_sigma: float = Field(default=0.0, ge=0, le=8)
-
-
-class PadimConfig(_DetectorSection):
-    """PaDiM (``family: padim``, the default when ``family`` is omitted).
-
-    Attributes:
-        n_features: Random channel subset size.
-        covariance_eps: Covariance regularization.
-        storage_dtype: dtype of the stored inverse covariances.
-    """
-
-    family: Literal["padim"] = "padim"
-    n_features: int = Field(default=100, ge=1, le=4096)
-    covariance_eps: float = Field(default=0.01, gt=0)
-    storage_dtype: Literal["float16", "float32"] = "float16"
-
-
-class PatchCoreConfig(_DetectorSection):
-    """PatchCore (``family: patchcore``).
-
-    Attributes:
-        backbone: Feature extractor; two stages by default (strides 8 and 16).
-        local_kernel: Side of the local neighbourhood averaged into each patch
-            feature (the paper's ``p``; odd).
-        coreset_ratio: Memory bank size as a fraction of all fit patches of a location.
-        projection_dim: Dimension of the sparse random projection the greedy
-            coreset measures distances in (0: the full features).
-        max_candidates: Cap on the patches the greedy coreset selects from
-            (a seeded uniform subsample when a location has more).
-        num_neighbors: Bank neighbours ``b`` of the image-score reweighting.
-        storage_dtype: dtype of the stored memory bank.
-    """
-
-    family: Literal["patchcore"] = "patchcore"
-    backbone: BackboneConfig = BackboneConfig(layers=("blocks.2", "blocks.3"))
-    blur_sigma: float = Field(default=2.0, ge=0, le=8)
-    local_kernel: int = Field(default=3, ge=1, le=9)
-    coreset_ratio: float = Field(default=0.01, gt=0, le=1)
-    projection_dim: int = Field(default=32, ge=0, le=4096)
-    max_candidates: int = Field(default=200_000, ge=2)
-    num_neighbors: int = Field(default=9, ge=1, le=64)
-    storage_dtype: Literal["float16", "float32"] = "float16"
-
-    @field_validator("local_kernel")
-    @classmethod
-    def _odd(cls, v: int) -> int:
-        if v % 2 != 1:
-            raise ValueError(f"expected an odd neighbourhood size, got {v}")
-        return v
-
-
-class StfpmConfig(_DetectorSection):
-    """STFPM (``family: stfpm``): a student network per location trained to match the frozen teacher.
-
-    Attributes:
-        backbone: The pretrained teacher; the student is a randomly
-            initialised copy of its truncated graph, and ``layers`` are the
-            matched stages.
-        reduction: How the per-stage maps combine: ``product`` (the paper) or ``sum``.
-        epochs: Most training epochs per location.
-        optimizer: ``adam`` or ``sgd`` (with ``momentum``, the paper's choice).
-        learning_rate: Step size.
-        momentum: SGD momentum (ignored by Adam).
-        weight_decay: L2 weight decay.
-        batch_size: Tiles per optimisation step.
-        holdout_fraction: Fraction of the fit images held out for early
-            stopping (0: none; every epoch runs and the last one is kept).
-        patience: Epochs without a lower held-out loss before training stops
-            (0: never early; with a holdout the best epoch is still kept).
-        min_delta: Smallest decrease of the held-out loss that counts as better.
-        cache_mib: Keep a location's tiles and teacher features in memory when
-            they fit in this many MiB (shuffled every epoch); above it tiles
-            are re-read and the teacher re-run every epoch, in file order.
-    """
-
-    family: Literal["stfpm"] = "stfpm"
-    blur_sigma: float = Field(default=2.0, ge=0, le=8)
-    reduction: Literal["product", "sum"] = "product"
-    epochs: int = Field(default=10, ge=1, le=10_000)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    learning_rate: float = Field(default=1e-3, gt=0, le=10)
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=1e-4, ge=0, le=1)
-    batch_size: int = Field(default=4, ge=1, le=1024)
-    holdout_fraction: float = Field(default=0.1, ge=0, lt=1)
-    patience: int = Field(default=2, ge=0, le=10_000)
-    min_delta: float = Field(default=0.0, ge=0)
-    cache_mib: int = Field(default=2048, ge=0)
-
-    @model_validator(mode="after")
-    def _early_stopping(self) -> StfpmConfig:
-        if self.patience > 0 and self.holdout_fraction == 0:
-            raise ValueError(
-                f"patience {self.patience} needs held-out tiles: set holdout_fraction > 0 "
-                "(or patience 0 to train every epoch)"
-            )
-        return self
-
-
-# One section per detector family, selected by ``family``. A new detector adds its section here.
-ModelConfig = Annotated[
-    PadimConfig | PatchCoreConfig | StfpmConfig,
-    Field(discriminator="family"),
-]
-DEFAULT_FAMILY = "padim"
-
-
-def model_sections() -> dict[str, type[_DetectorSection]]:
-    """Config section class of every detector family."""
-    members = get_args(get_args(ModelConfig)[0])
-    return {m.model_fields["family"].default: m for m in members}
 
 
 class TrainConfig(_Section):
@@ -357,7 +202,8 @@ class RunConfig(_Section):
         seed: Seed of every random choice.
         data: Dataset.
         grid: Tile grid.
-        model: Detector.
+        model: Detector: the section registered for ``model.family``
+            (:mod:`tilead.trainer.detectors.sections`; ``padim`` when omitted).
         train: Fitting.
         postprocess: Merging and normalization.
         validation: Statistics source.
@@ -369,7 +215,9 @@ class RunConfig(_Section):
     seed: int = 0
     data: DataConfig
     grid: GridConfig
-    model: ModelConfig = PadimConfig()
+    model: SerializeAsAny[DetectorSection] = Field(
+        default_factory=lambda: section_class(DEFAULT_FAMILY).model_validate({"family": DEFAULT_FAMILY})
+    )
     train: TrainConfig = TrainConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
     validation: ValidationConfig = ValidationConfig()
@@ -377,22 +225,28 @@ class RunConfig(_Section):
 
     @field_validator("model", mode="before")
     @classmethod
-    def _default_family(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "family" not in v:
-            return {"family": DEFAULT_FAMILY, **v}
-        return v
+    def _family_section(cls, v: Any) -> Any:
+        """Validate a ``model`` mapping with its family's registered section (``padim`` when omitted)."""
+        if not isinstance(v, dict):
+            return v  # a section object, or a type error reported by pydantic
+        family = v.get("family", DEFAULT_FAMILY)
+        sections = model_sections()
+        if not isinstance(family, str) or family not in sections:
+            raise PydanticCustomError(
+                "union_tag_invalid",
+                "Input tag {tag} found using 'family' does not match any of the expected tags: {expected_tags}",
+                {"tag": repr(family), "expected_tags": ", ".join(repr(f) for f in sections)},
+            )
+        return sections[family].model_validate({"family": family, **v})
 
     @model_validator(mode="after")
     def _image_score(self) -> RunConfig:
-        if self.postprocess.image_score == "detector":
-            from tilead.trainer.detectors import detector_class, families
-
-            if not detector_class(self.model.family).has_image_score:
-                own = [f for f in families() if detector_class(f).has_image_score]
-                raise ValueError(
-                    f"postprocess.image_score 'detector': model.family {self.model.family!r} has no image score "
-                    f"of its own; use 'max' (detectors with one: {', '.join(own)})"
-                )
+        if self.postprocess.image_score == "detector" and not type(self.model).has_image_score:
+            own = [f for f, section in model_sections().items() if section.has_image_score]
+            raise ValueError(
+                f"postprocess.image_score 'detector': model.family {self.model.family!r} has no image score "
+                f"of its own; use 'max' (detectors with one: {', '.join(own)})"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -412,20 +266,17 @@ class RunConfig(_Section):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _format_errors(err: ValidationError, source: str, data: dict[str, Any]) -> str:
     lines = [f"{source}: invalid configuration ({err.error_count()} problem(s))"]
-    sections = model_sections()
+    model = data.get("model")
+    family = model.get("family") if isinstance(model, dict) else None
     for e in err.errors():
         path = tuple(e["loc"])
-        family: str | None = None
-        if len(path) > 1 and path[0] == "model" and path[1] in sections:
-            family = str(path[1])  # the union's tag (the section's family), not a key of the file
-            path = (path[0], *path[2:])
         loc = ".".join(str(p) for p in path) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-            allowed = _allowed_keys(path[:-1], family)
+            allowed = _allowed_keys(path[:-1], family if isinstance(family, str) else None)
             if allowed:
                 msg += f"; allowed keys here: {', '.join(allowed)}"
         elif e["type"] == "literal_error":
@@ -437,12 +288,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def _allowed_keys(path: tuple[int | str, ...], family: str | None = None) -> list[str]:
     model: Any = RunConfig
     for part in path:
+        if model is RunConfig and part == "model":  # the family's registered section
+            model = model_sections().get(family or DEFAULT_FAMILY)
+            continue
         field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
         if field is None:
             return []
         model = field.annotation
-        if model in (ModelConfig, get_args(ModelConfig)[0]):
-            model = model_sections().get(family or DEFAULT_FAMILY)
     return list(model.model_fields) if hasattr(model, "model_fields") else []
 
 
@@ -465,7 +317,7 @@ def parse_config(data: Any, *, base_dir: Path, source: str = "config") -> RunCon
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        raise ConfigError(_format_errors(err, source, data)) from None
     return cfg.model_copy(update={"data": cfg.data.resolved(base_dir)})
 
 

@@ -1,6 +1,6 @@
 """Fitting the locations as Ray tasks (``train.backend: ray``), on one machine or a cluster.
 
-Each location still goes through :func:`tilead.trainer.ensemble.fit_location`
+Each location still goes through :func:`tilead.trainer.fit.fit_location`
 (via the same entry point the ``train.workers`` processes use): the task
 reads the run's saved config from the run folder, fits the location with
 ``train.task_cpus`` torch threads and writes its checkpoint there atomically.
@@ -15,16 +15,12 @@ go away by itself): the run stops and names the location. Locations already
 done are skipped before any task is submitted, so resume works the same as on
 the local backend.
 
-Fault injection for tests: with ``TILEAD_FAULT_EXIT_LOCATION=<name>`` and
-``TILEAD_FAULT_FLAG=<file>`` in the workers' environment, the first attempt to
-fit that location ends its process with ``os._exit(1)`` after the first tile
-batch (and creates the flag file, so the retry runs through).
+Fault injection for tests (a worker dying mid-location): :mod:`tilead.trainer.faults`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,36 +28,13 @@ from tqdm.auto import tqdm
 
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample
+from tilead.trainer.fit import _fit_worker
 from tilead.trainer.run_dir import RunPaths
 
 log = logging.getLogger("tilead.trainer")
 
-FAULT_LOCATION_ENV = "TILEAD_FAULT_EXIT_LOCATION"
-FAULT_FLAG_ENV = "TILEAD_FAULT_FLAG"
-
-
-def maybe_inject_fault(location: str) -> None:
-    """Test hook: end this process (no cleanup, no exception) on the first attempt at ``location``.
-
-    Active only when both environment variables are set; the flag file marks that the fault happened.
-    """
-    if os.environ.get(FAULT_LOCATION_ENV) != location:
-        return
-    flag = os.environ.get(FAULT_FLAG_ENV)
-    if not flag:
-        return
-    try:
-        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return  # a retry: run through
-    os.write(fd, f"{os.getpid()}\n".encode())
-    os.close(fd)
-    os._exit(1)
-
 
 def _fit_task(config_path: str, root: str, index: int, samples: list[Sample], threads: int) -> dict[str, Any]:
-    from tilead.trainer.ensemble import _fit_worker
-
     return _fit_worker(config_path, root, index, samples, threads)
 
 

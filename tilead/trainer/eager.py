@@ -17,9 +17,11 @@ import numpy as np
 
 from tilead.runtime import NormalizationStats, NormalizedMaps, PostProcessor, Preprocessing, TileGrid
 from tilead.runtime.timing import StageTimes
+from tilead.trainer.checkpoints import load_location_models
+from tilead.trainer.components import make_backbone, make_preprocessing
 from tilead.trainer.config import RunConfig
-from tilead.trainer.detectors import LocationModel
-from tilead.trainer.ensemble import load_location_models, location_forward, make_backbone, make_preprocessing
+from tilead.trainer.detectors.base import LocationModel
+from tilead.trainer.inference import location_forward
 from tilead.trainer.run_dir import open_run, read_json
 
 

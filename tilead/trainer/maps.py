@@ -83,3 +83,17 @@ def blur_map(out: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     out = F.pad(out, (r, r, r, r), mode="reflect" if min(h, w) > r else "replicate")
     out = F.conv2d(out, kernel.view(1, 1, 1, -1))
     return F.conv2d(out, kernel.view(1, 1, -1, 1))
+
+
+def check_strides(strides: tuple[int, ...], feature_stride: int) -> None:
+    """Every layer stride must divide or be a multiple of the feature stride.
+
+    Raises:
+        ValueError: Otherwise, naming the offending layer stride.
+    """
+    for s in strides:
+        if not (s % feature_stride == 0 or feature_stride % s == 0):
+            raise ValueError(
+                f"model.feature_stride: {feature_stride} is not a multiple or divisor of layer stride {s} "
+                f"(layer strides {list(strides)})"
+            )

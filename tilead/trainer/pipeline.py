@@ -1,17 +1,13 @@
-"""Train and evaluate runs: what ``tilead-train`` and ``tilead-eval`` call.
+"""Train runs: what ``tilead-train`` calls.
 
 :func:`train` discovers the data, fits every location (resumably), computes
 the normalization statistics on merged validation maps and writes the run
-folder. :func:`evaluate` reloads a run, runs the test set through the eager
-PyTorch ensemble and the runtime's post-processing, and writes metrics,
-per-image results and overlays.
+folder. Evaluation is :mod:`tilead.trainer.evaluation`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import logging
 import time
 from collections import Counter
@@ -22,42 +18,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from tilead.runtime import Preprocessing, TileGrid, resize_maps, set_num_threads
+from tilead.runtime import Preprocessing, TileGrid
 from tilead.runtime.postprocessor import (
     NormalizationStats,
     image_scores_of_tiles,
-    score_images,
 )
 from tilead.synthesis import SyntheticDefect, synthesize_defects
 from tilead.trainer.backbones import FeatureExtractor
-from tilead.trainer.config import RunConfig, load_config
-from tilead.trainer.data import DataConfig, Sample, discover
-from tilead.trainer.ensemble import (
-    Splits,
-    collect_maps,
-    dataset_image_size,
-    fit_ensemble,
-    load_location_models,
-    location_forward,
-    location_maps,
+from tilead.trainer.checkpoints import load_location_models
+from tilead.trainer.components import (
     make_backbone,
     make_preprocessing,
-    make_splits,
+    run_grid,
     run_summary,
-    total_threads,
+    setup_threads,
 )
+from tilead.trainer.config import RunConfig
+from tilead.trainer.data import Sample, discover
+from tilead.trainer.ensemble import fit_ensemble
 from tilead.trainer.images import ImageLoader
-from tilead.trainer.io import atomic_write_json, atomic_write_png, atomic_write_text
-from tilead.trainer.metrics import auroc, f1_at_threshold
-from tilead.trainer.metrics import evaluate as compute_metrics
-from tilead.trainer.report import overlay_of, write_eval_report
-from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, prepare_run, read_json
+from tilead.trainer.inference import location_forward
+from tilead.trainer.io import atomic_write_json, atomic_write_png
+from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
+from tilead.trainer.splits import Splits, make_splits
 from tilead.trainer.validation import check_validation_count, compute_stats
-from tilead.viz.overlays import pick_overlays
 
 log = logging.getLogger("tilead.trainer")
 
@@ -70,25 +57,6 @@ class TrainResult:
     fitted_now: int
     seconds: float
     stats: NormalizationStats
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """What :func:`evaluate` measured and wrote."""
-
-    out_dir: Path
-    metrics: dict[str, Any]
-    overlays: list[Path]
-
-
-def _setup_threads(cfg: RunConfig) -> None:
-    n = total_threads(cfg)
-    torch.set_num_threads(n)
-    set_num_threads(n)
-
-
-def _grid(cfg: RunConfig, loader: ImageLoader, samples: list[Sample]) -> TileGrid:
-    return cfg.grid.build(dataset_image_size(loader, samples))
 
 
 def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -112,13 +80,13 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
     what = "good validation images" if good_only else "validation images"
     check_validation_count(len(splits.validation), v.split, v.min_images, v.force, what)  # before anything is written
     loader = ImageLoader(cfg.data)
-    grid = _grid(cfg, loader, list(splits.fit) + list(splits.validation))
+    grid = run_grid(cfg, loader, list(splits.fit) + list(splits.validation))
     splits = decode_all(loader, splits, cfg.eval.batch_size, progress)  # every image, before any fitting
     check_validation_count(len(splits.validation), v.split, v.min_images, v.force, what)
     paths = prepare_run(cfg, output, resume=resume)
     handler = attach_log(paths)
     try:
-        _setup_threads(cfg)
+        setup_threads(cfg)
         log.info("train: config %s, output %s, resume=%s", cfg.name, paths.root, resume)
         extractor = make_backbone(cfg)
         prep = make_preprocessing(cfg, extractor)
@@ -382,368 +350,3 @@ def load_stats(paths: RunPaths) -> NormalizationStats:
     if not paths.stats.is_file():
         raise FileNotFoundError(f"{paths.stats} not found: training of {paths.root} did not finish (use --resume)")
     return NormalizationStats.from_dict(read_json(paths.stats)["normalization"])
-
-
-def _per_image_csv(samples: list[Sample], raw: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["file", "defect_type", "label", "raw_score", "score", "predicted"])
-    for s, r, sc, pred in zip(samples, raw, scores, labels, strict=True):
-        writer.writerow([str(s.path), s.defect_type, s.label, f"{r:.6g}", f"{sc:.6g}", int(pred)])
-    return buf.getvalue()
-
-
-def _original_masks_each(native: DataConfig, samples: list[Sample]) -> list[np.ndarray]:
-    """Each sample's ground-truth mask at its image's original size (sizes may differ): bool ``(H_i, W_i)``."""
-    loader = ImageLoader(native)
-    return [loader.load_mask(s) for s in samples]
-
-
-def _pooled(values: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """All pixels of all images, flat."""
-    return values.reshape(-1) if isinstance(values, np.ndarray) else np.concatenate([v.reshape(-1) for v in values])
-
-
-def _bundle_maps(
-    bundle: Path, cfg: RunConfig, samples: list[Sample], grid: TileGrid, progress: bool
-) -> tuple[np.ndarray, np.ndarray, list[Sample], np.ndarray | None]:
-    """Per-location maps through the runtime Predictor (ONNX Runtime), with masks.
-
-    Returns:
-        ``(maps, masks, samples, tile_scores)`` as :func:`collect_maps`, plus the
-        bundle's per-tile detector scores float32 ``(locations, n)`` when it
-        deploys them (None otherwise).
-
-    Raises:
-        ValueError: If the bundle was exported from another run or grid.
-    """
-    from tilead.runtime import Predictor
-
-    predictor = Predictor(bundle, max_batch=cfg.eval.batch_size)
-    with predictor:
-        source = predictor.manifest.raw.get("source", {})
-        if source.get("fit_key") != cfg.fit_key() or predictor.manifest.grid != grid:
-            raise ValueError(
-                f"--bundle {bundle}: exported from another run (fit key {source.get('fit_key')}, "
-                f"grid {predictor.manifest.grid}), not from this one (fit key {cfg.fit_key()})"
-            )
-        if predictor.manifest.image_score != cfg.postprocess.image_score:
-            raise ValueError(
-                f"--bundle {bundle}: its image score is {predictor.manifest.image_score!r}, the run's "
-                f"postprocess.image_score is {cfg.postprocess.image_score!r}; export the run again"
-            )
-
-        score_chunks: list[np.ndarray] = []
-
-        def forward(images: np.ndarray) -> np.ndarray:
-            order = "GRAY" if images.shape[3] == 1 else cfg.data.channel_order
-            maps, scores = predictor.location_outputs(images, input_order=order)
-            if scores is not None:
-                score_chunks.append(scores)
-            return maps
-
-        label = "evaluate (bundle)" if progress else None
-        maps, masks, kept = collect_maps(
-            cfg, samples, forward, batch_size=cfg.eval.batch_size, with_masks=True, progress=label
-        )
-    assert masks is not None
-    return maps, masks, kept, np.concatenate(score_chunks, axis=1) if score_chunks else None
-
-
-def _override_run_config(paths: RunPaths, cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """The run's config with ``overrides`` applied, refusing any that changes what was fitted."""
-    changed = load_config(paths.config, overrides)
-    if changed.fit_key() != cfg.fit_key():
-        raise ValueError(
-            f"--set {', '.join(overrides)}: changes what the run's locations were fitted on (data, grid, model or "
-            "seed); evaluation can override eval.* and test-set keys only; train a new run for the others"
-        )
-    return changed
-
-
-def good_only_metrics(predicted: np.ndarray, masks: np.ndarray, in_holdout: np.ndarray) -> dict[str, float]:
-    """False-alarm rates of good images (no defective image to measure misses on).
-
-    Args:
-        predicted: bool ``(n,)`` NG decisions.
-        masks: bool ``(n, H, W)`` predicted anomalous pixels.
-        in_holdout: bool ``(n,)``: held-out training images (the rest are test images).
-
-    Returns:
-        ``false_alarm_rate`` and ``false_alarms`` over all images, per group (``_test_good`` /
-        ``_holdout``, where the group has images) and ``pixel_false_alarm_rate``.
-    """
-    out: dict[str, float] = {
-        "good_images": float(predicted.size),
-        "false_alarms": float(predicted.sum()),
-        "false_alarm_rate": float(predicted.mean()),
-        "pixel_false_alarm_rate": float(masks.mean()),
-    }
-    for name, group in (("test_good", ~in_holdout), ("holdout", in_holdout)):
-        if group.any():
-            out[f"good_images_{name}"] = float(group.sum())
-            out[f"false_alarms_{name}"] = float(predicted[group].sum())
-            out[f"false_alarm_rate_{name}"] = float(predicted[group].mean())
-    return out
-
-
-def _evaluate_good_only(
-    paths: RunPaths,
-    cfg: RunConfig,
-    out: Path,
-    kept: list[Sample],
-    held: set[Path],
-    result: Any,
-    stats: NormalizationStats,
-    grid: TileGrid,
-    bundle: Path | None,
-    start: float,
-    inference_s: float,
-) -> EvalResult:
-    """Write the report of a dataset of good images only: false alarms instead of F1 / AUROC."""
-    in_holdout = np.array([s.path in held for s in kept], dtype=bool)
-    metrics = good_only_metrics(result.labels.astype(bool), result.masks.astype(bool), in_holdout)
-    report: dict[str, Any] = {
-        "run": str(paths.root),
-        "config": cfg.name,
-        "good_only": True,
-        "note": "no defective test image: false alarms on good images only (misses cannot be measured). "
-        "'test_good': good test images (out of sample); 'holdout': held-out training images, never fitted, "
-        "but the thresholds were chosen on their scores (in-sample for the thresholds)"
-        + ("; with validation.split same_as_test the test images set the thresholds too" if not held else ""),
-        "grid": grid.to_dict(),
-        "grid_shape": [grid.rows, grid.cols],
-        "inference": f"runtime.Predictor on bundle {bundle}" if bundle is not None else "eager PyTorch",
-        "normalization": stats.stage,
-        "image_threshold": float(stats.image_threshold),
-        "validation": read_json(paths.stats).get("validation", {}).get("split", {}),
-        "test_images": len(kept),
-        "test_anomalous": 0,
-        "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
-        "timings": {"inference_s": round(inference_s, 2), "eval_s": round(time.perf_counter() - start, 2)},
-        "peak_rss_mib": round(peak_rss_mib(), 1),
-    }
-    atomic_write_json(out / "metrics.json", report)
-    atomic_write_text(out / "per_image.csv", _per_image_csv(kept, result.raw_scores, result.scores, result.labels))
-    _update(paths, last_eval={"out": str(out), **report["metrics"]})
-    log.info("eval (good images only): %s", ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()))
-    return EvalResult(out, report, [])
-
-
-def evaluate(
-    root: Path,
-    out_dir: Path | None = None,
-    *,
-    bundle: Path | None = None,
-    progress: bool = True,
-    overrides: dict[str, Any] | None = None,
-    report_page: bool | Path = False,
-) -> EvalResult:
-    """Evaluate a trained run on its test set.
-
-    Threshold-free metrics (AUROC, AUPRO) are computed on the merged maps
-    before normalization (for stage ``tile`` after the per-tile normalization,
-    which is part of the merge), image scores being each map's max or, with
-    ``postprocess.image_score: detector``, the detector's own score; F1 uses
-    the deployed decisions (labels and masks after normalization).
-
-    Args:
-        root: Run folder.
-        out_dir: Where to write (default ``RUN/eval``, ``RUN/eval_bundle`` with a bundle).
-        bundle: Evaluate this run's exported bundle through ``runtime.Predictor``
-            (ONNX Runtime and the kernels) instead of the eager PyTorch models.
-        progress: Show progress bars.
-        overrides: Dotted config keys to replace for this evaluation (``eval.*``,
-            ``data.*`` such as ``data.max_test_images``); keys that change what
-            was fitted are refused.
-        report_page: Also write the HTML report (:mod:`tilead.viz.report`): True for
-            ``OUT/report.html``, or the page's path.
-
-    Returns:
-        Metrics and the written overlays.
-
-    Raises:
-        ValueError: For an override that changes what the locations were fitted on.
-    """
-    start = time.perf_counter()
-    paths, cfg = open_run(root)
-    if overrides:
-        cfg = _override_run_config(paths, cfg, overrides)
-    default_out = paths.root / ("eval_bundle" if bundle is not None else "eval")
-    out = Path(out_dir) if out_dir is not None else default_out
-    handler = attach_log(paths)
-    try:
-        _setup_threads(cfg)
-        stats = load_stats(paths)
-        dataset = discover(cfg.data)
-        test = list(dataset.test)
-        good_only = not any(s.label for s in test)
-        held: set[Path] = set()
-        if good_only:
-            # No defective test image: measure false alarms on good images, the test set's and the held-out ones
-            # (never fitted; their scores did set the thresholds).
-            if cfg.validation.split != "same_as_test":
-                validation = make_splits(cfg, dataset).validation
-                held = {s.path for s in validation}
-                test += [s for s in validation if s.path not in {t.path for t in test}]
-            if not test:
-                raise ValueError(
-                    "evaluation: the dataset has no test images and the run held out no good images "
-                    "(validation.split same_as_test); add test images"
-                )
-        loader = ImageLoader(cfg.data)
-        grid = _grid(cfg, loader, test)
-        t_inf = time.perf_counter()
-        masks: np.ndarray | None
-        detector_scores: list[np.ndarray] = []
-        tile_scores: np.ndarray | None = None
-        if bundle is not None:
-            maps, masks, kept, tile_scores = _bundle_maps(Path(bundle), cfg, test, grid, progress)
-        else:
-            extractor = make_backbone(cfg)
-            prep = make_preprocessing(cfg, extractor)
-            models = load_location_models(cfg, paths, grid, extractor)
-            t_inf = time.perf_counter()
-            maps, masks, kept = location_maps(
-                cfg,
-                models,
-                test,
-                grid,
-                prep,
-                batch_size=cfg.eval.batch_size,
-                with_masks=True,
-                progress="evaluate" if progress else None,
-                scores=detector_scores,
-            )
-            tile_scores = np.concatenate(detector_scores, axis=1) if detector_scores else None
-        inference_s = time.perf_counter() - t_inf
-        assert masks is not None
-        own = None if tile_scores is None else image_scores_of_tiles(tile_scores)  # the detector's image scores
-        deployed = own if cfg.postprocess.image_score == "detector" else None
-        # The config allows 'detector' only for detectors with a score; _bundle_maps checks the bundle's choice.
-        assert deployed is not None or cfg.postprocess.image_score == "max"
-        post = cfg.postprocess.processor(grid, stats)  # the run's post-processing, as its bundle deploys it
-        merged, result = post.apply(maps)
-        broken = [f"{kept[i].path}: {result.error(i)}" for i in range(len(kept)) if result.error(i) is not None]
-        if deployed is not None:
-            broken += [f"{kept[i].path}: non-finite detector score" for i in np.flatnonzero(~np.isfinite(deployed))]
-        if broken:  # metrics of NaN scores would be meaningless: say which images, stop
-            raise ValueError(
-                f"evaluation: the model output is not finite for {len(broken)} test image(s), e.g. "
-                + "; ".join(broken[:3])
-            )
-        # Per image: merged map, deployed map, deployed mask, ground truth (arrays, or lists for mixed sizes).
-        merged_maps: np.ndarray | list[np.ndarray] = merged
-        pred_maps: np.ndarray | list[np.ndarray] = result.maps
-        pred_masks: np.ndarray | list[np.ndarray] = result.masks
-        gt_masks: np.ndarray | list[np.ndarray] = masks
-        evaluated_at: list[int] | str = list(result.maps.shape[1:])
-        native = cfg.data.model_copy(update={"image_size": None})
-        if cfg.eval.resolution == "original" and cfg.data.image_size is not None:
-            # Judge downscaled configs at the original resolution: upsample the maps, use the original masks.
-            gt = _original_masks_each(native, kept)
-            if len({m.shape for m in gt}) == 1:
-                masks = gt_masks = np.stack(gt)
-                merged = merged_maps = resize_maps(merged, masks.shape[1:])
-                result = post.normalize(merged)
-                pred_maps, pred_masks, evaluated_at = result.maps, result.masks, list(masks.shape[1:])
-            else:  # images of different sizes: each at its own
-                merged_maps = [resize_maps(merged[i : i + 1], m.shape)[0] for i, m in enumerate(gt)]
-                parts = [post.normalize(m[None]) for m in merged_maps]
-                gt_masks, evaluated_at = gt, "original (mixed sizes)"
-                pred_maps, pred_masks = [r.maps[0] for r in parts], [r.masks[0] for r in parts]
-                flat_masks = np.concatenate([m.reshape(-1) for m in pred_masks])[None]  # pooled, for rates
-                result = dataclasses.replace(
-                    result,
-                    maps=np.concatenate([m.reshape(-1) for m in pred_maps])[None],
-                    masks=flat_masks,
-                    raw_scores=np.concatenate([r.raw_scores for r in parts]),
-                    scores=np.concatenate([r.scores for r in parts]),
-                    labels=np.concatenate([r.labels for r in parts]),
-                )
-        if deployed is not None:
-            result = score_images(result, deployed, stats)
-        labels = np.array([s.label for s in kept], dtype=bool)
-        map_max = np.array([m.max() for m in merged_maps], dtype=np.float32)
-        raw_scores = map_max if deployed is None else deployed
-        page = None if report_page is False else out / "report.html" if report_page is True else Path(report_page)
-
-        def load_at_eval_size(sample: Sample) -> np.ndarray:
-            # A fresh loader per image: at original resolution the images may differ in size.
-            return ImageLoader(native if cfg.eval.resolution == "original" else cfg.data).load_image(sample)
-
-        if good_only:
-            done = _evaluate_good_only(
-                paths, cfg, out, kept, held, result, stats, grid, bundle, start, time.perf_counter() - t_inf
-            )
-            if page is not None:
-                groups = [f"{s.defect_type} (held out)" if s.path in held else s.defect_type for s in kept]
-                write_eval_report(page, metrics_json=done.metrics, samples=kept, load_image=load_at_eval_size,
-                                  channel_order=cfg.data.channel_order, result=result, maps=pred_maps,
-                                  masks=pred_masks, merged=None, truth=gt_masks,
-                                  raw_scores=raw_scores, stats=stats, group_names=groups)  # fmt: skip
-                log.info("eval: report %s", page)
-            return done
-        metrics = compute_metrics(
-            raw_scores,
-            labels,
-            merged_maps,
-            gt_masks,
-            image_threshold=float(stats.image_threshold),
-            pixel_threshold=float(stats.pixel_threshold),
-            fpr_limit=cfg.eval.fpr_limit,
-        )
-        if deployed is not None:
-            metrics["image_auroc_map_max"] = auroc(map_max, labels)  # what the map's max would have given
-        elif own is not None:
-            # The detector's own image score (PatchCore's reweighted nearest-neighbour distance, max over the
-            # image's tiles), not deployed by this config (postprocess.image_score 'max'): for comparison.
-            metrics["image_auroc_detector_score"] = auroc(own, labels)
-        # F1 of the deployed decisions (normalized labels / masks).
-        metrics["image_f1"] = f1_at_threshold(result.labels.astype(np.float32), labels, 0.5)
-        metrics["pixel_f1"] = f1_at_threshold(_pooled(pred_masks).view(np.uint8), _pooled(gt_masks), 0.5)
-        n_overlays = min(cfg.eval.overlays, len(kept))
-        written: list[Path] = []
-        for i in pick_overlays([s.defect_type for s in kept], n_overlays):
-            s = kept[i]
-            pic = overlay_of(load_at_eval_size(s), s, cfg.data.channel_order, pred_maps[i], pred_masks[i], gt_masks[i],
-                             float(result.scores[i]), bool(result.labels[i]), float(raw_scores[i]))  # fmt: skip
-            path = out / "overlays" / f"{s.defect_type}_{s.path.stem}.png"
-            atomic_write_png(path, pic)
-            written.append(path)
-        seconds = time.perf_counter() - start
-        report: dict[str, Any] = {
-            "run": str(paths.root),
-            "config": cfg.name,
-            "grid": grid.to_dict(),
-            "grid_shape": [grid.rows, grid.cols],
-            "backbone": cfg.model.backbone.name,
-            "inference": f"runtime.Predictor on bundle {bundle}" if bundle is not None else "eager PyTorch",
-            "evaluated_at": evaluated_at,
-            "normalization": stats.stage,
-            "image_score": cfg.postprocess.image_score,
-            "validation": read_json(paths.stats).get("validation", {}).get("split", {}),
-            "test_images": len(kept),
-            "test_anomalous": int(labels.sum()),
-            "metrics": {k: round(float(v), 6) for k, v in metrics.items()},
-            "note": "AUROC/AUPRO on merged maps before normalization; F1 on the deployed (normalized) decisions",
-            "timings": {
-                "inference_s": round(inference_s, 2),
-                "inference_ms_per_image": round(1e3 * inference_s / max(1, len(kept)), 1),
-                "eval_s": round(seconds, 2),
-            },
-            "peak_rss_mib": round(peak_rss_mib(), 1),
-        }
-        atomic_write_json(out / "metrics.json", report)
-        atomic_write_text(out / "per_image.csv", _per_image_csv(kept, result.raw_scores, result.scores, result.labels))
-        _update(paths, last_eval={"out": str(out), **report["metrics"]})
-        log.info("eval: %s", ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()))
-        if page is not None:
-            write_eval_report(page, metrics_json=report, samples=kept, load_image=load_at_eval_size,
-                              channel_order=cfg.data.channel_order, result=result, maps=pred_maps,
-                              masks=pred_masks, merged=merged_maps, truth=gt_masks,
-                              raw_scores=raw_scores, stats=stats)  # fmt: skip
-            log.info("eval: report %s", page)
-        return EvalResult(out, report, written)
-    finally:
-        detach_log(handler)

@@ -1,31 +1,11 @@
-"""Per-location anomaly detectors behind one interface (see :mod:`tilead.trainer.detectors.base`).
+"""Per-location anomaly detectors, one package per family (``padim``, ``patchcore``, ``stfpm``).
 
-Every non-private module of this package is imported on first use of the
-registry and registers its :class:`~tilead.trainer.detectors.base.Detector`.
+* :mod:`~tilead.trainer.detectors.base`: the :class:`~tilead.trainer.detectors.base.Detector` interface,
+  its registry (:func:`~tilead.trainer.detectors.base.detector_class`) and checkpoints.
+* :mod:`~tilead.trainer.detectors.sections`: the ``model`` config sections' base class and registry
+  (torch-free; :mod:`tilead.trainer.config` asks it for a family's section).
+* ``<family>/``: ``config`` (its section), ``model`` (its math), ``detector`` (its adapter); found by the
+  registries on first use, so a new family is one new package.
+
+This package imports nothing itself, so that loading a config does not import torch.
 """
-
-from tilead.trainer.detectors.base import (
-    Detector,
-    LocationModel,
-    LocationState,
-    TileSource,
-    create_detector,
-    detector_class,
-    families,
-    load_state,
-    register,
-    save_state,
-)
-
-__all__ = [
-    "Detector",
-    "LocationModel",
-    "LocationState",
-    "TileSource",
-    "create_detector",
-    "detector_class",
-    "families",
-    "load_state",
-    "register",
-    "save_state",
-]

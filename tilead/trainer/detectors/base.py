@@ -1,17 +1,19 @@
 """The detector interface: what one tile location's anomaly model must provide.
 
 A *detector* is an anomaly-detection method (PaDiM, PatchCore, STFPM, ...)
-fitted once per tile location. The ensemble (:mod:`tilead.trainer.ensemble`)
-owns everything around it and is the same for every detector: data loading,
+fitted once per tile location. The ensemble (:mod:`tilead.trainer.fit`,
+:mod:`tilead.trainer.inference`) owns everything around it and is the same for every detector: data loading,
 tiling with the runtime's tile kernel, the per-location loop, checkpoints and
 resume, validation statistics, evaluation, export and the bundle. A detector
 only says how to fit one location and what module to run.
 
-Adding a detector is one new module in :mod:`tilead.trainer.detectors`
-(discovered automatically: it defines a :class:`Detector` subclass decorated
-with :func:`register`) plus its config section in
-:mod:`tilead.trainer.config` (a pydantic model with a ``family`` literal,
-added to the ``ModelConfig`` union).
+Adding a detector is one new package ``tilead.trainer.detectors.<family>``
+(discovered automatically, nothing else is edited): ``config.py`` with its
+config section (a :class:`~tilead.trainer.detectors.sections.DetectorSection`
+subclass with a ``family`` literal, decorated with
+:func:`~tilead.trainer.detectors.sections.register_section`), ``detector.py``
+with a :class:`Detector` subclass decorated with :func:`register`, and its
+math (by convention ``model.py``).
 
 Lifecycle of one location (what the ensemble does)::
 
@@ -42,8 +44,8 @@ Higher is more anomalous; any scale (validation statistics normalize it). The
 runtime upsamples each map bilinearly (half-pixel centres) to the tile size,
 blends the tiles, smooths seams and normalizes; the deployed image score is
 the max of the final map. A detector with its own image score (PatchCore's
-reweighted nearest-neighbour score) sets :attr:`Detector.has_image_score` and
-implements :meth:`LocationModel.forward_with_score`. Eager evaluation always
+reweighted nearest-neighbour score) sets ``has_image_score`` on its config
+section and implements :meth:`LocationModel.forward_with_score`. Eager evaluation always
 reports that score's AUROC; with ``postprocess.image_score: detector`` it is
 also the deployed score: :meth:`Detector.build` is asked for ``with_score``,
 the exported graph gets a second output ``score`` ``(n,)``, validation
@@ -181,9 +183,6 @@ class Detector(ABC):
         family: The ``model.family`` value selecting it (registry key).
         state_format: Checkpoint format tag, e.g. ``"tilead.padim.v1"``;
             bump it when the saved tensors change meaning.
-        has_image_score: Its modules implement
-            :meth:`LocationModel.forward_with_score` with a score of their own
-            (default False: the max of the map).
 
     Args:
         settings: The run's ``model`` config section (the family's pydantic model).
@@ -202,7 +201,6 @@ class Detector(ABC):
 
     family: ClassVar[str]
     state_format: ClassVar[str]
-    has_image_score: ClassVar[bool] = False
 
     def __init__(self, settings: Any, backbone: FeatureExtractor, tile_size: tuple[int, int], seed: int) -> None:
         self.settings = settings
@@ -341,11 +339,11 @@ def register(cls: _D) -> _D:
 
 
 def _discover() -> None:
-    """Import every module of :mod:`tilead.trainer.detectors` (each registers its detector)."""
+    """Import the ``detector`` module of every family package (each registers its detector)."""
     package = importlib.import_module("tilead.trainer.detectors")
     for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"{package.__name__}.{info.name}")
+        if info.ispkg and not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}.detector")
 
 
 def families() -> list[str]:

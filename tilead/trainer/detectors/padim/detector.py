@@ -1,4 +1,4 @@
-"""PaDiM behind the detector interface (the math lives in :mod:`tilead.trainer.padim`)."""
+"""PaDiM behind the detector interface (the math lives in :mod:`tilead.trainer.detectors.padim.model`)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ import torch
 
 from tilead.trainer.backbones import BackboneInfo
 from tilead.trainer.detectors.base import Detector, LocationModel, LocationState, TileSource, iterate, register
-from tilead.trainer.padim import (
+from tilead.trainer.detectors.padim.model import (
     Embedding,
     PadimAccumulator,
     PadimSettings,
     build_location_model,
     channel_subset,
-    check_strides,
     state_tensors,
 )
+from tilead.trainer.maps import check_strides
 
 HEAD_BLOCKS = 4  # block rows of the exported Mahalanobis form (BlockRowPadimHead); 62.5 % of the matrix bytes
 

@@ -100,20 +100,6 @@ class Embedding(nn.Module):
         return emb.index_select(1, self.index)
 
 
-def check_strides(strides: tuple[int, ...], feature_stride: int) -> None:
-    """Every layer stride must divide or be a multiple of the feature stride.
-
-    Raises:
-        ValueError: Otherwise, naming the offending layer stride.
-    """
-    for s in strides:
-        if not (s % feature_stride == 0 or feature_stride % s == 0):
-            raise ValueError(
-                f"model.feature_stride: {feature_stride} is not a multiple or divisor of layer stride {s} "
-                f"(layer strides {list(strides)})"
-            )
-
-
 class PadimAccumulator:
     """Streaming first and second moments of embeddings at every position.
 

@@ -1,6 +1,6 @@
 """STFPM behind the detector interface: one student trained per tile location.
 
-The math (student, loss, map) lives in :mod:`tilead.trainer.stfpm`. This
+The math (student, loss, map) lives in :mod:`tilead.trainer.detectors.stfpm.model`. This
 module trains a location's student on its defect-free tiles:
 
 * the run's frozen backbone is the teacher; the student is a randomly
@@ -38,14 +38,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tilead.trainer.detectors.base import Detector, LocationModel, LocationState, TileSource, register
-from tilead.trainer.io import load_tensors, save_tensors
-from tilead.trainer.stfpm import (
+from tilead.trainer.detectors.stfpm.model import (
     StfpmLocationModel,
     freeze_batchnorm,
     make_student,
     stfpm_loss,
     student_features,
 )
+from tilead.trainer.io import load_tensors, save_tensors
 
 log = logging.getLogger("tilead.trainer.stfpm")
 
@@ -111,7 +111,7 @@ class StfpmDetector(Detector):
     """STFPM (Wang et al., 2021): student-teacher feature pyramid matching per location.
 
     Settings: the ``model`` section with ``family: stfpm``
-    (:class:`tilead.trainer.config.StfpmConfig`).
+    (:class:`tilead.trainer.detectors.stfpm.config.StfpmConfig`).
     """
 
     family = "stfpm"

@@ -1,0 +1,70 @@
+"""Location checkpoints: their metadata, whether one is done (resume), and loading every location's module."""
+
+from __future__ import annotations
+
+import logging
+
+import tilead
+from tilead.runtime import TileGrid
+from tilead.trainer.backbones import FeatureExtractor
+from tilead.trainer.config import RunConfig
+from tilead.trainer.detectors.base import LocationModel, create_detector, load_state
+from tilead.trainer.io import read_metadata
+from tilead.trainer.run_dir import RunPaths
+
+log = logging.getLogger("tilead.trainer")
+
+
+def location_metadata(cfg: RunConfig, location: str, count: int, seconds: float) -> dict[str, str]:
+    """String metadata stored in a location checkpoint (:func:`save_state` adds the detector's format and family)."""
+    return {
+        "location": location,
+        "fit_key": cfg.fit_key(),
+        "images": str(count),
+        "seconds": f"{seconds:.3f}",
+        "tilead_version": tilead.__version__,
+    }
+
+
+def checkpoint_done(paths: RunPaths, cfg: RunConfig, location: str) -> bool:
+    """Whether a location's checkpoint exists, loads and belongs to this config."""
+    path = paths.checkpoint(location)
+    if not path.is_file():
+        return False
+    try:
+        meta = read_metadata(path)
+    except ValueError:
+        log.warning("checkpoint %s is unreadable; refitting that location", path)
+        return False
+    return meta.get("fit_key") == cfg.fit_key()
+
+
+def load_location_models(
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    extractor: FeatureExtractor,
+    *,
+    export: bool = False,
+    with_score: bool = False,
+) -> list[LocationModel]:
+    """Every location's module, from its checkpoint (``export``: the variant traced to ONNX).
+
+    ``with_score``: the export variant also computes the detector's own image
+    score (see :meth:`Detector.build`).
+
+    Raises:
+        FileNotFoundError: If a location has no checkpoint (training unfinished).
+        ValueError: If a checkpoint belongs to another config or detector.
+    """
+    detector = create_detector(cfg, extractor, grid.tile_size)
+    models = []
+    for name in grid.location_names():
+        path = paths.checkpoint(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"location {name} has no checkpoint ({path}); finish training with --resume")
+        state, meta = load_state(path, detector)
+        if meta.get("fit_key") != cfg.fit_key():
+            raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")
+        models.append(detector.build(state, export=export, with_score=with_score))
+    return models

@@ -1,0 +1,87 @@
+"""Fitting one location: stream its tiles into the run's detector and save its checkpoint (atomically).
+
+A location's memory is its state plus what the detector keeps, whatever the grid. :func:`_fit_worker` is the
+entry point of a worker process (:func:`tilead.trainer.ensemble.fit_ensemble`'s process pool, or a Ray task of
+:mod:`tilead.trainer.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tilead.runtime import TileGrid, location_name, set_num_threads
+from tilead.trainer.backbones import FeatureExtractor
+from tilead.trainer.checkpoints import location_metadata
+from tilead.trainer.components import dataset_image_size, make_backbone, make_preprocessing
+from tilead.trainer.config import RunConfig, load_config
+from tilead.trainer.data import Sample
+from tilead.trainer.detectors.base import create_detector, save_state
+from tilead.trainer.images import ImageLoader
+from tilead.trainer.run_dir import RunPaths
+from tilead.trainer.splits import holdout_split
+from tilead.trainer.tiles import LocationTiles
+
+log = logging.getLogger("tilead.trainer")
+
+
+def fit_location(
+    cfg: RunConfig,
+    paths: RunPaths,
+    index: int,
+    samples: Sequence[Sample],
+    grid: TileGrid,
+    *,
+    backbone: FeatureExtractor | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit one location's detector and save its checkpoint.
+
+    Args:
+        cfg: Run config.
+        paths: Run folder.
+        index: Location index (row-major).
+        samples: Good training images.
+        grid: The tile grid.
+        backbone: A prebuilt backbone (built from the config when None).
+        progress: Show progress bars.
+
+    Returns:
+        A summary (location, images, seconds, state bytes).
+    """
+    start = time.perf_counter()
+    row, col = grid.locations()[index]
+    name = location_name(row, col)
+    extractor = backbone if backbone is not None else make_backbone(cfg)
+    prep = make_preprocessing(cfg, extractor)
+    detector = create_detector(cfg, extractor, grid.tile_size)
+    fit_samples, held = holdout_split(samples, detector.holdout_fraction, cfg.seed)
+    fit = LocationTiles(cfg, fit_samples, grid, prep, index, f"fit {name}")
+    holdout = LocationTiles(cfg, held, grid, prep, index, f"holdout {name}")
+    detector.work_dir = paths.partial(name)  # resumable progress inside the location, if the detector keeps any
+    state = detector.fit(fit, holdout, progress=progress)
+    seconds = time.perf_counter() - start
+    meta = location_metadata(cfg, name, state.tiles, seconds)
+    save_state(paths.checkpoint(name), detector, state, meta)
+    shutil.rmtree(paths.partial(name), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        paths.partial(name).parent.rmdir()  # only when no other location left progress there
+    nbytes = state.nbytes
+    log.info("fitted %s on %d tiles in %.1f s (state %.1f MiB)", name, state.tiles, seconds, nbytes / 2**20)
+    return {"location": name, "images": state.tiles, "seconds": round(seconds, 3), "state_bytes": nbytes}
+
+
+def _fit_worker(config_path: str, root: str, index: int, samples: list[Sample], threads: int) -> dict[str, Any]:
+    """Process-pool entry point: fit one location with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    set_num_threads(threads)
+    cfg = load_config(Path(config_path))
+    grid = cfg.grid.build(dataset_image_size(ImageLoader(cfg.data), samples))
+    return fit_location(cfg, RunPaths(Path(root)), index, samples, grid, progress=False)
