@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -57,9 +57,6 @@ from tilead.runtime.postprocess import (
     tile_norm_arrays,
 )
 from tilead.runtime.timing import StageTimes, timed
-
-if TYPE_CHECKING:
-    from tilead.runtime.bundle import Manifest
 
 NormalizationStage = Literal["image", "tile", "none"]
 STAGES: tuple[NormalizationStage, ...] = ("image", "tile", "none")
@@ -405,6 +402,24 @@ DEFAULT_SEAM = SeamSmoothing()
 """Seam smoothing when a config section does not say (sigma 2, width 0.1, as anomalib)."""
 
 
+class DeployedSettings(Protocol):
+    """What :meth:`PostProcessor.from_manifest` reads from a verified manifest (``bundle.Manifest``).
+
+    A structural type, so that this module does not import the bundle module (which imports this one).
+    """
+
+    @property
+    def grid(self) -> TileGrid: ...  # noqa: D102
+    @property
+    def weights(self) -> BlendWeights: ...  # noqa: D102
+    @property
+    def seam(self) -> SeamSmoothing | None: ...  # noqa: D102
+    @property
+    def stats(self) -> NormalizationStats: ...  # noqa: D102
+    @property
+    def image_score(self) -> str: ...  # noqa: D102
+
+
 @dataclass(frozen=True)
 class PostProcessor:
     """Every post-processing setting after the models, built once: what validation measured is what runs.
@@ -454,7 +469,7 @@ class PostProcessor:
     # -- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest) -> PostProcessor:
+    def from_manifest(cls, manifest: DeployedSettings) -> PostProcessor:
         """The post-processing a verified bundle deploys (its grid, ``postprocess`` and ``normalization``)."""
         return cls(manifest.grid, manifest.weights, manifest.seam, manifest.stats, manifest.image_score)  # type: ignore[arg-type]
 
