@@ -144,12 +144,25 @@ def child(bundle: Path, images: list[Path], batches: list[int], threads: int | N
     from tilead.runtime import Predictor
 
     decoded = read_images(images)
-    before = vm_hwm_mib()
+    steps: dict[str, dict[str, float]] = {"start": vm_status_mib()}
     with Predictor(bundle, threads=threads, max_batch=max(batches)) as predictor:
+        steps["loaded"] = vm_status_mib()
         for batch in batches:
             for _ in range(2):
                 predictor.predict(decoded[:batch])
-    print("CHILD-JSON " + json.dumps({"rss_before_load_mib": before, "peak_rss_mib": vm_hwm_mib()}))
+            steps[f"batch {batch}"] = vm_status_mib()
+    result = {"rss_before_load_mib": steps["start"]["VmRSS"], "peak_rss_mib": vm_hwm_mib(), "steps": steps}
+    print("CHILD-JSON " + json.dumps(result))
+
+
+def vm_status_mib() -> dict[str, float]:
+    """This process's ``VmRSS`` (resident now) and ``VmHWM`` (peak so far) in MiB, from ``/proc/self/status``."""
+    out: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(line.split()[1]) / 1024.0
+    return out
 
 
 def vm_hwm_mib() -> float:
