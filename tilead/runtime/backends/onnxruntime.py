@@ -32,7 +32,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -239,6 +239,110 @@ def _malloc_trim() -> Any:
         return None
 
 
+CONSTANT_FOLDING_KEY = "tilead.constant_folding"
+"""Model metadata key: ``off`` asks for the graph to be loaded without constant folding.
+
+The exporter sets it on graphs whose fp16 constants are widened in small chunks on purpose
+(:mod:`tilead.exporter.compact_heads`): folded, each would hold an fp32 copy of its state."""
+CONSTANT_FOLDING_OFF = "off"
+
+
+def _varint(data: bytes | memoryview, pos: int) -> tuple[int, int]:
+    """A protobuf varint at ``pos``: ``(value, next position)``; ValueError past the end or over 10 bytes."""
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _fields(data: bytes | memoryview) -> Iterator[tuple[int, int, bytes | memoryview | int]]:
+    """The top-level ``(field number, wire type, value)`` s of a protobuf message (ValueError if malformed)."""
+    pos = 0
+    while pos < len(data):
+        tag, pos = _varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+            yield number, wire, value
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            if pos + size > len(data):
+                raise ValueError("a length-delimited field runs past the end")
+            yield number, wire, data[pos : pos + size]
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > len(data):
+                raise ValueError("a fixed-size field runs past the end")
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def model_metadata(model: bytes) -> dict[str, str]:
+    """An ONNX model's ``metadata_props`` read from its bytes, without parsing the graph (no ``onnx`` needed).
+
+    Walks the top level of the ``ModelProto`` (field 14 holds the ``key``/``value``
+    string pairs) and skips every other field by its length, so a 50 MB model
+    costs microseconds. Bytes that are not a well-formed message give ``{}``
+    (ONNX Runtime then reports what is wrong when it loads them).
+    """
+    view = memoryview(model)
+    out: dict[str, str] = {}
+    try:
+        for number, wire, value in _fields(view):
+            if number != 14 or wire != 2 or isinstance(value, int):
+                continue
+            entry: dict[int, str] = {}
+            for sub, sub_wire, text in _fields(value):
+                if sub in (1, 2) and sub_wire == 2 and not isinstance(text, int):
+                    entry[sub] = bytes(text).decode("utf-8")
+            out[entry.get(1, "")] = entry.get(2, "")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return out
+
+
+def folds_constants(model: bytes) -> bool:
+    """False when the model's metadata asks to be loaded without constant folding (:data:`CONSTANT_FOLDING_KEY`)."""
+    return model_metadata(model).get(CONSTANT_FOLDING_KEY) != CONSTANT_FOLDING_OFF
+
+
+def session_options(ort: Any, threads: int, *, cpu_only: bool, fold: bool) -> Any:
+    """Options of one session: ``threads`` intra-op threads, no spinning, the shared arena on the CPU.
+
+    With ``fold`` False (a model that asks for it, :func:`folds_constants`):
+    constant folding off and the level ``ORT_ENABLE_EXTENDED``, since the layout
+    pass of ``ORT_ENABLE_ALL`` folds constants on its own.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if fold else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    )
+    # Sessions run side by side on the location workers: idle pools must not spin on the cores the others need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
+    # Inter-op parallelism comes from the location workers; graphs are sequential chains.
+    options.inter_op_num_threads = 1
+    if cpu_only:
+        use_shared_cpu_arena(ort, options)
+    return options
+
+
+def load_session(ort: Any, model: bytes, providers: list[Any], threads: int) -> Any:
+    """An ``InferenceSession`` of ``model`` with :func:`session_options` (constant folding as the model asks)."""
+    cpu_only = [p if isinstance(p, str) else p[0] for p in providers] == ["CPUExecutionProvider"]
+    fold = folds_constants(model)
+    options = session_options(ort, threads, cpu_only=cpu_only, fold=fold)
+    extra: dict[str, Any] = {} if fold else {"disabled_optimizers": ["ConstantFolding"]}
+    return ort.InferenceSession(model, sess_options=options, providers=providers, **extra)
+
+
 _ENV_ARENA_LOCK = threading.Lock()
 _ENV_ARENA = False
 
@@ -301,20 +405,11 @@ class OnnxRuntimeBackend:
         count = manifest.grid.num_locations
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One session per location runs at a time: idle pools must not spin on the cores the active one needs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = max(1, threads // self.location_workers)
-        # Inter-op parallelism comes from the location workers; graphs are sequential chains.
-        options.inter_op_num_threads = 1
-        cpu_only = [p if isinstance(p, str) else p[0] for p in providers] == ["CPUExecutionProvider"]
-        if cpu_only:
-            use_shared_cpu_arena(ort, options)
+        threads_each = max(1, threads // self.location_workers)
         sessions: list[Any] = []
         for loc, model in zip(manifest.locations, models, strict=True):
             try:
-                session = ort.InferenceSession(model, sess_options=options, providers=providers)
+                session = load_session(ort, model, providers, threads_each)
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {loc.file}: {err}") from err
             check_providers(providers, session.get_providers(), loc.name)
@@ -329,16 +424,9 @@ class OnnxRuntimeBackend:
             state = "missing" if backbone is None else "given, but the layout has no shared backbone"
             raise BundleError(f"layout {manifest.layout!r}: the backbone's model bytes are {state}")
         if backbone is not None:
-            whole = ort.SessionOptions()
-            whole.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            whole.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            # Its calls are spread over the location workers (run_backbone): the heads' share of the threads.
-            whole.intra_op_num_threads = options.intra_op_num_threads
-            whole.inter_op_num_threads = 1
-            if cpu_only:
-                use_shared_cpu_arena(ort, whole)
             try:
-                self._backbone = ort.InferenceSession(backbone, sess_options=whole, providers=providers)
+                # Its calls are spread over the location workers (run_backbone): the heads' share of the threads.
+                self._backbone = load_session(ort, backbone, providers, threads_each)
             except Exception as err:
                 raise BundleError(f"the shared backbone: ONNX Runtime cannot load backbone.onnx: {err}") from err
             check_providers(providers, self._backbone.get_providers(), "backbone")
