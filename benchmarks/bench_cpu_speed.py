@@ -93,11 +93,21 @@ def ensure_bundle(run: Path, out: Path, variant: str) -> Path:
     manifest = out / "manifest.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text())
-        if data.get("layout", "per_location") == layout and data["model"].get("precision", "fp32") == precision:
+        same = data.get("layout", "per_location") == layout and data["model"].get("precision", "fp32") == precision
+        if same and not stale_heads(out, data):
             return out
     sh([str(BIN / "tilead-export"), str(run), "-o", str(out), "--layout", layout, "--precision", precision,
         "--overwrite", "--no-progress"])  # fmt: skip
     return out
+
+
+def stale_heads(bundle: Path, manifest: dict[str, Any]) -> bool:
+    """A shared-layout PaDiM bundle exported before its heads kept fp16 state in memory (re-exported then)."""
+    from tilead.runtime.backends.onnxruntime import folds_constants
+
+    if manifest.get("layout") != "shared_backbone" or manifest["model"].get("family") != "padim":
+        return False
+    return folds_constants((bundle / manifest["locations"][0]["file"]).read_bytes())
 
 
 def synthetic_images(data: Path, count: int) -> list[np.ndarray]:

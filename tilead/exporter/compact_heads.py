@@ -5,8 +5,8 @@ A PaDiM head stores its per-position block rows in fp16 and widens them with a
 Runtime folds such a ``Cast`` of a constant at load: every head then holds an
 fp32 copy, twice its file size (1.6 GB for 16 heads at 2048x2048 in 4x4 tiles
 of 512). Loaded without constant folding it keeps the fp16 rows, but then
-widens a whole row (up to 41 MB) on every call and reads it back from memory:
-about 1.4x slower at batch 1 on the reference CPU.
+widens a whole row (up to 41 MB) on every call and reads it back from memory,
+which is slower than reading the folded fp32 row.
 
 :func:`chunk_fp16_products` rewrites each such product into chunks of
 positions: ``Split`` the left operand along the positions, and per chunk
@@ -16,10 +16,8 @@ positions: ``Split`` the left operand along the positions, and per chunk
 result is the same to the bit. The graph is marked with the metadata
 :data:`~tilead.runtime.backends.onnxruntime.CONSTANT_FOLDING_KEY` ``off``, which
 tells the runtime's ONNX Runtime backend to load it without constant folding.
-Measured on one 2048x2048 head (4096 positions, 100 features) on the 2-core
-build machine under load, batch 1: 28.4 ms chunked fp16 vs 27.7 ms folded fp32
-vs 44.4 ms whole-row fp16 (a ratio, rerun on a quiet CPU with
-``benchmarks/bench_cpu_speed.py``); resident 53 MB instead of 104 MB.
+Resident per 2048x2048 head (4096 positions, 100 features): 53 MB instead
+of 104 MB. Speed: ``benchmarks/bench_cpu_speed.py`` on a quiet CPU.
 """
 
 from __future__ import annotations
