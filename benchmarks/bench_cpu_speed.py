@@ -93,11 +93,21 @@ def ensure_bundle(run: Path, out: Path, variant: str) -> Path:
     manifest = out / "manifest.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text())
-        if data.get("layout", "per_location") == layout and data["model"].get("precision", "fp32") == precision:
+        same = data.get("layout", "per_location") == layout and data["model"].get("precision", "fp32") == precision
+        if same and not stale_heads(out, data):
             return out
     sh([str(BIN / "tilead-export"), str(run), "-o", str(out), "--layout", layout, "--precision", precision,
         "--overwrite", "--no-progress"])  # fmt: skip
     return out
+
+
+def stale_heads(bundle: Path, manifest: dict[str, Any]) -> bool:
+    """A shared-layout PaDiM bundle exported before its heads kept fp16 state in memory (re-exported then)."""
+    from tilead.runtime.backends.onnxruntime import folds_constants
+
+    if manifest.get("layout") != "shared_backbone" or manifest["model"].get("family") != "padim":
+        return False
+    return folds_constants((bundle / manifest["locations"][0]["file"]).read_bytes())
 
 
 def synthetic_images(data: Path, count: int) -> list[np.ndarray]:
@@ -144,12 +154,25 @@ def child(bundle: Path, images: list[Path], batches: list[int], threads: int | N
     from tilead.runtime import Predictor
 
     decoded = read_images(images)
-    before = vm_hwm_mib()
+    steps: dict[str, dict[str, float]] = {"start": vm_status_mib()}
     with Predictor(bundle, threads=threads, max_batch=max(batches)) as predictor:
+        steps["loaded"] = vm_status_mib()
         for batch in batches:
             for _ in range(2):
                 predictor.predict(decoded[:batch])
-    print("CHILD-JSON " + json.dumps({"rss_before_load_mib": before, "peak_rss_mib": vm_hwm_mib()}))
+            steps[f"batch {batch}"] = vm_status_mib()
+    result = {"rss_before_load_mib": steps["start"]["VmRSS"], "peak_rss_mib": vm_hwm_mib(), "steps": steps}
+    print("CHILD-JSON " + json.dumps(result))
+
+
+def vm_status_mib() -> dict[str, float]:
+    """This process's ``VmRSS`` (resident now) and ``VmHWM`` (peak so far) in MiB, from ``/proc/self/status``."""
+    out: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(line.split()[1]) / 1024.0
+    return out
 
 
 def vm_hwm_mib() -> float:

@@ -341,3 +341,56 @@ def test_cpu_sessions_do_not_keep_the_model_bytes(pair: tuple[Path, Path]) -> No
             # ONNX Runtime would hold every file's bytes for the session's lifetime (its fallback copy).
             assert all(getattr(s, "_model_bytes", None) is None for s in sessions)
             assert predictor.predict(_images(1)[0]).anomaly_map.shape == (64, 64)  # type: ignore[union-attr]
+
+
+def test_verified_models_read_each_file_when_indexed_and_check_it(shared: Path) -> None:
+    from tilead.runtime.backends.base import VerifiedModels
+
+    manifest = read_manifest(shared)
+    models = VerifiedModels(shared, manifest.locations)
+    assert len(models) == len(manifest.locations) == 4
+    assert models[1] == (shared / manifest.locations[1].file).read_bytes()
+    assert len(models[2:]) == 2
+    assert models[2:][0] == models[2]
+    # Nothing was read ahead: a file changed after the sequence was made fails when it is reached, naming it.
+    target = shared / manifest.locations[3].file
+    target.write_bytes(target.read_bytes()[:-1] + b"\0")
+    assert models[0] == (shared / manifest.locations[0].file).read_bytes()
+    with pytest.raises(BundleError, match=f"location {manifest.locations[3].name}: sha256"):
+        models[3]
+
+
+def test_a_bad_head_fails_the_load_naming_it(shared: Path) -> None:
+    manifest = read_manifest(shared)
+    target = shared / manifest.locations[2].file
+    target.write_bytes(target.read_bytes()[:-1] + b"\0")
+    with pytest.raises(BundleError, match=f"location {manifest.locations[2].name}: sha256"):
+        Predictor(shared, threads=1)
+
+
+def test_cpu_sessions_share_one_activation_arena(pair: tuple[Path, Path]) -> None:
+    from tilead.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    first, second = (Predictor(bundle, threads=1) for bundle in pair)
+    with first, second:
+        for predictor in (first, second):
+            backend = predictor._backend
+            assert isinstance(backend, OnnxRuntimeBackend)
+            sessions = [*(backend._sessions or []), *([backend._backbone] if backend._backbone is not None else [])]
+            entries = {s.get_session_options().get_session_config_entry("session.use_env_allocators") for s in sessions}
+            assert entries == {"1"}
+        # Sessions of two Predictors on one arena still give each bundle its own results.
+        images = _images(3, seed=4)
+        a = [p.anomaly_map for p in first.predict(images)]  # type: ignore[union-attr]
+        b = [p.anomaly_map for p in second.predict(images)]  # type: ignore[union-attr]
+        np.testing.assert_allclose(np.stack(a), np.stack(b), rtol=0, atol=1e-5)
+
+
+def test_returning_the_freed_heap_keeps_the_sessions_working() -> None:
+    import sys
+
+    from tilead.runtime.backends.onnxruntime import _malloc_trim, return_freed_heap
+
+    assert (_malloc_trim() is not None) == sys.platform.startswith("linux")
+    return_freed_heap()
+    return_freed_heap()

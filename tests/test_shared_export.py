@@ -23,6 +23,7 @@ from tilead.exporter.shared_backbone import (
     shared_embedding,
 )
 from tilead.runtime import Predictor, read_manifest
+from tilead.runtime.backends.onnxruntime import folds_constants
 
 
 def test_choose_layout_defaults_and_refusals() -> None:
@@ -100,6 +101,10 @@ def test_shared_fp32_bundle_predicts_what_the_per_location_bundle_predicts(
     heads = sum(loc.bytes for loc in manifest.locations)
     full = sum(loc.bytes for loc in read_manifest(per_location).locations)
     assert heads + manifest.backbone.bytes < full
+    # The PaDiM heads keep their fp16 rows and ask to be loaded unfolded (tilead.exporter.compact_heads).
+    for loc in manifest.locations:
+        assert not folds_constants((result.bundle / loc.file).read_bytes())
+    assert folds_constants((result.bundle / "backbone.onnx").read_bytes())
     images = np.random.default_rng(1).integers(0, 256, (3, *manifest.grid.image_size, 3), dtype=np.uint8)
     with Predictor(per_location, threads=2) as old, Predictor(result.bundle, threads=2) as new:
         np.testing.assert_allclose(new.location_maps(images), old.location_maps(images), rtol=1e-4, atol=1e-5)

@@ -19,6 +19,8 @@ in FP32 like the others (see :mod:`tilead.exporter.quantize` for why the refit).
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tilead.exporter.compact_heads import chunk_fp16_products
 from tilead.exporter.onnx_export import check_onnx, export_like, export_location
 from tilead.exporter.quantize import quantize_location
 from tilead.runtime.bundle import BACKBONE_FILE, FEATURES_NAME, INPUT_NAME, OUTPUT_NAME, location_files, sha256_file
@@ -253,42 +256,47 @@ def export_shared(
     refit_tiles = 0
     template: tuple[Path, nn.Module] | None = None
     files = location_files(grid, "shared_backbone")
-    for index in progress(range(grid.num_locations)):
-        name, rel = grid.location_names()[index], files[index]
-        target = root / rel
-        head = HeadGraph(exported[index].get_submodule("head")).eval()
-        real: list[np.ndarray] = calibration(index)[:1] if calibration is not None else []
-        if refit is not None:
-            new, fitted = refit(index, session, exported[index].get_submodule("head"))
-            head = HeadGraph(new).eval()
-            refit_tiles = max(refit_tiles, fitted)
-        reused = template is not None and export_like(template[0], template[1], head, target)
-        if not reused:
-            export_location(head, (d, fh, fw), target, opset=opset, input_name=FEATURES_NAME)
-            template = template or (target, head)
-        check_onnx(target)
-        # The eager reference: FP32, the plain location model; INT8, the exported backbone's own head chain.
-        if calibration is None:
-            diff = chain_difference(session, target, models[index], probe)
-            if reused and diff > tolerance:
+    with tempfile.TemporaryDirectory(prefix="tilead-heads-") as scratch:  # the template head, outside the bundle
+        for index in progress(range(grid.num_locations)):
+            name, rel = grid.location_names()[index], files[index]
+            target = root / rel
+            head = HeadGraph(exported[index].get_submodule("head")).eval()
+            real: list[np.ndarray] = calibration(index)[:1] if calibration is not None else []
+            if refit is not None:
+                new, fitted = refit(index, session, exported[index].get_submodule("head"))
+                head = HeadGraph(new).eval()
+                refit_tiles = max(refit_tiles, fitted)
+            reused = template is not None and export_like(template[0], template[1], head, target)
+            if not reused:
                 export_location(head, (d, fh, fw), target, opset=opset, input_name=FEATURES_NAME)
-                check_onnx(target)
+                if template is None:  # the traced graph as exported: export_like swaps weights by their names
+                    template = (Path(scratch) / "head.onnx", head)
+                    shutil.copyfile(target, template[0])
+            chunk_fp16_products(target)  # fp16 state stays fp16 in memory (compact_heads)
+            check_onnx(target)
+            # The eager reference: FP32, the plain location model; INT8, the exported backbone's own head chain.
+            if calibration is None:
                 diff = chain_difference(session, target, models[index], probe)
-            if diff > tolerance:
-                raise RuntimeError(
-                    f"location {name}: backbone.onnx + {rel} differ from the eager model by {diff:.2e} of the map "
-                    f"range (tolerance {tolerance:.0e})"
-                )
-        else:
-            diff = chain_difference(session, target, models[index], real[0])
-            if diff > int8_tolerance:
-                raise RuntimeError(
-                    f"location {name}: the INT8 backbone + {rel} differ from the eager model by {diff:.2e} of the "
-                    f"map range on training tiles (INT8 tolerance {int8_tolerance})"
-                )
-        parity[name] = diff
-        entries.append({"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size})
-        log.info("exported %s head (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
+                if reused and diff > tolerance:
+                    export_location(head, (d, fh, fw), target, opset=opset, input_name=FEATURES_NAME)
+                    chunk_fp16_products(target)
+                    check_onnx(target)
+                    diff = chain_difference(session, target, models[index], probe)
+                if diff > tolerance:
+                    raise RuntimeError(
+                        f"location {name}: backbone.onnx + {rel} differ from the eager model by {diff:.2e} of the map "
+                        f"range (tolerance {tolerance:.0e})"
+                    )
+            else:
+                diff = chain_difference(session, target, models[index], real[0])
+                if diff > int8_tolerance:
+                    raise RuntimeError(
+                        f"location {name}: the INT8 backbone + {rel} differ from the eager model by {diff:.2e} of the "
+                        f"map range on training tiles (INT8 tolerance {int8_tolerance})"
+                    )
+            parity[name] = diff
+            entries.append({"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size})
+            log.info("exported %s head (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
     backbone = {
         "name": "backbone",
         "file": BACKBONE_FILE,

@@ -37,8 +37,9 @@ from tilead.runtime.backends.base import (
     InferenceBackend,
     LocationOutputs,
     PipelineBackend,
+    VerifiedModels,
 )
-from tilead.runtime.bundle import Manifest, read_manifest, read_verified, verify_files
+from tilead.runtime.bundle import Manifest, read_manifest, read_verified_file, verify_files
 from tilead.runtime.image_resize import resize_image
 from tilead.runtime.postprocess import resize_maps
 from tilead.runtime.postprocessor import PostProcessor, nonfinite_errors
@@ -169,14 +170,16 @@ class Predictor:
         self.max_batch = max_batch
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
         self.post = PostProcessor.from_manifest(self.manifest)  # every post-processing setting, built once
+        models: Sequence[bytes] = ()
+        backbone = None
         if spec.reads_onnx:
-            # Each model file read once; size and sha256 checked on these bytes, which the backend then loads.
-            verified = read_verified(self.path, self.manifest)
-            models = tuple(verified[loc.name] for loc in self.manifest.locations)
-            backbone = None if self.manifest.backbone is None else verified[self.manifest.backbone.name]
+            # Each model file read once, when the backend loads it (one file's bytes held at a time); size and
+            # sha256 checked on these bytes, which the backend then loads.
+            if self.manifest.backbone is not None:
+                backbone = read_verified_file(self.path, self.manifest.backbone)
+            models = VerifiedModels(self.path, self.manifest.locations)
         else:
             verify_files(self.path, self.manifest)  # the engines are read and checked by their backend
-            models, backbone = (), None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
         self._running = 0

@@ -26,11 +26,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, overload, runtime_checkable
 
 import numpy as np
 
-from tilead.runtime.bundle import BundleError, Manifest
+from tilead.runtime.bundle import BundleError, Manifest, read_verified_file
+from tilead.runtime.files import LocationFile
 from tilead.runtime.postprocess import NormalizedMaps
 from tilead.runtime.preprocess import InputOrder
 from tilead.runtime.timing import StageTimes, timed
@@ -56,6 +57,42 @@ class Capabilities:
     detector_score: bool
 
 
+class VerifiedModels(Sequence[bytes]):
+    """Model files' bytes, each read and verified when it is indexed, so that at most one is held at a time.
+
+    A backend that walks the sequence once (``for model in request.models``)
+    and lets each bytes object go once its session exists never holds more
+    than one model file's bytes: for a 16-location bundle of 51 MB heads that
+    is 816 MB less at load (peak RSS) than reading them all first. Every file
+    is checked (size, sha256) on the very bytes returned
+    (:func:`~tilead.runtime.bundle.read_verified_file`), so what a backend
+    loads is always what was hashed; a bad file raises :class:`BundleError`
+    when it is reached.
+
+    Args:
+        bundle: Bundle directory.
+        entries: The manifest's entries, in the order the backend loads them.
+    """
+
+    def __init__(self, bundle: Path, entries: Sequence[LocationFile]) -> None:
+        self.bundle = Path(bundle)
+        self.entries = tuple(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        if isinstance(index, slice):
+            return VerifiedModels(self.bundle, self.entries[index])
+        return read_verified_file(self.bundle, self.entries[index])
+
+
 @dataclass(frozen=True)
 class BackendRequest:
     """Everything a backend factory gets from the Predictor.
@@ -63,9 +100,10 @@ class BackendRequest:
     Attributes:
         bundle: Bundle directory.
         manifest: Its manifest (files verified).
-        models: Every location's ONNX model bytes, row-major (read by the Predictor; empty for a
+        models: Every location's ONNX model bytes, row-major (verified by the Predictor; empty for a
             backend whose registry entry has ``reads_onnx`` False): for a ``shared_backbone``
-            bundle the heads.
+            bundle the heads. A :class:`VerifiedModels` reads each file when indexed: walk it
+            once and drop each item after loading it.
         backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles), else None.
         device: ``"cpu"`` or ``"cuda"``.
         threads: CPU threads for inference in all (None: the machine's logical cores).
@@ -78,7 +116,7 @@ class BackendRequest:
 
     bundle: Path
     manifest: Manifest
-    models: tuple[bytes, ...]
+    models: Sequence[bytes]
     device: str
     threads: int | None
     location_workers: int | None
