@@ -91,10 +91,10 @@ def test_predictor_int8_close_to_fp32(int8_bundle: Path, tiny_trained: tuple[Pat
     from tilead.runtime import Predictor
     from tilead.trainer.data import discover
     from tilead.trainer.images import ImageLoader
-    from tilead.trainer.run_dir import open_run
+    from tilead.trainer.run import Run
 
     run, fp32_bundle = tiny_trained
-    _, cfg = open_run(run)
+    cfg = Run.open(run).config
     loader = ImageLoader(cfg.data)
     images = np.stack([loader.load_image(s) for s in discover(cfg.data).test])
     with Predictor(fp32_bundle) as p32, Predictor(int8_bundle) as p8:

@@ -15,8 +15,9 @@ from tilead.demo.synthetic import SyntheticSpec, generate
 from tilead.runtime import TileGrid, merge_maps
 from tilead.runtime.stats import NormalizationStats
 from tilead.trainer.config import ConfigError, load_config
-from tilead.trainer.ensemble import load_location_models, make_backbone
+from tilead.trainer.ensemble import make_backbone
 from tilead.trainer.io import load_tensors
+from tilead.trainer.run import load_location_models
 from tilead.trainer.run_dir import RunPaths
 
 pytestmark = pytest.mark.integration

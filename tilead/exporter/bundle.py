@@ -50,7 +50,6 @@ from tilead.exporter.quantize import (
     refit_padim_head,
 )
 from tilead.exporter.shared_backbone import choose_layout, export_shared, refit_padim
-from tilead.runtime import TileGrid
 from tilead.runtime.bundle import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -62,17 +61,9 @@ from tilead.runtime.bundle import (
 )
 from tilead.trainer.config import PadimConfig, RunConfig
 from tilead.trainer.data import Sample, discover
-from tilead.trainer.detectors import LocationModel, create_detector
-from tilead.trainer.ensemble import (
-    LocationTiles,
-    holdout_split,
-    load_location_models,
-    make_backbone,
-    make_preprocessing,
-    make_splits,
-)
-from tilead.trainer.pipeline import load_stats
-from tilead.trainer.run_dir import open_run, read_json
+from tilead.trainer.detectors import LocationModel
+from tilead.trainer.ensemble import LocationTiles, holdout_split, make_splits
+from tilead.trainer.run import Run
 
 log = logging.getLogger("tilead.exporter")
 PARITY_TOLERANCE = 1e-5  # max abs ONNX-vs-eager difference, relative to the map's range
@@ -135,7 +126,7 @@ class ExportResult:
 
 
 def export_bundle(
-    run_dir: Path,
+    run_dir: Path | Run,
     out: Path,
     *,
     opset: int = DEFAULT_OPSET,
@@ -149,7 +140,7 @@ def export_bundle(
     """Export a trained run as a bundle.
 
     Args:
-        run_dir: A finished training run.
+        run_dir: A finished training run (its folder, or the opened :class:`~tilead.trainer.run.Run`).
         out: Bundle directory to create.
         opset: ONNX opset (>= 17).
         overwrite: Replace an existing bundle at ``out``.
@@ -182,30 +173,29 @@ def export_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    paths, cfg = open_run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    cfg = run.config
     if precision == "int8" and cfg.model.family != "padim":
         raise ValueError(
             f"precision int8: implemented for padim runs (its Gaussians are refit on the INT8 backbone's features); "
             f"this run's model is {cfg.model.family!r}, whose FP32-fitted head would not match: export fp32"
         )
     layout = choose_layout(layout, cfg.model.family, cfg.postprocess.image_score)
-    stats = load_stats(paths)
-    run = read_json(paths.run_json)
-    grid = TileGrid.from_dict(run["grid"])
-    extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
-    prep = make_preprocessing(cfg, extractor)
+    stats = run.stats
+    grid = run.grid
+    run.backbone.to(memory_format=torch.contiguous_format)  # in place: the models below are traced on it
+    prep = run.preprocessing
     with_score = cfg.postprocess.image_score == "detector"
 
     def graph(model: LocationModel) -> torch.nn.Module:
         # With the detector's image score deployed the graph gets a second output, checked like the map.
         return MapAndScore(model) if with_score else model
 
-    models = [graph(m) for m in load_location_models(cfg, paths, grid, extractor)]
+    models = [graph(m) for m in run.models()]
     # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
     # the memory-bound per-position matrices); its ONNX output is checked against the plain eager model below.
-    variants = load_location_models(cfg, paths, grid, extractor, export=True, with_score=with_score)
-    exported = [graph(m) for m in variants]
-    detector = create_detector(cfg, extractor, grid.tile_size)
+    exported = [graph(m) for m in run.models(export=True, with_score=with_score)]
+    detector = run.detector
     tile_shape = (prep.channels, *grid.tile_size)
     calibration = _calibration_samples(cfg, calibration_images) if precision == "int8" else ()
     fit_samples = (
@@ -336,10 +326,10 @@ def export_bundle(
             },
             "normalization": stats.to_dict(),
             "source": {
-                "run": str(paths.root.resolve()),
+                "run": str(run.root.resolve()),
                 "config": cfg.name,
-                "fit_key": cfg.fit_key(),
-                "validation": run.get("splits", {}),
+                "fit_key": run.fit_key,
+                "validation": run.record.splits,
                 "parity_onnxruntime_vs_torch": parity,
                 **({"quantization": quant_info} if quant_info else {}),
             },

@@ -44,13 +44,12 @@ from tilead.trainer.detectors.base import (
     LocationModel,
     create_detector,
     detector_class,
-    load_state,
     save_state,
 )
 from tilead.trainer.distributed import fit_ray, maybe_inject_fault
 from tilead.trainer.images import ImageLoader
 from tilead.trainer.io import read_metadata
-from tilead.trainer.run_dir import RunPaths
+from tilead.trainer.run_dir import RunPaths, read_run_record
 
 log = logging.getLogger("tilead.trainer")
 
@@ -275,8 +274,9 @@ def _fit_worker(config_path: str, root: str, index: int, samples: list[Sample], 
     torch.set_num_threads(threads)
     set_num_threads(threads)
     cfg = load_config(Path(config_path))
-    grid = cfg.grid.build(dataset_image_size(ImageLoader(cfg.data), samples))
-    return fit_location(cfg, RunPaths(Path(root)), index, samples, grid, progress=False)
+    paths = RunPaths(Path(root))
+    grid = read_run_record(paths).grid  # the grid train wrote before fitting, not re-derived from the images
+    return fit_location(cfg, paths, index, samples, grid, progress=False)
 
 
 def dataset_image_size(loader: ImageLoader, samples: Sequence[Sample]) -> tuple[int, int]:
@@ -328,37 +328,6 @@ def fit_ensemble(
     finally:
         bar.close()
     return results
-
-
-def load_location_models(
-    cfg: RunConfig,
-    paths: RunPaths,
-    grid: TileGrid,
-    extractor: FeatureExtractor,
-    *,
-    export: bool = False,
-    with_score: bool = False,
-) -> list[LocationModel]:
-    """Every location's module, from its checkpoint (``export``: the variant traced to ONNX).
-
-    ``with_score``: the export variant also computes the detector's own image
-    score (see :meth:`Detector.build`).
-
-    Raises:
-        FileNotFoundError: If a location has no checkpoint (training unfinished).
-        ValueError: If a checkpoint belongs to another config or detector.
-    """
-    detector = create_detector(cfg, extractor, grid.tile_size)
-    models = []
-    for name in grid.location_names():
-        path = paths.checkpoint(name)
-        if not path.is_file():
-            raise FileNotFoundError(f"location {name} has no checkpoint ({path}); finish training with --resume")
-        state, meta = load_state(path, detector)
-        if meta.get("fit_key") != cfg.fit_key():
-            raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")
-        models.append(detector.build(state, export=export, with_score=with_score))
-    return models
 
 
 def collect_maps(

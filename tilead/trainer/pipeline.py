@@ -42,7 +42,6 @@ from tilead.trainer.ensemble import (
     collect_maps,
     dataset_image_size,
     fit_ensemble,
-    load_location_models,
     location_forward,
     location_maps,
     make_backbone,
@@ -56,7 +55,8 @@ from tilead.trainer.io import atomic_write_json, atomic_write_png, atomic_write_
 from tilead.trainer.metrics import auroc, f1_at_threshold
 from tilead.trainer.metrics import evaluate as compute_metrics
 from tilead.trainer.report import overlay_of, write_eval_report
-from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, prepare_run, read_json
+from tilead.trainer.run import Run, load_location_models
+from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
 from tilead.trainer.validation import check_validation_count, compute_stats
 from tilead.viz.overlays import pick_overlays
@@ -377,17 +377,6 @@ def validation_summary(stats_path: Path) -> str:
     return text
 
 
-def load_stats(paths: RunPaths) -> NormalizationStats:
-    """The run's normalization statistics.
-
-    Raises:
-        FileNotFoundError: If training did not finish.
-    """
-    if not paths.stats.is_file():
-        raise FileNotFoundError(f"{paths.stats} not found: training of {paths.root} did not finish (use --resume)")
-    return NormalizationStats.from_dict(read_json(paths.stats)["normalization"])
-
-
 def _per_image_csv(samples: list[Sample], raw: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -409,9 +398,11 @@ def _pooled(values: np.ndarray | list[np.ndarray]) -> np.ndarray:
 
 
 def _bundle_maps(
-    bundle: Path, cfg: RunConfig, samples: list[Sample], grid: TileGrid, progress: bool
+    bundle: Path, run: Run, cfg: RunConfig, samples: list[Sample], progress: bool
 ) -> tuple[np.ndarray, np.ndarray, list[Sample], np.ndarray | None]:
     """Per-location maps through the runtime Predictor (ONNX Runtime), with masks.
+
+    ``cfg`` is the run's config with this evaluation's overrides (data and eval settings).
 
     Returns:
         ``(maps, masks, samples, tile_scores)`` as :func:`collect_maps`, plus the
@@ -419,22 +410,18 @@ def _bundle_maps(
         deploys them (None otherwise).
 
     Raises:
-        ValueError: If the bundle was exported from another run or grid.
+        ValueError: If the bundle was not exported from this run as it is now (:meth:`Run.mismatches`).
     """
     from tilead.runtime import Predictor
 
     predictor = Predictor(bundle, max_batch=cfg.eval.batch_size)
     with predictor:
-        source = predictor.manifest.raw.get("source", {})
-        if source.get("fit_key") != cfg.fit_key() or predictor.manifest.grid != grid:
+        differences = run.mismatches(predictor.manifest)
+        if differences:
             raise ValueError(
-                f"--bundle {bundle}: exported from another run (fit key {source.get('fit_key')}, "
-                f"grid {predictor.manifest.grid}), not from this one (fit key {cfg.fit_key()})"
-            )
-        if predictor.manifest.image_score != cfg.postprocess.image_score:
-            raise ValueError(
-                f"--bundle {bundle}: its image score is {predictor.manifest.image_score!r}, the run's "
-                f"postprocess.image_score is {cfg.postprocess.image_score!r}; export the run again"
+                f"--bundle {bundle}: not exported from the run {run.root} as it is now: "
+                + "; ".join(differences)
+                + "; export the run again"
             )
 
         score_chunks: list[np.ndarray] = []
@@ -570,7 +557,8 @@ def evaluate(
         ValueError: For an override that changes what the locations were fitted on.
     """
     start = time.perf_counter()
-    paths, cfg = open_run(root)
+    run = Run.open(root)
+    paths, cfg = run.paths, run.config
     if overrides:
         cfg = _override_run_config(paths, cfg, overrides)
     default_out = paths.root / ("eval_bundle" if bundle is not None else "eval")
@@ -578,7 +566,7 @@ def evaluate(
     handler = attach_log(paths)
     try:
         _setup_threads(cfg)
-        stats = load_stats(paths)
+        stats = run.stats
         dataset = discover(cfg.data)
         test = list(dataset.test)
         good_only = not any(s.label for s in test)
@@ -595,25 +583,22 @@ def evaluate(
                     "evaluation: the dataset has no test images and the run held out no good images "
                     "(validation.split same_as_test); add test images"
                 )
-        loader = ImageLoader(cfg.data)
-        grid = _grid(cfg, loader, test)
+        grid = run.grid
         t_inf = time.perf_counter()
         masks: np.ndarray | None
         detector_scores: list[np.ndarray] = []
         tile_scores: np.ndarray | None = None
         if bundle is not None:
-            maps, masks, kept, tile_scores = _bundle_maps(Path(bundle), cfg, test, grid, progress)
+            maps, masks, kept, tile_scores = _bundle_maps(Path(bundle), run, cfg, test, progress)
         else:
-            extractor = make_backbone(cfg)
-            prep = make_preprocessing(cfg, extractor)
-            models = load_location_models(cfg, paths, grid, extractor)
+            models = run.models()
             t_inf = time.perf_counter()
             maps, masks, kept = location_maps(
                 cfg,
                 models,
                 test,
                 grid,
-                prep,
+                run.preprocessing,
                 batch_size=cfg.eval.batch_size,
                 with_masks=True,
                 progress="evaluate" if progress else None,
