@@ -202,6 +202,9 @@ class RunRecord:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
+_PREPROCESSING_KEYS = tuple(Preprocessing().to_dict())
+
+
 def _describe(value: object) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
@@ -240,6 +243,10 @@ def parse_run_record(data: object, source: str = "run.json") -> RunRecord:
     for key, parse in (("grid", TileGrid.from_dict), ("preprocessing", Preprocessing.from_dict)):
         if key not in data:
             raise RunFolderError(f"{source}: {key!r} is missing; expected the {key} tilead-train writes")
+        value = data[key]
+        missing = sorted(set(_PREPROCESSING_KEYS) - set(value)) if isinstance(value, Mapping) else []
+        if key == "preprocessing" and missing:  # no defaults: the run was fitted with stated values
+            raise RunFolderError(f"{source}: 'preprocessing' lacks {missing}; expected every key tilead-train writes")
         try:
             parsed[key] = parse(data[key])
         except (TypeError, ValueError) as err:
