@@ -11,6 +11,8 @@ Modules:
 * :mod:`~tilead.trainer.validation`: normalization statistics on runtime-merged maps.
 * :mod:`~tilead.trainer.metrics`: AUROC, F1, AUPRO (exact, NumPy).
 * :mod:`~tilead.trainer.pipeline`: ``train`` and ``evaluate``, as the CLIs call them.
+* :mod:`~tilead.trainer.run`: :class:`~tilead.trainer.run.Run`, a trained run opened (grid, stats, models,
+  ``matches(manifest)``); :mod:`~tilead.trainer.run_dir` is the run folder's layout and files.
 
 The trainer cuts tiles with the runtime's tile kernel and merges maps with the
 runtime's untile and seam-smoothing kernels, so what is validated is what the
