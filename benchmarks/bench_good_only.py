@@ -52,15 +52,12 @@ import numpy as np
 
 from tilead.runtime import merge_maps
 from tilead.runtime.postprocessor import NormalizationStats
-from tilead.trainer.checkpoints import load_location_models
-from tilead.trainer.components import dataset_image_size, make_backbone, make_preprocessing
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import discover
-from tilead.trainer.images import ImageLoader
 from tilead.trainer.inference import location_maps
 from tilead.trainer.metrics import aupro, auroc, f1_adaptive_threshold, f1_at_threshold
-from tilead.trainer.pipeline import load_stats, train
-from tilead.trainer.run_dir import RunPaths, read_json
+from tilead.trainer.pipeline import train
+from tilead.trainer.run import Run
 from tilead.trainer.splits import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +132,8 @@ def run_dataset(name: str, work: Path, quick: bool) -> dict[str, Any]:
     cfg_syn = load_config(config, {"validation.split": "synthetic"})
     train(cfg_syn, run, resume=True, progress=False)
     timings["fit_and_synthetic_validation_s"] = round(time.perf_counter() - t0, 1)
-    syn_stats = load_stats(RunPaths(run))
-    syn_record = read_json(RunPaths(run).stats)["validation"]
+    syn_run = Run.open(run)
+    syn_stats, syn_record = syn_run.stats, syn_run.validation
     syn_rules = {k: syn_record.get(k) for k in ("image_threshold_rule", "pixel_threshold_rule")}
     t0 = time.perf_counter()
     cfg = load_config(config, {"validation.split": "holdout"})
@@ -144,15 +141,12 @@ def run_dataset(name: str, work: Path, quick: bool) -> dict[str, Any]:
     timings["holdout_revalidation_s"] = round(time.perf_counter() - t0, 1)
     assert result.fitted_now == 0, "re-validation refitted locations"
     hold_stats: NormalizationStats = result.stats
-    hold_record = read_json(RunPaths(run).stats)["validation"]
+    opened = Run.open(run)  # re-validated: its stats.json is the holdout one now
+    hold_record = opened.validation
 
     dataset = discover(cfg.data)
     splits = make_splits(cfg, dataset)
-    loader = ImageLoader(cfg.data)
-    grid = cfg.grid.build(dataset_image_size(loader, list(splits.fit) + list(splits.validation)))
-    extractor = make_backbone(cfg)
-    prep = make_preprocessing(cfg, extractor)
-    models = load_location_models(cfg, RunPaths(run), grid, extractor)
+    grid, prep, models = opened.grid, opened.preprocessing, opened.models()
     t0 = time.perf_counter()
     test_maps, test_masks, kept = location_maps(
         cfg, models, splits.test, grid, prep, batch_size=cfg.eval.batch_size, with_masks=True

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tilead.trainer.components import run_grid
 from tilead.trainer.data import discover
 from tilead.trainer.evaluation import BundleMaps, EagerMaps, MapSource, eval_samples, infer_maps
-from tilead.trainer.images import ImageLoader
-from tilead.trainer.run_dir import open_run
+from tilead.trainer.run import Run
 
 
 @pytest.mark.integration
 def test_eager_and_bundle_sources_give_the_same_maps(tiny_trained: tuple[Path, Path]) -> None:
-    run, bundle = tiny_trained
-    paths, cfg = open_run(run)
+    root, bundle = tiny_trained
+    run = Run.open(root)
+    cfg, grid = run.config, run.grid
     test = eval_samples(cfg, discover(cfg.data))
     assert not test.good_only
     assert test.held == set()
-    grid = run_grid(cfg, ImageLoader(cfg.data), test.samples)
     outputs = []
-    sources: list[MapSource] = [EagerMaps(cfg, paths, grid), BundleMaps(bundle, cfg, grid)]
+    sources: list[MapSource] = [EagerMaps(cfg, run), BundleMaps(bundle, run, cfg)]
     for source in sources:
         with source:
             outputs.append(infer_maps(cfg, test.samples, source, progress=False))
@@ -39,16 +39,23 @@ def test_eager_and_bundle_sources_give_the_same_maps(tiny_trained: tuple[Path, P
 
 
 @pytest.mark.integration
-def test_bundle_source_refuses_another_run_and_use_outside_with(tiny_trained: tuple[Path, Path]) -> None:
-    run, bundle = tiny_trained
-    _, cfg = open_run(run)
-    grid = run_grid(cfg, ImageLoader(cfg.data), list(discover(cfg.data).test))
-    source = BundleMaps(bundle, cfg, grid)
+def test_bundle_source_refuses_another_run_and_use_outside_with(
+    tiny_trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, bundle = tiny_trained
+    run = Run.open(root)
+    cfg, grid = run.config, run.grid
+    source = BundleMaps(bundle, run, cfg)
     images = np.zeros((1, *grid.image_size, 3), dtype=np.uint8)
     with pytest.raises(RuntimeError, match="use it inside 'with'"):
         source.location_outputs(images)
-    other = cfg.model_copy(update={"seed": cfg.seed + 1})  # another fit key
-    with pytest.raises(ValueError, match="exported from another run"), BundleMaps(bundle, other, grid):
+    other = tmp_path / "other"  # the same run, validated again since: its statistics differ from the bundle's
+    shutil.copytree(root, other)
+    stats = json.loads((other / "stats.json").read_text())
+    stats["normalization"]["pixel_threshold"] += 1e-3
+    (other / "stats.json").write_text(json.dumps(stats))
+    refused = r"not exported from the run .* normalization statistics differ"
+    with pytest.raises(ValueError, match=refused), BundleMaps(bundle, Run.open(other), cfg):
         pass
     with source:
         maps, scores = source.location_outputs(images)

@@ -28,9 +28,9 @@ def trained(tiny_trained: tuple[Path, Path]) -> tuple[Path, Path]:
 def _test_images(run: Path) -> tuple[list[Any], np.ndarray]:
     from tilead.trainer.data import discover
     from tilead.trainer.images import ImageLoader
-    from tilead.trainer.run_dir import open_run
+    from tilead.trainer.run import Run
 
-    _, cfg = open_run(run)
+    cfg = Run.open(run).config
     samples = list(discover(cfg.data).test)
     loader = ImageLoader(cfg.data)
     return samples, np.stack([loader.load_image(s) for s in samples])
@@ -100,12 +100,13 @@ def test_predictor_matches_the_trainers_pytorch_pipeline(trained: tuple[Path, Pa
     from tilead.runtime.postprocessor import postprocess_maps
     from tilead.trainer.checkpoints import load_location_models
     from tilead.trainer.components import make_backbone, make_preprocessing
+    from tilead.trainer.config import load_config
     from tilead.trainer.inference import location_maps
-    from tilead.trainer.pipeline import load_stats
-    from tilead.trainer.run_dir import open_run
+    from tilead.trainer.run_dir import RunPaths, load_stats
 
     run, bundle = trained
-    paths, cfg = open_run(run)
+    paths = RunPaths(run)
+    cfg = load_config(paths.config)
     samples, images = _test_images(run)
     grid = cfg.grid.build((160, 160))
     extractor = make_backbone(cfg)
@@ -346,10 +347,10 @@ def test_predict_cli_writes_results_and_overlays(trained: tuple[Path, Path], tmp
     from click.testing import CliRunner
 
     from tilead.cli.predict import main as predict_main
-    from tilead.trainer.run_dir import open_run
+    from tilead.trainer.run import Run
 
     run, bundle = trained
-    _, cfg = open_run(run)
+    cfg = Run.open(run).config
     folder = cfg.data.dataset_root / "test" / "good"
     res = CliRunner().invoke(predict_main, [str(bundle), str(folder), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output

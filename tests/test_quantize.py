@@ -91,10 +91,10 @@ def test_predictor_int8_close_to_fp32(int8_bundle: Path, tiny_trained: tuple[Pat
     from tilead.runtime import Predictor
     from tilead.trainer.data import discover
     from tilead.trainer.images import ImageLoader
-    from tilead.trainer.run_dir import open_run
+    from tilead.trainer.run import Run
 
     run, fp32_bundle = tiny_trained
-    _, cfg = open_run(run)
+    cfg = Run.open(run).config
     loader = ImageLoader(cfg.data)
     images = np.stack([loader.load_image(s) for s in discover(cfg.data).test])
     with Predictor(fp32_bundle) as p32, Predictor(int8_bundle) as p8:
@@ -160,12 +160,16 @@ def test_int8_is_refused_for_a_family_without_a_refit(tiny_trained: tuple[Path, 
     import yaml
 
     from tilead.exporter.bundle import export_bundle
+    from tilead.trainer.config import load_config
 
     run = tmp_path / "run"
     shutil.copytree(tiny_trained[0], run)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["model"] = {"family": "patchcore", "backbone": cfg["model"]["backbone"], "feature_stride": 8}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    record = json.loads((run / "run.json").read_text())  # a run of that config (Run.open checks the fit key)
+    record["fit_key"] = load_config(run / "config.yaml").fit_key()
+    (run / "run.json").write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"precision int8: implemented for padim runs .* model is 'patchcore'"):
         export_bundle(run, tmp_path / "out", precision="int8", progress=False)
     assert not (tmp_path / "out").exists()

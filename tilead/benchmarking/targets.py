@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from tilead.runtime import Predictor
+from tilead.runtime import Manifest, Predictor
 from tilead.runtime.preprocess import InputOrder
 from tilead.runtime.timing import StageTimes
 
@@ -169,14 +169,14 @@ class TorchTarget(LoadedRoute):
         self.ensemble = None
 
 
-def load_torch(run: Path, *, threads: int | None, expected_fit_key: str | None) -> TorchTarget:
+def load_torch(run: Path, *, threads: int | None, manifest: Manifest | None) -> TorchTarget:
     """Load a run folder's eager ensemble for ``--compare torch``.
 
     Args:
         run: The run the bundle was exported from.
         threads: Torch intra-op threads (default: every usable core).
-        expected_fit_key: The bundle's ``source.fit_key``; a run with another
-            key is a different ensemble and is refused.
+        manifest: The bundle's manifest; a run it was not exported from (as the run is now,
+            :meth:`tilead.trainer.run.Run.matches`) is a different ensemble and is refused.
 
     Raises:
         RuntimeError: If PyTorch (the trainer extra) is not installed.
@@ -189,21 +189,22 @@ def load_torch(run: Path, *, threads: int | None, expected_fit_key: str | None) 
         import torch
 
         from tilead.trainer.eager import load_eager_ensemble
-        from tilead.trainer.run_dir import open_run
+        from tilead.trainer.run import Run
     except ImportError as err:
         raise RuntimeError(
             f"--compare torch needs the trainer's PyTorch stack ({err}); install it with pip install 'tilead[train]'"
         ) from err
     from tilead.benchmarking.environment import usable_cores
 
-    _, cfg = open_run(run)
-    if expected_fit_key is not None and cfg.fit_key() != expected_fit_key:
+    opened = Run.open(run)
+    differences = [] if manifest is None else opened.mismatches(manifest)
+    if differences:
         raise ValueError(
-            f"--run {run}: this run's fit key {cfg.fit_key()} differs from the bundle's source fit key "
-            f"{expected_fit_key}; pass the run the bundle was exported from"
+            f"--run {run}: the bundle was not exported from this run as it is now ({'; '.join(differences)}); "
+            "pass the run the bundle was exported from"
         )
     torch.set_num_threads(threads or usable_cores())
-    ensemble = load_eager_ensemble(run)
+    ensemble = load_eager_ensemble(opened)
     load_s = time.perf_counter() - start
     info = {
         "backend": "torch-eager",

@@ -314,7 +314,7 @@ def _run(s: BenchSettings) -> dict[str, Any]:
                     f"--compare torch needs the run the bundle was exported from; the manifest names {run!s} "
                     "which does not exist here: pass --run RUN_DIR"
                 )
-            targets.append(load_torch(run, threads=s.threads, expected_fit_key=source.get("fit_key")))
+            targets.append(load_torch(run, threads=s.threads, manifest=manifest))
         elif s.compare == "onnxruntime":
             targets.append(predictor("onnxruntime"))
         elif graph_compare:

@@ -211,6 +211,7 @@ def _train(cfg: RunConfig, run_dir: Path, data_spec: Any, progress: bool) -> Tra
     """Train into ``run_dir``, resuming or reusing what a previous demo left there."""
     from tilead.trainer.io import atomic_write_json
     from tilead.trainer.pipeline import train
+    from tilead.trainer.run import Run
     from tilead.trainer.run_dir import RunPaths
 
     paths = RunPaths(run_dir)
@@ -219,13 +220,11 @@ def _train(cfg: RunConfig, run_dir: Path, data_spec: Any, progress: bool) -> Tra
         record = _read_json(run_dir / RECORD)
         record = record if isinstance(record, dict) else {}
         try:
-            old_key: str | None = load_config(paths.config).fit_key()
-        except ValueError:  # no config yet, or an unreadable one
-            old_key = None
-        same_fit = record.get("data_spec") == data_spec and old_key == cfg.fit_key()
-        state = _read_json(paths.run_json)
-        finished = isinstance(state, dict) and state.get("status") == "trained" and paths.stats.is_file()
-        if same_fit and record == wanted and finished:
+            old: Run | None = Run.open(run_dir)
+        except (OSError, ValueError):  # not started, or unreadable: nothing to keep
+            old = None
+        same_fit = old is not None and record.get("data_spec") == data_spec and old.fit_key == cfg.fit_key()
+        if old is not None and same_fit and record == wanted and old.finished:
             log.info("demo: reusing the finished run in %s", run_dir)
             return "reused"
         if not same_fit:
@@ -239,27 +238,21 @@ def _train(cfg: RunConfig, run_dir: Path, data_spec: Any, progress: bool) -> Tra
     return step
 
 
-def _bundle_matches(bundle: Path, cfg: RunConfig, run_dir: Path) -> bool:
-    """Whether ``bundle`` was exported from the finished run in ``run_dir`` as it is now."""
+def _bundle_matches(bundle: Path, run_dir: Path) -> bool:
+    """Whether ``bundle`` is intact and was exported from the finished run in ``run_dir`` as it is now."""
     from tilead import __version__
     from tilead.runtime import BundleError, read_manifest, verify_files
+    from tilead.trainer.run import Run
 
     try:
         manifest = read_manifest(bundle, current_version=__version__)
         verify_files(bundle, manifest)
-    except (BundleError, OSError):
+        return Run.open(run_dir).matches(manifest)
+    except (BundleError, OSError, ValueError):
         return False
-    source = manifest.raw.get("source", {})
-    stats = (_read_json(run_dir / "stats.json") or {}).get("normalization")
-    return bool(
-        source.get("fit_key") == cfg.fit_key()
-        and source.get("run") == str(run_dir.resolve())
-        and stats is not None
-        and manifest.raw.get("normalization") == stats
-    )
 
 
-def _export(cfg: RunConfig, run_dir: Path, bundle: Path, run_reused: bool, progress: bool) -> ExportStep:
+def _export(run_dir: Path, bundle: Path, run_reused: bool, progress: bool) -> ExportStep:
     """Export the run to ``bundle`` unless an identical export is already there.
 
     Raises:
@@ -268,7 +261,7 @@ def _export(cfg: RunConfig, run_dir: Path, bundle: Path, run_reused: bool, progr
     from tilead.exporter.bundle import export_bundle
     from tilead.runtime.bundle import MANIFEST
 
-    if run_reused and _bundle_matches(bundle, cfg, run_dir):
+    if run_reused and _bundle_matches(bundle, run_dir):
         log.info("demo: reusing the bundle in %s", bundle)
         return "reused"
     if bundle.exists() and not (bundle / MANIFEST).is_file():
@@ -394,7 +387,7 @@ def run(
 
     note(f"[3/5] export bundle -> {paths.bundle}")
     with _timed(timings, "export"):
-        export_step = _export(cfg, paths.run, paths.bundle, train_step == "reused", progress)
+        export_step = _export(paths.run, paths.bundle, train_step == "reused", progress)
 
     note(f"[4/5] predict test images with runtime.Predictor -> {paths.predictions}")
     with _timed(timings, "predict"):

@@ -50,7 +50,6 @@ from tilead.exporter.quantize import (
     refit_padim_head,
 )
 from tilead.exporter.shared_backbone import choose_layout, export_shared, refit_padim
-from tilead.runtime import TileGrid
 from tilead.runtime.bundle import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -60,14 +59,11 @@ from tilead.runtime.bundle import (
     sha256_file,
     write_manifest,
 )
-from tilead.trainer.checkpoints import load_location_models
-from tilead.trainer.components import make_backbone, make_preprocessing
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample, discover
-from tilead.trainer.detectors.base import LocationModel, create_detector
+from tilead.trainer.detectors.base import LocationModel
 from tilead.trainer.detectors.padim.config import PadimConfig
-from tilead.trainer.pipeline import load_stats
-from tilead.trainer.run_dir import open_run, read_json
+from tilead.trainer.run import Run
 from tilead.trainer.splits import holdout_split, make_splits
 from tilead.trainer.tiles import LocationTiles
 
@@ -132,7 +128,7 @@ class ExportResult:
 
 
 def export_bundle(
-    run_dir: Path,
+    run_dir: Path | Run,
     out: Path,
     *,
     opset: int = DEFAULT_OPSET,
@@ -146,7 +142,7 @@ def export_bundle(
     """Export a trained run as a bundle.
 
     Args:
-        run_dir: A finished training run.
+        run_dir: A finished training run (its folder, or the opened :class:`~tilead.trainer.run.Run`).
         out: Bundle directory to create.
         opset: ONNX opset (>= 17).
         overwrite: Replace an existing bundle at ``out``.
@@ -179,30 +175,29 @@ def export_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    paths, cfg = open_run(run_dir)
+    run = run_dir if isinstance(run_dir, Run) else Run.open(run_dir)
+    cfg = run.config
     if precision == "int8" and cfg.model.family != "padim":
         raise ValueError(
             f"precision int8: implemented for padim runs (its Gaussians are refit on the INT8 backbone's features); "
             f"this run's model is {cfg.model.family!r}, whose FP32-fitted head would not match: export fp32"
         )
     layout = choose_layout(layout, cfg.model.family, cfg.postprocess.image_score)
-    stats = load_stats(paths)
-    run = read_json(paths.run_json)
-    grid = TileGrid.from_dict(run["grid"])
-    extractor = make_backbone(cfg).to(memory_format=torch.contiguous_format)
-    prep = make_preprocessing(cfg, extractor)
+    stats = run.stats
+    grid = run.grid
+    run.backbone.to(memory_format=torch.contiguous_format)  # in place: the models below are traced on it
+    prep = run.preprocessing
     with_score = cfg.postprocess.image_score == "detector"
 
     def graph(model: LocationModel) -> torch.nn.Module:
         # With the detector's image score deployed the graph gets a second output, checked like the map.
         return MapAndScore(model) if with_score else model
 
-    models = [graph(m) for m in load_location_models(cfg, paths, grid, extractor)]
+    models = [graph(m) for m in run.models()]
     # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
     # the memory-bound per-position matrices); its ONNX output is checked against the plain eager model below.
-    variants = load_location_models(cfg, paths, grid, extractor, export=True, with_score=with_score)
-    exported = [graph(m) for m in variants]
-    detector = create_detector(cfg, extractor, grid.tile_size)
+    exported = [graph(m) for m in run.models(export=True, with_score=with_score)]
+    detector = run.detector
     tile_shape = (prep.channels, *grid.tile_size)
     calibration = _calibration_samples(cfg, calibration_images) if precision == "int8" else ()
     fit_samples = (
@@ -327,10 +322,10 @@ def export_bundle(
             "postprocess": post.manifest_section(),
             "normalization": stats.to_dict(),
             "source": {
-                "run": str(paths.root.resolve()),
+                "run": str(run.root.resolve()),
                 "config": cfg.name,
-                "fit_key": cfg.fit_key(),
-                "validation": run.get("splits", {}),
+                "fit_key": run.fit_key,
+                "validation": run.record.splits,
                 "parity_onnxruntime_vs_torch": parity,
                 **({"quantization": quant_info} if quant_info else {}),
             },

@@ -18,6 +18,8 @@ Modules:
 * :mod:`~tilead.trainer.metrics`: AUROC, F1, AUPRO (exact, NumPy).
 * :mod:`~tilead.trainer.pipeline`: ``train``; :mod:`~tilead.trainer.evaluation`: ``evaluate`` over any map
   source (the eager ensemble or a bundle's Predictor), as the CLIs call them.
+* :mod:`~tilead.trainer.run`: :class:`~tilead.trainer.run.Run`, a trained run opened (grid, stats, models,
+  ``matches(manifest)``); :mod:`~tilead.trainer.run_dir` is the run folder's layout and files.
 
 The trainer cuts tiles with the runtime's tile kernel and merges maps with the
 runtime's untile and seam-smoothing kernels, so what is validated is what the

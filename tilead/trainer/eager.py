@@ -17,12 +17,10 @@ import numpy as np
 
 from tilead.runtime import NormalizationStats, NormalizedMaps, PostProcessor, Preprocessing, TileGrid
 from tilead.runtime.timing import StageTimes
-from tilead.trainer.checkpoints import load_location_models
-from tilead.trainer.components import make_backbone, make_preprocessing
 from tilead.trainer.config import RunConfig
 from tilead.trainer.detectors.base import LocationModel
 from tilead.trainer.inference import location_forward
-from tilead.trainer.run_dir import open_run, read_json
+from tilead.trainer.run import Run
 
 
 @dataclass
@@ -95,22 +93,15 @@ class EagerEnsemble:
         return self.post.apply(maps, timer=timer, tile_scores=scores)
 
 
-def load_eager_ensemble(run_dir: str | Path) -> EagerEnsemble:
+def load_eager_ensemble(run: str | Path | Run) -> EagerEnsemble:
     """Load a finished run for eager inference.
 
-    Raises:
-        FileNotFoundError: If ``run_dir`` is not a finished run.
-        ValueError: If a checkpoint belongs to another config.
-    """
-    from tilead.trainer.pipeline import load_stats
+    Args:
+        run: The run folder, or the opened :class:`~tilead.trainer.run.Run` (its models are loaded once and shared).
 
-    paths, cfg = open_run(Path(run_dir))
-    if not paths.run_json.is_file():
-        raise FileNotFoundError(f"{run_dir}: no run.json; the run has not finished training")
-    grid = TileGrid.from_dict(read_json(paths.run_json)["grid"])
-    extractor = make_backbone(cfg)
-    prep = make_preprocessing(cfg, extractor)
-    models = load_location_models(cfg, paths, grid, extractor)
-    for model in models:
-        model.eval()
-    return EagerEnsemble(cfg, grid, prep, models, load_stats(paths))
+    Raises:
+        FileNotFoundError: If ``run`` is not a finished run.
+        ValueError: If a checkpoint belongs to another config, or run.json or stats.json is broken.
+    """
+    opened = run if isinstance(run, Run) else Run.open(run)
+    return EagerEnsemble(opened.config, opened.grid, opened.preprocessing, opened.models(), opened.stats)

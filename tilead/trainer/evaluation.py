@@ -37,8 +37,7 @@ from tilead.runtime.postprocessor import (
     image_scores_of_tiles,
     score_images,
 )
-from tilead.trainer.checkpoints import load_location_models
-from tilead.trainer.components import make_backbone, make_preprocessing, run_grid, setup_threads
+from tilead.trainer.components import setup_threads
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import DataConfig, DatasetSplits, Sample, discover
 from tilead.trainer.images import ImageLoader
@@ -46,9 +45,9 @@ from tilead.trainer.inference import collect_maps, location_forward
 from tilead.trainer.io import atomic_write_json, atomic_write_png, atomic_write_text
 from tilead.trainer.metrics import auroc, f1_at_threshold
 from tilead.trainer.metrics import evaluate as compute_metrics
-from tilead.trainer.pipeline import load_stats
 from tilead.trainer.report import overlay_of, write_eval_report
-from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, read_json
+from tilead.trainer.run import Run
+from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, peak_rss_mib, read_json
 from tilead.trainer.run_dir import update_run_json as _update
 from tilead.trainer.splits import make_splits
 from tilead.viz.overlays import pick_overlays
@@ -99,20 +98,16 @@ class EagerMaps:
     report that score's AUROC even when the run deploys the map's max).
 
     Args:
-        cfg: The run's config.
-        paths: The run folder (checkpoints).
-        grid: The tile grid.
+        cfg: The run's config, with this evaluation's overrides (data and eval settings).
+        run: The opened run (models, grid, preprocessing).
     """
 
     description = "eager PyTorch"
     progress_label = "evaluate"
 
-    def __init__(self, cfg: RunConfig, paths: RunPaths, grid: TileGrid) -> None:
-        extractor = make_backbone(cfg)
-        prep = make_preprocessing(cfg, extractor)
-        models = load_location_models(cfg, paths, grid, extractor)
+    def __init__(self, cfg: RunConfig, run: Run) -> None:
         self._scores: list[np.ndarray] = []
-        self._forward = location_forward(cfg, models, grid, prep, scores=self._scores)
+        self._forward = location_forward(cfg, run.models(), run.grid, run.preprocessing, scores=self._scores)
 
     def __enter__(self) -> EagerMaps:
         return self
@@ -133,20 +128,20 @@ class BundleMaps:
     """The run's exported bundle through the runtime Predictor as a :class:`MapSource`.
 
     The Predictor is created on ``__enter__`` (and closed on ``__exit__``), where the bundle is checked to
-    come from this run: same fit key, grid and image score.
+    come from this run as it is now (:meth:`Run.mismatches`).
 
     Args:
         bundle: The bundle folder.
-        cfg: The run's config.
-        grid: The run's tile grid.
+        run: The opened run.
+        cfg: The run's config, with this evaluation's overrides (data and eval settings).
     """
 
     progress_label = "evaluate (bundle)"
 
-    def __init__(self, bundle: Path, cfg: RunConfig, grid: TileGrid) -> None:
+    def __init__(self, bundle: Path, run: Run, cfg: RunConfig) -> None:
         self.bundle = bundle
+        self.run = run
         self.cfg = cfg
-        self.grid = grid
         self.description = f"runtime.Predictor on bundle {bundle}"
         self._predictor: Predictor | None = None
 
@@ -154,21 +149,17 @@ class BundleMaps:
         """Open the bundle.
 
         Raises:
-            ValueError: If the bundle was exported from another run or grid, or deploys another image score.
+            ValueError: If the bundle was not exported from this run as it is now.
         """
-        bundle, cfg, grid = self.bundle, self.cfg, self.grid
-        predictor = Predictor(bundle, max_batch=cfg.eval.batch_size)
+        bundle, run = self.bundle, self.run
+        predictor = Predictor(bundle, max_batch=self.cfg.eval.batch_size)
         try:
-            source = predictor.manifest.raw.get("source", {})
-            if source.get("fit_key") != cfg.fit_key() or predictor.manifest.grid != grid:
+            differences = run.mismatches(predictor.manifest)
+            if differences:
                 raise ValueError(
-                    f"--bundle {bundle}: exported from another run (fit key {source.get('fit_key')}, "
-                    f"grid {predictor.manifest.grid}), not from this one (fit key {cfg.fit_key()})"
-                )
-            if predictor.manifest.image_score != cfg.postprocess.image_score:
-                raise ValueError(
-                    f"--bundle {bundle}: its image score is {predictor.manifest.image_score!r}, the run's "
-                    f"postprocess.image_score is {cfg.postprocess.image_score!r}; export the run again"
+                    f"--bundle {bundle}: not exported from the run {run.root} as it is now: "
+                    + "; ".join(differences)
+                    + "; export the run again"
                 )
         except BaseException:
             predictor.close()
@@ -589,7 +580,8 @@ def evaluate(
         ValueError: For an override that changes what the locations were fitted on.
     """
     start = time.perf_counter()
-    paths, cfg = open_run(root)
+    run = Run.open(root)
+    paths, cfg = run.paths, run.config
     if overrides:
         cfg = _override_run_config(paths, cfg, overrides)
     default_out = paths.root / ("eval_bundle" if bundle is not None else "eval")
@@ -597,11 +589,11 @@ def evaluate(
     handler = attach_log(paths)
     try:
         setup_threads(cfg)
-        stats = load_stats(paths)
+        stats = run.stats
         test = eval_samples(cfg, discover(cfg.data))
-        grid = run_grid(cfg, ImageLoader(cfg.data), test.samples)
+        grid = run.grid  # from run.json, not re-derived from the test images
         # The eager models load before the clock starts; a bundle's Predictor opens inside it (as it always did).
-        source: MapSource = BundleMaps(Path(bundle), cfg, grid) if bundle is not None else EagerMaps(cfg, paths, grid)
+        source: MapSource = BundleMaps(Path(bundle), run, cfg) if bundle is not None else EagerMaps(cfg, run)
         t_inf = time.perf_counter()
         with source:
             inferred = infer_maps(cfg, test.samples, source, progress=progress)

@@ -20,12 +20,11 @@ import torch
 from tilead.runtime import TileGrid, location_name, set_num_threads
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.checkpoints import location_metadata
-from tilead.trainer.components import dataset_image_size, make_backbone, make_preprocessing
+from tilead.trainer.components import make_backbone, make_preprocessing
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import Sample
 from tilead.trainer.detectors.base import create_detector, save_state
-from tilead.trainer.images import ImageLoader
-from tilead.trainer.run_dir import RunPaths
+from tilead.trainer.run_dir import RunPaths, read_run_record
 from tilead.trainer.splits import holdout_split
 from tilead.trainer.tiles import LocationTiles
 
@@ -83,5 +82,6 @@ def _fit_worker(config_path: str, root: str, index: int, samples: list[Sample], 
     torch.set_num_threads(threads)
     set_num_threads(threads)
     cfg = load_config(Path(config_path))
-    grid = cfg.grid.build(dataset_image_size(ImageLoader(cfg.data), samples))
-    return fit_location(cfg, RunPaths(Path(root)), index, samples, grid, progress=False)
+    paths = RunPaths(Path(root))
+    grid = read_run_record(paths).grid  # the grid train wrote before fitting, not re-derived from the images
+    return fit_location(cfg, paths, index, samples, grid, progress=False)

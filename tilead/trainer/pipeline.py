@@ -339,14 +339,3 @@ def validation_summary(stats_path: Path) -> str:
     if split.get("warning"):
         text += f"; WARNING {split['warning']}"
     return text
-
-
-def load_stats(paths: RunPaths) -> NormalizationStats:
-    """The run's normalization statistics.
-
-    Raises:
-        FileNotFoundError: If training did not finish.
-    """
-    if not paths.stats.is_file():
-        raise FileNotFoundError(f"{paths.stats} not found: training of {paths.root} did not finish (use --resume)")
-    return NormalizationStats.from_dict(read_json(paths.stats)["normalization"])
