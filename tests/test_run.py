@@ -328,7 +328,7 @@ def test_a_trained_run_matches_its_bundle_until_it_is_validated_again(
     tiny_trained: tuple[Path, Path], tmp_path: Path
 ) -> None:
     from tilead.trainer.eager import load_eager_ensemble
-    from tilead.trainer.pipeline import evaluate
+    from tilead.trainer.evaluation import evaluate
 
     root, bundle = tiny_trained
     run = Run.open(root)
