@@ -57,6 +57,7 @@ from tilead.runtime.stats import (
     normalize_with_stats,
     postprocess_maps,
 )
+from tilead.runtime.thumbnail import fuser
 from tilead.thresholds import f1_adaptive_threshold, false_alarm_threshold
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -255,11 +256,12 @@ def score(
     out = into if into is not None else Scored()
     gray = predictor.channels == 1
     for sample in samples:
-        maps, tile_scores = predictor.location_outputs(
+        maps, tile_scores, thumbnail = predictor.branch_outputs(
             sample.image, input_order="GRAY" if gray else "BGR", resize=resize
         )
+        fuse = None if m.thumbnail is None or thumbnail is None else fuser(m.thumbnail, thumbnail)
         merged, result = postprocess_maps(
-            maps, m.grid, m.stats, weights=m.weights, seam=m.seam, tile_scores=tile_scores
+            maps, m.grid, m.stats, weights=m.weights, seam=m.seam, tile_scores=tile_scores, fuse=fuse
         )
         merged_map = merged[0]
         if not np.isfinite(merged_map).all() or not np.isfinite(result.raw_scores[0]):

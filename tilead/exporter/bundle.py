@@ -16,6 +16,7 @@ hosts (shared disks) and anything not of that naming pattern are left alone.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -50,7 +51,7 @@ from tilead.exporter.quantize import (
     refit_padim_head,
 )
 from tilead.exporter.shared_backbone import choose_layout, export_shared, refit_padim
-from tilead.runtime import TileGrid
+from tilead.runtime import Preprocessing, TileGrid
 from tilead.runtime.bundle import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -60,6 +61,9 @@ from tilead.runtime.bundle import (
     sha256_file,
     write_manifest,
 )
+from tilead.runtime.files import LocationFile
+from tilead.runtime.thumbnail import THUMBNAIL_FILE, THUMBNAIL_NAME
+from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import PadimConfig, RunConfig
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.detectors import LocationModel, create_detector
@@ -72,7 +76,8 @@ from tilead.trainer.ensemble import (
     make_splits,
 )
 from tilead.trainer.pipeline import load_stats
-from tilead.trainer.run_dir import open_run, read_json
+from tilead.trainer.run_dir import RunPaths, open_run, read_json
+from tilead.trainer.thumbnail import load_branch, load_thumbnail_model
 
 log = logging.getLogger("tilead.exporter")
 PARITY_TOLERANCE = 1e-5  # max abs ONNX-vs-eager difference, relative to the map's range
@@ -187,6 +192,11 @@ def export_bundle(
         raise ValueError(
             f"precision int8: implemented for padim runs (its Gaussians are refit on the INT8 backbone's features); "
             f"this run's model is {cfg.model.family!r}, whose FP32-fitted head would not match: export fp32"
+        )
+    if precision == "int8" and cfg.model.thumbnail is not None:
+        raise ValueError(
+            "precision int8: not implemented for runs with a thumbnail branch (model.thumbnail; its model would need "
+            "its own calibration and PaDiM refit); export fp32"
         )
     layout = choose_layout(layout, cfg.model.family, cfg.postprocess.image_score)
     stats = load_stats(paths)
@@ -306,6 +316,9 @@ def export_bundle(
                     {"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size}
                 )
                 log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
+        thumbnail_entry = None
+        if cfg.model.thumbnail is not None:
+            thumbnail_entry, parity[THUMBNAIL_NAME] = export_thumbnail(tmp, cfg, paths, extractor, prep, opset=opset)
         h, w = detector.map_size
         seam = cfg.postprocess.seam_smoothing()
         manifest: dict[str, Any] = {
@@ -329,6 +342,7 @@ def export_bundle(
             },
             "locations": entries,
             **({"layout": layout, "backbone": backbone_entry} if backbone_entry is not None else {}),
+            **({"thumbnail": thumbnail_entry} if thumbnail_entry is not None else {}),
             "postprocess": {
                 "weights": cfg.postprocess.weights,
                 "seam": None if seam is None else seam.to_dict(),
@@ -358,6 +372,49 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, manifest, time.perf_counter() - start)
+
+
+def export_thumbnail(
+    tmp: Path, cfg: RunConfig, paths: RunPaths, extractor: FeatureExtractor, prep: Preprocessing, *, opset: int
+) -> tuple[dict[str, Any], float]:
+    """Write ``thumbnail.onnx`` (checked against the eager thumbnail model) and its manifest entry.
+
+    Args:
+        tmp: The bundle being written.
+        cfg: Run config with ``model.thumbnail``.
+        paths: The run folder.
+        extractor: The run's backbone.
+        prep: The run's preprocessing.
+        opset: ONNX opset.
+
+    Returns:
+        The manifest's ``thumbnail`` entry and the ONNX-vs-eager difference (relative to the map's range).
+
+    Raises:
+        ValueError: If the run's validation chose no thumbnail branch of the configured size.
+        RuntimeError: If the ONNX output differs from the eager model beyond :data:`PARITY_TOLERANCE`.
+    """
+    branch = load_branch(paths)
+    size = cfg.model.thumbnail.size if cfg.model.thumbnail is not None else None
+    if branch is None or branch.size != size:
+        raise ValueError(
+            f"{paths.stats}: no validated thumbnail branch of size {size}; rerun tilead-train --resume to validate it"
+        )
+    eager = load_thumbnail_model(cfg, paths, extractor)
+    variant = load_thumbnail_model(cfg, paths, extractor, export=True)
+    target = tmp / THUMBNAIL_FILE
+    shape = (prep.channels, branch.size, branch.size)
+    export_location(variant, shape, target, opset=opset)
+    check_onnx(target)
+    diff = compare_with_eager(eager, target, shape)
+    if diff > PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"the thumbnail model: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
+            f"(tolerance {PARITY_TOLERANCE:.0e})"
+        )
+    file = LocationFile(THUMBNAIL_NAME, THUMBNAIL_FILE, sha256_file(target), target.stat().st_size)
+    log.info("exported the thumbnail model (%d px, %.1f MiB, parity %.1e)", branch.size, file.bytes / 2**20, diff)
+    return dataclasses.replace(branch, file=file).to_dict(), diff
 
 
 def _calibration_samples(cfg: RunConfig, limit: int) -> tuple[Sample, ...]:

@@ -25,7 +25,7 @@ image range / threshold validation measured for that score
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -300,6 +300,7 @@ def postprocess_maps(
     timer: StageTimes | None = None,
     tile_scores: np.ndarray | None = None,
     inplace: bool = False,
+    fuse: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -316,6 +317,9 @@ def postprocess_maps(
             instead of the map max; None for the map max.
         inplace: Normalize into the merged maps (no second image-size buffer;
             ``merged`` is then the normalized maps too): for callers that only keep ``result``.
+        fuse: Called on the merged maps float32 ``(n, H, W)`` before normalization; returns the
+            maps to normalize instead (the thumbnail branch's fusion,
+            :meth:`tilead.runtime.thumbnail.ThumbnailBranch.fuse`; ``merged`` is then the fused maps).
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -336,6 +340,9 @@ def postprocess_maps(
             maps = np.where(np.isfinite(maps), maps, np.float32(np.nan)).astype(np.float32)
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
     merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer)
+    if fuse is not None:
+        with timed(timer, "fuse"):
+            merged = fuse(merged)
     with timed(timer, "normalize"):
         result = normalize_with_stats(merged, stats, device=device, inplace=inplace)
         if tile_scores is not None:

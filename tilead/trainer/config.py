@@ -85,6 +85,28 @@ class BackboneConfig(_Section):
         return v
 
 
+class ThumbnailConfig(_Section):
+    """The thumbnail branch (issue #20): one more model of the run's family on whole images, downscaled.
+
+    Attributes:
+        size: Side of the square every whole image is resized to (area resize, as training resizes).
+        fusion: ``max`` of the two per-branch normalized maps, or ``weighted``: ``w * tiled + (1 - w) *
+            thumbnail`` with ``w`` from ``weights`` chosen on the validation images (it needs anomalous ones).
+        weights: Candidate weights of the tiled branch for ``weighted``.
+    """
+
+    size: int = Field(ge=32, le=4096)
+    fusion: Literal["max", "weighted"] = "max"
+    weights: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0.0 <= w <= 1.0 for w in v):
+            raise ValueError(f"expected one or more weights in [0, 1], got {list(v)}")
+        return tuple(sorted(set(v)))
+
+
 class _DetectorSection(_Section):
     """Settings every detector has (each family's section extends it).
 
@@ -94,12 +116,14 @@ class _DetectorSection(_Section):
         backbone: Feature extractor.
         feature_stride: Output stride of the anomaly map (input px per map px).
         blur_sigma: Gaussian blur of each tile's map, in map pixels.
+        thumbnail: The thumbnail branch (:class:`ThumbnailConfig`), or None (off).
     """
 
     family: str
     backbone: BackboneConfig = BackboneConfig()
     feature_stride: Literal[4, 8, 16] = 8
     blur_sigma: float = Field(default=0.0, ge=0, le=8)
+    thumbnail: ThumbnailConfig | None = None
 
 
 class PadimConfig(_DetectorSection):
@@ -379,6 +403,23 @@ class RunConfig(_Section):
         return v
 
     @model_validator(mode="after")
+    def _thumbnail(self) -> RunConfig:
+        thumb = self.model.thumbnail
+        if thumb is None:
+            return self
+        if self.postprocess.image_score == "detector":
+            raise ValueError(
+                "model.thumbnail: the thumbnail branch fuses anomaly maps; it does not go with "
+                "postprocess.image_score 'detector' (use 'max', or drop model.thumbnail)"
+            )
+        if thumb.fusion == "weighted" and self.validation.split == "holdout":
+            raise ValueError(
+                "model.thumbnail.fusion 'weighted': the weight is chosen on anomalous validation images, and "
+                "validation.split 'holdout' has none; use fusion 'max', or validation.split synthetic / same_as_test"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _image_score(self) -> RunConfig:
         if self.postprocess.image_score == "detector":
             from tilead.trainer.detectors import detector_class, families
@@ -396,10 +437,17 @@ class RunConfig(_Section):
         data: dict[str, Any] = json.loads(self.model_dump_json())
         return data
 
+    def thumbnail_key(self) -> str:
+        """Hash of everything the thumbnail model depends on: :meth:`fit_key` and the thumbnail size."""
+        size = None if self.model.thumbnail is None else self.model.thumbnail.size
+        blob = json.dumps({"fit_key": self.fit_key(), "thumbnail_size": size}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def fit_key(self) -> str:
         """Hash of everything a fitted location depends on (resume checks it)."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("seed", "data", "grid", "model")}
+        keep["model"].pop("thumbnail", None)  # the thumbnail model has its own key (thumbnail_key); tiles do not change
         if d["validation"]["split"] in ("holdout", "synthetic"):  # the same images held out
             keep["holdout"] = d["validation"]["holdout_fraction"]
         keep["data"].pop("max_test_images", None)

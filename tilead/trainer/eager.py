@@ -9,13 +9,15 @@ Benchmarks and ``tilead-bench --compare torch`` time it against
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tilead.runtime import NormalizationStats, NormalizedMaps, Preprocessing, TileGrid, postprocess_maps
-from tilead.runtime.timing import StageTimes
+from tilead.runtime.thumbnail import ThumbnailBranch, fuser
+from tilead.runtime.timing import StageTimes, timed
 from tilead.trainer.config import RunConfig
 from tilead.trainer.detectors import LocationModel
 from tilead.trainer.ensemble import load_location_models, location_forward, make_backbone, make_preprocessing
@@ -32,6 +34,8 @@ class EagerEnsemble:
         prep: Tile preprocessing.
         models: One model per location, row-major.
         stats: Validation statistics (normalization and thresholds).
+        thumbnail: The thumbnail branch (issue #20) and its eager model as a function (uint8 images to raw
+            maps ``(1, n, h, w)``, :func:`tilead.trainer.thumbnail.thumbnail_forward`), or None.
     """
 
     cfg: RunConfig
@@ -39,6 +43,7 @@ class EagerEnsemble:
     prep: Preprocessing
     models: list[LocationModel]
     stats: NormalizationStats
+    thumbnail: tuple[ThumbnailBranch, Callable[[np.ndarray], np.ndarray]] | None = None
 
     def location_maps(self, images: np.ndarray, timer: StageTimes | None = None) -> np.ndarray:
         """Raw per-location maps.
@@ -84,6 +89,11 @@ class EagerEnsemble:
             (image scores as the run deploys them).
         """
         maps, scores = self.location_outputs(images, timer)
+        fuse = None
+        if self.thumbnail is not None:
+            branch, forward = self.thumbnail
+            with timed(timer, "inference"):
+                fuse = fuser(branch, forward(images)[0])
         return postprocess_maps(
             maps,
             self.grid,
@@ -92,6 +102,7 @@ class EagerEnsemble:
             seam=self.cfg.postprocess.seam_smoothing(),
             timer=timer,
             tile_scores=scores,
+            fuse=fuse,
         )
 
 
@@ -113,4 +124,12 @@ def load_eager_ensemble(run_dir: str | Path) -> EagerEnsemble:
     models = load_location_models(cfg, paths, grid, extractor)
     for model in models:
         model.eval()
-    return EagerEnsemble(cfg, grid, prep, models, load_stats(paths))
+    thumbnail = None
+    if cfg.model.thumbnail is not None:
+        from tilead.trainer.thumbnail import load_branch, load_thumbnail_model, thumbnail_forward
+
+        branch = load_branch(paths)
+        if branch is None or branch.size != cfg.model.thumbnail.size:
+            raise ValueError(f"{run_dir}: no validated thumbnail branch of the configured size; rerun with --resume")
+        thumbnail = (branch, thumbnail_forward(cfg, load_thumbnail_model(cfg, paths, extractor), prep))
+    return EagerEnsemble(cfg, grid, prep, models, load_stats(paths), thumbnail)

@@ -33,6 +33,7 @@ from tilead.runtime.stats import (
     postprocess_maps,
     score_images,
 )
+from tilead.runtime.thumbnail import ThumbnailBranch, fuser
 from tilead.synthesis import SyntheticDefect, synthesize_defects
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import RunConfig, load_config
@@ -58,6 +59,7 @@ from tilead.trainer.metrics import evaluate as compute_metrics
 from tilead.trainer.report import overlay_of, write_eval_report
 from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, open_run, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
+from tilead.trainer.thumbnail import choose_branch, fit_thumbnail, load_branch, load_thumbnail_model, thumbnail_forward
 from tilead.trainer.validation import check_validation_count, compute_stats
 from tilead.viz.overlays import pick_overlays
 
@@ -139,10 +141,15 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         )
         t_fit = time.perf_counter()
         fitted = fit_ensemble(cfg, paths, splits.fit, grid, progress=progress)
+        thumb_fit = None
+        if cfg.model.thumbnail is not None:
+            thumb_fit = fit_thumbnail(cfg, paths, splits.fit, extractor, prep, progress=progress)
         fit_seconds = time.perf_counter() - t_fit
         previous = read_json(paths.run_json).get("fit_locations", {})
         previous.update({f["location"]: f for f in fitted})
-        _update(paths, status="validating", fit_locations=previous)
+        _update(
+            paths, status="validating", fit_locations=previous, **({"fit_thumbnail": thumb_fit} if thumb_fit else {})
+        )
 
         try:
             stats, info, labels, synthetic, forced, val_seconds = _validate(
@@ -171,7 +178,11 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
             description["warning"] = forced
             log.warning("%s", forced)
         info["split"] = description
-        atomic_write_json(paths.stats, {"normalization": stats.to_dict(), "validation": info})
+        branch = info.pop("thumbnail_branch", None)
+        atomic_write_json(
+            paths.stats,
+            {"normalization": stats.to_dict(), "validation": info, **({"thumbnail": branch} if branch else {})},
+        )
         seconds = time.perf_counter() - start
         _update(
             paths,
@@ -234,6 +245,19 @@ def _validate(
         labels = np.concatenate([labels, np.ones(len(defects), dtype=bool)])
         del defects
     maps = _run_batches(forward, images, cfg.eval.batch_size, "validation" if progress else None)
+    fuse: Callable[[np.ndarray], np.ndarray] | None = None
+    chosen: dict[str, Any] = {}
+    if cfg.model.thumbnail is not None:  # the thumbnail branch: its maps, then its statistics and fusion on merge
+        small = thumbnail_forward(cfg, load_thumbnail_model(cfg, paths, extractor), prep)
+        thumbnail_maps = _run_batches(
+            small, images, cfg.eval.batch_size, "validation (thumbnail)" if progress else None
+        )
+
+        def fuse(merged: np.ndarray) -> np.ndarray:
+            branch, how = choose_branch(cfg, merged, thumbnail_maps[0], masks, labels)
+            chosen.update(branch=branch, info=how)
+            return fuser(branch, thumbnail_maps[0])(merged)
+
     del images
     stats, info = compute_stats(
         maps,
@@ -247,7 +271,11 @@ def _validate(
         image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
         target_false_alarm=v.target_false_alarm if v.split == "synthetic" else None,
         pixel_false_positive=v.pixel_false_positive if v.split == "synthetic" else None,
+        fuse=fuse,
     )
+    if chosen:
+        info["thumbnail"] = chosen["info"]
+        info["thumbnail_branch"] = chosen["branch"].to_dict()  # stats.json's "thumbnail" (train() moves it there)
     val_seconds = time.perf_counter() - t_val
     return stats, info, labels, synthetic, forced, val_seconds
 
@@ -408,15 +436,42 @@ def _pooled(values: np.ndarray | list[np.ndarray]) -> np.ndarray:
     return values.reshape(-1) if isinstance(values, np.ndarray) else np.concatenate([v.reshape(-1) for v in values])
 
 
+def _eager_thumbnail(
+    cfg: RunConfig,
+    paths: RunPaths,
+    extractor: FeatureExtractor,
+    prep: Preprocessing,
+    samples: list[Sample],
+    progress: bool,
+) -> tuple[ThumbnailBranch, np.ndarray]:
+    """The run's thumbnail branch and its eager raw maps float32 ``(n, h, w)`` of ``samples``.
+
+    Raises:
+        ValueError: If the run's validation chose no branch of this size (validate again with ``--resume``).
+    """
+    branch = load_branch(paths)
+    size = cfg.model.thumbnail.size if cfg.model.thumbnail is not None else None
+    if branch is None or branch.size != size:
+        raise ValueError(
+            f"{paths.stats}: no thumbnail branch of size {size} was validated (stats.json has "
+            f"{'none' if branch is None else f'size {branch.size}'}); rerun tilead-train --resume to validate it"
+        )
+    forward = thumbnail_forward(cfg, load_thumbnail_model(cfg, paths, extractor), prep)
+    label = "evaluate (thumbnail)" if progress else None
+    small, _, _ = collect_maps(cfg, samples, forward, batch_size=cfg.eval.batch_size, progress=label)
+    return branch, small[0]
+
+
 def _bundle_maps(
     bundle: Path, cfg: RunConfig, samples: list[Sample], grid: TileGrid, progress: bool
-) -> tuple[np.ndarray, np.ndarray, list[Sample], np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, list[Sample], np.ndarray | None, np.ndarray | None, ThumbnailBranch | None]:
     """Per-location maps through the runtime Predictor (ONNX Runtime), with masks.
 
     Returns:
-        ``(maps, masks, samples, tile_scores)`` as :func:`collect_maps`, plus the
+        ``(maps, masks, samples, tile_scores, thumbnail_maps, branch)`` as :func:`collect_maps`, plus the
         bundle's per-tile detector scores float32 ``(locations, n)`` when it
-        deploys them (None otherwise).
+        deploys them (None otherwise), and for a bundle with a thumbnail branch
+        its raw maps float32 ``(n, h, w)`` and the branch (else None, None).
 
     Raises:
         ValueError: If the bundle was exported from another run or grid.
@@ -436,14 +491,27 @@ def _bundle_maps(
                 f"--bundle {bundle}: its image score is {predictor.manifest.image_score!r}, the run's "
                 f"postprocess.image_score is {cfg.postprocess.image_score!r}; export the run again"
             )
+        bundle_thumb = predictor.manifest.thumbnail
+        run_thumb = cfg.model.thumbnail
+        if (bundle_thumb is None) != (run_thumb is None) or (
+            bundle_thumb is not None and run_thumb is not None and bundle_thumb.size != run_thumb.size
+        ):
+            raise ValueError(
+                f"--bundle {bundle}: its thumbnail branch ({'none' if bundle_thumb is None else bundle_thumb.size}) "
+                f"is not the run's model.thumbnail ({'none' if run_thumb is None else run_thumb.size}); "
+                "export the run again"
+            )
 
         score_chunks: list[np.ndarray] = []
+        thumbnail_chunks: list[np.ndarray] = []
 
         def forward(images: np.ndarray) -> np.ndarray:
             order = "GRAY" if images.shape[3] == 1 else cfg.data.channel_order
-            maps, scores = predictor.location_outputs(images, input_order=order)
+            maps, scores, thumbnail = predictor.branch_outputs(images, input_order=order)
             if scores is not None:
                 score_chunks.append(scores)
+            if thumbnail is not None:
+                thumbnail_chunks.append(thumbnail)
             return maps
 
         label = "evaluate (bundle)" if progress else None
@@ -451,7 +519,14 @@ def _bundle_maps(
             cfg, samples, forward, batch_size=cfg.eval.batch_size, with_masks=True, progress=label
         )
     assert masks is not None
-    return maps, masks, kept, np.concatenate(score_chunks, axis=1) if score_chunks else None
+    return (
+        maps,
+        masks,
+        kept,
+        np.concatenate(score_chunks, axis=1) if score_chunks else None,
+        np.concatenate(thumbnail_chunks, axis=0) if thumbnail_chunks else None,
+        predictor.manifest.thumbnail,
+    )
 
 
 def _override_run_config(paths: RunPaths, cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -601,8 +676,12 @@ def evaluate(
         masks: np.ndarray | None
         detector_scores: list[np.ndarray] = []
         tile_scores: np.ndarray | None = None
+        branch: ThumbnailBranch | None = None
+        thumbnail_maps: np.ndarray | None = None
         if bundle is not None:
-            maps, masks, kept, tile_scores = _bundle_maps(Path(bundle), cfg, test, grid, progress)
+            maps, masks, kept, tile_scores, thumbnail_maps, branch = _bundle_maps(
+                Path(bundle), cfg, test, grid, progress
+            )
         else:
             extractor = make_backbone(cfg)
             prep = make_preprocessing(cfg, extractor)
@@ -620,6 +699,8 @@ def evaluate(
                 scores=detector_scores,
             )
             tile_scores = np.concatenate(detector_scores, axis=1) if detector_scores else None
+            if cfg.model.thumbnail is not None:
+                branch, thumbnail_maps = _eager_thumbnail(cfg, paths, extractor, prep, kept, progress)
         inference_s = time.perf_counter() - t_inf
         assert masks is not None
         own = None if tile_scores is None else image_scores_of_tiles(tile_scores)  # the detector's image scores
@@ -627,7 +708,12 @@ def evaluate(
         # The config allows 'detector' only for detectors with a score; _bundle_maps checks the bundle's choice.
         assert deployed is not None or cfg.postprocess.image_score == "max"
         merged, result = postprocess_maps(
-            maps, grid, stats, weights=cfg.postprocess.weights, seam=cfg.postprocess.seam_smoothing()
+            maps,
+            grid,
+            stats,
+            weights=cfg.postprocess.weights,
+            seam=cfg.postprocess.seam_smoothing(),
+            fuse=None if branch is None or thumbnail_maps is None else fuser(branch, thumbnail_maps),
         )
         broken = [f"{kept[i].path}: {result.error(i)}" for i in range(len(kept)) if result.error(i) is not None]
         if deployed is not None:
