@@ -108,6 +108,7 @@ def test_max_fusion_has_no_weight_and_weighted_needs_anomalies(tmp_path: Path) -
     assert branch.fusion == "max"
     assert branch.weight is None
     assert "candidates" not in info
+    assert set(info["validation_quality"]) == {"tiled", "thumbnail", "max"}
     weighted = config(tmp_path, model={"thumbnail": {"size": 64, "fusion": "weighted"}})
     good = ~labels
     with pytest.raises(ValueError, match="needs good and anomalous validation images"):

@@ -12,7 +12,9 @@ the Predictor prepares them), next to the tile locations:
 * :func:`choose_branch`: each branch's validation statistics (threshold,
   min, max of its maps against the validation masks) and, for ``weighted``
   fusion, the weight of the tiled branch that maximizes
-  ``(image AUROC + AUPRO) / 2`` of the fused validation maps;
+  ``(image AUROC + AUPRO) / 2`` of the fused validation maps (with anomalous
+  validation images it also records that criterion for each branch alone and
+  for ``max``, to compare sizes and fusions on validation);
 * :func:`load_branch`: the branch a run chose (``stats.json``'s ``thumbnail``).
 
 The fusion itself is the runtime's (:class:`tilead.runtime.thumbnail.ThumbnailBranch`),
@@ -32,7 +34,14 @@ import numpy as np
 import torch
 
 from tilead.runtime import Preprocessing, resize_maps
-from tilead.runtime.thumbnail import THUMBNAIL_NAME, BranchStats, ThumbnailBranch, thumbnail_tiles, upsample
+from tilead.runtime.thumbnail import (
+    THUMBNAIL_NAME,
+    BranchStats,
+    Fusion,
+    ThumbnailBranch,
+    thumbnail_tiles,
+    upsample,
+)
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import RunConfig, ThumbnailConfig
 from tilead.trainer.data import Sample
@@ -262,25 +271,31 @@ def choose_branch(
         "branch_threshold_rules": {"tiled": tiled_rule, "thumbnail": thumb_rule},
     }
 
-    def branch(weight: float | None) -> ThumbnailBranch:
+    def branch(weight: float | None, fusion: Fusion | None = None) -> ThumbnailBranch:
         return ThumbnailBranch(
             size=thumb.size,
-            fusion=thumb.fusion,
+            fusion=thumb.fusion if fusion is None else fusion,
             weight=weight,
             map_size=(int(thumbnail_maps.shape[1]), int(thumbnail_maps.shape[2])),
             tiled=tiled_stats,
             thumbnail=thumb_stats,
         )
 
+    labels = np.asarray(labels).astype(bool)
+    judged = not labels.all() and labels.any() and masks.any()
+    masks_small = _small(masks.astype(np.float32)) > 0.5 if judged else masks
+    if judged:  # for people comparing sizes and fusions on validation: each branch alone and their max
+        info["validation_quality"] = {
+            name: {k: round(v, 6) for k, v in fusion_quality(maps, masks_small, labels).items()}
+            for name, maps in (("tiled", tiled), ("thumbnail", up), ("max", branch(None, "max").fuse(tiled, up)))
+        }
     if thumb.fusion == "max":
         return branch(None), info
-    labels = np.asarray(labels).astype(bool)
-    if labels.all() or not labels.any() or not masks.any():
+    if not judged:
         raise ValueError(
             "model.thumbnail.fusion 'weighted': choosing the weight needs good and anomalous validation images "
             "with masks; use fusion 'max' or a validation split with anomalies (synthetic, same_as_test)"
         )
-    masks_small = _small(masks.astype(np.float32)) > 0.5
     scores: dict[str, dict[str, float]] = {}
     best: tuple[float, float] | None = None
     for w in thumb.weights:
