@@ -89,10 +89,14 @@ def test_reference_config_with_its_commented_keys_is_still_a_valid_mvtec_config(
     # The commented keys that apply to the MVTec layout, uncommented, must validate (their values are defaults).
     text = REFERENCE.read_text()
     folder_only = ("good_dir", "test_good_dir", "defect_dirs", "mask_dir", "mask_suffix", "mask_template")
+    from tilead.trainer.config import parse_config
+
     data = yaml.safe_load(_COMMENTED_KEY.sub(r"\1\2", text))
     for key in folder_only:
         data["data"].pop(key)
-    from tilead.trainer.config import parse_config
+    # An optional section off by default (null) is listed with an example value, which must validate.
+    example = data["model"].pop("thumbnail")
+    assert parse_config({**data, "model": {**data["model"], "thumbnail": example}}, base_dir=CONFIGS)
 
     uncommented = parse_config(data, base_dir=CONFIGS)
     as_written = parse_config(yaml.safe_load(text), base_dir=CONFIGS)

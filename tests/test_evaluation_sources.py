@@ -58,8 +58,9 @@ def test_bundle_source_refuses_another_run_and_use_outside_with(
     with pytest.raises(ValueError, match=refused), BundleMaps(bundle, Run.open(other), cfg):
         pass
     with source:
-        maps, scores = source.location_outputs(images)
+        maps, scores, thumbnail = source.location_outputs(images)
     assert maps.shape[:2] == (grid.rows * grid.cols, 1)
     assert scores is None
+    assert thumbnail is None
     with pytest.raises(RuntimeError, match="use it inside 'with'"):  # closed again on exit
         source.location_outputs(images)

@@ -56,6 +56,7 @@ from tilead.runtime.postprocessor import (
     normalize_with_stats,
 )
 from tilead.runtime.predictor import Predictor
+from tilead.runtime.thumbnail import fuser
 from tilead.thresholds import f1_adaptive_threshold, false_alarm_threshold
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -253,10 +254,12 @@ def score(
     out = into if into is not None else Scored()
     gray = predictor.channels == 1
     for sample in samples:
-        maps, tile_scores = predictor.location_outputs(
+        maps, tile_scores, thumbnail = predictor.branch_outputs(
             sample.image, input_order="GRAY" if gray else "BGR", resize=resize
         )
-        merged, result = predictor.post.apply(maps, tile_scores=tile_scores)
+        branch = predictor.manifest.thumbnail
+        fuse = None if branch is None or thumbnail is None else fuser(branch, thumbnail)
+        merged, result = predictor.post.apply(maps, tile_scores=tile_scores, fuse=fuse)
         merged_map = merged[0]
         if not np.isfinite(merged_map).all() or not np.isfinite(result.raw_scores[0]):
             raise ValueError(f"{sample.name}: the model gives non-finite values; cannot calibrate on it")

@@ -16,6 +16,7 @@ hosts (shared disks) and anything not of that naming pattern are left alone.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -59,12 +60,15 @@ from tilead.runtime.bundle import (
     sha256_file,
     write_manifest,
 )
+from tilead.runtime.files import LocationFile
+from tilead.runtime.thumbnail import THUMBNAIL_FILE, THUMBNAIL_NAME
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.detectors.base import LocationModel
 from tilead.trainer.detectors.padim.config import PadimConfig
 from tilead.trainer.run import Run
 from tilead.trainer.splits import holdout_split, make_splits
+from tilead.trainer.thumbnail import load_thumbnail_model, validated_branch
 from tilead.trainer.tiles import LocationTiles
 
 log = logging.getLogger("tilead.exporter")
@@ -182,6 +186,11 @@ def export_bundle(
             f"precision int8: implemented for padim runs (its Gaussians are refit on the INT8 backbone's features); "
             f"this run's model is {cfg.model.family!r}, whose FP32-fitted head would not match: export fp32"
         )
+    if precision == "int8" and cfg.model.thumbnail is not None:
+        raise ValueError(
+            "precision int8: not implemented for runs with a thumbnail branch (model.thumbnail; its model would need "
+            "its own calibration and PaDiM refit); export fp32"
+        )
     layout = choose_layout(layout, cfg.model.family, cfg.postprocess.image_score)
     stats = run.stats
     grid = run.grid
@@ -296,6 +305,9 @@ def export_bundle(
                     {"name": name, "file": rel, "sha256": sha256_file(target), "bytes": target.stat().st_size}
                 )
                 log.info("exported %s (%.1f MiB, parity %.1e)", name, target.stat().st_size / 2**20, diff)
+        thumbnail_entry = None
+        if cfg.model.thumbnail is not None:
+            thumbnail_entry, parity[THUMBNAIL_NAME] = export_thumbnail(tmp, run, opset=opset)
         h, w = detector.map_size
         post = cfg.postprocess.processor(grid, stats)  # what the Predictor rebuilds from the manifest
         manifest: dict[str, Any] = {
@@ -319,6 +331,7 @@ def export_bundle(
             },
             "locations": entries,
             **({"layout": layout, "backbone": backbone_entry} if backbone_entry is not None else {}),
+            **({"thumbnail": thumbnail_entry} if thumbnail_entry is not None else {}),
             "postprocess": post.manifest_section(),
             "normalization": stats.to_dict(),
             "source": {
@@ -344,6 +357,41 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, manifest, time.perf_counter() - start)
+
+
+def export_thumbnail(tmp: Path, run: Run, *, opset: int) -> tuple[dict[str, Any], float]:
+    """Write ``thumbnail.onnx`` (checked against the eager thumbnail model) and its manifest entry.
+
+    Args:
+        tmp: The bundle being written.
+        run: The run, with ``model.thumbnail`` in its config.
+        opset: ONNX opset.
+
+    Returns:
+        The manifest's ``thumbnail`` entry and the ONNX-vs-eager difference (relative to the map's range).
+
+    Raises:
+        ValueError: If the run's validation chose no thumbnail branch of the configured size.
+        RuntimeError: If the ONNX output differs from the eager model beyond :data:`PARITY_TOLERANCE`.
+    """
+    cfg, paths, extractor, prep = run.config, run.paths, run.backbone, run.preprocessing
+    assert cfg.model.thumbnail is not None
+    branch = validated_branch(paths, cfg.model.thumbnail.size)
+    eager = load_thumbnail_model(cfg, paths, extractor)
+    variant = load_thumbnail_model(cfg, paths, extractor, export=True)
+    target = tmp / THUMBNAIL_FILE
+    shape = (prep.channels, branch.size, branch.size)
+    export_location(variant, shape, target, opset=opset)
+    check_onnx(target)
+    diff = compare_with_eager(eager, target, shape)
+    if diff > PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"the thumbnail model: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
+            f"(tolerance {PARITY_TOLERANCE:.0e})"
+        )
+    file = LocationFile(THUMBNAIL_NAME, THUMBNAIL_FILE, sha256_file(target), target.stat().st_size)
+    log.info("exported the thumbnail model (%d px, %.1f MiB, parity %.1e)", branch.size, file.bytes / 2**20, diff)
+    return dataclasses.replace(branch, file=file).to_dict(), diff
 
 
 def _calibration_samples(cfg: RunConfig, limit: int) -> tuple[Sample, ...]:

@@ -20,6 +20,14 @@ Layouts (the manifest's ``layout``; absent means ``per_location``):
   "features" (n, d, fh, fw), output "map" as above). ``head(backbone(x))``
   equals the per-location graph of that location.
 
+Thumbnail branch (optional; the manifest's ``thumbnail`` entry, absent = off):
+``thumbnail.onnx`` (input "tiles" (n, C, size, size): whole images resized to
+``size``; output "map" (n, 1, h, w) with ``(h, w)`` the entry's ``map_size``),
+its fusion (``max`` or ``weighted`` with the weight validation chose), both
+branches' validation statistics, file, sha256 and bytes
+(:class:`tilead.runtime.thumbnail.ThumbnailBranch`). The ``normalization``
+statistics of such a bundle were measured on the fused maps.
+
 Integrity (schema 2). The manifest carries ``manifest_sha256``, the sha256
 of its own canonical JSON without that key (:func:`manifest_digest`: sorted
 keys, compact separators, ASCII); :func:`read_manifest` refuses a manifest
@@ -64,6 +72,7 @@ from tilead.runtime.geometry import MAX_SIDE, TileGrid, location_name
 from tilead.runtime.postprocess import BlendWeights, SeamSmoothing, parse_seam
 from tilead.runtime.postprocessor import IMAGE_SCORES, NormalizationStats
 from tilead.runtime.preprocess import Preprocessing
+from tilead.runtime.thumbnail import THUMBNAIL_FILE, ThumbnailBranch, parse_thumbnail
 
 SCHEMA_VERSION = 2
 DIGEST_KEY = "manifest_sha256"
@@ -95,6 +104,7 @@ _TOP_KEYS = (
     "calibration",
     "layout",
     "backbone",
+    "thumbnail",
     DIGEST_KEY,
 )
 _REQUIRED = ("schema_version", "grid", "preprocessing", "model", "locations", "postprocess", "normalization")
@@ -139,6 +149,8 @@ class Manifest:
         layout: ``per_location`` or ``shared_backbone`` (see the module docstring).
         backbone: The shared backbone's file (``shared_backbone`` only, else None).
         features: ``(d, fh, fw)`` of the backbone's ``features`` output (``shared_backbone`` only).
+        thumbnail: The thumbnail branch (``thumbnail.onnx``, its fusion and statistics), or None
+            (absent from the manifest: no thumbnail branch).
     """
 
     grid: TileGrid
@@ -154,11 +166,13 @@ class Manifest:
     layout: str = "per_location"
     backbone: LocationFile | None = None
     features: tuple[int, int, int] | None = None
+    thumbnail: ThumbnailBranch | None = None
 
     @property
     def files(self) -> tuple[LocationFile, ...]:
-        """Every model file of the bundle: the shared backbone (when there is one), then the locations'."""
-        return self.locations if self.backbone is None else (self.backbone, *self.locations)
+        """Every model file: the shared backbone (when there is one), the locations', then the thumbnail's."""
+        files = self.locations if self.backbone is None else (self.backbone, *self.locations)
+        return files if self.thumbnail is None or self.thumbnail.file is None else (*files, self.thumbnail.file)
 
     @property
     def engine_sets(self) -> tuple[EngineSet, ...]:
@@ -319,6 +333,11 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
             for i, (item, name, rel) in enumerate(zip(locs, expected, location_files(grid, layout), strict=True))
         ]
         parse_engine_sets(d.get("engines"), expected)
+        thumbnail = parse_thumbnail(d.get("thumbnail"))
+        if thumbnail is not None and image_score == "detector":
+            raise ValueError(
+                "thumbnail: a thumbnail branch fuses maps; it does not go with postprocess.image_score 'detector'"
+            )
         if stats.tile_stats is not None and len(stats.tile_stats.thresholds) != grid.num_locations:
             raise ValueError(
                 f"normalization.tile_stats: expected {grid.num_locations} values, "
@@ -330,7 +349,20 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         raise BundleError(f"{source}: {err}") from None
     blend: BlendWeights = "feather" if weights == "feather" else "uniform"
     return Manifest(
-        grid, prep, model, tuple(files), blend, seam, stats, writer, dict(data), image_score, layout, backbone, features
+        grid,
+        prep,
+        model,
+        tuple(files),
+        blend,
+        seam,
+        stats,
+        writer,
+        dict(data),
+        image_score,
+        layout,
+        backbone,
+        features,
+        thumbnail,
     )
 
 
@@ -578,7 +610,8 @@ def read_verified_file(bundle: Path, entry: LocationFile, kind: str = "model fil
             size, or with another sha256.
     """
     root = Path(bundle).resolve()
-    owner = "the shared backbone" if entry.file == BACKBONE_FILE else f"location {entry.name}"
+    owners = {BACKBONE_FILE: "the shared backbone", THUMBNAIL_FILE: "the thumbnail model"}
+    owner = owners.get(entry.file, f"location {entry.name}")
     what = f"{owner}: {kind}"
     path = root / entry.file
     fd = _open_in_bundle(root, entry.file, what)
@@ -715,6 +748,27 @@ def check_backbone_io(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec
     if FEATURES_NAME not in by_name:
         raise BundleError(f"{where} has outputs {list(by_name)}, the manifest needs {FEATURES_NAME!r}")
     _check_spec(where, by_name[FEATURES_NAME], "float32", manifest.features, "(n, channels, feature_h, feature_w)")
+
+
+def check_thumbnail_io(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], manifest: Manifest) -> None:
+    """Check the thumbnail model's inputs and outputs: ``tiles`` (n, C, size, size) in, ``map`` (n, 1, h, w) out.
+
+    Raises:
+        BundleError: Naming the tensor and what differs (also for a bundle without a thumbnail branch).
+    """
+    where = "the thumbnail model"
+    branch = manifest.thumbnail
+    if branch is None:
+        raise BundleError("the bundle has no thumbnail branch")
+    names = [s.name for s in inputs]
+    if names != [INPUT_NAME]:
+        raise BundleError(f"{where} has inputs {names}, the manifest needs exactly one named {INPUT_NAME!r}")
+    prep = manifest.preprocessing
+    _check_spec(where, inputs[0], prep.dtype, (prep.channels, branch.size, branch.size), "(n, channels, size, size)")
+    by_name = {s.name: s for s in outputs}
+    if OUTPUT_NAME not in by_name:
+        raise BundleError(f"{where} has outputs {list(by_name)}, the manifest needs {OUTPUT_NAME!r}")
+    _check_spec(where, by_name[OUTPUT_NAME], "float32", (1, *branch.map_size), "(n, 1, map_h, map_w)")
 
 
 def location_files(grid: TileGrid, layout: str = "per_location") -> list[str]:

@@ -35,7 +35,7 @@ image range / threshold validation measured for that score
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -322,6 +322,7 @@ def postprocess_maps(
     timer: StageTimes | None = None,
     tile_scores: np.ndarray | None = None,
     inplace: bool = False,
+    fuse: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -338,6 +339,9 @@ def postprocess_maps(
             instead of the map max; None for the map max.
         inplace: Normalize into the merged maps (no second image-size buffer;
             ``merged`` is then the normalized maps too): for callers that only keep ``result``.
+        fuse: Called on the merged maps float32 ``(n, H, W)`` before normalization; returns the
+            maps to normalize instead (the thumbnail branch's fusion,
+            :meth:`tilead.runtime.thumbnail.ThumbnailBranch.fuse`; ``merged`` is then the fused maps).
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -358,6 +362,9 @@ def postprocess_maps(
             maps = np.where(np.isfinite(maps), maps, np.float32(np.nan)).astype(np.float32)
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
     merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer)
+    if fuse is not None:
+        with timed(timer, "fuse"):
+            merged = fuse(merged)
     with timed(timer, "normalize"):
         result = normalize_with_stats(merged, stats, device=device, inplace=inplace)
         if tile_scores is not None:
@@ -541,6 +548,7 @@ class PostProcessor:
         tile_stats: TileStats | None = None,
         device: str = "cpu",
         timer: StageTimes | None = None,
+        fuse: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> np.ndarray:
         """Untile, smooth seams and crop or resize to the image (:func:`~tilead.runtime.postprocess.merge_maps`).
 
@@ -550,14 +558,15 @@ class PostProcessor:
                 (validation's stage ``tile``, before the full statistics exist); None: those of
                 :attr:`stats` (stage ``tile``), else none.
             device: ``"cpu"`` or ``"cuda"``.
-            timer: Collects ``untile``, ``seam``, ``crop``.
+            timer: Collects ``untile``, ``seam``, ``crop`` (and ``fuse``).
+            fuse: The thumbnail branch's fusion of the merged maps (see :func:`postprocess_maps`), or None.
 
         Returns:
-            float32 ``(n, H, W)``.
+            float32 ``(n, H, W)`` (fused when ``fuse`` is given).
         """
         if tile_stats is None and self.stats is not None:
             tile_stats = self.stats.tile_stats
-        return merge_maps(
+        merged = merge_maps(
             maps,
             self.grid,
             weights=self.weights,
@@ -566,6 +575,10 @@ class PostProcessor:
             device=device,
             timer=timer,
         )
+        if fuse is None:
+            return merged
+        with timed(timer, "fuse"):
+            return fuse(merged)
 
     def normalize(self, merged: np.ndarray, *, device: str = "cpu", inplace: bool = False) -> NormalizedMaps:
         """Normalize and threshold merged maps (:func:`normalize_with_stats`).
@@ -583,6 +596,7 @@ class PostProcessor:
         device: str = "cpu",
         timer: StageTimes | None = None,
         inplace: bool = False,
+        fuse: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> tuple[np.ndarray, NormalizedMaps]:
         """The whole post-processing of per-location maps (:func:`postprocess_maps` with these settings).
 
@@ -593,6 +607,7 @@ class PostProcessor:
             device: ``"cpu"`` or ``"cuda"``.
             timer: Collects ``untile``, ``seam``, ``crop``, ``normalize``.
             inplace: Normalize into the merged maps (see :func:`postprocess_maps`).
+            fuse: The thumbnail branch's fusion of the merged maps (see :func:`postprocess_maps`), or None.
 
         Returns:
             ``(merged, result)`` as :func:`postprocess_maps`.
@@ -610,4 +625,5 @@ class PostProcessor:
             timer=timer,
             tile_scores=tile_scores,
             inplace=inplace,
+            fuse=fuse,
         )

@@ -35,15 +35,16 @@ from tilead.runtime.backends.base import (
     BackendRequest,
     BufferPool,
     InferenceBackend,
-    LocationOutputs,
     PipelineBackend,
+    ThumbnailInference,
     VerifiedModels,
 )
-from tilead.runtime.bundle import Manifest, read_manifest, read_verified_file, verify_files
+from tilead.runtime.bundle import BundleError, Manifest, read_manifest, read_verified_file, verify_files
 from tilead.runtime.image_resize import resize_image
 from tilead.runtime.postprocess import resize_maps
 from tilead.runtime.postprocessor import PostProcessor, nonfinite_errors
 from tilead.runtime.preprocess import InputOrder, tile_images, tile_shape
+from tilead.runtime.thumbnail import fuser, thumbnail_tiles
 from tilead.runtime.timing import StageTimes, timed
 
 BACKENDS = backends.names()
@@ -171,12 +172,14 @@ class Predictor:
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
         self.post = PostProcessor.from_manifest(self.manifest)  # every post-processing setting, built once
         models: Sequence[bytes] = ()
-        backbone = None
+        backbone = thumbnail = None
         if spec.reads_onnx:
             # Each model file read once, when the backend loads it (one file's bytes held at a time); size and
             # sha256 checked on these bytes, which the backend then loads.
             if self.manifest.backbone is not None:
                 backbone = read_verified_file(self.path, self.manifest.backbone)
+            if self.manifest.thumbnail is not None and self.manifest.thumbnail.file is not None:
+                thumbnail = read_verified_file(self.path, self.manifest.thumbnail.file)
             models = VerifiedModels(self.path, self.manifest.locations)
         else:
             verify_files(self.path, self.manifest)  # the engines are read and checked by their backend
@@ -189,6 +192,7 @@ class Predictor:
             manifest=self.manifest,
             models=models,
             backbone=backbone,
+            thumbnail=thumbnail,
             device=device,
             threads=threads,
             location_workers=location_workers,
@@ -199,7 +203,14 @@ class Predictor:
         )
         # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
         self._tiles = BufferPool(keep=4)
-        self._backend: Backend | None = spec.create(request)
+        created = spec.create(request)
+        if self.manifest.thumbnail is not None and not created.capabilities.thumbnail:
+            created.close()
+            raise BundleError(
+                f"{self.path}: this bundle has a thumbnail branch, which backend={spec.name!r} does not run; "
+                "use backend='onnxruntime' or 'openvino'"
+            )
+        self._backend: Backend | None = created
         self.threads = self._backend.threads
         self.location_workers = self._backend.location_workers
 
@@ -330,23 +341,32 @@ class Predictor:
 
     def _location_outputs(
         self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None
-    ) -> LocationOutputs:
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch.
 
         Returns:
-            ``(maps, scores)``: the maps, and the detector's per-tile scores
-            float32 ``(locations, n)`` when the bundle deploys them (else None).
+            ``(maps, scores, thumbnail)``: the maps, the detector's per-tile scores
+            float32 ``(locations, n)`` when the bundle deploys them (else None), and the
+            thumbnail model's raw maps float32 ``(n, h, w)`` for a bundle with a thumbnail branch (else None).
         """
         backend = self._open()
         order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
         if backend.capabilities.full_pipeline:
-            return cast(PipelineBackend, backend).location_outputs(batch, order)
+            maps, scores = cast(PipelineBackend, backend).location_outputs(batch, order)
+            return maps, scores, None
         m = self.manifest
         buffer = self._tiles.take(tile_shape(m.grid, batch.shape[0], m.preprocessing), m.preprocessing.dtype)
         try:
             with timed(timer, "tile"):
                 tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order, out=buffer)
-            return cast(InferenceBackend, backend).infer(tiles, timer)
+                small = None
+                if m.thumbnail is not None:
+                    small = thumbnail_tiles(batch, m.thumbnail.size, m.preprocessing, input_order=order)
+            if small is None:
+                maps, scores = cast(InferenceBackend, backend).infer(tiles, timer)
+                return maps, scores, None
+            (maps, scores), thumbnail = cast(ThumbnailInference, backend).infer_with_thumbnail(tiles, small, timer)
+            return maps, scores, thumbnail
         finally:
             self._tiles.give(buffer)  # the backends' outputs never alias their input
 
@@ -377,6 +397,22 @@ class Predictor:
             ``(maps, scores)``: float32 ``(locations, n, h, w)`` and float32
             ``(locations, n)`` (None unless the manifest's image score is ``detector``).
         """
+        maps, scores, _ = self.branch_outputs(images, input_order=input_order, resize=resize)
+        return maps, scores
+
+    def branch_outputs(
+        self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """:meth:`location_outputs` plus the thumbnail model's raw maps (bundles with a thumbnail branch).
+
+        Merge them as :meth:`predict` does with
+        ``postprocess_maps(..., fuse=fuser(manifest.thumbnail, thumbnail))``
+        (:func:`tilead.runtime.thumbnail.fuser`).
+
+        Returns:
+            ``(maps, scores, thumbnail)``: as :meth:`location_outputs`, and float32 ``(n, h, w)``
+            (None without a thumbnail branch).
+        """
         _, items, _ = self._images(images, resize)
         with self._in_use():
             chunks = [
@@ -385,7 +421,12 @@ class Predictor:
             ]
         maps = np.concatenate([c[0] for c in chunks], axis=1)
         parts = [c[1] for c in chunks if c[1] is not None]
-        return maps, np.concatenate(parts, axis=1) if parts else None
+        small = [c[2] for c in chunks if c[2] is not None]
+        return (
+            maps,
+            np.concatenate(parts, axis=1) if parts else None,
+            np.concatenate(small, axis=0) if small else None,
+        )
 
     def _run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None) -> list[Prediction]:
         m = self.manifest
@@ -398,8 +439,9 @@ class Predictor:
                 maps, tile_scores = pipeline.location_outputs(batch, order)
                 result = replace(result, errors=nonfinite_errors(np.asarray(maps), m.grid, tile_scores))
         else:
-            maps, scores = self._location_outputs(batch, input_order, timer)
-            _, result = self.post.apply(maps, tile_scores=scores, timer=timer, inplace=True)
+            maps, scores, thumbnail = self._location_outputs(batch, input_order, timer)
+            fuse = None if m.thumbnail is None or thumbnail is None else fuser(m.thumbnail, thumbnail)
+            _, result = self.post.apply(maps, tile_scores=scores, timer=timer, inplace=True, fuse=fuse)
         return [
             Prediction(
                 float(result.scores[i]),
@@ -450,8 +492,8 @@ class Predictor:
 
         Stages (seconds, summed over ``max_batch`` chunks): ``input`` (checks,
         resizing, stacking), ``tile``, ``inference`` (wall time of all
-        locations), ``untile``, ``seam``, ``crop``, ``normalize``, ``output_resize`` (maps of
-        resized images back to their own size),
+        locations), ``untile``, ``seam``, ``crop``, ``fuse`` (thumbnail branch), ``normalize``,
+        ``output_resize`` (maps of resized images back to their own size),
         plus ``location:<name>`` per location (the time of its session's run,
         which overlaps with other locations' when they run side by side).
 

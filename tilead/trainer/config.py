@@ -240,6 +240,23 @@ class RunConfig(_Section):
         return sections[family].model_validate({"family": family, **v})
 
     @model_validator(mode="after")
+    def _thumbnail(self) -> RunConfig:
+        thumb = self.model.thumbnail
+        if thumb is None:
+            return self
+        if self.postprocess.image_score == "detector":
+            raise ValueError(
+                "model.thumbnail: the thumbnail branch fuses anomaly maps; it does not go with "
+                "postprocess.image_score 'detector' (use 'max', or drop model.thumbnail)"
+            )
+        if thumb.fusion == "weighted" and self.validation.split == "holdout":
+            raise ValueError(
+                "model.thumbnail.fusion 'weighted': the weight is chosen on anomalous validation images, and "
+                "validation.split 'holdout' has none; use fusion 'max', or validation.split synthetic / same_as_test"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _image_score(self) -> RunConfig:
         if self.postprocess.image_score == "detector" and not type(self.model).has_image_score:
             own = [f for f, section in model_sections().items() if section.has_image_score]
@@ -254,10 +271,17 @@ class RunConfig(_Section):
         data: dict[str, Any] = json.loads(self.model_dump_json())
         return data
 
+    def thumbnail_key(self) -> str:
+        """Hash of everything the thumbnail model depends on: :meth:`fit_key` and the thumbnail size."""
+        size = None if self.model.thumbnail is None else self.model.thumbnail.size
+        blob = json.dumps({"fit_key": self.fit_key(), "thumbnail_size": size}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
     def fit_key(self) -> str:
         """Hash of everything a fitted location depends on (resume checks it)."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("seed", "data", "grid", "model")}
+        keep["model"].pop("thumbnail", None)  # the thumbnail model has its own key (thumbnail_key); tiles do not change
         if d["validation"]["split"] in ("holdout", "synthetic"):  # the same images held out
             keep["holdout"] = d["validation"]["holdout_fraction"]
         keep["data"].pop("max_test_images", None)

@@ -9,6 +9,7 @@ Benchmarks and ``tilead-bench --compare torch`` time it against
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from tilead.runtime import NormalizationStats, NormalizedMaps, PostProcessor, Preprocessing, TileGrid
-from tilead.runtime.timing import StageTimes
+from tilead.runtime.thumbnail import ThumbnailBranch, fuser
+from tilead.runtime.timing import StageTimes, timed
 from tilead.trainer.config import RunConfig
 from tilead.trainer.detectors.base import LocationModel
 from tilead.trainer.inference import location_forward
@@ -33,6 +35,8 @@ class EagerEnsemble:
         prep: Tile preprocessing.
         models: One model per location, row-major.
         stats: Validation statistics (normalization and thresholds).
+        thumbnail: The thumbnail branch (issue #20) and its eager model as a function (uint8 images to raw
+            maps ``(1, n, h, w)``, :func:`tilead.trainer.thumbnail.thumbnail_forward`), or None.
     """
 
     cfg: RunConfig
@@ -40,6 +44,7 @@ class EagerEnsemble:
     prep: Preprocessing
     models: list[LocationModel]
     stats: NormalizationStats
+    thumbnail: tuple[ThumbnailBranch, Callable[[np.ndarray], np.ndarray]] | None = None
 
     @cached_property
     def post(self) -> PostProcessor:
@@ -90,7 +95,12 @@ class EagerEnsemble:
             (image scores as the run deploys them).
         """
         maps, scores = self.location_outputs(images, timer)
-        return self.post.apply(maps, timer=timer, tile_scores=scores)
+        fuse = None
+        if self.thumbnail is not None:
+            branch, forward = self.thumbnail
+            with timed(timer, "inference"):
+                fuse = fuser(branch, forward(images)[0])
+        return self.post.apply(maps, timer=timer, tile_scores=scores, fuse=fuse)
 
 
 def load_eager_ensemble(run: str | Path | Run) -> EagerEnsemble:
@@ -101,7 +111,16 @@ def load_eager_ensemble(run: str | Path | Run) -> EagerEnsemble:
 
     Raises:
         FileNotFoundError: If ``run`` is not a finished run.
-        ValueError: If a checkpoint belongs to another config, or run.json or stats.json is broken.
+        ValueError: If a checkpoint belongs to another config, or run.json or stats.json is broken, or the
+            config has a thumbnail branch that was not validated at its size.
     """
     opened = run if isinstance(run, Run) else Run.open(run)
-    return EagerEnsemble(opened.config, opened.grid, opened.preprocessing, opened.models(), opened.stats)
+    cfg = opened.config
+    thumbnail = None
+    if cfg.model.thumbnail is not None:
+        from tilead.trainer.thumbnail import load_thumbnail_model, thumbnail_forward, validated_branch
+
+        branch = validated_branch(opened.paths, cfg.model.thumbnail.size)
+        model = load_thumbnail_model(cfg, opened.paths, opened.backbone)
+        thumbnail = (branch, thumbnail_forward(cfg, model, opened.preprocessing))
+    return EagerEnsemble(cfg, opened.grid, opened.preprocessing, opened.models(), opened.stats, thumbnail)

@@ -37,6 +37,7 @@ from tilead.runtime.postprocessor import (
     image_scores_of_tiles,
     score_images,
 )
+from tilead.runtime.thumbnail import ThumbnailBranch, fuser
 from tilead.trainer.components import setup_threads
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import DataConfig, DatasetSplits, Sample, discover
@@ -50,6 +51,7 @@ from tilead.trainer.run import Run
 from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, peak_rss_mib, read_json
 from tilead.trainer.run_dir import update_run_json as _update
 from tilead.trainer.splits import make_splits
+from tilead.trainer.thumbnail import load_thumbnail_model, thumbnail_forward, validated_branch
 from tilead.viz.overlays import pick_overlays
 
 log = logging.getLogger("tilead.trainer")
@@ -64,10 +66,12 @@ class MapSource(Protocol):
     Attributes:
         description: What runs the models, for ``metrics.json`` (e.g. ``"eager PyTorch"``).
         progress_label: Label of the progress bar of a pass over the test images.
+        branch: The thumbnail branch the maps are fused with (issue #20), or None; known once entered.
     """
 
     description: str
     progress_label: str
+    branch: ThumbnailBranch | None
 
     def __enter__(self) -> MapSource:
         """Open the source (load what inference needs)."""
@@ -79,14 +83,15 @@ class MapSource(Protocol):
         """Release what :meth:`__enter__` opened."""
         ...
 
-    def location_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Raw maps of a batch and the detector's per-tile image scores, if it has its own.
+    def location_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Raw maps of a batch, the detector's per-tile image scores if it has its own, the thumbnail's maps.
 
         Args:
             images: uint8 ``(n, H, W, C)`` at the grid's image size, in the config's channel order.
 
         Returns:
-            ``(maps, scores)``: float32 ``(locations, n, h, w)`` and float32 ``(locations, n)`` or None.
+            ``(maps, scores, thumbnail)``: float32 ``(locations, n, h, w)``, float32 ``(locations, n)`` or
+            None, and the thumbnail model's raw maps float32 ``(n, h, w)`` (None without a thumbnail branch).
         """
         ...
 
@@ -108,6 +113,12 @@ class EagerMaps:
     def __init__(self, cfg: RunConfig, run: Run) -> None:
         self._scores: list[np.ndarray] = []
         self._forward = location_forward(cfg, run.models(), run.grid, run.preprocessing, scores=self._scores)
+        self.branch: ThumbnailBranch | None = None
+        self._thumbnail: Callable[[np.ndarray], np.ndarray] | None = None
+        if cfg.model.thumbnail is not None:
+            self.branch = validated_branch(run.paths, cfg.model.thumbnail.size)
+            model = load_thumbnail_model(cfg, run.paths, run.backbone)
+            self._thumbnail = thumbnail_forward(cfg, model, run.preprocessing)
 
     def __enter__(self) -> EagerMaps:
         return self
@@ -117,11 +128,12 @@ class EagerMaps:
     ) -> None:
         return None
 
-    def location_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def location_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """See :meth:`MapSource.location_outputs`."""
         before = len(self._scores)
         maps = self._forward(images)
-        return maps, self._scores[-1] if len(self._scores) > before else None
+        thumbnail = None if self._thumbnail is None else self._thumbnail(images)[0]
+        return maps, self._scores[-1] if len(self._scores) > before else None, thumbnail
 
 
 class BundleMaps:
@@ -144,6 +156,7 @@ class BundleMaps:
         self.cfg = cfg
         self.description = f"runtime.Predictor on bundle {bundle}"
         self._predictor: Predictor | None = None
+        self.branch: ThumbnailBranch | None = None
 
     def __enter__(self) -> BundleMaps:
         """Open the bundle.
@@ -165,6 +178,7 @@ class BundleMaps:
             predictor.close()
             raise
         self._predictor = predictor
+        self.branch = predictor.manifest.thumbnail
         return self
 
     def __exit__(
@@ -174,7 +188,7 @@ class BundleMaps:
             self._predictor.close()
             self._predictor = None
 
-    def location_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def location_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """See :meth:`MapSource.location_outputs`.
 
         Raises:
@@ -183,8 +197,7 @@ class BundleMaps:
         if self._predictor is None:
             raise RuntimeError(f"BundleMaps({self.bundle}): use it inside 'with' (the Predictor is not open)")
         order = "GRAY" if images.shape[3] == 1 else self.cfg.data.channel_order
-        maps, scores = self._predictor.location_outputs(images, input_order=order)
-        return maps, scores
+        return self._predictor.branch_outputs(images, input_order=order)
 
 
 # -- steps ----------------------------------------------------------------------------------------
@@ -249,12 +262,14 @@ class SourceMaps:
         masks: Ground truth bool ``(n, H, W)`` at the grid's image size.
         kept: The samples loaded (bad files may be skipped), in order.
         tile_scores: The detector's per-tile image scores float32 ``(locations, n)``, or None.
+        thumbnail: The thumbnail model's raw maps float32 ``(n, h, w)``, or None (no thumbnail branch).
     """
 
     maps: np.ndarray
     masks: np.ndarray
     kept: list[Sample]
     tile_scores: np.ndarray | None
+    thumbnail: np.ndarray | None = None
 
 
 def infer_maps(cfg: RunConfig, samples: Sequence[Sample], source: MapSource, *, progress: bool) -> SourceMaps:
@@ -264,11 +279,14 @@ def infer_maps(cfg: RunConfig, samples: Sequence[Sample], source: MapSource, *, 
         ValueError: If no image could be loaded.
     """
     score_chunks: list[np.ndarray] = []
+    thumbnail_chunks: list[np.ndarray] = []
 
     def forward(images: np.ndarray) -> np.ndarray:
-        maps, scores = source.location_outputs(images)
+        maps, scores, thumbnail = source.location_outputs(images)
         if scores is not None:
             score_chunks.append(scores)
+        if thumbnail is not None:
+            thumbnail_chunks.append(thumbnail)
         return maps
 
     label = source.progress_label if progress else None
@@ -276,7 +294,13 @@ def infer_maps(cfg: RunConfig, samples: Sequence[Sample], source: MapSource, *, 
         cfg, samples, forward, batch_size=cfg.eval.batch_size, with_masks=True, progress=label
     )
     assert masks is not None
-    return SourceMaps(maps, masks, kept, np.concatenate(score_chunks, axis=1) if score_chunks else None)
+    return SourceMaps(
+        maps,
+        masks,
+        kept,
+        np.concatenate(score_chunks, axis=1) if score_chunks else None,
+        np.concatenate(thumbnail_chunks, axis=0) if thumbnail_chunks else None,
+    )
 
 
 def merge_checked(
@@ -284,6 +308,7 @@ def merge_checked(
     maps: np.ndarray,
     kept: list[Sample],
     deployed: np.ndarray | None,
+    fuse: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """The runtime's post-processing of the raw maps, refusing any non-finite output.
 
@@ -292,14 +317,16 @@ def merge_checked(
         maps: Raw per-location maps float32 ``(locations, n, h, w)``.
         kept: The samples of the maps (named in the error).
         deployed: The deployed detector image scores float32 ``(n,)``, or None.
+        fuse: The thumbnail branch's fusion (:func:`tilead.runtime.thumbnail.fuser`), or None.
 
     Returns:
-        ``(merged, result)``: merged maps float32 ``(n, H, W)`` before normalization and the normalized result.
+        ``(merged, result)``: merged (and fused) maps float32 ``(n, H, W)`` before normalization and the
+        normalized result.
 
     Raises:
         ValueError: If a map or deployed score is not finite, naming up to three images.
     """
-    merged, result = post.apply(maps)
+    merged, result = post.apply(maps, fuse=fuse)
     broken = [f"{kept[i].path}: {result.error(i)}" for i in range(len(kept)) if result.error(i) is not None]
     if deployed is not None:
         broken += [f"{kept[i].path}: non-finite detector score" for i in np.flatnonzero(~np.isfinite(deployed))]
@@ -605,7 +632,9 @@ def evaluate(
         # The config allows 'detector' only for detectors with a score; BundleMaps checks the bundle's choice.
         assert deployed is not None or cfg.postprocess.image_score == "max"
         post = cfg.postprocess.processor(grid, stats)  # the run's post-processing, as its bundle deploys it
-        merged, result = merge_checked(post, inferred.maps, kept, deployed)
+        branch = source.branch
+        fuse = None if branch is None or inferred.thumbnail is None else fuser(branch, inferred.thumbnail)
+        merged, result = merge_checked(post, inferred.maps, kept, deployed, fuse)
         maps = at_eval_resolution(cfg, kept, merged, result, inferred.masks, post)
         if deployed is not None:
             maps = dataclasses.replace(maps, result=score_images(maps.result, deployed, stats))

@@ -25,6 +25,7 @@ from tilead.runtime.postprocessor import (
     NormalizationStats,
     image_scores_of_tiles,
 )
+from tilead.runtime.thumbnail import fuser
 from tilead.synthesis import SyntheticDefect, synthesize_defects
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.checkpoints import load_location_models
@@ -44,6 +45,7 @@ from tilead.trainer.io import atomic_write_json, atomic_write_png
 from tilead.trainer.run_dir import RunPaths, attach_log, detach_log, peak_rss_mib, prepare_run, read_json
 from tilead.trainer.run_dir import update_run_json as _update
 from tilead.trainer.splits import Splits, make_splits
+from tilead.trainer.thumbnail import choose_branch, fit_thumbnail, load_thumbnail_model, thumbnail_forward
 from tilead.trainer.validation import check_validation_count, compute_stats
 
 log = logging.getLogger("tilead.trainer")
@@ -105,10 +107,15 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         )
         t_fit = time.perf_counter()
         fitted = fit_ensemble(cfg, paths, splits.fit, grid, progress=progress)
+        thumb_fit = None
+        if cfg.model.thumbnail is not None:
+            thumb_fit = fit_thumbnail(cfg, paths, splits.fit, extractor, prep, progress=progress)
         fit_seconds = time.perf_counter() - t_fit
         previous = read_json(paths.run_json).get("fit_locations", {})
         previous.update({f["location"]: f for f in fitted})
-        _update(paths, status="validating", fit_locations=previous)
+        _update(
+            paths, status="validating", fit_locations=previous, **({"fit_thumbnail": thumb_fit} if thumb_fit else {})
+        )
 
         try:
             stats, info, labels, synthetic, forced, val_seconds = _validate(
@@ -137,7 +144,11 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
             description["warning"] = forced
             log.warning("%s", forced)
         info["split"] = description
-        atomic_write_json(paths.stats, {"normalization": stats.to_dict(), "validation": info})
+        branch = info.pop("thumbnail_branch", None)
+        atomic_write_json(
+            paths.stats,
+            {"normalization": stats.to_dict(), "validation": info, **({"thumbnail": branch} if branch else {})},
+        )
         seconds = time.perf_counter() - start
         _update(
             paths,
@@ -200,6 +211,19 @@ def _validate(
         labels = np.concatenate([labels, np.ones(len(defects), dtype=bool)])
         del defects
     maps = _run_batches(forward, images, cfg.eval.batch_size, "validation" if progress else None)
+    fuse: Callable[[np.ndarray], np.ndarray] | None = None
+    chosen: dict[str, Any] = {}
+    if cfg.model.thumbnail is not None:  # the thumbnail branch: its maps, then its statistics and fusion on merge
+        small = thumbnail_forward(cfg, load_thumbnail_model(cfg, paths, extractor), prep)
+        thumbnail_maps = _run_batches(
+            small, images, cfg.eval.batch_size, "validation (thumbnail)" if progress else None
+        )
+
+        def fuse(merged: np.ndarray) -> np.ndarray:
+            branch, how = choose_branch(cfg, merged, thumbnail_maps[0], masks, labels)
+            chosen.update(branch=branch, info=how)
+            return fuser(branch, thumbnail_maps[0])(merged)
+
     del images
     stats, info = compute_stats(
         maps,
@@ -211,7 +235,11 @@ def _validate(
         image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
         target_false_alarm=v.target_false_alarm if v.split == "synthetic" else None,
         pixel_false_positive=v.pixel_false_positive if v.split == "synthetic" else None,
+        fuse=fuse,
     )
+    if chosen:
+        info["thumbnail"] = chosen["info"]
+        info["thumbnail_branch"] = chosen["branch"].to_dict()  # stats.json's "thumbnail" (train() moves it there)
     val_seconds = time.perf_counter() - t_val
     return stats, info, labels, synthetic, forced, val_seconds
 

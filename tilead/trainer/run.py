@@ -217,6 +217,13 @@ class Run:
         seam = cfg.seam_smoothing()
         if manifest.seam != seam:
             out.append(f"its seam smoothing is {manifest.seam}, the run's {seam}")
+        ours = self.config.model.thumbnail
+        theirs = manifest.thumbnail
+        if (None if ours is None else ours.size) != (None if theirs is None else theirs.size):
+            out.append(
+                f"its thumbnail branch is {'none' if theirs is None else f'size {theirs.size}'}, the run's "
+                f"model.thumbnail {'none' if ours is None else f'size {ours.size}'}"
+            )
         try:
             stats: NormalizationStats | None = self.stats
         except (FileNotFoundError, ValueError) as err:

@@ -29,6 +29,7 @@ measured on those.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -290,6 +291,7 @@ def compute_stats(
     image_scores: np.ndarray | None = None,
     target_false_alarm: float | None = None,
     pixel_false_positive: float | None = None,
+    fuse: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[NormalizationStats, dict[str, Any]]:
     """Normalization statistics of a validation set.
 
@@ -308,6 +310,8 @@ def compute_stats(
         pixel_false_positive: With anomalies (synthetic validation), stages ``image`` and ``none``: the pixel
             threshold is at most the good pixels' ``1 - pixel_false_positive`` quantile
             (:func:`bounded_pixel_threshold`); None: F1-adaptive.
+        fuse: The thumbnail branch: merged maps ``(n, H, W)`` to the fused maps the statistics are then
+            measured on (as :func:`tilead.runtime.postprocessor.postprocess_maps`' ``fuse``); None: no thumbnail.
 
     Returns:
         The statistics and a description of how they were obtained.
@@ -337,7 +341,7 @@ def compute_stats(
 
     if stage == "tile":
         tile_stats, rules = tile_statistics(maps, masks, labels, grid, good_quantile)
-        merged = post.merge(maps, tile_stats=tile_stats)
+        merged = post.merge(maps, tile_stats=tile_stats, fuse=fuse)
         scores = image_scores_of(merged)
         image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)
         stats = NormalizationStats(
@@ -351,7 +355,7 @@ def compute_stats(
         info.update({"pixel_threshold_rule": rules, "image_threshold_rule": image_rule})
         info["false_alarm_estimate"] = false_alarm_estimate(scores, labels, image_t)
         return stats, info
-    merged = post.merge(maps)
+    merged = post.merge(maps, fuse=fuse)
     scores = image_scores_of(merged)
     pixel_t, pixel_rule = bounded_pixel_threshold(merged, masks, labels, good_quantile, pixel_false_positive)
     image_t, image_rule = bounded_image_threshold(scores, labels, good_quantile, target_false_alarm)

@@ -18,6 +18,7 @@ registry (:mod:`tilead.runtime.backends`) names.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import threading
 import time
@@ -50,11 +51,13 @@ class Capabilities:
             (:class:`PipelineBackend`); otherwise inference only (:class:`InferenceBackend`).
         detector_score: It returns the per-tile ``score`` output of bundles
             whose ``image_score`` is ``detector``.
+        thumbnail: It runs a bundle's thumbnail model (:class:`ThumbnailInference`).
     """
 
     devices: tuple[str, ...]
     full_pipeline: bool
     detector_score: bool
+    thumbnail: bool = False
 
 
 class VerifiedModels(Sequence[bytes]):
@@ -112,6 +115,7 @@ class BackendRequest:
         precision: Engine precision for backends that have several (TensorRT), or None.
         build_on_load: Asks the backend to build missing engines (refused: the exporter builds them).
         cuda_graphs: Capture and replay CUDA graphs per batch size (the TensorRT backend; others ignore it).
+        thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch), else None.
     """
 
     bundle: Path
@@ -125,6 +129,7 @@ class BackendRequest:
     build_on_load: bool = False
     cuda_graphs: bool = True
     backbone: bytes | None = None
+    thumbnail: bytes | None = None
 
 
 @runtime_checkable
@@ -175,6 +180,27 @@ class InferenceBackend(Backend, Protocol):
         Raises:
             BundleError: If a model's output shape differs from the manifest's.
             RuntimeError: After :meth:`close`.
+        """
+        ...
+
+
+@runtime_checkable
+class ThumbnailInference(InferenceBackend, Protocol):
+    """An inference backend that also runs a bundle's thumbnail model (``capabilities.thumbnail``)."""
+
+    def infer_with_thumbnail(
+        self, tiles: np.ndarray, thumbnail: np.ndarray, timer: StageTimes | None = None
+    ) -> tuple[LocationOutputs, np.ndarray]:
+        """Every location's model on its tiles and the thumbnail model on the resized images, in one call.
+
+        Args:
+            tiles: As for :meth:`InferenceBackend.infer`.
+            thumbnail: float32 ``(1, n, C, size, size)``
+                (:func:`tilead.runtime.thumbnail.thumbnail_tiles`).
+            timer: Receives ``inference``, ``location:<name>`` and ``location:thumbnail``.
+
+        Returns:
+            ``(location outputs, thumbnail maps)``: as :meth:`InferenceBackend.infer`, and float32 ``(n, h, w)``.
         """
         ...
 
@@ -401,3 +427,68 @@ def run_locations(
         for loc, sec in zip(m.locations, seconds, strict=True):
             timer.add(f"location:{loc.name}", sec)
     return maps, scores
+
+
+RunThumbnail = Callable[[np.ndarray], np.ndarray]
+"""``(resized images' tiles (n, C, size, size)) -> map (n, 1, h, w)``: the thumbnail model."""
+
+
+def run_with_thumbnail(
+    manifest: Manifest,
+    run_tiles: Callable[[], LocationOutputs],
+    run_thumbnail: RunThumbnail,
+    thumbnail: np.ndarray,
+    pool: ThreadPoolExecutor | None,
+    timer: StageTimes | None,
+) -> tuple[LocationOutputs, np.ndarray]:
+    """The locations' models and the thumbnail model in one call: the thumbnail as one more job of the workers.
+
+    With worker threads the thumbnail runs on one of them while the locations
+    run (it is queued first); without, it runs before them.
+
+    Args:
+        manifest: A manifest with a thumbnail branch.
+        run_tiles: Runs every location (e.g. :func:`run_locations`), as :meth:`InferenceBackend.infer`.
+        run_thumbnail: Runs the thumbnail model.
+        thumbnail: float32 ``(1, n, C, size, size)``.
+        pool: The location workers, or None.
+        timer: Receives ``location:thumbnail`` (and, without workers, its time in ``inference``).
+
+    Returns:
+        ``(location outputs, thumbnail maps float32 (n, h, w))``.
+
+    Raises:
+        BundleError: For a manifest without a thumbnail branch, or a thumbnail output of another shape.
+    """
+    branch = manifest.thumbnail
+    if branch is None:
+        raise BundleError("the bundle has no thumbnail branch")
+    n = thumbnail.shape[1]
+    h, w = branch.map_size
+
+    def one() -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        out = np.asarray(run_thumbnail(np.ascontiguousarray(thumbnail[0])))
+        if out.shape != (n, 1, h, w):
+            raise BundleError(
+                f"the thumbnail model: output shape {out.shape}, the manifest promises ({n}, 1, {h}, {w})"
+            )
+        return np.ascontiguousarray(out[:, 0], dtype=np.float32), time.perf_counter() - start
+
+    if pool is None:
+        maps, seconds = one()
+        if timer is not None:
+            timer.add("inference", seconds)
+        outputs = run_tiles()
+    else:
+        future = pool.submit(one)
+        try:
+            outputs = run_tiles()
+        except BaseException:
+            if not future.cancel():
+                concurrent.futures.wait([future])  # never leave the thumbnail running on the caller's buffers
+            raise
+        maps, seconds = future.result()
+    if timer is not None:
+        timer.add("location:thumbnail", seconds)
+    return outputs, maps

@@ -48,6 +48,7 @@ from tilead.runtime.backends.base import (
     default_location_workers,
     run_backbone,
     run_locations,
+    run_with_thumbnail,
 )
 from tilead.runtime.bundle import (
     FEATURES_NAME,
@@ -58,6 +59,7 @@ from tilead.runtime.bundle import (
     Manifest,
     check_backbone_io,
     check_model_io,
+    check_thumbnail_io,
     ort_specs,
 )
 from tilead.runtime.engines import onnx_digest
@@ -65,7 +67,7 @@ from tilead.runtime.timing import StageTimes
 
 log = logging.getLogger("tilead.runtime.backends.onnxruntime")
 
-CAPABILITIES = Capabilities(devices=("cpu", "cuda"), full_pipeline=False, detector_score=True)
+CAPABILITIES = Capabilities(devices=("cpu", "cuda"), full_pipeline=False, detector_score=True, thumbnail=True)
 
 
 def ort_trt_cache(manifest: Manifest) -> Path:
@@ -383,6 +385,7 @@ class OnnxRuntimeBackend:
         threads: CPU threads in all.
         location_workers: Locations run at the same time (at most the number of locations).
         backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles only).
+        thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch only).
 
     Raises:
         BundleError: If ONNX Runtime cannot load a model, or a bundle's layout and ``backbone`` disagree.
@@ -399,6 +402,7 @@ class OnnxRuntimeBackend:
         threads: int,
         location_workers: int,
         backbone: bytes | None = None,
+        thumbnail: bytes | None = None,
     ) -> None:
         ort = import_ort()
         self.manifest = manifest
@@ -433,6 +437,19 @@ class OnnxRuntimeBackend:
             release_model_bytes(self._backbone, providers)
             return_freed_heap()
             check_backbone_io(ort_specs(self._backbone.get_inputs()), ort_specs(self._backbone.get_outputs()), manifest)
+        self._thumbnail: Any = None
+        if (thumbnail is None) != (manifest.thumbnail is None):
+            state = "missing" if thumbnail is None else "given, but the bundle has no thumbnail branch"
+            raise BundleError(f"the thumbnail model's bytes are {state}")
+        if thumbnail is not None:
+            try:
+                self._thumbnail = load_session(ort, thumbnail, providers, threads_each)
+            except Exception as err:
+                raise BundleError(f"the thumbnail model: ONNX Runtime cannot load thumbnail.onnx: {err}") from err
+            check_providers(providers, self._thumbnail.get_providers(), "thumbnail")
+            release_model_bytes(self._thumbnail, providers)
+            small = self._thumbnail
+            check_thumbnail_io(ort_specs(small.get_inputs()), ort_specs(small.get_outputs()), manifest)
         self._buffers = BufferPool()
         self._sessions: list[Any] | None = sessions
         self._names = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
@@ -488,10 +505,29 @@ class OnnxRuntimeBackend:
         finally:
             self._buffers.give(features)
 
+    def infer_with_thumbnail(
+        self, tiles: np.ndarray, thumbnail: np.ndarray, timer: StageTimes | None = None
+    ) -> tuple[LocationOutputs, np.ndarray]:
+        """The locations and the thumbnail model in one call (:meth:`.base.ThumbnailInference.infer_with_thumbnail`)."""
+        session = self._thumbnail
+        if self._sessions is None:
+            raise RuntimeError("Predictor is closed")
+        if session is None:
+            raise BundleError("the bundle has no thumbnail branch")
+
+        def run_thumbnail(x: np.ndarray) -> np.ndarray:
+            out: np.ndarray = session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            return out
+
+        return run_with_thumbnail(
+            self.manifest, lambda: self.infer(tiles, timer), run_thumbnail, thumbnail, self._pool, timer
+        )
+
     def close(self) -> None:
         """Drop the sessions and stop the location workers."""
         self._sessions = None
         self._backbone = None
+        self._thumbnail = None
         self._buffers.clear()
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -513,4 +549,5 @@ def create(request: BackendRequest) -> OnnxRuntimeBackend:
         threads=budget,
         location_workers=workers,
         backbone=request.backbone,
+        thumbnail=request.thumbnail,
     )

@@ -39,11 +39,12 @@ from tilead.runtime.backends.base import (
     default_location_workers,
     run_backbone,
     run_locations,
+    run_with_thumbnail,
 )
 from tilead.runtime.bundle import FEATURES_NAME, OUTPUT_NAME, SCORE_NAME, BundleError, Manifest
 from tilead.runtime.timing import StageTimes
 
-CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=True)
+CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=True, thumbnail=True)
 INSTALL = "pip install 'tilead[openvino]' (or pip install openvino)"
 
 
@@ -100,6 +101,7 @@ class OpenVinoBackend:
         threads: CPU threads in all.
         location_workers: Locations run at the same time (at most the number of locations).
         backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles only).
+        thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch only).
 
     Raises:
         OpenVinoUnavailableError: If OpenVINO is not installed.
@@ -116,6 +118,7 @@ class OpenVinoBackend:
         threads: int,
         location_workers: int,
         backbone: bytes | None = None,
+        thumbnail: bytes | None = None,
     ) -> None:
         ov = import_openvino()
         self.manifest = manifest
@@ -143,6 +146,17 @@ class OpenVinoBackend:
                 self._backbone = _Location(whole, [FEATURES_NAME], tile)
             except Exception as err:
                 raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
+        if (thumbnail is None) != (manifest.thumbnail is None):
+            state = "missing" if thumbnail is None else "given, but the bundle has no thumbnail branch"
+            raise BundleError(f"the thumbnail model's bytes are {state}")
+        self._thumbnail: _Location | None = None
+        if thumbnail is not None and manifest.thumbnail is not None:
+            side = manifest.thumbnail.size
+            try:
+                small = core.compile_model(core.read_model(model=thumbnail), "CPU", config)
+                self._thumbnail = _Location(small, [OUTPUT_NAME], (manifest.preprocessing.channels, side, side))
+            except Exception as err:
+                raise BundleError(f"the thumbnail model: OpenVINO cannot load thumbnail.onnx: {err}") from err
         self._buffers = BufferPool()
         locations: list[_Location] = []
         for loc, model in zip(manifest.locations, models, strict=True):
@@ -199,10 +213,28 @@ class OpenVinoBackend:
         finally:
             self._buffers.give(features)
 
+    def infer_with_thumbnail(
+        self, tiles: np.ndarray, thumbnail: np.ndarray, timer: StageTimes | None = None
+    ) -> tuple[LocationOutputs, np.ndarray]:
+        """The locations and the thumbnail model in one call (:meth:`.base.ThumbnailInference.infer_with_thumbnail`)."""
+        small = self._thumbnail
+        if self._locations is None:
+            raise RuntimeError("Predictor is closed")
+        if small is None:
+            raise BundleError("the bundle has no thumbnail branch")
+
+        def run_thumbnail(x: np.ndarray) -> np.ndarray:
+            return small.run(x)[0]
+
+        return run_with_thumbnail(
+            self.manifest, lambda: self.infer(tiles, timer), run_thumbnail, thumbnail, self._pool, timer
+        )
+
     def close(self) -> None:
         """Drop the compiled models and stop the location workers."""
         self._locations = None
         self._backbone = None
+        self._thumbnail = None
         self._buffers.clear()
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -216,5 +248,10 @@ def create(request: BackendRequest) -> OpenVinoBackend:
     if workers is None:
         workers = default_location_workers(request.device, request.manifest.grid.num_locations, budget)
     return OpenVinoBackend(
-        request.manifest, request.models, threads=budget, location_workers=workers, backbone=request.backbone
+        request.manifest,
+        request.models,
+        threads=budget,
+        location_workers=workers,
+        backbone=request.backbone,
+        thumbnail=request.thumbnail,
     )

@@ -118,11 +118,19 @@ def parse_device_name(text: str) -> tuple[str, str]:
 
 
 def require_per_location(bundle: Path, manifest: Manifest) -> None:
-    """Refuse a bundle layout the native TensorRT path cannot run: a shared backbone.
+    """Refuse a bundle the native TensorRT path cannot run: a shared backbone, or a thumbnail branch.
 
     Raises:
-        BundleError: For a ``shared_backbone`` layout (its engines would need a backbone stage before the heads).
+        BundleError: For a ``shared_backbone`` layout (its engines would need a backbone stage before the heads),
+            or a bundle with a thumbnail branch (the device pipeline has no resize-and-fuse stage for it).
     """
+    if manifest.thumbnail is not None:
+        raise BundleError(
+            f"{bundle}: this bundle has a thumbnail branch (thumbnail.onnx, fused with the tiled map), which the "
+            "native TensorRT backend and engine builder do not run yet; use backend='onnxruntime' (device 'cuda' "
+            "runs it on the GPU through ONNX Runtime's CUDA / TensorRT providers) or 'openvino', or export a run "
+            "without model.thumbnail for the native TensorRT backend"
+        )
     if manifest.layout != "per_location":
         raise BundleError(
             f"{bundle}: this bundle has the {manifest.layout!r} layout (one backbone graph, per-location heads), "

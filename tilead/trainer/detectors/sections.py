@@ -52,6 +52,30 @@ class BackboneConfig(BaseModel):
         return v
 
 
+class ThumbnailConfig(BaseModel):
+    """The thumbnail branch (issue #20): one more model of the run's family on whole images, downscaled.
+
+    Attributes:
+        size: Side of the square every whole image is resized to (area resize, as training resizes).
+        fusion: ``max`` of the two per-branch normalized maps, or ``weighted``: ``w * tiled + (1 - w) *
+            thumbnail`` with ``w`` from ``weights`` chosen on the validation images (it needs anomalous ones).
+        weights: Candidate weights of the tiled branch for ``weighted``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(ge=32, le=4096)
+    fusion: Literal["max", "weighted"] = "max"
+    weights: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(not 0.0 <= w <= 1.0 for w in v):
+            raise ValueError(f"expected one or more weights in [0, 1], got {list(v)}")
+        return tuple(sorted(set(v)))
+
+
 class DetectorSection(BaseModel):
     """Settings every detector has (each family's section extends it).
 
@@ -61,6 +85,7 @@ class DetectorSection(BaseModel):
         backbone: Feature extractor.
         feature_stride: Output stride of the anomaly map (input px per map px).
         blur_sigma: Gaussian blur of each tile's map, in map pixels.
+        thumbnail: The thumbnail branch (:class:`ThumbnailConfig`), or None (off).
 
     Class attributes:
         has_image_score: The family's modules have an image score of their own
@@ -75,6 +100,7 @@ class DetectorSection(BaseModel):
     backbone: BackboneConfig = BackboneConfig()
     feature_stride: Literal[4, 8, 16] = 8
     blur_sigma: float = Field(default=0.0, ge=0, le=8)
+    thumbnail: ThumbnailConfig | None = None
 
 
 _SECTIONS: dict[str, type[DetectorSection]] = {}
