@@ -50,6 +50,7 @@ def test_a_new_family_needs_no_edit_of_config(monkeypatch: pytest.MonkeyPatch) -
         },
         "feature_stride": 8,
         "blur_sigma": 0.0,
+        "thumbnail": None,
         "radius": 5,
     }
     assert RunConfig.model_validate(cfg.to_dict()) == cfg  # a saved config reads back the same
