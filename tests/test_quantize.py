@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tilead.exporter.quantize import check_precision, split_nodes
+from tilead.exporter.quantize import check_precision, split_nodes, stem_nodes
 
 # Predictor on the tiny synthetic bundle, INT8 vs FP32: max abs difference of the normalized maps and
 # scores (on [0, 1]). Measured: maps 0.12 (the tiny run's 6-tile Gaussians amplify INT8 rounding; on bottle
@@ -52,10 +54,17 @@ def test_int8_graph_has_qdq_in_the_backbone_and_none_in_the_head(int8_bundle: Pa
         qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
         assert qdq, path
         convs = [n for n in graph.node if n.op_type == "Conv" and not _is_head(n)]
-        # Every backbone convolution reads dequantized int8 weights and activations.
-        assert convs
-        for conv in convs:
+        # Every backbone convolution after the stem's stage reads dequantized int8 weights and activations;
+        # the stem's stage (up to the second strided convolution) reads FP32 weights.
+        strided = [c for c in convs if any(a.name == "strides" and max(a.ints) > 1 for a in c.attribute)]
+        assert len(strided) >= 2
+        stem, rest = convs[: convs.index(strided[1])], convs[convs.index(strided[1]) :]
+        assert stem
+        assert rest
+        for conv in rest:
             assert all(producers[i].op_type == "DequantizeLinear" for i in conv.input[:2]), conv.name
+        for conv in stem:
+            assert conv.input[1] not in producers or producers[conv.input[1]].op_type != "DequantizeLinear", conv.name
         head = [n for n in graph.node if _is_head(n)]
         assert any(n.op_type == "MatMul" for n in head)  # PaDiM's Mahalanobis part is there...
         head_outputs = {o for n in head for o in n.output}
@@ -151,6 +160,43 @@ def test_a_graph_without_module_scopes_cannot_be_split() -> None:
     entry = node.metadata_props.add()
     entry.key, entry.value = "pkg.torch.onnx.name_scopes", "['', 'embedding', 'embedding.backbone', 'relu']"
     assert split_nodes(helper.make_model(graph)) == (["relu"], [])
+
+
+def _chain(strides: list[int], pool_at: int | None = None) -> Any:
+    """A backbone-scoped chain of 1x1 convolutions (and one MaxPool) with the given strides."""
+    from onnx import TensorProto, helper
+
+    nodes = []
+    for i, s in enumerate(strides):
+        op = "MaxPool" if i == pool_at else "Conv"
+        attrs: dict[str, Any] = {"strides": [s, s], "kernel_shape": [1, 1]}
+        inputs = [f"t{i}", "w"] if op == "Conv" else [f"t{i}"]
+        node = helper.make_node(op, inputs, [f"t{i + 1}"], name=f"n{i}", **attrs)
+        entry = node.metadata_props.add()
+        entry.key, entry.value = "pkg.torch.onnx.name_scopes", "['', 'embedding', 'embedding.backbone', 'x']"
+        nodes.append(node)
+    x = helper.make_tensor_value_info("t0", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info(f"t{len(strides)}", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([1, 2]), min_size=1, max_size=12), st.integers(0, 11))
+def test_stem_nodes_stop_before_the_second_strided_op(strides: list[int], pool: int) -> None:
+    model = _chain(strides, pool_at=pool if pool < len(strides) else None)
+    backbone, _ = split_nodes(model)
+    got = stem_nodes(model, backbone)
+    strided = [i for i, s in enumerate(strides) if s > 1]
+    end = strided[1] if len(strided) > 1 else len(strides)
+    assert got == [f"n{i}" for i in range(end)]
+
+
+def test_stem_nodes_skip_nodes_outside_the_backbone() -> None:
+    model = _chain([2, 1, 2, 1])
+    model.graph.node[1].ClearField("metadata_props")  # not a backbone node: neither kept nor counted
+    backbone, rest = split_nodes(model)
+    assert rest == ["n1"]
+    assert stem_nodes(model, backbone) == ["n0"]
 
 
 @pytest.mark.integration
