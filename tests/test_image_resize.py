@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import reference as ref
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tilead.runtime.image_resize import lerp_rows, resize_uint8
@@ -19,6 +19,7 @@ from tilead.runtime.image_resize import lerp_rows, resize_uint8
     st.integers(1, 5000),
     st.integers(0, 2**32 - 1),
 )
+@example(h=100, w=114, c=3, oh=78, ow=56, band=1, seed=168)  # float32 coordinates 0.0016 off the oracle
 def test_banded_resize_is_the_whole_image_kernel_bit_for_bit(
     h: int, w: int, c: int, oh: int, ow: int, band: int, seed: int
 ) -> None:
@@ -27,9 +28,11 @@ def test_banded_resize_is_the_whole_image_kernel_bit_for_bit(
     banded = resize_uint8(image, (oh, ow), band_elements=band, whole_elements=0)
     np.testing.assert_array_equal(banded, whole)
     assert banded.flags.c_contiguous
-    # Both are bilinear (align_corners=False): within rounding of the float64 oracle.
+    # Both are bilinear (align_corners=False): within rounding of the float64 oracle, plus the kernel's float32
+    # source coordinates ((i + 0.5) * scale - 0.5 at sizes <= 120: off by <= ~2e-5 px per axis, and a pixel step
+    # is at most 255, so <= ~0.005 per axis; found by hypothesis: 0.0016 at 100x114 -> 78x56).
     want = np.moveaxis(ref.resize(np.moveaxis(image, 2, 0), oh, ow), 0, 2)
-    assert np.abs(banded.astype(np.float64) - want).max() <= 0.5 + 1e-3
+    assert np.abs(banded.astype(np.float64) - want).max() <= 0.5 + 0.01
 
 
 @given(st.integers(1, 5000), st.integers(1, 5000))
