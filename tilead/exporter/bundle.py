@@ -57,6 +57,7 @@ from tilead.runtime.bundle import (
     SCHEMA_VERSION,
     SCORE_NAME,
     location_files,
+    model_files,
     sha256_file,
     write_manifest,
 )
@@ -66,10 +67,11 @@ from tilead.trainer.detectors import LocationModel, create_detector
 from tilead.trainer.ensemble import (
     LocationTiles,
     holdout_split,
-    load_location_models,
+    load_models,
     make_backbone,
     make_preprocessing,
     make_splits,
+    run_assignment,
 )
 from tilead.trainer.pipeline import load_stats
 from tilead.trainer.run_dir import open_run, read_json
@@ -200,10 +202,13 @@ def export_bundle(
         # With the detector's image score deployed the graph gets a second output, checked like the map.
         return MapAndScore(model) if with_score else model
 
-    models = [graph(m) for m in load_location_models(cfg, paths, grid, extractor)]
+    # One graph per model: per location, or per group of locations sharing one (grid.assignment).
+    table = run_assignment(cfg, paths, grid)
+    groups = table.groups
+    models = [graph(m) for m in load_models(cfg, paths, grid, extractor, table)]
     # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
     # the memory-bound per-position matrices); its ONNX output is checked against the plain eager model below.
-    variants = load_location_models(cfg, paths, grid, extractor, export=True, with_score=with_score)
+    variants = load_models(cfg, paths, grid, extractor, table, export=True, with_score=with_score)
     exported = [graph(m) for m in variants]
     detector = create_detector(cfg, extractor, grid.tile_size)
     tile_shape = (prep.channels, *grid.tile_size)
@@ -226,8 +231,9 @@ def export_bundle(
         if layout == "shared_backbone":
 
             def location_batches(index: int, samples: Any = calibration) -> list[np.ndarray]:
-                name = grid.location_names()[index]
-                return [np.ascontiguousarray(t.numpy()) for t in LocationTiles(cfg, samples, grid, prep, index, name)]
+                name = table.names[index]
+                tiles = LocationTiles(cfg, samples, grid, prep, groups[index], name)
+                return [np.ascontiguousarray(t.numpy()) for t in tiles]
 
             def refit_head(index: int, session: Any, head: torch.nn.Module) -> tuple[torch.nn.Module, int]:
                 eps = cfg.model.covariance_eps if isinstance(cfg.model, PadimConfig) else 0.0
@@ -239,6 +245,7 @@ def export_bundle(
                 refit=refit_head if calibration and cfg.model.family == "padim" else None,
                 int8_tolerance=int8_tolerance,
                 progress=lambda it: tqdm(list(it), desc="export", unit="loc", disable=not progress),
+                names=table.names, files=model_files(table.num_models, layout) if table.shared else None,
             )  # fmt: skip
             entries, parity, backbone_entry = shared.entries, shared.parity, shared.backbone
             if calibration:
@@ -249,8 +256,8 @@ def export_bundle(
                     "normalization": "the FP32 run's statistics (not recomputed on INT8 maps)",
                 }  # fmt: skip
         else:
-            files = location_files(grid)
-            bar = tqdm(list(zip(grid.location_names(), files, models, exported, strict=True)), desc="export",
+            files = model_files(table.num_models) if table.shared else location_files(grid)
+            bar = tqdm(list(zip(table.names, files, models, exported, strict=True)), desc="export",
                        unit="loc", disable=not progress)  # fmt: skip
             template: tuple[Path, torch.nn.Module] | None = None
             for index, (name, rel, model, export_model) in enumerate(bar):
@@ -275,7 +282,7 @@ def export_bundle(
                 if calibration:  # INT8: quantize the FP32 graph just written and checked, then check it on real tiles
                     batches = [
                         np.ascontiguousarray(t.numpy())
-                        for t in LocationTiles(cfg, calibration, grid, prep, index, name)
+                        for t in LocationTiles(cfg, calibration, grid, prep, groups[index], name)
                     ]
                     info = quantize_location(target, target, batches)
                     refit = 0
@@ -283,7 +290,7 @@ def export_bundle(
                         cfg.model.family == "padim"
                     ):  # the Gaussians fitted again on the INT8 backbone's features (always)
                         head = getattr(export_model, "model", export_model).head
-                        fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, index, name)
+                        fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, groups[index], name)
                         arrays = (np.ascontiguousarray(t.numpy()) for t in fit_tiles)
                         refit = refit_padim_head(target, head, arrays, float(cfg.model.covariance_eps))
                     check_onnx(target)
@@ -327,7 +334,18 @@ def export_bundle(
                 "precision": precision,
                 **detector.manifest_info(),
             },
-            "locations": entries,
+            **(
+                {
+                    "assignment": table.mode,
+                    "models": entries,
+                    "locations": [
+                        {"name": loc, "model": table.names[m]}
+                        for loc, m in zip(grid.location_names(), table.location_model, strict=True)
+                    ],
+                }
+                if table.shared
+                else {"locations": entries}
+            ),
             **({"layout": layout, "backbone": backbone_entry} if backbone_entry is not None else {}),
             "postprocess": {
                 "weights": cfg.postprocess.weights,

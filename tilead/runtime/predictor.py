@@ -171,7 +171,7 @@ class Predictor:
         if spec.reads_onnx:
             # Each model file read once; size and sha256 checked on these bytes, which the backend then loads.
             verified = read_verified(self.path, self.manifest)
-            models = tuple(verified[loc.name] for loc in self.manifest.locations)
+            models = tuple(verified[m.name] for m in self.manifest.models)
             backbone = None if self.manifest.backbone is None else verified[self.manifest.backbone.name]
         else:
             verify_files(self.path, self.manifest)  # the engines are read and checked by their backend

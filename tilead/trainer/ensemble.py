@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 import tilead
 from tilead.runtime import Preprocessing, TileGrid, location_name, set_num_threads, tile_images
 from tilead.runtime.timing import StageTimes, timed
+from tilead.trainer.assignment import Assignment, fixed_assignment, mean_embeddings, resolve_assignment
 from tilead.trainer.backbones import FeatureExtractor, build_backbone, describe_backbone
 from tilead.trainer.config import RunConfig, load_config
 from tilead.trainer.data import DatasetSplits, Sample
@@ -152,23 +153,32 @@ class LocationTiles:
 
     Every pass re-reads the images (in order) and cuts them with the runtime's
     tile kernel, exactly as the Predictor does; batches are float32
-    ``(n, C, th, tw)`` channels-last tensors.
+    ``(n, C, th, tw)`` channels-last tensors. With several location indices
+    (a model shared by those locations, :mod:`tilead.trainer.assignment`) every
+    image batch yields one batch per location, so a pass covers the union of their tiles.
     """
 
     def __init__(
-        self, cfg: RunConfig, samples: Sequence[Sample], grid: TileGrid, prep: Preprocessing, index: int, label: str
+        self,
+        cfg: RunConfig,
+        samples: Sequence[Sample],
+        grid: TileGrid,
+        prep: Preprocessing,
+        index: int | Sequence[int],
+        label: str,
     ) -> None:
         self.cfg = cfg
         self.samples = tuple(samples)
         self.grid = grid
         self.prep = prep
-        self.index = index
+        self.indices = (index,) if isinstance(index, int) else tuple(index)
+        self.index = self.indices[0]
         self.label = label
         self.batch_size = cfg.train.batch_size
         self.num_images = len(self.samples)
 
     def __len__(self) -> int:
-        return -(-self.num_images // self.batch_size)
+        return -(-self.num_images // self.batch_size) * len(self.indices)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if not self.samples:
@@ -176,7 +186,8 @@ class LocationTiles:
         loader = ImageLoader(self.cfg.data)
         for n, batch in enumerate(loader.iter_batches(self.samples, self.batch_size)):
             tiles = _location_tiles(batch.images, self.grid, self.prep, self.cfg.data.channel_order)
-            yield _to_torch(np.ascontiguousarray(tiles[self.index]))
+            for index in self.indices:
+                yield _to_torch(np.ascontiguousarray(tiles[index]))
             if n == 0:
                 maybe_inject_fault(location_name(*self.grid.locations()[self.index]))  # a no-op unless testing
 
@@ -233,30 +244,33 @@ def fit_location(
     *,
     backbone: FeatureExtractor | None = None,
     progress: bool = True,
+    assignment: Assignment | None = None,
 ) -> dict[str, Any]:
-    """Fit one location's detector and save its checkpoint.
+    """Fit one model's detector (on the union of its locations' tiles) and save its checkpoint.
 
     Args:
         cfg: Run config.
         paths: Run folder.
-        index: Location index (row-major).
+        index: Model index (the location index, row-major, when every location has its own model).
         samples: Good training images.
         grid: The tile grid.
         backbone: A prebuilt backbone (built from the config when None).
         progress: Show progress bars.
+        assignment: Location -> model table (None: one model per location).
 
     Returns:
-        A summary (location, images, seconds, state bytes).
+        A summary (location: the model's name, images: tiles fitted, seconds, state bytes, locations served).
     """
     start = time.perf_counter()
-    row, col = grid.locations()[index]
-    name = location_name(row, col)
+    table = assignment if assignment is not None else fixed_assignment("one_to_one", None, grid)
+    name = table.names[index]
+    group = table.groups[index]
     extractor = backbone if backbone is not None else make_backbone(cfg)
     prep = make_preprocessing(cfg, extractor)
     detector = create_detector(cfg, extractor, grid.tile_size)
     fit_samples, held = holdout_split(samples, detector.holdout_fraction, cfg.seed)
-    fit = LocationTiles(cfg, fit_samples, grid, prep, index, f"fit {name}")
-    holdout = LocationTiles(cfg, held, grid, prep, index, f"holdout {name}")
+    fit = LocationTiles(cfg, fit_samples, grid, prep, group, f"fit {name}")
+    holdout = LocationTiles(cfg, held, grid, prep, group, f"holdout {name}")
     detector.work_dir = paths.partial(name)  # resumable progress inside the location, if the detector keeps any
     state = detector.fit(fit, holdout, progress=progress)
     seconds = time.perf_counter() - start
@@ -267,16 +281,71 @@ def fit_location(
         paths.partial(name).parent.rmdir()  # only when no other location left progress there
     nbytes = state.nbytes
     log.info("fitted %s on %d tiles in %.1f s (state %.1f MiB)", name, state.tiles, seconds, nbytes / 2**20)
-    return {"location": name, "images": state.tiles, "seconds": round(seconds, 3), "state_bytes": nbytes}
+    summary = {"location": name, "images": state.tiles, "seconds": round(seconds, 3), "state_bytes": nbytes}
+    if table.shared:
+        summary["serves"] = [grid.location_names()[i] for i in group]
+    return summary
 
 
 def _fit_worker(config_path: str, root: str, index: int, samples: list[Sample], threads: int) -> dict[str, Any]:
-    """Process-pool entry point: fit one location with ``threads`` torch threads."""
+    """Process-pool entry point: fit one model (index into the run's assignment) with ``threads`` torch threads."""
     torch.set_num_threads(threads)
     set_num_threads(threads)
     cfg = load_config(Path(config_path))
     grid = cfg.grid.build(dataset_image_size(ImageLoader(cfg.data), samples))
-    return fit_location(cfg, RunPaths(Path(root)), index, samples, grid, progress=False)
+    table = run_assignment(cfg, RunPaths(Path(root)), grid)
+    return fit_location(cfg, RunPaths(Path(root)), index, samples, grid, progress=False, assignment=table)
+
+
+EMBED_IMAGES = 64
+"""Most fit images (evenly spaced) whose tiles give the per-location mean embeddings of ``cluster``."""
+
+
+def location_embeddings(
+    cfg: RunConfig, samples: Sequence[Sample], grid: TileGrid, extractor: FeatureExtractor
+) -> np.ndarray:
+    """Every location's mean embedding of its training tiles: the backbone's layers averaged over positions.
+
+    Uses at most :data:`EMBED_IMAGES` of ``samples`` (evenly spaced).
+
+    Returns:
+        float64 ``(locations, d)`` with ``d`` the summed channels of the backbone's layers.
+    """
+    picks = np.unique(np.linspace(0, len(samples) - 1, num=min(EMBED_IMAGES, len(samples))).round().astype(int))
+    chosen = [samples[i] for i in picks] if samples else []
+    prep = make_preprocessing(cfg, extractor)
+    loader = ImageLoader(cfg.data)
+
+    def batches() -> Iterator[np.ndarray]:
+        for batch in loader.iter_batches(chosen, cfg.train.batch_size):
+            tiles = _location_tiles(batch.images, grid, prep, cfg.data.channel_order)
+            count, n = tiles.shape[:2]
+            flat = _to_torch(np.ascontiguousarray(tiles.reshape(count * n, *tiles.shape[2:])))
+            with torch.inference_mode():
+                pooled = torch.cat([f.float().mean(dim=(2, 3)) for f in extractor(flat)], dim=1)
+            yield pooled.numpy().reshape(count, n, -1)
+
+    return mean_embeddings(batches(), grid.num_locations)
+
+
+def run_assignment(
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    samples: Sequence[Sample] = (),
+    extractor: FeatureExtractor | None = None,
+) -> Assignment:
+    """The run's location -> model table (:func:`tilead.trainer.assignment.resolve_assignment`).
+
+    Made (and saved as ``assignment.json``) on first use; ``cluster`` then
+    embeds ``samples`` with ``extractor`` (or the config's backbone).
+    """
+    a = cfg.grid.assignment
+
+    def embed() -> np.ndarray:
+        return location_embeddings(cfg, samples, grid, extractor if extractor is not None else make_backbone(cfg))
+
+    return resolve_assignment(a.mode, a.k, cfg.seed, grid, paths.root, embed if samples else None)
 
 
 def dataset_image_size(loader: ImageLoader, samples: Sequence[Sample]) -> tuple[int, int]:
@@ -293,12 +362,15 @@ def total_threads(cfg: RunConfig) -> int:
 def fit_ensemble(
     cfg: RunConfig, paths: RunPaths, fit_samples: Sequence[Sample], grid: TileGrid, *, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Fit every location not yet done; return the summaries of those fitted now."""
-    names = grid.location_names()
+    """Fit every model not yet done (one per location unless ``grid.assignment`` shares them); return the summaries."""
+    table = run_assignment(cfg, paths, grid, fit_samples)
+    if table.shared:
+        log.info("assignment %s: %d models for %d locations", table.mode, table.num_models, grid.num_locations)
+    names = table.names
     todo = [i for i, name in enumerate(names) if not checkpoint_done(paths, cfg, name)]
     skipped = len(names) - len(todo)
     if skipped:
-        log.info("resume: %d of %d locations already fitted, %d to go", skipped, len(names), len(todo))
+        log.info("resume: %d of %d models already fitted, %d to go", skipped, len(names), len(todo))
     if not todo:
         return []
     if cfg.train.backend == "ray":
@@ -312,7 +384,11 @@ def fit_ensemble(
             torch.set_num_threads(threads)
             extractor = make_backbone(cfg)
             for i in todo:
-                results.append(fit_location(cfg, paths, i, fit_samples, grid, backbone=extractor, progress=progress))
+                results.append(
+                    fit_location(
+                        cfg, paths, i, fit_samples, grid, backbone=extractor, progress=progress, assignment=table
+                    )
+                )
                 bar.update(1)
         else:
             per = max(1, threads // workers)
@@ -342,18 +418,35 @@ def load_location_models(
     """Every location's module, from its checkpoint (``export``: the variant traced to ONNX).
 
     ``with_score``: the export variant also computes the detector's own image
-    score (see :meth:`Detector.build`).
+    score (see :meth:`Detector.build`). Locations sharing a model (``grid.assignment``)
+    get the same module object.
 
     Raises:
-        FileNotFoundError: If a location has no checkpoint (training unfinished).
+        FileNotFoundError: If a model has no checkpoint (training unfinished).
         ValueError: If a checkpoint belongs to another config or detector.
     """
+    table = run_assignment(cfg, paths, grid)
+    models = load_models(cfg, paths, grid, extractor, table, export=export, with_score=with_score)
+    return [models[m] for m in table.location_model]
+
+
+def load_models(
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    extractor: FeatureExtractor,
+    table: Assignment,
+    *,
+    export: bool = False,
+    with_score: bool = False,
+) -> list[LocationModel]:
+    """Every model's module in ``table``'s order, from its checkpoint (see :func:`load_location_models`)."""
     detector = create_detector(cfg, extractor, grid.tile_size)
     models = []
-    for name in grid.location_names():
+    for name in table.names:
         path = paths.checkpoint(name)
         if not path.is_file():
-            raise FileNotFoundError(f"location {name} has no checkpoint ({path}); finish training with --resume")
+            raise FileNotFoundError(f"model {name} has no checkpoint ({path}); finish training with --resume")
         state, meta = load_state(path, detector)
         if meta.get("fit_key") != cfg.fit_key():
             raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")

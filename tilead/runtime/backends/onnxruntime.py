@@ -239,7 +239,7 @@ class OnnxRuntimeBackend:
     ) -> None:
         ort = import_ort()
         self.manifest = manifest
-        count = manifest.grid.num_locations
+        count = len(manifest.models)  # one call per model
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         options = ort.SessionOptions()
@@ -250,7 +250,7 @@ class OnnxRuntimeBackend:
         # Inter-op parallelism comes from the location workers; graphs are sequential chains.
         options.inter_op_num_threads = 1
         sessions: list[Any] = []
-        for loc, model in zip(manifest.locations, models, strict=True):
+        for loc, model in zip(manifest.models, models, strict=True):
             try:
                 session = ort.InferenceSession(model, sess_options=options, providers=providers)
             except Exception as err:  # onnxruntime raises its own exception types
@@ -347,7 +347,7 @@ def create(request: BackendRequest) -> OnnxRuntimeBackend:
     """The registry's factory: sessions for ``request.device`` with the thread budget split over locations."""
     providers = session_providers(request.device, request.manifest, request.max_batch)
     budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
-    count = request.manifest.grid.num_locations
+    count = len(request.manifest.models)
     workers = request.location_workers
     if workers is None:
         workers = default_location_workers(request.device, count, budget)
