@@ -253,22 +253,28 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     rows = [r for name in args.rows for r in ROWS[name] if not args.modes or r.variant in args.modes]
-    results = []
+    results: list[dict[str, Any]] = []
     for row in rows:
         results.append(run_row(row, args))
         print(json.dumps(results[-1]), flush=True)
-    mark_targets(results)
+        mark_targets(results)
+        if args.json:  # after every row, so an interrupted benchmark keeps what it measured
+            write_json(args.json, args.note, results)
     print(table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "note": args.note,
-            "numpy": np.__version__,
-            "rows": results,
-            "targets": {"tolerance": TOLERANCE, "size_ratio": SIZE_RATIO, "aupro_today": AUPRO_TODAY},
-        }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 0
+
+
+def write_json(path: Path, note: str, results: list[dict[str, Any]]) -> None:
+    """The results with the note and the targets, written atomically."""
+    from tilead.atomic import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "note": note,
+        "rows": results,
+        "targets": {"tolerance": TOLERANCE, "size_ratio": SIZE_RATIO, "aupro_today": AUPRO_TODAY},
+    }
+    atomic_write_json(path, payload)
 
 
 if __name__ == "__main__":

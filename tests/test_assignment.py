@@ -261,13 +261,18 @@ def _location_reference(images: np.ndarray, table: tuple[int, ...]) -> np.ndarra
     return result
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("table", [TABLE, (0, 0, 1, 1), (0, 0, 0, 0)])
-def test_predictor_runs_each_shared_model_on_its_locations(tmp_path: Path, table: tuple[int, ...]) -> None:
+def test_predictor_runs_each_shared_model_on_its_locations(
+    tmp_path: Path, table: tuple[int, ...], backend: str
+) -> None:
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     mode = "all_to_one" if max(table) == 0 else "cluster"
     bundle = make_shared_model_bundle(tmp_path / "b", table, mode)
     images = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     for workers in (1, 2):
-        with runtime.Predictor(bundle, location_workers=workers) as p:
+        with runtime.Predictor(bundle, backend=backend, location_workers=workers) as p:
             assert p.manifest.assignment == mode
             assert p.manifest.location_model == table
             assert [m.name for m in p.manifest.models] == [f"m{i}" for i in range(max(table) + 1)]
@@ -433,3 +438,29 @@ def test_shared_models_train_export_and_predict_like_the_eager_ensemble(
         got = p.location_maps(images, input_order=cfg.data.channel_order)
     span = float(eager.max() - eager.min())
     assert np.abs(got - eager).max() <= 1e-4 * span
+
+
+def test_location_tiles_of_a_shared_model_are_the_union_of_its_locations(tmp_path: Path) -> None:
+    from tilead.demo.synthetic import SyntheticSpec, generate
+    from tilead.runtime import Preprocessing, tile_images
+    from tilead.trainer.data import discover
+    from tilead.trainer.ensemble import LocationTiles
+    from tilead.trainer.images import ImageLoader
+
+    data = generate(tmp_path / "d", SyntheticSpec(image_size=96, train_good=3, test_good=1, test_per_defect=1, seed=1))
+    cfg = parse_config(
+        {"data": {"format": "mvtec", "root": str(data)}, "grid": {"tile_size": 48}, "train": {"batch_size": 2}},
+        base_dir=tmp_path,
+    )
+    samples = list(discover(cfg.data).train)
+    grid = cfg.grid.build((96, 96))
+    prep = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), channels=3, color_order="RGB")
+    source = LocationTiles(cfg, samples, grid, prep, (0, 3), "fit m0")
+    batches = [b.numpy() for b in source]
+    assert source.num_images == 6
+    assert len(source) == len(batches) == 4  # 2 image batches x 2 locations
+    images = np.concatenate([b.images for b in ImageLoader(cfg.data).iter_batches(samples, 2)])
+    tiles = tile_images(images, grid, prep, input_order="BGR")
+    want = [tiles[0, :2], tiles[3, :2], tiles[0, 2:], tiles[3, 2:]]
+    for got, ref in zip(batches, want, strict=True):
+        np.testing.assert_array_equal(got, ref)

@@ -175,10 +175,10 @@ class LocationTiles:
         self.index = self.indices[0]
         self.label = label
         self.batch_size = cfg.train.batch_size
-        self.num_images = len(self.samples)
+        self.num_images = len(self.samples) * len(self.indices)  # tiles per pass (TileSource.num_images)
 
     def __len__(self) -> int:
-        return -(-self.num_images // self.batch_size) * len(self.indices)
+        return -(-len(self.samples) // self.batch_size) * len(self.indices)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if not self.samples:

@@ -63,7 +63,8 @@ class BackendRequest:
     Attributes:
         bundle: Bundle directory.
         manifest: Its manifest (files verified).
-        models: Every location's ONNX model bytes, row-major (read by the Predictor; empty for a
+        models: Every model's ONNX bytes in ``manifest.models`` order: one per location, row-major, or one
+            per shared model (task assignment) (read by the Predictor; empty for a
             backend whose registry entry has ``reads_onnx`` False): for a ``shared_backbone``
             bundle the heads.
         backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles), else None.
