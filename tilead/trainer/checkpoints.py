@@ -6,10 +6,12 @@ import logging
 
 import tilead
 from tilead.runtime import TileGrid
+from tilead.trainer.assignment import Assignment
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import RunConfig
 from tilead.trainer.detectors.base import LocationModel, create_detector, load_state
 from tilead.trainer.io import read_metadata
+from tilead.trainer.model_table import run_assignment
 from tilead.trainer.run_dir import RunPaths
 
 log = logging.getLogger("tilead.trainer")
@@ -51,18 +53,35 @@ def load_location_models(
     """Every location's module, from its checkpoint (``export``: the variant traced to ONNX).
 
     ``with_score``: the export variant also computes the detector's own image
-    score (see :meth:`Detector.build`).
+    score (see :meth:`Detector.build`). Locations sharing a model (``grid.assignment``)
+    get the same module object.
 
     Raises:
-        FileNotFoundError: If a location has no checkpoint (training unfinished).
+        FileNotFoundError: If a model has no checkpoint (training unfinished).
         ValueError: If a checkpoint belongs to another config or detector.
     """
+    table = run_assignment(cfg, paths, grid)
+    models = load_models(cfg, paths, grid, extractor, table, export=export, with_score=with_score)
+    return [models[m] for m in table.location_model]
+
+
+def load_models(
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    extractor: FeatureExtractor,
+    table: Assignment,
+    *,
+    export: bool = False,
+    with_score: bool = False,
+) -> list[LocationModel]:
+    """Every model's module in ``table``'s order, from its checkpoint (see :func:`load_location_models`)."""
     detector = create_detector(cfg, extractor, grid.tile_size)
     models = []
-    for name in grid.location_names():
+    for name in table.names:
         path = paths.checkpoint(name)
         if not path.is_file():
-            raise FileNotFoundError(f"location {name} has no checkpoint ({path}); finish training with --resume")
+            raise FileNotFoundError(f"model {name} has no checkpoint ({path}); finish training with --resume")
         state, meta = load_state(path, detector)
         if meta.get("fit_key") != cfg.fit_key():
             raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")
