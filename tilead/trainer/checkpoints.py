@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import tilead
 from tilead.runtime import TileGrid
@@ -28,17 +29,28 @@ def location_metadata(cfg: RunConfig, location: str, count: int, seconds: float)
     }
 
 
-def checkpoint_done(paths: RunPaths, cfg: RunConfig, location: str) -> bool:
-    """Whether a location's checkpoint exists, loads and belongs to this config."""
-    path = paths.checkpoint(location)
+def checkpoint_has(path: Path, key: str, value: str, what: str) -> bool:
+    """Whether the checkpoint at ``path`` exists, its metadata reads and its ``key`` is ``value``.
+
+    Args:
+        path: The safetensors checkpoint.
+        key: Metadata key (``fit_key``, ``thumbnail_key``).
+        value: The key this config gives.
+        what: What is refitted when it is unreadable, for the warning (``that location``).
+    """
     if not path.is_file():
         return False
     try:
         meta = read_metadata(path)
     except ValueError:
-        log.warning("checkpoint %s is unreadable; refitting that location", path)
+        log.warning("checkpoint %s is unreadable; refitting %s", path, what)
         return False
-    return meta.get("fit_key") == cfg.fit_key()
+    return meta.get(key) == value
+
+
+def checkpoint_done(paths: RunPaths, cfg: RunConfig, location: str) -> bool:
+    """Whether a location's checkpoint exists, loads and belongs to this config."""
+    return checkpoint_has(paths.checkpoint(location), "fit_key", cfg.fit_key(), "that location")
 
 
 def load_location_models(
