@@ -20,6 +20,8 @@
 #   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, area kernel, banded bilinear, whole-image
 #   make bench-soak       Predictor soak on the bottle bundle: RSS slope per 1000 predictions, result drift
 #   make bench-good-only  thresholds from good images only (holdout, synthetic, SuperADD, oracle) on bottle + demo
+#   make bench-hires      task assignment (one_to_one, neighbourhood, cluster, all_to_one) on bottle 4x4 and 2048x2048,
+#                         thumbnail branch on bottle: AUROCs, AUPRO, bundle size, models, train time, latency (long)
 #   make info        what this installation can do here (tilead-info)
 #   make doctor      tilead-doctor: capabilities and, on a GPU, the GPU self-checks
 #   make gpu-check OUT=dir  the prepared first-GPU check (< 9 min, offline): extension, engines, doctor, bench; JSON in OUT
@@ -35,7 +37,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: gpu-check wheel-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-cpu-speed bench-vs-anomalib bench-resize-rss bench-good-only bench-soak bench-train train-bottle info doctor clean
+.PHONY: gpu-check wheel-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-cpu-speed bench-vs-anomalib bench-resize-rss bench-good-only bench-hires bench-soak bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -100,6 +102,10 @@ bench-resize-rss: $(STAMP)
 # Fits PaDiM once per dataset on good images only, re-validates it two ways, evaluates four threshold rules.
 bench-good-only: $(STAMP)
 	$(BIN)/python benchmarks/bench_good_only.py --json out/bench/good_only.json
+
+# Trains, exports and evaluates every row it lacks under out/bench/hires (hours on a 2-core CPU; resumable).
+bench-hires: $(STAMP)
+	$(BIN)/python benchmarks/bench_hires.py --json out/bench/hires.json
 
 bench-soak: $(STAMP) bundles/padim_bottle/manifest.json
 	$(BIN)/python benchmarks/bench_soak.py bundles/padim_bottle --predictions 1000 --json out/bench/soak.json

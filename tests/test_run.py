@@ -316,7 +316,7 @@ def test_bad_run_folders_say_what_is_wrong_and_what_was_expected(tmp_path: Path)
 
 def test_a_run_without_checkpoints_says_which_location_is_missing(tmp_path: Path) -> None:
     run = _make_run(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match=r"location r0c0 has no checkpoint .*finish training with --resume"):
+    with pytest.raises(FileNotFoundError, match=r"model r0c0 has no checkpoint .*finish training with --resume"):
         run.models()
 
 

@@ -111,12 +111,14 @@ def _export(
         run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout
     )
     locs = result.manifest["locations"]
+    files = result.manifest.get("models", locs)  # models shared by locations (grid.assignment): one file per model
     backbone = result.manifest.get("backbone")
-    size = (sum(loc["bytes"] for loc in locs) + (backbone["bytes"] if backbone else 0)) / 2**20
+    size = (sum(f["bytes"] for f in files) + (backbone["bytes"] if backbone else 0)) / 2**20
     worst = max(result.manifest["source"]["parity_onnxruntime_vs_torch"].values())
     click.echo(f"bundle:     {result.bundle}")
     shared = " + a shared backbone" if backbone else ""
-    click.echo(f"locations:  {len(locs)} ONNX models{shared}, {size:.1f} MiB in all (opset {opset})")
+    per = f" shared by {len(locs)} locations ({result.manifest['assignment']})" if "models" in result.manifest else ""
+    click.echo(f"locations:  {len(files)} ONNX models{per}{shared}, {size:.1f} MiB in all (opset {opset})")
     click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range"
                + (" (INT8, on training tiles)" if onnx_precision == "int8" else ""))  # fmt: skip
     click.echo(f"time:       {result.seconds:.1f} s")

@@ -57,15 +57,18 @@ from tilead.runtime.bundle import (
     SCHEMA_VERSION,
     SCORE_NAME,
     location_files,
+    model_files,
     sha256_file,
     write_manifest,
 )
 from tilead.runtime.files import LocationFile
 from tilead.runtime.thumbnail import THUMBNAIL_FILE, THUMBNAIL_NAME
+from tilead.trainer.checkpoints import load_models
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.detectors.base import LocationModel
 from tilead.trainer.detectors.padim.config import PadimConfig
+from tilead.trainer.model_table import run_assignment
 from tilead.trainer.run import Run
 from tilead.trainer.splits import holdout_split, make_splits
 from tilead.trainer.thumbnail import load_thumbnail_model, validated_branch
@@ -202,10 +205,14 @@ def export_bundle(
         # With the detector's image score deployed the graph gets a second output, checked like the map.
         return MapAndScore(model) if with_score else model
 
-    models = [graph(m) for m in run.models()]
+    # One graph per model: per location, or per group of locations sharing one (grid.assignment).
+    table = run_assignment(cfg, run.paths, grid)
+    groups = table.groups
+    models = [graph(m) for m in load_models(cfg, run.paths, grid, run.backbone, table)]
     # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
     # the memory-bound per-position matrices); its ONNX output is checked against the plain eager model below.
-    exported = [graph(m) for m in run.models(export=True, with_score=with_score)]
+    variants = load_models(cfg, run.paths, grid, run.backbone, table, export=True, with_score=with_score)
+    exported = [graph(m) for m in variants]
     detector = run.detector
     tile_shape = (prep.channels, *grid.tile_size)
     calibration = _calibration_samples(cfg, calibration_images) if precision == "int8" else ()
@@ -227,8 +234,9 @@ def export_bundle(
         if layout == "shared_backbone":
 
             def location_batches(index: int, samples: Any = calibration) -> list[np.ndarray]:
-                name = grid.location_names()[index]
-                return [np.ascontiguousarray(t.numpy()) for t in LocationTiles(cfg, samples, grid, prep, index, name)]
+                name = table.names[index]
+                tiles = LocationTiles(cfg, samples, grid, prep, groups[index], name)
+                return [np.ascontiguousarray(t.numpy()) for t in tiles]
 
             def refit_head(index: int, session: Any, head: torch.nn.Module) -> tuple[torch.nn.Module, int]:
                 eps = cfg.model.covariance_eps if isinstance(cfg.model, PadimConfig) else 0.0
@@ -240,6 +248,7 @@ def export_bundle(
                 refit=refit_head if calibration and cfg.model.family == "padim" else None,
                 int8_tolerance=int8_tolerance,
                 progress=lambda it: tqdm(list(it), desc="export", unit="loc", disable=not progress),
+                names=table.names, files=model_files(table.num_models, layout) if table.shared else None,
             )  # fmt: skip
             entries, parity, backbone_entry = shared.entries, shared.parity, shared.backbone
             if calibration:
@@ -250,8 +259,8 @@ def export_bundle(
                     "normalization": "the FP32 run's statistics (not recomputed on INT8 maps)",
                 }  # fmt: skip
         else:
-            files = location_files(grid)
-            bar = tqdm(list(zip(grid.location_names(), files, models, exported, strict=True)), desc="export",
+            files = model_files(table.num_models) if table.shared else location_files(grid)
+            bar = tqdm(list(zip(table.names, files, models, exported, strict=True)), desc="export",
                        unit="loc", disable=not progress)  # fmt: skip
             template: tuple[Path, torch.nn.Module] | None = None
             for index, (name, rel, model, export_model) in enumerate(bar):
@@ -276,13 +285,13 @@ def export_bundle(
                 if calibration:  # INT8: quantize the FP32 graph just written and checked, then check it on real tiles
                     batches = [
                         np.ascontiguousarray(t.numpy())
-                        for t in LocationTiles(cfg, calibration, grid, prep, index, name)
+                        for t in LocationTiles(cfg, calibration, grid, prep, groups[index], name)
                     ]
                     info = quantize_location(target, target, batches)
                     refit = 0
                     if isinstance(cfg.model, PadimConfig):  # the Gaussians fitted again on the INT8 backbone's features
                         head = getattr(export_model, "model", export_model).head
-                        fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, index, name)
+                        fit_tiles = LocationTiles(cfg, fit_samples, grid, prep, groups[index], name)
                         arrays = (np.ascontiguousarray(t.numpy()) for t in fit_tiles)
                         refit = refit_padim_head(target, head, arrays, float(cfg.model.covariance_eps))
                     check_onnx(target)
@@ -329,7 +338,18 @@ def export_bundle(
                 "precision": precision,
                 **detector.manifest_info(),
             },
-            "locations": entries,
+            **(
+                {
+                    "assignment": table.mode,
+                    "models": entries,
+                    "locations": [
+                        {"name": loc, "model": table.names[m]}
+                        for loc, m in zip(grid.location_names(), table.location_model, strict=True)
+                    ],
+                }
+                if table.shared
+                else {"locations": entries}
+            ),
             **({"layout": layout, "backbone": backbone_entry} if backbone_entry is not None else {}),
             **({"thumbnail": thumbnail_entry} if thumbnail_entry is not None else {}),
             "postprocess": post.manifest_section(),

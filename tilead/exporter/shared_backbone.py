@@ -188,6 +188,8 @@ def export_shared(
     refit: Callable[[int, Any, nn.Module], tuple[nn.Module, int]] | None = None,
     int8_tolerance: float = 1.0,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+    names: Sequence[str] | None = None,
+    files: Sequence[str] | None = None,
 ) -> SharedExport:
     """Write ``backbone.onnx`` and ``heads/rRcC.onnx`` into ``root`` and check them.
 
@@ -204,6 +206,9 @@ def export_shared(
         refit: INT8 only: ``(location index, INT8 backbone session, export head) -> (refit head, tiles fitted on)``.
         int8_tolerance: INT8 only: largest chain-vs-eager difference accepted on real tiles.
         progress: Wraps the per-location loop (a progress bar).
+        names: Model names when locations share models (task assignment; ``models`` then holds one per
+            model and the indices above are model indices); None: the grid's location names.
+        files: The heads' bundle-relative files, with ``names``; None: ``heads/rRcC.onnx``.
 
     Returns:
         The manifest's ``backbone`` entry, the location entries, the parity per location and INT8 facts.
@@ -229,7 +234,7 @@ def export_shared(
         per_location = max(-(-available // grid.num_locations), min(available, CALIBRATION_MIN_PER_LOCATION))
         spread = [np.concatenate(first)[:per_location]] if first else []
         del first
-        for index in range(1, grid.num_locations):
+        for index in range(1, len(models)):
             tiles = calibration(index)
             if tiles:
                 spread.append(np.concatenate(tiles)[:per_location])
@@ -255,10 +260,11 @@ def export_shared(
     parity: dict[str, float] = {}
     refit_tiles = 0
     template: tuple[Path, nn.Module] | None = None
-    files = location_files(grid, "shared_backbone")
+    names = list(names) if names is not None else grid.location_names()
+    files = list(files) if files is not None else location_files(grid, "shared_backbone")
     with tempfile.TemporaryDirectory(prefix="tilead-heads-") as scratch:  # the template head, outside the bundle
-        for index in progress(range(grid.num_locations)):
-            name, rel = grid.location_names()[index], files[index]
+        for index in progress(range(len(models))):
+            name, rel = names[index], files[index]
             target = root / rel
             head = HeadGraph(exported[index].get_submodule("head")).eval()
             real: list[np.ndarray] = calibration(index)[:1] if calibration is not None else []

@@ -28,6 +28,16 @@ branches' validation statistics, file, sha256 and bytes
 (:class:`tilead.runtime.thumbnail.ThumbnailBranch`). The ``normalization``
 statistics of such a bundle were measured on the fused maps.
 
+Shared models (task assignment; the manifest's ``assignment``, absent means
+``one_to_one``). Locations may share a model: ``assignment`` names the mode
+(``all_to_one``, ``neighbourhood``, ``cluster``), ``models`` lists one file per
+model (``{"name": "m0", "file": "tiles/m0.onnx", "sha256", "bytes"}``, names
+``m0``, ``m1``, ... in order; ``heads/mK.onnx`` with a shared backbone) and
+``locations`` becomes the location -> model table
+(``[{"name": "r0c0", "model": "m0"}, ...]``, row-major). Every location is
+mapped and every model serves at least one location; the runtime runs every
+tile of a model's locations through it in one batched call.
+
 Integrity (schema 2). The manifest carries ``manifest_sha256``, the sha256
 of its own canonical JSON without that key (:func:`manifest_digest`: sorted
 keys, compact separators, ASCII); :func:`read_manifest` refuses a manifest
@@ -88,6 +98,8 @@ OUTPUT_NAME = "map"
 SCORE_NAME = "score"
 FEATURES_NAME = "features"
 LAYOUTS = ("per_location", "shared_backbone")
+SHARED_ASSIGNMENTS = ("all_to_one", "neighbourhood", "cluster")
+"""Task-assignment modes whose bundles carry a ``models`` table (absent ``assignment``: ``one_to_one``)."""
 BACKBONE_FILE = "backbone.onnx"
 _TOP_KEYS = (
     "schema_version",
@@ -105,6 +117,8 @@ _TOP_KEYS = (
     "layout",
     "backbone",
     "thumbnail",
+    "assignment",
+    "models",
     DIGEST_KEY,
 )
 _REQUIRED = ("schema_version", "grid", "preprocessing", "model", "locations", "postprocess", "normalization")
@@ -151,6 +165,9 @@ class Manifest:
         features: ``(d, fh, fw)`` of the backbone's ``features`` output (``shared_backbone`` only).
         thumbnail: The thumbnail branch (``thumbnail.onnx``, its fusion and statistics), or None
             (absent from the manifest: no thumbnail branch).
+        models: One file per model (for ``one_to_one`` the locations' own files; see the module docstring).
+        location_model: Model index of every location, row-major.
+        assignment: ``one_to_one`` or one of :data:`SHARED_ASSIGNMENTS`.
     """
 
     grid: TileGrid
@@ -167,11 +184,32 @@ class Manifest:
     backbone: LocationFile | None = None
     features: tuple[int, int, int] | None = None
     thumbnail: ThumbnailBranch | None = None
+    models: tuple[LocationFile, ...] = ()
+    location_model: tuple[int, ...] = ()
+    assignment: str = "one_to_one"
+
+    def __post_init__(self) -> None:
+        if not self.models:  # one model per location
+            object.__setattr__(self, "models", self.locations)
+            object.__setattr__(self, "location_model", tuple(range(len(self.locations))))
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """Location indices (row-major) each model serves, in model order."""
+        out: list[list[int]] = [[] for _ in self.models]
+        for loc, model in enumerate(self.location_model):
+            out[model].append(loc)
+        return tuple(tuple(g) for g in out)
+
+    @property
+    def shared_models(self) -> bool:
+        """Whether some model serves several locations (the bundle has a ``models`` table)."""
+        return self.assignment != "one_to_one"
 
     @property
     def files(self) -> tuple[LocationFile, ...]:
-        """Every model file: the shared backbone (when there is one), the locations', then the thumbnail's."""
-        files = self.locations if self.backbone is None else (self.backbone, *self.locations)
+        """Every model file, each once: the shared backbone (when there is one), the models', then the thumbnail's."""
+        files = self.models if self.backbone is None else (self.backbone, *self.models)
         return files if self.thumbnail is None or self.thumbnail.file is None else (*files, self.thumbnail.file)
 
     @property
@@ -328,10 +366,20 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         if not isinstance(layout, str) or layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {describe(layout)}")
         backbone, features = _parse_backbone(d.get("backbone"), layout, image_score, grid)
-        files = [
-            parse_location_file(item, f"locations[{i}]", name, rel)
-            for i, (item, name, rel) in enumerate(zip(locs, expected, location_files(grid, layout), strict=True))
-        ]
+        assignment = d.get("assignment", "one_to_one")
+        model_files: tuple[LocationFile, ...] = ()
+        table: tuple[int, ...] = ()
+        if assignment == "one_to_one" and "models" not in d:
+            files = [
+                parse_location_file(item, f"locations[{i}]", name, rel)
+                for i, (item, name, rel) in enumerate(zip(locs, expected, location_files(grid, layout), strict=True))
+            ]
+        else:
+            model_files, table = parse_model_table(assignment, d.get("models"), locs, expected, layout)
+            files = [
+                LocationFile(name, model_files[m].file, model_files[m].sha256, model_files[m].bytes)
+                for name, m in zip(expected, table, strict=True)
+            ]
         parse_engine_sets(d.get("engines"), expected)
         thumbnail = parse_thumbnail(d.get("thumbnail"))
         if thumbnail is not None and image_score == "detector":
@@ -363,7 +411,69 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         backbone,
         features,
         thumbnail,
+        model_files,
+        table,
+        str(assignment),
     )
+
+
+def model_files(count: int, layout: str = "per_location") -> list[str]:
+    """Bundle-relative files of ``count`` shared models: ``tiles/mK.onnx`` (``shared_backbone``: ``heads/``)."""
+    folder = "heads" if layout == "shared_backbone" else "tiles"
+    return [f"{folder}/m{i}.onnx" for i in range(count)]
+
+
+def parse_model_table(
+    assignment: object, models: object, locations: list[Any], expected: Sequence[str], layout: str
+) -> tuple[tuple[LocationFile, ...], tuple[int, ...]]:
+    """Validate a shared-model bundle's ``assignment``, ``models`` and location -> model ``locations``.
+
+    Args:
+        assignment: The manifest's ``assignment`` (one of :data:`SHARED_ASSIGNMENTS`).
+        models: The manifest's ``models`` list.
+        locations: The manifest's ``locations`` list (length already checked).
+        expected: Location names, row-major.
+        layout: The bundle's layout (folder of the model files).
+
+    Returns:
+        ``(model files, model index of every location)``.
+
+    Raises:
+        ValueError: Naming the key: an unknown mode, a ``models`` list missing, empty, too long, misnamed or
+            pointing at other files, a location mapped to an unknown model, or a model no location uses.
+    """
+    if not isinstance(assignment, str) or assignment not in SHARED_ASSIGNMENTS:
+        raise ValueError(
+            f"assignment: expected one of {', '.join(SHARED_ASSIGNMENTS)} together with 'models' "
+            f"(absent for one model per location), got {describe(assignment)}"
+        )
+    if not isinstance(models, list) or not models:
+        raise ValueError(
+            f"models: assignment {assignment!r} needs a non-empty list of model files, got {describe(models)}"
+        )
+    if len(models) > len(expected):
+        raise ValueError(f"models: {len(models)} models for {len(expected)} locations (at most one per location)")
+    names = [f"m{i}" for i in range(len(models))]
+    files = tuple(
+        parse_location_file(item, f"models[{i}]", name, rel)
+        for i, (item, name, rel) in enumerate(zip(models, names, model_files(len(models), layout), strict=True))
+    )
+    index = {name: i for i, name in enumerate(names)}
+    table = []
+    for i, (item, name) in enumerate(zip(locations, expected, strict=True)):
+        e = check_mapping(item, f"locations[{i}]", ("name", "model"), ("name", "model"))
+        if e["name"] != name:
+            raise ValueError(f"locations[{i}].name: expected {name!r} (row-major order), got {describe(e['name'])}")
+        if not isinstance(e["model"], str) or e["model"] not in index:
+            raise ValueError(
+                f"locations[{i}].model: location {name} must name one of the models {names[0]}..{names[-1]}, "
+                f"got {describe(e['model'])}"
+            )
+        table.append(index[e["model"]])
+    unused = [n for n in names if index[n] not in set(table)]
+    if unused:
+        raise ValueError(f"models: {unused} serve no location (every model must be used)")
+    return files, tuple(table)
 
 
 _BACKBONE_KEYS = ("name", "file", "sha256", "bytes", "output", "features")
@@ -611,7 +721,7 @@ def read_verified_file(bundle: Path, entry: LocationFile, kind: str = "model fil
     """
     root = Path(bundle).resolve()
     owners = {BACKBONE_FILE: "the shared backbone", THUMBNAIL_FILE: "the thumbnail model"}
-    owner = owners.get(entry.file, f"location {entry.name}")
+    owner = owners.get(entry.file, f"model {entry.name}" if entry.name.startswith("m") else f"location {entry.name}")
     what = f"{owner}: {kind}"
     path = root / entry.file
     fd = _open_in_bundle(root, entry.file, what)
@@ -637,8 +747,8 @@ def read_verified(bundle: Path, manifest: Manifest) -> dict[str, bytes]:
     """Every model file's bytes, each file read once and verified (:func:`read_verified_file`).
 
     Returns:
-        ``{location name: model bytes}`` in row-major order, preceded for a
-        ``shared_backbone`` bundle by ``"backbone"``: the backbone's bytes.
+        ``{model name: model bytes}`` in model order (location names, row-major, for one
+        model per location), preceded for a ``shared_backbone`` bundle by ``"backbone"``: the backbone's bytes.
     """
     return {loc.name: read_verified_file(bundle, loc) for loc in manifest.files}
 

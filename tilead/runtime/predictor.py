@@ -180,7 +180,7 @@ class Predictor:
                 backbone = read_verified_file(self.path, self.manifest.backbone)
             if self.manifest.thumbnail is not None and self.manifest.thumbnail.file is not None:
                 thumbnail = read_verified_file(self.path, self.manifest.thumbnail.file)
-            models = VerifiedModels(self.path, self.manifest.locations)
+            models = VerifiedModels(self.path, self.manifest.models)
         else:
             verify_files(self.path, self.manifest)  # the engines are read and checked by their backend
         self._lock = threading.Lock()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import tilead
 from tilead.runtime import TileGrid
+from tilead.trainer.assignment import Assignment
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.config import RunConfig
 from tilead.trainer.detectors.base import LocationModel, create_detector, load_state
 from tilead.trainer.io import read_metadata
+from tilead.trainer.model_table import run_assignment
 from tilead.trainer.run_dir import RunPaths
 
 log = logging.getLogger("tilead.trainer")
@@ -26,17 +29,28 @@ def location_metadata(cfg: RunConfig, location: str, count: int, seconds: float)
     }
 
 
-def checkpoint_done(paths: RunPaths, cfg: RunConfig, location: str) -> bool:
-    """Whether a location's checkpoint exists, loads and belongs to this config."""
-    path = paths.checkpoint(location)
+def checkpoint_has(path: Path, key: str, value: str, what: str) -> bool:
+    """Whether the checkpoint at ``path`` exists, its metadata reads and its ``key`` is ``value``.
+
+    Args:
+        path: The safetensors checkpoint.
+        key: Metadata key (``fit_key``, ``thumbnail_key``).
+        value: The key this config gives.
+        what: What is refitted when it is unreadable, for the warning (``that location``).
+    """
     if not path.is_file():
         return False
     try:
         meta = read_metadata(path)
     except ValueError:
-        log.warning("checkpoint %s is unreadable; refitting that location", path)
+        log.warning("checkpoint %s is unreadable; refitting %s", path, what)
         return False
-    return meta.get("fit_key") == cfg.fit_key()
+    return meta.get(key) == value
+
+
+def checkpoint_done(paths: RunPaths, cfg: RunConfig, location: str) -> bool:
+    """Whether a location's checkpoint exists, loads and belongs to this config."""
+    return checkpoint_has(paths.checkpoint(location), "fit_key", cfg.fit_key(), "that location")
 
 
 def load_location_models(
@@ -51,18 +65,35 @@ def load_location_models(
     """Every location's module, from its checkpoint (``export``: the variant traced to ONNX).
 
     ``with_score``: the export variant also computes the detector's own image
-    score (see :meth:`Detector.build`).
+    score (see :meth:`Detector.build`). Locations sharing a model (``grid.assignment``)
+    get the same module object.
 
     Raises:
-        FileNotFoundError: If a location has no checkpoint (training unfinished).
+        FileNotFoundError: If a model has no checkpoint (training unfinished).
         ValueError: If a checkpoint belongs to another config or detector.
     """
+    table = run_assignment(cfg, paths, grid)
+    models = load_models(cfg, paths, grid, extractor, table, export=export, with_score=with_score)
+    return [models[m] for m in table.location_model]
+
+
+def load_models(
+    cfg: RunConfig,
+    paths: RunPaths,
+    grid: TileGrid,
+    extractor: FeatureExtractor,
+    table: Assignment,
+    *,
+    export: bool = False,
+    with_score: bool = False,
+) -> list[LocationModel]:
+    """Every model's module in ``table``'s order, from its checkpoint (see :func:`load_location_models`)."""
     detector = create_detector(cfg, extractor, grid.tile_size)
     models = []
-    for name in grid.location_names():
+    for name in table.names:
         path = paths.checkpoint(name)
         if not path.is_file():
-            raise FileNotFoundError(f"location {name} has no checkpoint ({path}); finish training with --resume")
+            raise FileNotFoundError(f"model {name} has no checkpoint ({path}); finish training with --resume")
         state, meta = load_state(path, detector)
         if meta.get("fit_key") != cfg.fit_key():
             raise ValueError(f"checkpoint {path} was fitted with another config (fit key {meta.get('fit_key')})")

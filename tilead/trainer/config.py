@@ -33,6 +33,36 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AssignmentConfig(_Section):
+    """Which locations share a model (:mod:`tilead.trainer.assignment`).
+
+    Written as a mapping (``{mode: cluster, k: 4}``) or, for modes without a
+    parameter, as the mode alone (``assignment: all_to_one``).
+
+    Attributes:
+        mode: ``one_to_one`` (a model per location) | ``all_to_one`` |
+            ``neighbourhood`` (blocks of ``k x k`` locations) | ``cluster``
+            (k-means over per-location mean embeddings, ``k`` clusters, seeded
+            by ``seed``). ``retrieve`` is refused with the reason.
+        k: Block side (``neighbourhood``) or number of clusters (``cluster``).
+    """
+
+    mode: Literal["one_to_one", "all_to_one", "neighbourhood", "cluster", "retrieve"] = "one_to_one"
+    k: int | None = Field(default=None, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _mode(self) -> AssignmentConfig:
+        from tilead.trainer.assignment import RETRIEVE_REFUSAL
+
+        if self.mode == "retrieve":
+            raise ValueError(RETRIEVE_REFUSAL)
+        if self.mode in ("neighbourhood", "cluster") and self.k is None:
+            raise ValueError(f"mode {self.mode!r} needs k (an integer >= 1)")
+        if self.mode not in ("neighbourhood", "cluster") and self.k is not None:
+            raise ValueError(f"mode {self.mode!r} takes no k (got {self.k}); k is for neighbourhood and cluster")
+        return self
+
+
 class GridConfig(_Section):
     """The tile grid over the (possibly resized) image.
 
@@ -40,22 +70,37 @@ class GridConfig(_Section):
         tile_size: Tile ``(height, width)`` or one int.
         stride: Tile origin step; defaults to the tile size (no overlap).
         edge: One of the runtime's ``EDGE_POLICIES``: ``shift`` | ``pad`` | ``resize`` (see DESIGN.md).
+        assignment: Which locations share a model (default: one per location).
     """
 
     tile_size: int | tuple[int, int]
     stride: int | tuple[int, int] | None = None
     edge: EdgePolicy = "shift"  # the Literal of EDGE_POLICIES: the extension's one list
+    assignment: AssignmentConfig = AssignmentConfig()
+
+    @field_validator("assignment", mode="before")
+    @classmethod
+    def _assignment_shorthand(cls, v: Any) -> Any:
+        return {"mode": v} if isinstance(v, str) else v
 
     def build(self, image_size: tuple[int, int]) -> TileGrid:
         """The :class:`TileGrid` over images of ``image_size``.
 
         Raises:
-            ConfigError: If the grid does not fit the images.
+            ConfigError: If the grid does not fit the images, or the assignment
+                does not fit the grid (a neighbourhood larger than the grid, more clusters than locations).
         """
+        from tilead.trainer.assignment import AssignmentError, check_assignment
+
         try:
-            return TileGrid(image_size, self.tile_size, self.stride, self.edge)
+            grid = TileGrid(image_size, self.tile_size, self.stride, self.edge)
         except ValueError as err:
             raise ConfigError(f"grid: {err} (image size {image_size[0]}x{image_size[1]})") from err
+        try:
+            check_assignment(self.assignment.mode, self.assignment.k, grid)
+        except AssignmentError as err:
+            raise ConfigError(f"{err} (image size {image_size[0]}x{image_size[1]})") from None
+        return grid
 
 
 class TrainConfig(_Section):
@@ -282,6 +327,8 @@ class RunConfig(_Section):
         d = self.to_dict()
         keep = {k: d[k] for k in ("seed", "data", "grid", "model")}
         keep["model"].pop("thumbnail", None)  # the thumbnail model has its own key (thumbnail_key); tiles do not change
+        if keep["grid"].get("assignment") == {"mode": "one_to_one", "k": None}:
+            del keep["grid"]["assignment"]  # runs fitted before task assignment existed keep their key
         if d["validation"]["split"] in ("holdout", "synthetic"):  # the same images held out
             keep["holdout"] = d["validation"]["holdout_fraction"]
         keep["data"].pop("max_test_images", None)

@@ -33,6 +33,7 @@ from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample
 from tilead.trainer.distributed import fit_ray
 from tilead.trainer.fit import _fit_worker, fit_location
+from tilead.trainer.model_table import run_assignment
 from tilead.trainer.run_dir import RunPaths
 
 log = logging.getLogger("tilead.trainer")
@@ -41,12 +42,15 @@ log = logging.getLogger("tilead.trainer")
 def fit_ensemble(
     cfg: RunConfig, paths: RunPaths, fit_samples: Sequence[Sample], grid: TileGrid, *, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Fit every location not yet done; return the summaries of those fitted now."""
-    names = grid.location_names()
+    """Fit every model not yet done (one per location unless ``grid.assignment`` shares them); return the summaries."""
+    table = run_assignment(cfg, paths, grid, fit_samples)
+    if table.shared:
+        log.info("assignment %s: %d models for %d locations", table.mode, table.num_models, grid.num_locations)
+    names = table.names
     todo = [i for i, name in enumerate(names) if not checkpoint_done(paths, cfg, name)]
     skipped = len(names) - len(todo)
     if skipped:
-        log.info("resume: %d of %d locations already fitted, %d to go", skipped, len(names), len(todo))
+        log.info("resume: %d of %d models already fitted, %d to go", skipped, len(names), len(todo))
     if not todo:
         return []
     if cfg.train.backend == "ray":
@@ -60,7 +64,11 @@ def fit_ensemble(
             torch.set_num_threads(threads)
             extractor = make_backbone(cfg)
             for i in todo:
-                results.append(fit_location(cfg, paths, i, fit_samples, grid, backbone=extractor, progress=progress))
+                results.append(
+                    fit_location(
+                        cfg, paths, i, fit_samples, grid, backbone=extractor, progress=progress, assignment=table
+                    )
+                )
                 bar.update(1)
         else:
             per = max(1, threads // workers)

@@ -116,7 +116,7 @@ class Run:
 
     @property
     def model_names(self) -> tuple[str, ...]:
-        """The run's models, in the order :meth:`models` returns them: one per location today (``rRcC``, row-major)."""
+        """The run's locations, in the order :meth:`models` returns their modules (``rRcC``, row-major)."""
         return self.record.locations
 
     # -- statistics ----------------------------------------------------------------------------------

@@ -43,12 +43,12 @@ from tilead.runtime.thumbnail import (
     upsample,
 )
 from tilead.trainer.backbones import FeatureExtractor
+from tilead.trainer.checkpoints import checkpoint_has
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample
 from tilead.trainer.detectors.base import LocationModel, create_detector, load_state, save_state
 from tilead.trainer.detectors.sections import ThumbnailConfig
 from tilead.trainer.images import ImageLoader
-from tilead.trainer.io import read_metadata
 from tilead.trainer.metrics import aupro, auroc
 from tilead.trainer.run_dir import RunPaths, read_json
 from tilead.trainer.validation import _threshold
@@ -108,14 +108,7 @@ def resized_tiles(images: np.ndarray, size: int, prep: Preprocessing, channel_or
 def thumbnail_done(paths: RunPaths, cfg: RunConfig) -> bool:
     """Whether the thumbnail checkpoint of this size exists, loads and belongs to this config."""
     path = checkpoint_path(paths, _settings(cfg).size)
-    if not path.is_file():
-        return False
-    try:
-        meta = read_metadata(path)
-    except ValueError:
-        log.warning("checkpoint %s is unreadable; refitting the thumbnail model", path)
-        return False
-    return meta.get("thumbnail_key") == cfg.thumbnail_key()
+    return checkpoint_has(path, "thumbnail_key", cfg.thumbnail_key(), "the thumbnail model")
 
 
 def fit_thumbnail(

@@ -25,27 +25,36 @@ def _to_torch(block: np.ndarray) -> torch.Tensor:
 
 
 class LocationTiles:
-    """One location's normalized tiles of some images: a re-iterable :class:`~tilead.trainer.detectors.base.TileSource`.
+    """One location's normalized tiles of some images: a re-iterable :class:`~tilead.trainer.detectors.TileSource`.
 
     Every pass re-reads the images (in order) and cuts them with the runtime's
     tile kernel, exactly as the Predictor does; batches are float32
-    ``(n, C, th, tw)`` channels-last tensors.
+    ``(n, C, th, tw)`` channels-last tensors. With several location indices
+    (a model shared by those locations, :mod:`tilead.trainer.assignment`) every
+    image batch yields one batch per location, so a pass covers the union of their tiles.
     """
 
     def __init__(
-        self, cfg: RunConfig, samples: Sequence[Sample], grid: TileGrid, prep: Preprocessing, index: int, label: str
+        self,
+        cfg: RunConfig,
+        samples: Sequence[Sample],
+        grid: TileGrid,
+        prep: Preprocessing,
+        index: int | Sequence[int],
+        label: str,
     ) -> None:
         self.cfg = cfg
         self.samples = tuple(samples)
         self.grid = grid
         self.prep = prep
-        self.index = index
+        self.indices = (index,) if isinstance(index, int) else tuple(index)
+        self.index = self.indices[0]
         self.label = label
         self.batch_size = cfg.train.batch_size
-        self.num_images = len(self.samples)
+        self.num_images = len(self.samples) * len(self.indices)  # tiles per pass (TileSource.num_images)
 
     def __len__(self) -> int:
-        return -(-self.num_images // self.batch_size)
+        return -(-len(self.samples) // self.batch_size) * len(self.indices)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if not self.samples:
@@ -53,6 +62,7 @@ class LocationTiles:
         loader = ImageLoader(self.cfg.data)
         for n, batch in enumerate(loader.iter_batches(self.samples, self.batch_size)):
             tiles = _location_tiles(batch.images, self.grid, self.prep, self.cfg.data.channel_order)
-            yield _to_torch(np.ascontiguousarray(tiles[self.index]))
+            for index in self.indices:
+                yield _to_torch(np.ascontiguousarray(tiles[index]))
             if n == 0:
                 maybe_inject_fault(location_name(*self.grid.locations()[self.index]))  # a no-op unless testing

@@ -103,7 +103,8 @@ class BackendRequest:
     Attributes:
         bundle: Bundle directory.
         manifest: Its manifest (files verified).
-        models: Every location's ONNX model bytes, row-major (verified by the Predictor; empty for a
+        models: Every model's ONNX bytes in ``manifest.models`` order: one per location, row-major, or one
+            per shared model (task assignment) (read by the Predictor; empty for a
             backend whose registry entry has ``reads_onnx`` False): for a ``shared_backbone``
             bundle the heads. A :class:`VerifiedModels` reads each file when indexed: walk it
             once and drop each item after loading it.
@@ -363,7 +364,10 @@ def run_backbone(
 
 
 RunLocation = Callable[[int, np.ndarray], Sequence[np.ndarray]]
-"""``(location index, its tiles (n, C, th, tw)) -> [map (n, 1, h, w), score (n,)?]``."""
+"""``(model index, its tiles (k * n, C, th, tw)) -> [map (k * n, 1, h, w), score (k * n,)?]``.
+
+``k`` is the number of locations the model serves (1 for one model per location); the tiles are
+those locations' tiles one location after the other (:attr:`Manifest.groups`)."""
 
 
 def default_location_workers(device: str, locations: int, threads: int) -> int:
@@ -378,16 +382,19 @@ def run_locations(
     pool: ThreadPoolExecutor | None,
     timer: StageTimes | None,
 ) -> LocationOutputs:
-    """Run every location's model (side by side on ``pool`` when given) and gather checked outputs.
+    """Run every model (side by side on ``pool`` when given) and gather checked per-location outputs.
+
+    A model that serves several locations (task assignment) gets all their
+    tiles in one batched call: ``(k * n, ...)``, location after location.
 
     Args:
-        manifest: The bundle's manifest (map size, locations, image score).
+        manifest: The bundle's manifest (map size, models and their locations, image score).
         tiles: float32 ``(locations, n, C, th, tw)`` (for a ``shared_backbone``
             bundle the backbone's features ``(locations, n, d, fh, fw)``).
-        run_one: Runs one location's model; returns its outputs in the order
+        run_one: Runs one model; returns its outputs in the order
             ``map`` then (for ``image_score`` ``detector``) ``score``.
-        pool: Worker threads, or None to run the locations one after another.
-        timer: Receives ``inference`` and ``location:<name>`` stages.
+        pool: Worker threads, or None to run the models one after another.
+        timer: Receives ``inference`` and ``location:<model name>`` stages.
 
     Returns:
         ``(maps, scores)`` as :meth:`InferenceBackend.infer` describes.
@@ -401,31 +408,36 @@ def run_locations(
     maps = np.empty((count, n, h, w), dtype=np.float32)
     scores = np.empty((count, n), dtype=np.float32) if m.image_score == "detector" else None
 
+    groups = m.groups
+    if sum(len(g) for g in groups) != count:
+        raise BundleError(f"expected tiles of {sum(len(g) for g in groups)} locations, got {count}")
+
     def run(index: int) -> float:
         start = time.perf_counter()
-        outs = run_one(index, tiles[index])
+        group = groups[index]
+        k = len(group)
+        lo, hi = group[0], group[-1] + 1
+        # A run of neighbouring locations is a view; scattered ones are gathered (one copy).
+        part = tiles[lo:hi] if hi - lo == k else tiles[list(group)]
+        outs = run_one(index, part.reshape(k * n, *tiles.shape[2:]))
+        what = f"location {m.locations[lo].name}" if not m.shared_models else f"model {m.models[index].name}"
         out = np.asarray(outs[0])
-        if out.shape != (n, 1, h, w):
-            raise BundleError(
-                f"location {m.locations[index].name}: model output shape {out.shape}, the manifest promises "
-                f"({n}, 1, {h}, {w})"
-            )
-        maps[index] = out[:, 0]
+        if out.shape != (k * n, 1, h, w):
+            raise BundleError(f"{what}: model output shape {out.shape}, the manifest promises ({k * n}, 1, {h}, {w})")
+        maps[list(group)] = out.reshape(k, n, h, w)
         if scores is not None:
             score = np.asarray(outs[1])
-            if score.shape != (n,):
-                raise BundleError(
-                    f"location {m.locations[index].name}: model output 'score' has shape {score.shape}, expected ({n},)"
-                )
-            scores[index] = score
+            if score.shape != (k * n,):
+                raise BundleError(f"{what}: model output 'score' has shape {score.shape}, expected ({k * n},)")
+            scores[list(group)] = score.reshape(k, n)
         return time.perf_counter() - start
 
     with timed(timer, "inference"):
-        indices = range(count)
+        indices = range(len(groups))
         seconds = list(pool.map(run, indices)) if pool is not None else [run(i) for i in indices]
     if timer is not None:
-        for loc, sec in zip(m.locations, seconds, strict=True):
-            timer.add(f"location:{loc.name}", sec)
+        for model, sec in zip(m.models, seconds, strict=True):
+            timer.add(f"location:{model.name}", sec)
     return maps, scores
 
 

@@ -406,12 +406,12 @@ class OnnxRuntimeBackend:
     ) -> None:
         ort = import_ort()
         self.manifest = manifest
-        count = manifest.grid.num_locations
+        count = len(manifest.models)  # one call per model
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         threads_each = max(1, threads // self.location_workers)
         sessions: list[Any] = []
-        for loc, model in zip(manifest.locations, models, strict=True):
+        for loc, model in zip(manifest.models, models, strict=True):
             try:
                 session = load_session(ort, model, providers, threads_each)
             except Exception as err:  # onnxruntime raises its own exception types
@@ -538,7 +538,7 @@ def create(request: BackendRequest) -> OnnxRuntimeBackend:
     """The registry's factory: sessions for ``request.device`` with the thread budget split over locations."""
     providers = session_providers(request.device, request.manifest, request.max_batch)
     budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
-    count = request.manifest.grid.num_locations
+    count = len(request.manifest.models)
     workers = request.location_workers
     if workers is None:
         workers = default_location_workers(request.device, count, budget)

@@ -122,7 +122,7 @@ class OpenVinoBackend:
     ) -> None:
         ov = import_openvino()
         self.manifest = manifest
-        count = manifest.grid.num_locations
+        count = len(manifest.models)  # one call per model
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         self.version = str(ov.__version__)
@@ -159,7 +159,7 @@ class OpenVinoBackend:
                 raise BundleError(f"the thumbnail model: OpenVINO cannot load thumbnail.onnx: {err}") from err
         self._buffers = BufferPool()
         locations: list[_Location] = []
-        for loc, model in zip(manifest.locations, models, strict=True):
+        for loc, model in zip(manifest.models, models, strict=True):
             try:
                 compiled = core.compile_model(core.read_model(model=model), "CPU", config)
                 locations.append(_Location(compiled, names, shape))
@@ -246,7 +246,7 @@ def create(request: BackendRequest) -> OpenVinoBackend:
     budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
     workers = request.location_workers
     if workers is None:
-        workers = default_location_workers(request.device, request.manifest.grid.num_locations, budget)
+        workers = default_location_workers(request.device, len(request.manifest.models), budget)
     return OpenVinoBackend(
         request.manifest,
         request.models,

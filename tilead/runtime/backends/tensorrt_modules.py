@@ -118,11 +118,12 @@ def parse_device_name(text: str) -> tuple[str, str]:
 
 
 def require_per_location(bundle: Path, manifest: Manifest) -> None:
-    """Refuse a bundle the native TensorRT path cannot run: a shared backbone, or a thumbnail branch.
+    """Refuse a bundle the native TensorRT path cannot run: a shared backbone, a thumbnail branch, or shared models.
 
     Raises:
         BundleError: For a ``shared_backbone`` layout (its engines would need a backbone stage before the heads),
-            or a bundle with a thumbnail branch (the device pipeline has no resize-and-fuse stage for it).
+            a bundle with a thumbnail branch (the device pipeline has no resize-and-fuse stage for it), or a bundle
+            whose ``assignment`` shares models (the device pipeline binds one engine per location).
     """
     if manifest.thumbnail is not None:
         raise BundleError(
@@ -136,4 +137,11 @@ def require_per_location(bundle: Path, manifest: Manifest) -> None:
             f"{bundle}: this bundle has the {manifest.layout!r} layout (one backbone graph, per-location heads), "
             "which the native TensorRT backend and engine builder do not handle; use backend='onnxruntime' or "
             "'openvino', or export the run with --layout per_location for TensorRT"
+        )
+    if manifest.shared_models:
+        raise BundleError(
+            f"{bundle}: this bundle shares {len(manifest.models)} models among {manifest.grid.num_locations} "
+            f"locations (assignment {manifest.assignment!r}), which the native TensorRT backend and engine builder "
+            "do not handle yet (their device pipeline binds one engine per location); use backend='onnxruntime' "
+            "(its TensorRT execution provider on a GPU) or 'openvino', or train with grid.assignment one_to_one"
         )

@@ -1,0 +1,68 @@
+"""benchmarks/bench_hires.py: target marks, the table, and the refusal of config keys this tilead lacks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_hires", ROOT / "benchmarks" / "bench_hires.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_hires"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(variant: str, image: float, aupro: float, mib: float, dataset: str = "bottle4x4") -> dict[str, Any]:
+    return {"dataset": dataset, "variant": variant, "image_auroc": image, "pixel_auroc": 0.9, "aupro": aupro,
+            "bundle_mib": mib, "models": 1}  # fmt: skip
+
+
+def test_cluster_target_needs_both_quality_and_size() -> None:
+    b = _bench()
+    rows = [
+        _row("one_to_one", 0.990, 0.950, 300.0),
+        _row("cluster", 0.986, 0.946, 90.0),
+        _row("one_to_one", 0.990, 0.950, 300.0, "demo2048"),
+        _row("cluster", 0.980, 0.950, 90.0, "demo2048"),  # image AUROC 0.010 lower
+        _row("one_to_one", 0.990, 0.950, 300.0, "other"),
+        _row("cluster", 0.990, 0.950, 120.0, "other"),  # 0.40 of the size
+    ]
+    b.mark_targets(rows)
+    assert rows[1]["target"].startswith("met")
+    assert rows[3]["target"].startswith("missed")
+    assert "(no)" in rows[3]["target"]
+    assert rows[5]["target"].startswith("missed")
+    assert "(0.40)" in rows[5]["target"]
+    assert "target" not in rows[0]
+    text = b.table([*rows, {"dataset": "bottle", "variant": "+thumbnail", "skipped": "model.thumbnail: unknown key"}])
+    assert "0.9860" in text
+    assert "skipped: model.thumbnail: unknown key" in text
+
+
+def test_thumbnail_target_against_todays_aupro() -> None:
+    b = _bench()
+    rows = [_row("one_to_one", 0.99, 0.9675, 300.0, "bottle"), _row("+thumbnail", 0.99, 0.9700, 310.0, "bottle")]
+    b.mark_targets(rows)
+    assert rows[1]["target"].startswith("met")
+    lower = [_row("one_to_one", 0.99, 0.9675, 300.0, "bottle"), _row("+thumbnail", 0.98, 0.9800, 310.0, "bottle")]
+    b.mark_targets(lower)
+    assert lower[1]["target"].startswith("missed")
+
+
+def test_config_refusal_names_an_unknown_key_and_accepts_assignment() -> None:
+    b = _bench()
+    config = ROOT / "configs" / "padim_bottle.yaml"
+    refusal = b.config_refusal(config, {"model.not_a_key": 1})
+    assert refusal is not None
+    assert "model.not_a_key: unknown key" in refusal
+    assert b.config_refusal(config, {"grid.assignment": {"mode": "cluster", "k": 4}}) is None
+    assert "grid.assignment.k" in (b.config_refusal(config, {"grid.assignment": {"mode": "cluster", "k": 0}}) or "")
