@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from tilead.benchmarking.quality import bundle_quality
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predictor import _BlockTorch, read_images, test_images
 
@@ -195,25 +197,6 @@ def run_child(bundle: Path, images: list[Path], batches: list[int], threads: int
     return result
 
 
-def quality(run: Path, bundle: Path, out: Path) -> dict[str, float]:
-    """Image/pixel AUROC and AUPRO of a bundle on the run's test set (``tilead-eval --bundle``)."""
-    sh([str(BIN / "tilead-eval"), str(run), "--bundle", str(bundle), "-o", str(out), "--no-progress",
-        "--set", "eval.overlays=0"])  # fmt: skip
-    report = json.loads((out / "metrics.json").read_text())
-    flat: dict[str, float] = {}
-    stack: list[tuple[str, Any]] = [("", report)]
-    while stack:
-        prefix, node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend((f"{prefix}{k}.", v) for k, v in node.items())
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            key = prefix[:-1]
-            for name in ("image_auroc", "pixel_auroc", "aupro"):
-                if key.split(".")[-1] == name and name not in flat:
-                    flat[name] = float(node)
-    return flat
-
-
 def main(argv: list[str] | None = None) -> int:
     """Make what is missing, measure every size, print one table (and JSON with ``--json``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["rss"][variant] = run_child(bundle, paths[: max(args.batch)], args.batch, args.threads)
         if args.quality and size == "bottle":
             for variant, bundle in bundles.items():
-                entry["quality"][variant] = quality(run, bundle, args.work / f"eval_{variant.replace(':', '_')}")
+                entry["quality"][variant] = bundle_quality(run, bundle, args.work / f"eval_{variant.replace(':', '_')}")
         report["sizes"][size] = entry
     print_table(report)
     if args.json is not None:

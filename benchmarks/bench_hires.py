@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from tilead.benchmarking.quality import bundle_quality
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BOTTLE_DATA = ROOT.parent / "shared" / "data" / "mvtec_bottle"
@@ -127,25 +129,6 @@ def model_count(bundle: Path) -> int:
     return count + (1 if data.get("thumbnail") else 0)
 
 
-def quality(run: Path, bundle: Path, out: Path) -> dict[str, float]:
-    """Image/pixel AUROC and AUPRO of the bundle on the run's test set (``tilead-eval --bundle``)."""
-    if not (out / "metrics.json").is_file():
-        sh([str(BIN / "tilead-eval"), str(run), "--bundle", str(bundle), "-o", str(out), "--no-progress",
-            "--set", "eval.overlays=0"])  # fmt: skip
-    report = json.loads((out / "metrics.json").read_text())
-    flat: dict[str, float] = {}
-    stack: list[tuple[str, Any]] = [("", report)]
-    while stack:
-        prefix, node = stack.pop()
-        if isinstance(node, dict):
-            stack.extend((f"{prefix}{k}.", v) for k, v in node.items())
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
-            name = prefix[:-1].split(".")[-1]
-            if name in ("image_auroc", "pixel_auroc", "aupro") and name not in flat:
-                flat[name] = float(node)
-    return flat
-
-
 def latency_ms(bundle: Path, data: Path, count: int) -> float:
     """Median ms per image at batch 1 over ``count`` test images (after one warm-up call each)."""
     import cv2
@@ -188,7 +171,7 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     if not (bundle / "manifest.json").is_file():
         sh([str(BIN / "tilead-export"), str(run), "-o", str(bundle), "--overwrite", "--no-progress"])
     run_json = json.loads((run / "run.json").read_text())
-    result.update(quality(run, bundle, evaluation))
+    result.update(bundle_quality(run, bundle, evaluation, reuse=True))
     result["bundle_mib"] = round(bundle_bytes(bundle) / 2**20, 2)
     result["models"] = model_count(bundle)
     result["locations"] = len(json.loads((bundle / "manifest.json").read_text())["locations"])
