@@ -68,9 +68,7 @@ when shapes differ it exports each location afresh, which is only slower.
 
 from __future__ import annotations
 
-import importlib
 import json
-import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,6 +78,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_chec
 import torch
 from torch import nn
 
+from tilead.trainer.detectors.registry import add_family, discover_families
 from tilead.trainer.maps import map_size
 
 if TYPE_CHECKING:
@@ -331,19 +330,14 @@ def register(cls: _D) -> _D:
     family = getattr(cls, "family", None)
     if not isinstance(family, str) or not family:
         raise ValueError(f"{cls.__name__}: a detector needs a non-empty class attribute 'family'")
-    other = _REGISTRY.get(family)
-    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
-        raise ValueError(f"detector family {family!r} is registered twice ({other.__name__}, {cls.__name__})")
-    _REGISTRY[family] = cls
+    detector: type[Detector] = cls
+    add_family(_REGISTRY, family, detector, "detector family")
     return cls
 
 
 def _discover() -> None:
     """Import the ``detector`` module of every family package (each registers its detector)."""
-    package = importlib.import_module("tilead.trainer.detectors")
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.ispkg and not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}.detector")
+    discover_families("detector")
 
 
 def families() -> list[str]:

@@ -12,11 +12,11 @@ trainer's other modules: loading a config stays cheap.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tilead.trainer.detectors.registry import add_family, discover_families
 
 DEFAULT_FAMILY = "padim"  # the family of a ``model`` section without ``family``
 
@@ -105,7 +105,6 @@ class DetectorSection(BaseModel):
 
 _SECTIONS: dict[str, type[DetectorSection]] = {}
 _S = TypeVar("_S", bound=type[DetectorSection])
-_PACKAGE = "tilead.trainer.detectors"
 
 
 def register_section(cls: _S) -> _S:
@@ -118,19 +117,13 @@ def register_section(cls: _S) -> _S:
     family = section.model_fields["family"].default
     if not isinstance(family, str) or not family:
         raise ValueError(f"{cls.__name__}: a detector section needs a 'family' field with a non-empty default")
-    other = _SECTIONS.get(family)
-    if other is not None and other is not cls and other.__qualname__ != cls.__qualname__:
-        raise ValueError(f"config section of family {family!r} is registered twice ({other.__name__}, {cls.__name__})")
-    _SECTIONS[family] = cls
+    add_family(_SECTIONS, family, section, "config section of family")
     return cls
 
 
 def _discover() -> None:
     """Import the ``config`` module of every family package (each registers its section)."""
-    package = importlib.import_module(_PACKAGE)
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.ispkg and not info.name.startswith("_"):
-            importlib.import_module(f"{_PACKAGE}.{info.name}.config")
+    discover_families("config")
 
 
 def model_sections() -> dict[str, type[DetectorSection]]:
