@@ -277,11 +277,7 @@ def export_bundle(
                     export_location(export_model, tile_shape, target, opset=opset)
                     check_onnx(target)
                     diff = compare_with_eager(model, target, tile_shape)
-                if diff > PARITY_TOLERANCE:
-                    raise RuntimeError(
-                        f"location {name}: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
-                        f"(tolerance {PARITY_TOLERANCE:.0e})"
-                    )
+                check_parity(diff, f"location {name}")
                 if calibration:  # INT8: quantize the FP32 graph just written and checked, then check it on real tiles
                     batches = [
                         np.ascontiguousarray(t.numpy())
@@ -379,6 +375,23 @@ def export_bundle(
     return ExportResult(out, manifest, time.perf_counter() - start)
 
 
+def check_parity(diff: float, what: str) -> None:
+    """Refuse an ONNX graph whose output differs from its eager model by more than :data:`PARITY_TOLERANCE`.
+
+    Args:
+        diff: The largest ONNX-vs-eager difference, relative to the map's range.
+        what: The graph, for the message (``location r0c0``).
+
+    Raises:
+        RuntimeError: Beyond the tolerance.
+    """
+    if diff > PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"{what}: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
+            f"(tolerance {PARITY_TOLERANCE:.0e})"
+        )
+
+
 def export_thumbnail(tmp: Path, run: Run, *, opset: int) -> tuple[dict[str, Any], float]:
     """Write ``thumbnail.onnx`` (checked against the eager thumbnail model) and its manifest entry.
 
@@ -404,11 +417,7 @@ def export_thumbnail(tmp: Path, run: Run, *, opset: int) -> tuple[dict[str, Any]
     export_location(variant, shape, target, opset=opset)
     check_onnx(target)
     diff = compare_with_eager(eager, target, shape)
-    if diff > PARITY_TOLERANCE:
-        raise RuntimeError(
-            f"the thumbnail model: ONNX Runtime differs from the eager model by {diff:.2e} of the map range "
-            f"(tolerance {PARITY_TOLERANCE:.0e})"
-        )
+    check_parity(diff, "the thumbnail model")
     file = LocationFile(THUMBNAIL_NAME, THUMBNAIL_FILE, sha256_file(target), target.stat().st_size)
     log.info("exported the thumbnail model (%d px, %.1f MiB, parity %.1e)", branch.size, file.bytes / 2**20, diff)
     return dataclasses.replace(branch, file=file).to_dict(), diff
