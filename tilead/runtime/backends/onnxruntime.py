@@ -411,15 +411,21 @@ class OnnxRuntimeBackend:
         self.location_workers = max(1, min(location_workers, count))
         threads_each = max(1, threads // self.location_workers)
         sessions: list[Any] = []
-        for loc, model in zip(manifest.models, models, strict=True):
+
+        def open_session(model: bytes, what: str, file: str, name: str) -> Any:
+            """A checked session of ``model`` whose bytes ONNX Runtime no longer needs (freed heap returned)."""
             try:
                 session = load_session(ort, model, providers, threads_each)
             except Exception as err:  # onnxruntime raises its own exception types
-                raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {loc.file}: {err}") from err
-            check_providers(providers, session.get_providers(), loc.name)
+                raise BundleError(f"{what}: ONNX Runtime cannot load {file}: {err}") from err
+            check_providers(providers, session.get_providers(), name)
             release_model_bytes(session, providers)
-            del model  # a VerifiedModels item: read for this session only
             return_freed_heap()
+            return session
+
+        for loc, model in zip(manifest.models, models, strict=True):
+            session = open_session(model, f"location {loc.name}", loc.file, loc.name)
+            del model  # a VerifiedModels item: read for this session only
             # Names, element types and shapes against the manifest, at load rather than at the first predict.
             check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
             sessions.append(session)
@@ -428,27 +434,15 @@ class OnnxRuntimeBackend:
             state = "missing" if backbone is None else "given, but the layout has no shared backbone"
             raise BundleError(f"layout {manifest.layout!r}: the backbone's model bytes are {state}")
         if backbone is not None:
-            try:
-                # Its calls are spread over the location workers (run_backbone): the heads' share of the threads.
-                self._backbone = load_session(ort, backbone, providers, threads_each)
-            except Exception as err:
-                raise BundleError(f"the shared backbone: ONNX Runtime cannot load backbone.onnx: {err}") from err
-            check_providers(providers, self._backbone.get_providers(), "backbone")
-            release_model_bytes(self._backbone, providers)
-            return_freed_heap()
+            # Its calls are spread over the location workers (run_backbone): the heads' share of the threads.
+            self._backbone = open_session(backbone, "the shared backbone", "backbone.onnx", "backbone")
             check_backbone_io(ort_specs(self._backbone.get_inputs()), ort_specs(self._backbone.get_outputs()), manifest)
         self._thumbnail: Any = None
         if (thumbnail is None) != (manifest.thumbnail is None):
             state = "missing" if thumbnail is None else "given, but the bundle has no thumbnail branch"
             raise BundleError(f"the thumbnail model's bytes are {state}")
         if thumbnail is not None:
-            try:
-                self._thumbnail = load_session(ort, thumbnail, providers, threads_each)
-            except Exception as err:
-                raise BundleError(f"the thumbnail model: ONNX Runtime cannot load thumbnail.onnx: {err}") from err
-            check_providers(providers, self._thumbnail.get_providers(), "thumbnail")
-            release_model_bytes(self._thumbnail, providers)
-            small = self._thumbnail
+            small = self._thumbnail = open_session(thumbnail, "the thumbnail model", "thumbnail.onnx", "thumbnail")
             check_thumbnail_io(ort_specs(small.get_inputs()), ort_specs(small.get_outputs()), manifest)
         self._buffers = BufferPool()
         self._sessions: list[Any] | None = sessions
