@@ -244,3 +244,17 @@ def test_thread_budget_is_per_thread_and_nests() -> None:
             assert get_num_threads() == 5
     finally:
         set_num_threads(before)
+
+
+@pytest.mark.parametrize("edge", ["pad", "resize"])
+def test_canvas_to_image_writes_into_out_and_checks_it(edge: str) -> None:
+    grid = TileGrid((50, 61), 24, 16, edge=edge)
+    canvas = np.random.default_rng(3).standard_normal((2, *grid.canvas_size)).astype(np.float32)
+    out = np.full((2, *grid.image_size), np.nan, dtype=np.float32)
+    got = grid.canvas_to_image(canvas, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, grid.canvas_to_image(canvas))
+    with pytest.raises(ValueError, match=r"out"):
+        grid.canvas_to_image(canvas, out=np.empty((2, 50, 60), np.float32))
+    with pytest.raises(ValueError, match=r"out"):
+        grid.canvas_to_image(canvas, out=np.empty((2, 50, 61), np.float64))
