@@ -8,7 +8,7 @@ import reference as ref
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tilead.runtime import normalize_maps, resize_maps
+from tilead.runtime import get_num_threads, normalize_maps, resize_maps, set_num_threads
 
 
 @st.composite
@@ -156,3 +156,65 @@ def test_resize_matches_reference(maps: np.ndarray, oh: int, ow: int) -> None:
     # with the coordinate, and scales with the step between neighbouring values.
     atol = 1e-5 + 2.5e-7 * max(*maps.shape[1:], oh, ow) * float(np.abs(maps).max())
     np.testing.assert_allclose(got, ref.resize(maps, oh, ow), rtol=1e-5, atol=atol)
+
+
+def float32_oracle(maps: np.ndarray, pt: float, pmin: float, pmax: float) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's arithmetic in float32 NumPy: ``clamp((x - t) * (1 / (max - min)) + 0.5, 0, 1)``, 1 if non-finite."""
+    t = np.float32(pt)
+    scale = np.float32(1.0) / (np.float32(pmax) - np.float32(pmin))
+    with np.errstate(invalid="ignore", over="ignore"):
+        norm = np.clip((maps - t) * scale + np.float32(0.5), np.float32(0), np.float32(1))
+    norm = np.where(np.isfinite(maps), norm, np.float32(1)).astype(np.float32)
+    return norm, norm > np.float32(0.5)
+
+
+@st.composite
+def odd_batches(draw: st.DrawFn) -> np.ndarray:
+    """Maps whose pixel counts end mid-vector and mid-chunk (65536-value chunks split over threads), some poisoned."""
+    n = draw(st.integers(1, 3))
+    hw = draw(st.sampled_from([1, 3, 15, 16, 17, 31, 65535, 65536, 65537, 2 * 65536 + 5, 3 * 65536 - 1]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    maps = (rng.standard_normal((n, 1, hw)) * 3).astype(np.float32)
+    for _ in range(draw(st.integers(0, 3))):
+        maps[rng.integers(n), 0, rng.integers(hw)] = rng.choice([np.nan, np.inf, -np.inf])
+    return maps
+
+
+@given(odd_batches(), st.floats(-2, 2), st.floats(0.01, 10), st.booleans(), st.sampled_from([1, 2, 3, 5]))
+def test_minmax_values_are_float32_numpy_bit_for_bit(
+    maps: np.ndarray, pt: float, pr: float, inplace: bool, threads: int
+) -> None:
+    """The vectorized one-pass kernel equals float32 NumPy exactly, in place or not, at every thread count."""
+    before = get_num_threads()
+    set_num_threads(threads)
+    try:
+        work = maps.copy()
+        res = normalize_maps(
+            work,
+            pixel_threshold=pt,
+            image_threshold=pt,
+            pixel_range=(-1.0, -1.0 + pr),
+            image_range=(-1.0, -1.0 + pr),
+            inplace=inplace,
+        )
+    finally:
+        set_num_threads(before)
+    norm, mask = float32_oracle(maps, pt, -1.0, -1.0 + pr)
+    np.testing.assert_array_equal(res.maps, norm)
+    np.testing.assert_array_equal(res.masks, mask)
+    finite = np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
+    expect_raw = np.where(finite, np.where(np.isfinite(maps), maps, -np.inf).reshape(len(maps), -1).max(axis=1), np.nan)
+    np.testing.assert_array_equal(res.raw_scores, expect_raw.astype(np.float32))
+    if inplace:
+        np.testing.assert_array_equal(work, norm)
+    else:
+        np.testing.assert_array_equal(work, maps)
+
+
+@given(odd_batches(), st.floats(-2, 2), st.booleans())
+def test_raw_mode_masks_and_copies_bit_for_bit(maps: np.ndarray, pt: float, inplace: bool) -> None:
+    work = maps.copy()
+    res = normalize_maps(work, pixel_threshold=pt, image_threshold=pt, inplace=inplace)
+    np.testing.assert_array_equal(res.maps, maps)
+    np.testing.assert_array_equal(res.masks, ~np.isfinite(maps) | (maps > np.float32(pt)))

@@ -770,7 +770,11 @@ PYBIND11_MODULE(_kernels, m) {
 
   m.def("set_num_threads", &cpu::set_num_threads, py::arg("n"),
         "Threads used by the CPU kernels; n <= 0 restores the default (CPUs this process may use).");
-  m.def("get_num_threads", &cpu::get_num_threads);
+  m.def("get_num_threads", &cpu::get_num_threads,
+        "Threads the CPU kernels use when called from this thread (its budget, else set_num_threads's).");
+  m.def("set_thread_budget", &cpu::set_thread_budget, py::arg("n"),
+        "Threads for the CPU kernels called from the calling thread only; n <= 0 clears it (set_num_threads's).");
+  m.def("get_thread_budget", &cpu::get_thread_budget, "The calling thread's budget (0: none).");
   m.def(
       "cpu_simd", []() { return std::string(cpu::row_converters().rgb_f32 != nullptr ? "avx2+f16c" : "portable"); },
       "Code path of the CPU tile kernel on this machine: 'avx2+f16c' or 'portable'.");

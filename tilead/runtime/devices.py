@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,5 +85,23 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
-    """Number of threads the CPU kernels use."""
+    """Number of threads the CPU kernels use (when called from this thread: see :func:`thread_budget`)."""
     return int(_kernels.get_num_threads())
+
+
+@contextmanager
+def thread_budget(n: int | None) -> Iterator[None]:
+    """Run the CPU kernels called from this thread with at most ``n`` threads (None: no budget).
+
+    The budget belongs to the calling thread only (concurrent callers keep theirs) and
+    overrides :func:`set_num_threads` inside the block; the previous budget comes back after it.
+    """
+    if n is None:
+        yield
+        return
+    before = int(_kernels.get_thread_budget())
+    _kernels.set_thread_budget(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _kernels.set_thread_budget(before)

@@ -225,7 +225,7 @@ class TileGrid:
         kernel_family(device).resize_maps(values, resized)
         return resized > 0.5 if planes.dtype == np.bool_ else resized
 
-    def canvas_to_image(self, maps: np.ndarray, *, device: str = "cpu") -> np.ndarray:
+    def canvas_to_image(self, maps: np.ndarray, *, device: str = "cpu", out: np.ndarray | None = None) -> np.ndarray:
         """Bring canvas maps back to the image size.
 
         The canvas is the image (``shift``, or a grid that fits): returned as
@@ -235,6 +235,8 @@ class TileGrid:
         Args:
             maps: float32 ``(n, canvas_h, canvas_w)``.
             device: ``"cpu"`` or ``"cuda"`` (used by ``resize``).
+            out: float32 ``(n, H, W)`` C-contiguous array to write a cropped or resized map into
+                (unused when the canvas is the image); None: a new one.
 
         Returns:
             float32 ``(n, H, W)``, C-contiguous.
@@ -248,11 +250,16 @@ class TileGrid:
         if mapping == _kernels.CANVAS_IS_IMAGE:
             return maps
         h, w = self._image
-        if mapping == _kernels.CANVAS_RESIZED:
+        if out is None:
             out = np.empty((maps.shape[0], h, w), dtype=np.float32)
+        else:
+            check_array(out, "out", dtypes=[np.float32], ndims=[3], writable=True)
+            check_shape(out, "out", (maps.shape[0], h, w), "(n, H, W)")
+        if mapping == _kernels.CANVAS_RESIZED:
             kernel_family(device).resize_maps(maps, out)
-            return out
-        return np.ascontiguousarray(maps[:, :h, :w])
+        else:
+            np.copyto(out, maps[:, :h, :w])
+        return out
 
     # -- locations -----------------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from tilead import _kernels
 from tilead.runtime._checks import as_float, as_pair, check_array, check_mapping, check_shape, describe
+from tilead.runtime.buffers import Allocate, fresh
 from tilead.runtime.devices import kernel_family
 from tilead.runtime.geometry import TileGrid
 from tilead.runtime.timing import StageTimes, timed
@@ -314,6 +315,7 @@ def merge_maps(
     tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
     device: str = "cpu",
     timer: StageTimes | None = None,
+    allocate: Allocate | None = None,
 ) -> np.ndarray:
     """Untile, smooth seams and return image-size maps.
 
@@ -325,17 +327,24 @@ def merge_maps(
         tile_stats: Per-location normalization (stage ``tile``), or None.
         device: ``"cpu"`` or ``"cuda"``.
         timer: Collects the time of stages ``untile``, ``seam`` and ``crop``.
+        allocate: Where the canvas and image-size maps come from (default ``np.empty``; the
+            Predictor's :meth:`~tilead.runtime.buffers.LeasePool.take` reuses them across calls).
 
     Returns:
         float32 ``(n, H, W)``.
     """
+    alloc = fresh if allocate is None else allocate
+    n = _maps_4d(maps, grid).shape[1]
     with timed(timer, "untile"):
-        merged = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, device=device)
+        canvas = alloc((n, *grid.canvas_size), "float32")
+        merged = untile_maps(maps, grid, weights=weights, tile_stats=tile_stats, device=device, out=canvas)
     if seam is not None and seam.enabled:
         with timed(timer, "seam"):
             smooth_seams(merged, grid, seam, inplace=True, device=device)
     with timed(timer, "crop"):
-        return grid.canvas_to_image(merged, device=device)
+        if grid.canvas_size == grid.image_size:
+            return grid.canvas_to_image(merged, device=device)
+        return grid.canvas_to_image(merged, device=device, out=alloc((n, *grid.image_size), "float32"))
 
 
 NormParams = _kernels.NormSpec
@@ -383,6 +392,7 @@ def normalize_maps(
     image_range: tuple[float, float] | None = None,
     inplace: bool = False,
     device: str = "cpu",
+    allocate: Allocate | None = None,
 ) -> NormalizedMaps:
     """Normalize, threshold and score maps.
 
@@ -402,6 +412,7 @@ def normalize_maps(
             ranges or neither.
         inplace: Write normalized values into ``maps``.
         device: ``"cpu"`` or ``"cuda"``.
+        allocate: Where the output maps (unless ``inplace``) and masks come from (default ``np.empty``).
 
     Returns:
         The normalized maps, masks, raw and normalized scores, and labels.
@@ -412,9 +423,10 @@ def normalize_maps(
     check_array(maps, "maps", dtypes=[np.float32], ndims=[2, 3], writable=inplace)
     batch = maps[None] if maps.ndim == 2 else maps
     params = norm_params(pixel_threshold, image_threshold, pixel_range, image_range)
-    out = batch if inplace else np.empty_like(batch)
+    alloc = fresh if allocate is None else allocate
+    out = batch if inplace else alloc(batch.shape, "float32")
     n = batch.shape[0]
-    masks = np.empty(batch.shape, dtype=np.uint8)
+    masks = alloc(batch.shape, "uint8")
     raw = np.empty(n, dtype=np.float32)
     scores = np.empty(n, dtype=np.float32)
     kernel_family(device).normalize_maps(batch, out, masks, raw, scores, params)

@@ -43,6 +43,7 @@ import numpy as np
 
 from tilead import _kernels
 from tilead.runtime._checks import as_float, check_array, check_mapping, describe
+from tilead.runtime.buffers import Allocate
 from tilead.runtime.geometry import TileGrid
 from tilead.runtime.postprocess import (
     BLEND_CODES,
@@ -323,6 +324,7 @@ def postprocess_maps(
     tile_scores: np.ndarray | None = None,
     inplace: bool = False,
     fuse: Callable[[np.ndarray], np.ndarray] | None = None,
+    allocate: Allocate | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -342,6 +344,8 @@ def postprocess_maps(
         fuse: Called on the merged maps float32 ``(n, H, W)`` before normalization; returns the
             maps to normalize instead (the thumbnail branch's fusion,
             :meth:`tilead.runtime.thumbnail.ThumbnailBranch.fuse`; ``merged`` is then the fused maps).
+        allocate: Where the image-size arrays (canvas, maps, masks) come from: ``np.empty`` by default,
+            the Predictor's :meth:`~tilead.runtime.buffers.LeasePool.take` to reuse them across calls.
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -361,12 +365,14 @@ def postprocess_maps(
             # (clamp would turn an infinity into a plausible 0 or 1).
             maps = np.where(np.isfinite(maps), maps, np.float32(np.nan)).astype(np.float32)
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
-    merged = merge_maps(maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer)
+    merged = merge_maps(
+        maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer, allocate=allocate
+    )
     if fuse is not None:
         with timed(timer, "fuse"):
             merged = fuse(merged)
     with timed(timer, "normalize"):
-        result = normalize_with_stats(merged, stats, device=device, inplace=inplace)
+        result = normalize_with_stats(merged, stats, device=device, inplace=inplace, allocate=allocate)
         if tile_scores is not None:
             result = score_images(result, image_scores_of_tiles(tile_scores), stats)
         if errors is not None:
@@ -376,7 +382,12 @@ def postprocess_maps(
 
 
 def normalize_with_stats(
-    merged: np.ndarray, stats: NormalizationStats, *, device: str = "cpu", inplace: bool = False
+    merged: np.ndarray,
+    stats: NormalizationStats,
+    *,
+    device: str = "cpu",
+    inplace: bool = False,
+    allocate: Allocate | None = None,
 ) -> NormalizedMaps:
     """Normalize and threshold merged maps with validation statistics.
 
@@ -385,6 +396,7 @@ def normalize_with_stats(
         stats: Validation statistics.
         device: ``"cpu"`` or ``"cuda"``.
         inplace: Write the normalized values into ``merged``.
+        allocate: Where the output maps and masks come from (default ``np.empty``).
 
     Returns:
         Normalized maps, masks, scores and labels.
@@ -397,6 +409,7 @@ def normalize_with_stats(
         image_range=stats.image_range,
         inplace=inplace,
         device=device,
+        allocate=allocate,
     )
 
 
@@ -597,6 +610,7 @@ class PostProcessor:
         timer: StageTimes | None = None,
         inplace: bool = False,
         fuse: Callable[[np.ndarray], np.ndarray] | None = None,
+        allocate: Allocate | None = None,
     ) -> tuple[np.ndarray, NormalizedMaps]:
         """The whole post-processing of per-location maps (:func:`postprocess_maps` with these settings).
 
@@ -608,6 +622,7 @@ class PostProcessor:
             timer: Collects ``untile``, ``seam``, ``crop``, ``normalize``.
             inplace: Normalize into the merged maps (see :func:`postprocess_maps`).
             fuse: The thumbnail branch's fusion of the merged maps (see :func:`postprocess_maps`), or None.
+            allocate: Where the image-size arrays come from (see :func:`postprocess_maps`).
 
         Returns:
             ``(merged, result)`` as :func:`postprocess_maps`.
@@ -626,4 +641,5 @@ class PostProcessor:
             tile_scores=tile_scores,
             inplace=inplace,
             fuse=fuse,
+            allocate=allocate,
         )

@@ -14,7 +14,10 @@ normalized maps itself.
 Thread safety: backends are built once and only read afterwards, and every
 buffer of a ``predict`` call is its own (reused tile buffers come from a pool,
 one per running call); concurrent calls return exactly the serial results
-(tested for ONNX Runtime and OpenVINO).
+(tested for ONNX Runtime and OpenVINO). The maps and masks a call returns are
+never written again: their memory is reused by a later call only once every
+array viewing it is gone (:class:`tilead.runtime.buffers.LeasePool`). The host
+kernels (tile, untile, seam, normalize) use at most ``threads`` threads.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from tilead.runtime.backends.base import (
     ThumbnailInference,
     VerifiedModels,
 )
+from tilead.runtime.buffers import LeasePool
 from tilead.runtime.bundle import BundleError, Manifest, read_manifest, read_verified_file, verify_files
+from tilead.runtime.devices import thread_budget
 from tilead.runtime.image_resize import resize_image
 from tilead.runtime.postprocess import resize_maps
 from tilead.runtime.postprocessor import PostProcessor, nonfinite_errors
@@ -119,6 +124,7 @@ class Predictor:
             :mod:`tilead.runtime.backends.tensorrt`). See :mod:`tilead.runtime.backends`.
         threads: CPU threads for inference in all (default: the machine's
             logical cores); each session gets ``threads // location_workers``.
+            The host kernels (tiling, untiling, seams, normalization) use at most as many.
         location_workers: Locations run at the same time (default: on CPU
             ``min(locations, threads)``, on CUDA 1).
         max_batch: Images per inference call (bounds memory for long lists).
@@ -203,6 +209,8 @@ class Predictor:
         )
         # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
         self._tiles = BufferPool(keep=4)
+        # Image-size maps and masks reused once the caller has dropped every result viewing them (never earlier).
+        self._outputs = LeasePool(keep=4)
         created = spec.create(request)
         if self.manifest.thumbnail is not None and not created.capabilities.thumbnail:
             created.close()
@@ -267,6 +275,7 @@ class Predictor:
         if backend is not None:
             backend.close()
         self._tiles.clear()
+        self._outputs.close()
 
     @contextmanager
     def _in_use(self) -> Iterator[None]:
@@ -414,7 +423,7 @@ class Predictor:
             (None without a thumbnail branch).
         """
         _, items, _ = self._images(images, resize)
-        with self._in_use():
+        with self._in_use(), thread_budget(self.threads):
             chunks = [
                 self._location_outputs(np.stack(items[start : start + self.max_batch]), input_order)
                 for start in range(0, len(items), self.max_batch)
@@ -441,7 +450,9 @@ class Predictor:
         else:
             maps, scores, thumbnail = self._location_outputs(batch, input_order, timer)
             fuse = None if m.thumbnail is None or thumbnail is None else fuser(m.thumbnail, thumbnail)
-            _, result = self.post.apply(maps, tile_scores=scores, timer=timer, inplace=True, fuse=fuse)
+            _, result = self.post.apply(
+                maps, tile_scores=scores, timer=timer, inplace=True, fuse=fuse, allocate=self._outputs.take
+            )
         return [
             Prediction(
                 float(result.scores[i]),
@@ -512,7 +523,7 @@ class Predictor:
         with timed(timer, "input"):
             single, items, sizes = self._images(images, resize)
         results: list[Prediction] = []
-        with self._in_use():
+        with self._in_use(), thread_budget(self.threads):  # the kernels (tile, untile, ...) use the same budget
             for start in range(0, len(items), self.max_batch):
                 with timed(timer, "input"):
                     chunk = items[start : start + self.max_batch]

@@ -131,7 +131,11 @@ void normalize_maps(const float* maps_in, float* maps_out, uint8_t* mask, float*
 
 // Thread count used by the CPU twins (default: hardware concurrency).
 void set_num_threads(int n);
+// The count in effect for calls from this thread: its budget when one is set, else set_num_threads's.
 int get_num_threads();
+// A budget for the kernels called from the calling thread only (a Predictor's threads); n <= 0 clears it.
+void set_thread_budget(int n);
+int get_thread_budget();
 
 }  // namespace cpu
 

@@ -1,6 +1,14 @@
 // CPU twin of normalize + threshold + per-image score.
+//
+// One pass over each chunk of a map: the raw max (NaN when the chunk holds a
+// non-finite value), the normalized value and the mask bit are computed from
+// one load of each pixel, in 4-lane vectors (GCC / Clang vector extensions;
+// a scalar loop elsewhere), also when the output is the input (in place).
+// Built with -ffp-contract=off (CMakeLists.txt): no fused multiply-add, so the
+// values are those of float32 NumPy, clamp((x - t) * scale + 0.5, 0, 1).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -11,29 +19,96 @@ namespace tilead {
 namespace cpu {
 namespace {
 
-// Max over a chunk with independent accumulators so the loop vectorizes; NaN
-// when the chunk holds any non-finite value (the non-finite rule, kernels.h).
-float chunk_max(const float* v, int64_t n) {
-  constexpr int K = 8;
-  float acc[K];
-  uint32_t bad = 0;
-  for (int k = 0; k < K; ++k) acc[k] = -std::numeric_limits<float>::infinity();
+constexpr int kBlock = 16;
+
+inline uint32_t nonfinite_bit(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return (bits & 0x7f800000u) == 0x7f800000u ? 1u : 0u;
+}
+
+// One pixel, scalar: the reference the vector block below computes lane by lane.
+template <bool MinMax, bool Mask>
+inline void pixel(float v, float* d, uint8_t* m, float t, float scale, float& acc, uint32_t& bad) {
+  acc = v > acc ? v : acc;
+  bad |= nonfinite_bit(v);
+  if (MinMax) {
+    const float r = normalize_pixel(v, t, scale);
+    *d = r;
+    if (Mask) *m = r > 0.5f ? 1 : 0;
+  } else {
+    *d = v;
+    if (Mask) *m = raw_pixel_anomalous(v, t);
+  }
+}
+
+#if defined(__GNUC__)
+// GCC / Clang vector extensions: SSE2 on x86-64, NEON on aarch64, same lane-wise
+// operations as pixel() (bit test for non-finite, compare-selects for max and clamp).
+typedef float f4 __attribute__((vector_size(16)));
+typedef int32_t i4 __attribute__((vector_size(16)));
+typedef uint8_t u4 __attribute__((vector_size(4)));
+
+template <bool MinMax, bool Mask>
+float chunk(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
+  constexpr int V = kBlock / 4;
+  const f4 vt = {t, t, t, t}, vs = {scale, scale, scale, scale};
+  const f4 zero = {0.f, 0.f, 0.f, 0.f}, one = {1.f, 1.f, 1.f, 1.f}, half = {0.5f, 0.5f, 0.5f, 0.5f};
+  const i4 expo = {0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000};
+  const float ninf = -std::numeric_limits<float>::infinity();
+  f4 acc[V];
+  i4 bad[V];
+  for (int k = 0; k < V; ++k) {
+    acc[k] = f4{ninf, ninf, ninf, ninf};
+    bad[k] = i4{0, 0, 0, 0};
+  }
   int64_t i = 0;
-  for (; i + K <= n; i += K) {
-    for (int k = 0; k < K; ++k) {
-      acc[k] = v[i + k] > acc[k] ? v[i + k] : acc[k];
-      bad |= finite_value(v[i + k]) ? 0u : 1u;
+  for (; i + kBlock <= len; i += kBlock) {
+    f4 v[V];
+    std::memcpy(v, s + i, sizeof(v));  // every load before any store: d may be s
+    for (int k = 0; k < V; ++k) {
+      const i4 nonfinite = ((i4)v[k] & expo) == expo;
+      acc[k] = v[k] > acc[k] ? v[k] : acc[k];
+      bad[k] |= nonfinite;
+      if (MinMax) {
+        f4 r = (v[k] - vt) * vs + half;
+        r = r < zero ? zero : r;
+        r = r > one ? one : r;
+        r = nonfinite ? one : r;
+        std::memcpy(d + i + 4 * k, &r, sizeof(r));
+        if (Mask) {
+          const u4 b = __builtin_convertvector(r > half, u4) & static_cast<uint8_t>(1);
+          std::memcpy(m + i + 4 * k, &b, sizeof(b));
+        }
+      } else {
+        if (d != s) std::memcpy(d + i + 4 * k, &v[k], sizeof(f4));
+        if (Mask) {
+          const u4 b = __builtin_convertvector(nonfinite | (v[k] > vt), u4) & static_cast<uint8_t>(1);
+          std::memcpy(m + i + 4 * k, &b, sizeof(b));
+        }
+      }
     }
   }
-  for (; i < n; ++i) {
-    acc[0] = v[i] > acc[0] ? v[i] : acc[0];
-    bad |= finite_value(v[i]) ? 0u : 1u;
+  float mx = ninf;
+  uint32_t any_bad = 0;
+  for (int k = 0; k < V; ++k) {
+    for (int l = 0; l < 4; ++l) {
+      mx = acc[k][l] > mx ? acc[k][l] : mx;
+      any_bad |= bad[k][l] != 0 ? 1u : 0u;
+    }
   }
-  if (bad != 0) return std::numeric_limits<float>::quiet_NaN();
-  float m = acc[0];
-  for (int k = 1; k < K; ++k) m = acc[k] > m ? acc[k] : m;
-  return m;
+  for (; i < len; ++i) pixel<MinMax, Mask>(s[i], d + i, Mask ? m + i : nullptr, t, scale, mx, any_bad);
+  return any_bad != 0 ? std::numeric_limits<float>::quiet_NaN() : mx;
 }
+#else
+template <bool MinMax, bool Mask>
+float chunk(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
+  float mx = -std::numeric_limits<float>::infinity();
+  uint32_t any_bad = 0;
+  for (int64_t i = 0; i < len; ++i) pixel<MinMax, Mask>(s[i], d + i, Mask ? m + i : nullptr, t, scale, mx, any_bad);
+  return any_bad != 0 ? std::numeric_limits<float>::quiet_NaN() : mx;
+}
+#endif
 
 }  // namespace
 
@@ -46,32 +121,27 @@ void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_score
   const bool minmax = p.mode == kNormMinMax;
   const float pr = p.pixel_max - p.pixel_min;
   const float pscale = minmax && pr > 0.0f ? 1.0f / pr : 0.0f;
+  const float t = p.pixel_threshold;
   parallel_for(n * chunks_per_image, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       const int64_t img = c / chunks_per_image;
       const int64_t lo = (c % chunks_per_image) * kChunk;
       const int64_t len = std::min(kChunk, hw - lo);
-      const int64_t off = img * hw + lo;
-      partial[static_cast<size_t>(c)] = len > 0 ? chunk_max(in + off, len) : -std::numeric_limits<float>::infinity();
-      if (len <= 0) continue;
-      const float* s = in + off;
-      float* d = out + off;
-      if (minmax) {
-        // (x - t) first: exact for x near t, where the 0.5 cut is decided.
-        const float t = p.pixel_threshold;
-        for (int64_t i = 0; i < len; ++i) d[i] = normalize_pixel(s[i], t, pscale);
-        if (mask != nullptr) {
-          uint8_t* m = mask + off;
-          for (int64_t i = 0; i < len; ++i) m[i] = d[i] > 0.5f ? 1 : 0;
-        }
-      } else {
-        if (d != s) std::copy(s, s + len, d);
-        if (mask != nullptr) {
-          uint8_t* m = mask + off;
-          const float t = p.pixel_threshold;
-          for (int64_t i = 0; i < len; ++i) m[i] = raw_pixel_anomalous(s[i], t);
-        }
+      if (len <= 0) {
+        partial[static_cast<size_t>(c)] = -std::numeric_limits<float>::infinity();
+        continue;
       }
+      const int64_t off = img * hw + lo;
+      uint8_t* m = mask != nullptr ? mask + off : nullptr;
+      float r;
+      if (minmax) {
+        r = m != nullptr ? chunk<true, true>(in + off, out + off, m, len, t, pscale)
+                         : chunk<true, false>(in + off, out + off, m, len, t, pscale);
+      } else {
+        r = m != nullptr ? chunk<false, true>(in + off, out + off, m, len, t, pscale)
+                         : chunk<false, false>(in + off, out + off, m, len, t, pscale);
+      }
+      partial[static_cast<size_t>(c)] = r;
     }
   });
   const float ir = p.image_max - p.image_min;

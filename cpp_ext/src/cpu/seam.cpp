@@ -8,6 +8,7 @@
 // neighbouring unit may overwrite, are copied into halos before any unit
 // writes. Memory: O(units x R x W), no canvas-sized scratch (the CUDA twin,
 // which runs on pre-allocated device memory, uses the scratch argument).
+#include <algorithm>
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -49,7 +50,10 @@ constexpr int kBlock = 16;  // outputs accumulated in registers across all taps
 #endif
 
 // out[x] = sum_j g[j] * rows[j][x] for x in [a, b): a 1-D convolution across
-// 2R+1 row pointers, blocked so each output is loaded and stored once.
+// 2R+1 row pointers, blocked so each output is loaded and stored once: blocks
+// of kBlock outputs, then kBlock / 2 (run ends), then one at a time. Every output
+// sums its taps in the same order whatever block it falls in, so the result does
+// not depend on the blocking.
 TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int taps, int a, int b,
                                  float* __restrict out) {
   int x = a;
@@ -62,6 +66,15 @@ TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int t
     }
     for (int k = 0; k < kBlock; ++k) out[x + k] = acc[k];
   }
+  for (; x + kBlock / 2 <= b; x += kBlock / 2) {
+    float acc[kBlock / 2] = {};
+    for (int j = 0; j < taps; ++j) {
+      const float gj = g[j];
+      const float* s = rows[j] + x;
+      for (int k = 0; k < kBlock / 2; ++k) acc[k] += gj * s[k];
+    }
+    for (int k = 0; k < kBlock / 2; ++k) out[x + k] = acc[k];
+  }
   for (; x < b; ++x) {
     float acc = 0.0f;
     for (int j = 0; j < taps; ++j) acc += g[j] * rows[j][x];
@@ -72,8 +85,11 @@ TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int t
 // out[x - a] = sum_j g[j] * vrow[reflect(x - R + j)] for x in [a, b).
 void horizontal(const float* vrow, int W, int a, int b, const float* g, int R, float* pad,
                 std::vector<const float*>& shifted, float* out) {
-  const int lo = a - R, hi = b + R;  // padded source range [lo, hi)
-  for (int k = lo; k < hi; ++k) pad[k - lo] = (k >= 0 && k < W) ? vrow[k] : vrow[reflect_index(k, W)];
+  const int lo = a - R, hi = b + R;  // padded source range [lo, hi): reflected ends, a plain copy between
+  const int c0 = std::max(lo, 0), c1 = std::min(hi, W);
+  for (int k = lo; k < std::min(hi, 0); ++k) pad[k - lo] = vrow[reflect_index(k, W)];
+  if (c1 > c0) std::copy(vrow + c0, vrow + c1, pad + (c0 - lo));
+  for (int k = std::max(lo, W); k < hi; ++k) pad[k - lo] = vrow[reflect_index(k, W)];
   // Output x (0-based in the run) reads pad[x + j] for tap j: row pointers shifted by j.
   shifted.resize(static_cast<size_t>(2 * R + 1));
   for (int j = 0; j <= 2 * R; ++j) shifted[static_cast<size_t>(j)] = pad + j;

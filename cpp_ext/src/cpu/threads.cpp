@@ -24,11 +24,16 @@ int default_threads() {
   return hc == 0 ? 1 : static_cast<int>(hc);
 }
 std::atomic<int> g_threads{default_threads()};
+thread_local int t_budget = 0;  // 0: none; kernels called from this thread use g_threads
 }  // namespace
 
 void set_num_threads(int n) { g_threads.store(n <= 0 ? default_threads() : n); }
 
-int get_num_threads() { return g_threads.load(); }
+int get_num_threads() { return t_budget > 0 ? t_budget : g_threads.load(); }
+
+void set_thread_budget(int n) { t_budget = n <= 0 ? 0 : n; }
+
+int get_thread_budget() { return t_budget; }
 
 }  // namespace cpu
 }  // namespace tilead

@@ -1,0 +1,124 @@
+"""Output buffers reused across calls once nothing views them any more.
+
+A ``predict`` call's maps and masks are large (8 x 2048 x 2048 float32 is
+134 MB): allocated afresh every call, the kernel has to page-fault and zero
+them before the untile and normalize kernels can write, which cost more than
+the kernels themselves at batch 8 (issue #21). :class:`LeasePool` hands out
+arrays whose memory goes back to the pool only when the last array viewing it
+is gone, so the results a caller still holds are never overwritten, and a
+caller that drops its results (the usual loop) gets the same memory back next
+call, already mapped.
+
+How: every handed-out array views its buffer through a small owner object
+(:class:`_Lease`, numpy's ``base``); every view of the array, and every view
+of a view, keeps that owner alive. When the owner is collected, a
+``weakref.finalize`` puts the buffer back on the idle list.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Allocate = Callable[[tuple[int, ...], str], np.ndarray]
+"""``allocate(shape, dtype)``: an uninitialized C-contiguous array (``np.empty`` or :meth:`LeasePool.take`)."""
+
+
+def fresh(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The default :data:`Allocate`: ``np.empty(shape, dtype)``."""
+    return np.empty(shape, dtype=dtype)
+
+
+class _Lease:
+    """Owner of one pooled buffer while arrays handed out view it (their numpy ``base``)."""
+
+    __slots__ = ("__array_interface__", "__weakref__", "buffer")
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.buffer = buffer
+        self.__array_interface__: dict[str, Any] = buffer.__array_interface__
+
+
+class LeasePool:
+    """Arrays whose memory returns to the pool when nothing views it any more.
+
+    :meth:`take` returns an uninitialized C-contiguous array; unlike a pool with
+    an explicit give-back, the caller may hand it (or views of it) to users:
+    the buffer is reused only after every view is gone. Thread-safe: a buffer
+    in use is never idle, so concurrent calls get different buffers.
+
+    Args:
+        keep: Idle buffers held at most (the least recently returned dropped
+            first); a buffer beyond it is freed.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        if not isinstance(keep, int) or keep < 0:
+            raise ValueError(f"keep: expected a non-negative integer, got {keep!r}")
+        self.keep = keep
+        self._idle: OrderedDict[int, tuple[tuple[tuple[int, ...], str], np.ndarray]] = OrderedDict()
+        self._returned: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # reentrant: finalizers put here
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _give(self, buffer: np.ndarray) -> None:
+        # Runs from a finalizer, at any point of any thread: no lock here (SimpleQueue.put is reentrant).
+        if not self._closed:
+            self._returned.put(buffer)
+
+    def _collect(self) -> None:
+        """Move returned buffers to the idle list and trim it to ``keep`` (lock held)."""
+        while True:
+            try:
+                buffer = self._returned.get_nowait()
+            except queue.Empty:
+                break
+            self._idle[id(buffer)] = ((buffer.shape, buffer.dtype.str), buffer)
+        while len(self._idle) > self.keep:
+            self._idle.popitem(last=False)
+
+    def take(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+        """An uninitialized C-contiguous array of this shape and dtype: an idle buffer when one fits, else new.
+
+        Args:
+            shape: The array's shape.
+            dtype: Its dtype.
+
+        Returns:
+            An array whose buffer comes back to this pool once it and every view of it are gone.
+        """
+        key = (tuple(int(d) for d in shape), np.dtype(dtype).str)
+        buffer = None
+        with self._lock:
+            self._collect()
+            for ident, (k, candidate) in reversed(self._idle.items()):
+                if k == key:
+                    del self._idle[ident]
+                    buffer = candidate
+                    break
+        if buffer is None:
+            buffer = np.empty(key[0], dtype=key[1])
+        lease = _Lease(buffer)
+        weakref.finalize(lease, self._give, buffer).atexit = False
+        out: np.ndarray = np.asarray(lease)
+        return out
+
+    @property
+    def idle(self) -> int:
+        """Idle buffers held now."""
+        with self._lock:
+            self._collect()
+            return len(self._idle)
+
+    def close(self) -> None:
+        """Drop every idle buffer; buffers in use are freed when their views go, not pooled again."""
+        with self._lock:
+            self._closed = True
+            self._collect()
+            self._idle.clear()
