@@ -35,20 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from tilead.runtime.orientation import apply as transform
+from tilead.runtime.orientation import invert as inverse
+
 ROOT = Path(__file__).resolve().parents[1]
 BOTTLE = ROOT.parent / "shared" / "data" / "mvtec_bottle"
-
-
-def transform(x: np.ndarray, t: int) -> np.ndarray:
-    """One of the 8 symmetries of the square on the last two axes: ``t = 4 * flip + rotations``."""
-    y = np.flip(x, axis=-1) if t >= 4 else x
-    return np.rot90(y, k=t % 4, axes=(-2, -1))
-
-
-def inverse(x: np.ndarray, t: int) -> np.ndarray:
-    """Undo :func:`transform`."""
-    y = np.rot90(x, k=-(t % 4), axes=(-2, -1))
-    return np.flip(y, axis=-1) if t >= 4 else y
 
 
 def main(argv: Sequence[str] | None = None) -> int:
