@@ -9,6 +9,7 @@ through its bundle with ``tilead-eval --bundle``):
 * ``bottle4x4`` (bottle in 4x4 tiles of 256: origins 0, 256, 512, 644) and ``demo2048`` (the
   demo generator's synthetic 2048x2048 images, ``configs/padim_demo.yaml`` in 4x4 tiles of 512):
   ``one_to_one`` vs ``neighbourhood`` (2x2 blocks: 4 models) vs ``cluster`` (k-means, k 4)
+  vs ``cluster_oriented`` (k 4, ``orient``: locations aligned by flips / quarter turns)
   vs ``all_to_one`` (``grid.assignment``, :mod:`tilead.trainer.assignment`).
 
 Columns: image AUROC, pixel AUROC, AUPRO (the bundle on the test set), bundle size (every file
@@ -17,9 +18,9 @@ the manifest lists, plus the manifest), number of models, train time (``run.json
 ``--images`` test images, ONNX Runtime CPU, after a warm-up). Quality, size and model counts do
 not depend on the machine's load; train time and latency do: measure those on a quiet machine.
 
-Targets (issue #20): ``cluster`` within 0.005 of ``one_to_one``'s image AUROC and AUPRO with a
-bundle at most a third of its size; ``+thumbnail`` raises bottle's AUPRO above 0.9675 without
-lowering image AUROC. The table marks them.
+Targets (issue #20): ``cluster`` (and ``cluster_oriented``) keeps ``one_to_one``'s image AUROC and AUPRO
+(at most 0.005 lower; higher counts as kept) with a bundle at most a third of its size; ``+thumbnail``
+raises bottle's AUPRO above 0.9675 without lowering image AUROC. The table marks them.
 
 Runs, bundles and evaluations are kept under ``--work`` and reused (``--resume``), so an
 interrupted benchmark continues where it stopped; ``--fresh`` removes a row's folders first.
@@ -71,6 +72,7 @@ def _assignment_rows(dataset: str, grid: dict[str, Any]) -> list[Row]:
         ("one_to_one", {"mode": "one_to_one"}),
         ("neighbourhood", {"mode": "neighbourhood", "k": 2}),
         ("cluster", {"mode": "cluster", "k": 4}),
+        ("cluster_oriented", {"mode": "cluster", "k": 4, "orient": True}),
         ("all_to_one", {"mode": "all_to_one"}),
     ]
     return [Row(dataset, name, {**grid, "grid.assignment": a}) for name, a in modes]
@@ -189,11 +191,12 @@ def mark_targets(results: list[dict[str, Any]]) -> None:
         ref = base.get(r["dataset"])
         if "skipped" in r or ref is None:
             continue
-        if r["variant"] == "cluster":
-            ok_q = all(abs(r[m] - ref[m]) <= TOLERANCE for m in ("image_auroc", "aupro") if m in r and m in ref)
+        if r["variant"] in ("cluster", "cluster_oriented"):
+            # "keeps quality": at most TOLERANCE below one_to_one (a higher figure keeps it too)
+            ok_q = all(ref[m] - r[m] <= TOLERANCE for m in ("image_auroc", "aupro") if m in r and m in ref)
             ok_s = r["bundle_mib"] <= SIZE_RATIO * ref["bundle_mib"]
             r["target"] = (
-                f"{'met' if ok_q and ok_s else 'missed'}: image AUROC / AUPRO within {TOLERANCE} of one_to_one "
+                f"{'met' if ok_q and ok_s else 'missed'}: image AUROC / AUPRO at most {TOLERANCE} below one_to_one "
                 f"({'yes' if ok_q else 'no'}), bundle <= 1/3 ({r['bundle_mib'] / ref['bundle_mib']:.2f})"
             )
         if r["variant"] == "+thumbnail" and "aupro" in r:

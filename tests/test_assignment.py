@@ -392,7 +392,9 @@ def _train_shared(tmp: Path, assignment: dict[str, Any]) -> Path:
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = train(load_config(path), tmp / "run", progress=False)
-    assert result.fitted_now == len(json.loads((result.paths.root / "assignment.json").read_text())["names"])
+    table = result.paths.root / "assignment.json"
+    models = len(json.loads(table.read_text())["names"]) if table.exists() else 4  # one_to_one: no table, 2x2 grid
+    assert result.fitted_now == models
     again = train(load_config(path), tmp / "run", resume=True, progress=False)
     assert again.fitted_now == 0  # resumable per model: every model's checkpoint is reused
     return result.paths.root
@@ -465,3 +467,32 @@ def test_location_tiles_of_a_shared_model_are_the_union_of_its_locations(tmp_pat
     want = [tiles[0, :2], tiles[3, :2], tiles[0, 2:], tiles[3, 2:]]
     for got, ref in zip(batches, want, strict=True):
         np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.integration
+def test_one_model_per_location_by_any_mode_gives_the_one_to_one_maps(tmp_path: Path) -> None:
+    """``cluster`` with k = locations and ``neighbourhood`` 1 fit exactly the one-to-one models (mapping sanity)."""
+    from tilead.trainer.data import discover
+    from tilead.trainer.inference import location_maps
+    from tilead.trainer.run import Run
+
+    maps = {}
+    modes: list[tuple[str, dict[str, Any]]] = [
+        ("one_to_one", {"mode": "one_to_one"}),
+        ("cluster", {"mode": "cluster", "k": 4}),
+        ("neighbourhood", {"mode": "neighbourhood", "k": 1}),
+    ]
+    for name, assignment in modes:
+        opened = Run.open(_train_shared(tmp_path / name, assignment))
+        samples = list(discover(opened.config.data).test)
+        got, _, kept = location_maps(
+            opened.config, opened.models(), samples, opened.grid, opened.preprocessing, batch_size=4
+        )
+        assert len(kept) == len(samples) > 0
+        maps[name] = got
+    # Every location its own model, renumbered row-major: the table is the identity.
+    table = json.loads((tmp_path / "cluster" / "run" / "assignment.json").read_text())
+    assert table["location_model"] == [0, 1, 2, 3]
+    assert not (tmp_path / "one_to_one" / "run" / "assignment.json").exists()
+    for name in ("cluster", "neighbourhood"):
+        np.testing.assert_array_equal(maps[name], maps["one_to_one"], err_msg=name)

@@ -66,3 +66,16 @@ def test_config_refusal_names_an_unknown_key_and_accepts_assignment() -> None:
     assert "model.not_a_key: unknown key" in refusal
     assert b.config_refusal(config, {"grid.assignment": {"mode": "cluster", "k": 4}}) is None
     assert "grid.assignment.k" in (b.config_refusal(config, {"grid.assignment": {"mode": "cluster", "k": 0}}) or "")
+
+
+def test_higher_quality_keeps_the_cluster_target_and_oriented_rows_are_marked() -> None:
+    b = _bench()
+    rows = [
+        _row("one_to_one", 0.9889, 0.9415, 219.3),
+        _row("cluster_oriented", 0.9921, 0.9506, 54.8),  # above one_to_one by more than the tolerance: kept
+        _row("cluster", 0.9830, 0.9415, 54.8),  # 0.0059 lower: not kept
+    ]
+    b.mark_targets(rows)
+    assert rows[1]["target"].startswith("met")
+    assert rows[2]["target"].startswith("missed")
+    assert "cluster_oriented" in [r.variant for r in b.ROWS["bottle4x4"]]

@@ -207,6 +207,13 @@ def export_bundle(
 
     # One graph per model: per location, or per group of locations sharing one (grid.assignment).
     table = run_assignment(cfg, run.paths, grid)
+    if table.transforms and (layout == "shared_backbone" or precision == "int8"):
+        raise ValueError(
+            f"{'layout shared_backbone' if layout == 'shared_backbone' else 'precision int8'}: not implemented for "
+            "runs whose locations are oriented (grid.assignment cluster with orient: each location's tiles are "
+            "transformed before its model, which the shared backbone graph and the INT8 calibration do not do "
+            "yet); export per_location fp32"
+        )
     groups = table.groups
     models = [graph(m) for m in load_models(cfg, run.paths, grid, run.backbone, table)]
     # The detector may export a faster variant (PaDiM: the Mahalanobis form on block rows, fewer bytes of
@@ -339,8 +346,12 @@ def export_bundle(
                     "assignment": table.mode,
                     "models": entries,
                     "locations": [
-                        {"name": loc, "model": table.names[m]}
-                        for loc, m in zip(grid.location_names(), table.location_model, strict=True)
+                        {
+                            "name": loc,
+                            "model": table.names[m],
+                            **({"transform": table.transform(i)} if table.transforms else {}),
+                        }
+                        for i, (loc, m) in enumerate(zip(grid.location_names(), table.location_model, strict=True))
                     ],
                 }
                 if table.shared

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from tilead.atomic import atomic_write_text
+from tilead.runtime import orientation
 from tilead.runtime._checks import as_int, as_pair, check_mapping, describe
 from tilead.runtime.engines import EngineSet, parse_engine_sets
 from tilead.runtime.files import LocationFile, parse_location_file
@@ -168,6 +169,9 @@ class Manifest:
         models: One file per model (for ``one_to_one`` the locations' own files; see the module docstring).
         location_model: Model index of every location, row-major.
         assignment: ``one_to_one`` or one of :data:`SHARED_ASSIGNMENTS`.
+        location_transform: Orientation of every location's tiles before its model
+            (:mod:`tilead.runtime.orientation`; the map is transformed back), row-major;
+            empty when no location is oriented (the manifest's ``locations[i].transform``).
     """
 
     grid: TileGrid
@@ -187,6 +191,11 @@ class Manifest:
     models: tuple[LocationFile, ...] = ()
     location_model: tuple[int, ...] = ()
     assignment: str = "one_to_one"
+    location_transform: tuple[int, ...] = ()
+
+    def transform(self, location: int) -> int:
+        """Orientation of a location's tiles (0: as cut)."""
+        return self.location_transform[location] if self.location_transform else 0
 
     def __post_init__(self) -> None:
         if not self.models:  # one model per location
@@ -369,13 +378,16 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         assignment = d.get("assignment", "one_to_one")
         model_files: tuple[LocationFile, ...] = ()
         table: tuple[int, ...] = ()
+        transforms: tuple[int, ...] = ()
         if assignment == "one_to_one" and "models" not in d:
             files = [
                 parse_location_file(item, f"locations[{i}]", name, rel)
                 for i, (item, name, rel) in enumerate(zip(locs, expected, location_files(grid, layout), strict=True))
             ]
         else:
-            model_files, table = parse_model_table(assignment, d.get("models"), locs, expected, layout)
+            model_files, table, transforms = parse_model_table(
+                assignment, d.get("models"), locs, expected, layout, grid.tile_size
+            )
             files = [
                 LocationFile(name, model_files[m].file, model_files[m].sha256, model_files[m].bytes)
                 for name, m in zip(expected, table, strict=True)
@@ -414,6 +426,7 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         model_files,
         table,
         str(assignment),
+        transforms,
     )
 
 
@@ -424,8 +437,13 @@ def model_files(count: int, layout: str = "per_location") -> list[str]:
 
 
 def parse_model_table(
-    assignment: object, models: object, locations: list[Any], expected: Sequence[str], layout: str
-) -> tuple[tuple[LocationFile, ...], tuple[int, ...]]:
+    assignment: object,
+    models: object,
+    locations: list[Any],
+    expected: Sequence[str],
+    layout: str,
+    tile_size: tuple[int, int] = (1, 1),
+) -> tuple[tuple[LocationFile, ...], tuple[int, ...], tuple[int, ...]]:
     """Validate a shared-model bundle's ``assignment``, ``models`` and location -> model ``locations``.
 
     Args:
@@ -434,9 +452,10 @@ def parse_model_table(
         locations: The manifest's ``locations`` list (length already checked).
         expected: Location names, row-major.
         layout: The bundle's layout (folder of the model files).
+        tile_size: ``(th, tw)``: quarter turns need square tiles.
 
     Returns:
-        ``(model files, model index of every location)``.
+        ``(model files, model index of every location, orientation of every location or ())``.
 
     Raises:
         ValueError: Naming the key: an unknown mode, a ``models`` list missing, empty, too long, misnamed or
@@ -460,8 +479,9 @@ def parse_model_table(
     )
     index = {name: i for i, name in enumerate(names)}
     table = []
+    transforms: list[int] = []
     for i, (item, name) in enumerate(zip(locations, expected, strict=True)):
-        e = check_mapping(item, f"locations[{i}]", ("name", "model"), ("name", "model"))
+        e = check_mapping(item, f"locations[{i}]", ("name", "model", "transform"), ("name", "model"))
         if e["name"] != name:
             raise ValueError(f"locations[{i}].name: expected {name!r} (row-major order), got {describe(e['name'])}")
         if not isinstance(e["model"], str) or e["model"] not in index:
@@ -470,10 +490,29 @@ def parse_model_table(
                 f"got {describe(e['model'])}"
             )
         table.append(index[e["model"]])
+        if "transform" in e:
+            transforms.append(_parse_transform(e["transform"], f"locations[{i}].transform", tile_size))
     unused = [n for n in names if index[n] not in set(table)]
     if unused:
         raise ValueError(f"models: {unused} serve no location (every model must be used)")
-    return files, tuple(table)
+    if transforms and len(transforms) != len(table):
+        raise ValueError("locations: a transform on some locations only (oriented bundles give every location one)")
+    if transforms and assignment != "cluster":
+        raise ValueError(f"locations[].transform: only assignment 'cluster' orients locations, got {assignment!r}")
+    if transforms and layout != "per_location":
+        raise ValueError(f"locations[].transform: oriented locations need layout 'per_location', got {layout!r}")
+    return files, tuple(table), tuple(transforms)
+
+
+def _parse_transform(value: object, where: str, tile_size: tuple[int, int]) -> int:
+    """An orientation index (:mod:`tilead.runtime.orientation`) the tile shape allows."""
+    choices = orientation.allowed(*tile_size)
+    if type(value) is not int or value not in choices:
+        raise ValueError(
+            f"{where}: expected one of {list(choices)} (orientation index; quarter turns 1, 3, 5, 7 need square "
+            f"tiles, these are {tile_size[0]} x {tile_size[1]}), got {describe(value)}"
+        )
+    return value
 
 
 _BACKBONE_KEYS = ("name", "file", "sha256", "bytes", "output", "features")

@@ -9,6 +9,11 @@ Modes (HiAD's names, decided per location at fit time, fixed in the bundle):
 * ``cluster``: k-means (scikit-learn, seeded, ``k`` clusters) over every
   location's mean embedding of its training tiles (the run's backbone features,
   averaged over positions and tiles); locations of one cluster share a model.
+* ``cluster`` with ``orient``: locations are grouped by their mean training tile
+  after the best of the 8 flips / quarter turns (average-linkage clustering of
+  those distances); each location keeps the transform that aligns it with its
+  group's medoid, and its tiles are transformed before the shared model and the
+  map transformed back (:mod:`tilead.runtime.orientation`).
 * ``retrieve`` (HiAD's rule: each *test tile* is scored by the model whose
   training tiles it is closest to) is refused, see :data:`RETRIEVE_REFUSAL`.
 
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from tilead.atomic import atomic_write_text
-from tilead.runtime import TileGrid
+from tilead.runtime import TileGrid, orientation
 
 MODES = ("one_to_one", "all_to_one", "neighbourhood", "cluster", "retrieve")
 FILE = "assignment.json"
@@ -56,11 +61,18 @@ class Assignment:
         mode: One of :data:`MODES` (never ``retrieve``).
         location_model: Model index of every location, row-major.
         names: Model names (``rRcC`` for ``one_to_one``, else ``m0``, ``m1``, ...).
+        transforms: Orientation of every location (:mod:`tilead.runtime.orientation` index), row-major;
+            empty unless ``cluster`` with ``orient``.
     """
 
     mode: str
     location_model: tuple[int, ...]
     names: tuple[str, ...]
+    transforms: tuple[int, ...] = ()
+
+    def transform(self, location: int) -> int:
+        """The orientation of a location's tiles (0: as cut)."""
+        return self.transforms[location] if self.transforms else 0
 
     @property
     def num_models(self) -> int:
@@ -81,8 +93,12 @@ class Assignment:
         return self.mode != "one_to_one"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (``assignment.json``)."""
-        return {"mode": self.mode, "location_model": list(self.location_model), "names": list(self.names)}
+        """Plain data (``assignment.json``; ``transforms`` only when oriented)."""
+        data: dict[str, Any] = {"mode": self.mode, "location_model": list(self.location_model)}
+        data["names"] = list(self.names)
+        if self.transforms:
+            data["transforms"] = list(self.transforms)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, num_locations: int) -> Assignment:
@@ -91,8 +107,11 @@ class Assignment:
         Raises:
             AssignmentError: For a malformed table (an unmapped location, an unused model, unknown keys).
         """
-        if not isinstance(data, dict) or set(data) != {"mode", "location_model", "names"}:
-            raise AssignmentError(f"{FILE}: expected keys mode, location_model, names; got {data!r:.200}")
+        keys = {"mode", "location_model", "names"}
+        if not isinstance(data, dict) or not keys <= set(data) <= keys | {"transforms"}:
+            raise AssignmentError(
+                f"{FILE}: expected keys mode, location_model, names (and transforms); got {data!r:.200}"
+            )
         names = data["names"]
         table = data["location_model"]
         if data["mode"] not in MODES or data["mode"] == "retrieve":
@@ -105,7 +124,18 @@ class Assignment:
             raise AssignmentError(f"{FILE}: location_model: expected indices in [0, {len(names)})")
         if set(table) != set(range(len(names))):
             raise AssignmentError(f"{FILE}: every model must serve at least one location")
-        return cls(str(data["mode"]), tuple(table), tuple(names))
+        transforms = data.get("transforms", [])
+        if "transforms" in data and (
+            data["mode"] != "cluster"
+            or not isinstance(transforms, list)
+            or len(transforms) != num_locations
+            or not all(type(t) is int and 0 <= t < orientation.COUNT for t in transforms)
+        ):
+            raise AssignmentError(
+                f"{FILE}: transforms: expected {num_locations} orientation indices in [0, {orientation.COUNT}) "
+                f"(mode cluster only)"
+            )
+        return cls(str(data["mode"]), tuple(table), tuple(names), tuple(transforms))
 
 
 def _canonical(mode: str, labels: Sequence[int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -200,6 +230,63 @@ def cluster_assignment(embeddings: np.ndarray, k: int, seed: int) -> Assignment:
     return Assignment("cluster", table, names)
 
 
+def oriented_cluster_assignment(mean_tiles: np.ndarray, k: int) -> Assignment:
+    """Group locations by their mean tile after the best orientation; each keeps the transform to its medoid.
+
+    The distance of two locations is the smallest Euclidean distance between one's mean tile and the
+    other's under any allowed transform (:func:`tilead.runtime.orientation.allowed`); average-linkage
+    clustering (scikit-learn, deterministic) of those distances makes ``k`` groups. In each group the
+    medoid keeps its tiles as cut, every other location the transform that brings its mean tile closest
+    to the medoid's.
+
+    Args:
+        mean_tiles: float ``(locations, C, h, w)``: every location's mean training tile (any resolution).
+        k: Clusters (models), ``1 <= k <= locations``.
+
+    Returns:
+        The table with ``transforms``; models renumbered row-major.
+
+    Raises:
+        AssignmentError: For ``k`` outside ``[1, locations]``, another shape or non-finite values.
+    """
+    from sklearn.cluster import AgglomerativeClustering
+
+    x = np.asarray(mean_tiles, dtype=np.float64)
+    if x.ndim != 4 or x.shape[0] < 1:
+        raise AssignmentError(f"cluster (orient): expected mean tiles (locations, C, h, w), got shape {x.shape}")
+    count = x.shape[0]
+    if not 1 <= k <= count:
+        raise AssignmentError(f"grid.assignment.k: {k} clusters for {count} locations (expected 1..{count})")
+    if not np.isfinite(x).all():
+        raise AssignmentError("cluster (orient): the mean tiles are not finite")
+    choices = orientation.allowed(x.shape[2], x.shape[3])
+    # dist[a, b, j]: location a against location b under transform choices[j].
+    dist = np.stack(
+        [
+            np.sqrt(((x[:, None] - np.stack([orientation.apply(m, t) for m in x])[None]) ** 2).sum(axis=(2, 3, 4)))
+            for t in choices
+        ],
+        axis=2,
+    )
+    best = dist.min(axis=2)
+    best = np.minimum(best, best.T)
+    if k == count:
+        labels = list(range(count))
+    elif k == 1:
+        labels = [0] * count
+    else:
+        cl = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
+        labels = [int(v) for v in cl.fit_predict(best)]
+    transforms = [0] * count
+    for label in set(labels):
+        group = [i for i, v in enumerate(labels) if v == label]
+        medoid = min(group, key=lambda a: (float(best[a, group].sum()), a))
+        for loc in group:
+            transforms[loc] = 0 if loc == medoid else choices[int(dist[medoid, loc].argmin())]
+    table, names = _canonical("cluster", labels)
+    return Assignment("cluster", table, names, tuple(transforms))
+
+
 def mean_embeddings(batches: Iterable[np.ndarray], num_locations: int) -> np.ndarray:
     """Per-location mean of pooled tile embeddings.
 
@@ -254,6 +341,8 @@ def resolve_assignment(
     grid: TileGrid,
     root: Path,
     embed: Callable[[], np.ndarray] | None = None,
+    *,
+    orient: bool = False,
 ) -> Assignment:
     """The run's table: the saved one, else computed (``cluster`` calls ``embed``) and saved.
 
@@ -263,7 +352,9 @@ def resolve_assignment(
         seed: The run's seed (k-means).
         grid: The tile grid.
         root: Run folder (``assignment.json``).
-        embed: Per-location mean embeddings ``(locations, d)``; needed for ``cluster`` without a saved table.
+        embed: Per-location mean embeddings ``(locations, d)``, or with ``orient`` mean tiles
+            ``(locations, C, h, w)``; needed for ``cluster`` without a saved table.
+        orient: ``cluster`` with orientations (:func:`oriented_cluster_assignment`).
 
     Raises:
         AssignmentError: Bad settings, a saved table of another mode, or ``cluster`` without ``embed``.
@@ -271,14 +362,16 @@ def resolve_assignment(
     check_assignment(mode, k, grid)
     saved = load_assignment(root, grid.num_locations)
     if saved is not None:
-        if saved.mode != mode:
-            raise AssignmentError(f"{Path(root) / FILE}: holds a {saved.mode!r} table, the config asks for {mode!r}")
+        if saved.mode != mode or bool(saved.transforms) != orient:
+            have = f"{saved.mode!r}{' (orient)' if saved.transforms else ''}"
+            want = f"{mode!r}{' (orient)' if orient else ''}"
+            raise AssignmentError(f"{Path(root) / FILE}: holds a {have} table, the config asks for {want}")
         return saved
     if mode == "cluster":
         if embed is None:
             raise AssignmentError(f"{Path(root) / FILE} is missing: a cluster run's table is made when it is fitted")
         assert k is not None
-        table = cluster_assignment(embed(), k, seed)
+        table = oriented_cluster_assignment(embed(), k) if orient else cluster_assignment(embed(), k, seed)
     else:
         table = fixed_assignment(mode, k, grid)
     if mode != "one_to_one":

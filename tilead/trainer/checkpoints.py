@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 import tilead
 from tilead.runtime import TileGrid
 from tilead.trainer.assignment import Assignment
@@ -74,7 +76,44 @@ def load_location_models(
     """
     table = run_assignment(cfg, paths, grid)
     models = load_models(cfg, paths, grid, extractor, table, export=export, with_score=with_score)
-    return [models[m] for m in table.location_model]
+    return [
+        Oriented(models[m], table.transform(loc)) if table.transform(loc) else models[m]
+        for loc, m in enumerate(table.location_model)
+    ]
+
+
+def orient_tiles(x: torch.Tensor, t: int) -> torch.Tensor:
+    """:func:`tilead.runtime.orientation.apply` on the last two axes of a tensor."""
+    y = torch.flip(x, dims=(-1,)) if t >= 4 else x
+    return torch.rot90(y, k=t % 4, dims=(-2, -1))
+
+
+def unorient_maps(x: torch.Tensor, t: int) -> torch.Tensor:
+    """:func:`tilead.runtime.orientation.invert` on the last two axes of a tensor."""
+    y = torch.rot90(x, k=-(t % 4), dims=(-2, -1))
+    return torch.flip(y, dims=(-1,)) if t >= 4 else y
+
+
+class Oriented(LocationModel):
+    """A shared model seen from one location: its tiles transformed before the model, the map transformed back.
+
+    Input ``(n, C, th, tw)``; output ``(n, 1, h, w)`` (:mod:`tilead.runtime.orientation`, transform ``t``).
+    """
+
+    def __init__(self, model: LocationModel, t: int) -> None:
+        super().__init__()
+        self.model = model
+        self.t = int(t)
+        self.has_image_score = model.has_image_score  # type: ignore[misc]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Anomaly map of a tile batch, in the location's own orientation."""
+        return unorient_maps(self.model(orient_tiles(x, self.t)), self.t)
+
+    def forward_with_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map (transformed back) and the shared model's own score of the oriented tiles."""
+        out, score = self.model.forward_with_score(orient_tiles(x, self.t))
+        return unorient_maps(out, self.t), score
 
 
 def load_models(

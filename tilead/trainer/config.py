@@ -45,10 +45,14 @@ class AssignmentConfig(_Section):
             (k-means over per-location mean embeddings, ``k`` clusters, seeded
             by ``seed``). ``retrieve`` is refused with the reason.
         k: Block side (``neighbourhood``) or number of clusters (``cluster``).
+        orient: ``cluster`` only: group locations by their mean tile after the best of the 8 flips /
+            quarter turns, and fit each shared model on its locations' tiles brought into that orientation
+            (:mod:`tilead.runtime.orientation`; docs/hires.md).
     """
 
     mode: Literal["one_to_one", "all_to_one", "neighbourhood", "cluster", "retrieve"] = "one_to_one"
     k: int | None = Field(default=None, ge=1, le=4096)
+    orient: bool = False
 
     @model_validator(mode="after")
     def _mode(self) -> AssignmentConfig:
@@ -60,6 +64,8 @@ class AssignmentConfig(_Section):
             raise ValueError(f"mode {self.mode!r} needs k (an integer >= 1)")
         if self.mode not in ("neighbourhood", "cluster") and self.k is not None:
             raise ValueError(f"mode {self.mode!r} takes no k (got {self.k}); k is for neighbourhood and cluster")
+        if self.orient and self.mode != "cluster":
+            raise ValueError(f"orient: only mode 'cluster' takes orient (got mode {self.mode!r})")
         return self
 
 
@@ -327,6 +333,8 @@ class RunConfig(_Section):
         d = self.to_dict()
         keep = {k: d[k] for k in ("seed", "data", "grid", "model")}
         keep["model"].pop("thumbnail", None)  # the thumbnail model has its own key (thumbnail_key); tiles do not change
+        if keep["grid"].get("assignment", {}).get("orient") is False:
+            del keep["grid"]["assignment"]["orient"]  # runs fitted before orient existed keep their key
         if keep["grid"].get("assignment") == {"mode": "one_to_one", "k": None}:
             del keep["grid"]["assignment"]  # runs fitted before task assignment existed keep their key
         if d["validation"]["split"] in ("holdout", "synthetic"):  # the same images held out

@@ -67,8 +67,9 @@ def fit_location(
     prep = make_preprocessing(cfg, extractor)
     detector = create_detector(cfg, extractor, grid.tile_size)
     fit_samples, held = holdout_split(samples, detector.holdout_fraction, cfg.seed)
-    fit = LocationTiles(cfg, fit_samples, grid, prep, group, f"fit {name}")
-    holdout = LocationTiles(cfg, held, grid, prep, group, f"holdout {name}")
+    turns = [table.transform(i) for i in group]  # each location's tiles in the model's orientation
+    fit = LocationTiles(cfg, fit_samples, grid, prep, group, f"fit {name}", turns)
+    holdout = LocationTiles(cfg, held, grid, prep, group, f"holdout {name}", turns)
     detector.work_dir = paths.partial(name)  # resumable progress inside the location, if the detector keeps any
     state = detector.fit(fit, holdout, progress=progress)
     seconds = time.perf_counter() - start

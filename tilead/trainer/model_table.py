@@ -11,8 +11,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from tilead.runtime import TileGrid
-from tilead.trainer.assignment import Assignment, mean_embeddings, resolve_assignment
+from tilead.runtime import Preprocessing, TileGrid
+from tilead.trainer.assignment import Assignment, AssignmentError, mean_embeddings, resolve_assignment
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.components import make_backbone, make_preprocessing
 from tilead.trainer.config import RunConfig
@@ -52,6 +52,34 @@ def location_embeddings(
     return mean_embeddings(batches(), grid.num_locations)
 
 
+MEAN_TILE_STEP = 8
+"""``cluster`` with ``orient`` compares mean tiles sampled every this many pixels."""
+
+
+def location_mean_tiles(cfg: RunConfig, samples: Sequence[Sample], grid: TileGrid, prep: Preprocessing) -> np.ndarray:
+    """Every location's mean normalized training tile, sampled every :data:`MEAN_TILE_STEP` pixels.
+
+    Uses at most :data:`EMBED_IMAGES` of ``samples`` (evenly spaced). No backbone: the mean of transformed
+    tiles is the transformed mean, so orientations can be compared on it exactly.
+
+    Returns:
+        float64 ``(locations, C, ceil(th / step), ceil(tw / step))``.
+    """
+    picks = np.unique(np.linspace(0, len(samples) - 1, num=min(EMBED_IMAGES, len(samples))).round().astype(int))
+    chosen = [samples[i] for i in picks] if samples else []
+    loader = ImageLoader(cfg.data)
+    total: np.ndarray | None = None
+    count = 0
+    for batch in loader.iter_batches(chosen, cfg.train.batch_size):
+        tiles = _location_tiles(batch.images, grid, prep, cfg.data.channel_order)  # (L, n, C, th, tw)
+        s = tiles[..., ::MEAN_TILE_STEP, ::MEAN_TILE_STEP].astype(np.float64).sum(axis=1)
+        total = s if total is None else total + s
+        count += tiles.shape[1]
+    if total is None:
+        raise AssignmentError("cluster: no training tiles to average")
+    return total / count
+
+
 def run_assignment(
     cfg: RunConfig,
     paths: RunPaths,
@@ -67,6 +95,9 @@ def run_assignment(
     a = cfg.grid.assignment
 
     def embed() -> np.ndarray:
-        return location_embeddings(cfg, samples, grid, extractor if extractor is not None else make_backbone(cfg))
+        backbone = extractor if extractor is not None else make_backbone(cfg)
+        if a.orient:
+            return location_mean_tiles(cfg, samples, grid, make_preprocessing(cfg, backbone))
+        return location_embeddings(cfg, samples, grid, backbone)
 
-    return resolve_assignment(a.mode, a.k, cfg.seed, grid, paths.root, embed if samples else None)
+    return resolve_assignment(a.mode, a.k, cfg.seed, grid, paths.root, embed if samples else None, orient=a.orient)

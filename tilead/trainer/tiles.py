@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from tilead.runtime import Preprocessing, TileGrid, location_name, tile_images
+from tilead.runtime import Preprocessing, TileGrid, location_name, orientation, tile_images
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample
 from tilead.trainer.faults import maybe_inject_fault
@@ -42,12 +42,17 @@ class LocationTiles:
         prep: Preprocessing,
         index: int | Sequence[int],
         label: str,
+        transforms: Sequence[int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.samples = tuple(samples)
         self.grid = grid
         self.prep = prep
         self.indices = (index,) if isinstance(index, int) else tuple(index)
+        # Orientation of each location's tiles (tilead.runtime.orientation; cluster with orient), 0: as cut.
+        self.transforms = tuple(transforms) if transforms is not None else (0,) * len(self.indices)
+        if len(self.transforms) != len(self.indices):
+            raise ValueError(f"transforms: expected one per location ({len(self.indices)}), got {len(self.transforms)}")
         self.index = self.indices[0]
         self.label = label
         self.batch_size = cfg.train.batch_size
@@ -62,7 +67,7 @@ class LocationTiles:
         loader = ImageLoader(self.cfg.data)
         for n, batch in enumerate(loader.iter_batches(self.samples, self.batch_size)):
             tiles = _location_tiles(batch.images, self.grid, self.prep, self.cfg.data.channel_order)
-            for index in self.indices:
-                yield _to_torch(np.ascontiguousarray(tiles[index]))
+            for index, t in zip(self.indices, self.transforms, strict=True):
+                yield _to_torch(np.ascontiguousarray(orientation.apply(tiles[index], t)))
             if n == 0:
                 maybe_inject_fault(location_name(*self.grid.locations()[self.index]))  # a no-op unless testing

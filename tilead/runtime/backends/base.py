@@ -31,6 +31,7 @@ from typing import Protocol, overload, runtime_checkable
 
 import numpy as np
 
+from tilead.runtime import orientation
 from tilead.runtime.bundle import BundleError, Manifest, read_verified_file
 from tilead.runtime.files import LocationFile
 from tilead.runtime.postprocess import NormalizedMaps
@@ -385,7 +386,9 @@ def run_locations(
     """Run every model (side by side on ``pool`` when given) and gather checked per-location outputs.
 
     A model that serves several locations (task assignment) gets all their
-    tiles in one batched call: ``(k * n, ...)``, location after location.
+    tiles in one batched call: ``(k * n, ...)``, location after location; an
+    oriented location's tiles are transformed first and its maps transformed back
+    (:attr:`Manifest.location_transform`).
 
     Args:
         manifest: The bundle's manifest (map size, models and their locations, image score).
@@ -417,14 +420,20 @@ def run_locations(
         group = groups[index]
         k = len(group)
         lo, hi = group[0], group[-1] + 1
-        # A run of neighbouring locations is a view; scattered ones are gathered (one copy).
-        part = tiles[lo:hi] if hi - lo == k else tiles[list(group)]
-        outs = run_one(index, part.reshape(k * n, *tiles.shape[2:]))
+        turns = [m.transform(loc) for loc in group]
+        if any(turns):  # oriented locations (cluster with orient): each location's tiles turned for the model
+            part = np.stack([orientation.apply(tiles[loc], t) for loc, t in zip(group, turns, strict=True)])
+        else:  # a run of neighbouring locations is a view; scattered ones are gathered (one copy)
+            part = tiles[lo:hi] if hi - lo == k else tiles[list(group)]
+        outs = run_one(index, np.ascontiguousarray(part).reshape(k * n, *tiles.shape[2:]))
         what = f"location {m.locations[lo].name}" if not m.shared_models else f"model {m.models[index].name}"
         out = np.asarray(outs[0])
         if out.shape != (k * n, 1, h, w):
             raise BundleError(f"{what}: model output shape {out.shape}, the manifest promises ({k * n}, 1, {h}, {w})")
-        maps[list(group)] = out.reshape(k, n, h, w)
+        out_maps = out.reshape(k, n, h, w)
+        if any(turns):  # each map back in its location's orientation
+            out_maps = np.stack([orientation.invert(o, t) for o, t in zip(out_maps, turns, strict=True)])
+        maps[list(group)] = out_maps
         if scores is not None:
             score = np.asarray(outs[1])
             if score.shape != (k * n,):
