@@ -11,6 +11,13 @@ files) and compiled once, with a dynamic batch dimension, for:
   would otherwise compute in bf16, far from the exported graph's results,
 * ``ENABLE_CPU_PINNING`` off: several compiled models share the cores.
 
+With ``bf16_backbone`` (``Predictor(bf16_backbone=True)``) a ``shared_backbone``
+bundle's backbone alone is compiled with ``INFERENCE_PRECISION_HINT`` ``bf16``
+(the heads and the thumbnail model stay f32), on CPUs whose OpenVINO plugin
+lists ``BF16`` among its ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16 or AMX);
+elsewhere it is refused rather than emulated. INT8 (QDQ) bundles need nothing
+special: the plugin runs their quantized convolutions as int8 kernels.
+
 A ``shared_backbone`` bundle's backbone is compiled once (one copy of its
 weights); every tile goes through it in a few batched calls spread over the
 location workers, then each location's compiled head runs on its block of features.
@@ -50,6 +57,26 @@ INSTALL = "pip install 'tilead[openvino]' (or pip install openvino)"
 
 class OpenVinoUnavailableError(RuntimeError):
     """OpenVINO is not installed; the message says how to get it."""
+
+
+def has_bf16_units(capabilities: Sequence[str]) -> bool:
+    """Whether OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` list native bfloat16 (``BF16``)."""
+    return "BF16" in capabilities
+
+
+def require_bf16(core: Any) -> None:
+    """Refuse a bf16 backbone on a CPU whose OpenVINO plugin has no native bfloat16.
+
+    Raises:
+        RuntimeError: Naming the CPU and what it offers.
+    """
+    capabilities = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    if not has_bf16_units(capabilities):
+        name = core.get_property("CPU", "FULL_DEVICE_NAME")
+        raise RuntimeError(
+            f"bf16_backbone=True needs a CPU with bfloat16 units (AVX-512 BF16 or AMX); OpenVINO reports "
+            f"{name!r} with {', '.join(capabilities)}; use bf16_backbone=False"
+        )
 
 
 def import_openvino() -> Any:
@@ -102,9 +129,12 @@ class OpenVinoBackend:
         location_workers: Locations run at the same time (at most the number of locations).
         backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles only).
         thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch only).
+        bf16_backbone: Compile the backbone with ``INFERENCE_PRECISION_HINT`` ``bf16`` (heads f32).
 
     Raises:
         OpenVinoUnavailableError: If OpenVINO is not installed.
+        RuntimeError: For ``bf16_backbone`` on a CPU without bfloat16 units.
+        ValueError: For ``bf16_backbone`` without a shared backbone.
         BundleError: If OpenVINO cannot read or compile a location's model, or it lacks an output.
     """
 
@@ -119,6 +149,7 @@ class OpenVinoBackend:
         location_workers: int,
         backbone: bytes | None = None,
         thumbnail: bytes | None = None,
+        bf16_backbone: bool = False,
     ) -> None:
         ov = import_openvino()
         self.manifest = manifest
@@ -140,9 +171,15 @@ class OpenVinoBackend:
             state = "missing" if backbone is None else "given, but the layout has no shared backbone"
             raise BundleError(f"layout {manifest.layout!r}: the backbone's model bytes are {state}")
         self._backbone: _Location | None = None
+        self.bf16_backbone = bf16_backbone
+        if bf16_backbone:
+            if backbone is None:
+                raise ValueError(f"bf16_backbone=True: layout {manifest.layout!r} has no shared backbone")
+            require_bf16(core)
         if backbone is not None:
+            backbone_config = {**config, "INFERENCE_PRECISION_HINT": "bf16"} if bf16_backbone else config
             try:
-                whole = core.compile_model(core.read_model(model=backbone), "CPU", config)
+                whole = core.compile_model(core.read_model(model=backbone), "CPU", backbone_config)
                 self._backbone = _Location(whole, [FEATURES_NAME], tile)
             except Exception as err:
                 raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
@@ -174,10 +211,10 @@ class OpenVinoBackend:
 
     @property
     def providers(self) -> list[str]:
-        """``OpenVINO <version> CPU``."""
+        """``OpenVINO <version> CPU`` (``... CPU, backbone bf16`` with a bf16 backbone)."""
         if self._locations is None:
             raise RuntimeError("Predictor is closed")
-        return [f"OpenVINO {self.version} CPU"]
+        return [f"OpenVINO {self.version} CPU" + (", backbone bf16" if self.bf16_backbone else "")]
 
     @property
     def device_memory_bytes(self) -> int | None:
@@ -254,4 +291,5 @@ def create(request: BackendRequest) -> OpenVinoBackend:
         location_workers=workers,
         backbone=request.backbone,
         thumbnail=request.thumbnail,
+        bf16_backbone=request.bf16_backbone,
     )
