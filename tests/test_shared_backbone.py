@@ -445,3 +445,13 @@ def test_bf16_backbone_is_refused_where_it_cannot_run(pair: tuple[Path, Path]) -
         Predictor(pair[0], backend="openvino", bf16_backbone=True)
     with pytest.raises(ValueError, match=r"bf16_backbone: expected True or False, got"):
         Predictor(pair[1], backend="openvino", bf16_backbone="yes")  # type: ignore[arg-type]
+
+
+def test_openvino_refuses_an_int8_bundle_saying_what_to_use(shared: Path) -> None:
+    """OpenVINO's int8 kernels miss the INT8 heads' quality bounds on bottle (docs/cpu_speed.md): refused at load."""
+    _rewrite(shared, _set("model.precision", "int8"))
+    with pytest.raises(ValueError, match=r"backend='openvino' does not run INT8 bundles.*use backend='onnxruntime'"):
+        Predictor(shared, backend="openvino", threads=1)
+    with Predictor(shared, backend="onnxruntime", threads=1) as predictor:  # the same bundle on ONNX Runtime
+        assert predictor.manifest.model["precision"] == "int8"
+        assert predictor.location_maps(_images(1)).shape[0] == 4

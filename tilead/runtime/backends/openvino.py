@@ -15,8 +15,26 @@ With ``bf16_backbone`` (``Predictor(bf16_backbone=True)``) a ``shared_backbone``
 bundle's backbone alone is compiled with ``INFERENCE_PRECISION_HINT`` ``bf16``
 (the heads and the thumbnail model stay f32), on CPUs whose OpenVINO plugin
 lists ``BF16`` among its ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16 or AMX);
-elsewhere it is refused rather than emulated. INT8 (QDQ) bundles need nothing
-special: the plugin runs their quantized convolutions as int8 kernels.
+elsewhere it is refused rather than emulated. It is an experiment, not a
+recommendation: bf16 features depart from FP32 ones by 6.5 % on bottle tiles,
+and PaDiM heads fit on FP32 features then lose most of their pixel quality
+(bottle AUPRO 0.466 instead of 0.967; ``docs/cpu_speed.md``).
+
+INT8 bundles (``model.precision`` ``int8``) are refused: OpenVINO runs their QDQ
+backbone with int8 kernels whose features depart from the graph's QDQ
+arithmetic (ONNX Runtime without graph optimizations) by 3.8 % on bottle
+tiles, five times ONNX Runtime's 0.75 %, and the INT8 bundle's PaDiM heads are
+refit on ONNX Runtime's INT8 features; measured on bottle the AUPRO fell from
+0.968 (ONNX Runtime) to 0.901 (bound: 0.01). See ``docs/cpu_speed.md``.
+
+PaDiM heads keep their inverse-covariance rows fp16 in memory, widened chunk
+by chunk at each call (``MatMul(x, Convert(rows))``, :mod:`tilead.exporter.compact_heads`).
+OpenVINO's CPU plugin wants such weights transposed and, since the conversion
+runs at each call, would transpose them at each call too (one more pass over
+the rows, the heads being memory-bound): :func:`pretranspose_fp16_products`
+stores them transposed once at load (``MatMul(x, Convert(rowsᵀ), transpose_b)``),
+which removes the per-call ``Transpose`` layers (measured: OpenVINO about 1.4x
+slower than ONNX Runtime per head before, 1.25x after; ``docs/cpu_speed.md``).
 
 A ``shared_backbone`` bundle's backbone is compiled once (one copy of its
 weights); every tile goes through it in a few batched calls spread over the
@@ -53,6 +71,11 @@ from tilead.runtime.timing import StageTimes
 
 CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=True, thumbnail=True)
 INSTALL = "pip install 'tilead[openvino]' (or pip install openvino)"
+INT8_REFUSED = (
+    "backend='openvino' does not run INT8 bundles: OpenVINO's int8 kernels depart from the QDQ graph about 5x more "
+    "than ONNX Runtime's, on which the bundle's INT8 heads were refit (bottle: AUPRO 0.901 instead of 0.968); use "
+    "backend='onnxruntime' for an INT8 bundle, or an FP32 bundle with OpenVINO"
+)
 
 
 class OpenVinoUnavailableError(RuntimeError):
@@ -90,6 +113,44 @@ def import_openvino() -> Any:
     except ImportError as err:
         raise OpenVinoUnavailableError(f"backend='openvino' needs OpenVINO ({err}): {INSTALL}") from None
     return openvino
+
+
+def pretranspose_fp16_products(model: Any) -> int:
+    """Rewrite ``MatMul(x, Convert(fp16 constant))`` as ``MatMul(x, Convert(transposed constant), transpose_b=True)``.
+
+    The same products (the constant's last two axes swapped once, here, instead
+    of the plugin's per-call ``Transpose`` of the widened weights).
+
+    Args:
+        model: An ``openvino.Model`` (changed in place).
+
+    Returns:
+        How many products were rewritten.
+    """
+    from openvino import opset13 as ops
+
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or op.get_attributes().get("transpose_b"):
+            continue
+        convert = op.input_value(1).get_node()
+        if convert.get_type_name() != "Convert":
+            continue
+        const = convert.input_value(0).get_node()
+        if const.get_type_name() != "Constant" or const.get_element_type().get_type_name() != "f16":
+            continue
+        rows = const.get_data()
+        if rows.ndim < 2:
+            continue
+        wide = ops.convert(ops.constant(np.ascontiguousarray(np.swapaxes(rows, -1, -2))), "f32")
+        product = ops.matmul(op.input_value(0), wide, bool(op.get_attributes().get("transpose_a")), True)
+        product.set_friendly_name(op.get_friendly_name())
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(product.output(0))
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
 
 
 class _Location:
@@ -134,7 +195,7 @@ class OpenVinoBackend:
     Raises:
         OpenVinoUnavailableError: If OpenVINO is not installed.
         RuntimeError: For ``bf16_backbone`` on a CPU without bfloat16 units.
-        ValueError: For ``bf16_backbone`` without a shared backbone.
+        ValueError: For ``bf16_backbone`` without a shared backbone, or an INT8 bundle (:data:`INT8_REFUSED`).
         BundleError: If OpenVINO cannot read or compile a location's model, or it lacks an output.
     """
 
@@ -151,6 +212,8 @@ class OpenVinoBackend:
         thumbnail: bytes | None = None,
         bf16_backbone: bool = False,
     ) -> None:
+        if manifest.model.get("precision", "fp32") == "int8":
+            raise ValueError(INT8_REFUSED)
         ov = import_openvino()
         self.manifest = manifest
         count = len(manifest.models)  # one call per model
@@ -198,7 +261,9 @@ class OpenVinoBackend:
         locations: list[_Location] = []
         for loc, model in zip(manifest.models, models, strict=True):
             try:
-                compiled = core.compile_model(core.read_model(model=model), "CPU", config)
+                graph = core.read_model(model=model)
+                pretranspose_fp16_products(graph)
+                compiled = core.compile_model(graph, "CPU", config)
                 locations.append(_Location(compiled, names, shape))
             except Exception as err:  # OpenVINO raises RuntimeError and its own types
                 raise BundleError(f"location {loc.name}: OpenVINO cannot load {loc.file}: {err}") from err
