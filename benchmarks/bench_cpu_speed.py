@@ -86,6 +86,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             f"{text!r}: expected layout:precision@BACKEND[+bf16] with BACKEND one of {', '.join(BACKENDS)}"
         )
     options: dict[str, Any] = {"backend": backend}
+    if backend == "openvino" and bundle.endswith(":int8"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the OpenVINO backend refuses INT8 bundles (docs/cpu_speed.md)")
     if extra:
         if not bundle.startswith("shared_backbone:") or backend != "openvino":
             raise argparse.ArgumentTypeError(f"{text!r}: +bf16 needs a shared_backbone bundle @openvino")

@@ -55,6 +55,8 @@ def test_variants_name_a_bundle_and_the_predictor_options(text: str, bundle: str
         ("shared_backbone:fp32@openvino+fp16", "BACKEND one of onnxruntime, openvino"),
         ("per_location:fp32@openvino+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
         ("shared_backbone:fp32@onnxruntime+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
+        ("shared_backbone:int8@openvino", "the OpenVINO backend refuses INT8 bundles"),
+        ("shared_backbone:int8@openvino+bf16", "the OpenVINO backend refuses INT8 bundles"),
     ],
 )
 def test_bad_variants_say_what_is_expected(text: str, message: str) -> None:
