@@ -18,7 +18,8 @@ lists ``BF16`` among its ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16 or AMX);
 elsewhere it is refused rather than emulated. It is an experiment, not a
 recommendation: bf16 features depart from FP32 ones by 6.5 % on bottle tiles,
 and PaDiM heads fit on FP32 features then lose most of their pixel quality
-(bottle AUPRO 0.466 instead of 0.967; ``docs/cpu_speed.md``).
+(bottle AUPRO 0.466 instead of 0.967); heads refit on the bf16 features keep
+FP32's quality (0.9675, ``benchmarks/probe_bf16_refit.py``, ``docs/cpu_speed.md``).
 
 INT8 bundles (``model.precision`` ``int8``) are refused: OpenVINO runs their QDQ
 backbone with int8 kernels whose features depart from the graph's QDQ
