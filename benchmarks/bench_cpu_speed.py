@@ -11,6 +11,13 @@ Bundles: ``per_location`` FP32 (each location's full graph: the layout before is
 ``shared_backbone`` INT8 and ``per_location`` INT8 (``--precision int8``). Missing runs and
 bundles are made first (data, ``tilead-train``, ``tilead-export``), under ``--work``.
 
+A variant is ``layout:precision[@backend[+bf16]]``: the backend runs the bundle
+(``onnxruntime``, the default, or ``openvino``), and ``+bf16`` asks for the
+opt-in bf16 backbone (``Predictor(bf16_backbone=True)``, OpenVINO on a CPU with
+bf16 units, ``shared_backbone`` bundles). Variants of one ``layout:precision``
+share its bundle, so e.g. ``shared_backbone:int8 shared_backbone:int8@openvino
+shared_backbone:int8@openvino+bf16`` compares the backends side by side.
+
 Per size, every bundle is loaded in this process and the calls alternate bundle by bundle
 on the same decoded images (decoding excluded), so all see the same machine load. Reported
 per bundle and batch: median ms per image (a batch's wall time / its images), the share
@@ -26,7 +33,8 @@ share outside inference <= 5 %; peak RSS at 2048 <= 1.5 GB. The table marks them
 
 Usage:
     python benchmarks/bench_cpu_speed.py [--work out/bench/cpu_speed] [--sizes big bottle]
-        [--big 2048] [--variants per_location:fp32 shared_backbone:fp32 shared_backbone:int8]
+        [--big 2048] [--variants per_location:fp32 shared_backbone:fp32 shared_backbone:int8
+        shared_backbone:int8@openvino shared_backbone:int8@openvino+bf16]
         [--images 8] [--repeats 3] [--batch 1 8] [--threads N] [--quality] [--json out/bench/cpu_speed.json]
 """
 
@@ -53,10 +61,44 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BOTTLE_DATA = ROOT.parent / "shared" / "data" / "mvtec_bottle"
 VARIANTS = ("per_location:fp32", "shared_backbone:fp32", "shared_backbone:int8", "per_location:int8")
+"""The bundles (``layout:precision``); a variant may add ``@backend[+bf16]`` (:func:`parse_variant`)."""
+BACKENDS = ("onnxruntime", "openvino")
 BASELINE = "per_location:fp32"
 TARGETS_MS = {"2048": 170.0, "bottle": 30.0}
 OUTSIDE_MAX = 0.05
 RSS_MAX_MIB = {"2048": 1536.0}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``layout:precision[@backend[+bf16]]`` -> (bundle variant ``layout:precision``, Predictor options).
+
+    Raises:
+        argparse.ArgumentTypeError: Naming what is wrong and what is expected.
+    """
+    bundle, _, rest = text.partition("@")
+    if bundle not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the bundle part must be one of {', '.join(VARIANTS)}")
+    if not rest:
+        return bundle, {}
+    backend, _, extra = rest.partition("+")
+    if backend not in BACKENDS or extra not in ("", "bf16"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected layout:precision@BACKEND[+bf16] with BACKEND one of {', '.join(BACKENDS)}"
+        )
+    options: dict[str, Any] = {"backend": backend}
+    if backend == "openvino" and bundle.endswith(":int8"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the OpenVINO backend refuses INT8 bundles (docs/cpu_speed.md)")
+    if extra:
+        if not bundle.startswith("shared_backbone:") or backend != "openvino":
+            raise argparse.ArgumentTypeError(f"{text!r}: +bf16 needs a shared_backbone bundle @openvino")
+        options["bf16_backbone"] = True
+    return bundle, options
+
+
+def variant_arg(text: str) -> str:
+    """The --variants type: a checked variant (:func:`parse_variant`), kept as text."""
+    parse_variant(text)
+    return text
 
 
 def sh(cmd: list[str]) -> None:
@@ -120,14 +162,17 @@ def synthetic_images(data: Path, count: int) -> list[np.ndarray]:
 def measure(
     bundles: dict[str, Path], images: list[np.ndarray], batch: int, repeats: int, threads: int | None
 ) -> dict[str, dict[str, list[float]]]:
-    """Alternate every bundle's ``predict_timed`` on the same batches.
+    """Alternate every variant's ``predict_timed`` on the same batches (``bundles``: variant -> its bundle).
 
     Returns:
         ``{variant: {"ms": [ms per image...], "outside": [share outside inference...]}}``.
     """
     from tilead.runtime import Predictor
 
-    predictors = {name: Predictor(path, threads=threads, max_batch=batch) for name, path in bundles.items()}
+    predictors = {
+        name: Predictor(path, threads=threads, max_batch=batch, **parse_variant(name)[1])
+        for name, path in bundles.items()
+    }
     try:
         batches = [images[i : i + batch] for i in range(0, len(images) - batch + 1, batch)]
         if not batches:
@@ -150,14 +195,15 @@ def measure(
     return out
 
 
-def child(bundle: Path, images: list[Path], batches: list[int], threads: int | None) -> None:
+def child(bundle: Path, images: list[Path], batches: list[int], threads: int | None, variant: str) -> None:
     """Predictor-only process (torch blocked): load, predict at each batch; peak RSS as JSON on stdout."""
     sys.meta_path.insert(0, _BlockTorch())
     from tilead.runtime import Predictor
 
     decoded = read_images(images)
     steps: dict[str, dict[str, float]] = {"start": vm_status_mib()}
-    with Predictor(bundle, threads=threads, max_batch=max(batches)) as predictor:
+    options = parse_variant(variant)[1]
+    with Predictor(bundle, threads=threads, max_batch=max(batches), **options) as predictor:
         steps["loaded"] = vm_status_mib()
         for batch in batches:
             for _ in range(2):
@@ -185,10 +231,12 @@ def vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_child(bundle: Path, images: list[Path], batches: list[int], threads: int | None) -> dict[str, Any]:
+def run_child(
+    bundle: Path, images: list[Path], batches: list[int], threads: int | None, variant: str
+) -> dict[str, Any]:
     """:func:`child` in a fresh interpreter."""
-    cmd = [sys.executable, __file__, "--child", str(bundle), "--batch", *map(str, batches), "--paths",
-           *map(str, images)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
+    cmd = [sys.executable, __file__, "--child", str(bundle), "--child-variant", variant, "--batch", *map(str, batches),
+           "--paths", *map(str, images)] + (["--threads", str(threads)] if threads else [])  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"RSS child for {bundle} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -203,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "bench" / "cpu_speed", help="data, runs, bundles")
     ap.add_argument("--sizes", nargs="+", choices=["big", "bottle"], default=["big", "bottle"])
     ap.add_argument("--big", type=int, default=2048, help="side of the synthetic images (4x4 tiles of side/4)")
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:3]))
+    ap.add_argument("--variants", nargs="+", type=variant_arg, default=list(VARIANTS[:3]),
+                    help="layout:precision[@onnxruntime|@openvino[+bf16]] (see above)")  # fmt: skip
     ap.add_argument("--bottle-run", type=Path, default=ROOT / "runs" / "padim_bottle")
     ap.add_argument("--bottle-data", type=Path, default=BOTTLE_DATA)
     ap.add_argument("--train-images", type=int, default=6, help="big run: training images (holdout included)")
@@ -215,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality", action="store_true", help="also AUROCs and AUPRO of the bottle bundles")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-variant", default=BASELINE, help=argparse.SUPPRESS)
     ap.add_argument("--paths", type=Path, nargs="*", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child is not None:
-        child(args.child, args.paths, args.batch, args.threads)
+        child(args.child, args.paths, args.batch, args.threads, args.child_variant)
         return 0
     if BASELINE not in args.variants:
         args.variants.insert(0, BASELINE)
@@ -234,14 +284,22 @@ def main(argv: list[str] | None = None) -> int:
             data, run = args.bottle_data, ensure_bottle_run(args.bottle_run)
         bundles: dict[str, Path] = {}
         failed: dict[str, str] = {}
+        made: dict[str, Path | None] = {}
         for v in args.variants:
-            try:
-                bundles[v] = ensure_bundle(run, args.work / f"{size}_{v.replace(':', '_')}", v)
-            except subprocess.CalledProcessError as err:  # e.g. an INT8 parity refusal: reported, the rest measured
-                if v == BASELINE:
-                    raise
-                failed[v] = f"export failed ({err.returncode}); see the log above"
-                print(f"{size}: {v}: {failed[v]}", flush=True)
+            kind = parse_variant(v)[0]
+            if kind not in made:
+                try:
+                    made[kind] = ensure_bundle(run, args.work / f"{size}_{kind.replace(':', '_')}", kind)
+                except subprocess.CalledProcessError as err:  # e.g. an INT8 parity refusal: reported, the rest measured
+                    if kind == BASELINE:
+                        raise
+                    made[kind] = None
+                    print(f"{size}: {kind}: export failed ({err.returncode}); see the log above", flush=True)
+            path = made[kind]
+            if path is None:
+                failed[v] = f"export of {kind} failed; see the log above"
+            else:
+                bundles[v] = path
         paths = test_images(count, data)
         images = read_images(paths)
         rows: list[dict[str, Any]] = []
@@ -257,10 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {"run": str(run), "rows": rows, "rss": {}, "quality": {}, "failed": failed}
         if not args.no_rss:
             for variant, bundle in bundles.items():
-                entry["rss"][variant] = run_child(bundle, paths[: max(args.batch)], args.batch, args.threads)
+                entry["rss"][variant] = run_child(bundle, paths[: max(args.batch)], args.batch, args.threads, variant)
         if args.quality and size == "bottle":
             for variant, bundle in bundles.items():
-                entry["quality"][variant] = bundle_quality(run, bundle, args.work / f"eval_{variant.replace(':', '_')}")
+                out = args.work / f"eval_{variant.replace(':', '_').replace('@', '_').replace('+', '_')}"
+                entry["quality"][variant] = bundle_quality(
+                    run, bundle, out, predictor=parse_variant(variant)[1] or None
+                )
         report["sizes"][size] = entry
     print_table(report)
     if args.json is not None:
@@ -273,7 +334,7 @@ def print_table(report: dict[str, Any]) -> None:
     """One table: per size, bundle and batch; targets marked ``ok`` / ``MISS``."""
     print(f"\ncpu: {report['cpu']} ({report['cores']} logical cores); calls alternate bundle by bundle")
     head = ("size", "bundle", "batch", "ms/img", "vs per_loc fp32", "outside inf.", "peak RSS MiB")
-    print(f"{head[0]:>6} {head[1]:>22} {head[2]:>5} {head[3]:>9} {head[4]:>15} {head[5]:>12} {head[6]:>13}")
+    print(f"{head[0]:>6} {head[1]:>36} {head[2]:>5} {head[3]:>9} {head[4]:>15} {head[5]:>12} {head[6]:>13}")
     for size, entry in report["sizes"].items():
         for row in entry["rows"]:
             rss = entry["rss"].get(row["variant"], {}).get("peak_rss_mib")
@@ -283,13 +344,13 @@ def print_table(report: dict[str, Any]) -> None:
             rss_text = "-" if rss is None else f"{rss:.0f}"
             if rss is not None and size in RSS_MAX_MIB:
                 rss_text += " ok" if rss <= RSS_MAX_MIB[size] else " MISS"
-            print(f"{size:>6} {row['variant']:>22} {row['batch']:>5} {row['ms_per_image']:>6.1f}{mark:<5} "
+            print(f"{size:>6} {row['variant']:>36} {row['batch']:>5} {row['ms_per_image']:>6.1f}{mark:<5} "
                   f"{row['ratio_vs_per_location_fp32']:>14.2f}x {row['outside_inference'] * 100:>8.1f} %{out_mark:<5} "
                   f"{rss_text:>10}")  # fmt: skip
         for variant, why in entry.get("failed", {}).items():
-            print(f"{size:>6} {variant:>22} {why}")
+            print(f"{size:>6} {variant:>36} {why}")
         for variant, q in entry["quality"].items():
-            print(f"{size:>6} {variant:>22} quality: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(q.items())))
+            print(f"{size:>6} {variant:>36} quality: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(q.items())))
     print(f"targets (batch 1): 2048 <= {TARGETS_MS['2048']:.0f} ms, bottle <= {TARGETS_MS['bottle']:.0f} ms; "
           f"outside inference <= {OUTSIDE_MAX:.0%}; peak RSS at 2048 <= {RSS_MAX_MIB['2048']:.0f} MiB")  # fmt: skip
 

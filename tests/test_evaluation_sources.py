@@ -64,3 +64,23 @@ def test_bundle_source_refuses_another_run_and_use_outside_with(
     assert thumbnail is None
     with pytest.raises(RuntimeError, match="use it inside 'with'"):  # closed again on exit
         source.location_outputs(images)
+
+
+@pytest.mark.integration
+def test_bundle_source_passes_predictor_options(tiny_trained: tuple[Path, Path]) -> None:
+    """``predictor_options`` reach the Predictor: OpenVINO's maps equal ONNX Runtime's; a bad option is refused."""
+    root, bundle = tiny_trained
+    run = Run.open(root)
+    cfg = run.config
+    samples = eval_samples(cfg, discover(cfg.data)).samples[:3]
+    default, openvino = BundleMaps(bundle, run, cfg), BundleMaps(bundle, run, cfg, {"backend": "openvino"})
+    with default:
+        want = infer_maps(cfg, samples, default, progress=False)
+    with openvino:
+        assert openvino._predictor is not None
+        assert openvino._predictor.backend == "openvino"
+        got = infer_maps(cfg, samples, openvino, progress=False)
+    span = float(want.maps.max() - want.maps.min())
+    assert np.abs(got.maps - want.maps).max() <= 1e-4 * span
+    with pytest.raises(ValueError, match="backend: expected one of"), BundleMaps(bundle, run, cfg, {"backend": "x"}):
+        pass

@@ -394,3 +394,64 @@ def test_returning_the_freed_heap_keeps_the_sessions_working() -> None:
     assert (_malloc_trim() is not None) == sys.platform.startswith("linux")
     return_freed_heap()
     return_freed_heap()
+
+
+# -- the opt-in bf16 backbone (OpenVINO) ---------------------------------------------------------------------
+
+
+def _openvino_cpu_has_bf16() -> bool:
+    import openvino as ov
+
+    from tilead.runtime.backends.openvino import has_bf16_units
+
+    return has_bf16_units([str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")])
+
+
+def test_has_bf16_units_reads_the_plugin_capabilities() -> None:
+    from tilead.runtime.backends.openvino import has_bf16_units
+
+    assert has_bf16_units(["FP32", "BF16", "INT8"])
+    assert not has_bf16_units(["FP32", "INT8", "FP16"])
+    assert not has_bf16_units([])
+
+
+def test_bf16_backbone_on_openvino_compiles_the_backbone_alone_in_bf16(pair: tuple[Path, Path]) -> None:
+    """On a CPU with bf16 units: backbone bf16, heads f32, maps within bf16 rounding; elsewhere a RuntimeError."""
+    images = _images(3)
+    if not _openvino_cpu_has_bf16():
+        with pytest.raises(RuntimeError, match=r"bf16_backbone=True needs a CPU with bfloat16 units"):
+            Predictor(pair[1], backend="openvino", bf16_backbone=True)
+        return
+    with (
+        Predictor(pair[1], backend="openvino", threads=2) as f32,
+        Predictor(pair[1], backend="openvino", threads=2, bf16_backbone=True) as bf16,
+    ):
+        assert bf16.bf16_backbone
+        assert bf16.providers[0].endswith("CPU, backbone bf16")
+        assert f32.providers[0].endswith("CPU")
+        backend: Any = bf16._backend
+        hint = "INFERENCE_PRECISION_HINT"
+        assert backend._backbone.compiled.get_property(hint).get_type_name() == "bf16"
+        assert {loc.compiled.get_property(hint).get_type_name() for loc in backend._locations} == {"f32"}
+        want, got = f32.location_maps(images), bf16.location_maps(images)
+    # bf16 keeps 8 significant bits: about 0.4 % per value.
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-3)
+
+
+def test_bf16_backbone_is_refused_where_it_cannot_run(pair: tuple[Path, Path]) -> None:
+    with pytest.raises(ValueError, match=r"backend='onnxruntime' cannot run the backbone in bfloat16; use 'openvino'"):
+        Predictor(pair[1], backend="onnxruntime", bf16_backbone=True)
+    with pytest.raises(ValueError, match=r"layout 'per_location'.*needs a shared_backbone bundle"):
+        Predictor(pair[0], backend="openvino", bf16_backbone=True)
+    with pytest.raises(ValueError, match=r"bf16_backbone: expected True or False, got"):
+        Predictor(pair[1], backend="openvino", bf16_backbone="yes")  # type: ignore[arg-type]
+
+
+def test_openvino_refuses_an_int8_bundle_saying_what_to_use(shared: Path) -> None:
+    """OpenVINO's int8 kernels miss the INT8 heads' quality bounds on bottle (docs/cpu_speed.md): refused at load."""
+    _rewrite(shared, _set("model.precision", "int8"))
+    with pytest.raises(ValueError, match=r"backend='openvino' does not run INT8 bundles.*use backend='onnxruntime'"):
+        Predictor(shared, backend="openvino", threads=1)
+    with Predictor(shared, backend="onnxruntime", threads=1) as predictor:  # the same bundle on ONNX Runtime
+        assert predictor.manifest.model["precision"] == "int8"
+        assert predictor.location_maps(_images(1)).shape[0] == 4

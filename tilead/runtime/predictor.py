@@ -134,6 +134,12 @@ class Predictor:
         cuda_graphs: TensorRT backend: capture each batch size's device pipeline once
             into a CUDA graph and replay it (falls back, logged once, where capture
             fails). Other backends accept and ignore it.
+        bf16_backbone: Run a ``shared_backbone`` bundle's backbone in bfloat16 on
+            a CPU with bf16 units (``backend="openvino"`` only; the heads stay
+            float32). Not recommended with today's bundles: PaDiM heads fit on
+            FP32 features lose much quality (bottle AUPRO 0.466 instead of
+            0.967; heads refit on bf16 features keep it, ``docs/cpu_speed.md``). Refused with a ValueError for another
+            backend or layout, and with a RuntimeError on a CPU without bf16 units.
 
     Raises:
         BundleError: For a missing, corrupt, modified or unknown-schema bundle.
@@ -162,10 +168,18 @@ class Predictor:
         precision: str | None = None,
         build_on_load: bool = False,
         cuda_graphs: bool = True,
+        bf16_backbone: bool = False,
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
         spec = backends.resolve(backend, device)
+        if not isinstance(bf16_backbone, bool):
+            raise ValueError(f"bf16_backbone: expected True or False, got {describe(bf16_backbone)}")
+        if bf16_backbone and not spec.bf16_backbone:
+            able = ", ".join(repr(s.name) for s in backends.REGISTRY.values() if s.bf16_backbone)
+            raise ValueError(
+                f"bf16_backbone=True: backend={spec.name!r} cannot run the backbone in bfloat16; use {able}"
+            )
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected a positive integer, got {describe(max_batch)}")
         for name, value in (("threads", threads), ("location_workers", location_workers)):
@@ -175,7 +189,13 @@ class Predictor:
         self.device = device
         self.backend = spec.name
         self.max_batch = max_batch
+        self.bf16_backbone = bf16_backbone
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
+        if bf16_backbone and self.manifest.backbone is None:
+            raise ValueError(
+                f"bf16_backbone=True: {self.path} has layout {self.manifest.layout!r}, whose graphs hold backbone and "
+                "head together; it needs a shared_backbone bundle (tilead-export --layout shared_backbone)"
+            )
         self.post = PostProcessor.from_manifest(self.manifest)  # every post-processing setting, built once
         models: Sequence[bytes] = ()
         backbone = thumbnail = None
@@ -206,6 +226,7 @@ class Predictor:
             precision=precision,
             build_on_load=build_on_load,
             cuda_graphs=bool(cuda_graphs),
+            bf16_backbone=bf16_backbone,
         )
         # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
         self._tiles = BufferPool(keep=4)

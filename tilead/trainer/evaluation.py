@@ -22,7 +22,7 @@ import dataclasses
 import io
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -146,14 +146,18 @@ class BundleMaps:
         bundle: The bundle folder.
         run: The opened run.
         cfg: The run's config, with this evaluation's overrides (data and eval settings).
+        predictor_options: More keyword arguments of the Predictor (e.g. ``backend``, ``bf16_backbone``).
     """
 
     progress_label = "evaluate (bundle)"
 
-    def __init__(self, bundle: Path, run: Run, cfg: RunConfig) -> None:
+    def __init__(
+        self, bundle: Path, run: Run, cfg: RunConfig, predictor_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.bundle = bundle
         self.run = run
         self.cfg = cfg
+        self.predictor_options = dict(predictor_options or {})
         self.description = f"runtime.Predictor on bundle {bundle}"
         self._predictor: Predictor | None = None
         self.branch: ThumbnailBranch | None = None
@@ -165,7 +169,7 @@ class BundleMaps:
             ValueError: If the bundle was not exported from this run as it is now.
         """
         bundle, run = self.bundle, self.run
-        predictor = Predictor(bundle, max_batch=self.cfg.eval.batch_size)
+        predictor = Predictor(bundle, max_batch=self.cfg.eval.batch_size, **self.predictor_options)
         try:
             differences = run.mismatches(predictor.manifest)
             if differences:
@@ -579,6 +583,7 @@ def evaluate(
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
     report_page: bool | Path = False,
+    predictor_options: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate a trained run on its test set.
 
@@ -599,6 +604,8 @@ def evaluate(
             was fitted are refused.
         report_page: Also write the HTML report (:mod:`tilead.viz.report`): True for
             ``OUT/report.html``, or the page's path.
+        predictor_options: With ``bundle``: more keyword arguments of the Predictor
+            (``backend``, ``bf16_backbone``, ``threads``...).
 
     Returns:
         Metrics and the written overlays.
@@ -620,7 +627,9 @@ def evaluate(
         test = eval_samples(cfg, discover(cfg.data))
         grid = run.grid  # from run.json, not re-derived from the test images
         # The eager models load before the clock starts; a bundle's Predictor opens inside it (as it always did).
-        source: MapSource = BundleMaps(Path(bundle), run, cfg) if bundle is not None else EagerMaps(cfg, run)
+        source: MapSource = (
+            BundleMaps(Path(bundle), run, cfg, predictor_options) if bundle is not None else EagerMaps(cfg, run)
+        )
         t_inf = time.perf_counter()
         with source:
             inferred = infer_maps(cfg, test.samples, source, progress=progress)

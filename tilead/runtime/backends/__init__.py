@@ -41,12 +41,15 @@ class BackendSpec:
         devices: Devices it runs on (checked before the bundle is read).
         reads_onnx: It loads the bundle's ONNX models (the request carries their bytes);
             False for backends that run other files (TensorRT's engines).
+        bf16_backbone: It can run a ``shared_backbone`` bundle's backbone in bfloat16
+            (``Predictor(bf16_backbone=True)``; the backend checks the CPU).
     """
 
     name: str
     module: str
     devices: tuple[str, ...]
     reads_onnx: bool = True
+    bf16_backbone: bool = False
 
     def create(self, request: BackendRequest) -> Backend:
         """Import the backend's module and build the backend."""
@@ -58,7 +61,7 @@ REGISTRY: dict[str, BackendSpec] = {
     spec.name: spec
     for spec in (
         BackendSpec("onnxruntime", "tilead.runtime.backends.onnxruntime", ("cpu", "cuda")),
-        BackendSpec("openvino", "tilead.runtime.backends.openvino", ("cpu",)),
+        BackendSpec("openvino", "tilead.runtime.backends.openvino", ("cpu",), bf16_backbone=True),
         BackendSpec("tensorrt", "tilead.runtime.backends.tensorrt", ("cuda",), reads_onnx=False),
     )
 }

@@ -118,6 +118,8 @@ class BackendRequest:
         build_on_load: Asks the backend to build missing engines (refused: the exporter builds them).
         cuda_graphs: Capture and replay CUDA graphs per batch size (the TensorRT backend; others ignore it).
         thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch), else None.
+        bf16_backbone: Run the shared backbone in bfloat16 (heads in float32): only backends whose
+            registry entry has ``bf16_backbone`` True accept it, on a CPU with bf16 units.
     """
 
     bundle: Path
@@ -132,6 +134,7 @@ class BackendRequest:
     cuda_graphs: bool = True
     backbone: bytes | None = None
     thumbnail: bytes | None = None
+    bf16_backbone: bool = False
 
 
 @runtime_checkable
@@ -276,8 +279,15 @@ class BufferPool:
             self._count = 0
 
 
-BACKBONE_CHUNK_BYTES = 8 << 20
-"""Tile bytes per shared-backbone call at most: bigger batches only grow the activations (peak memory)."""
+BACKBONE_CHUNK_BYTES = 1 << 20
+"""Tile bytes per shared-backbone call at most (at least one tile per call).
+
+Tile-at-a-time for tiles of 296x296 RGB and larger: one tile's activations
+stay closer to the caches than a batch's, and a batch gains nothing per tile
+(issue #21: ONNX Runtime and OpenVINO, INT8 and FP32, were faster in 16 calls
+of one 512x512 tile than in one call of 16; ``benchmarks/bench_backbone_split.py``
+measures calls against threads). Small tiles are still batched up to this size,
+where a call's fixed cost would dominate."""
 
 
 def backbone_chunks(

@@ -11,6 +11,32 @@ files) and compiled once, with a dynamic batch dimension, for:
   would otherwise compute in bf16, far from the exported graph's results,
 * ``ENABLE_CPU_PINNING`` off: several compiled models share the cores.
 
+With ``bf16_backbone`` (``Predictor(bf16_backbone=True)``) a ``shared_backbone``
+bundle's backbone alone is compiled with ``INFERENCE_PRECISION_HINT`` ``bf16``
+(the heads and the thumbnail model stay f32), on CPUs whose OpenVINO plugin
+lists ``BF16`` among its ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16 or AMX);
+elsewhere it is refused rather than emulated. It is an experiment, not a
+recommendation: bf16 features depart from FP32 ones by 6.5 % on bottle tiles,
+and PaDiM heads fit on FP32 features then lose most of their pixel quality
+(bottle AUPRO 0.466 instead of 0.967); heads refit on the bf16 features keep
+FP32's quality (0.9675, ``benchmarks/probe_bf16_refit.py``, ``docs/cpu_speed.md``).
+
+INT8 bundles (``model.precision`` ``int8``) are refused: OpenVINO runs their QDQ
+backbone with int8 kernels whose features depart from the graph's QDQ
+arithmetic (ONNX Runtime without graph optimizations) by 3.8 % on bottle
+tiles, five times ONNX Runtime's 0.75 %, and the INT8 bundle's PaDiM heads are
+refit on ONNX Runtime's INT8 features; measured on bottle the AUPRO fell from
+0.968 (ONNX Runtime) to 0.901 (bound: 0.01). See ``docs/cpu_speed.md``.
+
+PaDiM heads keep their inverse-covariance rows fp16 in memory, widened chunk
+by chunk at each call (``MatMul(x, Convert(rows))``, :mod:`tilead.exporter.compact_heads`).
+OpenVINO's CPU plugin wants such weights transposed and, since the conversion
+runs at each call, would transpose them at each call too (one more pass over
+the rows, the heads being memory-bound): :func:`pretranspose_fp16_products`
+stores them transposed once at load (``MatMul(x, Convert(rowsᵀ), transpose_b)``),
+which removes the per-call ``Transpose`` layers (measured: OpenVINO about 1.4x
+slower than ONNX Runtime per head before, 1.25x after; ``docs/cpu_speed.md``).
+
 A ``shared_backbone`` bundle's backbone is compiled once (one copy of its
 weights); every tile goes through it in a few batched calls spread over the
 location workers, then each location's compiled head runs on its block of features.
@@ -46,10 +72,35 @@ from tilead.runtime.timing import StageTimes
 
 CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=True, thumbnail=True)
 INSTALL = "pip install 'tilead[openvino]' (or pip install openvino)"
+INT8_REFUSED = (
+    "backend='openvino' does not run INT8 bundles: OpenVINO's int8 kernels depart from the QDQ graph about 5x more "
+    "than ONNX Runtime's, on which the bundle's INT8 heads were refit (bottle: AUPRO 0.901 instead of 0.968); use "
+    "backend='onnxruntime' for an INT8 bundle, or an FP32 bundle with OpenVINO"
+)
 
 
 class OpenVinoUnavailableError(RuntimeError):
     """OpenVINO is not installed; the message says how to get it."""
+
+
+def has_bf16_units(capabilities: Sequence[str]) -> bool:
+    """Whether OpenVINO's CPU ``OPTIMIZATION_CAPABILITIES`` list native bfloat16 (``BF16``)."""
+    return "BF16" in capabilities
+
+
+def require_bf16(core: Any) -> None:
+    """Refuse a bf16 backbone on a CPU whose OpenVINO plugin has no native bfloat16.
+
+    Raises:
+        RuntimeError: Naming the CPU and what it offers.
+    """
+    capabilities = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    if not has_bf16_units(capabilities):
+        name = core.get_property("CPU", "FULL_DEVICE_NAME")
+        raise RuntimeError(
+            f"bf16_backbone=True needs a CPU with bfloat16 units (AVX-512 BF16 or AMX); OpenVINO reports "
+            f"{name!r} with {', '.join(capabilities)}; use bf16_backbone=False"
+        )
 
 
 def import_openvino() -> Any:
@@ -63,6 +114,44 @@ def import_openvino() -> Any:
     except ImportError as err:
         raise OpenVinoUnavailableError(f"backend='openvino' needs OpenVINO ({err}): {INSTALL}") from None
     return openvino
+
+
+def pretranspose_fp16_products(model: Any) -> int:
+    """Rewrite ``MatMul(x, Convert(fp16 constant))`` as ``MatMul(x, Convert(transposed constant), transpose_b=True)``.
+
+    The same products (the constant's last two axes swapped once, here, instead
+    of the plugin's per-call ``Transpose`` of the widened weights).
+
+    Args:
+        model: An ``openvino.Model`` (changed in place).
+
+    Returns:
+        How many products were rewritten.
+    """
+    from openvino import opset13 as ops
+
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or op.get_attributes().get("transpose_b"):
+            continue
+        convert = op.input_value(1).get_node()
+        if convert.get_type_name() != "Convert":
+            continue
+        const = convert.input_value(0).get_node()
+        if const.get_type_name() != "Constant" or const.get_element_type().get_type_name() != "f16":
+            continue
+        rows = const.get_data()
+        if rows.ndim < 2:
+            continue
+        wide = ops.convert(ops.constant(np.ascontiguousarray(np.swapaxes(rows, -1, -2))), "f32")
+        product = ops.matmul(op.input_value(0), wide, bool(op.get_attributes().get("transpose_a")), True)
+        product.set_friendly_name(op.get_friendly_name())
+        for target in list(op.output(0).get_target_inputs()):
+            target.replace_source_output(product.output(0))
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
 
 
 class _Location:
@@ -102,9 +191,12 @@ class OpenVinoBackend:
         location_workers: Locations run at the same time (at most the number of locations).
         backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles only).
         thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch only).
+        bf16_backbone: Compile the backbone with ``INFERENCE_PRECISION_HINT`` ``bf16`` (heads f32).
 
     Raises:
         OpenVinoUnavailableError: If OpenVINO is not installed.
+        RuntimeError: For ``bf16_backbone`` on a CPU without bfloat16 units.
+        ValueError: For ``bf16_backbone`` without a shared backbone, or an INT8 bundle (:data:`INT8_REFUSED`).
         BundleError: If OpenVINO cannot read or compile a location's model, or it lacks an output.
     """
 
@@ -119,7 +211,10 @@ class OpenVinoBackend:
         location_workers: int,
         backbone: bytes | None = None,
         thumbnail: bytes | None = None,
+        bf16_backbone: bool = False,
     ) -> None:
+        if manifest.model.get("precision", "fp32") == "int8":
+            raise ValueError(INT8_REFUSED)
         ov = import_openvino()
         self.manifest = manifest
         count = len(manifest.models)  # one call per model
@@ -140,9 +235,15 @@ class OpenVinoBackend:
             state = "missing" if backbone is None else "given, but the layout has no shared backbone"
             raise BundleError(f"layout {manifest.layout!r}: the backbone's model bytes are {state}")
         self._backbone: _Location | None = None
+        self.bf16_backbone = bf16_backbone
+        if bf16_backbone:
+            if backbone is None:
+                raise ValueError(f"bf16_backbone=True: layout {manifest.layout!r} has no shared backbone")
+            require_bf16(core)
         if backbone is not None:
+            backbone_config = {**config, "INFERENCE_PRECISION_HINT": "bf16"} if bf16_backbone else config
             try:
-                whole = core.compile_model(core.read_model(model=backbone), "CPU", config)
+                whole = core.compile_model(core.read_model(model=backbone), "CPU", backbone_config)
                 self._backbone = _Location(whole, [FEATURES_NAME], tile)
             except Exception as err:
                 raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
@@ -161,7 +262,9 @@ class OpenVinoBackend:
         locations: list[_Location] = []
         for loc, model in zip(manifest.models, models, strict=True):
             try:
-                compiled = core.compile_model(core.read_model(model=model), "CPU", config)
+                graph = core.read_model(model=model)
+                pretranspose_fp16_products(graph)
+                compiled = core.compile_model(graph, "CPU", config)
                 locations.append(_Location(compiled, names, shape))
             except Exception as err:  # OpenVINO raises RuntimeError and its own types
                 raise BundleError(f"location {loc.name}: OpenVINO cannot load {loc.file}: {err}") from err
@@ -174,10 +277,10 @@ class OpenVinoBackend:
 
     @property
     def providers(self) -> list[str]:
-        """``OpenVINO <version> CPU``."""
+        """``OpenVINO <version> CPU`` (``... CPU, backbone bf16`` with a bf16 backbone)."""
         if self._locations is None:
             raise RuntimeError("Predictor is closed")
-        return [f"OpenVINO {self.version} CPU"]
+        return [f"OpenVINO {self.version} CPU" + (", backbone bf16" if self.bf16_backbone else "")]
 
     @property
     def device_memory_bytes(self) -> int | None:
@@ -254,4 +357,5 @@ def create(request: BackendRequest) -> OpenVinoBackend:
         location_workers=workers,
         backbone=request.backbone,
         thumbnail=request.thumbnail,
+        bf16_backbone=request.bf16_backbone,
     )

@@ -1,0 +1,85 @@
+"""benchmarks/bench_cpu_speed.py and bench_backbone_split.py: the variant and configuration parsers (outside input)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_cpu_speed imports bench_predictor
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+CPU = _load("bench_cpu_speed")
+SPLIT = _load("bench_backbone_split")
+
+
+@pytest.mark.parametrize(
+    ("text", "bundle", "options"),
+    [
+        ("per_location:fp32", "per_location:fp32", {}),
+        ("shared_backbone:int8@onnxruntime", "shared_backbone:int8", {"backend": "onnxruntime"}),
+        ("shared_backbone:fp32@openvino", "shared_backbone:fp32", {"backend": "openvino"}),
+        ("shared_backbone:fp32@openvino+bf16", "shared_backbone:fp32", {"backend": "openvino", "bf16_backbone": True}),
+    ],
+)
+def test_variants_name_a_bundle_and_the_predictor_options(text: str, bundle: str, options: dict[str, object]) -> None:
+    assert CPU.parse_variant(text) == (bundle, options)
+    assert CPU.variant_arg(text) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("shared:fp32", "the bundle part must be one of"),
+        ("shared_backbone:fp32@tensorrt", "BACKEND one of onnxruntime, openvino"),
+        ("shared_backbone:fp32@openvino+fp16", "BACKEND one of onnxruntime, openvino"),
+        ("per_location:fp32@openvino+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
+        ("shared_backbone:fp32@onnxruntime+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
+        ("shared_backbone:int8@openvino", "the OpenVINO backend refuses INT8 bundles"),
+        ("shared_backbone:int8@openvino+bf16", "the OpenVINO backend refuses INT8 bundles"),
+    ],
+)
+def test_bad_variants_say_what_is_expected(text: str, message: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        CPU.parse_variant(text)
+
+
+@given(st.text(max_size=30))
+def test_any_variant_text_parses_or_is_refused_with_argparse_error(text: str) -> None:
+    try:
+        bundle, options = CPU.parse_variant(text)
+    except argparse.ArgumentTypeError:
+        return
+    assert bundle in CPU.VARIANTS
+    assert set(options) <= {"backend", "bf16_backbone"}
+
+
+@given(st.integers(1, 64), st.integers(1, 64), st.integers(1, 64))
+def test_split_configs_round_trip(w: int, t: int, k: int) -> None:
+    assert SPLIT.parse_config(f"{w}x{t}x{k}") == (w, t, k)
+
+
+@pytest.mark.parametrize("text", ["2x1", "0x1x1", "2x1x-1", "axbxc", "2x1x1x1", ""])
+def test_bad_split_configs_are_refused(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="expected WORKERSxTHREADSxTILES"):
+        SPLIT.parse_config(text)
