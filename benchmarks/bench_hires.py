@@ -56,6 +56,7 @@ TOLERANCE = 0.005
 SIZE_RATIO = 1 / 3
 THUMBNAILS: dict[str, dict[str, Any]] = {
     "+thumbnail": {"size": 256, "fusion": "max"},
+    "+thumbnail256_weighted_matched": {"size": 256, "fusion": "weighted", "blur": "matched"},
 }
 """Bottle's thumbnail variants (issue #20 item 1): row name -> ``model.thumbnail``."""
 
