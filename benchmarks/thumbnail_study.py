@@ -24,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,8 @@ def thumbnail_maps(run: Run, work: Path, size: int, images: np.ndarray, suffix: 
         return cached
     cfg = load_config(run.paths.config, {"model.thumbnail": {"size": size, "fusion": "max"}})
     paths = RunPaths(work)
+    if not paths.run_json.is_file():  # the thumbnail reads the image size from run.json's grid
+        shutil.copyfile(run.paths.run_json, paths.run_json)
     fit_samples = discover(cfg.data).train  # same_as_test: every training image is a fit image
     if cfg.validation.split != "same_as_test":
         raise SystemExit("this study reuses a same_as_test run (its fit images are all training images)")
@@ -119,6 +122,44 @@ def metrics(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, *, pixel: b
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def cross_selection(
+    run: Run, tiled: np.ndarray, raw: np.ndarray, masks: np.ndarray, labels: np.ndarray, size: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Two-fold selection: statistics and weight chosen on one half of the images, measured on the other.
+
+    The halves are seeded and stratified by label; the choice is validation's own (:func:`choose_branch`,
+    ``weighted`` over :data:`WEIGHTS`, the thumbnail blurred as ``blur: matched``).
+    """
+    from tilead.trainer.thumbnail import choose_branch, thumbnail_blur
+
+    cfg = load_config(run.paths.config, {"model.thumbnail": {"size": size, "fusion": "weighted", "blur": "matched"}})
+    small = blurred(raw, thumbnail_blur(cfg, tiled.shape[1:]))
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(labels), dtype=int)
+    for value in (False, True):
+        idx = np.flatnonzero(labels == value)
+        fold[rng.permutation(idx)[: len(idx) // 2]] = 1
+    out = []
+    for chosen_on in (0, 1):
+        a, b = fold == chosen_on, fold != chosen_on
+        branch, _ = choose_branch(cfg, tiled[a], small[a], masks[a], labels[a])
+        fused = branch.fuse(tiled[b], upsample(small[b], tiled.shape[1:]))
+        out.append(
+            {
+                "variant": "cross_selection",
+                "size": size,
+                "blur": "matched",
+                "chosen_on_images": int(a.sum()),
+                "weight": branch.weight,
+                "measured_on_images": int(b.sum()),
+                "fused": metrics(fused, masks[b], labels[b]),
+                "tiled": metrics(tiled[b], masks[b], labels[b]),
+            }
+        )
+        print(out[-1], flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Fit, cache, fuse, measure; print one line per variant and write ``--json``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blurs", nargs="+", default=["run"], help="thumbnail blur sigmas (map px); 'run': the run's")
     ap.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
     ap.add_argument("--max-test-images", type=int, default=0, help="smoke runs: first N test images only")
+    ap.add_argument("--cross", action="store_true", help="only the two-fold selection (cached maps, each size)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -138,6 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         images, masks, labels = images[pick], masks[pick], labels[pick]
     suffix = f"_{len(images)}" if args.max_test_images else ""
     tiled = tiled_maps(run, images, args.work / f"tiled{suffix}.npy")
+    if args.cross:
+        cross = [r for size in args.sizes for r in cross_selection(
+            run, tiled, thumbnail_maps(run, args.work, size, images, suffix), masks, labels, size
+        )]  # fmt: skip
+        if args.json:
+            from tilead.atomic import atomic_write_json
+
+            atomic_write_json(args.json, {"run": str(args.run), "test_images": len(images), "rows": cross})
+        return 0
     rows: list[dict[str, Any]] = [{"variant": "tiled", **metrics(tiled, masks, labels)}]
     print(rows[-1], flush=True)
     q = run.config.validation.good_quantile
