@@ -55,7 +55,11 @@ AUPRO_TODAY = 0.9675
 """Bottle's AUPRO with the 2x2 one-to-one run (issue #20), the thumbnail branch's bar."""
 TOLERANCE = 0.005
 SIZE_RATIO = 1 / 3
-THUMBNAIL = {"size": 256, "fusion": "max"}
+THUMBNAILS: dict[str, dict[str, Any]] = {
+    "+thumbnail": {"size": 256, "fusion": "max"},
+    "+thumbnail256_weighted_matched": {"size": 256, "fusion": "weighted", "blur": "matched"},
+}
+"""Bottle's thumbnail variants (issue #20 item 1): row name -> ``model.thumbnail``."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,10 @@ def _assignment_rows(dataset: str, grid: dict[str, Any]) -> list[Row]:
 
 
 ROWS: dict[str, list[Row]] = {
-    "bottle": [Row("bottle", "one_to_one"), Row("bottle", "+thumbnail", {"model.thumbnail": THUMBNAIL})],
+    "bottle": [
+        Row("bottle", "one_to_one"),
+        *(Row("bottle", name, {"model.thumbnail": t}) for name, t in THUMBNAILS.items()),
+    ],
     "bottle4x4": _assignment_rows("bottle4x4", {"grid.tile_size": 256, "grid.stride": 256}),
     "demo2048": _assignment_rows("demo2048", {"grid.tile_size": 512, "grid.stride": 512}),
 }
@@ -168,11 +175,22 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
         for folder in (run, bundle, evaluation):
             shutil.rmtree(folder, ignore_errors=True)
     sets = [x for k, v in overrides.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    base = args.work / f"run_{row.dataset}_one_to_one"
+    if "model.thumbnail" in row.overrides and not run.exists() and (base / "stats.json").is_file():
+        # The thumbnail leaves the tiles' fit key alone: the copied run, resumed with its own config plus the
+        # thumbnail, fits the thumbnail model only (and validates again).
+        shutil.copytree(base, run, ignore=shutil.ignore_patterns("stats.json"))
+    if "model.thumbnail" in row.overrides and (run / "config.yaml").is_file() and not (run / "stats.json").is_file():
+        config = run / "config.yaml"
+        sets = [x for k, v in row.overrides.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     if not (run / "stats.json").is_file():
         sh([str(BIN / "tilead-train"), "--config", str(config), "-o", str(run), "--resume", "--no-progress", *sets])
     if not (bundle / "manifest.json").is_file():
         sh([str(BIN / "tilead-export"), str(run), "-o", str(bundle), "--overwrite", "--no-progress"])
     run_json = json.loads((run / "run.json").read_text())
+    base_json = json.loads((base / "run.json").read_text()) if (base / "run.json").is_file() else {}
+    if "model.thumbnail" in row.overrides and base_json.get("fit_key") == run_json.get("fit_key"):
+        result["tiles"] = f"fit reused from {base.name}: train_s is the thumbnail's fit and validation"
     result.update(bundle_quality(run, bundle, evaluation, reuse=True))
     result["bundle_mib"] = round(bundle_bytes(bundle) / 2**20, 2)
     result["models"] = model_count(bundle)
@@ -199,7 +217,7 @@ def mark_targets(results: list[dict[str, Any]]) -> None:
                 f"{'met' if ok_q and ok_s else 'missed'}: image AUROC / AUPRO at most {TOLERANCE} below one_to_one "
                 f"({'yes' if ok_q else 'no'}), bundle <= 1/3 ({r['bundle_mib'] / ref['bundle_mib']:.2f})"
             )
-        if r["variant"] == "+thumbnail" and "aupro" in r:
+        if r["variant"].startswith("+thumbnail") and "aupro" in r:
             ok = r["aupro"] > AUPRO_TODAY and r.get("image_auroc", 0.0) >= ref.get("image_auroc", 1.0)
             r["target"] = f"{'met' if ok else 'missed'}: AUPRO > {AUPRO_TODAY}, image AUROC not lower"
 
@@ -250,14 +268,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def merge_rows(old: dict[str, Any], new: list[dict[str, Any]], note: str) -> list[dict[str, Any]]:
+    """``new`` rows (each with ``note``) replacing those of ``old`` (a previous JSON) with the same dataset and variant.
+
+    Rows of ``old`` not measured again are kept; one without a ``note`` of its own gets ``old``'s note.
+    """
+    measured = {(r["dataset"], r["variant"]) for r in new}
+    kept = [
+        {**r, "note": r.get("note", old.get("note", ""))}
+        for r in old.get("rows", [])
+        if (r["dataset"], r["variant"]) not in measured
+    ]
+    return kept + [{**r, "note": r.get("note", note)} for r in new]
+
+
 def write_json(path: Path, note: str, results: list[dict[str, Any]]) -> None:
-    """The results with the note and the targets, written atomically."""
+    """The results merged into ``path`` (:func:`merge_rows`) with the targets, written atomically."""
     from tilead.atomic import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.is_file() else {}
     payload = {
-        "note": note,
-        "rows": results,
+        "note": "each row's conditions are in its note",
+        "rows": merge_rows(old, results, note),
         "targets": {"tolerance": TOLERANCE, "size_ratio": SIZE_RATIO, "aupro_today": AUPRO_TODAY},
     }
     atomic_write_json(path, payload)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -79,3 +80,30 @@ def test_higher_quality_keeps_the_cluster_target_and_oriented_rows_are_marked() 
     assert rows[1]["target"].startswith("met")
     assert rows[2]["target"].startswith("missed")
     assert "cluster_oriented" in [r.variant for r in b.ROWS["bottle4x4"]]
+
+
+def test_json_rows_merge_by_dataset_and_variant_and_keep_the_others(tmp_path: Path) -> None:
+    b = _bench()
+    path = tmp_path / "hires.json"
+    b.write_json(
+        path, "assignment, under load", [_row("one_to_one", 0.99, 0.94, 219.0), _row("cluster", 0.76, 0.54, 55.0)]
+    )
+    b.write_json(
+        path, "thumbnail", [_row("one_to_one", 0.997, 0.9675, 270.0, "bottle"), _row("cluster", 0.8, 0.6, 55.0)]
+    )
+    rows = {(r["dataset"], r["variant"]): r for r in json.loads(path.read_text())["rows"]}
+    assert sorted(rows) == [("bottle", "one_to_one"), ("bottle4x4", "cluster"), ("bottle4x4", "one_to_one")]
+    assert rows[("bottle4x4", "one_to_one")]["aupro"] == 0.94  # kept, with the note it was measured under
+    assert rows[("bottle4x4", "one_to_one")]["note"] == "assignment, under load"
+    assert rows[("bottle4x4", "cluster")]["aupro"] == 0.6  # measured again: replaced
+    assert rows[("bottle4x4", "cluster")]["note"] == "thumbnail"
+
+
+def test_rows_of_a_file_without_row_notes_get_its_note() -> None:
+    b = _bench()
+    old = {"note": "40 training images", "rows": [_row("one_to_one", 0.99, 0.94, 219.0)]}
+    merged = b.merge_rows(old, [_row("+thumbnail320", 0.99, 0.97, 280.0, "bottle")], "full data")
+    assert [(r["variant"], r["note"]) for r in merged] == [
+        ("one_to_one", "40 training images"),
+        ("+thumbnail320", "full data"),
+    ]

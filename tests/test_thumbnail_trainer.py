@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tilead.trainer.config import ConfigError, RunConfig, load_config, parse_config
-from tilead.trainer.thumbnail import branch_stats, choose_branch
+from tilead.trainer.thumbnail import branch_stats, choose_branch, thumbnail_blur
 
 
 def config(tmp_path: Path, **sections: Any) -> RunConfig:
@@ -45,6 +45,8 @@ def test_thumbnail_is_off_by_default_and_leaves_the_fit_key_alone(tmp_path: Path
         ({"model": {"thumbnail": {"size": 256, "fusion": "mean"}}}, "model.thumbnail.fusion"),
         ({"model": {"thumbnail": {"size": 256, "weights": [0.5, 1.5]}}}, "weights in \\[0, 1\\]"),
         ({"model": {"thumbnail": {"size": 256, "weights": []}}}, "weights in \\[0, 1\\]"),
+        ({"model": {"thumbnail": {"size": 256, "blur": -1}}}, "model.thumbnail.blur.*greater than or equal to 0"),
+        ({"model": {"thumbnail": {"size": 256, "blur": "wide"}}}, "model.thumbnail.blur.*'model' or 'matched'"),
         (
             {"model": {"thumbnail": {"size": 256, "fusion": "weighted"}}, "validation": {"split": "holdout"}},
             "validation.split 'holdout' has none",
@@ -58,6 +60,27 @@ def test_thumbnail_is_off_by_default_and_leaves_the_fit_key_alone(tmp_path: Path
 def test_bad_thumbnail_settings_are_clear_config_errors(tmp_path: Path, sections: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config(tmp_path, **sections)
+
+
+@pytest.mark.parametrize(
+    ("blur", "image_size", "want"),
+    [("model", (900, 900), 2.0), ("matched", (900, 900), 2.0 * 256 / 900), ("matched", (600, 1200), 2.0 * 256 / 1200),
+     (0, (900, 900), 0.0), (0.75, (900, 900), 0.75)],
+)  # fmt: skip
+def test_thumbnail_blur_is_the_models_the_tiles_in_image_pixels_or_a_sigma(
+    tmp_path: Path, blur: str | float, image_size: tuple[int, int], want: float
+) -> None:
+    cfg = config(tmp_path, model={"blur_sigma": 2.0, "thumbnail": {"size": 256, "blur": blur}})
+    assert thumbnail_blur(cfg, image_size) == pytest.approx(want)
+
+
+def test_a_matched_blur_covers_as_many_image_pixels_as_the_tiles_blur(tmp_path: Path) -> None:
+    # A tile-map pixel is feature_stride image pixels; a thumbnail-map pixel is feature_stride * side / size.
+    cfg = config(
+        tmp_path, model={"blur_sigma": 2.0, "feature_stride": 8, "thumbnail": {"size": 256, "blur": "matched"}}
+    )
+    thumbnail_map_px = 8 * 900 / 256
+    assert thumbnail_blur(cfg, (900, 900)) * thumbnail_map_px == pytest.approx(2.0 * 8)
 
 
 # -- statistics and the weight choice -------------------------------------------------------------------------
@@ -147,7 +170,7 @@ def test_thumbnail_run_end_to_end(tmp_path: Path) -> None:
     plain_eval = evaluate(run.root, progress=False).metrics["metrics"]
     stamps = {p.name: p.stat().st_mtime_ns for p in run.locations.iterdir()}
 
-    thumb = {"size": 64, "fusion": "weighted", "weights": [0.3, 0.7]}
+    thumb = {"size": 64, "fusion": "weighted", "weights": [0.3, 0.7], "blur": "matched"}
     result = train(load_config(path, {"model.thumbnail": thumb}), run.root, resume=True, progress=False)
     assert result.fitted_now == 0
     assert {p.name: p.stat().st_mtime_ns for p in run.locations.iterdir()} == stamps  # locations not refitted
@@ -156,6 +179,7 @@ def test_thumbnail_run_end_to_end(tmp_path: Path) -> None:
     assert stats["thumbnail"]["weight"] in (0.3, 0.7)
     assert stats["validation"]["thumbnail"]["weight"] == stats["thumbnail"]["weight"]
     assert (run.root / "thumbnail" / "size64.safetensors").is_file()
+    assert stats["validation"]["thumbnail"]["blur_sigma"] == pytest.approx(1.0 * 64 / 160)  # matched: 0.4 map px
 
     bundle = export_bundle(run.root, tmp_path / "bundle", progress=False).bundle
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -15,7 +15,10 @@ the Predictor prepares them), next to the tile locations:
   ``(image AUROC + AUPRO) / 2`` of the fused validation maps (with anomalous
   validation images it also records that criterion for each branch alone and
   for ``max``, to compare sizes and fusions on validation);
-* :func:`load_branch`: the branch a run chose (``stats.json``'s ``thumbnail``).
+* :func:`load_branch`: the branch a run chose (``stats.json``'s ``thumbnail``);
+* :func:`thumbnail_blur`: the blur of the thumbnail's map (``model.thumbnail.blur``: the model's
+  ``blur_sigma``, the tiles' blur matched in image pixels, or a sigma), applied by the model itself
+  (so it is in ``thumbnail.onnx``: the runtime has nothing to match).
 
 The fusion itself is the runtime's (:class:`tilead.runtime.thumbnail.ThumbnailBranch`),
 so validation, evaluation and the Predictor fuse identically.
@@ -46,7 +49,14 @@ from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.checkpoints import checkpoint_has
 from tilead.trainer.config import RunConfig
 from tilead.trainer.data import Sample
-from tilead.trainer.detectors.base import LocationModel, create_detector, load_state, save_state
+from tilead.trainer.detectors.base import (
+    Detector,
+    LocationModel,
+    create_detector,
+    detector_class,
+    load_state,
+    save_state,
+)
 from tilead.trainer.detectors.sections import ThumbnailConfig
 from tilead.trainer.images import ImageLoader
 from tilead.trainer.metrics import aupro, auroc
@@ -69,6 +79,44 @@ def _settings(cfg: RunConfig) -> ThumbnailConfig:
     if thumb is None:
         raise ValueError("model.thumbnail is not set: the run has no thumbnail branch")
     return thumb
+
+
+def thumbnail_blur(cfg: RunConfig, image_size: Sequence[int]) -> float:
+    """The thumbnail map's Gaussian sigma in thumbnail-map pixels (``model.thumbnail.blur``).
+
+    ``model``: the model's ``blur_sigma``; ``matched``: the tiles' blur in image pixels, ``blur_sigma * size /
+    max(H, W)`` (a thumbnail-map pixel covers ``max(H, W) / size`` times the image pixels of a tile-map pixel);
+    a number: itself.
+
+    Args:
+        cfg: Run config with ``model.thumbnail``.
+        image_size: ``(H, W)`` of the run's images.
+    """
+    thumb = _settings(cfg)
+    if thumb.blur == "model":
+        return cfg.model.blur_sigma
+    if thumb.blur == "matched":
+        return cfg.model.blur_sigma * thumb.size / max(int(image_size[0]), int(image_size[1]))
+    return float(thumb.blur)
+
+
+def _image_size(paths: RunPaths) -> tuple[int, int]:
+    """``(H, W)`` of the run's images (``run.json``'s grid, written before anything is fitted)."""
+    try:
+        h, w = read_json(paths.run_json)["grid"]["image_size"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{paths.run_json}: no grid.image_size ({err}); the run folder is incomplete") from None
+    return int(h), int(w)
+
+
+def _detector(cfg: RunConfig, extractor: FeatureExtractor, paths: RunPaths) -> Detector:
+    """The run's detector for the thumbnail: its size, and its blur (:func:`thumbnail_blur`)."""
+    size = _settings(cfg).size
+    sigma = thumbnail_blur(cfg, _image_size(paths))
+    if sigma == cfg.model.blur_sigma:
+        return create_detector(cfg, extractor, (size, size))
+    model = cfg.model.model_copy(update={"blur_sigma": sigma})  # the blur only shapes the map, not the fit
+    return detector_class(cfg.model.family)(model, extractor, (size, size), cfg.seed)
 
 
 class ThumbnailTiles:
@@ -138,7 +186,7 @@ def fit_thumbnail(
         log.info("resume: the thumbnail model (size %d) is already fitted", size)
         return None
     start = time.perf_counter()
-    detector = create_detector(cfg, extractor, (size, size))
+    detector = _detector(cfg, extractor, paths)
     # The same held-out images as a location's (holdout_split's seeded draw), for detectors that ask for some.
     from tilead.trainer.checkpoints import location_metadata
     from tilead.trainer.splits import holdout_split
@@ -173,7 +221,7 @@ def load_thumbnail_model(
     path = checkpoint_path(paths, size)
     if not path.is_file():
         raise FileNotFoundError(f"the thumbnail model has no checkpoint ({path}); finish training with --resume")
-    detector = create_detector(cfg, extractor, (size, size))
+    detector = _detector(cfg, extractor, paths)
     state, meta = load_state(path, detector)
     if meta.get("thumbnail_key") != cfg.thumbnail_key():
         raise ValueError(
@@ -263,6 +311,7 @@ def choose_branch(
     info: dict[str, Any] = {
         "size": thumb.size,
         "fusion": thumb.fusion,
+        "blur_sigma": round(thumbnail_blur(cfg, tiled.shape[1:]), 6),
         "branch_threshold_rules": {"tiled": tiled_rule, "thumbnail": thumb_rule},
     }
 

@@ -12,7 +12,7 @@ trainer's other modules: loading a config stays cheap.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -60,13 +60,18 @@ class ThumbnailConfig(BaseModel):
         fusion: ``max`` of the two per-branch normalized maps, or ``weighted``: ``w * tiled + (1 - w) *
             thumbnail`` with ``w`` from ``weights`` chosen on the validation images (it needs anomalous ones).
         weights: Candidate weights of the tiled branch for ``weighted``.
+        blur: Gaussian blur of the thumbnail's map: ``model`` (the model's ``blur_sigma`` in thumbnail-map
+            pixels, much wider in image pixels than the tiles' blur), ``matched`` (the tiles' blur in image
+            pixels: ``blur_sigma * size / max(image height, width)`` thumbnail-map pixels) or a sigma in
+            thumbnail-map pixels (0: none).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(ge=32, le=4096)
     fusion: Literal["max", "weighted"] = "max"
-    weights: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+    weights: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
+    blur: Literal["model", "matched"] | Annotated[float, Field(ge=0, le=8)] = "model"
 
     @field_validator("weights")
     @classmethod
