@@ -17,8 +17,10 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines for this machine's GPU into the bundle.")
 @click.option(
-    "--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-    help="int8: the bundle's backbones quantized for the CPU (head FP32); fp16: TensorRT engines (--trt).",
+    "--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
+    help="int8: the bundle's backbones quantized for the CPU (head FP32); fp16: TensorRT engines (--trt); bf16: "
+         "PaDiM heads refit on OpenVINO's bf16 backbone features (shared_backbone; a CPU with bf16 units and "
+         "openvino; run by the hybrid backend, docs/cpu_speed.md).",
 )  # fmt: skip
 @click.option(
     "--layout", type=click.Choice(["auto", "per_location", "shared_backbone"]), default="auto", show_default=True,
@@ -62,6 +64,9 @@ def main(
     if precision == "int8" and (is_bundle or trt):
         raise click.BadParameter("int8 quantizes a run's ONNX export (CPU); TensorRT engines take fp32 or fp16",
                                  param_hint="--precision")  # fmt: skip
+    if precision == "bf16" and (is_bundle or trt):
+        raise click.BadParameter("bf16 refits a run's heads for OpenVINO's bf16 backbone (CPU, shared_backbone); "
+                                 "TensorRT engines take fp32 or fp16", param_hint="--precision")  # fmt: skip
     if tf32 and not trt:
         raise click.UsageError("--tf32 sets how TensorRT engines compute: add --trt")
     if layout == "shared_backbone" and trt:
@@ -106,7 +111,7 @@ def _export(
 ) -> Path:
     from tilead.exporter.bundle import export_bundle
 
-    onnx_precision = "int8" if precision == "int8" else "fp32"  # fp16 applies to the TensorRT engines only
+    onnx_precision = precision if precision in ("int8", "bf16") else "fp32"  # fp16: the TensorRT engines only
     result = export_bundle(
         run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout
     )
@@ -120,6 +125,8 @@ def _export(
     per = f" shared by {len(locs)} locations ({result.manifest['assignment']})" if "models" in result.manifest else ""
     click.echo(f"locations:  {len(files)} ONNX models{per}{shared}, {size:.1f} MiB in all (opset {opset})")
     click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range"
-               + (" (INT8, on training tiles)" if onnx_precision == "int8" else ""))  # fmt: skip
+               + {"int8": " (INT8, on training tiles)",
+                  "bf16": " (OpenVINO bf16 backbone vs FP32 eager, refit heads, on training tiles)"}.get(
+                   onnx_precision, ""))  # fmt: skip
     click.echo(f"time:       {result.seconds:.1f} s")
     return result.bundle
