@@ -38,13 +38,14 @@ from torch import nn
 
 from tilead.runtime.bundle import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
 
-BF16_HEAD_TOLERANCE = 1e-3
+BF16_HEAD_TOLERANCE = 1e-2
 """Largest head-graph vs eager-head difference on the same bf16 features, relative to the map's range.
 
 The head computes in float32 on both sides (its fp16 rows widened exactly), so only summation
-order differs: 1e-5 on random probes (the FP32 export's parity), 1.3e-4 measured on the tiny test
-run's real tiles (6 training tiles: nearly singular Gaussians amplify the rounding). A wrong or
-stale head weight moves the map by a large share of its range."""
+order differs. Measured on real training tiles: bottle (209 fit tiles per location) 8.9e-7; runs
+fitted on a handful of tiles, whose nearly singular Gaussians amplify the rounding, far more: the
+tiny test run (6 tiles) 1.3e-4, the 2048² demo run (5 fit images) 1.17e-3. A wrong or stale head
+weight moves the map by a large share of its range."""
 BF16_PARITY_TOLERANCE = 1.0
 """Largest deployed-chain vs FP32-eager-model difference on training tiles, relative to the FP32 map's range.
 
