@@ -141,7 +141,13 @@ def ensure_bottle_run(run: Path) -> Path:
     return run
 
 
-def ensure_bundle(run: Path, out: Path, variant: str) -> Path:
+BIG_BF16_TOLERANCE = 2.0
+"""``--parity-tolerance`` of the big run's bf16 export: its Gaussians are fitted on 5 tiles per location (nearly
+singular), where bf16 features moved a 2048² demo location's map by 1.14 of its range (the default, 1.0, refused
+it); the big run measures speed and memory, not quality (INT8's tiny-run tolerance is 2.0 too)."""
+
+
+def ensure_bundle(run: Path, out: Path, variant: str, tolerance: float | None = None) -> Path:
     """Export ``run`` as ``variant`` (``layout:precision``) into ``out`` when it is not there yet."""
     layout, precision = variant.split(":")
     manifest = out / "manifest.json"
@@ -150,8 +156,9 @@ def ensure_bundle(run: Path, out: Path, variant: str) -> Path:
         same = data.get("layout", "per_location") == layout and data["model"].get("precision", "fp32") == precision
         if same and not stale_heads(out, data):
             return out
+    extra = [] if tolerance is None else ["--parity-tolerance", str(tolerance)]
     sh([str(BIN / "tilead-export"), str(run), "-o", str(out), "--layout", layout, "--precision", precision,
-        "--overwrite", "--no-progress"])  # fmt: skip
+        "--overwrite", "--no-progress", *extra])  # fmt: skip
     return out
 
 
@@ -299,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             kind = parse_variant(v)[0]
             if kind not in made:
                 try:
-                    made[kind] = ensure_bundle(run, args.work / f"{size}_{kind.replace(':', '_')}", kind)
+                    tolerance = BIG_BF16_TOLERANCE if which == "big" and kind.endswith(":bf16") else None
+                    made[kind] = ensure_bundle(run, args.work / f"{size}_{kind.replace(':', '_')}", kind, tolerance)
                 except subprocess.CalledProcessError as err:  # e.g. an INT8 parity refusal: reported, the rest measured
                     if kind == BASELINE:
                         raise

@@ -213,6 +213,12 @@ def test_cli_refuses_bf16_with_trt_or_for_a_bundle(bundles: tuple[Path, Path], t
     assert "TensorRT engines take fp32 or fp16" in result.output
     result = runner.invoke(main, [str(bundles[1]), "--precision", "bf16", "--trt"])
     assert result.exit_code == 2
+    result = runner.invoke(main, [str(tmp_path), "-o", str(tmp_path / "b"), "--parity-tolerance", "2"])
+    assert result.exit_code == 2
+    assert "applies to --precision int8 or bf16" in result.output
+    result = runner.invoke(main, [str(tmp_path), "-o", str(tmp_path / "b"), "--precision", "bf16",
+                                  "--parity-tolerance", "0"])  # fmt: skip
+    assert result.exit_code == 2
     assert not (tmp_path / "b").exists()
 
 

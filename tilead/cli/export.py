@@ -27,6 +27,12 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
     help="shared_backbone: one backbone graph for every tile, a head per location (PaDiM, PatchCore; one copy "
          "of the backbone's weights, docs/cpu_speed.md); auto: the family's default, per_location with --trt.",
 )  # fmt: skip
+@click.option(
+    "--parity-tolerance", type=click.FloatRange(0.0, 1e6, min_open=True), default=None,
+    help="int8/bf16: largest difference from the FP32 eager map accepted on training tiles, relative to its range "
+         "[1.0]. Runs fitted on a handful of tiles (nearly singular Gaussians) may need more; quality is judged by "
+         "evaluation.",
+)  # fmt: skip
 @click.option("--opt-batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Batch tuned for.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")
 @click.option("--workspace-mib", type=click.IntRange(16, 1 << 20), default=2048, show_default=True)
@@ -44,6 +50,7 @@ def main(
     trt: bool,
     precision: str,
     layout: str,
+    parity_tolerance: float | None,
     opt_batch: int,
     max_batch: int,
     workspace_mib: int,
@@ -67,6 +74,9 @@ def main(
     if precision == "bf16" and (is_bundle or trt):
         raise click.BadParameter("bf16 refits a run's heads for OpenVINO's bf16 backbone (CPU, shared_backbone); "
                                  "TensorRT engines take fp32 or fp16", param_hint="--precision")  # fmt: skip
+    if parity_tolerance is not None and precision not in ("int8", "bf16"):
+        raise click.BadParameter("applies to --precision int8 or bf16 (FP32 graphs are checked to 1e-5)",
+                                 param_hint="--parity-tolerance")  # fmt: skip
     if tf32 and not trt:
         raise click.UsageError("--tf32 sets how TensorRT engines compute: add --trt")
     if layout == "shared_backbone" and trt:
@@ -87,7 +97,7 @@ def main(
                 chosen = None if layout == "auto" else layout
                 if trt and chosen is None:
                     chosen = "per_location"  # the TensorRT engines are built per location
-                bundle = _export(source, output, opset, overwrite, progress, precision, chosen)
+                bundle = _export(source, output, opset, overwrite, progress, precision, chosen, parity_tolerance)
             if trt:
                 from tilead.exporter.engines import build_engines
 
@@ -108,13 +118,16 @@ def _export(
     progress: bool,
     precision: str = "fp32",
     layout: str | None = None,
+    parity_tolerance: float | None = None,
 ) -> Path:
     from tilead.exporter.bundle import export_bundle
+    from tilead.exporter.quantize import INT8_PARITY_TOLERANCE
 
     onnx_precision = precision if precision in ("int8", "bf16") else "fp32"  # fp16: the TensorRT engines only
     result = export_bundle(
-        run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout
-    )
+        run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout,
+        int8_tolerance=INT8_PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance,
+    )  # fmt: skip
     locs = result.manifest["locations"]
     files = result.manifest.get("models", locs)  # models shared by locations (grid.assignment): one file per model
     backbone = result.manifest.get("backbone")
