@@ -16,6 +16,7 @@
 #   make bench-vs-anomalib  anomalib 2.7's tiled-ensemble core beside the Predictor on bottle, one process (ratio of medians)
 #                           (VS_ANOMALIB_BUNDLE=bundles/padim_bottle_shared_int8 for the shared-backbone INT8 bundle)
 #   make bench-cpu-speed  per-location vs shared-backbone layout, FP32 vs INT8, at 2048x2048 (4x4 of 512) and on bottle
+#   make bench-cpu-speed-bf16  the same with the bf16 bundle on the hybrid backend (OpenVINO bf16 backbone, ORT heads)
 #   make bench-serve      tilead-serve under load (concurrency 1, 4, 16) beside direct Predictor calls, bottle bundle
 #   make bench-resize-rss Predictor(resize=True) on a 20000x20000 image: peak RSS, area kernel, banded bilinear, whole-image
 #   make bench-soak       Predictor soak on the bottle bundle: RSS slope per 1000 predictions, result drift
@@ -37,7 +38,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 NATIVE := $(shell find cpp_ext -type f) CMakeLists.txt pyproject.toml
 STAMP  := $(VENV)/.tilead-installed
 
-.PHONY: gpu-check wheel-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-cpu-speed bench-vs-anomalib bench-resize-rss bench-good-only bench-hires bench-soak bench-train train-bottle info doctor clean
+.PHONY: gpu-check wheel-check mutation install demo test test-integration test-all lint format bench bench-predictor bench-latency bench-detectors bench-serve bench-int8 bench-cpu-speed bench-cpu-speed-bf16 bench-vs-anomalib bench-resize-rss bench-good-only bench-hires bench-soak bench-train train-bottle info doctor clean
 
 install: $(STAMP)
 
@@ -160,6 +161,11 @@ bench-vs-anomalib: $(STAMP) $(VS_ANOMALIB_BUNDLE)/manifest.json
 	$(BIN)/python -c "import anomalib" 2>/dev/null || $(BIN)/pip install --quiet "anomalib==2.7.0"
 	$(BIN)/python benchmarks/bench_vs_anomalib.py $(VS_ANOMALIB_BUNDLE) --images 20 --json out/bench/vs_anomalib.json
 
+# The bottle run for the hybrid backend: heads refit on OpenVINO's bf16 backbone features (needs bf16 units; #21).
+# make bench-vs-anomalib VS_ANOMALIB_BUNDLE=bundles/padim_bottle_shared_bf16 runs it (backend auto: hybrid).
+bundles/padim_bottle_shared_bf16/manifest.json: runs/padim_bottle/stats.json
+	$(BIN)/tilead-export runs/padim_bottle -o bundles/padim_bottle_shared_bf16 --layout shared_backbone --precision bf16 --overwrite --no-progress
+
 # The bottle run as one INT8 backbone graph for every tile plus FP32 heads (issue #21, docs/cpu_speed.md).
 bundles/padim_bottle_shared_int8/manifest.json: runs/padim_bottle/stats.json
 	$(BIN)/tilead-export runs/padim_bottle -o bundles/padim_bottle_shared_int8 --layout shared_backbone --precision int8 --overwrite --no-progress
@@ -169,6 +175,10 @@ bundles/padim_bottle_shared_int8/manifest.json: runs/padim_bottle/stats.json
 # Makes the data, runs and bundles it lacks under out/bench/cpu_speed (the bottle run: runs/padim_bottle).
 bench-cpu-speed: $(STAMP) runs/padim_bottle/stats.json
 	$(BIN)/python benchmarks/bench_cpu_speed.py --quality --json out/bench/cpu_speed.json
+# bf16 beside them (a CPU with bf16 units): per_location fp32, shared int8, shared bf16 on the hybrid backend.
+bench-cpu-speed-bf16: $(STAMP) runs/padim_bottle/stats.json
+	$(BIN)/python benchmarks/bench_cpu_speed.py --quality --batch 1 8 --variants per_location:fp32 \
+	  shared_backbone:int8 shared_backbone:bf16@hybrid --json out/bench/cpu_speed_bf16.json
 
 # A runtime install without a compiler (issue #19 item 6): pip wheel + auditwheel repair (manylinux tag of this
 # glibc), installed into a fresh venv whose PATH has no compiler; Predictor and `tilead predict` on the demo bundle

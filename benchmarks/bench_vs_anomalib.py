@@ -167,7 +167,12 @@ class AnomalibEnsemble:
 def main(argv: list[str] | None = None) -> int:
     """Fit anomalib's ensemble, alternate both sides image by image, print medians and their ratio."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path, help="tilead bundle of the bottle run (FP32 or INT8)")
+    ap.add_argument("bundle", type=Path, help="tilead bundle of the bottle run (FP32, INT8 or bf16)")
+    ap.add_argument(
+        "--backend", default="auto", choices=("auto", "onnxruntime", "openvino", "hybrid"),
+        help="the Predictor's backend [auto: ONNX Runtime; for a bf16 bundle hybrid, OpenVINO bf16 backbone + "
+             "ONNX Runtime heads]",
+    )  # fmt: skip
     ap.add_argument("--data", type=Path, default=DATA, help="MVTec-layout category folder [%(default)s]")
     ap.add_argument("--train-images", type=int, default=None, help="train/good images to fit anomalib on [all]")
     ap.add_argument("--images", type=int, default=20, help="test images, each timed once per side")
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     anomalib = AnomalibEnsemble(args.threads)
     fit_s = anomalib.fit(train)
     del train
-    predictor = Predictor(args.bundle, threads=args.threads, max_batch=1)
+    predictor = Predictor(args.bundle, backend=args.backend, threads=args.threads, max_batch=1)
     for img in test[: args.warmup]:
         anomalib(img)
         predictor.predict(img)
@@ -202,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     ratio = med["anomalib"] / med["tilead"]
     print(f"cpu: {cpu_model()}; {len(test)} bottle test images, batch 1, alternating image by image")
     print(f"anomalib 2.7 tiled ensemble (PaDiM, 896x896, 2x2 of 448): median {med['anomalib']:.1f} ms/image")
-    print(f"tilead Predictor ({args.bundle}): median {med['tilead']:.1f} ms/image")
+    print(f"tilead Predictor ({args.bundle}, {predictor.backend}): median {med['tilead']:.1f} ms/image")
     print(f"ratio of medians anomalib / tilead: {ratio:.2f}x  (anomalib fit on {args.train_images or 'all'} "
           f"train images in {fit_s:.0f} s)")  # fmt: skip
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"cpu": cpu_model(), "bundle": str(args.bundle), "images": len(test), "median_ms": med,
-                  "ratio": ratio, "ms": ms, "anomalib_fit_s": fit_s}  # fmt: skip
+        report = {"cpu": cpu_model(), "bundle": str(args.bundle), "backend": predictor.backend, "images": len(test),
+                  "median_ms": med, "ratio": ratio, "ms": ms, "anomalib_fit_s": fit_s}  # fmt: skip
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

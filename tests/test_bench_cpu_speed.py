@@ -40,6 +40,9 @@ SPLIT = _load("bench_backbone_split")
         ("shared_backbone:int8@onnxruntime", "shared_backbone:int8", {"backend": "onnxruntime"}),
         ("shared_backbone:fp32@openvino", "shared_backbone:fp32", {"backend": "openvino"}),
         ("shared_backbone:fp32@openvino+bf16", "shared_backbone:fp32", {"backend": "openvino", "bf16_backbone": True}),
+        ("shared_backbone:bf16@hybrid", "shared_backbone:bf16", {"backend": "hybrid"}),
+        ("shared_backbone:bf16", "shared_backbone:bf16", {}),
+        ("shared_backbone:bf16@openvino", "shared_backbone:bf16", {"backend": "openvino"}),
     ],
 )
 def test_variants_name_a_bundle_and_the_predictor_options(text: str, bundle: str, options: dict[str, object]) -> None:
@@ -51,8 +54,12 @@ def test_variants_name_a_bundle_and_the_predictor_options(text: str, bundle: str
     ("text", "message"),
     [
         ("shared:fp32", "the bundle part must be one of"),
-        ("shared_backbone:fp32@tensorrt", "BACKEND one of onnxruntime, openvino"),
+        ("shared_backbone:fp32@tensorrt", "BACKEND one of onnxruntime, openvino, hybrid"),
         ("shared_backbone:fp32@openvino+fp16", "BACKEND one of onnxruntime, openvino"),
+        ("shared_backbone:bf16@onnxruntime", "a bf16 bundle runs @hybrid"),
+        ("shared_backbone:fp32@hybrid", "@hybrid runs bf16 bundles only"),
+        ("shared_backbone:bf16@hybrid+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
+        ("per_location:bf16", "the bundle part must be one of"),
         ("per_location:fp32@openvino+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
         ("shared_backbone:fp32@onnxruntime+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
         ("shared_backbone:int8@openvino", "the OpenVINO backend refuses INT8 bundles"),

@@ -499,7 +499,7 @@ def test_small_api_contracts() -> None:
     from tilead.runtime import SeamSmoothing, TileGrid, backends
     from tilead.runtime.geometry import parse_location
 
-    assert backends.names() == ("auto", "onnxruntime", "openvino", "tensorrt")
+    assert backends.names() == ("auto", "onnxruntime", "openvino", "tensorrt", "hybrid")
     assert SeamSmoothing(3.0, 0.25).to_dict() == {"sigma": 3.0, "width": 0.25}
     ints = SeamSmoothing(3, 1)  # stored as the checked floats
     assert type(ints.sigma) is float
@@ -582,7 +582,7 @@ def test_backend_registry_resolution() -> None:
     assert backends.REGISTRY["tensorrt"].reads_onnx is False
     assert backends.REGISTRY["onnxruntime"].reads_onnx is True
     assert backends.REGISTRY["onnxruntime"].devices == ("cpu", "cuda")
-    names = "'auto', 'onnxruntime', 'openvino', 'tensorrt'"
+    names = "'auto', 'onnxruntime', 'openvino', 'tensorrt', 'hybrid'"
     with pytest.raises(ValueError, match=exactly(f"backend: expected one of {names}, got 'ort'")):
         backends.resolve("ort", "cpu")
     with pytest.raises(ValueError, match=exactly(f"backend: expected one of {names}, got 3")):

@@ -17,13 +17,21 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines for this machine's GPU into the bundle.")
 @click.option(
-    "--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
-    help="int8: the bundle's backbones quantized for the CPU (head FP32); fp16: TensorRT engines (--trt).",
+    "--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
+    help="int8: the bundle's backbones quantized for the CPU (head FP32); fp16: TensorRT engines (--trt); bf16: "
+         "PaDiM heads refit on OpenVINO's bf16 backbone features (shared_backbone; a CPU with bf16 units and "
+         "openvino; run by the hybrid backend, docs/cpu_speed.md).",
 )  # fmt: skip
 @click.option(
     "--layout", type=click.Choice(["auto", "per_location", "shared_backbone"]), default="auto", show_default=True,
     help="shared_backbone: one backbone graph for every tile, a head per location (PaDiM, PatchCore; one copy "
          "of the backbone's weights, docs/cpu_speed.md); auto: the family's default, per_location with --trt.",
+)  # fmt: skip
+@click.option(
+    "--parity-tolerance", type=click.FloatRange(0.0, 1e6, min_open=True), default=None,
+    help="int8/bf16: largest difference from the FP32 eager map accepted on training tiles, relative to its range "
+         "[1.0]. Runs fitted on a handful of tiles (nearly singular Gaussians) may need more; quality is judged by "
+         "evaluation.",
 )  # fmt: skip
 @click.option("--opt-batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Batch tuned for.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")
@@ -42,6 +50,7 @@ def main(
     trt: bool,
     precision: str,
     layout: str,
+    parity_tolerance: float | None,
     opt_batch: int,
     max_batch: int,
     workspace_mib: int,
@@ -62,6 +71,12 @@ def main(
     if precision == "int8" and (is_bundle or trt):
         raise click.BadParameter("int8 quantizes a run's ONNX export (CPU); TensorRT engines take fp32 or fp16",
                                  param_hint="--precision")  # fmt: skip
+    if precision == "bf16" and (is_bundle or trt):
+        raise click.BadParameter("bf16 refits a run's heads for OpenVINO's bf16 backbone (CPU, shared_backbone); "
+                                 "TensorRT engines take fp32 or fp16", param_hint="--precision")  # fmt: skip
+    if parity_tolerance is not None and precision not in ("int8", "bf16"):
+        raise click.BadParameter("applies to --precision int8 or bf16 (FP32 graphs are checked to 1e-5)",
+                                 param_hint="--parity-tolerance")  # fmt: skip
     if tf32 and not trt:
         raise click.UsageError("--tf32 sets how TensorRT engines compute: add --trt")
     if layout == "shared_backbone" and trt:
@@ -82,7 +97,7 @@ def main(
                 chosen = None if layout == "auto" else layout
                 if trt and chosen is None:
                     chosen = "per_location"  # the TensorRT engines are built per location
-                bundle = _export(source, output, opset, overwrite, progress, precision, chosen)
+                bundle = _export(source, output, opset, overwrite, progress, precision, chosen, parity_tolerance)
             if trt:
                 from tilead.exporter.engines import build_engines
 
@@ -103,13 +118,16 @@ def _export(
     progress: bool,
     precision: str = "fp32",
     layout: str | None = None,
+    parity_tolerance: float | None = None,
 ) -> Path:
     from tilead.exporter.bundle import export_bundle
+    from tilead.exporter.quantize import INT8_PARITY_TOLERANCE
 
-    onnx_precision = "int8" if precision == "int8" else "fp32"  # fp16 applies to the TensorRT engines only
+    onnx_precision = precision if precision in ("int8", "bf16") else "fp32"  # fp16: the TensorRT engines only
     result = export_bundle(
-        run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout
-    )
+        run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout,
+        int8_tolerance=INT8_PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance,
+    )  # fmt: skip
     locs = result.manifest["locations"]
     files = result.manifest.get("models", locs)  # models shared by locations (grid.assignment): one file per model
     backbone = result.manifest.get("backbone")
@@ -120,6 +138,8 @@ def _export(
     per = f" shared by {len(locs)} locations ({result.manifest['assignment']})" if "models" in result.manifest else ""
     click.echo(f"locations:  {len(files)} ONNX models{per}{shared}, {size:.1f} MiB in all (opset {opset})")
     click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range"
-               + (" (INT8, on training tiles)" if onnx_precision == "int8" else ""))  # fmt: skip
+               + {"int8": " (INT8, on training tiles)",
+                  "bf16": " (OpenVINO bf16 backbone vs FP32 eager, refit heads, on training tiles)"}.get(
+                   onnx_precision, ""))  # fmt: skip
     click.echo(f"time:       {result.seconds:.1f} s")
     return result.bundle

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 import tilead
+from tilead.exporter.bf16 import Bf16Backbone, bf16_facts, check_bf16_export, require_bf16_cpu
 from tilead.exporter.onnx_export import (
     DEFAULT_OPSET,
     MapAndScore,
@@ -156,10 +157,12 @@ def export_bundle(
         progress: Show a progress bar.
         precision: ``fp32``, or ``int8``: each location's backbone statically
             quantized (QDQ, per-channel weights, calibrated on that location's
-            training tiles), its head kept FP32 (:mod:`tilead.exporter.quantize`).
+            training tiles), its head kept FP32 (:mod:`tilead.exporter.quantize`),
+            or ``bf16`` (PaDiM, ``shared_backbone``): FP32 graphs whose heads are refit on
+            OpenVINO's bf16 backbone features, for the ``hybrid`` backend (:mod:`tilead.exporter.bf16`).
         calibration_images: With ``int8``: training images (evenly spaced over
             the run's fit images) whose tiles calibrate each location.
-        int8_tolerance: With ``int8``: the largest INT8-vs-eager map difference
+        int8_tolerance: With ``int8`` (and ``bf16``): the largest INT8-vs-eager map difference
             accepted (relative to the map's range on training tiles); recorded in the manifest.
         layout: ``per_location`` (each location's full graph), ``shared_backbone``
             (one backbone graph, a head per location: :mod:`tilead.exporter.shared_backbone`),
@@ -172,8 +175,9 @@ def export_bundle(
         FileExistsError: If ``out`` exists and ``overwrite`` is off.
         FileNotFoundError: If the run is not finished.
         RuntimeError: If a location's ONNX output differs from the eager model.
-        ValueError: For an unknown precision, a calibration_images below 1, int8 for a family other than padim,
-            or a layout the run cannot have.
+        ValueError: For an unknown precision, a calibration_images below 1, int8 or bf16 for a family other than
+            padim, bf16 with a per_location layout, or a layout the run cannot have.
+        RuntimeError: For bf16 without OpenVINO or on a CPU without bfloat16 units.
     """
     check_precision(precision)
     if calibration_images < 1:
@@ -194,6 +198,9 @@ def export_bundle(
             "precision int8: not implemented for runs with a thumbnail branch (model.thumbnail; its model would need "
             "its own calibration and PaDiM refit); export fp32"
         )
+    if precision == "bf16":  # before minutes of work: the family, layout, OpenVINO and the CPU's bf16 units
+        layout = check_bf16_export(cfg.model.family, layout, cfg.model.thumbnail is not None)
+        require_bf16_cpu()
     layout = choose_layout(layout, cfg.model.family, cfg.postprocess.image_score)
     stats = run.stats
     grid = run.grid
@@ -207,7 +214,7 @@ def export_bundle(
 
     # One graph per model: per location, or per group of locations sharing one (grid.assignment).
     table = run_assignment(cfg, run.paths, grid)
-    if table.transforms and (layout == "shared_backbone" or precision == "int8"):
+    if table.transforms and (layout == "shared_backbone" or precision != "fp32"):
         raise ValueError(
             f"{'layout shared_backbone' if layout == 'shared_backbone' else 'precision int8'}: not implemented for "
             "runs whose locations are oriented (grid.assignment cluster with orient: each location's tiles are "
@@ -222,7 +229,10 @@ def export_bundle(
     exported = [graph(m) for m in variants]
     detector = run.detector
     tile_shape = (prep.channels, *grid.tile_size)
-    calibration = _calibration_samples(cfg, calibration_images) if precision == "int8" else ()
+    # bf16: the parity check's tiles come from one image (nothing calibrated); the heads are refit on every fit image.
+    calibration = (
+        _calibration_samples(cfg, calibration_images if precision == "int8" else 1) if precision != "fp32" else ()
+    )
     fit_samples = (
         holdout_split(make_splits(cfg, discover(cfg.data)).fit, detector.holdout_fraction, cfg.seed)[0]
         if calibration
@@ -256,9 +266,15 @@ def export_bundle(
                 int8_tolerance=int8_tolerance,
                 progress=lambda it: tqdm(list(it), desc="export", unit="loc", disable=not progress),
                 names=table.names, files=model_files(table.num_models, layout) if table.shared else None,
+                bf16=Bf16Backbone if precision == "bf16" else None,
             )  # fmt: skip
             entries, parity, backbone_entry = shared.entries, shared.parity, shared.backbone
-            if calibration:
+            if precision == "bf16":
+                quant_info = {
+                    **bf16_facts(), **shared.quantization, "parity_tolerance": int8_tolerance,
+                    "parity": "OpenVINO bf16 backbone + ONNX Runtime refit head vs the FP32 eager model",
+                }  # fmt: skip
+            elif calibration:
                 quant_info = {
                     "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
                     **shared.quantization, "calibration_images": len(calibration),

@@ -39,7 +39,7 @@ import numpy as np
 
 from tilead.runtime.bundle import INPUT_NAME
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "bf16")
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 BACKBONE_MODULE = "backbone"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")

@@ -190,6 +190,7 @@ def export_shared(
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
     names: Sequence[str] | None = None,
     files: Sequence[str] | None = None,
+    bf16: Callable[[Path], Any] | None = None,
 ) -> SharedExport:
     """Write ``backbone.onnx`` and ``heads/rRcC.onnx`` into ``root`` and check them.
 
@@ -209,6 +210,10 @@ def export_shared(
         names: Model names when locations share models (task assignment; ``models`` then holds one per
             model and the indices above are model indices); None: the grid's location names.
         files: The heads' bundle-relative files, with ``names``; None: ``heads/rRcC.onnx``.
+        bf16: bf16 only (:mod:`tilead.exporter.bf16`): ``backbone.onnx path -> a session-like bf16 backbone``.
+            The backbone stays FP32 (checked like FP32's); ``refit`` gets this backbone instead of ONNX
+            Runtime's, ``calibration`` gives the tiles of the parity check (nothing is quantized), and
+            ``int8_tolerance`` bounds the chain's difference from the FP32 eager model.
 
     Returns:
         The manifest's ``backbone`` entry, the location entries, the parity per location and INT8 facts.
@@ -226,7 +231,8 @@ def export_shared(
     export_location(graph, tile_shape, backbone_path, opset=opset, outputs=[FEATURES_NAME])
     check_onnx(backbone_path)
     quant: dict[str, Any] = {}
-    if calibration is not None:
+    quantize = calibration is not None and bf16 is None
+    if quantize and calibration is not None:
         # An equal share from every location (one location in memory at a time): one location's worth of tiles
         # in all, but at least CALIBRATION_MIN_PER_LOCATION from each (a 16-location grid would leave 2 otherwise).
         first = calibration(0)
@@ -249,7 +255,8 @@ def export_shared(
     probe = np.random.default_rng(0).standard_normal((2, *tile_shape)).astype(np.float32)
     feats = _features(session, probe)
     d, fh, fw = (int(v) for v in feats.shape[1:])
-    if calibration is None:
+    features_session = bf16(backbone_path) if bf16 is not None else session
+    if not quantize:
         with torch.inference_mode():
             ref = graph(torch.from_numpy(probe)).numpy()
         span = float(ref.max() - ref.min()) or 1.0
@@ -269,7 +276,7 @@ def export_shared(
             head = HeadGraph(exported[index].get_submodule("head")).eval()
             real: list[np.ndarray] = calibration(index)[:1] if calibration is not None else []
             if refit is not None:
-                new, fitted = refit(index, session, exported[index].get_submodule("head"))
+                new, fitted = refit(index, features_session, exported[index].get_submodule("head"))
                 head = HeadGraph(new).eval()
                 refit_tiles = max(refit_tiles, fitted)
             reused = template is not None and export_like(template[0], template[1], head, target)
@@ -281,7 +288,11 @@ def export_shared(
             chunk_fp16_products(target)  # fp16 state stays fp16 in memory (compact_heads)
             check_onnx(target)
             # The eager reference: FP32, the plain location model; INT8, the exported backbone's own head chain.
-            if calibration is None:
+            if bf16 is not None:
+                checked = _bf16_check(features_session, target, models[index], head, real, name, rel, int8_tolerance)
+                head_diff, diff = checked
+                quant["head_parity"] = max(float(quant.get("head_parity", 0.0)), head_diff)
+            elif calibration is None:
                 diff = chain_difference(session, target, models[index], probe)
                 if reused and diff > tolerance:
                     export_location(head, (d, fh, fw), target, opset=opset, input_name=FEATURES_NAME)
@@ -311,9 +322,38 @@ def export_shared(
         "output": FEATURES_NAME,
         "features": [d, fh, fw],
     }
-    if quant and refit is not None:
+    if (quant or bf16 is not None) and refit is not None:
         quant["head_refit_tiles"] = refit_tiles
     return SharedExport(backbone, entries, parity, quant)
+
+
+def _bf16_check(
+    backbone: Any,
+    target: Path,
+    model: nn.Module,
+    head: nn.Module,
+    real: list[np.ndarray],
+    name: str,
+    rel: str,
+    tolerance: float,
+) -> tuple[float, float]:
+    """A bf16 location's parity (:func:`tilead.exporter.bf16.bf16_parity`), refused beyond its tolerances."""
+    from tilead.exporter.bf16 import BF16_HEAD_TOLERANCE, bf16_parity
+
+    if not real:
+        raise ValueError(f"location {name}: no training tiles for the bf16 parity check")
+    head_diff, chain = bf16_parity(backbone, target, model, head, real[0][:4])
+    if head_diff > BF16_HEAD_TOLERANCE:
+        raise RuntimeError(
+            f"location {name}: {rel} differs from the refit eager head on the same bf16 features by {head_diff:.2e} "
+            f"of the map range (tolerance {BF16_HEAD_TOLERANCE:.0e})"
+        )
+    if chain > tolerance:
+        raise RuntimeError(
+            f"location {name}: the bf16 backbone + {rel} differ from the FP32 eager model by {chain:.2e} "
+            f"of the map range on training tiles (bf16 tolerance {tolerance})"
+        )
+    return head_diff, chain
 
 
 def refit_padim(session: Any, head: Any, batches: Iterable[np.ndarray], eps: float) -> tuple[nn.Module, int]:

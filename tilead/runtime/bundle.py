@@ -233,6 +233,10 @@ class Manifest:
         return int(h), int(w)
 
 
+PRECISIONS = ("fp32", "int8", "bf16")
+"""``model.precision``: FP32 graphs; INT8 (QDQ backbones, for ONNX Runtime); or bf16 (``shared_backbone``
+FP32 graphs whose heads were refit on OpenVINO's bf16 backbone features: the ``hybrid`` backend)."""
+
 _MODEL_KEYS = (
     "family",
     "output_stride",
@@ -287,8 +291,9 @@ def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
         raise ValueError(f"model.map_size: expected at most the tile size {th} x {tw}, got {h} x {w}")
     model["map_size"] = [h, w]
     precision = model.get("precision", "fp32")
-    if not isinstance(precision, str) or precision not in ("fp32", "int8"):
-        raise ValueError(f"model.precision: expected 'fp32' or 'int8', got {describe(precision)}")
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        choices = ", ".join(map(repr, PRECISIONS))
+        raise ValueError(f"model.precision: expected one of {choices}, got {describe(precision)}")
     for key, expected in (("input", INPUT_NAME), ("output", OUTPUT_NAME), ("dtype", "float32")):
         if key in model and model[key] != expected:
             raise ValueError(f"model.{key}: expected {expected!r}, got {describe(model[key])}")
@@ -375,6 +380,8 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         if not isinstance(layout, str) or layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {describe(layout)}")
         backbone, features = _parse_backbone(d.get("backbone"), layout, image_score, grid)
+        if model.get("precision") == "bf16" and layout != "shared_backbone":
+            raise ValueError(f"model.precision 'bf16': expected layout 'shared_backbone', got {layout!r}")
         assignment = d.get("assignment", "one_to_one")
         model_files: tuple[LocationFile, ...] = ()
         table: tuple[int, ...] = ()

@@ -118,7 +118,9 @@ class Predictor:
         device: ``"cpu"`` or ``"cuda"``.
         backend: ``"auto"`` / ``"onnxruntime"`` (ONNX Runtime: CPU, or on
             CUDA its TensorRT provider when present, then its CUDA provider),
-            ``"openvino"`` (OpenVINO, device ``"cpu"``), or ``"tensorrt"`` (the
+            ``"openvino"`` (OpenVINO, device ``"cpu"``), ``"hybrid"`` (bf16 bundles,
+            device ``"cpu"``: the backbone on OpenVINO in bfloat16, the heads on ONNX
+            Runtime; what ``"auto"`` picks for them), or ``"tensorrt"`` (the
             native TensorRT backend, device ``"cuda"``: the bundle's engines for
             this GPU on the extension's device pipeline; see
             :mod:`tilead.runtime.backends.tensorrt`). See :mod:`tilead.runtime.backends`.
@@ -191,6 +193,10 @@ class Predictor:
         self.max_batch = max_batch
         self.bf16_backbone = bf16_backbone
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
+        if backend == "auto" and device == "cpu" and self.manifest.model.get("precision") == "bf16":
+            # bf16 heads need the bf16 backbone: OpenVINO's, heads on ONNX Runtime
+            spec = backends.REGISTRY[backends.BF16_DEFAULT]
+            self.backend = spec.name
         if bf16_backbone and self.manifest.backbone is None:
             raise ValueError(
                 f"bf16_backbone=True: {self.path} has layout {self.manifest.layout!r}, whose graphs hold backbone and "

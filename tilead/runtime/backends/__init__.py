@@ -5,6 +5,8 @@
   and the per-location loop the inference-only backends share.
 * :mod:`~tilead.runtime.backends.onnxruntime`: ONNX Runtime sessions (CPU, or CUDA).
 * :mod:`~tilead.runtime.backends.openvino`: OpenVINO on the CPU.
+* :mod:`~tilead.runtime.backends.hybrid`: a bf16 bundle's backbone on OpenVINO in bfloat16,
+  its heads on ONNX Runtime (CPU; what ``auto`` picks for a bf16 bundle).
 * :mod:`~tilead.runtime.backends.tensorrt`: the native TensorRT pipeline on the
   extension's device pipeline (:mod:`~tilead.runtime.backends.tensorrt_modules`:
   importing TensorRT, its API, clear errors).
@@ -63,10 +65,13 @@ REGISTRY: dict[str, BackendSpec] = {
         BackendSpec("onnxruntime", "tilead.runtime.backends.onnxruntime", ("cpu", "cuda")),
         BackendSpec("openvino", "tilead.runtime.backends.openvino", ("cpu",), bf16_backbone=True),
         BackendSpec("tensorrt", "tilead.runtime.backends.tensorrt", ("cuda",), reads_onnx=False),
+        BackendSpec("hybrid", "tilead.runtime.backends.hybrid", ("cpu",), bf16_backbone=True),
     )
 }
 DEFAULT = "onnxruntime"
-"""What ``backend="auto"`` selects."""
+"""What ``backend="auto"`` selects (for a bf16 bundle on a CPU: :data:`BF16_DEFAULT`)."""
+BF16_DEFAULT = "hybrid"
+"""What ``backend="auto"`` selects for a bundle whose ``model.precision`` is ``bf16``."""
 
 
 def names() -> tuple[str, ...]:

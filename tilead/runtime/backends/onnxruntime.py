@@ -68,6 +68,11 @@ from tilead.runtime.timing import StageTimes
 log = logging.getLogger("tilead.runtime.backends.onnxruntime")
 
 CAPABILITIES = Capabilities(devices=("cpu", "cuda"), full_pipeline=False, detector_score=True, thumbnail=True)
+BF16_REFUSED = (
+    "backend='onnxruntime' does not run bf16 bundles: their heads were refit on OpenVINO's bf16 backbone features, "
+    "and ONNX Runtime would compute FP32 ones (wrong statistics); use backend='hybrid' (or 'auto') on a CPU with "
+    "bf16 units, or export the run as fp32 or int8"
+)
 
 
 def ort_trt_cache(manifest: Manifest) -> Path:
@@ -404,6 +409,8 @@ class OnnxRuntimeBackend:
         backbone: bytes | None = None,
         thumbnail: bytes | None = None,
     ) -> None:
+        if manifest.model.get("precision") == "bf16":
+            raise ValueError(BF16_REFUSED)
         ort = import_ort()
         self.manifest = manifest
         count = len(manifest.models)  # one call per model

@@ -11,6 +11,11 @@ files) and compiled once, with a dynamic batch dimension, for:
   would otherwise compute in bf16, far from the exported graph's results,
 * ``ENABLE_CPU_PINNING`` off: several compiled models share the cores.
 
+A bf16 bundle (``tilead-export --precision bf16``: heads refit on bf16 features) always
+has its backbone compiled in bf16 here (refused on a CPU without bf16 units); the
+``hybrid`` backend (:mod:`tilead.runtime.backends.hybrid`: OpenVINO backbone, ONNX
+Runtime heads) is faster and lighter for it and is what ``backend="auto"`` picks.
+
 With ``bf16_backbone`` (``Predictor(bf16_backbone=True)``) a ``shared_backbone``
 bundle's backbone alone is compiled with ``INFERENCE_PRECISION_HINT`` ``bf16``
 (the heads and the thumbnail model stay f32), on CPUs whose OpenVINO plugin
@@ -88,8 +93,19 @@ def has_bf16_units(capabilities: Sequence[str]) -> bool:
     return "BF16" in capabilities
 
 
-def require_bf16(core: Any) -> None:
+BF16_ADVICE = {
+    "bf16_backbone=True": "use bf16_backbone=False",
+    "precision bf16": "export fp32 or int8 instead",
+    "a bf16 bundle": "it runs only where bf16 units are; export the run as fp32 or int8 for this CPU",
+}
+
+
+def require_bf16(core: Any, what: str = "bf16_backbone=True") -> None:
     """Refuse a bf16 backbone on a CPU whose OpenVINO plugin has no native bfloat16.
+
+    Args:
+        core: An ``openvino.Core``.
+        what: What asked for bf16, for the message (a key of :data:`BF16_ADVICE`).
 
     Raises:
         RuntimeError: Naming the CPU and what it offers.
@@ -98,8 +114,8 @@ def require_bf16(core: Any) -> None:
     if not has_bf16_units(capabilities):
         name = core.get_property("CPU", "FULL_DEVICE_NAME")
         raise RuntimeError(
-            f"bf16_backbone=True needs a CPU with bfloat16 units (AVX-512 BF16 or AMX); OpenVINO reports "
-            f"{name!r} with {', '.join(capabilities)}; use bf16_backbone=False"
+            f"{what} needs a CPU with bfloat16 units (AVX-512 BF16 or AMX); OpenVINO reports "
+            f"{name!r} with {', '.join(capabilities)}; {BF16_ADVICE.get(what, 'run FP32 instead')}"
         )
 
 
@@ -167,6 +183,25 @@ class _Location:
         self._idle: list[Any] = [request]
         self._lock = threading.Lock()
 
+    def run_into(self, tiles: np.ndarray, out: np.ndarray) -> None:
+        """The first output on ``tiles`` written into ``out`` (its shape checked), with no copy in between.
+
+        Raises:
+            BundleError: If the output's shape is not ``out``'s.
+        """
+        with self._lock:
+            request = self._idle.pop() if self._idle else None
+        if request is None:
+            request = self.compiled.create_infer_request()
+        try:
+            result = request.infer([tiles])[self.outputs[0]]
+            if result.shape != out.shape:
+                raise BundleError(f"output shape {result.shape}, the manifest promises {out.shape}")
+            out[...] = result
+        finally:
+            with self._lock:
+                self._idle.append(request)
+
     def run(self, tiles: np.ndarray) -> list[np.ndarray]:
         with self._lock:
             request = self._idle.pop() if self._idle else None
@@ -215,6 +250,9 @@ class OpenVinoBackend:
     ) -> None:
         if manifest.model.get("precision", "fp32") == "int8":
             raise ValueError(INT8_REFUSED)
+        # A bf16 bundle's heads were refit on bf16 backbone features: its backbone always runs in bf16 here.
+        bf16_bundle = manifest.model.get("precision") == "bf16"
+        bf16_backbone = bf16_backbone or bf16_bundle
         ov = import_openvino()
         self.manifest = manifest
         count = len(manifest.models)  # one call per model
@@ -239,7 +277,7 @@ class OpenVinoBackend:
         if bf16_backbone:
             if backbone is None:
                 raise ValueError(f"bf16_backbone=True: layout {manifest.layout!r} has no shared backbone")
-            require_bf16(core)
+            require_bf16(core, "a bf16 bundle" if bf16_bundle else "bf16_backbone=True")
         if backbone is not None:
             backbone_config = {**config, "INFERENCE_PRECISION_HINT": "bf16"} if bf16_backbone else config
             try:

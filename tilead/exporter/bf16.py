@@ -1,0 +1,182 @@
+"""The ``bf16`` precision: an FP32 backbone graph run by OpenVINO in bfloat16, PaDiM heads refit on its features (#21).
+
+``tilead-export RUN --precision bf16`` (PaDiM, ``shared_backbone`` layout) writes
+the same graphs as an FP32 shared bundle, with one difference: each location's
+Gaussians are fitted again on the features OpenVINO's CPU plugin computes from
+``backbone.onnx`` with ``INFERENCE_PRECISION_HINT`` ``bf16``, the features the
+``hybrid`` backend (:mod:`tilead.runtime.backends.hybrid`) gives its heads.
+bf16 moves the backbone's features by about 6.5 % on bottle tiles; heads fitted
+on FP32 features then lose most of their pixel quality (bottle AUPRO 0.466
+instead of 0.967), heads refit on the bf16 features keep it (the INT8 path's
+refit, :func:`tilead.exporter.shared_backbone.refit_padim`; docs/cpu_speed.md).
+
+Export needs what the runtime needs: the ``openvino`` package and a CPU whose
+OpenVINO plugin lists ``BF16`` (AVX-512 BF16 or AMX); elsewhere it is refused,
+never emulated (emulated bf16 would give other features than the deployed CPU's).
+
+Parity, per location on a few of its training tiles (:func:`bf16_parity`):
+
+* the head graph (ONNX Runtime) on the bf16 features against the refit eager
+  head on the same features: rounding only, within :data:`BF16_HEAD_TOLERANCE`;
+* the deployed chain (OpenVINO bf16 backbone, ONNX Runtime refit head) against
+  the run's FP32 eager location model (as INT8's check does): how far the
+  deployed map is from the FP32 one, within :data:`BF16_PARITY_TOLERANCE`, recorded.
+  (Against the FP32 embedding with the refit head instead, bottle's r0c0 differed
+  by 1.24 of the map range: Gaussians fitted on bf16 features see FP32 features
+  as shifted, the mirror of the problem the refit solves; that pairing is never deployed.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tilead.runtime.bundle import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
+
+BF16_HEAD_TOLERANCE = 1e-2
+"""Largest head-graph vs eager-head difference on the same bf16 features, relative to the map's range.
+
+The head computes in float32 on both sides (its fp16 rows widened exactly), so only summation
+order differs. Measured on real training tiles: bottle (209 fit tiles per location) 8.9e-7; runs
+fitted on a handful of tiles, whose nearly singular Gaussians amplify the rounding, far more: the
+tiny test run (6 tiles) 1.3e-4, the 2048² demo run (5 fit images) 1.17e-3. A wrong or stale head
+weight moves the map by a large share of its range."""
+BF16_PARITY_TOLERANCE = 1.0
+"""Largest deployed-chain vs FP32-eager-model difference on training tiles, relative to the FP32 map's range.
+
+Like INT8's tolerance (:data:`tilead.exporter.quantize.INT8_PARITY_TOLERANCE`), it rejects a
+map that leaves the FP32 map's own range, as a broken backbone compile does; quality is judged
+by evaluation. Measured on bottle: see docs/cpu_speed.md ("bf16 precision")."""
+CHUNK = 8
+"""Tiles per OpenVINO call while refitting (bounds the activations)."""
+
+
+class Bf16Backbone:
+    """``backbone.onnx`` compiled by OpenVINO with ``INFERENCE_PRECISION_HINT`` ``bf16``, with ONNX Runtime's ``run``.
+
+    The configuration is the hybrid backend's (:func:`tilead.runtime.backends.hybrid.bf16_config`),
+    so the refit sees the features the runtime will compute.
+
+    Args:
+        path: The FP32 ``backbone.onnx``.
+
+    Raises:
+        RuntimeError: Without OpenVINO, or on a CPU without bfloat16 units (the message says which).
+    """
+
+    def __init__(self, path: Path) -> None:
+        from tilead.runtime.backends.hybrid import bf16_config
+        from tilead.runtime.backends.openvino import import_openvino, require_bf16
+
+        ov = import_openvino()
+        core = ov.Core()
+        require_bf16(core, "precision bf16")
+        compiled = core.compile_model(core.read_model(str(path)), "CPU", bf16_config(1))
+        self.output = compiled.output(FEATURES_NAME)
+        self.request = compiled.create_infer_request()
+
+    def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Features of the tiles in ``feeds`` (its one input), float32 ``(n, d, fh, fw)``, in calls of :data:`CHUNK`."""
+        del names
+        tiles = np.ascontiguousarray(next(iter(feeds.values())), dtype=np.float32)
+        parts = [
+            np.array(self.request.infer([tiles[i : i + CHUNK]])[self.output], dtype=np.float32, copy=True)
+            for i in range(0, len(tiles), CHUNK)
+        ]
+        return [np.concatenate(parts)]
+
+
+def bf16_parity(
+    backbone: Bf16Backbone, head_path: Path, model: nn.Module, head: nn.Module, tiles: np.ndarray
+) -> tuple[float, float]:
+    """The two parity figures of a bf16 location (see the module docstring).
+
+    Args:
+        backbone: The OpenVINO bf16 backbone.
+        head_path: The location's head graph.
+        model: The run's eager FP32 location model (tiles to map).
+        head: The refit eager head (features to map).
+        tiles: A few training tiles, float32 ``(n, C, th, tw)``.
+
+    Returns:
+        ``(head, chain)``: the head graph vs the refit eager head on the same bf16 features, and the deployed
+        chain vs the FP32 eager model; both max abs differences relative to the reference map's range.
+
+    Raises:
+        RuntimeError: If the map shapes differ.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+    features = backbone.run([FEATURES_NAME], {INPUT_NAME: tiles})[0]
+    got = np.asarray(session.run([OUTPUT_NAME], {FEATURES_NAME: features})[0])
+    with torch.inference_mode():
+        same = head.eval()(torch.from_numpy(features)).numpy()
+        fp32 = model.eval()(torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))).numpy()
+    if got.shape != fp32.shape:
+        raise RuntimeError(f"{head_path}: map shape {got.shape} differs from the eager model's {fp32.shape}")
+
+    def relative(a: np.ndarray, ref: np.ndarray) -> float:
+        return float(np.abs(a - ref).max()) / (float(ref.max() - ref.min()) or 1.0)
+
+    return relative(got, same), relative(got, fp32)
+
+
+def check_bf16_export(family: str, layout: str | None, has_thumbnail: bool) -> str:
+    """The layout a bf16 export writes (``shared_backbone``), or a clear refusal.
+
+    Args:
+        family: The run's detector family.
+        layout: The layout asked for (None: the default, ``shared_backbone`` for bf16).
+        has_thumbnail: The run has a thumbnail branch.
+
+    Raises:
+        ValueError: For a family other than padim, a per_location layout or a thumbnail branch.
+    """
+    if family != "padim":
+        raise ValueError(
+            f"precision bf16: implemented for padim runs (its Gaussians are refit on the bf16 backbone's features); "
+            f"this run's model is {family!r}, whose FP32-fitted head would not match: export fp32"
+        )
+    if layout not in (None, "shared_backbone"):
+        raise ValueError(
+            f"precision bf16: needs layout shared_backbone (OpenVINO runs the one backbone graph in bf16, ONNX Runtime "
+            f"the heads); got layout {layout!r}"
+        )
+    if has_thumbnail:
+        raise ValueError(
+            "precision bf16: not implemented for runs with a thumbnail branch (model.thumbnail); export fp32"
+        )
+    return "shared_backbone"
+
+
+def require_bf16_cpu() -> None:
+    """Refuse a bf16 export without OpenVINO or on a CPU without bfloat16 units.
+
+    Raises:
+        RuntimeError: Saying what is missing (:class:`~tilead.runtime.backends.openvino.OpenVinoUnavailableError`
+            without OpenVINO).
+    """
+    from tilead.runtime.backends.openvino import import_openvino, require_bf16
+
+    require_bf16(import_openvino().Core(), "precision bf16")
+
+
+def bf16_facts() -> dict[str, Any]:
+    """The manifest's ``source.quantization`` facts of a bf16 export (which CPU and OpenVINO fitted the heads)."""
+    from tilead.runtime.backends.openvino import import_openvino
+
+    ov = import_openvino()
+    core = ov.Core()
+    return {
+        "format": "bf16 backbone (OpenVINO INFERENCE_PRECISION_HINT bf16), FP32 graphs",
+        "openvino": str(ov.__version__),
+        "cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
+        "scope": "the shared backbone runs in bf16; heads FP32 (ONNX Runtime), refit on the bf16 features",
+        "normalization": "the FP32 run's statistics (not recomputed on bf16 maps)",
+    }

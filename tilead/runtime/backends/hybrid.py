@@ -1,0 +1,210 @@
+"""The hybrid backend (CPU): a bf16 bundle's backbone on OpenVINO in bfloat16, its heads on ONNX Runtime (#21).
+
+For bundles exported with ``tilead-export RUN --precision bf16`` (PaDiM,
+``shared_backbone``; :mod:`tilead.exporter.bf16`): ``backbone.onnx`` (FP32
+graph) is compiled by OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT``
+``bf16`` (:func:`bf16_config`), whose features the heads' Gaussians were refit
+on; each location's head runs in an ONNX Runtime session, as with the
+``onnxruntime`` backend. Measured on an AVX-512 BF16 CPU (docs/cpu_speed.md):
+the backbone of 16 tiles of 512 takes OpenVINO bf16 95 ms where ONNX Runtime
+INT8 takes 164 ms, while OpenVINO's own heads are slower than ONNX Runtime's and
+hold far more memory; hence the split.
+
+``Predictor(bundle)`` (``backend="auto"``) picks this backend for a bf16 bundle.
+It refuses other bundles (their heads were fitted on FP32 or INT8 features:
+a bf16 backbone would move their maps; use ``onnxruntime`` or ``openvino``) and
+CPUs whose OpenVINO plugin does not list ``BF16`` (AVX-512 BF16 or AMX): bf16
+is never emulated there.
+
+Batching and threads as in the other CPU backends: every tile of a batch goes
+through the backbone in a few calls (:func:`~tilead.runtime.backends.base.run_backbone`,
+spread over the location workers, each OpenVINO call on ``threads // location_workers``
+threads), its features copied into a reused buffer, then one ONNX Runtime call per
+location (``threads // location_workers`` intra-op threads each).
+
+Thread safety: ONNX Runtime sessions may run from several threads at once;
+the OpenVINO backbone keeps a stack of idle infer requests, one per running call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from tilead.runtime.backends.base import (
+    BackendRequest,
+    BufferPool,
+    Capabilities,
+    LocationOutputs,
+    default_location_workers,
+    run_backbone,
+    run_locations,
+)
+from tilead.runtime.backends.onnxruntime import (
+    check_providers,
+    import_ort,
+    load_session,
+    release_model_bytes,
+    return_freed_heap,
+    session_providers,
+)
+from tilead.runtime.backends.openvino import _Location, import_openvino, require_bf16
+from tilead.runtime.bundle import (
+    FEATURES_NAME,
+    OUTPUT_NAME,
+    BundleError,
+    Manifest,
+    check_model_io,
+    ort_specs,
+)
+from tilead.runtime.timing import StageTimes
+
+CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=False, thumbnail=False)
+NOT_BF16 = (
+    "backend='hybrid' runs bf16 bundles only (tilead-export RUN --precision bf16): this bundle's heads were fitted on "
+    "{precision} features, which a bf16 backbone would move; use backend='onnxruntime' or 'openvino'"
+)
+
+
+def bf16_config(threads: int) -> dict[str, Any]:
+    """OpenVINO's CPU configuration for the bf16 backbone (the exporter's refit uses the same).
+
+    Args:
+        threads: ``INFERENCE_NUM_THREADS`` (at least 1).
+    """
+    return {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": max(1, threads),
+        "INFERENCE_PRECISION_HINT": "bf16",
+        "ENABLE_CPU_PINNING": False,
+    }
+
+
+class HybridBackend:
+    """OpenVINO bf16 backbone, ONNX Runtime heads (see the module docstring).
+
+    Args:
+        manifest: The bundle's verified manifest (``model.precision`` ``bf16``).
+        models: Every head's ONNX bytes, in ``manifest.models`` order.
+        backbone: ``backbone.onnx``'s bytes.
+        threads: CPU threads in all.
+        location_workers: Locations (and backbone calls) run at the same time.
+
+    Raises:
+        ValueError: For a bundle whose precision is not bf16.
+        RuntimeError: Without OpenVINO (:class:`~tilead.runtime.backends.openvino.OpenVinoUnavailableError`) or
+            on a CPU without bfloat16 units.
+        BundleError: If a model cannot be loaded or its inputs and outputs disagree with the manifest.
+    """
+
+    capabilities = CAPABILITIES
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        models: Sequence[bytes],
+        backbone: bytes | None,
+        *,
+        threads: int,
+        location_workers: int,
+    ) -> None:
+        precision = manifest.model.get("precision", "fp32")
+        if precision != "bf16":
+            raise ValueError(NOT_BF16.format(precision=precision.upper()))
+        if backbone is None or manifest.features is None:
+            raise BundleError(f"layout {manifest.layout!r}: a bf16 bundle needs its shared backbone's model bytes")
+        ov = import_openvino()
+        ort = import_ort()
+        self.manifest = manifest
+        count = len(manifest.models)
+        self.threads = threads
+        self.location_workers = max(1, min(location_workers, count))
+        threads_each = max(1, threads // self.location_workers)
+        self.versions = (str(ov.__version__), str(ort.__version__))
+        core = ov.Core()
+        require_bf16(core, "a bf16 bundle")
+        tile = (manifest.preprocessing.channels, *manifest.grid.tile_size)
+        try:
+            compiled = core.compile_model(core.read_model(model=backbone), "CPU", bf16_config(threads_each))
+            self._backbone: _Location | None = _Location(compiled, [FEATURES_NAME], tile)
+        except Exception as err:  # OpenVINO raises RuntimeError and its own types
+            raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
+        providers = session_providers("cpu", manifest)
+        sessions: list[Any] = []
+        for loc, model in zip(manifest.models, models, strict=True):
+            try:
+                session = load_session(ort, model, providers, threads_each)
+            except Exception as err:  # onnxruntime raises its own exception types
+                raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {loc.file}: {err}") from err
+            del model  # a VerifiedModels item: read for this session only
+            check_providers(providers, session.get_providers(), loc.name)
+            release_model_bytes(session, providers)
+            return_freed_heap()
+            check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
+            sessions.append(session)
+        self._sessions: list[Any] | None = sessions
+        self._buffers = BufferPool()
+        self._pool = (
+            ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-hybrid")
+            if self.location_workers > 1
+            else None
+        )
+
+    @property
+    def providers(self) -> list[str]:
+        """``OpenVINO <version> CPU, backbone bf16`` and ``ONNX Runtime <version> CPUExecutionProvider, heads``."""
+        if self._sessions is None:
+            raise RuntimeError("Predictor is closed")
+        ov, ort = self.versions
+        return [f"OpenVINO {ov} CPU, backbone bf16", f"ONNX Runtime {ort} CPUExecutionProvider, heads"]
+
+    @property
+    def device_memory_bytes(self) -> int | None:
+        """None: the models run in host memory."""
+        return None
+
+    def infer(self, tiles: np.ndarray, timer: StageTimes | None = None) -> LocationOutputs:
+        """The backbone on every tile, then each location's head (:meth:`.base.InferenceBackend.infer`)."""
+        sessions, backbone, pool = self._sessions, self._backbone, self._pool
+        if sessions is None or backbone is None:
+            raise RuntimeError("Predictor is closed")
+
+        def run_features(part: np.ndarray, out: np.ndarray) -> None:
+            try:
+                backbone.run_into(part, out)  # straight into the reused feature buffer
+            except BundleError as err:
+                raise BundleError(f"the shared backbone: {err}") from None
+
+        def run_head(index: int, features: np.ndarray) -> Sequence[np.ndarray]:
+            outs: Sequence[np.ndarray] = sessions[index].run([OUTPUT_NAME], {FEATURES_NAME: features})
+            return outs
+
+        features = run_backbone(
+            self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
+        )
+        try:
+            return run_locations(self.manifest, features, run_head, pool, timer)
+        finally:
+            self._buffers.give(features)
+
+    def close(self) -> None:
+        """Drop the sessions and the compiled backbone, stop the location workers."""
+        self._sessions = None
+        self._backbone = None
+        self._buffers.clear()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def create(request: BackendRequest) -> HybridBackend:
+    """The registry's factory (CPU only; the Predictor checks the device against the capabilities)."""
+    budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
+    workers = request.location_workers
+    if workers is None:
+        workers = default_location_workers(request.device, len(request.manifest.models), budget)
+    return HybridBackend(request.manifest, request.models, request.backbone, threads=budget, location_workers=workers)
