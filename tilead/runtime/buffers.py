@@ -116,6 +116,13 @@ class LeasePool:
             self._collect()
             return len(self._idle)
 
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of the idle buffers held now."""
+        with self._lock:
+            self._collect()
+            return sum(buffer.nbytes for _, buffer in self._idle.values())
+
     def close(self) -> None:
         """Drop every idle buffer; buffers in use are freed when their views go, not pooled again."""
         with self._lock:

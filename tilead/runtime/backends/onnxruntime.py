@@ -45,8 +45,10 @@ from tilead.runtime.backends.base import (
     BufferPool,
     Capabilities,
     LocationOutputs,
+    TileStream,
     default_location_workers,
     run_backbone,
+    run_backbone_stream,
     run_locations,
     run_with_thumbnail,
 )
@@ -315,6 +317,10 @@ def folds_constants(model: bytes) -> bool:
     return model_metadata(model).get(CONSTANT_FOLDING_KEY) != CONSTANT_FOLDING_OFF
 
 
+MEM_PATTERN = False
+"""ONNX Runtime's ``enable_mem_pattern`` for CPU sessions (:func:`session_options`); off: see there."""
+
+
 def session_options(ort: Any, threads: int, *, cpu_only: bool, fold: bool) -> Any:
     """Options of one session: ``threads`` intra-op threads, no spinning, the shared arena on the CPU.
 
@@ -333,6 +339,10 @@ def session_options(ort: Any, threads: int, *, cpu_only: bool, fold: bool) -> An
     options.inter_op_num_threads = 1
     if cpu_only:
         use_shared_cpu_arena(ort, options)
+        # No memory pattern: ONNX Runtime would keep one block per session and input shape for all of a run's
+        # activations at once (their planned peak, held for the session's life); without it each activation comes
+        # from the shared arena and goes back to it when freed (issue #21: peak RSS, bench_memory.py).
+        options.enable_mem_pattern = MEM_PATTERN
     return options
 
 
@@ -472,30 +482,61 @@ class OnnxRuntimeBackend:
         if sessions is None:
             raise RuntimeError("Predictor is closed")
         names = self._names
-        backbone = self._backbone
-        if backbone is None:
+        if self._backbone is None:
 
             def run_one(index: int, location_tiles: np.ndarray) -> Sequence[np.ndarray]:
                 outs: Sequence[np.ndarray] = sessions[index].run(names, {INPUT_NAME: location_tiles})
                 return outs
 
             return run_locations(self.manifest, tiles, run_one, pool, timer)
-
-        def run_features(part: np.ndarray, out: np.ndarray) -> None:
-            binding = backbone.io_binding()
-            binding.bind_cpu_input(INPUT_NAME, part)
-            binding.bind_output(FEATURES_NAME, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            backbone.run_with_iobinding(binding)
-
-        def run_head(index: int, features: np.ndarray) -> Sequence[np.ndarray]:
-            outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: features})
-            return outs
-
         features = run_backbone(
-            self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
+            self.manifest, np.ascontiguousarray(tiles), self._run_features, self._buffers, pool, timer,
+            self.location_workers,
+        )  # fmt: skip
+        return self._run_heads(features, timer)
+
+    @property
+    def streams_tiles(self) -> bool:
+        """True for a ``shared_backbone`` bundle: :meth:`infer_stream` takes the tiles a few images at a time."""
+        return self._backbone is not None
+
+    def infer_stream(self, stream: TileStream, timer: StageTimes | None = None) -> LocationOutputs:
+        """:meth:`infer` on tiles made a few images at a time (:class:`.base.TileStream`; shared backbone only).
+
+        Only the features of the whole batch are held at once, never all its tiles.
+
+        Raises:
+            BundleError: For a bundle without a shared backbone.
+        """
+        if self._sessions is None:
+            raise RuntimeError("Predictor is closed")
+        if self._backbone is None:
+            raise BundleError(f"layout {self.manifest.layout!r}: streamed tiles need a shared backbone")
+        features = run_backbone_stream(
+            self.manifest, stream, self._run_features, self._buffers, self._pool, timer, self.location_workers
         )
+        return self._run_heads(features, timer)
+
+    def _run_features(self, part: np.ndarray, out: np.ndarray) -> None:
+        """The shared backbone on ``part``, its features written straight into ``out`` (C-contiguous)."""
+        backbone = self._backbone
+        binding = backbone.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, part)
+        binding.bind_output(FEATURES_NAME, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        backbone.run_with_iobinding(binding)
+
+    def _run_heads(self, features: np.ndarray, timer: StageTimes | None) -> LocationOutputs:
+        """Every head on its location's block of ``features`` (taken from the pool, given back here)."""
+        sessions, names = self._sessions, self._names
         try:
-            return run_locations(self.manifest, features, run_head, pool, timer)
+            if sessions is None:
+                raise RuntimeError("Predictor is closed")
+
+            def run_head(index: int, block: np.ndarray) -> Sequence[np.ndarray]:
+                outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: block})
+                return outs
+
+            return run_locations(self.manifest, features, run_head, self._pool, timer)
         finally:
             self._buffers.give(features)
 
