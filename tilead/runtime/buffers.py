@@ -58,6 +58,9 @@ class LeasePool:
             first); a buffer beyond it is freed.
     """
 
+    FIT = 2
+    """An idle buffer serves a request of another shape when it has at most this many times the bytes needed."""
+
     def __init__(self, keep: int = 4) -> None:
         if not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep: expected a non-negative integer, got {keep!r}")
@@ -86,6 +89,11 @@ class LeasePool:
     def take(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialized C-contiguous array of this shape and dtype: an idle buffer when one fits, else new.
 
+        An idle buffer of the same shape and dtype is taken first; else the smallest idle buffer of at
+        least the bytes needed and at most :attr:`FIT` times them (its first bytes, viewed as this
+        shape and dtype): so buffers of different stages of a call share memory (the backbone's
+        features, once the heads are done with them, hold the image-size maps).
+
         Args:
             shape: The array's shape.
             dtype: Its dtype.
@@ -94,17 +102,24 @@ class LeasePool:
             An array whose buffer comes back to this pool once it and every view of it are gone.
         """
         key = (tuple(int(d) for d in shape), np.dtype(dtype).str)
+        need = int(np.prod(key[0], dtype=np.int64)) * np.dtype(dtype).itemsize
         buffer = None
         with self._lock:
             self._collect()
-            for ident, (k, candidate) in reversed(self._idle.items()):
-                if k == key:
-                    del self._idle[ident]
-                    buffer = candidate
-                    break
+            fits = [
+                (candidate.nbytes, ident)
+                for ident, (k, candidate) in self._idle.items()
+                if k == key or need <= candidate.nbytes <= self.FIT * max(need, 1)
+            ]
+            exact = [ident for ident, (k, _) in reversed(self._idle.items()) if k == key]
+            if exact or fits:
+                buffer = self._idle.pop(exact[0] if exact else min(fits)[1])[1]
         if buffer is None:
             buffer = np.empty(key[0], dtype=key[1])
-        lease = _Lease(buffer)
+        view = buffer
+        if (buffer.shape, buffer.dtype.str) != key:
+            view = buffer.reshape(-1).view(np.uint8)[:need].view(key[1]).reshape(key[0])
+        lease = _Lease(view)
         weakref.finalize(lease, self._give, buffer).atexit = False
         out: np.ndarray = np.asarray(lease)
         return out

@@ -216,6 +216,9 @@ class Predictor:
         self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
         self._running = 0
         self._closed = False
+        # Image-size maps and masks reused once the caller has dropped every result viewing them (never earlier);
+        # the ONNX Runtime backend takes the shared backbone's features here too, so the maps reuse their memory.
+        self._outputs = LeasePool(keep=4)
         request = BackendRequest(
             bundle=self.path,
             manifest=self.manifest,
@@ -230,11 +233,10 @@ class Predictor:
             build_on_load=build_on_load,
             cuda_graphs=bool(cuda_graphs),
             bf16_backbone=bf16_backbone,
+            allocate=self._outputs.take,
         )
         # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
         self._tiles = BufferPool(keep=4)
-        # Image-size maps and masks reused once the caller has dropped every result viewing them (never earlier).
-        self._outputs = LeasePool(keep=4)
         created = spec.create(request)
         if self.manifest.thumbnail is not None and not created.capabilities.thumbnail:
             created.close()
@@ -430,7 +432,8 @@ class Predictor:
         one = tile_shape(m.grid, 1, m.preprocessing)
         dtype = np.dtype(m.preprocessing.dtype)
         group = stream_group(int(np.prod(one)) * dtype.itemsize, n)
-        buffer = self._tiles.take(tile_shape(m.grid, group, m.preprocessing), dtype.str)
+        # Leased like the outputs: once the backbone has read it, the call's masks can take its memory.
+        buffer = self._outputs.take(tile_shape(m.grid, group, m.preprocessing), dtype.str)
         staging = None if group == 1 else self._tiles.take((group, *images[0].shape), "uint8")
 
         def fill(lo: int, hi: int) -> np.ndarray:
@@ -447,7 +450,6 @@ class Predictor:
         try:
             return backend.infer_stream(TileStream(n, group, fill), timer)
         finally:
-            self._tiles.give(buffer)
             if staging is not None:
                 self._tiles.give(staging)
 

@@ -32,6 +32,7 @@ from typing import Protocol, overload, runtime_checkable
 import numpy as np
 
 from tilead.runtime import orientation
+from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import BundleError, Manifest, read_verified_file
 from tilead.runtime.files import LocationFile
 from tilead.runtime.postprocess import NormalizedMaps
@@ -120,6 +121,9 @@ class BackendRequest:
         thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch), else None.
         bf16_backbone: Run the shared backbone in bfloat16 (heads in float32): only backends whose
             registry entry has ``bf16_backbone`` True accept it, on a CPU with bf16 units.
+        allocate: Where a backend may take large per-call host arrays (the shared backbone's features) so
+            that they share memory with the Predictor's image-size outputs (a
+            :class:`tilead.runtime.buffers.LeasePool`'s ``take``); None: the backend's own buffers.
     """
 
     bundle: Path
@@ -135,6 +139,7 @@ class BackendRequest:
     backbone: bytes | None = None
     thumbnail: bytes | None = None
     bf16_backbone: bool = False
+    allocate: Allocate | None = None
 
 
 @runtime_checkable
