@@ -135,6 +135,7 @@ def test_the_backbone_features_are_leased_from_the_predictors_pool(pair: tuple[P
             del result
         gc.collect()
         assert backend._buffers.idle_bytes == 0  # nothing held by the backend itself
+        assert p.manifest.features is not None
         features = 4 * len(p.manifest.locations) * int(np.prod(p.manifest.features)) * 4
         assert p._outputs.idle_bytes >= features
 
