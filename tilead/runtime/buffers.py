@@ -61,6 +61,9 @@ class LeasePool:
     FIT = 2
     """An idle buffer serves a request of another shape when it has at most this many times the bytes needed."""
 
+    TRIM_BYTES = 1 << 20
+    """A request of at least this many bytes that no idle buffer serves drops the idle buffers smaller than it."""
+
     def __init__(self, keep: int = 4) -> None:
         if not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep: expected a non-negative integer, got {keep!r}")
@@ -92,7 +95,10 @@ class LeasePool:
         An idle buffer of the same shape and dtype is taken first; else the smallest idle buffer of at
         least the bytes needed and at most :attr:`FIT` times them (its first bytes, viewed as this
         shape and dtype): so buffers of different stages of a call share memory (the backbone's
-        features, once the heads are done with them, hold the image-size maps).
+        features, once the heads are done with them, hold the image-size maps). When nothing fits
+        a request of at least :attr:`TRIM_BYTES`, the idle buffers smaller than it are dropped:
+        after a larger batch the smaller batch's buffers are not kept beside the larger ones (a
+        smaller batch then reuses a larger buffer within :attr:`FIT`, or allocates once).
 
         Args:
             shape: The array's shape.
@@ -114,6 +120,10 @@ class LeasePool:
             exact = [ident for ident, (k, _) in reversed(self._idle.items()) if k == key]
             if exact or fits:
                 buffer = self._idle.pop(exact[0] if exact else min(fits)[1])[1]
+        if buffer is None and need >= self.TRIM_BYTES:
+            with self._lock:  # a larger request than the idle buffers serve: the smaller ones are left behind
+                for ident in [i for i, (_, b) in self._idle.items() if b.nbytes < need]:
+                    del self._idle[ident]
         if buffer is None:
             buffer = np.empty(key[0], dtype=key[1])
         view = buffer

@@ -329,9 +329,12 @@ def session_options(ort: Any, threads: int, *, cpu_only: bool, fold: bool, mem_p
     with it a session keeps one block per input shape for all of a run's
     activations at once (their planned peak, held for the session's life, next to
     the shared arena); without it each activation comes from the shared arena and
-    goes back to it when freed. The heads of a ``shared_backbone`` bundle take it
-    off (issue #21: less peak RSS at 2048x2048, batch 1 then 8,
-    ``benchmarks/bench_memory.py``); every other graph keeps it.
+    goes back to it when freed. The locations' graphs (heads of a
+    ``shared_backbone`` bundle, full per-location graphs), which run on a batch of
+    tiles, take it off (issue #21: 97 MiB less peak RSS at 2048x2048 shared, about
+    520 MiB less for the bottle per-location bundle, batch 1 then 8,
+    ``benchmarks/bench_memory.py``; no speed change measurable on a shared CPU); the
+    shared backbone (one tile per call) and the thumbnail model keep it.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -458,8 +461,8 @@ class OnnxRuntimeBackend:
             return session
 
         for loc, model in zip(manifest.models, models, strict=True):
-            # A shared backbone's heads run without ONNX Runtime's memory pattern (session_options).
-            session = open_session(model, f"location {loc.name}", loc.file, loc.name, mem_pattern=backbone is None)
+            # Run on a batch of tiles: without ONNX Runtime's memory pattern (session_options).
+            session = open_session(model, f"location {loc.name}", loc.file, loc.name, mem_pattern=False)
             del model  # a VerifiedModels item: read for this session only
             # Names, element types and shapes against the manifest, at load rather than at the first predict.
             check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
