@@ -58,6 +58,12 @@ class LeasePool:
             first); a buffer beyond it is freed.
     """
 
+    FIT = 2
+    """An idle buffer serves a request of another shape when it has at most this many times the bytes needed."""
+
+    TRIM_BYTES = 1 << 20
+    """A request of at least this many bytes that no idle buffer serves drops the idle buffers smaller than it."""
+
     def __init__(self, keep: int = 4) -> None:
         if not isinstance(keep, int) or keep < 0:
             raise ValueError(f"keep: expected a non-negative integer, got {keep!r}")
@@ -86,6 +92,14 @@ class LeasePool:
     def take(self, shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
         """An uninitialized C-contiguous array of this shape and dtype: an idle buffer when one fits, else new.
 
+        An idle buffer of the same shape and dtype is taken first; else the smallest idle buffer of at
+        least the bytes needed and at most :attr:`FIT` times them (its first bytes, viewed as this
+        shape and dtype): so buffers of different stages of a call share memory (the backbone's
+        features, once the heads are done with them, hold the image-size maps). When nothing fits
+        a request of at least :attr:`TRIM_BYTES`, the idle buffers smaller than it are dropped:
+        after a larger batch the smaller batch's buffers are not kept beside the larger ones (a
+        smaller batch then reuses a larger buffer within :attr:`FIT`, or allocates once).
+
         Args:
             shape: The array's shape.
             dtype: Its dtype.
@@ -94,17 +108,28 @@ class LeasePool:
             An array whose buffer comes back to this pool once it and every view of it are gone.
         """
         key = (tuple(int(d) for d in shape), np.dtype(dtype).str)
+        need = int(np.prod(key[0], dtype=np.int64)) * np.dtype(dtype).itemsize
         buffer = None
         with self._lock:
             self._collect()
-            for ident, (k, candidate) in reversed(self._idle.items()):
-                if k == key:
+            fits = [
+                (candidate.nbytes, ident)
+                for ident, (k, candidate) in self._idle.items()
+                if k == key or need <= candidate.nbytes <= self.FIT * max(need, 1)
+            ]
+            exact = [ident for ident, (k, _) in reversed(self._idle.items()) if k == key]
+            if exact or fits:
+                buffer = self._idle.pop(exact[0] if exact else min(fits)[1])[1]
+        if buffer is None and need >= self.TRIM_BYTES:
+            with self._lock:  # a larger request than the idle buffers serve: the smaller ones are left behind
+                for ident in [i for i, (_, b) in self._idle.items() if b.nbytes < need]:
                     del self._idle[ident]
-                    buffer = candidate
-                    break
         if buffer is None:
             buffer = np.empty(key[0], dtype=key[1])
-        lease = _Lease(buffer)
+        view = buffer
+        if (buffer.shape, buffer.dtype.str) != key:
+            view = buffer.reshape(-1).view(np.uint8)[:need].view(key[1]).reshape(key[0])
+        lease = _Lease(view)
         weakref.finalize(lease, self._give, buffer).atexit = False
         out: np.ndarray = np.asarray(lease)
         return out
@@ -115,6 +140,13 @@ class LeasePool:
         with self._lock:
             self._collect()
             return len(self._idle)
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of the idle buffers held now."""
+        with self._lock:
+            self._collect()
+            return sum(buffer.nbytes for _, buffer in self._idle.values())
 
     def close(self) -> None:
         """Drop every idle buffer; buffers in use are freed when their views go, not pooled again."""

@@ -39,8 +39,11 @@ from tilead.runtime.backends.base import (
     BufferPool,
     InferenceBackend,
     PipelineBackend,
+    StreamingInference,
     ThumbnailInference,
+    TileStream,
     VerifiedModels,
+    stream_group,
 )
 from tilead.runtime.buffers import LeasePool
 from tilead.runtime.bundle import BundleError, Manifest, read_manifest, read_verified_file, verify_files
@@ -219,6 +222,9 @@ class Predictor:
         self._idle = threading.Condition(self._lock)  # close() waits on it for running calls
         self._running = 0
         self._closed = False
+        # Image-size maps and masks reused once the caller has dropped every result viewing them (never earlier);
+        # the ONNX Runtime backend takes the shared backbone's features here too, so the maps reuse their memory.
+        self._outputs = LeasePool(keep=4)
         request = BackendRequest(
             bundle=self.path,
             manifest=self.manifest,
@@ -233,11 +239,10 @@ class Predictor:
             build_on_load=build_on_load,
             cuda_graphs=bool(cuda_graphs),
             bf16_backbone=bf16_backbone,
+            allocate=self._outputs.take,
         )
         # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
         self._tiles = BufferPool(keep=4)
-        # Image-size maps and masks reused once the caller has dropped every result viewing them (never earlier).
-        self._outputs = LeasePool(keep=4)
         created = spec.create(request)
         if self.manifest.thumbnail is not None and not created.capabilities.thumbnail:
             created.close()
@@ -376,9 +381,15 @@ class Predictor:
         return single, out, sizes
 
     def _location_outputs(
-        self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None = None
+        self, batch: np.ndarray | Sequence[np.ndarray], input_order: InputOrder, timer: StageTimes | None = None
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Raw per-location maps ``(locations, n, h, w)`` of a ``(n, H, W, C)`` uint8 batch.
+        """Raw per-location maps ``(locations, n, h, w)`` of ``n`` uint8 ``(H, W, C)`` images.
+
+        Args:
+            batch: A ``(n, H, W, C)`` array or a list of ``(H, W, C)`` arrays (stacked only where needed: a
+                backend that streams the tiles gets them a few images at a time, never the whole batch's).
+            input_order: As for :meth:`predict`.
+            timer: Receives the stages.
 
         Returns:
             ``(maps, scores, thumbnail)``: the maps, the detector's per-tile scores
@@ -386,25 +397,83 @@ class Predictor:
             thumbnail model's raw maps float32 ``(n, h, w)`` for a bundle with a thumbnail branch (else None).
         """
         backend = self._open()
-        order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
-        if backend.capabilities.full_pipeline:
-            maps, scores = cast(PipelineBackend, backend).location_outputs(batch, order)
-            return maps, scores, None
+        order: InputOrder = "GRAY" if batch[0].shape[2] == 1 else input_order
         m = self.manifest
-        buffer = self._tiles.take(tile_shape(m.grid, batch.shape[0], m.preprocessing), m.preprocessing.dtype)
-        try:
-            with timed(timer, "tile"):
-                tiles = tile_images(batch, m.grid, m.preprocessing, input_order=order, out=buffer)
-                small = None
-                if m.thumbnail is not None:
-                    small = thumbnail_tiles(batch, m.thumbnail.size, m.preprocessing, input_order=order)
-            if small is None:
-                maps, scores = cast(InferenceBackend, backend).infer(tiles, timer)
+        if (
+            not backend.capabilities.full_pipeline
+            and m.thumbnail is None
+            and isinstance(backend, StreamingInference)
+            and backend.streams_tiles
+        ):
+            return (*self._streamed_outputs(backend, batch, order, timer), None)
+        with self._stacked(batch, timer) as stacked:
+            if backend.capabilities.full_pipeline:
+                maps, scores = cast(PipelineBackend, backend).location_outputs(stacked, order)
                 return maps, scores, None
-            (maps, scores), thumbnail = cast(ThumbnailInference, backend).infer_with_thumbnail(tiles, small, timer)
-            return maps, scores, thumbnail
+            buffer = self._tiles.take(tile_shape(m.grid, stacked.shape[0], m.preprocessing), m.preprocessing.dtype)
+            try:
+                with timed(timer, "tile"):
+                    tiles = tile_images(stacked, m.grid, m.preprocessing, input_order=order, out=buffer)
+                    small = None
+                    if m.thumbnail is not None:
+                        small = thumbnail_tiles(stacked, m.thumbnail.size, m.preprocessing, input_order=order)
+                if small is None:
+                    maps, scores = cast(InferenceBackend, backend).infer(tiles, timer)
+                    return maps, scores, None
+                (maps, scores), thumbnail = cast(ThumbnailInference, backend).infer_with_thumbnail(tiles, small, timer)
+                return maps, scores, thumbnail
+            finally:
+                self._tiles.give(buffer)  # the backends' outputs never alias their input
+
+    def _streamed_outputs(
+        self,
+        backend: StreamingInference,
+        images: np.ndarray | Sequence[np.ndarray],
+        order: InputOrder,
+        timer: StageTimes | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`_location_outputs` through :meth:`.StreamingInference.infer_stream`: tiles a few images at a time."""
+        m = self.manifest
+        n = len(images)
+        one = tile_shape(m.grid, 1, m.preprocessing)
+        dtype = np.dtype(m.preprocessing.dtype)
+        group = stream_group(int(np.prod(one)) * dtype.itemsize, n)
+        # Leased like the outputs: once the backbone has read it, the call's masks can take its memory.
+        buffer = self._outputs.take(tile_shape(m.grid, group, m.preprocessing), dtype.str)
+        staging = None if group == 1 else self._tiles.take((group, *images[0].shape), "uint8")
+
+        def fill(lo: int, hi: int) -> np.ndarray:
+            count = hi - lo
+            with timed(timer, "tile"):
+                if staging is None or count == 1:
+                    part = images[lo][None]
+                else:
+                    part = np.stack(list(images[lo:hi]), out=staging[:count])
+                # The first ``count`` images' worth of the buffer, C-contiguous (the last group may be short).
+                out = buffer.reshape(-1)[: int(np.prod(one)) * count].reshape(one[0], count, *one[2:])
+                return tile_images(part, m.grid, m.preprocessing, input_order=order, out=out)
+
+        try:
+            return backend.infer_stream(TileStream(n, group, fill), timer)
         finally:
-            self._tiles.give(buffer)  # the backends' outputs never alias their input
+            if staging is not None:
+                self._tiles.give(staging)
+
+    @contextmanager
+    def _stacked(self, images: np.ndarray | Sequence[np.ndarray], timer: StageTimes | None) -> Iterator[np.ndarray]:
+        """``images`` as one ``(n, H, W, C)`` array: as given, a view of one image, or stacked into a pooled buffer."""
+        if isinstance(images, np.ndarray):
+            yield images
+            return
+        if len(images) == 1:
+            yield images[0][None]
+            return
+        with timed(timer, "input"):
+            stacked = np.stack(images, out=self._tiles.take((len(images), *images[0].shape), "uint8"))
+        try:
+            yield stacked
+        finally:
+            self._tiles.give(stacked)
 
     def location_maps(self, images: Any, *, input_order: InputOrder = "BGR", resize: bool = False) -> np.ndarray:
         """Raw per-location maps, before merging (what evaluation needs).
@@ -464,16 +533,19 @@ class Predictor:
             np.concatenate(small, axis=0) if small else None,
         )
 
-    def _run(self, batch: np.ndarray, input_order: InputOrder, timer: StageTimes | None) -> list[Prediction]:
+    def _run(
+        self, batch: np.ndarray | Sequence[np.ndarray], input_order: InputOrder, timer: StageTimes | None
+    ) -> list[Prediction]:
         m = self.manifest
         backend = self._open()
         if backend.capabilities.full_pipeline:
-            order: InputOrder = "GRAY" if batch.shape[3] == 1 else input_order
+            order: InputOrder = "GRAY" if batch[0].shape[2] == 1 else input_order
             pipeline = cast(PipelineBackend, backend)
-            result = pipeline.run_images(batch, order, timer)
-            if not result.finite.all():  # name the broken locations: one more pass, only for a broken output
-                maps, tile_scores = pipeline.location_outputs(batch, order)
-                result = replace(result, errors=nonfinite_errors(np.asarray(maps), m.grid, tile_scores))
+            with self._stacked(batch, timer) as stacked:
+                result = pipeline.run_images(stacked, order, timer)
+                if not result.finite.all():  # name the broken locations: one more pass, only for a broken output
+                    maps, tile_scores = pipeline.location_outputs(stacked, order)
+                    result = replace(result, errors=nonfinite_errors(np.asarray(maps), m.grid, tile_scores))
         else:
             maps, scores, thumbnail = self._location_outputs(batch, input_order, timer)
             fuse = None if m.thumbnail is None or thumbnail is None else fuser(m.thumbnail, thumbnail)
@@ -489,7 +561,7 @@ class Predictor:
                 float(result.raw_scores[i]),
                 result.error(i),
             )
-            for i in range(batch.shape[0])
+            for i in range(len(batch))
         ]
 
     def predict(
@@ -552,16 +624,8 @@ class Predictor:
         results: list[Prediction] = []
         with self._in_use(), thread_budget(self.threads):  # the kernels (tile, untile, ...) use the same budget
             for start in range(0, len(items), self.max_batch):
-                with timed(timer, "input"):
-                    chunk = items[start : start + self.max_batch]
-                    stacked = None if len(chunk) == 1 else self._tiles.take((len(chunk), *chunk[0].shape), "uint8")
-                    # One image: a view, no copy; several: stacked into a reused buffer.
-                    batch = chunk[0][None] if stacked is None else np.stack(chunk, out=stacked)
-                try:
-                    results.extend(self._run(batch, input_order, timer))
-                finally:
-                    if stacked is not None:
-                        self._tiles.give(stacked)
+                # Stacked into a reused buffer only where the backend needs the whole batch at once (_stacked).
+                results.extend(self._run(items[start : start + self.max_batch], input_order, timer))
         if map_size == "input" and any(sizes):
             with timed(timer, "output_resize"):
                 results = [

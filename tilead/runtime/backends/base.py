@@ -32,6 +32,7 @@ from typing import Protocol, overload, runtime_checkable
 import numpy as np
 
 from tilead.runtime import orientation
+from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import BundleError, Manifest, read_verified_file
 from tilead.runtime.files import LocationFile
 from tilead.runtime.postprocess import NormalizedMaps
@@ -120,6 +121,9 @@ class BackendRequest:
         thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch), else None.
         bf16_backbone: Run the shared backbone in bfloat16 (heads in float32): only backends whose
             registry entry has ``bf16_backbone`` True accept it, on a CPU with bf16 units.
+        allocate: Where a backend may take large per-call host arrays (the shared backbone's features) so
+            that they share memory with the Predictor's image-size outputs (a
+            :class:`tilead.runtime.buffers.LeasePool`'s ``take``); None: the backend's own buffers.
     """
 
     bundle: Path
@@ -135,6 +139,7 @@ class BackendRequest:
     backbone: bytes | None = None
     thumbnail: bytes | None = None
     bf16_backbone: bool = False
+    allocate: Allocate | None = None
 
 
 @runtime_checkable
@@ -278,6 +283,12 @@ class BufferPool:
             self._idle.clear()
             self._count = 0
 
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of the idle buffers held now."""
+        with self._lock:
+            return sum(b.nbytes for idle in self._idle.values() for b in idle)
+
 
 BACKBONE_CHUNK_BYTES = 1 << 20
 """Tile bytes per shared-backbone call at most (at least one tile per call).
@@ -371,6 +382,105 @@ def run_backbone(
         raise
     if timer is not None:
         timer.add("location:backbone", time.perf_counter() - start)
+    return features
+
+
+STREAM_TILE_BYTES = 64 << 20
+"""Tile bytes a streamed batch holds at a time (:class:`TileStream`; at least one image's tiles).
+
+A batch of 8 images of 2048x2048 in 4x4 tiles of 512 is 402 MB of float32
+tiles, and the uint8 stack it is cut from another 100 MB; the shared backbone
+reads them one tile per call, so a backend that streams them needs only a few
+images' tiles at once (issue #21: peak RSS)."""
+
+
+@dataclass(frozen=True)
+class TileStream:
+    """A batch's tiles made a few images at a time, when a streaming backend asks for them.
+
+    Attributes:
+        images: Images in the batch (``n``).
+        group: Images per :attr:`fill` call at most (the last call may get fewer).
+        fill: ``fill(lo, hi)`` returns the tiles of images ``lo`` to ``hi - 1``, float32 C-contiguous
+            ``(locations, hi - lo, C, th, tw)``; the array is reused by the next call.
+    """
+
+    images: int
+    group: int
+    fill: Callable[[int, int], np.ndarray]
+
+
+@runtime_checkable
+class StreamingInference(InferenceBackend, Protocol):
+    """An inference-only backend that can take a batch's tiles a few images at a time (:class:`TileStream`)."""
+
+    @property
+    def streams_tiles(self) -> bool:
+        """Whether :meth:`infer_stream` runs for this bundle (else the Predictor calls :meth:`infer`)."""
+        ...
+
+    def infer_stream(self, stream: TileStream, timer: StageTimes | None = None) -> LocationOutputs:
+        """As :meth:`InferenceBackend.infer` on the tiles ``stream`` makes (``(locations, n, ...)`` in all)."""
+        ...
+
+
+def stream_group(image_tile_bytes: int, images: int, limit: int = STREAM_TILE_BYTES) -> int:
+    """Images per :class:`TileStream` fill: as many as ``limit`` bytes of tiles hold, at least 1, at most ``images``."""
+    return max(1, min(images, limit // max(1, image_tile_bytes)))
+
+
+def run_backbone_stream(
+    manifest: Manifest,
+    stream: TileStream,
+    run: RunBackbone,
+    buffers: BufferPool,
+    workers: ThreadPoolExecutor | None,
+    timer: StageTimes | None,
+    worker_count: int = 1,
+) -> np.ndarray:
+    """:func:`run_backbone` on tiles made a few images at a time: the features of the whole batch, in one buffer.
+
+    Each group of images is tiled (``stream.fill``), then its tiles go through
+    the backbone in calls that never cross a location (so every call writes a
+    contiguous run of the features), spread over the workers.
+
+    Returns:
+        float32 ``(locations, n, d, fh, fw)``, taken from ``buffers``.
+
+    Raises:
+        BundleError: For a manifest without a shared backbone, or a fill of the wrong shape.
+    """
+    if manifest.features is None:
+        raise BundleError(f"layout {manifest.layout!r} has no shared backbone")
+    count, n = len(manifest.locations), stream.images
+    features = buffers.take((count, n, *manifest.features))
+    spent = 0.0
+    try:
+        for lo in range(0, n, stream.group):
+            hi = min(n, lo + stream.group)
+            tiles = stream.fill(lo, hi)
+            if tiles.shape[:2] != (count, hi - lo) or not tiles.flags.c_contiguous:
+                want = f"C-contiguous ({count}, {hi - lo}, ...)"
+                raise BundleError(f"tile stream: expected {want} tiles, got {tiles.shape}")
+            calls = [(loc, a, b) for loc in range(count) for a, b in backbone_chunks(hi - lo, tiles[0, 0].nbytes, 1)]
+
+            def one(call: tuple[int, int, int], tiles: np.ndarray = tiles, lo: int = lo) -> None:
+                loc, a, b = call
+                run(tiles[loc, a:b], features[loc, lo + a : lo + b])
+
+            start = time.perf_counter()
+            with timed(timer, "inference"):
+                if workers is None or len(calls) == 1:
+                    for call in calls:
+                        one(call)
+                else:
+                    list(workers.map(one, calls))
+            spent += time.perf_counter() - start
+    except BaseException:
+        buffers.give(features)
+        raise
+    if timer is not None:
+        timer.add("location:backbone", spent)
     return features
 
 

@@ -45,11 +45,14 @@ from tilead.runtime.backends.base import (
     BufferPool,
     Capabilities,
     LocationOutputs,
+    TileStream,
     default_location_workers,
     run_backbone,
+    run_backbone_stream,
     run_locations,
     run_with_thumbnail,
 )
+from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import (
     FEATURES_NAME,
     INPUT_NAME,
@@ -320,12 +323,23 @@ def folds_constants(model: bytes) -> bool:
     return model_metadata(model).get(CONSTANT_FOLDING_KEY) != CONSTANT_FOLDING_OFF
 
 
-def session_options(ort: Any, threads: int, *, cpu_only: bool, fold: bool) -> Any:
+def session_options(ort: Any, threads: int, *, cpu_only: bool, fold: bool, mem_pattern: bool = True) -> Any:
     """Options of one session: ``threads`` intra-op threads, no spinning, the shared arena on the CPU.
 
     With ``fold`` False (a model that asks for it, :func:`folds_constants`):
     constant folding off and the level ``ORT_ENABLE_EXTENDED``, since the layout
     pass of ``ORT_ENABLE_ALL`` folds constants on its own.
+
+    With ``mem_pattern`` False on the CPU, ONNX Runtime's memory pattern is off:
+    with it a session keeps one block per input shape for all of a run's
+    activations at once (their planned peak, held for the session's life, next to
+    the shared arena); without it each activation comes from the shared arena and
+    goes back to it when freed. The locations' graphs (heads of a
+    ``shared_backbone`` bundle, full per-location graphs), which run on a batch of
+    tiles, take it off (issue #21: 97 MiB less peak RSS at 2048x2048 shared, about
+    520 MiB less for the bottle per-location bundle, batch 1 then 8,
+    ``benchmarks/bench_memory.py``; no speed change measurable on a shared CPU); the
+    shared backbone (one tile per call) and the thumbnail model keep it.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -338,14 +352,15 @@ def session_options(ort: Any, threads: int, *, cpu_only: bool, fold: bool) -> An
     options.inter_op_num_threads = 1
     if cpu_only:
         use_shared_cpu_arena(ort, options)
+        options.enable_mem_pattern = mem_pattern
     return options
 
 
-def load_session(ort: Any, model: bytes, providers: list[Any], threads: int) -> Any:
+def load_session(ort: Any, model: bytes, providers: list[Any], threads: int, *, mem_pattern: bool = True) -> Any:
     """An ``InferenceSession`` of ``model`` with :func:`session_options` (constant folding as the model asks)."""
     cpu_only = [p if isinstance(p, str) else p[0] for p in providers] == ["CPUExecutionProvider"]
     fold = folds_constants(model)
-    options = session_options(ort, threads, cpu_only=cpu_only, fold=fold)
+    options = session_options(ort, threads, cpu_only=cpu_only, fold=fold, mem_pattern=mem_pattern)
     extra: dict[str, Any] = {} if fold else {"disabled_optimizers": ["ConstantFolding"]}
     return ort.InferenceSession(model, sess_options=options, providers=providers, **extra)
 
@@ -380,6 +395,25 @@ def use_shared_cpu_arena(ort: Any, options: Any) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
+class LeasedBuffers(BufferPool):
+    """A :class:`.base.BufferPool` whose buffers come from an :data:`~tilead.runtime.buffers.Allocate` (a lease pool).
+
+    ``give`` keeps nothing: a leased array goes back to its pool when the last view of it is gone, where the
+    Predictor's image-size maps of the same call can take its memory (issue #21: peak RSS).
+    """
+
+    def __init__(self, allocate: Allocate) -> None:
+        super().__init__(keep=0)
+        self._allocate = allocate
+
+    def take(self, shape: tuple[int, ...], dtype: str | np.dtype[np.generic] = "float32") -> np.ndarray:
+        """A leased uninitialized C-contiguous array."""
+        return self._allocate(tuple(int(d) for d in shape), np.dtype(dtype).str)
+
+    def give(self, array: np.ndarray) -> None:
+        """Nothing: the lease ends with the array's last view."""
+
+
 class OnnxRuntimeBackend:
     """One ONNX Runtime session per location (see the module docstring).
 
@@ -391,6 +425,8 @@ class OnnxRuntimeBackend:
         location_workers: Locations run at the same time (at most the number of locations).
         backbone: The shared backbone's ONNX bytes (``shared_backbone`` bundles only).
         thumbnail: The thumbnail model's ONNX bytes (bundles with a thumbnail branch only).
+        allocate: Where the shared backbone's features come from (:attr:`.base.BackendRequest.allocate`);
+            None: a pool of this backend's own.
 
     Raises:
         BundleError: If ONNX Runtime cannot load a model, or a bundle's layout and ``backbone`` disagree.
@@ -408,6 +444,7 @@ class OnnxRuntimeBackend:
         location_workers: int,
         backbone: bytes | None = None,
         thumbnail: bytes | None = None,
+        allocate: Allocate | None = None,
     ) -> None:
         if manifest.model.get("precision") == "bf16":
             raise ValueError(BF16_REFUSED)
@@ -419,10 +456,10 @@ class OnnxRuntimeBackend:
         threads_each = max(1, threads // self.location_workers)
         sessions: list[Any] = []
 
-        def open_session(model: bytes, what: str, file: str, name: str) -> Any:
+        def open_session(model: bytes, what: str, file: str, name: str, *, mem_pattern: bool = True) -> Any:
             """A checked session of ``model`` whose bytes ONNX Runtime no longer needs (freed heap returned)."""
             try:
-                session = load_session(ort, model, providers, threads_each)
+                session = load_session(ort, model, providers, threads_each, mem_pattern=mem_pattern)
             except Exception as err:  # onnxruntime raises its own exception types
                 raise BundleError(f"{what}: ONNX Runtime cannot load {file}: {err}") from err
             check_providers(providers, session.get_providers(), name)
@@ -431,7 +468,8 @@ class OnnxRuntimeBackend:
             return session
 
         for loc, model in zip(manifest.models, models, strict=True):
-            session = open_session(model, f"location {loc.name}", loc.file, loc.name)
+            # Run on a batch of tiles: without ONNX Runtime's memory pattern (session_options).
+            session = open_session(model, f"location {loc.name}", loc.file, loc.name, mem_pattern=False)
             del model  # a VerifiedModels item: read for this session only
             # Names, element types and shapes against the manifest, at load rather than at the first predict.
             check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
@@ -451,7 +489,7 @@ class OnnxRuntimeBackend:
         if thumbnail is not None:
             small = self._thumbnail = open_session(thumbnail, "the thumbnail model", "thumbnail.onnx", "thumbnail")
             check_thumbnail_io(ort_specs(small.get_inputs()), ort_specs(small.get_outputs()), manifest)
-        self._buffers = BufferPool()
+        self._buffers = BufferPool() if allocate is None else LeasedBuffers(allocate)
         self._sessions: list[Any] | None = sessions
         self._names = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
         self._pool = (
@@ -479,30 +517,61 @@ class OnnxRuntimeBackend:
         if sessions is None:
             raise RuntimeError("Predictor is closed")
         names = self._names
-        backbone = self._backbone
-        if backbone is None:
+        if self._backbone is None:
 
             def run_one(index: int, location_tiles: np.ndarray) -> Sequence[np.ndarray]:
                 outs: Sequence[np.ndarray] = sessions[index].run(names, {INPUT_NAME: location_tiles})
                 return outs
 
             return run_locations(self.manifest, tiles, run_one, pool, timer)
-
-        def run_features(part: np.ndarray, out: np.ndarray) -> None:
-            binding = backbone.io_binding()
-            binding.bind_cpu_input(INPUT_NAME, part)
-            binding.bind_output(FEATURES_NAME, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-            backbone.run_with_iobinding(binding)
-
-        def run_head(index: int, features: np.ndarray) -> Sequence[np.ndarray]:
-            outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: features})
-            return outs
-
         features = run_backbone(
-            self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
+            self.manifest, np.ascontiguousarray(tiles), self._run_features, self._buffers, pool, timer,
+            self.location_workers,
+        )  # fmt: skip
+        return self._run_heads(features, timer)
+
+    @property
+    def streams_tiles(self) -> bool:
+        """True for a ``shared_backbone`` bundle: :meth:`infer_stream` takes the tiles a few images at a time."""
+        return self._backbone is not None
+
+    def infer_stream(self, stream: TileStream, timer: StageTimes | None = None) -> LocationOutputs:
+        """:meth:`infer` on tiles made a few images at a time (:class:`.base.TileStream`; shared backbone only).
+
+        Only the features of the whole batch are held at once, never all its tiles.
+
+        Raises:
+            BundleError: For a bundle without a shared backbone.
+        """
+        if self._sessions is None:
+            raise RuntimeError("Predictor is closed")
+        if self._backbone is None:
+            raise BundleError(f"layout {self.manifest.layout!r}: streamed tiles need a shared backbone")
+        features = run_backbone_stream(
+            self.manifest, stream, self._run_features, self._buffers, self._pool, timer, self.location_workers
         )
+        return self._run_heads(features, timer)
+
+    def _run_features(self, part: np.ndarray, out: np.ndarray) -> None:
+        """The shared backbone on ``part``, its features written straight into ``out`` (C-contiguous)."""
+        backbone = self._backbone
+        binding = backbone.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, part)
+        binding.bind_output(FEATURES_NAME, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        backbone.run_with_iobinding(binding)
+
+    def _run_heads(self, features: np.ndarray, timer: StageTimes | None) -> LocationOutputs:
+        """Every head on its location's block of ``features`` (taken from the pool, given back here)."""
+        sessions, names = self._sessions, self._names
         try:
-            return run_locations(self.manifest, features, run_head, pool, timer)
+            if sessions is None:
+                raise RuntimeError("Predictor is closed")
+
+            def run_head(index: int, block: np.ndarray) -> Sequence[np.ndarray]:
+                outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: block})
+                return outs
+
+            return run_locations(self.manifest, features, run_head, self._pool, timer)
         finally:
             self._buffers.give(features)
 
@@ -551,4 +620,5 @@ def create(request: BackendRequest) -> OnnxRuntimeBackend:
         location_workers=workers,
         backbone=request.backbone,
         thumbnail=request.thumbnail,
+        allocate=request.allocate,
     )
