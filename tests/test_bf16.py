@@ -10,6 +10,7 @@ bf16 check the refusal instead: bf16 is never emulated.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -88,6 +89,29 @@ def test_auto_runs_a_bf16_bundle_on_the_hybrid_backend(
         results = hybrid.predict(images[:2])
         assert isinstance(results, list)
         assert all(np.isfinite(r.anomaly_map).all() for r in results)
+
+
+@pytest.mark.skipif(not BF16, reason=NO_BF16_UNITS)
+def test_hybrid_features_are_leased_from_the_predictors_pool(bundles: tuple[Path, Path]) -> None:
+    """The backbone's features come from the Predictor's output pool, so the next call's maps reuse them."""
+    from tilead.runtime.backends.onnxruntime import LeasedBuffers
+
+    with Predictor(bundles[1], threads=1, max_batch=4) as p:
+        backend: Any = p._backend
+        assert isinstance(backend._buffers, LeasedBuffers)
+        first = p.predict(_images(4, seed=2))
+        assert isinstance(first, list)
+        maps = [r.anomaly_map.copy() for r in first]
+        del first
+        gc.collect()
+        assert backend._buffers.idle_bytes == 0  # the backend keeps no buffer of its own
+        assert p.manifest.features is not None
+        features = 4 * len(p.manifest.locations) * int(np.prod(p.manifest.features)) * 4
+        assert p._outputs.idle_bytes >= features
+        again = p.predict(_images(4, seed=2))  # reused memory gives the same maps
+        assert isinstance(again, list)
+        for a, b in zip(maps, again, strict=True):
+            np.testing.assert_array_equal(b.anomaly_map, a)
 
 
 @pytest.mark.skipif(not BF16, reason=NO_BF16_UNITS)

@@ -45,6 +45,7 @@ from tilead.runtime.backends.base import (
     run_locations,
 )
 from tilead.runtime.backends.onnxruntime import (
+    LeasedBuffers,
     check_providers,
     import_ort,
     load_session,
@@ -53,6 +54,7 @@ from tilead.runtime.backends.onnxruntime import (
     session_providers,
 )
 from tilead.runtime.backends.openvino import _Location, import_openvino, require_bf16
+from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import (
     FEATURES_NAME,
     OUTPUT_NAME,
@@ -93,6 +95,8 @@ class HybridBackend:
         backbone: ``backbone.onnx``'s bytes.
         threads: CPU threads in all.
         location_workers: Locations (and backbone calls) run at the same time.
+        allocate: Where the backbone's features come from (:attr:`.base.BackendRequest.allocate`, the
+            Predictor's output pool, so that the merged maps reuse their memory); None: a pool of its own.
 
     Raises:
         ValueError: For a bundle whose precision is not bf16.
@@ -111,6 +115,7 @@ class HybridBackend:
         *,
         threads: int,
         location_workers: int,
+        allocate: Allocate | None = None,
     ) -> None:
         precision = manifest.model.get("precision", "fp32")
         if precision != "bf16":
@@ -147,7 +152,7 @@ class HybridBackend:
             check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
             sessions.append(session)
         self._sessions: list[Any] | None = sessions
-        self._buffers = BufferPool()
+        self._buffers = BufferPool() if allocate is None else LeasedBuffers(allocate)
         self._pool = (
             ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-hybrid")
             if self.location_workers > 1
@@ -207,4 +212,11 @@ def create(request: BackendRequest) -> HybridBackend:
     workers = request.location_workers
     if workers is None:
         workers = default_location_workers(request.device, len(request.manifest.models), budget)
-    return HybridBackend(request.manifest, request.models, request.backbone, threads=budget, location_workers=workers)
+    return HybridBackend(
+        request.manifest,
+        request.models,
+        request.backbone,
+        threads=budget,
+        location_workers=workers,
+        allocate=request.allocate,
+    )
