@@ -16,11 +16,16 @@ a bf16 backbone would move their maps; use ``onnxruntime`` or ``openvino``) and
 CPUs whose OpenVINO plugin does not list ``BF16`` (AVX-512 BF16 or AMX): bf16
 is never emulated there.
 
-Batching and threads as in the other CPU backends: every tile of a batch goes
-through the backbone in a few calls (:func:`~tilead.runtime.backends.base.run_backbone`,
-spread over the location workers, each OpenVINO call on ``threads // location_workers``
-threads), its features copied into a reused buffer, then one ONNX Runtime call per
-location (``threads // location_workers`` intra-op threads each).
+Batching and threads: every tile of a batch goes through the backbone one tile
+per call (:func:`~tilead.runtime.backends.base.run_backbone`), the calls one after
+another, each on all ``threads`` OpenVINO threads, the features written into a
+buffer from the Predictor's output pool; then one ONNX Runtime call per location,
+spread over the location workers (``threads // location_workers`` intra-op
+threads each). Unlike the other CPU backends, the backbone's calls are not spread
+over the workers: measured with ``benchmarks/bench_backbone_split.py`` (16 tiles
+of 512, AMD EPYC with AVX-512 BF16, 2 cores), OpenVINO's bf16 backbone took a
+median 138 ms one call at a time on 2 threads and 208 ms as two 1-thread calls
+side by side (ONNX Runtime INT8: 222 and 179 ms); docs/cpu_speed.md.
 
 Thread safety: ONNX Runtime sessions may run from several threads at once;
 the OpenVINO backbone keeps a stack of idle infer requests, one per running call.
@@ -134,7 +139,7 @@ class HybridBackend:
         require_bf16(core, "a bf16 bundle")
         tile = (manifest.preprocessing.channels, *manifest.grid.tile_size)
         try:
-            compiled = core.compile_model(core.read_model(model=backbone), "CPU", bf16_config(threads_each))
+            compiled = core.compile_model(core.read_model(model=backbone), "CPU", bf16_config(threads))
             self._backbone: _Location | None = _Location(compiled, [FEATURES_NAME], tile)
         except Exception as err:  # OpenVINO raises RuntimeError and its own types
             raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
@@ -188,9 +193,8 @@ class HybridBackend:
             outs: Sequence[np.ndarray] = sessions[index].run([OUTPUT_NAME], {FEATURES_NAME: features})
             return outs
 
-        features = run_backbone(
-            self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
-        )
+        # One backbone call at a time on every thread (BACKBONE_SPLIT); the heads go side by side on the workers.
+        features = run_backbone(self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, None, timer)
         try:
             return run_locations(self.manifest, features, run_head, pool, timer)
         finally:
