@@ -115,6 +115,28 @@ def test_hybrid_features_are_leased_from_the_predictors_pool(bundles: tuple[Path
 
 
 @pytest.mark.skipif(not BF16, reason=NO_BF16_UNITS)
+@pytest.mark.parametrize("group", [1, 2, 5])
+def test_hybrid_streamed_tiles_give_the_maps_of_the_whole_batch(bundles: tuple[Path, Path], group: int) -> None:
+    """Tiles made ``group`` images at a time (what the Predictor does) give ``infer``'s maps on all tiles at once."""
+    from tilead.runtime.backends.base import TileStream
+    from tilead.runtime.preprocess import tile_images
+
+    images = _images(5, seed=4)
+    with Predictor(bundles[1], threads=2, location_workers=2) as p:
+        backend: Any = p._backend
+        assert backend.streams_tiles
+        m = p.manifest
+        whole = np.array(backend.infer(tile_images(images, m.grid, m.preprocessing))[0])
+
+        def fill(lo: int, hi: int) -> np.ndarray:
+            return np.ascontiguousarray(tile_images(images[lo:hi], m.grid, m.preprocessing))
+
+        streamed = np.array(backend.infer_stream(TileStream(len(images), group, fill))[0])
+        np.testing.assert_array_equal(streamed, whole)
+        np.testing.assert_array_equal(p.location_maps(images), whole)  # the Predictor's own (streamed) path
+
+
+@pytest.mark.skipif(not BF16, reason=NO_BF16_UNITS)
 def test_hybrid_maps_stay_within_bf16_rounding_of_fp32(bundles: tuple[Path, Path], tmp_path: Path) -> None:
     """The synthetic graphs' FP32 maps (ONNX Runtime, the bundle marked fp32) vs the hybrid's: bf16 keeps 8 bits."""
     fp32 = _mark(Path(shutil.copytree(bundles[1], tmp_path / "fp32")), "fp32")

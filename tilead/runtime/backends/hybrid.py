@@ -45,8 +45,10 @@ from tilead.runtime.backends.base import (
     BufferPool,
     Capabilities,
     LocationOutputs,
+    TileStream,
     default_location_workers,
     run_backbone,
+    run_backbone_stream,
     run_locations,
 )
 from tilead.runtime.backends.onnxruntime import (
@@ -177,26 +179,54 @@ class HybridBackend:
         """None: the models run in host memory."""
         return None
 
+    @property
+    def streams_tiles(self) -> bool:
+        """True: the Predictor may hand the tiles over a few images at a time (:meth:`infer_stream`)."""
+        return True
+
     def infer(self, tiles: np.ndarray, timer: StageTimes | None = None) -> LocationOutputs:
-        """The backbone on every tile, then each location's head (:meth:`.base.InferenceBackend.infer`)."""
-        sessions, backbone, pool = self._sessions, self._backbone, self._pool
-        if sessions is None or backbone is None:
+        """The backbone on every tile, then each location's head (:meth:`.base.InferenceBackend.infer`).
+
+        Args:
+            tiles: float32 ``(locations, n, C, th, tw)``.
+            timer: Receives ``inference`` and ``location:<name>``.
+        """
+        # One backbone call at a time on every thread (see the module docstring); the heads side by side.
+        features = run_backbone(
+            self.manifest, np.ascontiguousarray(tiles), self._run_features, self._buffers, None, timer
+        )
+        return self._run_heads(features, timer)
+
+    def infer_stream(self, stream: TileStream, timer: StageTimes | None = None) -> LocationOutputs:
+        """:meth:`infer` on tiles made a few images at a time (:class:`.base.TileStream`).
+
+        Only the features of the whole batch are held at once, never all its tiles.
+        """
+        features = run_backbone_stream(self.manifest, stream, self._run_features, self._buffers, None, timer)
+        return self._run_heads(features, timer)
+
+    def _run_features(self, part: np.ndarray, out: np.ndarray) -> None:
+        """The backbone on ``part``, its features written straight into ``out`` (C-contiguous)."""
+        backbone = self._backbone
+        if backbone is None:
             raise RuntimeError("Predictor is closed")
-
-        def run_features(part: np.ndarray, out: np.ndarray) -> None:
-            try:
-                backbone.run_into(part, out)  # straight into the reused feature buffer
-            except BundleError as err:
-                raise BundleError(f"the shared backbone: {err}") from None
-
-        def run_head(index: int, features: np.ndarray) -> Sequence[np.ndarray]:
-            outs: Sequence[np.ndarray] = sessions[index].run([OUTPUT_NAME], {FEATURES_NAME: features})
-            return outs
-
-        # One backbone call at a time on every thread (BACKBONE_SPLIT); the heads go side by side on the workers.
-        features = run_backbone(self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, None, timer)
         try:
-            return run_locations(self.manifest, features, run_head, pool, timer)
+            backbone.run_into(part, out)
+        except BundleError as err:
+            raise BundleError(f"the shared backbone: {err}") from None
+
+    def _run_heads(self, features: np.ndarray, timer: StageTimes | None) -> LocationOutputs:
+        """Every head on its location's block of ``features`` (taken from the pool, given back here)."""
+        sessions = self._sessions
+        try:
+            if sessions is None:
+                raise RuntimeError("Predictor is closed")
+
+            def run_head(index: int, block: np.ndarray) -> Sequence[np.ndarray]:
+                outs: Sequence[np.ndarray] = sessions[index].run([OUTPUT_NAME], {FEATURES_NAME: block})
+                return outs
+
+            return run_locations(self.manifest, features, run_head, self._pool, timer)
         finally:
             self._buffers.give(features)
 
