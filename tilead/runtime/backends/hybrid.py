@@ -53,11 +53,8 @@ from tilead.runtime.backends.base import (
 )
 from tilead.runtime.backends.onnxruntime import (
     LeasedBuffers,
-    check_providers,
     import_ort,
-    load_session,
-    release_model_bytes,
-    return_freed_heap,
+    load_location_sessions,
     session_providers,
 )
 from tilead.runtime.backends.openvino import _Location, import_openvino, require_bf16
@@ -67,8 +64,6 @@ from tilead.runtime.bundle import (
     OUTPUT_NAME,
     BundleError,
     Manifest,
-    check_model_io,
-    ort_specs,
 )
 from tilead.runtime.timing import StageTimes
 
@@ -146,18 +141,7 @@ class HybridBackend:
         except Exception as err:  # OpenVINO raises RuntimeError and its own types
             raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
         providers = session_providers("cpu", manifest)
-        sessions: list[Any] = []
-        for loc, model in zip(manifest.models, models, strict=True):
-            try:
-                session = load_session(ort, model, providers, threads_each)
-            except Exception as err:  # onnxruntime raises its own exception types
-                raise BundleError(f"location {loc.name}: ONNX Runtime cannot load {loc.file}: {err}") from err
-            del model  # a VerifiedModels item: read for this session only
-            check_providers(providers, session.get_providers(), loc.name)
-            release_model_bytes(session, providers)
-            return_freed_heap()
-            check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
-            sessions.append(session)
+        sessions = load_location_sessions(ort, manifest, models, providers, threads_each)
         self._sessions: list[Any] | None = sessions
         self._buffers = BufferPool() if allocate is None else LeasedBuffers(allocate)
         self._pool = (

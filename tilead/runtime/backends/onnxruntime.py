@@ -395,6 +395,64 @@ def use_shared_cpu_arena(ort: Any, options: Any) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
+def open_checked_session(
+    ort: Any,
+    model: bytes,
+    providers: list[Any],
+    threads: int,
+    what: str,
+    file: str,
+    name: str,
+    *,
+    mem_pattern: bool = True,
+) -> Any:
+    """A session of ``model`` (:func:`load_session`) checked for its providers, its bytes released.
+
+    Args:
+        ort: The ``onnxruntime`` module.
+        model: The ONNX bytes.
+        providers: Execution providers asked for.
+        threads: Intra-op threads.
+        what: Names the model in errors (``location r0c0``, ``the shared backbone``).
+        file: The model's file in the bundle, for errors.
+        name: Names the model in provider warnings.
+        mem_pattern: ONNX Runtime's memory pattern (:func:`session_options`).
+
+    Raises:
+        BundleError: If ONNX Runtime cannot load the model.
+    """
+    try:
+        session = load_session(ort, model, providers, threads, mem_pattern=mem_pattern)
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise BundleError(f"{what}: ONNX Runtime cannot load {file}: {err}") from err
+    check_providers(providers, session.get_providers(), name)
+    release_model_bytes(session, providers)
+    return_freed_heap()
+    return session
+
+
+def load_location_sessions(
+    ort: Any, manifest: Manifest, models: Sequence[bytes], providers: list[Any], threads: int
+) -> list[Any]:
+    """One checked session per model of the manifest (full location graphs or heads), in its order.
+
+    They run on a batch of tiles, so without ONNX Runtime's memory pattern (:func:`session_options`);
+    their inputs and outputs are checked against the manifest at load rather than at the first predict.
+
+    Raises:
+        BundleError: If a model cannot be loaded or its inputs and outputs disagree with the manifest.
+    """
+    sessions: list[Any] = []
+    for loc, model in zip(manifest.models, models, strict=True):
+        session = open_checked_session(
+            ort, model, providers, threads, f"location {loc.name}", loc.file, loc.name, mem_pattern=False
+        )
+        del model  # a VerifiedModels item: read for this session only
+        check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
+        sessions.append(session)
+    return sessions
+
+
 class LeasedBuffers(BufferPool):
     """A :class:`.base.BufferPool` whose buffers come from an :data:`~tilead.runtime.buffers.Allocate` (a lease pool).
 
@@ -454,26 +512,11 @@ class OnnxRuntimeBackend:
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         threads_each = max(1, threads // self.location_workers)
-        sessions: list[Any] = []
 
-        def open_session(model: bytes, what: str, file: str, name: str, *, mem_pattern: bool = True) -> Any:
-            """A checked session of ``model`` whose bytes ONNX Runtime no longer needs (freed heap returned)."""
-            try:
-                session = load_session(ort, model, providers, threads_each, mem_pattern=mem_pattern)
-            except Exception as err:  # onnxruntime raises its own exception types
-                raise BundleError(f"{what}: ONNX Runtime cannot load {file}: {err}") from err
-            check_providers(providers, session.get_providers(), name)
-            release_model_bytes(session, providers)
-            return_freed_heap()
-            return session
+        def open_session(model: bytes, what: str, file: str, name: str) -> Any:
+            return open_checked_session(ort, model, providers, threads_each, what, file, name)
 
-        for loc, model in zip(manifest.models, models, strict=True):
-            # Run on a batch of tiles: without ONNX Runtime's memory pattern (session_options).
-            session = open_session(model, f"location {loc.name}", loc.file, loc.name, mem_pattern=False)
-            del model  # a VerifiedModels item: read for this session only
-            # Names, element types and shapes against the manifest, at load rather than at the first predict.
-            check_model_io(loc.name, ort_specs(session.get_inputs()), ort_specs(session.get_outputs()), manifest)
-            sessions.append(session)
+        sessions = load_location_sessions(ort, manifest, models, providers, threads_each)
         self._backbone: Any = None
         if (backbone is None) != (manifest.backbone is None):
             state = "missing" if backbone is None else "given, but the layout has no shared backbone"
