@@ -1,6 +1,7 @@
 """Experiment: a shared PaDiM bundle whose Gaussians are refit on OpenVINO's bf16 backbone features (issue #21).
 
-A bf16 backbone (``Predictor(backend="openvino", bf16_backbone=True)``) moves the features about as
+Superseded by ``tilead-export --precision bf16`` (:mod:`tilead.exporter.bf16`), kept as the record of the
+experiment. A bf16 backbone (``Predictor(backend="openvino", bf16_backbone=True)``) moves the features about as
 far from FP32 as INT8 does (6.5 % on bottle tiles); the INT8 export refits each location's Gaussians
 on the INT8 features, a bf16 run has no such refit and loses most of its pixel quality
 (docs/cpu_speed.md). This probe asks whether a refit would fix it, before building a ``bf16``

@@ -325,7 +325,11 @@ def test_bf16_export_refits_the_heads_on_openvino_bf16_features(
     assert not ops & {"QuantizeLinear", "DequantizeLinear"}  # the backbone graph stays FP32
     # The same run exported FP32: same backbone graph, other head weights (refit on bf16 features).
     fp32 = export_bundle(tiny_trained[0], tmp_path / "fp32", progress=False, layout="shared_backbone").bundle
-    assert (bundle / "backbone.onnx").read_bytes() == (fp32 / "backbone.onnx").read_bytes()
+    # (The exporter's bytes are not deterministic across exports: compare operators and weights.)
+    ours, theirs = onnx.load(str(bundle / "backbone.onnx")).graph, onnx.load(str(fp32 / "backbone.onnx")).graph
+    assert [n.op_type for n in ours.node] == [n.op_type for n in theirs.node]
+    weights = sorted(onnx.numpy_helper.to_array(t).tobytes() for t in ours.initializer)
+    assert weights == sorted(onnx.numpy_helper.to_array(t).tobytes() for t in theirs.initializer)
     loc = manifest.locations[0]
     assert (bundle / loc.file).read_bytes() != (fp32 / loc.file).read_bytes()
     images = np.random.default_rng(3).integers(0, 256, (2, *manifest.grid.image_size, 3), dtype=np.uint8)

@@ -140,7 +140,7 @@ class Predictor:
             into a CUDA graph and replay it (falls back, logged once, where capture
             fails). Other backends accept and ignore it.
         bf16_backbone: Run a ``shared_backbone`` bundle's backbone in bfloat16 on
-            a CPU with bf16 units (``backend="openvino"`` only; the heads stay
+            a CPU with bf16 units (``backend="openvino"``; ``"hybrid"`` always does; the heads stay
             float32). Not recommended with today's bundles: PaDiM heads fit on
             FP32 features lose much quality (bottle AUPRO 0.466 instead of
             0.967; heads refit on bf16 features keep it, ``docs/cpu_speed.md``). Refused with a ValueError for another
