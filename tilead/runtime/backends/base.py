@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, overload, runtime_checkable
+from typing import Protocol, TypeVar, overload, runtime_checkable
 
 import numpy as np
 
@@ -323,6 +323,8 @@ def backbone_chunks(
     return list(itertools.pairwise(bounds))
 
 
+_Call = TypeVar("_Call")
+
 RunBackbone = Callable[[np.ndarray, np.ndarray], None]
 """``(tiles (k, C, th, tw), out (k, d, fh, fw)) -> None``: the shared backbone's features written into ``out``."""
 
@@ -369,20 +371,35 @@ def run_backbone(
     def one(bounds: tuple[int, int]) -> None:
         run(flat[bounds[0] : bounds[1]], out[bounds[0] : bounds[1]])
 
-    start = time.perf_counter()
     try:
-        with timed(timer, "inference"):
-            if workers is None or len(chunks) == 1:
-                for bounds in chunks:
-                    one(bounds)
-            else:
-                list(workers.map(one, chunks))
+        spent = _run_calls(one, chunks, workers, timer)
     except BaseException:
         buffers.give(features)
         raise
     if timer is not None:
-        timer.add("location:backbone", time.perf_counter() - start)
+        timer.add("location:backbone", spent)
     return features
+
+
+def _run_calls(
+    one: Callable[[_Call], None],
+    calls: Sequence[_Call],
+    workers: ThreadPoolExecutor | None,
+    timer: StageTimes | None,
+) -> float:
+    """``one`` on every call, on the workers where there are several calls (else in turn), timed as ``inference``.
+
+    Returns:
+        Wall seconds spent.
+    """
+    start = time.perf_counter()
+    with timed(timer, "inference"):
+        if workers is None or len(calls) == 1:
+            for call in calls:
+                one(call)
+        else:
+            list(workers.map(one, calls))
+    return time.perf_counter() - start
 
 
 STREAM_TILE_BYTES = 64 << 20
@@ -468,14 +485,7 @@ def run_backbone_stream(
                 loc, a, b = call
                 run(tiles[loc, a:b], features[loc, lo + a : lo + b])
 
-            start = time.perf_counter()
-            with timed(timer, "inference"):
-                if workers is None or len(calls) == 1:
-                    for call in calls:
-                        one(call)
-                else:
-                    list(workers.map(one, calls))
-            spent += time.perf_counter() - start
+            spent += _run_calls(one, calls, workers, timer)
     except BaseException:
         buffers.give(features)
         raise

@@ -49,15 +49,15 @@ from tilead.runtime.backends.base import (
     default_location_workers,
     run_backbone,
     run_backbone_stream,
-    run_locations,
 )
 from tilead.runtime.backends.onnxruntime import (
     LeasedBuffers,
     import_ort,
     load_location_sessions,
+    run_heads,
     session_providers,
 )
-from tilead.runtime.backends.openvino import _Location, import_openvino, require_bf16
+from tilead.runtime.backends.openvino import _Location, backbone_into, import_openvino, require_bf16
 from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import (
     FEATURES_NAME,
@@ -96,7 +96,7 @@ class HybridBackend:
         models: Every head's ONNX bytes, in ``manifest.models`` order.
         backbone: ``backbone.onnx``'s bytes.
         threads: CPU threads in all.
-        location_workers: Locations (and backbone calls) run at the same time.
+        location_workers: Heads run at the same time (the backbone's calls run one after another).
         allocate: Where the backbone's features come from (:attr:`.base.BackendRequest.allocate`, the
             Predictor's output pool, so that the merged maps reuse their memory); None: a pool of its own.
 
@@ -194,25 +194,11 @@ class HybridBackend:
         backbone = self._backbone
         if backbone is None:
             raise RuntimeError("Predictor is closed")
-        try:
-            backbone.run_into(part, out)
-        except BundleError as err:
-            raise BundleError(f"the shared backbone: {err}") from None
+        backbone_into(backbone, part, out)
 
     def _run_heads(self, features: np.ndarray, timer: StageTimes | None) -> LocationOutputs:
         """Every head on its location's block of ``features`` (taken from the pool, given back here)."""
-        sessions = self._sessions
-        try:
-            if sessions is None:
-                raise RuntimeError("Predictor is closed")
-
-            def run_head(index: int, block: np.ndarray) -> Sequence[np.ndarray]:
-                outs: Sequence[np.ndarray] = sessions[index].run([OUTPUT_NAME], {FEATURES_NAME: block})
-                return outs
-
-            return run_locations(self.manifest, features, run_head, self._pool, timer)
-        finally:
-            self._buffers.give(features)
+        return run_heads(self.manifest, self._sessions, [OUTPUT_NAME], features, self._buffers, self._pool, timer)
 
     def close(self) -> None:
         """Drop the sessions and the compiled backbone, stop the location workers."""

@@ -453,6 +453,39 @@ def load_location_sessions(
     return sessions
 
 
+def run_heads(
+    manifest: Manifest,
+    sessions: Sequence[Any] | None,
+    names: list[str],
+    features: np.ndarray,
+    buffers: BufferPool,
+    pool: ThreadPoolExecutor | None,
+    timer: StageTimes | None,
+) -> LocationOutputs:
+    """Every head session on its location's block of ``features``, then ``features`` back to ``buffers``.
+
+    Args:
+        manifest: A ``shared_backbone`` manifest.
+        sessions: One head session per model (None: the Predictor is closed).
+        names: The heads' outputs to fetch (``map``, and ``score`` where the bundle deploys it).
+        features: float32 ``(locations, n, d, fh, fw)`` from :func:`.base.run_backbone` (taken from ``buffers``).
+        buffers: Where ``features`` came from; it is given back here, also when a head fails.
+        pool: The location workers, or None to run the heads one after another.
+        timer: Receives ``inference`` and ``location:<name>``.
+    """
+    try:
+        if sessions is None:
+            raise RuntimeError("Predictor is closed")
+
+        def run_head(index: int, block: np.ndarray) -> Sequence[np.ndarray]:
+            outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: block})
+            return outs
+
+        return run_locations(manifest, features, run_head, pool, timer)
+    finally:
+        buffers.give(features)
+
+
 class LeasedBuffers(BufferPool):
     """A :class:`.base.BufferPool` whose buffers come from an :data:`~tilead.runtime.buffers.Allocate` (a lease pool).
 
@@ -605,18 +638,7 @@ class OnnxRuntimeBackend:
 
     def _run_heads(self, features: np.ndarray, timer: StageTimes | None) -> LocationOutputs:
         """Every head on its location's block of ``features`` (taken from the pool, given back here)."""
-        sessions, names = self._sessions, self._names
-        try:
-            if sessions is None:
-                raise RuntimeError("Predictor is closed")
-
-            def run_head(index: int, block: np.ndarray) -> Sequence[np.ndarray]:
-                outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: block})
-                return outs
-
-            return run_locations(self.manifest, features, run_head, self._pool, timer)
-        finally:
-            self._buffers.give(features)
+        return run_heads(self.manifest, self._sessions, self._names, features, self._buffers, self._pool, timer)
 
     def infer_with_thumbnail(
         self, tiles: np.ndarray, thumbnail: np.ndarray, timer: StageTimes | None = None

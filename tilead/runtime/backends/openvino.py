@@ -56,8 +56,9 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -183,37 +184,48 @@ class _Location:
         self._idle: list[Any] = [request]
         self._lock = threading.Lock()
 
+    @contextmanager
+    def _request(self) -> Iterator[Any]:
+        """An idle infer request (a new one when all are busy), back to the idle stack afterwards."""
+        with self._lock:
+            request = self._idle.pop() if self._idle else None
+        if request is None:
+            request = self.compiled.create_infer_request()
+        try:
+            yield request
+        finally:
+            with self._lock:
+                self._idle.append(request)
+
     def run_into(self, tiles: np.ndarray, out: np.ndarray) -> None:
-        """The first output on ``tiles`` written into ``out`` (its shape checked), with no copy in between.
+        """The first output on ``tiles`` copied from the request's tensor straight into ``out`` (shape checked).
 
         Raises:
             BundleError: If the output's shape is not ``out``'s.
         """
-        with self._lock:
-            request = self._idle.pop() if self._idle else None
-        if request is None:
-            request = self.compiled.create_infer_request()
-        try:
+        with self._request() as request:
             result = request.infer([tiles])[self.outputs[0]]
             if result.shape != out.shape:
                 raise BundleError(f"output shape {result.shape}, the manifest promises {out.shape}")
             out[...] = result
-        finally:
-            with self._lock:
-                self._idle.append(request)
 
     def run(self, tiles: np.ndarray) -> list[np.ndarray]:
-        with self._lock:
-            request = self._idle.pop() if self._idle else None
-        if request is None:
-            request = self.compiled.create_infer_request()
-        try:
+        with self._request() as request:
             result = request.infer([tiles])
             # The request owns the result tensors and reuses them on its next call: copy before handing it back.
             return [np.array(result[port], dtype=np.float32, copy=True) for port in self.outputs]
-        finally:
-            with self._lock:
-                self._idle.append(request)
+
+
+def backbone_into(backbone: _Location, tiles: np.ndarray, out: np.ndarray) -> None:
+    """The shared backbone on ``tiles`` (``(k, C, th, tw)``), its features written into ``out`` (``(k, d, fh, fw)``).
+
+    Raises:
+        BundleError: If the features' shape is not ``out``'s.
+    """
+    try:
+        backbone.run_into(tiles, out)
+    except BundleError as err:
+        raise BundleError(f"the shared backbone: {err}") from None
 
 
 class OpenVinoBackend:
@@ -339,12 +351,7 @@ class OpenVinoBackend:
             return run_locations(self.manifest, tiles, run_one, pool, timer)
 
         def run_features(part: np.ndarray, out: np.ndarray) -> None:
-            features = backbone.run(part)[0]
-            if features.shape != out.shape:
-                raise BundleError(
-                    f"the shared backbone: output shape {features.shape}, the manifest promises {out.shape}"
-                )
-            out[...] = features
+            backbone_into(backbone, part, out)
 
         features = run_backbone(
             self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
