@@ -10,7 +10,9 @@ through its bundle with ``tilead-eval --bundle``):
   demo generator's synthetic 2048x2048 images, ``configs/padim_demo.yaml`` in 4x4 tiles of 512):
   ``one_to_one`` vs ``neighbourhood`` (2x2 blocks: 4 models) vs ``cluster`` (k-means, k 4)
   vs ``cluster_oriented`` (k 4, ``orient``: locations aligned by flips / quarter turns)
-  vs ``all_to_one`` (``grid.assignment``, :mod:`tilead.trainer.assignment`).
+  vs ``all_to_one`` (``grid.assignment``, :mod:`tilead.trainer.assignment`); ``one_to_one_tile`` and
+  ``cluster_tile`` add ``postprocess.normalization: tile`` (each location's map normalized on its own:
+  the locations sharing a model score on different scales).
 
 Columns: image AUROC, pixel AUROC, AUPRO (the bundle on the test set), bundle size (every file
 the manifest lists, plus the manifest), number of models, train time (``run.json``
@@ -18,9 +20,10 @@ the manifest lists, plus the manifest), number of models, train time (``run.json
 ``--images`` test images, ONNX Runtime CPU, after a warm-up). Quality, size and model counts do
 not depend on the machine's load; train time and latency do: measure those on a quiet machine.
 
-Targets (issue #20): ``cluster`` (and ``cluster_oriented``) keeps ``one_to_one``'s image AUROC and AUPRO
-(at most 0.005 lower; higher counts as kept) with a bundle at most a third of its size; ``+thumbnail``
-raises bottle's AUPRO above 0.9675 without lowering image AUROC. The table marks them.
+Targets (issue #20): every ``cluster*`` row keeps ``one_to_one``'s image AUROC and AUPRO
+(at most 0.005 below the better ``one_to_one*`` row where there are two; higher counts as kept) with
+a bundle at most a third of its size; ``+thumbnail`` raises bottle's AUPRO above 0.9675 without
+lowering image AUROC. The table marks them.
 
 Runs, bundles and evaluations are kept under ``--work`` and reused (``--resume``), so an
 interrupted benchmark continues where it stopped; ``--fresh`` removes a row's folders first.
@@ -71,15 +74,21 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+TILE_NORMALIZATION = {"postprocess.normalization": "tile"}
+"""The ``*_tile`` rows: each location's map normalized with its own validation statistics."""
+
+
 def _assignment_rows(dataset: str, grid: dict[str, Any]) -> list[Row]:
-    modes: list[tuple[str, dict[str, Any]]] = [
-        ("one_to_one", {"mode": "one_to_one"}),
-        ("neighbourhood", {"mode": "neighbourhood", "k": 2}),
-        ("cluster", {"mode": "cluster", "k": 4}),
-        ("cluster_oriented", {"mode": "cluster", "k": 4, "orient": True}),
-        ("all_to_one", {"mode": "all_to_one"}),
+    modes: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+        ("one_to_one", {"mode": "one_to_one"}, {}),
+        ("one_to_one_tile", {"mode": "one_to_one"}, TILE_NORMALIZATION),
+        ("neighbourhood", {"mode": "neighbourhood", "k": 2}, {}),
+        ("cluster", {"mode": "cluster", "k": 4}, {}),
+        ("cluster_tile", {"mode": "cluster", "k": 4}, TILE_NORMALIZATION),
+        ("cluster_oriented", {"mode": "cluster", "k": 4, "orient": True}, {}),
+        ("all_to_one", {"mode": "all_to_one"}, {}),
     ]
-    return [Row(dataset, name, {**grid, "grid.assignment": a}) for name, a in modes]
+    return [Row(dataset, name, {**grid, "grid.assignment": a, **extra}) for name, a, extra in modes]
 
 
 ROWS: dict[str, list[Row]] = {
@@ -209,9 +218,15 @@ def mark_targets(results: list[dict[str, Any]]) -> None:
         ref = base.get(r["dataset"])
         if "skipped" in r or ref is None:
             continue
-        if r["variant"] in ("cluster", "cluster_oriented"):
-            # "keeps quality": at most TOLERANCE below one_to_one (a higher figure keeps it too)
-            ok_q = all(ref[m] - r[m] <= TOLERANCE for m in ("image_auroc", "aupro") if m in r and m in ref)
+        if r["variant"].startswith("cluster"):
+            # "keeps quality": at most TOLERANCE below one_to_one (a higher figure keeps it too); where the
+            # table also has one_to_one with per-location normalization, below the better of the two.
+            refs = [
+                x for x in results
+                if x["dataset"] == r["dataset"] and x["variant"].startswith("one_to_one") and "skipped" not in x
+            ]  # fmt: skip
+            best = {m: max(x[m] for x in refs if m in x) for m in ("image_auroc", "aupro") if any(m in x for x in refs)}
+            ok_q = all(best[m] - r[m] <= TOLERANCE for m in best if m in r)
             ok_s = r["bundle_mib"] <= SIZE_RATIO * ref["bundle_mib"]
             r["target"] = (
                 f"{'met' if ok_q and ok_s else 'missed'}: image AUROC / AUPRO at most {TOLERANCE} below one_to_one "

@@ -107,3 +107,26 @@ def test_rows_of_a_file_without_row_notes_get_its_note() -> None:
         ("one_to_one", "40 training images"),
         ("+thumbnail320", "full data"),
     ]
+
+
+def test_tile_normalized_rows_are_judged_against_the_better_one_to_one() -> None:
+    b = _bench()
+    rows = [
+        _row("one_to_one", 1.0, 0.9986, 824.0, "demo2048"),
+        _row("one_to_one_tile", 1.0, 0.9990, 824.0, "demo2048"),
+        _row("cluster_tile", 1.0, 0.9963, 206.0, "demo2048"),  # 0.0027 below the better one_to_one row
+        _row("cluster", 1.0, 0.9930, 206.0, "demo2048"),  # 0.0060 below it
+    ]
+    b.mark_targets(rows)
+    assert rows[2]["target"].startswith("met")
+    assert rows[3]["target"].startswith("missed")
+    assert "target" not in rows[1]
+    # Above plain one_to_one but 0.006 below one_to_one_tile: the better reference decides.
+    better = [_row("one_to_one", 0.99, 0.990, 300.0), _row("one_to_one_tile", 0.99, 0.998, 300.0)]
+    better.append(_row("cluster_tile", 0.99, 0.992, 90.0))
+    b.mark_targets(better)
+    assert better[2]["target"].startswith("missed")
+    names = [r.variant for r in b.ROWS["demo2048"]]
+    assert {"one_to_one_tile", "cluster_tile"} <= set(names)
+    tile_row = next(r for r in b.ROWS["demo2048"] if r.variant == "cluster_tile")
+    assert tile_row.overrides["postprocess.normalization"] == "tile"
