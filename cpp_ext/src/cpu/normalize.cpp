@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "rows.h"
 #include "tilead/kernels.h"
 
 namespace tilead {
@@ -111,6 +112,21 @@ float chunk(const float* s, float* d, uint8_t* m, int64_t len, float t, float sc
 #endif
 
 }  // namespace
+
+// The pixel scale of min-max normalization (0 in raw mode), as normalize_maps computes it.
+float pixel_scale(const NormParams& p) {
+  const float pr = p.pixel_max - p.pixel_min;
+  return p.mode == kNormMinMax && pr > 0.0f ? 1.0f / pr : 0.0f;
+}
+
+float normalize_span(const float* s, float* d, uint8_t* m, int64_t len, const NormParams& p) {
+  const float t = p.pixel_threshold;
+  const float pscale = pixel_scale(p);
+  if (p.mode == kNormMinMax) {
+    return m != nullptr ? chunk<true, true>(s, d, m, len, t, pscale) : chunk<true, false>(s, d, m, len, t, pscale);
+  }
+  return m != nullptr ? chunk<false, true>(s, d, m, len, t, pscale) : chunk<false, false>(s, d, m, len, t, pscale);
+}
 
 void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_scores, float* scores, int n, int64_t hw,
                     const NormParams& p) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "rows.h"
 #include "tilead/kernels.h"
 
 namespace tilead {
@@ -98,46 +99,41 @@ void blend_row_normalized(const float* v, const HorizontalPlan& h, const float* 
   }
 }
 
+// Canvas row y of image img into orow; vrow: map_w + 1 floats of scratch.
 template <bool LocNorm>
-void untile_rows(const float* maps, int n, const Grid& g, const UntileParams& p, float* out, int64_t begin, int64_t end,
-                 const std::vector<Lerp>& vl, const std::vector<float>& wy, const std::vector<float>& wx,
-                 const HorizontalPlan& hp) {
+void untile_row(const float* maps, int n, const Grid& g, const UntileParams& p, int img, int y, float* orow,
+                float* vrow, const std::vector<Lerp>& vl, const std::vector<float>& wy, const std::vector<float>& wx,
+                const HorizontalPlan& hp) {
   const int mh = p.map_h, mw = p.map_w;
   const int th = g.y.tile, tw = g.x.tile;
   const int cols = g.x.count;
   const int W = g.x.canvas;
   const int64_t map_plane = static_cast<int64_t>(mh) * mw;
-  std::vector<float> vrow(static_cast<size_t>(mw) + 1);
-  for (int64_t i = begin; i < end; ++i) {
-    const int img = static_cast<int>(i / g.y.canvas);
-    const int y = static_cast<int>(i % g.y.canvas);
-    float* orow = out + i * W;
-    for (int x = 0; x < W; ++x) orow[x] = 0.0f;
-    int r0 = 0, r1 = -1;
-    axis_cover(g.y, y, &r0, &r1);
-    for (int r = r0; r <= r1; ++r) {
-      const int ly = y - axis_origin(g.y, r);
-      const Lerp& v = vl[static_cast<size_t>(ly)];
-      const float wyv = wy[static_cast<size_t>(r) * th + ly];
-      // Vertical pass once per tile row; the row weight is folded in unless
-      // the per-location clamp needs the unweighted value.
-      const float fold = LocNorm ? 1.0f : wyv;
-      const float a = (1.0f - v.w1) * fold;
-      const float b = v.w1 * fold;
-      for (int c = 0; c < cols; ++c) {
-        const int l = r * cols + c;
-        const float* m = maps + (static_cast<int64_t>(l) * n + img) * map_plane;
-        const float* m0 = m + static_cast<int64_t>(v.i0) * mw;
-        const float* m1 = m + static_cast<int64_t>(v.i1) * mw;
-        for (int j = 0; j < mw; ++j) vrow[static_cast<size_t>(j)] = a * m0[j] + b * m1[j];
-        vrow[static_cast<size_t>(mw)] = vrow[static_cast<size_t>(mw) - 1];
-        const size_t k = static_cast<size_t>(c) * tw;
-        float* o = orow + axis_origin(g.x, c);
-        if (LocNorm) {
-          blend_row_normalized(vrow.data(), hp, wx.data() + k, wyv, p.loc_threshold[l], p.loc_scale[l], o);
-        } else {
-          blend_row(vrow.data(), hp.runs, hp.a0.data() + k, hp.a1.data() + k, o);
-        }
+  for (int x = 0; x < W; ++x) orow[x] = 0.0f;
+  int r0 = 0, r1 = -1;
+  axis_cover(g.y, y, &r0, &r1);
+  for (int r = r0; r <= r1; ++r) {
+    const int ly = y - axis_origin(g.y, r);
+    const Lerp& v = vl[static_cast<size_t>(ly)];
+    const float wyv = wy[static_cast<size_t>(r) * th + ly];
+    // Vertical pass once per tile row; the row weight is folded in unless
+    // the per-location clamp needs the unweighted value.
+    const float fold = LocNorm ? 1.0f : wyv;
+    const float a = (1.0f - v.w1) * fold;
+    const float b = v.w1 * fold;
+    for (int c = 0; c < cols; ++c) {
+      const int l = r * cols + c;
+      const float* m = maps + (static_cast<int64_t>(l) * n + img) * map_plane;
+      const float* m0 = m + static_cast<int64_t>(v.i0) * mw;
+      const float* m1 = m + static_cast<int64_t>(v.i1) * mw;
+      for (int j = 0; j < mw; ++j) vrow[j] = a * m0[j] + b * m1[j];
+      vrow[mw] = vrow[mw - 1];
+      const size_t k = static_cast<size_t>(c) * tw;
+      float* o = orow + axis_origin(g.x, c);
+      if (LocNorm) {
+        blend_row_normalized(vrow, hp, wx.data() + k, wyv, p.loc_threshold[l], p.loc_scale[l], o);
+      } else {
+        blend_row(vrow, hp.runs, hp.a0.data() + k, hp.a1.data() + k, o);
       }
     }
   }
@@ -145,20 +141,52 @@ void untile_rows(const float* maps, int n, const Grid& g, const UntileParams& p,
 
 }  // namespace
 
+struct UntileRows::Plan {
+  const float* maps;
+  int n;
+  Grid g;
+  UntileParams p;
+  std::vector<Lerp> vl;
+  std::vector<float> wy, wx;
+  HorizontalPlan hp;
+  bool loc_norm;
+};
+
+UntileRows::UntileRows(const float* maps, int n, const Grid& g, const UntileParams& p) : plan_(new Plan) {
+  Plan& q = *plan_;
+  q.maps = maps;
+  q.n = n;
+  q.g = g;
+  q.p = p;
+  q.vl.resize(static_cast<size_t>(g.y.tile));
+  for (int i = 0; i < g.y.tile; ++i) q.vl[static_cast<size_t>(i)] = lerp_coord(i, p.map_h, g.y.tile);
+  q.wy = normalized_axis_weights(g.y, p.weights);
+  q.wx = normalized_axis_weights(g.x, p.weights);
+  q.hp = horizontal_plan(g.x, p.map_w, q.wx);
+  q.loc_norm = p.loc_scale != nullptr && p.loc_threshold != nullptr;
+}
+
+UntileRows::~UntileRows() = default;
+
+int UntileRows::scratch_floats() const { return plan_->p.map_w + 1; }
+
+void UntileRows::row(int img, int y, float* out, float* scratch) const {
+  const Plan& q = *plan_;
+  if (q.loc_norm) {
+    untile_row<true>(q.maps, q.n, q.g, q.p, img, y, out, scratch, q.vl, q.wy, q.wx, q.hp);
+  } else {
+    untile_row<false>(q.maps, q.n, q.g, q.p, img, y, out, scratch, q.vl, q.wy, q.wx, q.hp);
+  }
+}
+
 void untile_maps(const float* maps, int n, const Grid& g, const UntileParams& p, float* out) {
   if (n <= 0) return;
-  std::vector<Lerp> vl(static_cast<size_t>(g.y.tile));
-  for (int q = 0; q < g.y.tile; ++q) vl[static_cast<size_t>(q)] = lerp_coord(q, p.map_h, g.y.tile);
-  const std::vector<float> wy = normalized_axis_weights(g.y, p.weights);
-  const std::vector<float> wx = normalized_axis_weights(g.x, p.weights);
-  const HorizontalPlan hp = horizontal_plan(g.x, p.map_w, wx);
-  const int64_t rows = static_cast<int64_t>(n) * g.y.canvas;
-  const bool loc_norm = p.loc_scale != nullptr && p.loc_threshold != nullptr;
-  parallel_for(rows, 8, [&](int64_t b, int64_t e) {
-    if (loc_norm) {
-      untile_rows<true>(maps, n, g, p, out, b, e, vl, wy, wx, hp);
-    } else {
-      untile_rows<false>(maps, n, g, p, out, b, e, vl, wy, wx, hp);
+  const UntileRows rows(maps, n, g, p);
+  const int64_t count = static_cast<int64_t>(n) * g.y.canvas;
+  parallel_for(count, 8, [&](int64_t b, int64_t e) {
+    std::vector<float> vrow(static_cast<size_t>(rows.scratch_floats()));
+    for (int64_t i = b; i < e; ++i) {
+      rows.row(static_cast<int>(i / g.y.canvas), static_cast<int>(i % g.y.canvas), out + i * g.x.canvas, vrow.data());
     }
   });
 }
