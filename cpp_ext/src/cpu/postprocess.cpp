@@ -57,7 +57,8 @@ void postprocess_maps(const float* maps, int n, const Grid& grid, const UntilePa
         }
         const float* src = slot(y);
         if (seam.active && seam.has_output(y)) {
-          std::copy(src, src + W, row.data());
+          // A band row is smoothed across its whole width; another keeps its pixels between the column bands.
+          if (!seam.row_band[static_cast<size_t>(y)]) std::copy(src, src + W, row.data());
           for (int j = -R; j <= R; ++j) taps[static_cast<size_t>(j + R)] = slot(reflect_index(y + j, H));
           seam_row(seam, y, taps.data(), seam_scratch, row.data());
           src = row.data();
