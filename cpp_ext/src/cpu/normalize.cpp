@@ -50,7 +50,19 @@ inline void pixel(float v, float* d, uint8_t* m, float t, float scale, float& ac
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
 typedef uint8_t u8 __attribute__((vector_size(8)));
+typedef uint8_t b32 __attribute__((vector_size(32)));
 constexpr int kLanes = 8;
+
+// 0/1 bytes from a lane mask (-1 / 0 per 32-bit lane): the low byte of each lane, by one shuffle
+// (__builtin_convertvector to bytes is lowered to per-lane extracts).
+__attribute__((always_inline)) inline u8 mask_bytes(const i8& lanes) {
+#if defined(__clang__) || __GNUC__ >= 12
+  const b32 bytes = (b32)lanes;
+  return __builtin_shufflevector(bytes, bytes, 0, 4, 8, 12, 16, 20, 24, 28) & static_cast<uint8_t>(1);
+#else
+  return __builtin_convertvector(lanes, u8) & static_cast<uint8_t>(1);
+#endif
+}
 
 // The element-wise pass is compute-bound once its rows are in cache (the fused pass): on x86-64 it is
 // also compiled for x86-64-v3 (AVX2), picked at load time, as seam.cpp's tap loops.
@@ -89,13 +101,13 @@ __attribute__((always_inline)) inline float chunk_body(const float* s, float* d,
         r = nonfinite ? one : r;
         std::memcpy(d + i + kLanes * k, &r, sizeof(r));
         if (Mask) {
-          const u8 b = __builtin_convertvector(r > half, u8) & static_cast<uint8_t>(1);
+          const u8 b = mask_bytes(r > half);
           std::memcpy(m + i + kLanes * k, &b, sizeof(b));
         }
       } else {
         if (d != s) std::memcpy(d + i + kLanes * k, &v[k], sizeof(f8));
         if (Mask) {
-          const u8 b = __builtin_convertvector(nonfinite | (v[k] > vt), u8) & static_cast<uint8_t>(1);
+          const u8 b = mask_bytes(nonfinite | (v[k] > vt));
           std::memcpy(m + i + kLanes * k, &b, sizeof(b));
         }
       }
