@@ -77,7 +77,7 @@ HorizontalPlan horizontal_plan(const Axis& a, int map_w, const std::vector<float
 }
 
 // o[x] += a0[x] * v[j] + a1[x] * v[j + 1] over every run.
-void blend_row(const float* v, const std::vector<Run>& runs, const float* __restrict a0, const float* __restrict a1,
+inline void blend_row(const float* v, const std::vector<Run>& runs, const float* __restrict a0, const float* __restrict a1,
                float* __restrict o) {
   for (const Run& r : runs) {
     const float v0 = v[r.j], v1 = v[r.j + 1];
@@ -87,7 +87,7 @@ void blend_row(const float* v, const std::vector<Run>& runs, const float* __rest
 
 // Per-location normalization of the interpolated value before weighting:
 // o[x] += wy * wx[x] * clamp((lerp - t) * s + 0.5, 0, 1), NaN for a non-finite lerp.
-void blend_row_normalized(const float* v, const HorizontalPlan& h, const float* __restrict wx, float wy, float t,
+inline void blend_row_normalized(const float* v, const HorizontalPlan& h, const float* __restrict wx, float wy, float t,
                           float s, float* __restrict o) {
   const float* w0 = h.w0.data();
   const float* w1 = h.w1.data();
@@ -101,7 +101,7 @@ void blend_row_normalized(const float* v, const HorizontalPlan& h, const float* 
 
 // Canvas row y of image img into orow; vrow: map_w + 1 floats of scratch.
 template <bool LocNorm>
-void untile_row(const float* maps, int n, const Grid& g, const UntileParams& p, int img, int y, float* orow,
+__attribute__((always_inline)) inline void untile_row(const float* maps, int n, const Grid& g, const UntileParams& p, int img, int y, float* orow,
                 float* vrow, const std::vector<Lerp>& vl, const std::vector<float>& wy, const std::vector<float>& wx,
                 const HorizontalPlan& hp) {
   const int mh = p.map_h, mw = p.map_w;
@@ -139,6 +139,27 @@ void untile_row(const float* maps, int n, const Grid& g, const UntileParams& p, 
   }
 }
 
+// The row loops are compute-bound once the rows are in cache (the fused pass): on x86-64 they are also
+// compiled for x86-64-v3 (AVX2), picked at load time. Built with -ffp-contract=off (CMakeLists.txt), so
+// both clones compute the same values (no fused multiply-add).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define TILEAD_CLONES
+#endif
+
+TILEAD_CLONES void untile_row_plain(const float* maps, int n, const Grid& g, const UntileParams& p, int img, int y,
+                                    float* orow, float* vrow, const std::vector<Lerp>& vl, const std::vector<float>& wy,
+                                    const std::vector<float>& wx, const HorizontalPlan& hp) {
+  untile_row<false>(maps, n, g, p, img, y, orow, vrow, vl, wy, wx, hp);
+}
+
+TILEAD_CLONES void untile_row_norm(const float* maps, int n, const Grid& g, const UntileParams& p, int img, int y,
+                                   float* orow, float* vrow, const std::vector<Lerp>& vl, const std::vector<float>& wy,
+                                   const std::vector<float>& wx, const HorizontalPlan& hp) {
+  untile_row<true>(maps, n, g, p, img, y, orow, vrow, vl, wy, wx, hp);
+}
+
 }  // namespace
 
 struct UntileRows::Plan {
@@ -173,9 +194,9 @@ int UntileRows::scratch_floats() const { return plan_->p.map_w + 1; }
 void UntileRows::row(int img, int y, float* out, float* scratch) const {
   const Plan& q = *plan_;
   if (q.loc_norm) {
-    untile_row<true>(q.maps, q.n, q.g, q.p, img, y, out, scratch, q.vl, q.wy, q.wx, q.hp);
+    untile_row_norm(q.maps, q.n, q.g, q.p, img, y, out, scratch, q.vl, q.wy, q.wx, q.hp);
   } else {
-    untile_row<false>(q.maps, q.n, q.g, q.p, img, y, out, scratch, q.vl, q.wy, q.wx, q.hp);
+    untile_row_plain(q.maps, q.n, q.g, q.p, img, y, out, scratch, q.vl, q.wy, q.wx, q.hp);
   }
 }
 
