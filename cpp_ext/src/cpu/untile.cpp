@@ -5,6 +5,7 @@
 // covering a pixel sum to one. Work is done one output row at a time: the two
 // source rows of each covering tile are interpolated vertically once, then
 // resampled horizontally into the output row.
+#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -81,7 +82,21 @@ inline void blend_row(const float* v, const std::vector<Run>& runs, const float*
                float* __restrict o) {
   for (const Run& r : runs) {
     const float v0 = v[r.j], v1 = v[r.j + 1];
-    for (int x = r.begin; x < r.end; ++x) o[x] += a0[x] * v0 + a1[x] * v1;
+    int x = r.begin;
+#if defined(__GNUC__)
+    // Runs are short (the upsampling factor: 8 outputs for maps at stride 8): 8 lanes at a time as one
+    // vector value, not the loop vectorizer's peeled form; the same operations per element.
+    typedef float f8 __attribute__((vector_size(32)));
+    for (; x + 8 <= r.end; x += 8) {
+      f8 w0, w1, acc;
+      std::memcpy(&w0, a0 + x, sizeof(w0));
+      std::memcpy(&w1, a1 + x, sizeof(w1));
+      std::memcpy(&acc, o + x, sizeof(acc));
+      acc += w0 * v0 + w1 * v1;
+      std::memcpy(o + x, &acc, sizeof(acc));
+    }
+#endif
+    for (; x < r.end; ++x) o[x] += a0[x] * v0 + a1[x] * v1;
   }
 }
 
