@@ -207,6 +207,8 @@ def print_tables(report: dict[str, Any]) -> None:
         mark = "ok" if row["outside_share"] <= OUTSIDE_MAX else "MISS"
         cells = " ".join(f"{row[c]:>9.2f}" if c in row else f"{'-':>9}" for c in cols)
         print(f"{b:>5} {row['wall']:>8.2f} {cells} {row['outside']:>8.2f} {row['outside_share'] * 100:>6.1f}% {mark}")
+    if all("seam" not in row and "crop" not in row for row in report["predict"].values()):
+        print("  (untile: the fused pass, untile + seams + normalization in one; normalize: the scores after it)")
     if "kernels" in report:
         print("host kernels alone, best of N, ms per image (1 image, pre-allocated buffers)")
         for t, row in report["kernels"].items():
