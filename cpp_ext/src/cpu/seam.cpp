@@ -84,6 +84,20 @@ TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int t
     }
     std::memcpy(out + x, &acc0, sizeof(acc0));
   }
+  if (x < b && b - a >= kBlock / 2) {
+    // The last 1 to 7 outputs as one block ending at b: it recomputes a few outputs of the block
+    // before it, with the same taps in the same order, so they get the same values.
+    x = b - kBlock / 2;
+    f8 acc0 = {};
+    for (int j = 0; j < taps; ++j) {
+      const float gj = g[j];
+      f8 s0;
+      std::memcpy(&s0, rows[j] + x, sizeof(s0));
+      acc0 += gj * s0;
+    }
+    std::memcpy(out + x, &acc0, sizeof(acc0));
+    x = b;
+  }
 #else
   for (; x + kBlock <= b; x += kBlock) {
     float acc[kBlock] = {};
