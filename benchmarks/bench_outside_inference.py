@@ -9,7 +9,14 @@ Two tables for one bundle:
   ``outside``: everything but ``inference``, in ms per image and as a share of the wall time.
 * **kernels** (``--kernels``): each host kernel alone (tile, untile, seam, normalize) on
   pre-allocated buffers at the bundle's geometry, the best of ``--repeats`` runs, with 1
-  thread and with the Predictor's budget: the floor the stages can reach.
+  thread and with the Predictor's budget: the floor the stages can reach. ``sum`` is the
+  chain of the four; ``fused`` the one-pass kernel the Predictor runs instead of untile, seam
+  and normalize when the canvas is the image (``_kernels.postprocess_maps``), and
+  ``tile+fused`` what the Predictor's host kernels then cost.
+
+In the **predict** table the Predictor's CPU post-processing for a grid whose canvas is the
+image is that one pass: its ``untile`` column is untile + seam + normalize together, and
+``normalize`` only the image scores' bookkeeping after it (``seam`` and ``crop`` are absent).
 
 Targets (issue #21, 2-core CPU): outside inference <= 5 % of the latency, i.e. <= about
 7 ms per image at 2048x2048 (4x4 of 512) and <= about 1.5 ms on bottle (900x900, 2x2 of 464).
@@ -106,7 +113,7 @@ def measure_kernels(predictor: Predictor, threads: list[int], repeats: int) -> d
     """Best-of-``repeats`` ms per image of each host kernel alone, on pre-allocated buffers, per thread count."""
     from tilead import _kernels
     from tilead.runtime.devices import thread_budget
-    from tilead.runtime.postprocess import BLEND_CODES
+    from tilead.runtime.postprocess import BLEND_CODES, tile_norm_arrays
     from tilead.runtime.preprocess import tile_images, tile_shape
 
     m = predictor.manifest
@@ -124,6 +131,15 @@ def measure_kernels(predictor: Predictor, threads: list[int], repeats: int) -> d
     tiles = np.empty(tile_shape(grid, n, m.preprocessing), m.preprocessing.dtype)
     spec = post.native()
     seam = None if post.seam is None else post.seam.native
+    thresholds, scales = tile_norm_arrays(m.stats.tile_stats.as_tuple() if m.stats.tile_stats else None, grid)
+    fused = None
+    if grid.canvas_size == grid.image_size:
+        seam_spec = _kernels.SeamSpec.off() if seam is None else seam
+
+        def fused() -> None:
+            _kernels.postprocess_maps(
+                maps, grid.native, canvas, masks, raw, scores, spec.weights, thresholds, scales, seam_spec, spec.norm
+            )
 
     def best(fn: Any) -> float:
         fn()
@@ -143,7 +159,10 @@ def measure_kernels(predictor: Predictor, threads: list[int], repeats: int) -> d
                 row["seam"] = best(lambda: _kernels.smooth_seams(canvas, grid.native, seam))
             np.copyto(merged, canvas)
             row["normalize"] = best(lambda: _kernels.normalize_maps(merged, canvas, masks, raw, scores, spec.norm))
-        row["sum"] = sum(row.values())
+            row["sum"] = sum(row.values())
+            if fused is not None:  # the Predictor's pass: untile + seams + normalize in one
+                row["fused"] = best(fused)
+                row["tile+fused"] = row["tile"] + row["fused"]
         out[t] = row
     return out
 
@@ -188,6 +207,8 @@ def print_tables(report: dict[str, Any]) -> None:
         mark = "ok" if row["outside_share"] <= OUTSIDE_MAX else "MISS"
         cells = " ".join(f"{row[c]:>9.2f}" if c in row else f"{'-':>9}" for c in cols)
         print(f"{b:>5} {row['wall']:>8.2f} {cells} {row['outside']:>8.2f} {row['outside_share'] * 100:>6.1f}% {mark}")
+    if all("seam" not in row and "crop" not in row for row in report["predict"].values()):
+        print("  (untile: the fused pass, untile + seams + normalization in one; normalize: the scores after it)")
     if "kernels" in report:
         print("host kernels alone, best of N, ms per image (1 image, pre-allocated buffers)")
         for t, row in report["kernels"].items():

@@ -142,3 +142,16 @@ def normalize_maps(
     scores: np.ndarray,
     norm: NormSpec,
 ) -> None: ...
+def postprocess_maps(
+    maps: np.ndarray,
+    grid: Grid,
+    out: np.ndarray,
+    mask: np.ndarray | None,
+    raw_scores: np.ndarray,
+    scores: np.ndarray,
+    weights: int,
+    loc_threshold: np.ndarray | None,
+    loc_scale: np.ndarray | None,
+    seam: SeamSpec,
+    norm: NormSpec,
+) -> None: ...

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/rows.h"
 #include "cpu/tile_simd.h"
 #include "device_pipeline.h"
 #include "staged.h"
@@ -779,6 +780,25 @@ PYBIND11_MODULE(_kernels, m) {
       "cpu_simd", []() { return std::string(cpu::row_converters().rgb_f32 != nullptr ? "avx2+f16c" : "portable"); },
       "Code path of the CPU tile kernel on this machine: 'avx2+f16c' or 'portable'.");
   bind_family<false>(m);
+  m.def(
+      "postprocess_maps",
+      [](const py::array& maps, const Grid& g, py::array& out, const py::object& mask, py::array& raw_scores,
+         py::array& scores, int weights, const py::object& loc_threshold, const py::object& loc_scale,
+         const SeamParams& seam, const NormParams& norm) {
+        py::array ta, sa, mask_arr;
+        const UntileCall c = check_untile(maps, g, out, weights, loc_threshold, loc_scale, &ta, &sa);
+        check_normalize(out, out, mask, raw_scores, scores, &mask_arr);
+        uint8_t* mp = mask.is_none() ? nullptr : static_cast<uint8_t*>(mask_arr.mutable_data());
+        if (mp != nullptr) check_disjoint(mask_arr, "mask", out, "out");
+        check_disjoint(raw_scores, "raw_scores", scores, "scores");
+        py::gil_scoped_release nogil;
+        cpu::postprocess_maps(ptr<float>(maps), c.n, g, c.p, seam, norm, ptr<float>(out), mp, ptr<float>(raw_scores),
+                              ptr<float>(scores));
+      },
+      py::arg("maps"), py::arg("grid"), py::arg("out"), py::arg("mask"), py::arg("raw_scores"), py::arg("scores"),
+      py::arg("weights"), py::arg("loc_threshold"), py::arg("loc_scale"), py::arg("seam"), py::arg("norm"),
+      "CPU only: untile_maps, smooth_seams and normalize_maps in one pass, maps (L, n, map_h, map_w) -> out and "
+      "mask (n, canvas_h, canvas_w), raw_scores and scores (n,); the same values as the three kernels in turn.");
   m.attr("TENSOR_ALIGN_BYTES") = static_cast<int>(kTensorAlignBytes);
   m.def(
       "aligned_block_floats",

@@ -351,6 +351,68 @@ NormParams = _kernels.NormSpec
 """The normalization kernel's parameters (``tilead._kernels.NormSpec``)."""
 
 
+def fused_postprocess_available(grid: TileGrid, device: str) -> bool:
+    """Whether :func:`merge_normalize_maps` can run: on the CPU, for a grid whose canvas is the image."""
+    return device == "cpu" and grid.canvas_size == grid.image_size
+
+
+def merge_normalize_maps(
+    maps: np.ndarray,
+    grid: TileGrid,
+    params: NormParams,
+    *,
+    weights: BlendWeights = "uniform",
+    seam: SeamSmoothing | None = None,
+    tile_stats: tuple[Sequence[float], Sequence[float], Sequence[float]] | None = None,
+    allocate: Allocate | None = None,
+) -> NormalizedMaps:
+    """Untile, smooth seams and normalize in one pass over the output (CPU, canvas = image).
+
+    The same values as :func:`untile_maps`, :func:`smooth_seams` and :func:`normalize_maps` in turn
+    (the fused kernel runs the same row code, ``tilead._kernels.postprocess_maps``), without the
+    canvas: each output row is untiled into a small ring of rows, its seam pixels smoothed there and
+    the row normalized and thresholded straight into the outputs, so the image-size maps are written
+    once instead of being written, rewritten and read back.
+
+    Args:
+        maps: float32 ``(locations, n, h, w)`` or ``(locations, n, 1, h, w)``.
+        grid: The tile grid; its canvas must be the image (:func:`fused_postprocess_available`).
+        params: Normalization parameters (:func:`norm_params`).
+        weights: ``"uniform"`` or ``"feather"``.
+        seam: Seam smoothing; None is off.
+        tile_stats: Per-location normalization (stage ``tile``), or None.
+        allocate: Where the maps and masks come from (default ``np.empty``).
+
+    Returns:
+        The normalized maps float32 ``(n, H, W)``, masks, raw and normalized scores, and labels.
+
+    Raises:
+        ValueError: For invalid maps, weights or statistics, or a grid whose canvas is not the image.
+    """
+    if grid.canvas_size != grid.image_size:
+        raise ValueError(
+            f"grid: the fused post-processing needs a canvas equal to the image, got canvas {grid.canvas_size} "
+            f"for image {grid.image_size}; use merge_maps and normalize_maps"
+        )
+    maps4 = _maps_4d(maps, grid)
+    if weights not in BLEND_CODES:
+        raise ValueError(f"weights: expected 'uniform' or 'feather', got {describe(weights)}")
+    if seam is not None and not isinstance(seam, SeamSmoothing):
+        raise ValueError(f"seam: expected SeamSmoothing or None (off), got {describe(seam)}")
+    loc_threshold, loc_scale = tile_norm_arrays(tile_stats, grid)
+    alloc = fresh if allocate is None else allocate
+    n = maps4.shape[1]
+    out = alloc((n, *grid.image_size), "float32")
+    masks = alloc((n, *grid.image_size), "uint8")
+    raw = np.empty(n, dtype=np.float32)
+    scores = np.empty(n, dtype=np.float32)
+    spec = _kernels.SeamSpec.off() if seam is None or not seam.enabled else seam.native
+    _kernels.postprocess_maps(
+        maps4, grid.native, out, masks, raw, scores, BLEND_CODES[weights], loc_threshold, loc_scale, spec, params
+    )
+    return NormalizedMaps(out, masks.view(np.bool_), raw, scores, labels_of(scores, params))
+
+
 def norm_params(
     pixel_threshold: float,
     image_threshold: float,

@@ -50,7 +50,9 @@ from tilead.runtime.postprocess import (
     BlendWeights,
     NormalizedMaps,
     SeamSmoothing,
+    fused_postprocess_available,
     merge_maps,
+    merge_normalize_maps,
     norm_params,
     normalize_maps,
     parse_seam,
@@ -335,7 +337,10 @@ def postprocess_maps(
         weights: Blending of overlaps.
         seam: Seam smoothing, or None.
         device: ``"cpu"`` or ``"cuda"``.
-        timer: Collects stage times (``untile``, ``seam``, ``crop``, ``normalize``).
+        timer: Collects stage times (``untile``, ``seam``, ``crop``, ``normalize``; with ``inplace`` on the CPU
+            for a grid whose canvas is the image, ``untile`` is the fused pass of untile, seams and
+            normalization, :func:`~tilead.runtime.postprocess.merge_normalize_maps`, and ``normalize``
+            the image scores' bookkeeping after it).
         tile_scores: float32 ``(locations, n)``: the detector's own per-tile
             scores, which then give the image scores (:func:`image_scores_of_tiles`)
             instead of the map max; None for the map max.
@@ -365,14 +370,24 @@ def postprocess_maps(
             # (clamp would turn an infinity into a plausible 0 or 1).
             maps = np.where(np.isfinite(maps), maps, np.float32(np.nan)).astype(np.float32)
     tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
-    merged = merge_maps(
-        maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer, allocate=allocate
-    )
-    if fuse is not None:
-        with timed(timer, "fuse"):
-            merged = fuse(merged)
+    if inplace and fuse is None and fused_postprocess_available(grid, device):
+        # One pass: untile, seams and normalization (stage "untile"), the same values as the stages in turn.
+        with timed(timer, "untile"):
+            params = norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range)
+            result = merge_normalize_maps(
+                maps, grid, params, weights=weights, seam=seam, tile_stats=tile_stats, allocate=allocate
+            )
+        merged = result.maps
+    else:
+        merged = merge_maps(
+            maps, grid, weights=weights, seam=seam, tile_stats=tile_stats, device=device, timer=timer, allocate=allocate
+        )
+        if fuse is not None:
+            with timed(timer, "fuse"):
+                merged = fuse(merged)
+        with timed(timer, "normalize"):
+            result = normalize_with_stats(merged, stats, device=device, inplace=inplace, allocate=allocate)
     with timed(timer, "normalize"):
-        result = normalize_with_stats(merged, stats, device=device, inplace=inplace, allocate=allocate)
         if tile_scores is not None:
             result = score_images(result, image_scores_of_tiles(tile_scores), stats)
         if errors is not None:

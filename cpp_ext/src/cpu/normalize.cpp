@@ -2,7 +2,7 @@
 //
 // One pass over each chunk of a map: the raw max (NaN when the chunk holds a
 // non-finite value), the normalized value and the mask bit are computed from
-// one load of each pixel, in 4-lane vectors (GCC / Clang vector extensions;
+// one load of each pixel, in 8-lane vectors (GCC / Clang vector extensions, AVX2 where the CPU has it;
 // a scalar loop elsewhere), also when the output is the input (in place).
 // Built with -ffp-contract=off (CMakeLists.txt): no fused multiply-add, so the
 // values are those of float32 NumPy, clamp((x - t) * scale + 0.5, 0, 1).
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "rows.h"
 #include "tilead/kernels.h"
 
 namespace tilead {
@@ -43,48 +44,71 @@ inline void pixel(float v, float* d, uint8_t* m, float t, float scale, float& ac
 }
 
 #if defined(__GNUC__)
-// GCC / Clang vector extensions: SSE2 on x86-64, NEON on aarch64, same lane-wise
-// operations as pixel() (bit test for non-finite, compare-selects for max and clamp).
-typedef float f4 __attribute__((vector_size(16)));
-typedef int32_t i4 __attribute__((vector_size(16)));
-typedef uint8_t u4 __attribute__((vector_size(4)));
+// GCC / Clang vector extensions, 8 lanes: two SSE2 (NEON) registers in the portable build, one AVX2
+// register in the x86-64-v3 clone, same lane-wise operations as pixel() (bit test for non-finite,
+// compare-selects for max and clamp; no fused multiply-add either way: -ffp-contract=off).
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef uint8_t u8 __attribute__((vector_size(8)));
+typedef uint8_t b32 __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+// 0/1 bytes from a lane mask (-1 / 0 per 32-bit lane): the low byte of each lane, by one shuffle
+// (__builtin_convertvector to bytes is lowered to per-lane extracts).
+__attribute__((always_inline)) inline u8 mask_bytes(const i8& lanes) {
+#if defined(__clang__) || __GNUC__ >= 12
+  const b32 bytes = (b32)lanes;
+  return __builtin_shufflevector(bytes, bytes, 0, 4, 8, 12, 16, 20, 24, 28) & static_cast<uint8_t>(1);
+#else
+  return __builtin_convertvector(lanes, u8) & static_cast<uint8_t>(1);
+#endif
+}
+
+// The element-wise pass is compute-bound once its rows are in cache (the fused pass): on x86-64 it is
+// also compiled for x86-64-v3 (AVX2), picked at load time, as seam.cpp's tap loops.
+#if defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 12
+#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define TILEAD_CLONES
+#endif
 
 template <bool MinMax, bool Mask>
-float chunk(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
-  constexpr int V = kBlock / 4;
-  const f4 vt = {t, t, t, t}, vs = {scale, scale, scale, scale};
-  const f4 zero = {0.f, 0.f, 0.f, 0.f}, one = {1.f, 1.f, 1.f, 1.f}, half = {0.5f, 0.5f, 0.5f, 0.5f};
-  const i4 expo = {0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000};
+__attribute__((always_inline)) inline float chunk_body(const float* s, float* d, uint8_t* m, int64_t len, float t,
+                                                       float scale) {
+  constexpr int V = kBlock / kLanes;
   const float ninf = -std::numeric_limits<float>::infinity();
-  f4 acc[V];
-  i4 bad[V];
+  const f8 vt = f8{} + t, vs = f8{} + scale;
+  const f8 zero = f8{}, one = f8{} + 1.0f, half = f8{} + 0.5f;
+  const i8 expo = i8{} + 0x7f800000;
+  f8 acc[V];
+  i8 bad[V];
   for (int k = 0; k < V; ++k) {
-    acc[k] = f4{ninf, ninf, ninf, ninf};
-    bad[k] = i4{0, 0, 0, 0};
+    acc[k] = f8{} + ninf;
+    bad[k] = i8{};
   }
   int64_t i = 0;
   for (; i + kBlock <= len; i += kBlock) {
-    f4 v[V];
+    f8 v[V];
     std::memcpy(v, s + i, sizeof(v));  // every load before any store: d may be s
     for (int k = 0; k < V; ++k) {
-      const i4 nonfinite = ((i4)v[k] & expo) == expo;
+      const i8 nonfinite = ((i8)v[k] & expo) == expo;
       acc[k] = v[k] > acc[k] ? v[k] : acc[k];
       bad[k] |= nonfinite;
       if (MinMax) {
-        f4 r = (v[k] - vt) * vs + half;
+        f8 r = (v[k] - vt) * vs + half;
         r = r < zero ? zero : r;
         r = r > one ? one : r;
         r = nonfinite ? one : r;
-        std::memcpy(d + i + 4 * k, &r, sizeof(r));
+        std::memcpy(d + i + kLanes * k, &r, sizeof(r));
         if (Mask) {
-          const u4 b = __builtin_convertvector(r > half, u4) & static_cast<uint8_t>(1);
-          std::memcpy(m + i + 4 * k, &b, sizeof(b));
+          const u8 b = mask_bytes(r > half);
+          std::memcpy(m + i + kLanes * k, &b, sizeof(b));
         }
       } else {
-        if (d != s) std::memcpy(d + i + 4 * k, &v[k], sizeof(f4));
+        if (d != s) std::memcpy(d + i + kLanes * k, &v[k], sizeof(f8));
         if (Mask) {
-          const u4 b = __builtin_convertvector(nonfinite | (v[k] > vt), u4) & static_cast<uint8_t>(1);
-          std::memcpy(m + i + 4 * k, &b, sizeof(b));
+          const u8 b = mask_bytes(nonfinite | (v[k] > vt));
+          std::memcpy(m + i + kLanes * k, &b, sizeof(b));
         }
       }
     }
@@ -92,13 +116,33 @@ float chunk(const float* s, float* d, uint8_t* m, int64_t len, float t, float sc
   float mx = ninf;
   uint32_t any_bad = 0;
   for (int k = 0; k < V; ++k) {
-    for (int l = 0; l < 4; ++l) {
+    for (int l = 0; l < kLanes; ++l) {
       mx = acc[k][l] > mx ? acc[k][l] : mx;
       any_bad |= bad[k][l] != 0 ? 1u : 0u;
     }
   }
   for (; i < len; ++i) pixel<MinMax, Mask>(s[i], d + i, Mask ? m + i : nullptr, t, scale, mx, any_bad);
   return any_bad != 0 ? std::numeric_limits<float>::quiet_NaN() : mx;
+}
+
+// One cloned entry per instantiation (target_clones does not apply to templates).
+TILEAD_CLONES float chunk_mm(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
+  return chunk_body<true, true>(s, d, m, len, t, scale);
+}
+TILEAD_CLONES float chunk_m(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
+  return chunk_body<true, false>(s, d, m, len, t, scale);
+}
+TILEAD_CLONES float chunk_rm(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
+  return chunk_body<false, true>(s, d, m, len, t, scale);
+}
+TILEAD_CLONES float chunk_r(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
+  return chunk_body<false, false>(s, d, m, len, t, scale);
+}
+
+template <bool MinMax, bool Mask>
+float chunk(const float* s, float* d, uint8_t* m, int64_t len, float t, float scale) {
+  if (MinMax) return Mask ? chunk_mm(s, d, m, len, t, scale) : chunk_m(s, d, m, len, t, scale);
+  return Mask ? chunk_rm(s, d, m, len, t, scale) : chunk_r(s, d, m, len, t, scale);
 }
 #else
 template <bool MinMax, bool Mask>
@@ -111,6 +155,21 @@ float chunk(const float* s, float* d, uint8_t* m, int64_t len, float t, float sc
 #endif
 
 }  // namespace
+
+// The pixel scale of min-max normalization (0 in raw mode), as normalize_maps computes it.
+float pixel_scale(const NormParams& p) {
+  const float pr = p.pixel_max - p.pixel_min;
+  return p.mode == kNormMinMax && pr > 0.0f ? 1.0f / pr : 0.0f;
+}
+
+float normalize_span(const float* s, float* d, uint8_t* m, int64_t len, const NormParams& p) {
+  const float t = p.pixel_threshold;
+  const float pscale = pixel_scale(p);
+  if (p.mode == kNormMinMax) {
+    return m != nullptr ? chunk<true, true>(s, d, m, len, t, pscale) : chunk<true, false>(s, d, m, len, t, pscale);
+  }
+  return m != nullptr ? chunk<false, true>(s, d, m, len, t, pscale) : chunk<false, false>(s, d, m, len, t, pscale);
+}
 
 void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_scores, float* scores, int n, int64_t hw,
                     const NormParams& p) {
