@@ -24,6 +24,12 @@ Parity, per location on a few of its training tiles (:func:`bf16_parity`):
   (Against the FP32 embedding with the refit head instead, bottle's r0c0 differed
   by 1.24 of the map range: Gaussians fitted on bf16 features see FP32 features
   as shifted, the mirror of the problem the refit solves; that pairing is never deployed.)
+
+Native heads: next to each ``heads/<name>.onnx`` the export writes ``heads/<name>.padim.npz``
+(:func:`native_head`; :mod:`tilead.runtime.native_heads`), the same Gaussians for the ``hybrid``
+backend's C++ kernel, listed in the manifest's ``native_heads``; per location the native head is checked
+against the head graph on the same bf16 features (:func:`native_parity`, within
+:data:`NATIVE_HEAD_TOLERANCE`; the largest is recorded as ``native_head_parity``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from tilead.runtime.bundle import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
+from tilead.runtime.native_heads import NativeHead
 
 BF16_HEAD_TOLERANCE = 1e-2
 """Largest head-graph vs eager-head difference on the same bf16 features, relative to the map's range.
@@ -180,3 +187,52 @@ def bf16_facts() -> dict[str, Any]:
         "scope": "the shared backbone runs in bf16; heads FP32 (ONNX Runtime), refit on the bf16 features",
         "normalization": "the FP32 run's statistics (not recomputed on bf16 maps)",
     }
+
+
+NATIVE_HEAD_TOLERANCE = 1e-3
+"""Largest native-head vs head-graph difference on the same bf16 features, relative to the graph map's range.
+
+Both compute in float32 from the same fp16 values (the kernel reads the packed upper triangle, the graph
+the block rows), so only summation order differs; a wrong packing or blur moves the map by far more."""
+
+
+def native_head(head: Any) -> NativeHead:
+    """The native form (:class:`tilead.runtime.native_heads.NativeHead`) of a refit ``BlockRowPadimHead``.
+
+    The block rows hold ``A`` on the diagonal blocks and ``A_ij + A_ji^T`` right of them; assembled into a
+    matrix with zeros below the diagonal blocks, its quadratic form is the head's, and
+    :func:`~tilead.runtime.native_heads.pack_upper` of it gives each pair ``(i, j)`` its summed weight
+    (exact in fp16 for the symmetric fp16 matrices PaDiM stores).
+
+    Args:
+        head: A ``BlockRowPadimHead`` (``mean`` ``(P, d)``, block rows ``row0``.., ``bounds``, ``size``, blur).
+    """
+    from tilead.runtime.native_heads import pack_upper
+
+    mean = head.mean.detach().to(torch.float32).numpy()
+    p, d = mean.shape
+    bounds: list[int] = list(head.bounds)
+    full = np.zeros((p, d, d), dtype=np.float64)
+    for i in range(len(bounds) - 1):
+        a, b = bounds[i], bounds[i + 1]
+        full[:, a:b, a:] = getattr(head, f"row{i}").detach().to(torch.float64).numpy()
+    blur = head.blur.detach().numpy().astype(np.float32) if head.blur_sigma > 0 else np.zeros(0, np.float32)
+    h, w = head.size
+    return NativeHead(np.ascontiguousarray(mean), pack_upper(full), blur, (int(h), int(w)))
+
+
+def native_parity(backbone: Bf16Backbone, head_path: Path, native: NativeHead, tiles: np.ndarray) -> float:
+    """The native head vs the head graph (ONNX Runtime) on the bf16 features of ``tiles``, relative to its range.
+
+    Raises:
+        RuntimeError: If the map shapes differ.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+    features = backbone.run([FEATURES_NAME], {INPUT_NAME: tiles})[0]
+    ref = np.asarray(session.run([OUTPUT_NAME], {FEATURES_NAME: features})[0])
+    got = native(features)
+    if got.shape != ref.shape:
+        raise RuntimeError(f"{head_path}: the native head's map shape {got.shape} differs from the graph's {ref.shape}")
+    return float(np.abs(got - ref).max()) / (float(ref.max() - ref.min()) or 1.0)
