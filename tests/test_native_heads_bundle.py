@@ -183,3 +183,20 @@ def test_a_bf16_export_writes_native_heads_equal_to_its_onnx_heads(bf16_export: 
     for r, e in zip(results, expected, strict=True):
         assert r.label == e.label
         assert r.score == pytest.approx(e.score, rel=1e-3, abs=1e-4)
+
+
+def test_the_heads_benchmark_smoke_runs(native_bundle: Path, tmp_path: Path) -> None:
+    """benchmarks/bench_padim_heads.py in a subprocess, tiny: the table and the JSON of both batches."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_padim_heads.py"
+    out = tmp_path / "heads.json"
+    cmd = [sys.executable, str(script), str(native_bundle), "--model", "2", "--batch", "1", "3", "--repeats", "2",
+           "--path", "scalar", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "model r1c0: d=2, map 5x5, kernel path scalar" in done.stdout
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 3]
+    assert all(r["native_ms"] > 0 and r["onnxruntime_ms"] > 0 for r in report["rows"])
