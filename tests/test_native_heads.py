@@ -157,6 +157,7 @@ def test_a_native_head_gives_the_export_heads_map(sigma: float, tmp_path: Path) 
     native.save(tmp_path / "r0c0.padim.npz")
     loaded = NativeHead.from_bytes((tmp_path / "r0c0.padim.npz").read_bytes())
     assert not list(tmp_path.glob(".*"))  # the atomic write left no temporary file
+    assert (tmp_path / "r0c0.padim.npz").stat().st_mode & 0o777 == 0o644  # readable like the bundle's other files
     feats = (mean.T.reshape(1, d, h, w) + rng.standard_normal((5, d, h, w))).astype(np.float32)
     with torch.inference_mode():
         want = head(torch.from_numpy(feats)).numpy()

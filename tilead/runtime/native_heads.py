@@ -171,10 +171,11 @@ class NativeHead:
         return buf.getvalue()
 
     def save(self, path: Path) -> None:
-        """Write :meth:`to_bytes` to ``path`` atomically (a temporary file in its folder, then renamed)."""
+        """Write :meth:`to_bytes` to ``path`` atomically (a temporary file in its folder, then renamed; mode 0644)."""
         path = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a service reading the bundle
             with os.fdopen(fd, "wb") as fh:
                 fh.write(self.to_bytes())
                 fh.flush()

@@ -4,9 +4,9 @@
 // (position, image, d) scratch with the mean subtracted (rows padded with zeros
 // to d + 16). Then, per position, the packed fp16 triangle is streamed once for
 // a group of up to G images (G accumulator registers): each row i is widened to
-// fp32 in registers (F16C / AVX-512F) and
-//   acc_k += d_k[i] * (row_i * d_k[i:])
-// so that only one horizontal sum per position and image remains. A row's tail
+// fp32 in registers (F16C / AVX-512F), t_k = row_i * d_k[i:] is accumulated
+// lane-wise with one FMA per element, then acc_k += d_k[i] * t_k (lane-wise
+// too), so that only one horizontal sum per position and image remains. A row's tail
 // is masked after widening; the last position's triangle is read from a padded
 // copy so that no load runs past the caller's array.
 #include "mahalanobis.h"
@@ -93,26 +93,22 @@ TILEAD_AVX2_FMA void group_avx2(const float* diff, int64_t d, int64_t stride, co
   const uint16_t* row = tri;
   for (int64_t i = 0; i < d; ++i) {
     const int64_t len = d - i;
-    __m256 xi[G];
-    for (int g = 0; g < G; ++g) xi[g] = _mm256_set1_ps(diff[g * stride + i]);
+    __m256 t[G];
+    for (int g = 0; g < G; ++g) t[g] = _mm256_setzero_ps();
     int64_t j = 0;
     for (; j + 8 <= len; j += 8) {
       const __m256 a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
-      for (int g = 0; g < G; ++g) {
-        const __m256 x = _mm256_loadu_ps(diff + g * stride + i + j);
-        acc[g] = _mm256_fmadd_ps(_mm256_mul_ps(a, x), xi[g], acc[g]);
-      }
+      for (int g = 0; g < G; ++g) t[g] = _mm256_fmadd_ps(a, _mm256_loadu_ps(diff + g * stride + i + j), t[g]);
     }
     if (j < len) {
       const __m256 mask = _mm256_castsi256_ps(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask + 8 - (len - j))));
       const __m256 a =
           _mm256_and_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))), mask);
-      for (int g = 0; g < G; ++g) {
-        const __m256 x = _mm256_loadu_ps(diff + g * stride + i + j);
-        acc[g] = _mm256_fmadd_ps(_mm256_mul_ps(a, x), xi[g], acc[g]);
-      }
+      for (int g = 0; g < G; ++g) t[g] = _mm256_fmadd_ps(a, _mm256_loadu_ps(diff + g * stride + i + j), t[g]);
     }
+    // x_i * (row_i . x[i:]) summed lane-wise: the horizontal sum waits until the position's end.
+    for (int g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(t[g], _mm256_set1_ps(diff[g * stride + i]), acc[g]);
     row += len;
   }
   for (int g = 0; g < G; ++g) out[g * out_stride] = hsum256(acc[g]);
@@ -137,25 +133,20 @@ TILEAD_AVX512 void group_avx512(const float* diff, int64_t d, int64_t stride, co
   const uint16_t* row = tri;
   for (int64_t i = 0; i < d; ++i) {
     const int64_t len = d - i;
-    __m512 xi[G];
-    for (int g = 0; g < G; ++g) xi[g] = _mm512_set1_ps(diff[g * stride + i]);
+    __m512 t[G];
+    for (int g = 0; g < G; ++g) t[g] = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= len; j += 16) {
       const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j)));
-      for (int g = 0; g < G; ++g) {
-        const __m512 x = _mm512_loadu_ps(diff + g * stride + i + j);
-        acc[g] = _mm512_fmadd_ps(_mm512_mul_ps(a, x), xi[g], acc[g]);
-      }
+      for (int g = 0; g < G; ++g) t[g] = _mm512_fmadd_ps(a, _mm512_loadu_ps(diff + g * stride + i + j), t[g]);
     }
     if (j < len) {
       const __mmask16 mask = static_cast<__mmask16>((1u << (len - j)) - 1u);
       const __m512 a =
           _mm512_maskz_mov_ps(mask, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + j))));
-      for (int g = 0; g < G; ++g) {
-        const __m512 x = _mm512_loadu_ps(diff + g * stride + i + j);
-        acc[g] = _mm512_fmadd_ps(_mm512_mul_ps(a, x), xi[g], acc[g]);
-      }
+      for (int g = 0; g < G; ++g) t[g] = _mm512_fmadd_ps(a, _mm512_loadu_ps(diff + g * stride + i + j), t[g]);
     }
+    for (int g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(t[g], _mm512_set1_ps(diff[g * stride + i]), acc[g]);
     row += len;
   }
   for (int g = 0; g < G; ++g) out[g * out_stride] = _mm512_reduce_add_ps(acc[g]);
