@@ -192,3 +192,23 @@ def test_bad_head_files_are_refused() -> None:
     with pytest.raises(ValueError, match=r"expected the arrays"):
         NativeHead.from_bytes(buf.getvalue(), "heads/r0c0.padim.npz")
     assert native_file("heads/r0c1.onnx") == "heads/r0c1.padim.npz"
+
+
+@pytest.mark.parametrize(("blocks", "sigma"), [(1, 0.0), (4, 4.0), (7, 1.0)])
+def test_the_exporters_native_head_and_exact_map_are_the_block_row_heads(blocks: int, sigma: float) -> None:
+    """tilead.exporter.bf16.native_head / exact_map from a BlockRowPadimHead's block rows, any block count."""
+    from tilead.exporter.bf16 import exact_map, native_head
+
+    rng = np.random.default_rng(6)
+    h, w, d = 6, 5, 30
+    mean, inv_cov = _gaussians(rng, h * w, d)
+    head = BlockRowPadimHead(torch.from_numpy(mean), torch.from_numpy(inv_cov), (h, w), sigma, blocks=blocks).eval()
+    native = native_head(head)
+    np.testing.assert_array_equal(native.packed, pack_upper(inv_cov))  # the symmetric fp16 matrix, exactly
+    feats = (mean.T.reshape(1, d, h, w) + rng.standard_normal((3, d, h, w))).astype(np.float32)
+    with torch.inference_mode():
+        want = head(torch.from_numpy(feats)).numpy()
+    exact = exact_map(feats, head)
+    assert exact.dtype == np.float64
+    np.testing.assert_allclose(exact, want, rtol=1e-5, atol=1e-5 * float(want.max()))
+    np.testing.assert_allclose(native(feats), exact, rtol=1e-5, atol=1e-5 * float(want.max()))

@@ -160,13 +160,17 @@ def test_native_heads_must_be_a_bool(native_bundle: Path) -> None:
 @pytest.mark.integration
 def test_a_bf16_export_writes_native_heads_equal_to_its_onnx_heads(bf16_export: Any) -> None:  # noqa: F811
     """The tiny run's bf16 bundle: a native head per model, its parity recorded, the hybrid's maps as the graphs'."""
-    from tilead.exporter.bf16 import NATIVE_HEAD_TOLERANCE
+    from tilead.exporter.bf16 import BF16_HEAD_TOLERANCE, NATIVE_HEAD_TOLERANCE, NATIVE_VS_GRAPH_ERROR
 
     bundle = bf16_export.bundle
     manifest = read_manifest(bundle)
     assert len(manifest.native_heads) == len(manifest.models)
     quant = bf16_export.manifest["source"]["quantization"]
-    assert 0 <= quant["native_head_parity"] <= NATIVE_HEAD_TOLERANCE
+    assert 0 <= quant["graph_head_exact"] <= BF16_HEAD_TOLERANCE
+    assert (
+        0 <= quant["native_head_exact"] <= max(NATIVE_HEAD_TOLERANCE, NATIVE_VS_GRAPH_ERROR * quant["graph_head_exact"])
+    )
+    assert quant["native_head_parity"] <= quant["native_head_exact"] + quant["graph_head_exact"]
     for entry in manifest.native_heads:
         head = NativeHead.from_bytes((bundle / entry.file).read_bytes())
         assert head.size == manifest.map_size

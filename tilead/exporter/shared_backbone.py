@@ -297,9 +297,10 @@ def export_shared(
                 head_diff, diff = checked
                 quant["head_parity"] = max(float(quant.get("head_parity", 0.0)), head_diff)
                 if refit_head is not None:
-                    entry, native_diff = _bf16_native(features_session, root, target, rel, refit_head, real, name)
+                    entry, figures = _bf16_native(features_session, root, target, rel, refit_head, real, name)
                     native.append(entry)
-                    quant["native_head_parity"] = max(float(quant.get("native_head_parity", 0.0)), native_diff)
+                    for key, value in figures.items():
+                        quant[key] = max(float(quant.get(key, 0.0)), value)
             elif calibration is None:
                 diff = chain_difference(session, target, models[index], probe)
                 if reused and diff > tolerance:
@@ -337,29 +338,46 @@ def export_shared(
 
 def _bf16_native(
     backbone: Any, root: Path, target: Path, rel: str, head: nn.Module, real: list[np.ndarray], name: str
-) -> tuple[dict[str, Any], float]:
-    """Write a bf16 model's native head next to its graph and check it against the graph (:mod:`tilead.exporter.bf16`).
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Write a bf16 model's native head next to its graph and check it (:func:`tilead.exporter.bf16.native_parity`).
 
     Returns:
-        The manifest's ``native_heads`` entry and the parity (relative to the graph map's range).
+        The manifest's ``native_heads`` entry and the parity figures recorded in ``source.quantization``:
+        ``native_head_parity`` (native vs graph), ``native_head_exact`` and ``graph_head_exact`` (each vs
+        the float64 map), relative to the exact map's range.
 
     Raises:
-        RuntimeError: Beyond :data:`tilead.exporter.bf16.NATIVE_HEAD_TOLERANCE`.
+        RuntimeError: If the graph is farther than :data:`~tilead.exporter.bf16.BF16_HEAD_TOLERANCE` from the exact
+            map, or the native head beyond :data:`~tilead.exporter.bf16.NATIVE_HEAD_TOLERANCE` and more than
+            :data:`~tilead.exporter.bf16.NATIVE_VS_GRAPH_ERROR` times as far as the graph.
     """
-    from tilead.exporter.bf16 import NATIVE_HEAD_TOLERANCE, native_head, native_parity
+    from tilead.exporter.bf16 import (
+        BF16_HEAD_TOLERANCE,
+        NATIVE_HEAD_TOLERANCE,
+        NATIVE_VS_GRAPH_ERROR,
+        native_head,
+        native_parity,
+    )
     from tilead.runtime.native_heads import native_file
 
     native = native_head(head)
     file = native_file(rel)
     native.save(root / file)
-    diff = native_parity(backbone, target, native, real[0][:4])
-    if not diff <= NATIVE_HEAD_TOLERANCE:
+    vs_graph, native_exact, graph_exact = native_parity(backbone, target, native, head, real[0][:4])
+    if not graph_exact <= BF16_HEAD_TOLERANCE:
         raise RuntimeError(
-            f"location {name}: the native head {file} differs from {rel} on the same bf16 features by {diff:.2e} "
-            f"of the map range (tolerance {NATIVE_HEAD_TOLERANCE:.0e})"
+            f"location {name}: {rel} differs from its float64 map on the same bf16 features by {graph_exact:.2e} "
+            f"of the map range (tolerance {BF16_HEAD_TOLERANCE:.0e})"
+        )
+    if not native_exact <= max(NATIVE_HEAD_TOLERANCE, NATIVE_VS_GRAPH_ERROR * graph_exact):
+        raise RuntimeError(
+            f"location {name}: the native head {file} differs from the float64 map on the same bf16 features by "
+            f"{native_exact:.2e} of the map range, {rel} by {graph_exact:.2e} (accepted: up to "
+            f"{NATIVE_HEAD_TOLERANCE:.0e}, or {NATIVE_VS_GRAPH_ERROR:g} times the graph's)"
         )
     entry = {"name": name, "file": file, "sha256": sha256_file(root / file), "bytes": (root / file).stat().st_size}
-    return entry, diff
+    figures = {"native_head_parity": vs_graph, "native_head_exact": native_exact, "graph_head_exact": graph_exact}
+    return entry, figures
 
 
 def _bf16_check(

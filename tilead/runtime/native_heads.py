@@ -83,19 +83,20 @@ def squared_distances(features: np.ndarray, mean: np.ndarray, packed: np.ndarray
 
 
 def blur_maps(maps: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """Separable Gaussian blur of ``(n, 1, h, w)`` float32 maps, as :func:`tilead.trainer.maps.blur_map` does.
+    """Separable Gaussian blur of ``(n, 1, h, w)`` maps, as :func:`tilead.trainer.maps.blur_map` does.
 
     Reflect padding by the radius ``r = (len(kernel) - 1) / 2``, replicate padding when ``min(h, w) <= r``.
+    Computed in the maps' dtype (float32 at run time; float64 for the exporter's exact reference).
     """
     r = (len(kernel) - 1) // 2
     h, w = maps.shape[-2:]
     width = ((0, 0), (0, 0), (r, r), (r, r))
     padded = np.pad(maps, width, mode="reflect") if min(h, w) > r else np.pad(maps, width, mode="edge")
-    taps = kernel.astype(np.float32)
-    rows = np.zeros((*maps.shape[:2], h + 2 * r, w), dtype=np.float32)
+    taps = kernel.astype(maps.dtype)
+    rows = np.zeros((*maps.shape[:2], h + 2 * r, w), dtype=maps.dtype)
     for t, k in enumerate(taps):
         rows += k * padded[..., :, t : t + w]
-    out = np.zeros(maps.shape, dtype=np.float32)
+    out = np.zeros(maps.shape, dtype=maps.dtype)
     for t, k in enumerate(taps):
         out += k * rows[..., t : t + h, :]
     return out
