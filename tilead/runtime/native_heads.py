@@ -14,7 +14,7 @@ no pickles) with the same Gaussians:
 The manifest lists the files in ``native_heads`` (one per model, with sha256 and
 bytes; :func:`tilead.runtime.bundle.parse_native_heads`). :class:`NativeHead` computes
 what the head graph computes: the kernel's squared distances (``tilead._kernels.mahalanobis``:
-AVX-512, AVX2+FMA+F16C or portable code, fp32 accumulation), clamped at 0, square root,
+AVX-512, AVX2+FMA+F16C or portable code, fp32 row sums, float64 totals), clamped at 0, square root,
 then the blur of :func:`tilead.trainer.maps.blur_map` (reflect padding, replicate when the
 map is no larger than the radius; separable, here in NumPy).
 """

@@ -1,6 +1,6 @@
 // Squared Mahalanobis distances of PaDiM heads (#21): per position p and image k,
 // out[k, p] = d^T A_p d with d = x[k, :, p] - mean[p], A_p given as its packed
-// upper triangle in fp16 (row i: A_ii, then 2 A_ij for j > i), fp32 accumulation.
+// upper triangle in fp16 (row i: A_ii, then 2 A_ij for j > i); fp32 row sums, float64 totals.
 #pragma once
 
 #include <cstdint>
