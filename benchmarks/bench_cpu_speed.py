@@ -15,7 +15,8 @@ bundles are made first (data, ``tilead-train``, ``tilead-export``), under ``--wo
 
 A variant is ``layout:precision[@backend[+bf16]]``: the backend runs the bundle
 (``onnxruntime``, the default, ``openvino``, or ``hybrid``: bf16 bundles only, and
-the default for them), and ``+bf16`` asks for the
+the default for them, with the bundle's native PaDiM heads; ``hybrid-onnx``: the same
+with the heads' ONNX graphs, ``Predictor(native_heads=False)``), and ``+bf16`` asks for the
 opt-in bf16 backbone (``Predictor(bf16_backbone=True)``, OpenVINO on a CPU with
 bf16 units, ``shared_backbone`` bundles). Variants of one ``layout:precision``
 share its bundle, so e.g. ``shared_backbone:int8 shared_backbone:int8@openvino
@@ -37,7 +38,8 @@ share outside inference <= 5 %; peak RSS at 2048 <= 1.5 GB. The table marks them
 Usage:
     python benchmarks/bench_cpu_speed.py [--work out/bench/cpu_speed] [--sizes big bottle]
         [--big 2048] [--variants per_location:fp32 shared_backbone:fp32 shared_backbone:int8
-        shared_backbone:int8@openvino shared_backbone:int8@openvino+bf16 shared_backbone:bf16@hybrid]
+        shared_backbone:int8@openvino shared_backbone:int8@openvino+bf16 shared_backbone:bf16@hybrid
+        shared_backbone:bf16@hybrid-onnx]
         [--images 8] [--repeats 3] [--batch 1 8] [--threads N] [--quality] [--json out/bench/cpu_speed.json]
 """
 
@@ -67,7 +69,7 @@ VARIANTS = (
     "per_location:fp32", "shared_backbone:fp32", "shared_backbone:int8", "per_location:int8", "shared_backbone:bf16",
 )  # fmt: skip
 """The bundles (``layout:precision``); a variant may add ``@backend[+bf16]`` (:func:`parse_variant`)."""
-BACKENDS = ("onnxruntime", "openvino", "hybrid")
+BACKENDS = ("onnxruntime", "openvino", "hybrid", "hybrid-onnx")
 BASELINE = "per_location:fp32"
 TARGETS_MS = {"2048": 170.0, "bottle": 30.0}
 OUTSIDE_MAX = 0.05
@@ -91,6 +93,9 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
             f"{text!r}: expected layout:precision@BACKEND[+bf16] with BACKEND one of {', '.join(BACKENDS)}"
         )
     options: dict[str, Any] = {"backend": backend}
+    if backend == "hybrid-onnx":  # the hybrid with the heads' ONNX graphs instead of the native heads
+        backend = "hybrid"
+        options = {"backend": backend, "native_heads": False}
     if (backend == "hybrid") != bundle.endswith(":bf16") and backend != "openvino":
         raise argparse.ArgumentTypeError(
             f"{text!r}: a bf16 bundle runs @hybrid (or @openvino), and @hybrid runs bf16 bundles only "
@@ -163,11 +168,13 @@ def ensure_bundle(run: Path, out: Path, variant: str, tolerance: float | None = 
 
 
 def stale_heads(bundle: Path, manifest: dict[str, Any]) -> bool:
-    """A shared-layout PaDiM bundle exported before its heads kept fp16 state in memory (re-exported then)."""
+    """A shared PaDiM bundle from before fp16 heads in memory or, bf16, without native heads (re-exported then)."""
     from tilead.runtime.backends.onnxruntime import folds_constants
 
     if manifest.get("layout") != "shared_backbone" or manifest["model"].get("family") != "padim":
         return False
+    if manifest["model"].get("precision") == "bf16" and not manifest.get("native_heads"):
+        return True
     return folds_constants((bundle / manifest["locations"][0]["file"]).read_bytes())
 
 
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", choices=["big", "bottle"], default=["big", "bottle"])
     ap.add_argument("--big", type=int, default=2048, help="side of the synthetic images (4x4 tiles of side/4)")
     ap.add_argument("--variants", nargs="+", type=variant_arg, default=list(VARIANTS[:3]),
-                    help="layout:precision[@onnxruntime|@openvino[+bf16]|@hybrid] (see above)")  # fmt: skip
+                    help="layout:precision[@onnxruntime|@openvino[+bf16]|@hybrid[-onnx]] (see above)")  # fmt: skip
     ap.add_argument("--bottle-run", type=Path, default=ROOT / "runs" / "padim_bottle")
     ap.add_argument("--bottle-data", type=Path, default=BOTTLE_DATA)
     ap.add_argument("--train-images", type=int, default=6, help="big run: training images (holdout included)")

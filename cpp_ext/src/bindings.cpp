@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/mahalanobis.h"
 #include "cpu/rows.h"
 #include "cpu/tile_simd.h"
 #include "device_pipeline.h"
@@ -779,6 +780,41 @@ PYBIND11_MODULE(_kernels, m) {
   m.def(
       "cpu_simd", []() { return std::string(cpu::row_converters().rgb_f32 != nullptr ? "avx2+f16c" : "portable"); },
       "Code path of the CPU tile kernel on this machine: 'avx2+f16c' or 'portable'.");
+  m.def(
+      "mahalanobis",
+      [](const py::array& features, const py::array& mean, const py::array& packed, const py::array& out,
+         const std::string& path) {
+        if (features.ndim() != 3) {
+          fail("features: expected 3 dimensions (n, d, positions), got shape " + shape_str(features));
+        }
+        const py::ssize_t n = features.shape(0), d = features.shape(1), positions = features.shape(2);
+        check_array(features, "features", py::dtype::of<float>(), {n, d, positions}, false);
+        check_array(mean, "mean", py::dtype::of<float>(), {positions, d}, false);
+        check_array(packed, "packed", py::dtype("float16"), {positions, d * (d + 1) / 2}, false);
+        check_array(out, "out", py::dtype::of<float>(), {n, positions}, true);
+        check_disjoint(features, "features", out, "out");
+        check_disjoint(mean, "mean", out, "out");
+        check_disjoint(packed, "packed", out, "out");
+        cpu::MahalanobisPath which;
+        try {
+          which = cpu::mahalanobis_path(path);
+        } catch (const std::invalid_argument& e) {
+          fail(e.what());
+        }
+        const auto* f = static_cast<const float*>(features.data());
+        const auto* m = static_cast<const float*>(mean.data());
+        const auto* t = static_cast<const uint16_t*>(packed.data());
+        auto* o = static_cast<float*>(const_cast<void*>(out.data()));
+        py::gil_scoped_release release;
+        cpu::mahalanobis(f, n, d, positions, m, t, o, which);
+      },
+      py::arg("features"), py::arg("mean"), py::arg("packed"), py::arg("out"), py::arg("path") = "auto",
+      "Squared Mahalanobis distances of a PaDiM head (#21): out[k, p] = (x - mean[p])^T A_p (x - mean[p]) with "
+      "x = features[k, :, p]. features float32 (n, d, P), mean float32 (P, d), packed float16 (P, d (d + 1) / 2) "
+      "(row i of A_p's upper triangle: A_ii, then 2 A_ij for j > i), out float32 (n, P); one thread, GIL released. "
+      "path: 'auto' (the best this CPU runs), 'scalar', 'avx2' (AVX2+FMA+F16C) or 'avx512' (AVX-512F).");
+  m.def("mahalanobis_paths", &cpu::mahalanobis_paths,
+        "The mahalanobis kernel's code paths this CPU runs, best last ('scalar' always).");
   bind_family<false>(m);
   m.def(
       "postprocess_maps",

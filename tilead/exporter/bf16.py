@@ -24,6 +24,12 @@ Parity, per location on a few of its training tiles (:func:`bf16_parity`):
   (Against the FP32 embedding with the refit head instead, bottle's r0c0 differed
   by 1.24 of the map range: Gaussians fitted on bf16 features see FP32 features
   as shifted, the mirror of the problem the refit solves; that pairing is never deployed.)
+
+Native heads: next to each ``heads/<name>.onnx`` the export writes ``heads/<name>.padim.npz``
+(:func:`native_head`; :mod:`tilead.runtime.native_heads`), the same Gaussians for the ``hybrid``
+backend's C++ kernel, listed in the manifest's ``native_heads``; per location the native head is checked
+against the head graph on the same bf16 features (:func:`native_parity`, within
+:data:`NATIVE_HEAD_TOLERANCE`; the largest is recorded as ``native_head_parity``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from tilead.runtime.bundle import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
+from tilead.runtime.native_heads import NativeHead
 
 BF16_HEAD_TOLERANCE = 1e-2
 """Largest head-graph vs eager-head difference on the same bf16 features, relative to the map's range.
@@ -180,3 +187,104 @@ def bf16_facts() -> dict[str, Any]:
         "scope": "the shared backbone runs in bf16; heads FP32 (ONNX Runtime), refit on the bf16 features",
         "normalization": "the FP32 run's statistics (not recomputed on bf16 maps)",
     }
+
+
+NATIVE_HEAD_TOLERANCE = 1e-3
+"""Largest native-head vs exact (float64) map difference accepted outright on the same bf16 features.
+
+Relative to the exact map's range. The kernel and the head graph both compute in float32 from the same fp16
+values (the packed upper triangle, the block rows), so they differ from the exact map by rounding only;
+nearly singular Gaussians (runs fitted on a handful of tiles) amplify it: on the 2048² demo run (5 fit
+images) native vs graph reached 4.61e-3 and 1.04e-2. Beyond this tolerance the native head is still
+accepted when it is at most :data:`NATIVE_VS_GRAPH_ERROR` times as far from the exact map as the graph is
+(:func:`native_parity`); a wrong packing or blur moves the map by a large share of its range."""
+NATIVE_VS_GRAPH_ERROR = 2.0
+"""How much farther from the exact map than the head graph the native head may be (beyond the tolerance)."""
+
+
+def native_head(head: Any) -> NativeHead:
+    """The native form (:class:`tilead.runtime.native_heads.NativeHead`) of a refit ``BlockRowPadimHead``.
+
+    The block rows hold ``A`` on the diagonal blocks and ``A_ij + A_ji^T`` right of them; assembled into a
+    matrix with zeros below the diagonal blocks, its quadratic form is the head's, and
+    :func:`~tilead.runtime.native_heads.pack_upper` of it gives each pair ``(i, j)`` its summed weight
+    (exact in fp16 for the symmetric fp16 matrices PaDiM stores).
+
+    Args:
+        head: A ``BlockRowPadimHead`` (``mean`` ``(P, d)``, block rows ``row0``.., ``bounds``, ``size``, blur).
+    """
+    from tilead.runtime.native_heads import pack_upper
+
+    mean = head.mean.detach().to(torch.float32).numpy()
+    blur = head.blur.detach().numpy().astype(np.float32) if head.blur_sigma > 0 else np.zeros(0, np.float32)
+    h, w = head.size
+    return NativeHead(np.ascontiguousarray(mean), pack_upper(block_matrix(head)), blur, (int(h), int(w)))
+
+
+def block_matrix(head: Any) -> np.ndarray:
+    """float64 ``(P, d, d)``: a ``BlockRowPadimHead``'s block rows in place, zeros below the diagonal blocks."""
+    p, d = (int(v) for v in head.mean.shape)
+    bounds: list[int] = list(head.bounds)
+    full = np.zeros((p, d, d), dtype=np.float64)
+    for i in range(len(bounds) - 1):
+        a, b = bounds[i], bounds[i + 1]
+        full[:, a:b, a:] = getattr(head, f"row{i}").detach().to(torch.float64).numpy()
+    return full
+
+
+def exact_map(features: np.ndarray, head: Any) -> np.ndarray:
+    """The head's map computed in float64 from its block rows (the reference of :func:`native_parity`).
+
+    Args:
+        features: float32 ``(n, d, h, w)``.
+        head: A ``BlockRowPadimHead``.
+
+    Returns:
+        float64 ``(n, 1, h, w)``.
+    """
+    from tilead.runtime.native_heads import blur_maps
+
+    n, d, h, w = features.shape
+    mean = head.mean.detach().to(torch.float64).numpy()
+    diff = features.astype(np.float64).reshape(n, d, h * w).transpose(2, 0, 1) - mean[:, None, :]  # (P, n, d)
+    q = np.einsum("pki,pij,pkj->kp", diff, block_matrix(head), diff, optimize=True)
+    maps = np.sqrt(np.maximum(q, 0.0)).reshape(n, 1, h, w)
+    return blur_maps(maps, head.blur.detach().to(torch.float64).numpy()) if head.blur_sigma > 0 else maps
+
+
+def native_parity(
+    backbone: Bf16Backbone, head_path: Path, native: NativeHead, head: Any, tiles: np.ndarray
+) -> tuple[float, float, float]:
+    """The native head, the head graph (ONNX Runtime) and the exact map on the bf16 features of ``tiles``.
+
+    Args:
+        backbone: The OpenVINO bf16 backbone.
+        head_path: The head graph.
+        native: The native head.
+        head: The refit ``BlockRowPadimHead`` both were made from (:func:`exact_map`).
+        tiles: A few training tiles, float32 ``(n, C, th, tw)``.
+
+    Returns:
+        ``(native vs graph, native vs exact, graph vs exact)``: max abs differences relative to the exact
+        map's range.
+
+    Raises:
+        RuntimeError: If the map shapes differ.
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(head_path), providers=["CPUExecutionProvider"])
+    features = backbone.run([FEATURES_NAME], {INPUT_NAME: tiles})[0]
+    graph = np.asarray(session.run([OUTPUT_NAME], {FEATURES_NAME: features})[0], dtype=np.float64)
+    got = native(features).astype(np.float64)
+    exact = exact_map(features, head)
+    if not got.shape == graph.shape == exact.shape:
+        raise RuntimeError(
+            f"{head_path}: map shapes differ: native {got.shape}, graph {graph.shape}, exact {exact.shape}"
+        )
+    span = float(exact.max() - exact.min()) or 1.0
+
+    def rel(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).max()) / span
+
+    return rel(got, graph), rel(got, exact), rel(graph, exact)

@@ -248,6 +248,7 @@ def export_bundle(
         entries = []
         parity = {}
         backbone_entry: dict[str, Any] | None = None
+        native_entries: list[dict[str, Any]] = []
         if layout == "shared_backbone":
 
             def location_batches(index: int, samples: Any = calibration) -> list[np.ndarray]:
@@ -269,6 +270,7 @@ def export_bundle(
                 bf16=Bf16Backbone if precision == "bf16" else None,
             )  # fmt: skip
             entries, parity, backbone_entry = shared.entries, shared.parity, shared.backbone
+            native_entries = shared.native
             if precision == "bf16":
                 quant_info = {
                     **bf16_facts(), **shared.quantization, "parity_tolerance": int8_tolerance,
@@ -374,6 +376,7 @@ def export_bundle(
                 else {"locations": entries}
             ),
             **({"layout": layout, "backbone": backbone_entry} if backbone_entry is not None else {}),
+            **({"native_heads": native_entries} if native_entries else {}),
             **({"thumbnail": thumbnail_entry} if thumbnail_entry is not None else {}),
             "postprocess": post.manifest_section(),
             "normalization": stats.to_dict(),

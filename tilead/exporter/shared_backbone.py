@@ -145,6 +145,8 @@ class SharedExport:
     entries: list[dict[str, Any]]
     parity: dict[str, float]
     quantization: dict[str, Any] = field(default_factory=dict)
+    native: list[dict[str, Any]] = field(default_factory=list)
+    """bf16: the manifest's ``native_heads`` entries (one ``heads/<name>.padim.npz`` per model)."""
 
 
 def _features(session: Any, tiles: np.ndarray) -> np.ndarray:
@@ -264,6 +266,7 @@ def export_shared(
         if diff > tolerance:
             raise RuntimeError(f"backbone.onnx differs from the eager embedding by {diff:.2e} of its range")
     entries: list[dict[str, Any]] = []
+    native: list[dict[str, Any]] = []
     parity: dict[str, float] = {}
     refit_tiles = 0
     template: tuple[Path, nn.Module] | None = None
@@ -275,9 +278,10 @@ def export_shared(
             target = root / rel
             head = HeadGraph(exported[index].get_submodule("head")).eval()
             real: list[np.ndarray] = calibration(index)[:1] if calibration is not None else []
+            refit_head: nn.Module | None = None
             if refit is not None:
                 new, fitted = refit(index, features_session, exported[index].get_submodule("head"))
-                head = HeadGraph(new).eval()
+                head, refit_head = HeadGraph(new).eval(), new
                 refit_tiles = max(refit_tiles, fitted)
             reused = template is not None and export_like(template[0], template[1], head, target)
             if not reused:
@@ -292,6 +296,11 @@ def export_shared(
                 checked = _bf16_check(features_session, target, models[index], head, real, name, rel, int8_tolerance)
                 head_diff, diff = checked
                 quant["head_parity"] = max(float(quant.get("head_parity", 0.0)), head_diff)
+                if refit_head is not None:
+                    entry, figures = _bf16_native(features_session, root, target, rel, refit_head, real, name)
+                    native.append(entry)
+                    for key, value in figures.items():
+                        quant[key] = max(float(quant.get(key, 0.0)), value)
             elif calibration is None:
                 diff = chain_difference(session, target, models[index], probe)
                 if reused and diff > tolerance:
@@ -324,7 +333,51 @@ def export_shared(
     }
     if (quant or bf16 is not None) and refit is not None:
         quant["head_refit_tiles"] = refit_tiles
-    return SharedExport(backbone, entries, parity, quant)
+    return SharedExport(backbone, entries, parity, quant, native)
+
+
+def _bf16_native(
+    backbone: Any, root: Path, target: Path, rel: str, head: nn.Module, real: list[np.ndarray], name: str
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Write a bf16 model's native head next to its graph and check it (:func:`tilead.exporter.bf16.native_parity`).
+
+    Returns:
+        The manifest's ``native_heads`` entry and the parity figures recorded in ``source.quantization``:
+        ``native_head_parity`` (native vs graph), ``native_head_exact`` and ``graph_head_exact`` (each vs
+        the float64 map), relative to the exact map's range.
+
+    Raises:
+        RuntimeError: If the graph is farther than :data:`~tilead.exporter.bf16.BF16_HEAD_TOLERANCE` from the exact
+            map, or the native head beyond :data:`~tilead.exporter.bf16.NATIVE_HEAD_TOLERANCE` and more than
+            :data:`~tilead.exporter.bf16.NATIVE_VS_GRAPH_ERROR` times as far as the graph.
+    """
+    from tilead.exporter.bf16 import (
+        BF16_HEAD_TOLERANCE,
+        NATIVE_HEAD_TOLERANCE,
+        NATIVE_VS_GRAPH_ERROR,
+        native_head,
+        native_parity,
+    )
+    from tilead.runtime.native_heads import native_file
+
+    native = native_head(head)
+    file = native_file(rel)
+    native.save(root / file)
+    vs_graph, native_exact, graph_exact = native_parity(backbone, target, native, head, real[0][:4])
+    if not graph_exact <= BF16_HEAD_TOLERANCE:
+        raise RuntimeError(
+            f"location {name}: {rel} differs from its float64 map on the same bf16 features by {graph_exact:.2e} "
+            f"of the map range (tolerance {BF16_HEAD_TOLERANCE:.0e})"
+        )
+    if not native_exact <= max(NATIVE_HEAD_TOLERANCE, NATIVE_VS_GRAPH_ERROR * graph_exact):
+        raise RuntimeError(
+            f"location {name}: the native head {file} differs from the float64 map on the same bf16 features by "
+            f"{native_exact:.2e} of the map range, {rel} by {graph_exact:.2e} (accepted: up to "
+            f"{NATIVE_HEAD_TOLERANCE:.0e}, or {NATIVE_VS_GRAPH_ERROR:g} times the graph's)"
+        )
+    entry = {"name": name, "file": file, "sha256": sha256_file(root / file), "bytes": (root / file).stat().st_size}
+    figures = {"native_head_parity": vs_graph, "native_head_exact": native_exact, "graph_head_exact": graph_exact}
+    return entry, figures
 
 
 def _bf16_check(

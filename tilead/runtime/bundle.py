@@ -45,6 +45,13 @@ whose content does not match, so thresholds are changed with
 ``tilead-calibrate`` (which rewrites the digest), never by hand. Schema 1
 bundles carry no digest and are refused with a request to re-export.
 
+Native heads (bf16 bundles, #21). ``native_heads`` lists, in model order, one
+``{"name", "file", "sha256", "bytes"}`` per model: ``heads/<name>.padim.npz``
+next to the model's ``heads/<name>.onnx`` (the Gaussians for the C++ kernel,
+:mod:`tilead.runtime.native_heads`; the ``hybrid`` backend runs them instead
+of the heads' graphs). Optional (older bf16 bundles have none); only bf16
+bundles may carry it.
+
 Hostile input. Everything a bundle can hold fails at load with
 :class:`BundleError` naming the key or file: the manifest file is at most
 :data:`MAX_MANIFEST_BYTES` (checked before reading), nested at most
@@ -80,6 +87,7 @@ from tilead.runtime._checks import as_int, as_pair, check_mapping, describe
 from tilead.runtime.engines import EngineSet, parse_engine_sets
 from tilead.runtime.files import LocationFile, parse_location_file
 from tilead.runtime.geometry import MAX_SIDE, TileGrid, location_name
+from tilead.runtime.native_heads import native_file
 from tilead.runtime.postprocess import BlendWeights, SeamSmoothing, parse_seam
 from tilead.runtime.postprocessor import IMAGE_SCORES, NormalizationStats
 from tilead.runtime.preprocess import Preprocessing
@@ -120,6 +128,7 @@ _TOP_KEYS = (
     "thumbnail",
     "assignment",
     "models",
+    "native_heads",
     DIGEST_KEY,
 )
 _REQUIRED = ("schema_version", "grid", "preprocessing", "model", "locations", "postprocess", "normalization")
@@ -172,6 +181,8 @@ class Manifest:
         location_transform: Orientation of every location's tiles before its model
             (:mod:`tilead.runtime.orientation`; the map is transformed back), row-major;
             empty when no location is oriented (the manifest's ``locations[i].transform``).
+        native_heads: bf16 bundles: every model's native head file (``heads/<name>.padim.npz``), in model
+            order, or empty (none written: the heads' graphs run).
     """
 
     grid: TileGrid
@@ -192,6 +203,7 @@ class Manifest:
     location_model: tuple[int, ...] = ()
     assignment: str = "one_to_one"
     location_transform: tuple[int, ...] = ()
+    native_heads: tuple[LocationFile, ...] = ()
 
     def transform(self, location: int) -> int:
         """Orientation of a location's tiles (0: as cut)."""
@@ -400,6 +412,9 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
                 for name, m in zip(expected, table, strict=True)
             ]
         parse_engine_sets(d.get("engines"), expected)
+        native = parse_native_heads(
+            d.get("native_heads"), model.get("precision", "fp32"), model_files if model_files else tuple(files)
+        )
         thumbnail = parse_thumbnail(d.get("thumbnail"))
         if thumbnail is not None and image_score == "detector":
             raise ValueError(
@@ -434,6 +449,33 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         table,
         str(assignment),
         transforms,
+        native,
+    )
+
+
+def parse_native_heads(data: object, precision: str, models: Sequence[LocationFile]) -> tuple[LocationFile, ...]:
+    """Validate the manifest's ``native_heads``: absent, or one entry per model of a bf16 bundle.
+
+    Args:
+        data: The JSON value (None: absent).
+        precision: ``model.precision``.
+        models: The model files, in model order (each native head sits next to its model's graph).
+
+    Raises:
+        ValueError: For native heads in a bundle that is not bf16, another count than the models', or an entry
+            naming another model or file (:func:`~tilead.runtime.files.parse_location_file`).
+    """
+    if data is None:
+        return ()
+    if precision != "bf16":
+        raise ValueError(f"native_heads: only bf16 bundles carry native heads, this one's precision is {precision!r}")
+    if not isinstance(data, list) or len(data) != len(models):
+        raise ValueError(
+            f"native_heads: expected a list of {len(models)} entries (one per model), got {describe(data)}"
+        )
+    return tuple(
+        parse_location_file(item, f"native_heads[{i}]", m.name, native_file(m.file))
+        for i, (item, m) in enumerate(zip(data, models, strict=True))
     )
 
 
@@ -807,6 +849,8 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
     """
     for loc in manifest.files:
         read_verified_file(bundle, loc)
+    for head in manifest.native_heads:
+        read_verified_file(bundle, head, "native head")
 
 
 # -- model inputs and outputs --------------------------------------------------------------------------

@@ -145,6 +145,9 @@ class Predictor:
             FP32 features lose much quality (bottle AUPRO 0.466 instead of
             0.967; heads refit on bf16 features keep it, ``docs/cpu_speed.md``). Refused with a ValueError for another
             backend or layout, and with a RuntimeError on a CPU without bf16 units.
+        native_heads: ``backend="hybrid"``: run a bf16 bundle's native PaDiM heads (the C++ kernel,
+            :mod:`tilead.runtime.native_heads`) where the bundle has them; False: the heads' ONNX graphs
+            (for comparison). Other backends ignore it.
 
     Raises:
         BundleError: For a missing, corrupt, modified or unknown-schema bundle.
@@ -174,6 +177,7 @@ class Predictor:
         build_on_load: bool = False,
         cuda_graphs: bool = True,
         bf16_backbone: bool = False,
+        native_heads: bool = True,
     ) -> None:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
@@ -185,6 +189,8 @@ class Predictor:
             raise ValueError(
                 f"bf16_backbone=True: backend={spec.name!r} cannot run the backbone in bfloat16; use {able}"
             )
+        if not isinstance(native_heads, bool):
+            raise ValueError(f"native_heads: expected True or False, got {describe(native_heads)}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch: expected a positive integer, got {describe(max_batch)}")
         for name, value in (("threads", threads), ("location_workers", location_workers)):
@@ -240,6 +246,7 @@ class Predictor:
             cuda_graphs=bool(cuda_graphs),
             bf16_backbone=bf16_backbone,
             allocate=self._outputs.take,
+            native_heads=native_heads,
         )
         # Tile buffers reused across calls (one per call running at once): no fresh tens of MB to page-fault in.
         self._tiles = BufferPool(keep=4)

@@ -124,6 +124,8 @@ class BackendRequest:
         allocate: Where a backend may take large per-call host arrays (the shared backbone's features) so
             that they share memory with the Predictor's image-size outputs (a
             :class:`tilead.runtime.buffers.LeasePool`'s ``take``); None: the backend's own buffers.
+        native_heads: The ``hybrid`` backend: run a bf16 bundle's native PaDiM heads where it has them (False:
+            the heads' ONNX graphs); other backends ignore it.
     """
 
     bundle: Path
@@ -140,6 +142,7 @@ class BackendRequest:
     thumbnail: bytes | None = None
     bf16_backbone: bool = False
     allocate: Allocate | None = None
+    native_heads: bool = True
 
 
 @runtime_checkable

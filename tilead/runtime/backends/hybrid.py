@@ -27,6 +27,14 @@ of 512, AMD EPYC with AVX-512 BF16, 2 cores), OpenVINO's bf16 backbone took a
 median 138 ms one call at a time on 2 threads and 208 ms as two 1-thread calls
 side by side (ONNX Runtime INT8: 222 and 179 ms); docs/cpu_speed.md.
 
+Native heads: a bf16 bundle exported with them (the manifest's ``native_heads``)
+has each head run by the C++ Mahalanobis kernel (:mod:`tilead.runtime.native_heads`:
+packed fp16 triangles read once for the whole batch, one thread per head, the
+heads side by side on the location workers) instead of its ONNX graph; no ONNX
+Runtime session is then created. ``native_heads=False`` (Predictor option) runs the
+graphs; older bf16 bundles without the files always do. :attr:`HybridBackend.providers`
+says which heads run.
+
 Thread safety: ONNX Runtime sessions may run from several threads at once;
 the OpenVINO backbone keeps a stack of idle infer requests, one per running call.
 """
@@ -36,6 +44,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,6 +58,7 @@ from tilead.runtime.backends.base import (
     default_location_workers,
     run_backbone,
     run_backbone_stream,
+    run_locations,
 )
 from tilead.runtime.backends.onnxruntime import (
     LeasedBuffers,
@@ -64,7 +74,9 @@ from tilead.runtime.bundle import (
     OUTPUT_NAME,
     BundleError,
     Manifest,
+    read_verified_file,
 )
+from tilead.runtime.native_heads import NativeHead
 from tilead.runtime.timing import StageTimes
 
 CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=False, thumbnail=False)
@@ -99,12 +111,15 @@ class HybridBackend:
         location_workers: Heads run at the same time (the backbone's calls run one after another).
         allocate: Where the backbone's features come from (:attr:`.base.BackendRequest.allocate`, the
             Predictor's output pool, so that the merged maps reuse their memory); None: a pool of its own.
+        bundle: The bundle's folder, where the native heads are read from (None: the ONNX heads run).
+        native_heads: Run the native heads where the manifest lists them (False: the heads' graphs).
 
     Raises:
         ValueError: For a bundle whose precision is not bf16.
         RuntimeError: Without OpenVINO (:class:`~tilead.runtime.backends.openvino.OpenVinoUnavailableError`) or
             on a CPU without bfloat16 units.
-        BundleError: If a model cannot be loaded or its inputs and outputs disagree with the manifest.
+        BundleError: If a model cannot be loaded or its inputs and outputs disagree with the manifest, or a native
+            head file is missing, modified or does not fit the bundle's features and map size.
     """
 
     capabilities = CAPABILITIES
@@ -118,6 +133,8 @@ class HybridBackend:
         threads: int,
         location_workers: int,
         allocate: Allocate | None = None,
+        bundle: Path | None = None,
+        native_heads: bool = True,
     ) -> None:
         precision = manifest.model.get("precision", "fp32")
         if precision != "bf16":
@@ -140,9 +157,13 @@ class HybridBackend:
             self._backbone: _Location | None = _Location(compiled, [FEATURES_NAME], tile)
         except Exception as err:  # OpenVINO raises RuntimeError and its own types
             raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
-        providers = session_providers("cpu", manifest)
-        sessions = load_location_sessions(ort, manifest, models, providers, threads_each)
-        self._sessions: list[Any] | None = sessions
+        self._native: list[NativeHead] | None = None
+        self._sessions: list[Any] | None = None
+        if native_heads and bundle is not None and manifest.native_heads:
+            self._native = load_native_heads(Path(bundle), manifest)
+        else:
+            providers = session_providers("cpu", manifest)
+            self._sessions = load_location_sessions(ort, manifest, models, providers, threads_each)
         self._buffers = BufferPool() if allocate is None else LeasedBuffers(allocate)
         self._pool = (
             ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-hybrid")
@@ -152,11 +173,20 @@ class HybridBackend:
 
     @property
     def providers(self) -> list[str]:
-        """``OpenVINO <version> CPU, backbone bf16`` and ``ONNX Runtime <version> CPUExecutionProvider, heads``."""
-        if self._sessions is None:
+        """The backbone's runtime, then the heads' (ONNX Runtime, or ``tilead native PaDiM heads (<kernel path>)``)."""
+        if self._sessions is None and self._native is None:
             raise RuntimeError("Predictor is closed")
         ov, ort = self.versions
-        return [f"OpenVINO {ov} CPU, backbone bf16", f"ONNX Runtime {ort} CPUExecutionProvider, heads"]
+        if self._native is not None:
+            heads = f"tilead native PaDiM heads ({kernel_path()})"
+        else:
+            heads = f"ONNX Runtime {ort} CPUExecutionProvider, heads"
+        return [f"OpenVINO {ov} CPU, backbone bf16", heads]
+
+    @property
+    def native_heads(self) -> bool:
+        """Whether the heads run on the native kernel (else their ONNX graphs)."""
+        return self._native is not None
 
     @property
     def device_memory_bytes(self) -> int | None:
@@ -198,11 +228,20 @@ class HybridBackend:
 
     def _run_heads(self, features: np.ndarray, timer: StageTimes | None) -> LocationOutputs:
         """Every head on its location's block of ``features`` (taken from the pool, given back here)."""
+        native = self._native
+        if native is not None:
+            try:
+                return run_locations(
+                    self.manifest, features, lambda index, block: [native[index](block)], self._pool, timer
+                )
+            finally:
+                self._buffers.give(features)
         return run_heads(self.manifest, self._sessions, [OUTPUT_NAME], features, self._buffers, self._pool, timer)
 
     def close(self) -> None:
         """Drop the sessions and the compiled backbone, stop the location workers."""
         self._sessions = None
+        self._native = None
         self._backbone = None
         self._buffers.clear()
         pool, self._pool = self._pool, None
@@ -223,4 +262,39 @@ def create(request: BackendRequest) -> HybridBackend:
         threads=budget,
         location_workers=workers,
         allocate=request.allocate,
+        bundle=request.bundle,
+        native_heads=request.native_heads,
     )
+
+
+def kernel_path() -> str:
+    """The Mahalanobis kernel's code path on this CPU (``avx512``, ``avx2`` or ``scalar``)."""
+    from tilead import _kernels
+
+    return _kernels.mahalanobis_paths()[-1]
+
+
+def load_native_heads(bundle: Path, manifest: Manifest) -> list[NativeHead]:
+    """Every model's native head, read once and verified (size, sha256), checked against the features and map.
+
+    Raises:
+        BundleError: Naming the file: missing, modified, not a head file, or of other features or map size.
+    """
+    if manifest.features is None:
+        raise BundleError("native heads need a shared_backbone bundle's features")
+    d, fh, fw = manifest.features
+    heads = []
+    for entry in manifest.native_heads:
+        data = read_verified_file(bundle, entry, "native head")
+        try:
+            head = NativeHead.from_bytes(data, entry.file)
+        except ValueError as err:
+            raise BundleError(f"model {entry.name}: {err}") from None
+        if head.channels != d or head.size != (fh, fw) or head.size != manifest.map_size:
+            raise BundleError(
+                f"model {entry.name}: native head {entry.file} has {head.channels} features on a "
+                f"{head.size[0]} x {head.size[1]} map; the bundle's backbone gives {d} on {fh} x {fw} "
+                f"(map size {manifest.map_size[0]} x {manifest.map_size[1]})"
+            )
+        heads.append(head)
+    return heads

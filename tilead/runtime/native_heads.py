@@ -1,0 +1,210 @@
+"""Native PaDiM heads of bf16 bundles: the C++ Mahalanobis kernel instead of the heads' ONNX graphs (#21).
+
+A bf16 bundle (:mod:`tilead.exporter.bf16`) holds, next to each model's
+``heads/<name>.onnx``, a ``heads/<name>.padim.npz`` (uncompressed ``np.savez``,
+no pickles) with the same Gaussians:
+
+* ``mean``: float32 ``(P, d)`` (``P = h * w`` map positions);
+* ``packed``: float16 ``(P, d (d + 1) / 2)``, per position the upper triangle of the
+  inverse covariance ``A`` row by row (row ``i``: ``A_ii``, then ``2 A_ij`` for ``j > i``;
+  exact in fp16, since ``A`` is stored in fp16 and doubling is exact);
+* ``blur``: float32 ``(2 r + 1,)`` Gaussian taps, empty without blur;
+* ``size``: int64 ``(2,)``, the map's ``(h, w)``.
+
+The manifest lists the files in ``native_heads`` (one per model, with sha256 and
+bytes; :func:`tilead.runtime.bundle.parse_native_heads`). :class:`NativeHead` computes
+what the head graph computes: the kernel's squared distances (``tilead._kernels.mahalanobis``:
+AVX-512, AVX2+FMA+F16C or portable code, fp32 row sums, float64 totals), clamped at 0, square root,
+then the blur of :func:`tilead.trainer.maps.blur_map` (reflect padding, replicate when the
+map is no larger than the radius; separable, here in NumPy).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tilead import _kernels
+
+NATIVE_SUFFIX = ".padim.npz"
+KEYS = ("mean", "packed", "blur", "size")
+
+
+def native_file(head_file: str) -> str:
+    """``heads/<name>.padim.npz`` of a head graph's bundle-relative ``heads/<name>.onnx``."""
+    stem = head_file[: -len(".onnx")] if head_file.endswith(".onnx") else head_file
+    return stem + NATIVE_SUFFIX
+
+
+def pack_upper(inv_cov: np.ndarray) -> np.ndarray:
+    """Packed upper triangles with doubled off-diagonal of per-position matrices.
+
+    Args:
+        inv_cov: ``(P, d, d)`` (any float dtype; the symmetric part is what a quadratic form uses).
+
+    Returns:
+        float16 ``(P, d (d + 1) / 2)``: row ``i`` of ``S = (A + A^T) / 2`` from the diagonal on, the
+        off-diagonal doubled (``A_ij + A_ji``), computed in float64 then rounded to fp16.
+
+    Raises:
+        ValueError: For another shape.
+    """
+    if inv_cov.ndim != 3 or inv_cov.shape[1] != inv_cov.shape[2]:
+        raise ValueError(f"inv_cov: expected (P, d, d), got shape {inv_cov.shape}")
+    d = int(inv_cov.shape[1])
+    a = inv_cov.astype(np.float64)
+    upper = a + a.transpose(0, 2, 1)
+    diag = np.arange(d)
+    upper[:, diag, diag] = a[:, diag, diag]
+    rows, cols = np.triu_indices(d)
+    return np.ascontiguousarray(upper[:, rows, cols].astype(np.float16))
+
+
+def squared_distances(features: np.ndarray, mean: np.ndarray, packed: np.ndarray, path: str = "auto") -> np.ndarray:
+    """The kernel: float32 ``(n, P)`` squared Mahalanobis distances (see ``tilead._kernels.mahalanobis``).
+
+    Args:
+        features: float32 ``(n, d, P)`` (made C-contiguous float32 here when it is not).
+        mean: float32 ``(P, d)``.
+        packed: float16 ``(P, d (d + 1) / 2)`` (:func:`pack_upper`).
+        path: ``auto``, ``scalar``, ``avx2`` or ``avx512`` (:func:`tilead._kernels.mahalanobis_paths`).
+    """
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if x.ndim != 3:
+        raise ValueError(f"features: expected (n, d, P), got shape {x.shape}")
+    out = np.empty((x.shape[0], x.shape[2]), dtype=np.float32)
+    _kernels.mahalanobis(x, mean, packed, out, path)
+    return out
+
+
+def blur_maps(maps: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Separable Gaussian blur of ``(n, 1, h, w)`` maps, as :func:`tilead.trainer.maps.blur_map` does.
+
+    Reflect padding by the radius ``r = (len(kernel) - 1) / 2``, replicate padding when ``min(h, w) <= r``.
+    Computed in the maps' dtype (float32 at run time; float64 for the exporter's exact reference).
+    """
+    r = (len(kernel) - 1) // 2
+    h, w = maps.shape[-2:]
+    width = ((0, 0), (0, 0), (r, r), (r, r))
+    padded = np.pad(maps, width, mode="reflect") if min(h, w) > r else np.pad(maps, width, mode="edge")
+    taps = kernel.astype(maps.dtype)
+    rows = np.zeros((*maps.shape[:2], h + 2 * r, w), dtype=maps.dtype)
+    for t, k in enumerate(taps):
+        rows += k * padded[..., :, t : t + w]
+    out = np.zeros(maps.shape, dtype=maps.dtype)
+    for t, k in enumerate(taps):
+        out += k * rows[..., t : t + h, :]
+    return out
+
+
+@dataclass(frozen=True)
+class NativeHead:
+    """One model's Gaussians for the kernel (see the module docstring).
+
+    Attributes:
+        mean: float32 ``(P, d)``.
+        packed: float16 ``(P, d (d + 1) / 2)``.
+        blur: float32 ``(2 r + 1,)``, or ``(0,)``: no blur.
+        size: The map's ``(h, w)``, ``h * w = P``.
+    """
+
+    mean: np.ndarray
+    packed: np.ndarray
+    blur: np.ndarray
+    size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        h, w = self.size
+        if h < 1 or w < 1:
+            raise ValueError(f"size: expected a positive (h, w), got {self.size}")
+        if self.mean.dtype != np.float32 or self.mean.ndim != 2 or self.mean.shape[0] != h * w:
+            raise ValueError(f"mean: expected float32 ({h * w}, d), got {self.mean.dtype} {self.mean.shape}")
+        d = int(self.mean.shape[1])
+        if d < 1:
+            raise ValueError("mean: expected at least one feature, got d = 0")
+        tri = d * (d + 1) // 2
+        if self.packed.dtype != np.float16 or self.packed.shape != (h * w, tri):
+            raise ValueError(
+                f"packed: expected float16 ({h * w}, {tri}) (d = {d}), got {self.packed.dtype} {self.packed.shape}"
+            )
+        if self.blur.dtype != np.float32 or self.blur.ndim != 1 or (self.blur.size and self.blur.size % 2 == 0):
+            raise ValueError(f"blur: expected float32 (2 r + 1,) taps or (0,), got {self.blur.dtype} {self.blur.shape}")
+        for name in ("mean", "packed", "blur"):
+            value = getattr(self, name)
+            if not np.isfinite(value).all():
+                raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+            object.__setattr__(self, name, np.ascontiguousarray(value))
+
+    @property
+    def channels(self) -> int:
+        """``d``, the features per position."""
+        return int(self.mean.shape[1])
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "native head") -> NativeHead:
+        """Parse a ``.padim.npz`` (no pickles).
+
+        Raises:
+            ValueError: Naming ``where`` and what is wrong (not an npz, keys, dtypes, shapes, values).
+        """
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                keys = sorted(npz.files)
+                if keys != sorted(KEYS):
+                    raise ValueError(f"expected the arrays {list(KEYS)}, got {keys}")
+                arrays = {k: np.asarray(npz[k]) for k in KEYS}
+            size = arrays["size"]
+            if size.shape != (2,) or size.dtype.kind not in "iu":
+                raise ValueError(f"size: expected 2 integers (h, w), got {size.dtype} {size.shape}")
+            return cls(arrays["mean"], arrays["packed"], arrays["blur"], (int(size[0]), int(size[1])))
+        except (ValueError, OSError, EOFError) as err:
+            raise ValueError(f"{where}: not a valid PaDiM head file ({err})") from None
+
+    def to_bytes(self) -> bytes:
+        """The ``.padim.npz`` bytes (uncompressed ``np.savez``)."""
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean, packed=self.packed, blur=self.blur, size=np.asarray(self.size, dtype=np.int64))
+        return buf.getvalue()
+
+    def save(self, path: Path) -> None:
+        """Write :meth:`to_bytes` to ``path`` atomically (a temporary file in its folder, then renamed; mode 0644)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a service reading the bundle
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self.to_bytes())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def __call__(self, features: np.ndarray, path: str = "auto") -> np.ndarray:
+        """The head's map, as its ONNX graph computes it.
+
+        Args:
+            features: float32 ``(n, d, h, w)``.
+            path: The kernel's code path (:func:`squared_distances`).
+
+        Returns:
+            float32 ``(n, 1, h, w)``.
+
+        Raises:
+            ValueError: For features of another shape.
+        """
+        h, w = self.size
+        if features.ndim != 4 or features.shape[1:] != (self.channels, h, w):
+            raise ValueError(f"features: expected (n, {self.channels}, {h}, {w}), got shape {tuple(features.shape)}")
+        n = int(features.shape[0])
+        sq = squared_distances(features.reshape(n, self.channels, h * w), self.mean, self.packed, path)
+        np.maximum(sq, 0.0, out=sq)
+        np.sqrt(sq, out=sq)
+        maps = sq.reshape(n, 1, h, w)
+        return blur_maps(maps, self.blur) if self.blur.size else maps
