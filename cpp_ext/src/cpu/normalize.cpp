@@ -203,13 +203,18 @@ void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_score
       partial[static_cast<size_t>(c)] = r;
     }
   });
+  fold_image_scores(partial.data(), n, chunks_per_image, p, raw_scores, scores);
+}
+
+void fold_image_scores(const float* partial, int n, int64_t parts, const NormParams& p, float* raw_scores,
+                       float* scores) {
   const float ir = p.image_max - p.image_min;
   const float iscale = ir > 0.0f ? 1.0f / ir : 0.0f;
   for (int img = 0; img < n; ++img) {
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t c = 0; c < chunks_per_image; ++c) {
-      const float part = partial[static_cast<size_t>(img * chunks_per_image + c)];
-      if (std::isnan(part)) {  // a chunk with a non-finite value: the image's raw score is NaN
+    for (int64_t c = 0; c < parts; ++c) {
+      const float part = partial[static_cast<size_t>(img) * static_cast<size_t>(parts) + static_cast<size_t>(c)];
+      if (std::isnan(part)) {  // a part with a non-finite value: the image's raw score is NaN
         m = part;
         break;
       }

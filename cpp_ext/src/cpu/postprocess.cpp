@@ -74,21 +74,7 @@ void postprocess_maps(const float* maps, int n, const Grid& grid, const UntilePa
       partial[static_cast<size_t>(u)] = bad ? std::numeric_limits<float>::quiet_NaN() : mx;
     }
   });
-  const float ir = np.image_max - np.image_min;
-  const float iscale = ir > 0.0f ? 1.0f / ir : 0.0f;
-  for (int img = 0; img < n; ++img) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int k = 0; k < parts; ++k) {
-      const float part = partial[static_cast<size_t>(img) * parts + k];
-      if (std::isnan(part)) {  // a row with a non-finite value: the image's raw score is NaN
-        m = part;
-        break;
-      }
-      m = std::max(m, part);
-    }
-    raw_scores[img] = m;
-    scores[img] = image_score(m, np, iscale);
-  }
+  fold_image_scores(partial.data(), n, parts, np, raw_scores, scores);
 }
 
 }  // namespace cpu

@@ -63,6 +63,12 @@ void seam_row(const SeamPlan& s, int y, const float* const* rows, SeamScratch& s
 // mask m (or null). Returns the max of s, NaN when s holds a non-finite value.
 float normalize_span(const float* s, float* d, uint8_t* m, int64_t len, const NormParams& p);
 
+// Each image's raw score, the max of its parts' maxima (partial: [n][parts]; NaN when a part holds a
+// non-finite value), and its normalized score (normalize.cpp): the last step of normalize_maps and of
+// the fused pass.
+void fold_image_scores(const float* partial, int n, int64_t parts, const NormParams& p, float* raw_scores,
+                       float* scores);
+
 // The fused post-processing pass (postprocess.cpp): untile_maps, smooth_seams and normalize_maps in one
 // streaming pass over each output row, with the same results. maps: [L][n][map_h][map_w] float32;
 // out: [n][canvas_h][canvas_w] float32; mask: [n][canvas_h][canvas_w] uint8 or null; raw_scores, scores: [n].

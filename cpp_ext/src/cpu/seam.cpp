@@ -74,7 +74,10 @@ TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int t
     std::memcpy(out + x, &acc0, sizeof(acc0));
     std::memcpy(out + x + 8, &acc1, sizeof(acc1));
   }
-  for (; x + kBlock / 2 <= b; x += kBlock / 2) {
+  while (x < b && b - a >= kBlock / 2) {
+    // Blocks of kBlock / 2; the last 1 to 7 outputs as one block ending at b: it recomputes a few
+    // outputs of the block before it, with the same taps in the same order, so they get the same values.
+    if (x + kBlock / 2 > b) x = b - kBlock / 2;
     f8 acc0 = {};
     for (int j = 0; j < taps; ++j) {
       const float gj = g[j];
@@ -83,20 +86,7 @@ TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int t
       acc0 += gj * s0;
     }
     std::memcpy(out + x, &acc0, sizeof(acc0));
-  }
-  if (x < b && b - a >= kBlock / 2) {
-    // The last 1 to 7 outputs as one block ending at b: it recomputes a few outputs of the block
-    // before it, with the same taps in the same order, so they get the same values.
-    x = b - kBlock / 2;
-    f8 acc0 = {};
-    for (int j = 0; j < taps; ++j) {
-      const float gj = g[j];
-      f8 s0;
-      std::memcpy(&s0, rows[j] + x, sizeof(s0));
-      acc0 += gj * s0;
-    }
-    std::memcpy(out + x, &acc0, sizeof(acc0));
-    x = b;
+    x += kBlock / 2;
   }
 #else
   for (; x + kBlock <= b; x += kBlock) {
