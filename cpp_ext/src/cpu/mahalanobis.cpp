@@ -120,10 +120,9 @@ TILEAD_AVX2_FMA void group_avx2(const float* diff, int64_t d, int64_t stride, co
       for (int g = 0; g < G; ++g) t[g] = _mm256_fmadd_ps(a, _mm256_loadu_ps(diff + g * stride + i + j), t[g]);
     }
     if (j < len) {
-      const __m256 mask = _mm256_castsi256_ps(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask + 8 - (len - j))));
-      const __m256 a =
-          _mm256_and_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))), mask);
+      const __m256 mask =
+          _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask + 8 - (len - j))));
+      const __m256 a = _mm256_and_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j))), mask);
       for (int g = 0; g < G; ++g) t[g] = _mm256_fmadd_ps(a, _mm256_loadu_ps(diff + g * stride + i + j), t[g]);
     }
     // x_i * (row_i . x[i:]) summed lane-wise: the horizontal sum waits until the position's end.
@@ -137,7 +136,8 @@ TILEAD_AVX2_FMA void group_avx2(const float* diff, int64_t d, int64_t stride, co
     }
     row += len;
   }
-  for (int g = 0; g < G; ++g) out[g * out_stride] = static_cast<float>(hsum256d(_mm256_add_pd(total[g][0], total[g][1])));
+  for (int g = 0; g < G; ++g)
+    out[g * out_stride] = static_cast<float>(hsum256d(_mm256_add_pd(total[g][0], total[g][1])));
 }
 
 TILEAD_AVX2_FMA void position_avx2(const float* diff, int64_t n, int64_t d, int64_t stride, const uint16_t* tri,

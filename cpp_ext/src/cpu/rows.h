@@ -35,9 +35,9 @@ using Runs = std::vector<std::pair<int, int>>;  // [begin, end) segments
 
 // Which pixels seam smoothing writes and the Gaussian taps (seam.cpp).
 struct SeamPlan {
-  bool active = false;     // anything to smooth (settings on and at least one band)
-  int R = 0;               // Gaussian radius: 2R + 1 taps
-  int W = 0;               // canvas width
+  bool active = false;  // anything to smooth (settings on and at least one band)
+  int R = 0;            // Gaussian radius: 2R + 1 taps
+  int W = 0;            // canvas width
   std::vector<char> row_band;
   bool any_col = false;
   Runs band_runs, need_runs, full_row;

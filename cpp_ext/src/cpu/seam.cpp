@@ -172,8 +172,7 @@ SeamPlan seam_plan(const Grid& grid, const SeamParams& p) {
   return s;
 }
 
-SeamScratch::SeamScratch(const SeamPlan& s)
-    : vrow(static_cast<size_t>(s.W)), pad(static_cast<size_t>(s.W + 2 * s.R)) {}
+SeamScratch::SeamScratch(const SeamPlan& s) : vrow(static_cast<size_t>(s.W)), pad(static_cast<size_t>(s.W + 2 * s.R)) {}
 
 void seam_row(const SeamPlan& s, int y, const float* const* rows, SeamScratch& scratch, float* out) {
   const bool full = s.row_band[static_cast<size_t>(y)] != 0;

@@ -78,8 +78,8 @@ HorizontalPlan horizontal_plan(const Axis& a, int map_w, const std::vector<float
 }
 
 // o[x] += a0[x] * v[j] + a1[x] * v[j + 1] over every run.
-inline void blend_row(const float* v, const std::vector<Run>& runs, const float* __restrict a0, const float* __restrict a1,
-               float* __restrict o) {
+inline void blend_row(const float* v, const std::vector<Run>& runs, const float* __restrict a0,
+                      const float* __restrict a1, float* __restrict o) {
   for (const Run& r : runs) {
     const float v0 = v[r.j], v1 = v[r.j + 1];
     int x = r.begin;
@@ -103,7 +103,7 @@ inline void blend_row(const float* v, const std::vector<Run>& runs, const float*
 // Per-location normalization of the interpolated value before weighting:
 // o[x] += wy * wx[x] * clamp((lerp - t) * s + 0.5, 0, 1), NaN for a non-finite lerp.
 inline void blend_row_normalized(const float* v, const HorizontalPlan& h, const float* __restrict wx, float wy, float t,
-                          float s, float* __restrict o) {
+                                 float s, float* __restrict o) {
   const float* w0 = h.w0.data();
   const float* w1 = h.w1.data();
   for (const Run& r : h.runs) {
@@ -116,9 +116,10 @@ inline void blend_row_normalized(const float* v, const HorizontalPlan& h, const 
 
 // Canvas row y of image img into orow; vrow: map_w + 1 floats of scratch.
 template <bool LocNorm>
-__attribute__((always_inline)) inline void untile_row(const float* maps, int n, const Grid& g, const UntileParams& p, int img, int y, float* orow,
-                float* vrow, const std::vector<Lerp>& vl, const std::vector<float>& wy, const std::vector<float>& wx,
-                const HorizontalPlan& hp) {
+__attribute__((always_inline)) inline void untile_row(const float* maps, int n, const Grid& g, const UntileParams& p,
+                                                      int img, int y, float* orow, float* vrow,
+                                                      const std::vector<Lerp>& vl, const std::vector<float>& wy,
+                                                      const std::vector<float>& wx, const HorizontalPlan& hp) {
   const int mh = p.map_h, mw = p.map_w;
   const int th = g.y.tile, tw = g.x.tile;
   const int cols = g.x.count;
