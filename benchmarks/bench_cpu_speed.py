@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from tilead.benchmarking.environment import process_memory_mib
 from tilead.benchmarking.quality import bundle_quality
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -238,21 +239,16 @@ def child(bundle: Path, images: list[Path], batches: list[int], threads: int | N
 
 
 def vm_status_mib() -> dict[str, float]:
-    """This process's ``VmRSS`` (resident now) and ``VmHWM`` (peak so far) in MiB, from ``/proc/self/status``."""
-    out: dict[str, float] = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":", 1)[0]
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(line.split()[1]) / 1024.0
-    return out
+    """This process's ``VmRSS`` and ``VmHWM`` in MiB (:func:`tilead.benchmarking.environment.process_memory_mib`)."""
+    return process_memory_mib()
 
 
 def vm_hwm_mib() -> float:
     """This process's peak RSS (``VmHWM``): unlike ``ru_maxrss`` it does not carry the parent's peak over exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        return process_memory_mib()["VmHWM"]
+    except RuntimeError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_child(

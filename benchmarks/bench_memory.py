@@ -43,15 +43,13 @@ TARGET_MIB = 1536.0  # issue #21: peak RSS at 2048x2048 <= 1.5 GB
 
 
 def status_mib() -> dict[str, float]:
-    """This process's ``VmRSS`` and ``VmHWM`` in MiB (``/proc/self/status``)."""
-    out: dict[str, float] = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key = line.split(":", 1)[0]
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(line.split()[1]) / 1024.0
-    if len(out) != 2:
-        raise SystemExit("bench_memory needs Linux's /proc/self/status (VmRSS, VmHWM)")
-    return out
+    """This process's ``VmRSS`` and ``VmHWM`` in MiB (:func:`tilead.benchmarking.environment.process_memory_mib`)."""
+    from tilead.benchmarking.environment import process_memory_mib
+
+    try:
+        return process_memory_mib()
+    except RuntimeError:
+        raise SystemExit("bench_memory needs Linux's /proc/self/status (VmRSS, VmHWM)") from None
 
 
 def image_paths(folder: Path, count: int) -> list[Path]:

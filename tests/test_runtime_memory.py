@@ -292,3 +292,15 @@ def test_bench_memory_measures_each_bundle_in_its_own_process(tmp_path: Path, pa
         assert parts["model files"] > 0
     assert "| per_location | " in proc.stdout
     assert "| shared | " in proc.stdout
+
+
+def test_process_memory_reads_this_process_resident_and_peak_sizes() -> None:
+    from tilead.benchmarking.environment import process_memory_mib
+
+    before = process_memory_mib()
+    block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB touched: the resident size and its peak grow
+    after = process_memory_mib()
+    assert int(block[-1]) == 1
+    assert 0 < before["VmRSS"] <= before["VmHWM"]
+    assert after["VmRSS"] >= before["VmRSS"] + 48
+    assert after["VmHWM"] >= after["VmRSS"]

@@ -116,3 +116,21 @@ def cuda_free_memory_mib(index: int = 0) -> float | None:
     except (ImportError, AttributeError, RuntimeError):
         return None
     return float(free) / 2**20
+
+
+def process_memory_mib() -> dict[str, float]:
+    """This process's ``VmRSS`` (resident now) and ``VmHWM`` (peak so far) in MiB, from ``/proc/self/status``.
+
+    ``VmHWM`` is this process's own peak: unlike ``ru_maxrss`` it does not carry a parent's peak over ``exec``.
+
+    Raises:
+        RuntimeError: Where ``/proc/self/status`` lacks either line (not Linux).
+    """
+    out: dict[str, float] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(line.split()[1]) / 1024.0
+    if len(out) != 2:
+        raise RuntimeError("no VmRSS and VmHWM lines in /proc/self/status (Linux only)")
+    return out

@@ -22,14 +22,13 @@ map is no larger than the radius; separable, here in NumPy).
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tilead import _kernels
+from tilead.atomic import atomic_write_bytes
 
 NATIVE_SUFFIX = ".padim.npz"
 KEYS = ("mean", "packed", "blur", "size")
@@ -172,19 +171,8 @@ class NativeHead:
         return buf.getvalue()
 
     def save(self, path: Path) -> None:
-        """Write :meth:`to_bytes` to ``path`` atomically (a temporary file in its folder, then renamed; mode 0644)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the file from a service reading the bundle
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(self.to_bytes())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write :meth:`to_bytes` to ``path`` atomically (:func:`tilead.atomic.atomic_write_bytes`)."""
+        atomic_write_bytes(path, self.to_bytes())
 
     def __call__(self, features: np.ndarray, path: str = "auto") -> np.ndarray:
         """The head's map, as its ONNX graph computes it.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -374,8 +375,22 @@ def run_backbone(
     def one(bounds: tuple[int, int]) -> None:
         run(flat[bounds[0] : bounds[1]], out[bounds[0] : bounds[1]])
 
+    return _fill_features(features, lambda: _run_calls(one, chunks, workers, timer), buffers, timer)
+
+
+def _fill_features(
+    features: np.ndarray, fill: Callable[[], float], buffers: BufferPool, timer: StageTimes | None
+) -> np.ndarray:
+    """``features`` once ``fill`` wrote them (given back to ``buffers`` if it raises), timed as the backbone's.
+
+    Args:
+        features: The feature buffer, taken from ``buffers``.
+        fill: Runs the backbone calls into ``features``; returns the wall seconds they took.
+        buffers: Where ``features`` came from.
+        timer: Receives ``location:backbone``.
+    """
     try:
-        spent = _run_calls(one, chunks, workers, timer)
+        spent = fill()
     except BaseException:
         buffers.give(features)
         raise
@@ -474,8 +489,9 @@ def run_backbone_stream(
         raise BundleError(f"layout {manifest.layout!r} has no shared backbone")
     count, n = len(manifest.locations), stream.images
     features = buffers.take((count, n, *manifest.features))
-    spent = 0.0
-    try:
+
+    def fill() -> float:
+        spent = 0.0
         for lo in range(0, n, stream.group):
             hi = min(n, lo + stream.group)
             tiles = stream.fill(lo, hi)
@@ -489,12 +505,9 @@ def run_backbone_stream(
                 run(tiles[loc, a:b], features[loc, lo + a : lo + b])
 
             spent += _run_calls(one, calls, workers, timer)
-    except BaseException:
-        buffers.give(features)
-        raise
-    if timer is not None:
-        timer.add("location:backbone", spent)
-    return features
+        return spent
+
+    return _fill_features(features, fill, buffers, timer)
 
 
 RunLocation = Callable[[int, np.ndarray], Sequence[np.ndarray]]
@@ -507,6 +520,15 @@ those locations' tiles one location after the other (:attr:`Manifest.groups`).""
 def default_location_workers(device: str, locations: int, threads: int) -> int:
     """Locations side by side when not given: on a CPU ``min(locations, threads)``, on a GPU 1."""
     return min(locations, threads) if device == "cpu" else 1
+
+
+def threads_and_workers(request: BackendRequest) -> tuple[int, int]:
+    """``(threads, location_workers)`` of a request: its own, or every core and :func:`default_location_workers`."""
+    budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
+    workers = request.location_workers
+    if workers is None:
+        workers = default_location_workers(request.device, len(request.manifest.models), budget)
+    return budget, workers
 
 
 def run_locations(

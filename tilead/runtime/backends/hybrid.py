@@ -41,7 +41,6 @@ the OpenVINO backbone keeps a stack of idle infer requests, one per running call
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,10 +54,10 @@ from tilead.runtime.backends.base import (
     Capabilities,
     LocationOutputs,
     TileStream,
-    default_location_workers,
     run_backbone,
     run_backbone_stream,
     run_locations,
+    threads_and_workers,
 )
 from tilead.runtime.backends.onnxruntime import (
     LeasedBuffers,
@@ -251,10 +250,7 @@ class HybridBackend:
 
 def create(request: BackendRequest) -> HybridBackend:
     """The registry's factory (CPU only; the Predictor checks the device against the capabilities)."""
-    budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
-    workers = request.location_workers
-    if workers is None:
-        workers = default_location_workers(request.device, len(request.manifest.models), budget)
+    budget, workers = threads_and_workers(request)
     return HybridBackend(
         request.manifest,
         request.models,

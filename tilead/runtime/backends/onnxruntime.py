@@ -46,11 +46,11 @@ from tilead.runtime.backends.base import (
     Capabilities,
     LocationOutputs,
     TileStream,
-    default_location_workers,
     run_backbone,
     run_backbone_stream,
     run_locations,
     run_with_thumbnail,
+    threads_and_workers,
 )
 from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import (
@@ -672,11 +672,7 @@ class OnnxRuntimeBackend:
 def create(request: BackendRequest) -> OnnxRuntimeBackend:
     """The registry's factory: sessions for ``request.device`` with the thread budget split over locations."""
     providers = session_providers(request.device, request.manifest, request.max_batch)
-    budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
-    count = len(request.manifest.models)
-    workers = request.location_workers
-    if workers is None:
-        workers = default_location_workers(request.device, count, budget)
+    budget, workers = threads_and_workers(request)
     return OnnxRuntimeBackend(
         request.manifest,
         request.models,

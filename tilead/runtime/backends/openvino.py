@@ -54,7 +54,6 @@ each run on their own request (tested: 8 threads give the serial results).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,10 +67,10 @@ from tilead.runtime.backends.base import (
     BufferPool,
     Capabilities,
     LocationOutputs,
-    default_location_workers,
     run_backbone,
     run_locations,
     run_with_thumbnail,
+    threads_and_workers,
 )
 from tilead.runtime.bundle import FEATURES_NAME, OUTPUT_NAME, SCORE_NAME, BundleError, Manifest
 from tilead.runtime.timing import StageTimes
@@ -391,10 +390,7 @@ class OpenVinoBackend:
 
 def create(request: BackendRequest) -> OpenVinoBackend:
     """The registry's factory (CPU only; the Predictor checks the device against the capabilities)."""
-    budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
-    workers = request.location_workers
-    if workers is None:
-        workers = default_location_workers(request.device, len(request.manifest.models), budget)
+    budget, workers = threads_and_workers(request)
     return OpenVinoBackend(
         request.manifest,
         request.models,
