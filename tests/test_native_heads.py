@@ -240,3 +240,50 @@ def test_nearly_singular_gaussians_lose_no_more_than_the_block_row_head() -> Non
     for path in PATHS:
         got = np.sqrt(np.maximum(squared_distances(test, mean, packed, path), 0.0))
         assert float(np.abs(got - exact).max()) / span <= 2 * bar, path
+
+
+def _nearly_singular_head(
+    rng: np.random.Generator, p: int, d: int, sigma: float
+) -> tuple[BlockRowPadimHead, np.ndarray]:
+    """A head whose Gaussians were fitted on 5 samples (eps 0.01), and test features near those samples."""
+    h = p // 4
+    fit = (rng.standard_normal((5, d, p)) * 3 + 20).astype(np.float32)  # far from 0: x - mean rounds too
+    mean = np.ascontiguousarray(fit.mean(0).T)
+    centred = fit.astype(np.float64).transpose(2, 0, 1) - mean[:, None, :]
+    cov = np.einsum("psi,psj->pij", centred, centred) / 4 + 0.01 * np.eye(d)
+    inv = np.linalg.inv(cov)
+    inv16 = np.ascontiguousarray((0.5 * (inv + inv.transpose(0, 2, 1))).astype(np.float16))
+    head = BlockRowPadimHead(torch.from_numpy(mean), torch.from_numpy(inv16), (h, 4), sigma).eval()
+    test = (fit[:3] + 0.1 * rng.standard_normal((3, d, p))).astype(np.float32).reshape(3, d, h, 4)
+    return head, test
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0])
+def test_float32_maps_stay_within_the_rounding_bound_and_a_wrong_packing_does_not(sigma: float) -> None:
+    """tilead.exporter.bf16.rounding_bound: every kernel path and the float32 graph fall inside it; a bug does not.
+
+    The export accepts a native head within the bound at every pixel; the bound must hold for correct float32
+    arithmetic on nearly singular Gaussians (where the fixed tolerances refused a correct head on one machine)
+    and must still refuse a head whose triangle is packed wrongly.
+    """
+    from tilead.exporter.bf16 import exact_map, native_head, rounding_bound
+
+    head, feats = _nearly_singular_head(np.random.default_rng(1), 64, 100, sigma)
+    exact = exact_map(feats, head)
+    bound = rounding_bound(feats, head)
+    assert bound.shape == exact.shape
+    assert (bound >= 0).all()
+    span = float(exact.max() - exact.min())
+    allowed = bound + 1e-6 * span
+    with torch.inference_mode():
+        graph = head(torch.from_numpy(feats)).numpy().astype(np.float64)
+    assert (np.abs(graph - exact) <= allowed).all()
+    native = native_head(head)
+    for path in PATHS:
+        assert (np.abs(native(feats, path=path).astype(np.float64) - exact) <= allowed).all(), path
+    # tight enough to matter: the off-diagonal weights not doubled (a packing bug) move the map past it
+    rows, cols = np.triu_indices(100)
+    halved = native.packed.copy()
+    halved[:, rows != cols] *= np.float16(0.5)
+    wrong = NativeHead(native.mean, halved, native.blur, native.size)
+    assert (np.abs(wrong(feats).astype(np.float64) - exact) > allowed).any()

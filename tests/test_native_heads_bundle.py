@@ -167,9 +167,12 @@ def test_a_bf16_export_writes_native_heads_equal_to_its_onnx_heads(bf16_export: 
     assert len(manifest.native_heads) == len(manifest.models)
     quant = bf16_export.manifest["source"]["quantization"]
     assert 0 <= quant["graph_head_exact"] <= BF16_HEAD_TOLERANCE
-    assert (
-        0 <= quant["native_head_exact"] <= max(NATIVE_HEAD_TOLERANCE, NATIVE_VS_GRAPH_ERROR * quant["graph_head_exact"])
+    # each location passed one of the export's rules; the tiny run's largest figures pass one of them too
+    by_tolerance = quant["native_head_exact"] <= max(
+        NATIVE_HEAD_TOLERANCE, NATIVE_VS_GRAPH_ERROR * quant["graph_head_exact"]
     )
+    assert quant["native_head_exact"] >= 0
+    assert by_tolerance or 0 <= quant["native_head_vs_rounding_bound"] <= 1.0
     assert quant["native_head_parity"] <= quant["native_head_exact"] + quant["graph_head_exact"]
     for entry in manifest.native_heads:
         head = NativeHead.from_bytes((bundle / entry.file).read_bytes())
