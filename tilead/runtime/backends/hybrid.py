@@ -35,6 +35,12 @@ Runtime session is then created. ``native_heads=False`` (Predictor option) runs 
 graphs; older bf16 bundles without the files always do. :attr:`HybridBackend.providers`
 says which heads run.
 
+uint8 tiles: a bundle whose manifest says ``model.backbone_input`` ``uint8`` (bf16 exports since
+issue #21 item 3) has its backbone compiled to take uint8 channels-last tiles and normalize them
+itself (:func:`~tilead.runtime.backends.openvino.compile_backbone`); :attr:`HybridBackend.uint8_tiles`
+tells the Predictor to cut such tiles (:func:`tilead.runtime.preprocess.tile_images_u8`). Older bf16
+bundles keep float tiles: their heads were refit on the float input's features.
+
 Thread safety: ONNX Runtime sessions may run from several threads at once;
 the OpenVINO backbone keeps a stack of idle infer requests, one per running call.
 """
