@@ -91,6 +91,15 @@ def test_normalized_uint8_tiles_are_the_float_tiles_bit_for_bit(
     np.testing.assert_array_equal(np.moveaxis(pixels, 4, 2).astype(np.float32) * scale + bias, floats)
 
 
+@pytest.mark.parametrize("edge", ["shift", "pad"])
+def test_uint8_tiles_of_long_rows_match_the_reference(edge: str) -> None:
+    """Rows far longer than the vector steps (16 bytes, 5 pixels) and tails of every length, channels swapped."""
+    images = np.random.default_rng(9).integers(0, 256, (2, 61, 317, 3), dtype=np.uint8)
+    grid = TileGrid((61, 317), (29, 113), (20, 97), edge)
+    got = tile_images_u8(images, grid, Preprocessing(), input_order="BGR")
+    np.testing.assert_array_equal(got, ref.tile_u8(images, (29, 113), (20, 97), edge, 3, True))
+
+
 def test_uint8_tiles_write_into_a_given_buffer_and_reuse_it() -> None:
     grid = TileGrid.from_dict(GRID)
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
