@@ -284,3 +284,17 @@ def test_hybrid_uint8_stream_equals_the_whole_batch(bundles: tuple[Path, Path]) 
 
         streamed = np.array(backend.infer_stream(TileStream(len(images), 2, fill))[0])
     np.testing.assert_array_equal(streamed, whole)
+
+
+@pytest.mark.skipif(not BF16, reason=NO_BF16_UNITS)
+def test_a_uint8_backbone_refuses_float_tiles_and_the_other_way_round(bundles: tuple[Path, Path]) -> None:
+    """Tiles of the wrong kind are a clear error, not a silent conversion."""
+    images = np.random.default_rng(6).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
+    with Predictor(bundles[0], threads=1) as before, Predictor(bundles[1], threads=1) as after:
+        m = after.manifest
+        floats = tile_images(images, m.grid, m.preprocessing)
+        pixels = tile_images_u8(images, m.grid, m.preprocessing)
+        with pytest.raises(ValueError, match=r"expected uint8 \(n, 40, 40, 3\), got float32"):
+            after._open().infer(floats)  # type: ignore[attr-defined]
+        with pytest.raises(ValueError, match=r"expected float32 \(n, 3, 40, 40\), got uint8"):
+            before._open().infer(pixels)  # type: ignore[attr-defined]

@@ -246,6 +246,8 @@ class _Location:
     ) -> None:
         self.compiled = compiled
         self.outputs = [compiled.output(name) for name in names]
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
         request = compiled.create_infer_request()
         # One call now, while no other location runs: the plugin's first call initializes lazily, and first
         # calls of several models at once hang in OpenVINO when Python's faulthandler is enabled (as under pytest).
@@ -266,12 +268,27 @@ class _Location:
             with self._lock:
                 self._idle.append(request)
 
+    def check_input(self, tiles: np.ndarray) -> None:
+        """Refuse uint8 tiles for a float model and float tiles for a uint8 one, or tiles of another shape.
+
+        Raises:
+            ValueError: Naming what was expected and what came.
+        """
+        uint8 = tiles.dtype == np.uint8
+        if uint8 != (self.dtype == np.uint8) or tuple(tiles.shape[1:]) != self.shape:
+            raise ValueError(
+                f"tiles: expected {self.dtype} (n, {', '.join(map(str, self.shape))}), got {tiles.dtype} "
+                f"{tuple(tiles.shape)}"
+            )
+
     def run_into(self, tiles: np.ndarray, out: np.ndarray) -> None:
         """The first output on ``tiles`` copied from the request's tensor straight into ``out`` (shape checked).
 
         Raises:
+            ValueError: For tiles of another element type or shape (:meth:`check_input`).
             BundleError: If the output's shape is not ``out``'s.
         """
+        self.check_input(tiles)
         with self._request() as request:
             result = request.infer([tiles])[self.outputs[0]]
             if result.shape != out.shape:
