@@ -12,7 +12,8 @@ Two tables for one bundle:
   thread and with the Predictor's budget: the floor the stages can reach. ``sum`` is the
   chain of the four; ``fused`` the one-pass kernel the Predictor runs instead of untile, seam
   and normalize when the canvas is the image (``_kernels.postprocess_maps``), and
-  ``tile+fused`` what the Predictor's host kernels then cost.
+  ``tile+fused`` what the Predictor's host kernels then cost; ``tile_u8`` the uint8 tile kernel
+  (what the tile step is for a bf16 bundle whose backbone takes uint8 tiles, ``model.backbone_input``).
 
 In the **predict** table the Predictor's CPU post-processing for a grid whose canvas is the
 image is that one pass: its ``untile`` column is untile + seam + normalize together, and
@@ -114,7 +115,7 @@ def measure_kernels(predictor: Predictor, threads: list[int], repeats: int) -> d
     from tilead import _kernels
     from tilead.runtime.devices import thread_budget
     from tilead.runtime.postprocess import BLEND_CODES, tile_norm_arrays
-    from tilead.runtime.preprocess import tile_images, tile_shape
+    from tilead.runtime.preprocess import tile_images, tile_images_u8, tile_shape, tile_shape_u8, uint8_tiles_fit
 
     m = predictor.manifest
     grid, post = m.grid, predictor.post
@@ -129,6 +130,7 @@ def measure_kernels(predictor: Predictor, threads: list[int], repeats: int) -> d
     raw, scores = np.empty(n, np.float32), np.empty(n, np.float32)
     images = rng.integers(0, 256, (n, *grid.image_size, m.preprocessing.channels), dtype=np.uint8)
     tiles = np.empty(tile_shape(grid, n, m.preprocessing), m.preprocessing.dtype)
+    pixels = np.empty(tile_shape_u8(grid, n, m.preprocessing), np.uint8) if uint8_tiles_fit(grid) else None
     spec = post.native()
     seam = None if post.seam is None else post.seam.native
     thresholds, scales = tile_norm_arrays(m.stats.tile_stats.as_tuple() if m.stats.tile_stats else None, grid)
@@ -163,6 +165,8 @@ def measure_kernels(predictor: Predictor, threads: list[int], repeats: int) -> d
             if fused is not None:  # the Predictor's pass: untile + seams + normalize in one
                 row["fused"] = best(fused)
                 row["tile+fused"] = row["tile"] + row["fused"]
+            if pixels is not None:  # the uint8 tiles an OpenVINO backbone takes (bf16 bundles' backbone_input uint8)
+                row["tile_u8"] = best(lambda: tile_images_u8(images, grid, m.preprocessing, out=pixels))
         out[t] = row
     return out
 

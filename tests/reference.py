@@ -109,6 +109,31 @@ def tile(
     return out
 
 
+def tile_u8(
+    images: np.ndarray,
+    tile_hw: tuple[int, int],
+    stride_hw: tuple[int, int],
+    edge: str,
+    out_channels: int,
+    swap_rb: bool,
+) -> np.ndarray:
+    """(n, H, W, C) uint8 -> (L, n, th, tw, out_channels) uint8 tiles, the pixels unnormalized (shift, pad only)."""
+    if edge not in ("shift", "pad"):
+        raise ValueError(f"uint8 tiles copy pixels: no resampling edge policy ({edge!r})")
+    n, h, w, c = images.shape
+    oy, ch = axis_origins(h, tile_hw[0], stride_hw[0], edge)
+    ox, cw = axis_origins(w, tile_hw[1], stride_hw[1], edge)
+    img = images
+    if c == 1 and out_channels == 3:
+        img = np.concatenate([img, img, img], axis=3)
+    if swap_rb and img.shape[3] == 3:
+        img = img[..., [2, 1, 0]]
+    canvas = np.zeros((n, ch, cw, out_channels), dtype=np.uint8)
+    canvas[:, :h, :w] = img
+    blocks = [canvas[:, y : y + tile_hw[0], x : x + tile_hw[1]] for y in oy for x in ox]
+    return np.stack(blocks)
+
+
 def axis_weights(origins: list[int], tile_len: int, mode: str) -> list[np.ndarray]:
     """Unnormalized per-tile 1-D blend weights (uniform, or feather ramps over overlaps)."""
     result = []

@@ -342,3 +342,33 @@ def test_bf16_export_refits_the_heads_on_openvino_bf16_features(
     assert all(np.isfinite(r.score) for r in results)
     with pytest.raises(ValueError, match=r"does not run bf16 bundles"):
         Predictor(bundle, backend="onnxruntime")
+
+
+@pytest.mark.integration
+def test_bf16_export_refits_through_the_runtimes_uint8_backbone(
+    bf16_export: Any, tiny_trained: tuple[Path, Path]
+) -> None:
+    """The export writes ``backbone_input: uint8`` and its refit backbone gives the hybrid backend's features."""
+    from tilead.exporter.bf16 import Bf16Backbone
+    from tilead.runtime import read_manifest
+    from tilead.runtime.bundle import FEATURES_NAME, INPUT_NAME
+    from tilead.runtime.preprocess import tile_images, tile_images_u8
+
+    bundle = bf16_export.bundle
+    manifest = read_manifest(bundle)
+    assert manifest.model["backbone_input"] == "uint8"
+    grid, prep = manifest.grid, manifest.preprocessing
+    images = np.random.default_rng(7).integers(0, 256, (2, *grid.image_size, 3), dtype=np.uint8)
+    refit = Bf16Backbone(bundle / "backbone.onnx", prep, grid.tile_size, uint8=True)
+    floats = tile_images(images, grid, prep, input_order="RGB")
+    exported = refit.run([FEATURES_NAME], {INPUT_NAME: floats.reshape(-1, *floats.shape[2:])})[0]
+    with Predictor(bundle, threads=1) as hybrid:
+        backend: Any = hybrid._open()
+        assert backend.uint8_tiles
+        pixels = tile_images_u8(images, grid, prep, input_order="RGB")
+        flat = pixels.reshape(-1, *pixels.shape[2:])
+        runtime = np.empty_like(exported)
+        for i in range(len(flat)):
+            backend._run_features(flat[i : i + 1], runtime[i : i + 1])
+    span = float(exported.max() - exported.min())
+    assert float(np.abs(runtime - exported).max()) <= 1e-3 * span  # the same compiled path (bf16 may vary by threads)

@@ -781,6 +781,34 @@ PYBIND11_MODULE(_kernels, m) {
       "cpu_simd", []() { return std::string(cpu::row_converters().rgb_f32 != nullptr ? "avx2+f16c" : "portable"); },
       "Code path of the CPU tile kernel on this machine: 'avx2+f16c' or 'portable'.");
   m.def(
+      "tile_images_u8",
+      [](const py::array& images, const Grid& g, py::array& out, bool swap_rb) {
+        if (images.ndim() != 4) {
+          fail("images: expected 4 dimensions (n, height, width, channels), got shape " + shape_str(images));
+        }
+        const auto n = images.shape(0);
+        const auto c = images.shape(3);
+        if (c != 1 && c != 3) fail("images: expected 1 or 3 channels, got " + std::to_string(c));
+        check_array(images, "images", dt<uint8_t>(), {n, g.y.size, g.x.size, c}, false);
+        if (out.ndim() != 5) {
+          fail("out: expected 5 dimensions (locations, n, tile_h, tile_w, channels), got shape " + shape_str(out));
+        }
+        const auto oc = out.shape(4);
+        if (oc != 1 && oc != 3) fail("out: expected 1 or 3 channels, got " + std::to_string(oc));
+        if (c == 3 && oc == 1) fail("out: a 3-channel image cannot feed 1 output channel; convert the image to gray");
+        check_array(out, "out", dt<uint8_t>(), {grid_locations(g), n, g.y.tile, g.x.tile, oc}, true);
+        check_disjoint(images, "images", out, "out");
+        if (edge_resamples(g.y.edge) || edge_resamples(g.x.edge)) {
+          fail("grid: uint8 tiles need a direct edge policy (shift or pad); resize resamples between uint8 levels");
+        }
+        const TileU8Params p{static_cast<int>(c), static_cast<int>(oc), swap_rb && c == 3 ? 1 : 0};
+        py::gil_scoped_release nogil;
+        cpu::tile_images_u8(ptr<uint8_t>(images), static_cast<int>(n), g, p, static_cast<uint8_t*>(out.mutable_data()));
+      },
+      py::arg("images"), py::arg("grid"), py::arg("out"), py::arg("swap_rb") = false,
+      "Tile uint8 images (n, h, w, c) into uint8 out (L, n, tile_h, tile_w, C), the pixels as they are (CPU only; "
+      "for models that normalize their input themselves). Edge policies shift and pad (0 off the image).");
+  m.def(
       "mahalanobis",
       [](const py::array& features, const py::array& mean, const py::array& packed, const py::array& out,
          const std::string& path) {

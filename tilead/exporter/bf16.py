@@ -44,6 +44,7 @@ from torch import nn
 
 from tilead.runtime.bundle import FEATURES_NAME, INPUT_NAME, OUTPUT_NAME
 from tilead.runtime.native_heads import NativeHead
+from tilead.runtime.preprocess import Preprocessing
 
 BF16_HEAD_TOLERANCE = 1e-2
 """Largest head-graph vs eager-head difference on the same bf16 features, relative to the map's range.
@@ -66,36 +67,76 @@ CHUNK = 8
 class Bf16Backbone:
     """``backbone.onnx`` compiled by OpenVINO with ``INFERENCE_PRECISION_HINT`` ``bf16``, with ONNX Runtime's ``run``.
 
-    The configuration is the hybrid backend's (:func:`tilead.runtime.backends.hybrid.bf16_config`),
-    so the refit sees the features the runtime will compute.
+    Compiled by the runtime's own :func:`tilead.runtime.backends.openvino.compile_backbone` with the hybrid
+    backend's configuration (:func:`tilead.runtime.backends.hybrid.bf16_config`), so the refit sees the
+    features the runtime will compute. With ``uint8`` (what the export writes as the manifest's
+    ``model.backbone_input``) the compiled backbone takes uint8 channels-last tiles and normalizes them
+    itself, as the runtime's does; :meth:`run` still takes the trainer's float tiles and turns them back
+    into their pixels (:func:`pixels_of`, exact: checked).
 
     Args:
         path: The FP32 ``backbone.onnx``.
+        preprocessing: The run's preprocessing (the float tiles' mean and std).
+        tile: ``(tile_h, tile_w)``.
+        uint8: Compile for uint8 tiles (grids whose edge policy is ``shift`` or ``pad``).
 
     Raises:
         RuntimeError: Without OpenVINO, or on a CPU without bfloat16 units (the message says which).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, preprocessing: Preprocessing, tile: Sequence[int], uint8: bool) -> None:
         from tilead.runtime.backends.hybrid import bf16_config
-        from tilead.runtime.backends.openvino import import_openvino, require_bf16
+        from tilead.runtime.backends.openvino import compile_backbone, import_openvino, require_bf16
 
         ov = import_openvino()
         core = ov.Core()
         require_bf16(core, "precision bf16")
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", bf16_config(1))
+        self.preprocessing = preprocessing
+        self.uint8 = uint8
+        compiled = compile_backbone(core, str(path), bf16_config(1), preprocessing, tile, uint8).compiled
         self.output = compiled.output(FEATURES_NAME)
         self.request = compiled.create_infer_request()
 
     def run(self, names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Features of the tiles in ``feeds`` (its one input), float32 ``(n, d, fh, fw)``, in calls of :data:`CHUNK`."""
+        """Features of the float32 ``(n, C, th, tw)`` tiles in ``feeds`` (its one input), float32 ``(n, d, fh, fw)``.
+
+        In calls of :data:`CHUNK` tiles; as uint8 tiles (:func:`pixels_of`) where the backbone takes them.
+        """
         del names
         tiles = np.ascontiguousarray(next(iter(feeds.values())), dtype=np.float32)
+        inputs = pixels_of(tiles, self.preprocessing) if self.uint8 else tiles
         parts = [
-            np.array(self.request.infer([tiles[i : i + CHUNK]])[self.output], dtype=np.float32, copy=True)
+            np.array(self.request.infer([inputs[i : i + CHUNK]])[self.output], dtype=np.float32, copy=True)
             for i in range(0, len(tiles), CHUNK)
         ]
         return [np.concatenate(parts)]
+
+
+def pixels_of(tiles: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """The uint8 channels-last tiles whose normalization gave these float tiles, checked bit for bit.
+
+    The tile kernel computes ``pixel * scale[c] + bias[c]`` in float32
+    (:class:`~tilead.runtime.preprocess.Preprocessing`); its levels lie ``scale[c]`` apart, far more than
+    the rounding, so rounding ``(value - bias) / scale`` recovers the pixel. The result is checked by
+    normalizing it again, so tiles that did not come from integer pixels are refused rather than rounded.
+
+    Args:
+        tiles: float32 ``(n, C, th, tw)``, from :func:`tilead.runtime.preprocess.tile_images`.
+        preprocessing: The preprocessing that made them.
+
+    Returns:
+        uint8 ``(n, th, tw, C)``, as :func:`tilead.runtime.preprocess.tile_images_u8` cuts them.
+
+    Raises:
+        ValueError: If some value is not a normalized uint8 pixel.
+    """
+    scale = np.asarray(preprocessing.scale, dtype=np.float32)[:, None, None]
+    bias = np.asarray(preprocessing.bias, dtype=np.float32)[:, None, None]
+    levels = np.rint((tiles.astype(np.float64) - bias) / scale)
+    pixels = np.clip(levels, 0, 255).astype(np.uint8)
+    if not np.array_equal(pixels.astype(np.float32) * scale + bias, tiles):
+        raise ValueError("tiles: not normalized uint8 pixels (a resampled grid?); they cannot become uint8 tiles")
+    return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
 def bf16_parity(

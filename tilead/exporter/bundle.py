@@ -27,6 +27,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from tilead.runtime.bundle import (
     write_manifest,
 )
 from tilead.runtime.files import LocationFile
+from tilead.runtime.preprocess import uint8_tiles_fit
 from tilead.runtime.thumbnail import THUMBNAIL_FILE, THUMBNAIL_NAME
 from tilead.trainer.checkpoints import load_models
 from tilead.trainer.config import RunConfig
@@ -206,6 +208,9 @@ def export_bundle(
     grid = run.grid
     run.backbone.to(memory_format=torch.contiguous_format)  # in place: the models below are traced on it
     prep = run.preprocessing
+    # bf16: the backbone takes uint8 tiles and normalizes them itself (runtime and refit alike), where the grid
+    # cuts pixels as they are (not resize); the manifest says so (model.backbone_input), older bundles keep floats.
+    uint8_tiles = uint8_tiles_fit(grid)
     with_score = cfg.postprocess.image_score == "detector"
 
     def graph(model: LocationModel) -> torch.nn.Module:
@@ -267,7 +272,8 @@ def export_bundle(
                 int8_tolerance=int8_tolerance,
                 progress=lambda it: tqdm(list(it), desc="export", unit="loc", disable=not progress),
                 names=table.names, files=model_files(table.num_models, layout) if table.shared else None,
-                bf16=Bf16Backbone if precision == "bf16" else None,
+                bf16=partial(Bf16Backbone, preprocessing=prep, tile=grid.tile_size, uint8=uint8_tiles)
+                if precision == "bf16" else None,
             )  # fmt: skip
             entries, parity, backbone_entry = shared.entries, shared.parity, shared.backbone
             native_entries = shared.native
@@ -357,6 +363,7 @@ def export_bundle(
                 "opset": opset,
                 "dtype": "float32",
                 "precision": precision,
+                **({"backbone_input": "uint8"} if precision == "bf16" and uint8_tiles else {}),
                 **detector.manifest_info(),
             },
             **(

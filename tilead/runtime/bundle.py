@@ -239,6 +239,11 @@ class Manifest:
         return parse_engine_sets(self.raw.get("engines"), [loc.name for loc in self.locations])
 
     @property
+    def backbone_input(self) -> str:
+        """``model.backbone_input`` (:data:`BACKBONE_INPUTS`): ``"uint8"`` or ``"float32"`` (absent)."""
+        return str(self.model.get("backbone_input", "float32"))
+
+    @property
     def map_size(self) -> tuple[int, int]:
         """``(h, w)`` of each location's output map."""
         h, w = self.model["map_size"]
@@ -262,7 +267,17 @@ _MODEL_KEYS = (
     "detector",
     "score_output",
     "precision",
+    "backbone_input",
 )
+
+BACKBONE_INPUTS = ("float32", "uint8")
+"""``model.backbone_input``: how OpenVINO's compiled backbone of a bf16 bundle takes its tiles.
+
+``float32`` (absent: bundles exported before issue #21 item 3): normalized ``(n, C, th, tw)`` tiles
+(:func:`tilead.runtime.preprocess.tile_images`); ``uint8``: the pixels as they are, ``(n, th, tw, C)``
+(:func:`tilead.runtime.preprocess.tile_images_u8`), converted and normalized inside the compiled model
+(:func:`tilead.runtime.backends.openvino.uint8_input`). The two give features that differ by bf16
+rounding, and the heads were refit on one of them, so the bundle says which."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -306,6 +321,15 @@ def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
     if not isinstance(precision, str) or precision not in PRECISIONS:
         choices = ", ".join(map(repr, PRECISIONS))
         raise ValueError(f"model.precision: expected one of {choices}, got {describe(precision)}")
+    backbone_input = model.get("backbone_input", "float32")
+    if not isinstance(backbone_input, str) or backbone_input not in BACKBONE_INPUTS:
+        choices = ", ".join(map(repr, BACKBONE_INPUTS))
+        raise ValueError(f"model.backbone_input: expected one of {choices}, got {describe(backbone_input)}")
+    if backbone_input == "uint8":
+        if precision != "bf16":
+            raise ValueError(f"model.backbone_input 'uint8': only bf16 bundles take uint8 tiles, not {precision!r}")
+        if grid.edge == "resize":
+            raise ValueError("model.backbone_input 'uint8': needs the edge policy 'shift' or 'pad', not 'resize'")
     for key, expected in (("input", INPUT_NAME), ("output", OUTPUT_NAME), ("dtype", "float32")):
         if key in model and model[key] != expected:
             raise ValueError(f"model.{key}: expected {expected!r}, got {describe(model[key])}")

@@ -51,7 +51,7 @@ from tilead.runtime.devices import thread_budget
 from tilead.runtime.image_resize import resize_image
 from tilead.runtime.postprocess import resize_maps
 from tilead.runtime.postprocessor import PostProcessor, nonfinite_errors
-from tilead.runtime.preprocess import InputOrder, tile_images, tile_shape
+from tilead.runtime.preprocess import InputOrder, tile_images, tile_images_u8, tile_shape, tile_shape_u8
 from tilead.runtime.thumbnail import fuser, thumbnail_tiles
 from tilead.runtime.timing import StageTimes, timed
 
@@ -417,10 +417,11 @@ class Predictor:
             if backend.capabilities.full_pipeline:
                 maps, scores = cast(PipelineBackend, backend).location_outputs(stacked, order)
                 return maps, scores, None
-            buffer = self._tiles.take(tile_shape(m.grid, stacked.shape[0], m.preprocessing), m.preprocessing.dtype)
+            uint8 = takes_uint8_tiles(backend)
+            buffer = self._tiles.take(*tile_layout(m, stacked.shape[0], uint8))
             try:
                 with timed(timer, "tile"):
-                    tiles = tile_images(stacked, m.grid, m.preprocessing, input_order=order, out=buffer)
+                    tiles = cut_tiles(stacked, m, order, buffer, uint8)
                     small = None
                     if m.thumbnail is not None:
                         small = thumbnail_tiles(stacked, m.thumbnail.size, m.preprocessing, input_order=order)
@@ -442,11 +443,12 @@ class Predictor:
         """:meth:`_location_outputs` through :meth:`.StreamingInference.infer_stream`: tiles a few images at a time."""
         m = self.manifest
         n = len(images)
-        one = tile_shape(m.grid, 1, m.preprocessing)
-        dtype = np.dtype(m.preprocessing.dtype)
+        uint8 = takes_uint8_tiles(backend)
+        one, dtype = tile_layout(m, 1, uint8)
         group = stream_group(int(np.prod(one)) * dtype.itemsize, n)
         # Leased like the outputs: once the backbone has read it, the call's masks can take its memory.
-        buffer = self._outputs.take(tile_shape(m.grid, group, m.preprocessing), dtype.str)
+        shape, _ = tile_layout(m, group, uint8)
+        buffer = self._outputs.take(shape, dtype.str)
         staging = None if group == 1 else self._tiles.take((group, *images[0].shape), "uint8")
 
         def fill(lo: int, hi: int) -> np.ndarray:
@@ -458,7 +460,7 @@ class Predictor:
                     part = np.stack(list(images[lo:hi]), out=staging[:count])
                 # The first ``count`` images' worth of the buffer, C-contiguous (the last group may be short).
                 out = buffer.reshape(-1)[: int(np.prod(one)) * count].reshape(one[0], count, *one[2:])
-                return tile_images(part, m.grid, m.preprocessing, input_order=order, out=out)
+                return cut_tiles(part, m, order, out, uint8)
 
         try:
             return backend.infer_stream(TileStream(n, group, fill), timer)
@@ -650,3 +652,26 @@ class Predictor:
             else:
                 mask = ~np.isfinite(anomaly_map) | (anomaly_map > np.float32(0.5))
         return replace(result, anomaly_map=anomaly_map, mask=mask)
+
+
+def takes_uint8_tiles(backend: Backend) -> bool:
+    """Whether an inference backend takes uint8 channels-last tiles, else float tiles.
+
+    Its ``uint8_tiles``: an OpenVINO backbone compiled to normalize them itself
+    (:func:`tilead.runtime.backends.openvino.compile_backbone`).
+    """
+    return bool(getattr(backend, "uint8_tiles", False))
+
+
+def tile_layout(manifest: Manifest, n: int, uint8: bool) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype of ``n`` images' tiles: uint8 ``(L, n, th, tw, C)``, else ``(L, n, C, th, tw)`` float."""
+    if uint8:
+        return tile_shape_u8(manifest.grid, n, manifest.preprocessing), np.dtype(np.uint8)
+    return tile_shape(manifest.grid, n, manifest.preprocessing), np.dtype(manifest.preprocessing.dtype)
+
+
+def cut_tiles(images: np.ndarray, manifest: Manifest, order: InputOrder, out: np.ndarray, uint8: bool) -> np.ndarray:
+    """``images`` (uint8 ``(n, H, W, C)``) cut into ``out`` (:func:`tile_layout`): uint8 or normalized float tiles."""
+    if uint8:
+        return tile_images_u8(images, manifest.grid, manifest.preprocessing, input_order=order, out=out)
+    return tile_images(images, manifest.grid, manifest.preprocessing, input_order=order, out=out)

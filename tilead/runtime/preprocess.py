@@ -5,6 +5,10 @@ the edge policy (pad / resize) on the fly, reorders channels, normalizes with
 the model's mean and std, and writes float32 or float16 tiles straight into a
 ``(locations, n, channels, tile_h, tile_w)`` buffer: block ``l`` is the batch
 for location ``l``'s model.
+
+For a model that converts and normalizes its input itself (an OpenVINO backbone
+compiled for uint8 tiles, issue #21), :func:`tile_images_u8` cuts the same tiles
+without normalization: uint8, channels last, a quarter of the bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tilead import _kernels
 from tilead.runtime._checks import as_float, check_array, check_mapping, check_shape, describe
 from tilead.runtime.devices import kernel_family
 from tilead.runtime.geometry import TileGrid
@@ -145,6 +150,77 @@ def tile_shape(grid: TileGrid, n: int, preprocessing: Preprocessing) -> tuple[in
     return (grid.num_locations, n, preprocessing.channels, *grid.tile_size)
 
 
+def tile_shape_u8(grid: TileGrid, n: int, preprocessing: Preprocessing) -> tuple[int, int, int, int, int]:
+    """Shape ``(locations, n, tile_h, tile_w, channels)`` of a uint8 tile buffer (:func:`tile_images_u8`)."""
+    return (grid.num_locations, n, *grid.tile_size, preprocessing.channels)
+
+
+def uint8_tiles_fit(grid: TileGrid) -> bool:
+    """Whether :func:`tile_images_u8` can cut this grid: a direct edge policy (``shift``, ``pad``), not ``resize``.
+
+    ``resize`` samples the image bilinearly, between the uint8 levels; such grids keep the float tiles.
+    """
+    return grid.edge != "resize"
+
+
+def tile_images_u8(
+    images: np.ndarray,
+    grid: TileGrid,
+    preprocessing: Preprocessing | None = None,
+    *,
+    input_order: InputOrder = "BGR",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Cut images into uint8 channels-last tiles, the pixels as they are, for models that normalize them themselves.
+
+    The tiles :func:`tile_images` would make before normalization: channels in the model's order (gray
+    replicated for a 3-channel model), 0 off the image (edge policy ``pad``). A model compiled with
+    :func:`tilead.runtime.backends.openvino.uint8_input` computes ``(pixel / 255 - mean[c]) / std[c]``
+    from them itself. CPU only.
+
+    Args:
+        images: uint8 ``(H, W)``, ``(H, W, C)`` or ``(n, H, W, C)``, ``C`` in {1, 3}, at the grid's image size.
+        grid: The tile grid; its edge policy ``shift`` or ``pad`` (:func:`uint8_tiles_fit`).
+        preprocessing: The model's channels and channel order (its mean, std and dtype are not used here).
+        input_order: As for :func:`tile_images`.
+        out: Optional C-contiguous uint8 buffer ``(locations, n, tile_h, tile_w, channels)``, written in place.
+
+    Returns:
+        uint8 ``(locations, n, tile_h, tile_w, channels)``; ``out`` when given.
+
+    Raises:
+        ValueError: For invalid images, orders or buffers, or a grid whose edge policy is ``resize``.
+    """
+    prep = preprocessing if preprocessing is not None else Preprocessing()
+    if not uint8_tiles_fit(grid):
+        raise ValueError("uint8 tiles need the edge policy 'shift' or 'pad'; 'resize' resamples between uint8 levels")
+    batch = as_image_batch(images, grid)
+    swap = _check_order(batch.shape[3], input_order, prep)
+    shape = tile_shape_u8(grid, batch.shape[0], prep)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    else:
+        check_array(out, "out", dtypes=[np.uint8], ndims=[5], writable=True)
+        check_shape(out, "out", shape, "(locations, n, tile_h, tile_w, channels)")
+    _kernels.tile_images_u8(batch, grid.native, out, swap)
+    return out
+
+
+def _check_order(in_channels: int, input_order: str, prep: Preprocessing) -> bool:
+    """Check the images' channel order against the model's; whether red and blue swap on the way.
+
+    Raises:
+        ValueError: For an unknown order, ``"GRAY"`` with colour images, or colour images for a gray model.
+    """
+    if input_order not in ("RGB", "BGR", "GRAY"):
+        raise ValueError(f"input_order: expected 'RGB', 'BGR' or 'GRAY', got {describe(input_order)}")
+    if input_order == "GRAY" and in_channels != 1:
+        raise ValueError(f"input_order: 'GRAY' needs 1-channel images, got {in_channels} channels")
+    if in_channels == 3 and prep.channels == 1:
+        raise ValueError("images: the model takes 1 channel but the images have 3; convert them to gray first")
+    return in_channels == 3 and input_order != "GRAY" and input_order != prep.color_order
+
+
 def tile_images(
     images: np.ndarray,
     grid: TileGrid,
@@ -178,19 +254,12 @@ def tile_images(
     """
     prep = preprocessing if preprocessing is not None else Preprocessing()
     batch = as_image_batch(images, grid)
-    in_channels = batch.shape[3]
-    if input_order not in ("RGB", "BGR", "GRAY"):
-        raise ValueError(f"input_order: expected 'RGB', 'BGR' or 'GRAY', got {describe(input_order)}")
-    if input_order == "GRAY" and in_channels != 1:
-        raise ValueError(f"input_order: 'GRAY' needs 1-channel images, got {in_channels} channels")
-    if in_channels == 3 and prep.channels == 1:
-        raise ValueError("images: the model takes 1 channel but the images have 3; convert them to gray first")
+    swap = _check_order(batch.shape[3], input_order, prep)
     shape = tile_shape(grid, batch.shape[0], prep)
     if out is None:
         out = np.empty(shape, dtype=prep.dtype)
     else:
         check_array(out, "out", dtypes=[prep.dtype], ndims=[5], writable=True)
         check_shape(out, "out", shape, "(locations, n, channels, tile_h, tile_w)")
-    swap = in_channels == 3 and input_order != "GRAY" and input_order != prep.color_order
     kernel_family(device).tile_images(batch, grid.native, out, prep.scale, prep.bias, swap)
     return out

@@ -31,6 +31,14 @@ struct TileParams {
   int out_type;      // OutputType of the tile buffer
 };
 
+// Tiling without normalization (CPU only, issue #21): uint8 HWC images -> uint8 NHWC tiles for models that
+// convert and normalize their input themselves (OpenVINO's PrePostProcessor). Direct policies only (shift, pad).
+struct TileU8Params {
+  int in_channels;   // 1 or 3 (channels of the uint8 image)
+  int out_channels;  // 1 or 3 (channels the model takes); 1 -> 3 replicates
+  int swap_rb;       // 1: channel c of the output reads channel 2 - c (BGR <-> RGB)
+};
+
 // Untiling: per-location maps at model resolution -> canvas map.
 struct UntileParams {
   int map_h;    // rows of each location's map
@@ -108,6 +116,10 @@ namespace cpu {
 // images: [n][h][w][in_channels] uint8 (h, w = grid image size).
 // out:    [L][n][out_channels][tile_h][tile_w], float or uint16 (fp16 bits).
 void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out);
+
+// images: [n][h][w][in_channels] uint8. out: [L][n][tile_h][tile_w][out_channels] uint8, the pixels as they are
+// (0 off the image, pad policy). The grid's edge policy must not resample (the bindings refuse resize).
+void tile_images_u8(const uint8_t* images, int n, const Grid& grid, const TileU8Params& p, uint8_t* out);
 
 // maps: [L][n][map_h][map_w] float32. out: [n][canvas_h][canvas_w] float32.
 void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out);

@@ -327,6 +327,14 @@ def backbone_chunks(
     return list(itertools.pairwise(bounds))
 
 
+def float_bytes(tile: np.ndarray) -> int:
+    """A tile's bytes as float32 tiles (uint8 tiles count 4 per value): the calls split as for float tiles.
+
+    The split bounds the backbone's activations per call, which do not depend on the input's element type.
+    """
+    return int(tile.nbytes) if tile.dtype != np.uint8 else 4 * int(tile.size)
+
+
 _Call = TypeVar("_Call")
 
 RunBackbone = Callable[[np.ndarray, np.ndarray], None]
@@ -351,7 +359,8 @@ def run_backbone(
 
     Args:
         manifest: A ``shared_backbone`` manifest.
-        tiles: float32 C-contiguous ``(locations, n, C, th, tw)``.
+        tiles: float32 C-contiguous ``(locations, n, C, th, tw)``, or uint8 ``(locations, n, th, tw, C)`` for a
+            backbone compiled to take them (:func:`tilead.runtime.backends.openvino.compile_backbone`).
         run: Runs the backbone on a run of tiles, writing the features into the given buffer.
         buffers: Where the feature buffer comes from (the caller gives it back when the heads are done).
         workers: The location workers, or None to run the calls one after another.
@@ -370,7 +379,7 @@ def run_backbone(
     flat = tiles.reshape(count * n, *tiles.shape[2:])
     features = buffers.take((count, n, *manifest.features))
     out = features.reshape(count * n, *manifest.features)
-    chunks = backbone_chunks(count * n, flat[0].nbytes, worker_count if workers is not None else 1)
+    chunks = backbone_chunks(count * n, float_bytes(flat[0]), worker_count if workers is not None else 1)
 
     def one(bounds: tuple[int, int]) -> None:
         run(flat[bounds[0] : bounds[1]], out[bounds[0] : bounds[1]])
@@ -498,7 +507,9 @@ def run_backbone_stream(
             if tiles.shape[:2] != (count, hi - lo) or not tiles.flags.c_contiguous:
                 want = f"C-contiguous ({count}, {hi - lo}, ...)"
                 raise BundleError(f"tile stream: expected {want} tiles, got {tiles.shape}")
-            calls = [(loc, a, b) for loc in range(count) for a, b in backbone_chunks(hi - lo, tiles[0, 0].nbytes, 1)]
+            calls = [
+                (loc, a, b) for loc in range(count) for a, b in backbone_chunks(hi - lo, float_bytes(tiles[0, 0]), 1)
+            ]
 
             def one(call: tuple[int, int, int], tiles: np.ndarray = tiles, lo: int = lo) -> None:
                 loc, a, b = call

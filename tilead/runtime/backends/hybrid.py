@@ -35,6 +35,12 @@ Runtime session is then created. ``native_heads=False`` (Predictor option) runs 
 graphs; older bf16 bundles without the files always do. :attr:`HybridBackend.providers`
 says which heads run.
 
+uint8 tiles: a bundle whose manifest says ``model.backbone_input`` ``uint8`` (bf16 exports since
+issue #21 item 3) has its backbone compiled to take uint8 channels-last tiles and normalize them
+itself (:func:`~tilead.runtime.backends.openvino.compile_backbone`); :attr:`HybridBackend.uint8_tiles`
+tells the Predictor to cut such tiles (:func:`tilead.runtime.preprocess.tile_images_u8`). Older bf16
+bundles keep float tiles: their heads were refit on the float input's features.
+
 Thread safety: ONNX Runtime sessions may run from several threads at once;
 the OpenVINO backbone keeps a stack of idle infer requests, one per running call.
 """
@@ -66,10 +72,15 @@ from tilead.runtime.backends.onnxruntime import (
     run_heads,
     session_providers,
 )
-from tilead.runtime.backends.openvino import _Location, backbone_into, import_openvino, require_bf16
+from tilead.runtime.backends.openvino import (
+    _Location,
+    backbone_into,
+    compile_backbone,
+    import_openvino,
+    require_bf16,
+)
 from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import (
-    FEATURES_NAME,
     OUTPUT_NAME,
     BundleError,
     Manifest,
@@ -150,12 +161,14 @@ class HybridBackend:
         self.versions = (str(ov.__version__), str(ort.__version__))
         core = ov.Core()
         require_bf16(core, "a bf16 bundle")
-        tile = (manifest.preprocessing.channels, *manifest.grid.tile_size)
-        try:
-            compiled = core.compile_model(core.read_model(model=backbone), "CPU", bf16_config(threads))
-            self._backbone: _Location | None = _Location(compiled, [FEATURES_NAME], tile)
-        except Exception as err:  # OpenVINO raises RuntimeError and its own types
-            raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
+        self._backbone: _Location | None = compile_backbone(
+            core,
+            backbone,
+            bf16_config(threads),
+            manifest.preprocessing,
+            manifest.grid.tile_size,
+            manifest.backbone_input == "uint8",
+        )
         self._native: list[NativeHead] | None = None
         self._sessions: list[Any] | None = None
         if native_heads and bundle is not None and manifest.native_heads:
@@ -197,11 +210,21 @@ class HybridBackend:
         """True: the Predictor may hand the tiles over a few images at a time (:meth:`infer_stream`)."""
         return True
 
+    @property
+    def uint8_tiles(self) -> bool:
+        """Whether the backbone takes uint8 ``(locations, n, th, tw, C)`` tiles (the manifest's ``backbone_input``).
+
+        Bundles exported since issue #21 item 3 say ``uint8``: the conversion and normalization run inside
+        the compiled backbone (:func:`~tilead.runtime.backends.openvino.compile_backbone`); older ones float32.
+        """
+        return self.manifest.backbone_input == "uint8"
+
     def infer(self, tiles: np.ndarray, timer: StageTimes | None = None) -> LocationOutputs:
         """The backbone on every tile, then each location's head (:meth:`.base.InferenceBackend.infer`).
 
         Args:
-            tiles: float32 ``(locations, n, C, th, tw)``.
+            tiles: float32 ``(locations, n, C, th, tw)``, or uint8 ``(locations, n, th, tw, C)`` where
+                :attr:`uint8_tiles`.
             timer: Receives ``inference`` and ``location:<name>``.
         """
         # One backbone call at a time on every thread (see the module docstring); the heads side by side.

@@ -73,6 +73,7 @@ from tilead.runtime.backends.base import (
     threads_and_workers,
 )
 from tilead.runtime.bundle import FEATURES_NAME, OUTPUT_NAME, SCORE_NAME, BundleError, Manifest
+from tilead.runtime.preprocess import Preprocessing
 from tilead.runtime.timing import StageTimes
 
 CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=True, thumbnail=True)
@@ -170,16 +171,87 @@ def pretranspose_fp16_products(model: Any) -> int:
     return count
 
 
-class _Location:
-    """One location's compiled model and its idle infer requests."""
+def uint8_input(model: Any, preprocessing: Preprocessing) -> Any:
+    """The backbone taking uint8 channels-last tiles, its input conversion and normalization inside the model.
 
-    def __init__(self, compiled: Any, names: Sequence[str], shape: tuple[int, ...]) -> None:
+    OpenVINO's ``PrePostProcessor``: the input tensor becomes uint8 ``(n, th, tw, C)``
+    (:func:`tilead.runtime.preprocess.tile_images_u8`'s tiles); in the model it is converted to
+    float32, ``255 * mean[c]`` is subtracted and the result divided by ``255 * std[c]``: the
+    float tiles' ``(pixel / 255 - mean[c]) / std[c]`` (:class:`~tilead.runtime.preprocess.Preprocessing`),
+    in channels first. The plugin fuses these steps into the first layers; the host only copies
+    pixels (a quarter of the float tiles' bytes).
+
+    Args:
+        model: An ``openvino.Model`` whose one input takes float32 ``(n, C, th, tw)``.
+        preprocessing: The bundle's preprocessing (mean and std on the 0..1 scale).
+
+    Returns:
+        The new ``openvino.Model``.
+    """
+    from openvino import Layout, Type
+    from openvino.preprocess import PrePostProcessor
+
+    ppp = PrePostProcessor(model)
+    tiles = ppp.input()
+    tiles.tensor().set_element_type(Type.u8).set_layout(Layout("NHWC"))
+    tiles.model().set_layout(Layout("NCHW"))
+    tiles.preprocess().convert_element_type(Type.f32).mean([255.0 * m for m in preprocessing.mean]).scale(
+        [255.0 * s for s in preprocessing.std]
+    )
+    return ppp.build()
+
+
+def compile_backbone(
+    core: Any, onnx: bytes | str, config: dict[str, Any], preprocessing: Preprocessing, tile: Sequence[int], uint8: bool
+) -> _Location:
+    """The shared backbone compiled for the CPU, taking uint8 or float32 tiles.
+
+    The one compile of every OpenVINO backbone (the ``openvino`` and ``hybrid`` backends, and the bf16
+    export's refit, :class:`tilead.exporter.bf16.Bf16Backbone`), so that the heads are fitted on the very
+    features the runtime computes. The backends pass ``uint8`` from the manifest's ``backbone_input``
+    (:attr:`tilead.runtime.bundle.Manifest.backbone_input`: ``"uint8"`` for bf16 bundles exported since
+    issue #21 item 3, ``"float32"`` for older ones).
+
+    Args:
+        core: An ``openvino.Core``.
+        onnx: ``backbone.onnx``'s bytes, or its path.
+        config: The CPU plugin's configuration.
+        preprocessing: The bundle's preprocessing (channels, mean, std).
+        tile: ``(tile_h, tile_w)``.
+        uint8: Take uint8 ``(n, th, tw, C)`` tiles (:func:`uint8_input`); else the graph as it is (float32
+            ``(n, C, th, tw)``).
+
+    Raises:
+        BundleError: If OpenVINO cannot read or compile it.
+    """
+    th, tw = (int(v) for v in tile)
+    c = preprocessing.channels
+    try:
+        model = core.read_model(model=onnx)
+        if uint8:
+            model = uint8_input(model, preprocessing)
+        compiled = core.compile_model(model, "CPU", config)
+        return _Location(
+            compiled, [FEATURES_NAME], (th, tw, c) if uint8 else (c, th, tw), np.uint8 if uint8 else np.float32
+        )
+    except Exception as err:  # OpenVINO raises RuntimeError and its own types
+        raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
+
+
+class _Location:
+    """One location's compiled model and its idle infer requests (inputs of ``shape`` after the batch, ``dtype``)."""
+
+    def __init__(
+        self, compiled: Any, names: Sequence[str], shape: tuple[int, ...], dtype: type[np.generic] = np.float32
+    ) -> None:
         self.compiled = compiled
         self.outputs = [compiled.output(name) for name in names]
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(dtype)
         request = compiled.create_infer_request()
         # One call now, while no other location runs: the plugin's first call initializes lazily, and first
         # calls of several models at once hang in OpenVINO when Python's faulthandler is enabled (as under pytest).
-        request.infer([np.zeros((1, *shape), dtype=np.float32)])
+        request.infer([np.zeros((1, *shape), dtype=dtype)])
         self._idle: list[Any] = [request]
         self._lock = threading.Lock()
 
@@ -196,12 +268,27 @@ class _Location:
             with self._lock:
                 self._idle.append(request)
 
+    def check_input(self, tiles: np.ndarray) -> None:
+        """Refuse uint8 tiles for a float model and float tiles for a uint8 one, or tiles of another shape.
+
+        Raises:
+            ValueError: Naming what was expected and what came.
+        """
+        uint8 = tiles.dtype == np.uint8
+        if uint8 != (self.dtype == np.uint8) or tuple(tiles.shape[1:]) != self.shape:
+            raise ValueError(
+                f"tiles: expected {self.dtype} (n, {', '.join(map(str, self.shape))}), got {tiles.dtype} "
+                f"{tuple(tiles.shape)}"
+            )
+
     def run_into(self, tiles: np.ndarray, out: np.ndarray) -> None:
         """The first output on ``tiles`` copied from the request's tensor straight into ``out`` (shape checked).
 
         Raises:
+            ValueError: For tiles of another element type or shape (:meth:`check_input`).
             BundleError: If the output's shape is not ``out``'s.
         """
+        self.check_input(tiles)
         with self._request() as request:
             result = request.infer([tiles])[self.outputs[0]]
             if result.shape != out.shape:
@@ -291,11 +378,14 @@ class OpenVinoBackend:
             require_bf16(core, "a bf16 bundle" if bf16_bundle else "bf16_backbone=True")
         if backbone is not None:
             backbone_config = {**config, "INFERENCE_PRECISION_HINT": "bf16"} if bf16_backbone else config
-            try:
-                whole = core.compile_model(core.read_model(model=backbone), "CPU", backbone_config)
-                self._backbone = _Location(whole, [FEATURES_NAME], tile)
-            except Exception as err:
-                raise BundleError(f"the shared backbone: OpenVINO cannot load backbone.onnx: {err}") from err
+            self._backbone = compile_backbone(
+                core,
+                backbone,
+                backbone_config,
+                manifest.preprocessing,
+                manifest.grid.tile_size,
+                manifest.backbone_input == "uint8",
+            )
         if (thumbnail is None) != (manifest.thumbnail is None):
             state = "missing" if thumbnail is None else "given, but the bundle has no thumbnail branch"
             raise BundleError(f"the thumbnail model's bytes are {state}")
@@ -336,8 +426,19 @@ class OpenVinoBackend:
         """None: the models run in host memory."""
         return None
 
+    @property
+    def uint8_tiles(self) -> bool:
+        """Whether :meth:`infer` takes uint8 ``(locations, n, th, tw, C)`` tiles (:func:`compile_backbone`)."""
+        return self.manifest.backbone_input == "uint8"
+
     def infer(self, tiles: np.ndarray, timer: StageTimes | None = None) -> LocationOutputs:
-        """Every location's compiled model on its tiles (see :meth:`.base.InferenceBackend.infer`)."""
+        """Every location's compiled model on its tiles (see :meth:`.base.InferenceBackend.infer`).
+
+        Args:
+            tiles: float32 ``(locations, n, C, th, tw)``, or uint8 ``(locations, n, th, tw, C)`` where
+                :attr:`uint8_tiles`.
+            timer: Receives the stages.
+        """
         locations, pool = self._locations, self._pool
         if locations is None:
             raise RuntimeError("Predictor is closed")
