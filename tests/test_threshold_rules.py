@@ -266,3 +266,33 @@ def test_f1_win_share_counts_resamples_won() -> None:
     share = f1_win_share(maps, masks, 75.0, 10.5)  # the plateau: each kind of image prefers another threshold
     assert 0.2 < share < PINNED_CONFIDENCE
     assert f1_win_share(maps, masks, 75.0, 10.5, seed=0) == share  # seeded
+
+
+def test_a_thumbnail_that_tips_the_f1_plateau_keeps_the_capped_fused_threshold() -> None:
+    """Issue #20: the fused map moved the F1 maximum across the pinning limit, and the threshold with it."""
+    from tilead.runtime import PostProcessor, TileGrid
+    from tilead.runtime.thumbnail import BranchStats, ThumbnailBranch
+
+    maps, masks, labels = _plateau_case(39)  # tiled alone: the F1 maximum under the limit, capped
+    thumb = np.zeros_like(maps)
+    thumb[4:8, 28, 0:2] = 40.0  # the thumbnail sees two more pixels on the haloed images, between the cuts
+    identity = BranchStats(threshold=0.0, min=0.0, max=1.0)
+    branch = ThumbnailBranch(64, "weighted", 0.5, (32, 32), identity, identity)
+    grid = TileGrid(image_size=(32, 32), tile_size=(32, 32), stride=(32, 32))
+    records = {}
+    for name, fuse in (("tiled", None), ("fused", lambda m: branch.fuse(m, thumb))):
+        stats, info = compute_stats(
+            maps[None], masks, labels, PostProcessor(grid, "uniform", None), stage="image", good_quantile=0.99,
+            target_false_alarm=0.05, pixel_false_positive=0.01, fuse=fuse,
+        )  # fmt: skip
+        records[name] = (stats.pixel_threshold, info["pixel_threshold_rule"])
+    fused = branch.fuse(maps, thumb)
+    (t_tiled, tiled), (t_fused, rule) = records["tiled"], records["fused"]
+    assert tiled["f1_adaptive"] <= tiled["pinned_below"]  # tiled alone: pinned by the old test too
+    assert rule["f1_adaptive"] > rule["pinned_below"]  # fused: the maximum tipped to the high cut ...
+    assert rule["f1_adaptive"] > float(fused[masks].min())  # ... which misses every faint defect
+    assert rule["f1_win_share"] < PINNED_CONFIDENCE  # ... but wins only by noise:
+    assert rule["pinned"]  # capped at the fused good pixels' quantile
+    assert t_fused == pytest.approx(false_alarm_threshold(fused[:4], 0.01))
+    assert bool((fused[masks] > t_fused).all())
+    assert bool((maps[masks] > t_tiled).all())
