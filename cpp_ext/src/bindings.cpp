@@ -135,8 +135,14 @@ struct TileCall {
   int n;
 };
 
-TileCall check_tile(const py::array& images, const Grid& g, const py::array& out, const std::vector<float>& scale,
-                    const std::vector<float>& bias, bool swap_rb) {
+// uint8 images (n, H, W, C) at the grid's image size, C in {1, 3}, and a 5-dimensional tile buffer whose
+// channel count (at out_axis) is 1 or 3 and can take the images' channels: (n, C, out channels).
+struct TileShapes {
+  py::ssize_t n, c, oc;
+};
+
+TileShapes check_tile_shapes(const py::array& images, const Grid& g, const py::array& out, int out_axis,
+                             const char* out_layout) {
   if (images.ndim() != 4) {
     fail("images: expected 4 dimensions (n, height, width, channels), got shape " + shape_str(images));
   }
@@ -145,11 +151,17 @@ TileCall check_tile(const py::array& images, const Grid& g, const py::array& out
   if (c != 1 && c != 3) fail("images: expected 1 or 3 channels, got " + std::to_string(c));
   check_array(images, "images", dt<uint8_t>(), {n, g.y.size, g.x.size, c}, false);
   if (out.ndim() != 5) {
-    fail("out: expected 5 dimensions (locations, n, channels, tile_h, tile_w), got shape " + shape_str(out));
+    fail(std::string("out: expected 5 dimensions ") + out_layout + ", got shape " + shape_str(out));
   }
-  const auto oc = out.shape(2);
+  const auto oc = out.shape(out_axis);
   if (oc != 1 && oc != 3) fail("out: expected 1 or 3 channels, got " + std::to_string(oc));
   if (c == 3 && oc == 1) fail("out: a 3-channel image cannot feed 1 output channel; convert the image to gray");
+  return {n, c, oc};
+}
+
+TileCall check_tile(const py::array& images, const Grid& g, const py::array& out, const std::vector<float>& scale,
+                    const std::vector<float>& bias, bool swap_rb) {
+  const auto [n, c, oc] = check_tile_shapes(images, g, out, 2, "(locations, n, channels, tile_h, tile_w)");
   const bool half = out.dtype().equal(dt_half());
   if (!half && !out.dtype().equal(dt<float>())) fail("out: expected dtype float32 or float16, got " + dtype_str(out));
   check_array(out, "out", out.dtype(), {grid_locations(g), n, oc, g.y.tile, g.x.tile}, true);
@@ -783,19 +795,7 @@ PYBIND11_MODULE(_kernels, m) {
   m.def(
       "tile_images_u8",
       [](const py::array& images, const Grid& g, py::array& out, bool swap_rb) {
-        if (images.ndim() != 4) {
-          fail("images: expected 4 dimensions (n, height, width, channels), got shape " + shape_str(images));
-        }
-        const auto n = images.shape(0);
-        const auto c = images.shape(3);
-        if (c != 1 && c != 3) fail("images: expected 1 or 3 channels, got " + std::to_string(c));
-        check_array(images, "images", dt<uint8_t>(), {n, g.y.size, g.x.size, c}, false);
-        if (out.ndim() != 5) {
-          fail("out: expected 5 dimensions (locations, n, tile_h, tile_w, channels), got shape " + shape_str(out));
-        }
-        const auto oc = out.shape(4);
-        if (oc != 1 && oc != 3) fail("out: expected 1 or 3 channels, got " + std::to_string(oc));
-        if (c == 3 && oc == 1) fail("out: a 3-channel image cannot feed 1 output channel; convert the image to gray");
+        const auto [n, c, oc] = check_tile_shapes(images, g, out, 4, "(locations, n, tile_h, tile_w, channels)");
         check_array(out, "out", dt<uint8_t>(), {grid_locations(g), n, g.y.tile, g.x.tile, oc}, true);
         check_disjoint(images, "images", out, "out");
         if (edge_resamples(g.y.edge) || edge_resamples(g.x.edge)) {

@@ -196,13 +196,23 @@ def tile_images_u8(
         raise ValueError("uint8 tiles need the edge policy 'shift' or 'pad'; 'resize' resamples between uint8 levels")
     batch = as_image_batch(images, grid)
     swap = _check_order(batch.shape[3], input_order, prep)
-    shape = tile_shape_u8(grid, batch.shape[0], prep)
-    if out is None:
-        out = np.empty(shape, dtype=np.uint8)
-    else:
-        check_array(out, "out", dtypes=[np.uint8], ndims=[5], writable=True)
-        check_shape(out, "out", shape, "(locations, n, tile_h, tile_w, channels)")
+    out = _tile_buffer(
+        out, tile_shape_u8(grid, batch.shape[0], prep), np.uint8, "(locations, n, tile_h, tile_w, channels)"
+    )
     _kernels.tile_images_u8(batch, grid.native, out, swap)
+    return out
+
+
+def _tile_buffer(out: np.ndarray | None, shape: tuple[int, ...], dtype: Any, layout: str) -> np.ndarray:
+    """A new tile buffer of ``shape`` and ``dtype``, or ``out`` once checked against them (``layout`` names the axes).
+
+    Raises:
+        ValueError: For a buffer of another dtype, rank or shape, or a read-only one.
+    """
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    check_array(out, "out", dtypes=[dtype], ndims=[5], writable=True)
+    check_shape(out, "out", shape, layout)
     return out
 
 
@@ -255,11 +265,8 @@ def tile_images(
     prep = preprocessing if preprocessing is not None else Preprocessing()
     batch = as_image_batch(images, grid)
     swap = _check_order(batch.shape[3], input_order, prep)
-    shape = tile_shape(grid, batch.shape[0], prep)
-    if out is None:
-        out = np.empty(shape, dtype=prep.dtype)
-    else:
-        check_array(out, "out", dtypes=[prep.dtype], ndims=[5], writable=True)
-        check_shape(out, "out", shape, "(locations, n, channels, tile_h, tile_w)")
+    out = _tile_buffer(
+        out, tile_shape(grid, batch.shape[0], prep), prep.dtype, "(locations, n, channels, tile_h, tile_w)"
+    )
     kernel_family(device).tile_images(batch, grid.native, out, prep.scale, prep.bias, swap)
     return out
