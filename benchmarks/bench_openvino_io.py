@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     core = ov.Core()
     bf16 = manifest.model.get("precision") == "bf16" and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     config = bf16_config(args.threads) if bf16 else {**bf16_config(args.threads), "INFERENCE_PRECISION_HINT": "f32"}
-    uint8 = manifest.backbone_input == "uint8"
+    uint8 = manifest.uint8_backbone
     onnx = read_verified_file(args.bundle, manifest.backbone)
     location = compile_backbone(core, onnx, config, manifest.preprocessing, manifest.grid.tile_size, uint8)
     th, tw = manifest.grid.tile_size

@@ -244,6 +244,11 @@ class Manifest:
         return str(self.model.get("backbone_input", "float32"))
 
     @property
+    def uint8_backbone(self) -> bool:
+        """Whether the backbone takes uint8 channels-last tiles (:attr:`backbone_input` ``"uint8"``)."""
+        return self.backbone_input == "uint8"
+
+    @property
     def map_size(self) -> tuple[int, int]:
         """``(h, w)`` of each location's output map."""
         h, w = self.model["map_size"]

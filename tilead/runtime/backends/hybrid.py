@@ -167,7 +167,7 @@ class HybridBackend:
             bf16_config(threads),
             manifest.preprocessing,
             manifest.grid.tile_size,
-            manifest.backbone_input == "uint8",
+            manifest.uint8_backbone,
         )
         self._native: list[NativeHead] | None = None
         self._sessions: list[Any] | None = None
@@ -217,7 +217,7 @@ class HybridBackend:
         Bundles exported since issue #21 item 3 say ``uint8``: the conversion and normalization run inside
         the compiled backbone (:func:`~tilead.runtime.backends.openvino.compile_backbone`); older ones float32.
         """
-        return self.manifest.backbone_input == "uint8"
+        return self.manifest.uint8_backbone
 
     def infer(self, tiles: np.ndarray, timer: StageTimes | None = None) -> LocationOutputs:
         """The backbone on every tile, then each location's head (:meth:`.base.InferenceBackend.infer`).

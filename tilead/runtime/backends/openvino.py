@@ -434,7 +434,7 @@ class OpenVinoBackend:
                 backbone_config,
                 manifest.preprocessing,
                 manifest.grid.tile_size,
-                manifest.backbone_input == "uint8",
+                manifest.uint8_backbone,
             )
         if (thumbnail is None) != (manifest.thumbnail is None):
             state = "missing" if thumbnail is None else "given, but the bundle has no thumbnail branch"
@@ -479,7 +479,7 @@ class OpenVinoBackend:
     @property
     def uint8_tiles(self) -> bool:
         """Whether :meth:`infer` takes uint8 ``(locations, n, th, tw, C)`` tiles (:func:`compile_backbone`)."""
-        return self.manifest.backbone_input == "uint8"
+        return self.manifest.uint8_backbone
 
     def infer(self, tiles: np.ndarray, timer: StageTimes | None = None) -> LocationOutputs:
         """Every location's compiled model on its tiles (see :meth:`.base.InferenceBackend.infer`).
