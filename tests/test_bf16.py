@@ -78,7 +78,8 @@ def test_auto_runs_a_bf16_bundle_on_the_hybrid_backend(
         backend: Any = hybrid._backend
         hint = backend._backbone.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         assert hint == "bf16"
-        assert backend._backbone.compiled.get_property("INFERENCE_NUM_THREADS") == threads  # calls one at a time
+        assert backend._backbone.compiled.get_property("INFERENCE_NUM_THREADS") == threads
+        assert backend._backbone.compiled.get_property("NUM_STREAMS") == workers  # the workers' calls side by side
         assert reference.providers[0].endswith("CPU, backbone bf16")  # OpenVINO runs a bf16 bundle's backbone in bf16
         got, want = hybrid.location_maps(images), reference.location_maps(images)
         # The same bf16 backbone, heads f32 on either runtime: only summation order differs.

@@ -17,15 +17,17 @@ CPUs whose OpenVINO plugin does not list ``BF16`` (AVX-512 BF16 or AMX): bf16
 is never emulated there.
 
 Batching and threads: every tile of a batch goes through the backbone one tile
-per call (:func:`~tilead.runtime.backends.base.run_backbone`), the calls one after
-another, each on all ``threads`` OpenVINO threads, the features written into a
-buffer from the Predictor's output pool; then one ONNX Runtime call per location,
-spread over the location workers (``threads // location_workers`` intra-op
-threads each). Unlike the other CPU backends, the backbone's calls are not spread
-over the workers: measured with ``benchmarks/bench_backbone_split.py`` (16 tiles
-of 512, AMD EPYC with AVX-512 BF16, 2 cores), OpenVINO's bf16 backbone took a
-median 138 ms one call at a time on 2 threads and 208 ms as two 1-thread calls
-side by side (ONNX Runtime INT8: 222 and 179 ms); docs/cpu_speed.md.
+per call (:func:`~tilead.runtime.backends.base.run_backbone`), the calls spread
+over the location workers, the features written into a buffer from the
+Predictor's output pool; then one head call per location, spread over the same
+workers (``threads // location_workers`` threads each). The backbone is compiled
+with one OpenVINO stream per worker (``NUM_STREAMS``, :func:`bf16_config`), each
+stream on ``threads // location_workers`` threads, so the workers' calls run side
+by side. With one stream (OpenVINO's ``LATENCY`` default) the calls of several
+threads on one compiled model run one at a time: measured earlier as 208 ms for
+16 tiles of 512 in two 1-thread "side by side" calls against 138 ms one call at a
+time on 2 threads, which had kept the calls in turn here. With two streams on 2
+cores the calls really overlap (docs/cpu_speed.md, "OpenVINO streams").
 
 Native heads: a bf16 bundle exported with them (the manifest's ``native_heads``)
 has each head run by the C++ Mahalanobis kernel (:mod:`tilead.runtime.native_heads`:
@@ -78,6 +80,7 @@ from tilead.runtime.backends.openvino import (
     compile_backbone,
     import_openvino,
     require_bf16,
+    stream_config,
 )
 from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import (
@@ -96,18 +99,15 @@ NOT_BF16 = (
 )
 
 
-def bf16_config(threads: int) -> dict[str, Any]:
-    """OpenVINO's CPU configuration for the bf16 backbone (the exporter's refit uses the same).
+def bf16_config(threads: int, streams: int = 1) -> dict[str, Any]:
+    """OpenVINO's CPU configuration for the bf16 backbone (the exporter's refit uses the same, one thread).
 
     Args:
-        threads: ``INFERENCE_NUM_THREADS`` (at least 1).
+        threads: ``INFERENCE_NUM_THREADS``, every stream's threads together (at least 1).
+        streams: ``NUM_STREAMS``: calls that run side by side, each on ``threads // streams`` threads
+            (:func:`~tilead.runtime.backends.openvino.stream_config`).
     """
-    return {
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": max(1, threads),
-        "INFERENCE_PRECISION_HINT": "bf16",
-        "ENABLE_CPU_PINNING": False,
-    }
+    return stream_config({"INFERENCE_PRECISION_HINT": "bf16"}, threads, streams)
 
 
 class HybridBackend:
@@ -118,7 +118,7 @@ class HybridBackend:
         models: Every head's ONNX bytes, in ``manifest.models`` order.
         backbone: ``backbone.onnx``'s bytes.
         threads: CPU threads in all.
-        location_workers: Heads run at the same time (the backbone's calls run one after another).
+        location_workers: Backbone calls, and heads, that run at the same time (the backbone's OpenVINO streams).
         allocate: Where the backbone's features come from (:attr:`.base.BackendRequest.allocate`, the
             Predictor's output pool, so that the merged maps reuse their memory); None: a pool of its own.
         bundle: The bundle's folder, where the native heads are read from (None: the ONNX heads run).
@@ -164,7 +164,7 @@ class HybridBackend:
         self._backbone: _Location | None = compile_backbone(
             core,
             backbone,
-            bf16_config(threads),
+            bf16_config(threads, self.location_workers),
             manifest.preprocessing,
             manifest.grid.tile_size,
             manifest.uint8_backbone,
@@ -227,9 +227,15 @@ class HybridBackend:
                 :attr:`uint8_tiles`.
             timer: Receives ``inference`` and ``location:<name>``.
         """
-        # One backbone call at a time on every thread (see the module docstring); the heads side by side.
+        # The backbone's calls side by side on its streams, then the heads (see the module docstring).
         features = run_backbone(
-            self.manifest, np.ascontiguousarray(tiles), self._run_features, self._buffers, None, timer
+            self.manifest,
+            np.ascontiguousarray(tiles),
+            self._run_features,
+            self._buffers,
+            self._pool,
+            timer,
+            self.location_workers,
         )
         return self._run_heads(features, timer)
 
@@ -238,7 +244,9 @@ class HybridBackend:
 
         Only the features of the whole batch are held at once, never all its tiles.
         """
-        features = run_backbone_stream(self.manifest, stream, self._run_features, self._buffers, None, timer)
+        features = run_backbone_stream(
+            self.manifest, stream, self._run_features, self._buffers, self._pool, timer, self.location_workers
+        )
         return self._run_heads(features, timer)
 
     def _run_features(self, part: np.ndarray, out: np.ndarray) -> None:

@@ -5,6 +5,8 @@ models are read from the bytes the Predictor hands over (no second read of the
 files) and compiled once, with a dynamic batch dimension, for:
 
 * ``PERFORMANCE_HINT`` ``LATENCY`` (one stream per compiled model: one call at a time is fastest),
+  except the shared backbone, whose calls the location workers share: one stream per worker
+  (:func:`stream_config`), else OpenVINO would run their calls one at a time,
 * ``INFERENCE_NUM_THREADS`` ``threads // location_workers``, like ONNX Runtime's
   intra-op threads, with locations side by side on worker threads,
 * ``INFERENCE_PRECISION_HINT`` ``f32``: on CPUs with bfloat16 units OpenVINO
@@ -352,6 +354,31 @@ class _Location:
             return [np.array(result[port], dtype=np.float32, copy=True) for port in self.outputs]
 
 
+def stream_config(config: dict[str, Any], threads: int, streams: int) -> dict[str, Any]:
+    """``config`` for a model whose calls may run ``streams`` at a time, on ``threads`` CPU threads in all.
+
+    OpenVINO's CPU plugin runs a compiled model's calls on its streams (``NUM_STREAMS``); with one stream,
+    the ``LATENCY`` hint's, calls from several threads run one at a time, however many infer requests
+    there are. Each stream gets ``threads // streams`` threads (``INFERENCE_NUM_THREADS`` is their sum).
+
+    Args:
+        config: Other properties (``INFERENCE_PRECISION_HINT``, ...); they win over this function's.
+        threads: CPU threads in all (at least 1).
+        streams: Calls at the same time (at least 1, at most ``threads``).
+
+    Returns:
+        A new configuration dictionary.
+    """
+    threads = max(1, threads)
+    return {
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": max(1, min(streams, threads)),
+        "INFERENCE_NUM_THREADS": threads,
+        "ENABLE_CPU_PINNING": False,
+        **config,
+    }
+
+
 def backbone_into(backbone: _Location, tiles: np.ndarray, out: np.ndarray) -> None:
     """The shared backbone on ``tiles`` (``(k, C, th, tw)``), its features written into ``out`` (``(k, d, fh, fw)``).
 
@@ -427,7 +454,9 @@ class OpenVinoBackend:
                 raise ValueError(f"bf16_backbone=True: layout {manifest.layout!r} has no shared backbone")
             require_bf16(core, "a bf16 bundle" if bf16_bundle else "bf16_backbone=True")
         if backbone is not None:
-            backbone_config = {**config, "INFERENCE_PRECISION_HINT": "bf16"} if bf16_backbone else config
+            # One stream per location worker: the backbone's calls, spread over the workers, run side by side.
+            hint = "bf16" if bf16_backbone else "f32"
+            backbone_config = stream_config({"INFERENCE_PRECISION_HINT": hint}, threads, self.location_workers)
             self._backbone = compile_backbone(
                 core,
                 backbone,
