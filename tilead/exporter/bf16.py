@@ -337,7 +337,7 @@ def rounding_bound(features: np.ndarray, head: Any) -> np.ndarray:
     q = np.maximum(np.einsum("pki,pij,pkj->kp", diff, weights, diff, optimize=True), 0.0)
     size = np.einsum("pki,pij,pkj->kp", np.abs(diff), np.abs(weights), np.abs(diff), optimize=True)
     bound = ROUNDING_LAMBDA * np.sqrt(d + ROUNDING_TERMS_SLACK) * 2.0**-24 * size
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # both branches are computed; q == 0 takes the inf
         err = np.minimum(np.sqrt(bound), np.where(q > 0, bound / np.sqrt(q), np.inf)).reshape(n, 1, h, w)
     return blur_maps(err, head.blur.detach().to(torch.float64).numpy()) if head.blur_sigma > 0 else err
 
