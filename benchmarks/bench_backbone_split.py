@@ -6,8 +6,9 @@ side on worker threads, each session/compiled model with ``T`` threads, ``K`` ti
 per call (``K`` = all tiles: one batched call). Backends: ONNX Runtime with the
 runtime's own session options (:func:`tilead.runtime.backends.onnxruntime.load_session`),
 OpenVINO with the backend's compile config (``f32``, and ``bf16`` where the CPU has
-bf16 units). All configurations alternate round by round in this one process, so they
-see the same machine load; reported: median and minimum ms per round (all tiles).
+bf16 units; one stream per worker, so ``W`` calls really run side by side). All
+configurations alternate round by round in this one process, so they see the same
+machine load; reported: median and minimum ms per round (all tiles).
 
 Run it on a quiet CPU; the runtime's choice (``BACKBONE_CHUNK_BYTES``: one tile per call
 for tiles of 296x296 RGB and larger, calls spread over the location workers) should be
@@ -74,15 +75,20 @@ def ort_call(model: bytes, threads: int) -> Callable[[np.ndarray], object]:
     return lambda x: session.run(None, {INPUT_NAME: x})
 
 
-def ov_call(model: bytes, threads: int, hint: str) -> Callable[[np.ndarray], object]:
-    """A model compiled as the OpenVINO backend compiles it; each worker thread gets its own infer request."""
+def ov_call(model: bytes, threads: int, hint: str, workers: int = 1) -> Callable[[np.ndarray], object]:
+    """A model compiled as the OpenVINO backend compiles it; each worker thread gets its own infer request.
+
+    One stream per worker, each on ``threads`` threads (:func:`tilead.runtime.backends.openvino.stream_config`):
+    with one stream the workers' calls would run one at a time.
+    """
     import threading
 
     import openvino as ov
 
+    from tilead.runtime.backends.openvino import stream_config
+
     core = ov.Core()
-    config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": hint,
-              "ENABLE_CPU_PINNING": False}  # fmt: skip
+    config = stream_config({"INFERENCE_PRECISION_HINT": hint}, threads * workers, workers)
     compiled = core.compile_model(core.read_model(model=model), "CPU", config)
     local = threading.local()
 
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                     ["bf16"] if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else []
                 )
                 for hint in hints:
-                    rounds[f"openvino/{hint} {tag}"] = runner(ov_call(model, t, hint), tiles, w, k)
+                    rounds[f"openvino/{hint} {tag}"] = runner(ov_call(model, t, hint, w), tiles, w, k)
     for run in rounds.values():  # warm-up
         run()
     ms: dict[str, list[float]] = {name: [] for name in rounds}
