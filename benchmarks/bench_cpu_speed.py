@@ -10,11 +10,13 @@ Bundles: ``per_location`` FP32 (each location's full graph: the layout before is
 ``shared_backbone`` FP32 (one backbone graph for every tile, a head per location),
 ``shared_backbone`` INT8 and ``per_location`` INT8 (``--precision int8``), ``shared_backbone``
 bf16 (``--precision bf16``: PaDiM heads refit on OpenVINO's bf16 backbone features; a CPU with
-bf16 units; run by the ``hybrid`` backend, OpenVINO backbone + ONNX Runtime heads). Missing runs and
-bundles are made first (data, ``tilead-train``, ``tilead-export``), under ``--work``.
+bf16 units; run by the ``hybrid`` backend, OpenVINO backbone + ONNX Runtime heads), ``shared_backbone``
+int8_bf16 (``--precision int8_bf16``: the INT8 backbone graph, heads refit on OpenVINO's features of it
+with the bf16 hint; ``hybrid`` too). Missing runs and bundles are made first (data, ``tilead-train``,
+``tilead-export``), under ``--work``.
 
 A variant is ``layout:precision[@backend[+bf16]]``: the backend runs the bundle
-(``onnxruntime``, the default, ``openvino``, or ``hybrid``: bf16 bundles only, and
+(``onnxruntime``, the default, ``openvino``, or ``hybrid``: bf16 and int8_bf16 bundles only, and
 the default for them, with the bundle's native PaDiM heads; ``hybrid-onnx``: the same
 with the heads' ONNX graphs, ``Predictor(native_heads=False)``), and ``+bf16`` asks for the
 opt-in bf16 backbone (``Predictor(bf16_backbone=True)``, OpenVINO on a CPU with
@@ -26,7 +28,7 @@ Per size, every bundle is loaded in this process and the calls alternate bundle 
 on the same decoded images (decoding excluded), so all see the same machine load. Reported
 per bundle and batch: median ms per image (a batch's wall time / its images), the share
 outside model inference (``1 - inference / wall`` from ``Predictor.predict_timed``), and the
-ratio to ``per_location`` FP32 at that batch. Peak RSS comes from one fresh child process
+ratio to ``--baseline`` (``per_location`` FP32 unless given) at that batch. Peak RSS comes from one fresh child process
 per bundle that imports only ``tilead.runtime``, loads the bundle and predicts at batch 1 and 8
 (``VmHWM``; ``ru_maxrss`` would carry the parent's peak over the exec). ``--quality`` adds
 image/pixel AUROC and AUPRO of each bottle bundle
@@ -39,7 +41,7 @@ Usage:
     python benchmarks/bench_cpu_speed.py [--work out/bench/cpu_speed] [--sizes big bottle]
         [--big 2048] [--variants per_location:fp32 shared_backbone:fp32 shared_backbone:int8
         shared_backbone:int8@openvino shared_backbone:int8@openvino+bf16 shared_backbone:bf16@hybrid
-        shared_backbone:bf16@hybrid-onnx]
+        shared_backbone:bf16@hybrid-onnx shared_backbone:int8_bf16@hybrid] [--baseline VARIANT]
         [--images 8] [--repeats 3] [--batch 1 8] [--threads N] [--quality] [--json out/bench/cpu_speed.json]
 """
 
@@ -59,6 +61,7 @@ import numpy as np
 
 from tilead.benchmarking.environment import process_memory_mib
 from tilead.benchmarking.quality import bundle_quality
+from tilead.runtime.bundle import refit_on_openvino
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predictor import _BlockTorch, read_images, test_images
@@ -68,6 +71,7 @@ BIN = Path(sys.executable).parent
 BOTTLE_DATA = ROOT.parent / "shared" / "data" / "mvtec_bottle"
 VARIANTS = (
     "per_location:fp32", "shared_backbone:fp32", "shared_backbone:int8", "per_location:int8", "shared_backbone:bf16",
+    "shared_backbone:int8_bf16",
 )  # fmt: skip
 """The bundles (``layout:precision``); a variant may add ``@backend[+bf16]`` (:func:`parse_variant`)."""
 BACKENDS = ("onnxruntime", "openvino", "hybrid", "hybrid-onnx")
@@ -97,10 +101,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if backend == "hybrid-onnx":  # the hybrid with the heads' ONNX graphs instead of the native heads
         backend = "hybrid"
         options = {"backend": backend, "native_heads": False}
-    if (backend == "hybrid") != bundle.endswith(":bf16") and backend != "openvino":
+    if (backend == "hybrid") != refit_on_openvino(bundle.split(":")[1]) and backend != "openvino":
         raise argparse.ArgumentTypeError(
-            f"{text!r}: a bf16 bundle runs @hybrid (or @openvino), and @hybrid runs bf16 bundles only "
-            "(docs/cpu_speed.md)"
+            f"{text!r}: a bf16 bundle runs @hybrid (or @openvino), and @hybrid runs bf16 bundles only (precision "
+            "bf16 or int8_bf16; docs/cpu_speed.md)"
         )
     if backend == "openvino" and bundle.endswith(":int8"):
         raise argparse.ArgumentTypeError(f"{text!r}: the OpenVINO backend refuses INT8 bundles (docs/cpu_speed.md)")
@@ -174,7 +178,7 @@ def stale_heads(bundle: Path, manifest: dict[str, Any]) -> bool:
 
     if manifest.get("layout") != "shared_backbone" or manifest["model"].get("family") != "padim":
         return False
-    if manifest["model"].get("precision") == "bf16" and not manifest.get("native_heads"):
+    if refit_on_openvino(manifest["model"].get("precision", "fp32")) and not manifest.get("native_heads"):
         return True
     return folds_constants((bundle / manifest["locations"][0]["file"]).read_bytes())
 
@@ -273,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big", type=int, default=2048, help="side of the synthetic images (4x4 tiles of side/4)")
     ap.add_argument("--variants", nargs="+", type=variant_arg, default=list(VARIANTS[:3]),
                     help="layout:precision[@onnxruntime|@openvino[+bf16]|@hybrid[-onnx]] (see above)")  # fmt: skip
+    ap.add_argument("--baseline", type=variant_arg, default=BASELINE,
+                    help="the variant the ratios are to (added to --variants when missing)")  # fmt: skip
     ap.add_argument("--bottle-run", type=Path, default=ROOT / "runs" / "padim_bottle")
     ap.add_argument("--bottle-data", type=Path, default=BOTTLE_DATA)
     ap.add_argument("--train-images", type=int, default=6, help="big run: training images (holdout included)")
@@ -290,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         child(args.child, args.paths, args.batch, args.threads, args.child_variant)
         return 0
-    if BASELINE not in args.variants:
-        args.variants.insert(0, BASELINE)
+    baseline = args.baseline
+    if baseline not in args.variants:
+        args.variants.insert(0, baseline)
     from tilead.benchmarking.environment import cpu_model
 
     count = max(args.images, max(args.batch))
-    report: dict[str, Any] = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "sizes": {}}
+    report: dict[str, Any] = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads, "baseline": baseline, "sizes": {},
+    }  # fmt: skip
     for which in args.sizes:
         size = str(args.big) if which == "big" else "bottle"
         if which == "big":
@@ -309,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             kind = parse_variant(v)[0]
             if kind not in made:
                 try:
-                    tolerance = BIG_BF16_TOLERANCE if which == "big" and kind.endswith(":bf16") else None
+                    tolerance = BIG_BF16_TOLERANCE if which == "big" and refit_on_openvino(kind.split(":")[1]) else None
                     made[kind] = ensure_bundle(run, args.work / f"{size}_{kind.replace(':', '_')}", kind, tolerance)
                 except subprocess.CalledProcessError as err:  # e.g. an INT8 parity refusal: reported, the rest measured
-                    if kind == BASELINE:
+                    if kind == parse_variant(baseline)[0]:
                         raise
                     made[kind] = None
                     print(f"{size}: {kind}: export failed ({err.returncode}); see the log above", flush=True)
@@ -326,11 +335,12 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict[str, Any]] = []
         for batch in args.batch:
             res = measure(bundles, images, batch, args.repeats, args.threads)
-            base = float(np.median(res[BASELINE]["ms"]))
+            base = float(np.median(res[baseline]["ms"]))
             for variant in bundles:
                 ms = float(np.median(res[variant]["ms"]))
                 rows.append({
-                    "variant": variant, "batch": batch, "ms_per_image": ms, "ratio_vs_per_location_fp32": base / ms,
+                    "variant": variant, "batch": batch, "ms_per_image": ms, "ratio_vs_baseline": base / ms,
+                    **({"ratio_vs_per_location_fp32": base / ms} if baseline == BASELINE else {}),
                     "outside_inference": float(np.median(res[variant]["outside"])), "samples": len(res[variant]["ms"]),
                 })  # fmt: skip
         entry: dict[str, Any] = {"run": str(run), "rows": rows, "rss": {}, "quality": {}, "failed": failed}
@@ -354,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(report: dict[str, Any]) -> None:
     """One table: per size, bundle and batch; targets marked ``ok`` / ``MISS``."""
     print(f"\ncpu: {report['cpu']} ({report['cores']} logical cores); calls alternate bundle by bundle")
-    head = ("size", "bundle", "batch", "ms/img", "vs per_loc fp32", "outside inf.", "peak RSS MiB")
+    versus = f"vs {report.get('baseline', BASELINE)}"
+    head = ("size", "bundle", "batch", "ms/img", versus, "outside inf.", "peak RSS MiB")
     print(f"{head[0]:>6} {head[1]:>36} {head[2]:>5} {head[3]:>9} {head[4]:>15} {head[5]:>12} {head[6]:>13}")
     for size, entry in report["sizes"].items():
         for row in entry["rows"]:
@@ -366,7 +377,7 @@ def print_table(report: dict[str, Any]) -> None:
             if rss is not None and size in RSS_MAX_MIB:
                 rss_text += " ok" if rss <= RSS_MAX_MIB[size] else " MISS"
             print(f"{size:>6} {row['variant']:>36} {row['batch']:>5} {row['ms_per_image']:>6.1f}{mark:<5} "
-                  f"{row['ratio_vs_per_location_fp32']:>14.2f}x {row['outside_inference'] * 100:>8.1f} %{out_mark:<5} "
+                  f"{row['ratio_vs_baseline']:>14.2f}x {row['outside_inference'] * 100:>8.1f} %{out_mark:<5} "
                   f"{rss_text:>10}")  # fmt: skip
         for variant, why in entry.get("failed", {}).items():
             print(f"{size:>6} {variant:>36} {why}")

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{args.bundle}: layout {manifest.layout!r} has no shared backbone")
     ov = import_openvino()
     core = ov.Core()
-    bf16 = manifest.model.get("precision") == "bf16" and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    bf16 = manifest.openvino_refit and "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     config = bf16_config(args.threads) if bf16 else {**bf16_config(args.threads), "INFERENCE_PRECISION_HINT": "f32"}
     uint8 = manifest.uint8_backbone
     onnx = read_verified_file(args.bundle, manifest.backbone)

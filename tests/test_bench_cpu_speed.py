@@ -44,6 +44,13 @@ SPLIT = _load("bench_backbone_split")
         ("shared_backbone:bf16@hybrid-onnx", "shared_backbone:bf16", {"backend": "hybrid", "native_heads": False}),
         ("shared_backbone:bf16", "shared_backbone:bf16", {}),
         ("shared_backbone:bf16@openvino", "shared_backbone:bf16", {"backend": "openvino"}),
+        ("shared_backbone:int8_bf16@hybrid", "shared_backbone:int8_bf16", {"backend": "hybrid"}),
+        (
+            "shared_backbone:int8_bf16@hybrid-onnx",
+            "shared_backbone:int8_bf16",
+            {"backend": "hybrid", "native_heads": False},
+        ),
+        ("shared_backbone:int8_bf16", "shared_backbone:int8_bf16", {}),
     ],
 )
 def test_variants_name_a_bundle_and_the_predictor_options(text: str, bundle: str, options: dict[str, object]) -> None:
@@ -66,6 +73,9 @@ def test_variants_name_a_bundle_and_the_predictor_options(text: str, bundle: str
         ("shared_backbone:fp32@onnxruntime+bf16", r"\+bf16 needs a shared_backbone bundle @openvino"),
         ("shared_backbone:int8@openvino", "the OpenVINO backend refuses INT8 bundles"),
         ("shared_backbone:int8@openvino+bf16", "the OpenVINO backend refuses INT8 bundles"),
+        ("shared_backbone:int8_bf16@onnxruntime", "a bf16 bundle runs @hybrid"),
+        ("shared_backbone:int8@hybrid", "@hybrid runs bf16 bundles only"),
+        ("per_location:int8_bf16", "the bundle part must be one of"),
     ],
 )
 def test_bad_variants_say_what_is_expected(text: str, message: str) -> None:

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tilead.runtime import BundleError, Predictor
-from tilead.runtime.bundle import PRECISIONS, parse_manifest, write_manifest
+from tilead.runtime.bundle import PRECISIONS, parse_manifest, refit_on_openvino, write_manifest
 
 
 def _cpu_has_bf16() -> bool:
@@ -214,16 +214,16 @@ def per_location_data(bundles: tuple[Path, Path]) -> dict[str, Any]:
 def test_manifest_precision_parses_known_values_only(
     shared_data: dict[str, Any], per_location_data: dict[str, Any], precision: object, shared: bool
 ) -> None:
-    """fp32 and int8 in any layout, bf16 in shared_backbone only; anything else refused, naming the field."""
+    """fp32 and int8 in any layout, bf16 and int8_bf16 in shared_backbone only; anything else refused, naming it."""
     data = json.loads(json.dumps(shared_data if shared else per_location_data))
     data["model"]["precision"] = precision
-    if precision in PRECISIONS and (precision != "bf16" or shared):
+    if precision in PRECISIONS and (not refit_on_openvino(str(precision)) or shared):
         assert parse_manifest(data).model["precision"] == precision
         return
     expected = (
-        r"model.precision 'bf16': expected layout 'shared_backbone'"
-        if precision == "bf16"
-        else r"model.precision: expected one of 'fp32', 'int8', 'bf16'"
+        rf"model.precision '{precision}': expected layout 'shared_backbone'"
+        if precision in PRECISIONS
+        else r"model.precision: expected one of 'fp32', 'int8', 'bf16', 'int8_bf16'"
     )
     with pytest.raises(BundleError, match=expected):
         parse_manifest(data)
@@ -262,7 +262,7 @@ def test_cli_refuses_bf16_with_trt_or_for_a_bundle(bundles: tuple[Path, Path], t
     assert result.exit_code == 2
     result = runner.invoke(main, [str(tmp_path), "-o", str(tmp_path / "b"), "--parity-tolerance", "2"])
     assert result.exit_code == 2
-    assert "applies to --precision int8 or bf16" in result.output
+    assert "applies to --precision int8, bf16 or int8_bf16" in result.output
     result = runner.invoke(main, [str(tmp_path), "-o", str(tmp_path / "b"), "--precision", "bf16",
                                   "--parity-tolerance", "0"])  # fmt: skip
     assert result.exit_code == 2

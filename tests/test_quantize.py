@@ -121,7 +121,7 @@ def test_bad_precision_values_are_refused(tmp_path: Path) -> None:
     from tilead.cli.export import main
     from tilead.exporter.bundle import export_bundle
 
-    with pytest.raises(ValueError, match=r"precision: expected one of fp32, int8, bf16, got 'int4'"):
+    with pytest.raises(ValueError, match=r"precision: expected one of fp32, int8, bf16, int8_bf16, got 'int4'"):
         check_precision("int4")
     with pytest.raises(ValueError, match="precision: expected one of fp32, int8"):
         export_bundle(tmp_path / "no_run", tmp_path / "out", precision="fp16", progress=False)

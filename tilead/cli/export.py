@@ -17,10 +17,12 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle.")
 @click.option("--trt", is_flag=True, help="Also build TensorRT engines for this machine's GPU into the bundle.")
 @click.option(
-    "--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16"]), default="fp32", show_default=True,
+    "--precision", type=click.Choice(["fp32", "fp16", "int8", "bf16", "int8_bf16"]), default="fp32",
+    show_default=True,
     help="int8: the bundle's backbones quantized for the CPU (head FP32); fp16: TensorRT engines (--trt); bf16: "
          "PaDiM heads refit on OpenVINO's bf16 backbone features (shared_backbone; a CPU with bf16 units and "
-         "openvino; run by the hybrid backend, docs/cpu_speed.md).",
+         "openvino; run by the hybrid backend, docs/cpu_speed.md); int8_bf16: the backbone quantized as for int8, "
+         "PaDiM heads refit on OpenVINO's features of that INT8 graph with the bf16 hint (as bf16 otherwise).",
 )  # fmt: skip
 @click.option(
     "--layout", type=click.Choice(["auto", "per_location", "shared_backbone"]), default="auto", show_default=True,
@@ -62,6 +64,8 @@ def main(
 
     Given a bundle (a folder with manifest.json), --trt builds its engines in place.
     """
+    from tilead.runtime.bundle import refit_on_openvino
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     is_bundle = (source / "manifest.json").is_file()
     if is_bundle and not trt:
@@ -71,11 +75,12 @@ def main(
     if precision == "int8" and (is_bundle or trt):
         raise click.BadParameter("int8 quantizes a run's ONNX export (CPU); TensorRT engines take fp32 or fp16",
                                  param_hint="--precision")  # fmt: skip
-    if precision == "bf16" and (is_bundle or trt):
-        raise click.BadParameter("bf16 refits a run's heads for OpenVINO's bf16 backbone (CPU, shared_backbone); "
-                                 "TensorRT engines take fp32 or fp16", param_hint="--precision")  # fmt: skip
-    if parity_tolerance is not None and precision not in ("int8", "bf16"):
-        raise click.BadParameter("applies to --precision int8 or bf16 (FP32 graphs are checked to 1e-5)",
+    if refit_on_openvino(precision) and (is_bundle or trt):
+        raise click.BadParameter(f"{precision} refits a run's heads for OpenVINO's bf16 backbone (CPU, "
+                                 "shared_backbone); TensorRT engines take fp32 or fp16",
+                                 param_hint="--precision")  # fmt: skip
+    if parity_tolerance is not None and precision in ("fp32", "fp16"):
+        raise click.BadParameter("applies to --precision int8, bf16 or int8_bf16 (FP32 graphs are checked to 1e-5)",
                                  param_hint="--parity-tolerance")  # fmt: skip
     if tf32 and not trt:
         raise click.UsageError("--tf32 sets how TensorRT engines compute: add --trt")
@@ -122,8 +127,9 @@ def _export(
 ) -> Path:
     from tilead.exporter.bundle import export_bundle
     from tilead.exporter.quantize import INT8_PARITY_TOLERANCE
+    from tilead.runtime.bundle import PRECISIONS
 
-    onnx_precision = precision if precision in ("int8", "bf16") else "fp32"  # fp16: the TensorRT engines only
+    onnx_precision = precision if precision in PRECISIONS else "fp32"  # fp16: the TensorRT engines only
     result = export_bundle(
         run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout,
         int8_tolerance=INT8_PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance,
@@ -139,7 +145,8 @@ def _export(
     click.echo(f"locations:  {len(files)} ONNX models{per}{shared}, {size:.1f} MiB in all (opset {opset})")
     click.echo(f"parity:     ONNX Runtime vs PyTorch max difference {worst:.1e} of the map range"
                + {"int8": " (INT8, on training tiles)",
-                  "bf16": " (OpenVINO bf16 backbone vs FP32 eager, refit heads, on training tiles)"}.get(
-                   onnx_precision, ""))  # fmt: skip
+                  "bf16": " (OpenVINO bf16 backbone vs FP32 eager, refit heads, on training tiles)",
+                  "int8_bf16": " (OpenVINO INT8 backbone with the bf16 hint vs FP32 eager, refit heads, on training "
+                               "tiles)"}.get(onnx_precision, ""))  # fmt: skip
     click.echo(f"time:       {result.seconds:.1f} s")
     return result.bundle

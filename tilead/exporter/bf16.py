@@ -10,6 +10,14 @@ on FP32 features then lose most of their pixel quality (bottle AUPRO 0.466
 instead of 0.967), heads refit on the bf16 features keep it (the INT8 path's
 refit, :func:`tilead.exporter.shared_backbone.refit_padim`; docs/cpu_speed.md).
 
+``tilead-export RUN --precision int8_bf16`` does the same on the INT8 backbone graph: ``backbone.onnx``
+quantized exactly as ``--precision int8`` quantizes it (:func:`tilead.exporter.quantize.quantize_location`:
+QDQ, calibration on training tiles, the stem FP32), then the heads refit on the features OpenVINO computes
+from that graph with the bf16 hint (its int8 layers on OpenVINO's int8 kernels, the rest in bf16). Heads refit
+on ONNX Runtime's INT8 features collapse on OpenVINO's (bottle image AUROC 0.5952, docs/cpu_speed.md); refit on
+OpenVINO's own features they belong to the numerics they run on, as bf16's do. Both are
+:func:`tilead.runtime.bundle.refit_on_openvino` precisions, run by the ``hybrid`` backend.
+
 Export needs what the runtime needs: the ``openvino`` package and a CPU whose
 OpenVINO plugin lists ``BF16`` (AVX-512 BF16 or AMX); elsewhere it is refused,
 never emulated (emulated bf16 would give other features than the deployed CPU's).
@@ -175,36 +183,37 @@ def bf16_parity(
     return relative(got, same), relative(got, fp32)
 
 
-def check_bf16_export(family: str, layout: str | None, has_thumbnail: bool) -> str:
-    """The layout a bf16 export writes (``shared_backbone``), or a clear refusal.
+def check_bf16_export(family: str, layout: str | None, has_thumbnail: bool, precision: str = "bf16") -> str:
+    """The layout a bf16 or int8_bf16 export writes (``shared_backbone``), or a clear refusal.
 
     Args:
         family: The run's detector family.
-        layout: The layout asked for (None: the default, ``shared_backbone`` for bf16).
+        layout: The layout asked for (None: the default, ``shared_backbone`` for these precisions).
         has_thumbnail: The run has a thumbnail branch.
+        precision: ``bf16`` or ``int8_bf16`` (for the messages).
 
     Raises:
         ValueError: For a family other than padim, a per_location layout or a thumbnail branch.
     """
     if family != "padim":
         raise ValueError(
-            f"precision bf16: implemented for padim runs (its Gaussians are refit on the bf16 backbone's features); "
-            f"this run's model is {family!r}, whose FP32-fitted head would not match: export fp32"
+            f"precision {precision}: implemented for padim runs (its Gaussians are refit on the bf16 backbone's "
+            f"features); this run's model is {family!r}, whose FP32-fitted head would not match: export fp32"
         )
     if layout not in (None, "shared_backbone"):
         raise ValueError(
-            f"precision bf16: needs layout shared_backbone (OpenVINO runs the one backbone graph in bf16, ONNX Runtime "
-            f"the heads); got layout {layout!r}"
+            f"precision {precision}: needs layout shared_backbone (OpenVINO runs the one backbone graph in bf16, ONNX "
+            f"Runtime the heads); got layout {layout!r}"
         )
     if has_thumbnail:
         raise ValueError(
-            "precision bf16: not implemented for runs with a thumbnail branch (model.thumbnail); export fp32"
+            f"precision {precision}: not implemented for runs with a thumbnail branch (model.thumbnail); export fp32"
         )
     return "shared_backbone"
 
 
-def require_bf16_cpu() -> None:
-    """Refuse a bf16 export without OpenVINO or on a CPU without bfloat16 units.
+def require_bf16_cpu(precision: str = "bf16") -> None:
+    """Refuse a bf16 or int8_bf16 export without OpenVINO or on a CPU without bfloat16 units.
 
     Raises:
         RuntimeError: Saying what is missing (:class:`~tilead.runtime.backends.openvino.OpenVinoUnavailableError`
@@ -212,20 +221,26 @@ def require_bf16_cpu() -> None:
     """
     from tilead.runtime.backends.openvino import import_openvino, require_bf16
 
-    require_bf16(import_openvino().Core(), "precision bf16")
+    require_bf16(import_openvino().Core(), f"precision {precision}")
 
 
-def bf16_facts() -> dict[str, Any]:
-    """The manifest's ``source.quantization`` facts of a bf16 export (which CPU and OpenVINO fitted the heads)."""
+def bf16_facts(precision: str = "bf16") -> dict[str, Any]:
+    """The manifest's ``source.quantization`` facts of a bf16 or int8_bf16 export (the CPU and OpenVINO that refit).
+
+    Args:
+        precision: ``bf16`` (FP32 graphs) or ``int8_bf16`` (the INT8 QDQ backbone graph).
+    """
     from tilead.runtime.backends.openvino import import_openvino
 
     ov = import_openvino()
     core = ov.Core()
+    graphs = "the INT8 QDQ backbone graph, FP32 heads" if precision == "int8_bf16" else "FP32 graphs"
     return {
-        "format": "bf16 backbone (OpenVINO INFERENCE_PRECISION_HINT bf16), FP32 graphs",
+        "format": f"bf16 backbone (OpenVINO INFERENCE_PRECISION_HINT bf16), {graphs}",
         "openvino": str(ov.__version__),
         "cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
-        "scope": "the shared backbone runs in bf16; heads FP32 (ONNX Runtime), refit on the bf16 features",
+        "scope": "the shared backbone runs on OpenVINO with the bf16 hint; heads FP32 (ONNX Runtime or native), "
+        "refit on those features",
         "normalization": "the FP32 run's statistics (not recomputed on bf16 maps)",
     }
 

@@ -50,6 +50,7 @@ from tilead.exporter.quantize import (
     check_precision,
     compare_int8,
     quantize_location,
+    quantizes_backbone,
     refit_padim_head,
 )
 from tilead.exporter.shared_backbone import choose_layout, export_shared, refit_padim
@@ -60,6 +61,7 @@ from tilead.runtime.bundle import (
     SCORE_NAME,
     location_files,
     model_files,
+    refit_on_openvino,
     sha256_file,
     write_manifest,
 )
@@ -161,10 +163,12 @@ def export_bundle(
             quantized (QDQ, per-channel weights, calibrated on that location's
             training tiles), its head kept FP32 (:mod:`tilead.exporter.quantize`),
             or ``bf16`` (PaDiM, ``shared_backbone``): FP32 graphs whose heads are refit on
-            OpenVINO's bf16 backbone features, for the ``hybrid`` backend (:mod:`tilead.exporter.bf16`).
-        calibration_images: With ``int8``: training images (evenly spaced over
+            OpenVINO's bf16 backbone features, for the ``hybrid`` backend (:mod:`tilead.exporter.bf16`),
+            or ``int8_bf16``: the backbone quantized as for ``int8``, the heads refit on the features
+            OpenVINO computes from that INT8 graph with the bf16 hint (``hybrid`` backend too).
+        calibration_images: With ``int8`` and ``int8_bf16``: training images (evenly spaced over
             the run's fit images) whose tiles calibrate each location.
-        int8_tolerance: With ``int8`` (and ``bf16``): the largest INT8-vs-eager map difference
+        int8_tolerance: With ``int8`` (and ``bf16``, ``int8_bf16``): the largest INT8-vs-eager map difference
             accepted (relative to the map's range on training tiles); recorded in the manifest.
         layout: ``per_location`` (each location's full graph), ``shared_backbone``
             (one backbone graph, a head per location: :mod:`tilead.exporter.shared_backbone`),
@@ -177,9 +181,9 @@ def export_bundle(
         FileExistsError: If ``out`` exists and ``overwrite`` is off.
         FileNotFoundError: If the run is not finished.
         RuntimeError: If a location's ONNX output differs from the eager model.
-        ValueError: For an unknown precision, a calibration_images below 1, int8 or bf16 for a family other than
-            padim, bf16 with a per_location layout, or a layout the run cannot have.
-        RuntimeError: For bf16 without OpenVINO or on a CPU without bfloat16 units.
+        ValueError: For an unknown precision, a calibration_images below 1, int8, bf16 or int8_bf16 for a family
+            other than padim, bf16 or int8_bf16 with a per_location layout, or a layout the run cannot have.
+        RuntimeError: For bf16 or int8_bf16 without OpenVINO or on a CPU without bfloat16 units.
     """
     check_precision(precision)
     if calibration_images < 1:
@@ -200,16 +204,18 @@ def export_bundle(
             "precision int8: not implemented for runs with a thumbnail branch (model.thumbnail; its model would need "
             "its own calibration and PaDiM refit); export fp32"
         )
-    if precision == "bf16":  # before minutes of work: the family, layout, OpenVINO and the CPU's bf16 units
-        layout = check_bf16_export(cfg.model.family, layout, cfg.model.thumbnail is not None)
-        require_bf16_cpu()
+    # bf16, int8_bf16: heads refit on OpenVINO's bf16-hinted backbone; int8, int8_bf16: the backbone quantized.
+    openvino_refit, quantized = refit_on_openvino(precision), quantizes_backbone(precision)
+    if openvino_refit:  # before minutes of work: the family, layout, OpenVINO and the CPU's bf16 units
+        layout = check_bf16_export(cfg.model.family, layout, cfg.model.thumbnail is not None, precision)
+        require_bf16_cpu(precision)
     layout = choose_layout(layout, cfg.model.family, cfg.postprocess.image_score)
     stats = run.stats
     grid = run.grid
     run.backbone.to(memory_format=torch.contiguous_format)  # in place: the models below are traced on it
     prep = run.preprocessing
-    # bf16: the backbone takes uint8 tiles and normalizes them itself (runtime and refit alike), where the grid
-    # cuts pixels as they are (not resize); the manifest says so (model.backbone_input), older bundles keep floats.
+    # bf16, int8_bf16: the backbone takes uint8 tiles and normalizes them itself (runtime and refit alike), where the
+    # grid cuts pixels as they are (not resize); the manifest says so (model.backbone_input), older bundles keep floats.
     uint8_tiles = uint8_tiles_fit(grid)
     with_score = cfg.postprocess.image_score == "detector"
 
@@ -235,9 +241,7 @@ def export_bundle(
     detector = run.detector
     tile_shape = (prep.channels, *grid.tile_size)
     # bf16: the parity check's tiles come from one image (nothing calibrated); the heads are refit on every fit image.
-    calibration = (
-        _calibration_samples(cfg, calibration_images if precision == "int8" else 1) if precision != "fp32" else ()
-    )
+    calibration = _calibration_samples(cfg, calibration_images if quantized else 1) if precision != "fp32" else ()
     fit_samples = (
         holdout_split(make_splits(cfg, discover(cfg.data)).fit, detector.holdout_fraction, cfg.seed)[0]
         if calibration
@@ -273,13 +277,18 @@ def export_bundle(
                 progress=lambda it: tqdm(list(it), desc="export", unit="loc", disable=not progress),
                 names=table.names, files=model_files(table.num_models, layout) if table.shared else None,
                 bf16=partial(Bf16Backbone, preprocessing=prep, tile=grid.tile_size, uint8=uint8_tiles)
-                if precision == "bf16" else None,
+                if openvino_refit else None,
+                quantize_bf16=openvino_refit and quantized,
             )  # fmt: skip
             entries, parity, backbone_entry = shared.entries, shared.parity, shared.backbone
             native_entries = shared.native
-            if precision == "bf16":
+            if openvino_refit:
+                int8_facts = {
+                    "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
+                    "calibration_images": len(calibration),
+                } if quantized else {}  # fmt: skip
                 quant_info = {
-                    **bf16_facts(), **shared.quantization, "parity_tolerance": int8_tolerance,
+                    **bf16_facts(precision), **int8_facts, **shared.quantization, "parity_tolerance": int8_tolerance,
                     "parity": "OpenVINO bf16 backbone + ONNX Runtime refit head vs the FP32 eager model",
                 }  # fmt: skip
             elif calibration:
@@ -363,7 +372,7 @@ def export_bundle(
                 "opset": opset,
                 "dtype": "float32",
                 "precision": precision,
-                **({"backbone_input": "uint8"} if precision == "bf16" and uint8_tiles else {}),
+                **({"backbone_input": "uint8"} if openvino_refit and uint8_tiles else {}),
                 **detector.manifest_info(),
             },
             **(

@@ -39,7 +39,10 @@ import numpy as np
 
 from tilead.runtime.bundle import INPUT_NAME
 
-PRECISIONS = ("fp32", "int8", "bf16")
+PRECISIONS = ("fp32", "int8", "bf16", "int8_bf16")
+"""``--precision`` of an ONNX export (:data:`tilead.runtime.bundle.PRECISIONS`)."""
+QUANTIZED_PRECISIONS = ("int8", "int8_bf16")
+"""Precisions whose backbone graph is quantized to INT8 QDQ (:func:`quantizes_backbone`)."""
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 BACKBONE_MODULE = "backbone"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -61,6 +64,15 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
+
+
+def quantizes_backbone(precision: str) -> bool:
+    """Whether an export of this precision quantizes the backbone graph to INT8 QDQ.
+
+    ``int8``, and ``int8_bf16``, whose heads are then refit on the features OpenVINO computes from that graph with
+    the bf16 hint (:mod:`tilead.exporter.bf16`).
+    """
+    return precision in QUANTIZED_PRECISIONS
 
 
 def node_scopes(node: Any) -> list[str]:

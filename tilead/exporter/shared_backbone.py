@@ -14,6 +14,10 @@ INT8 (``--precision int8``): the backbone graph is quantized once (QDQ,
 per-channel weights, calibrated on the training tiles of every location) and
 every PaDiM head is refit on the INT8 backbone's own features, then exported
 in FP32 like the others (see :mod:`tilead.exporter.quantize` for why the refit).
+bf16 (``--precision bf16``) keeps the FP32 backbone graph and refits the heads on
+the features OpenVINO computes from it with the bf16 hint; int8_bf16 quantizes the
+graph as INT8 does, then refits on OpenVINO's bf16-hinted features of the INT8
+graph (:mod:`tilead.exporter.bf16`).
 """
 
 from __future__ import annotations
@@ -193,6 +197,7 @@ def export_shared(
     names: Sequence[str] | None = None,
     files: Sequence[str] | None = None,
     bf16: Callable[[Path], Any] | None = None,
+    quantize_bf16: bool = False,
 ) -> SharedExport:
     """Write ``backbone.onnx`` and ``heads/rRcC.onnx`` into ``root`` and check them.
 
@@ -212,10 +217,13 @@ def export_shared(
         names: Model names when locations share models (task assignment; ``models`` then holds one per
             model and the indices above are model indices); None: the grid's location names.
         files: The heads' bundle-relative files, with ``names``; None: ``heads/rRcC.onnx``.
-        bf16: bf16 only (:mod:`tilead.exporter.bf16`): ``backbone.onnx path -> a session-like bf16 backbone``.
-            The backbone stays FP32 (checked like FP32's); ``refit`` gets this backbone instead of ONNX
-            Runtime's, ``calibration`` gives the tiles of the parity check (nothing is quantized), and
+        bf16: bf16 and int8_bf16 only (:mod:`tilead.exporter.bf16`): ``backbone.onnx path -> a session-like bf16
+            backbone``. For bf16 the backbone stays FP32 (checked like FP32's); ``refit`` gets this backbone instead
+            of ONNX Runtime's, ``calibration`` gives the tiles of the parity check (nothing is quantized), and
             ``int8_tolerance`` bounds the chain's difference from the FP32 eager model.
+        quantize_bf16: int8_bf16, with ``bf16``: the backbone is first quantized as for INT8 (``calibration``
+            calibrates it as INT8's, its first batch per location is the parity check's), then ``bf16`` compiles
+            the INT8 graph and ``refit`` reads its features.
 
     Returns:
         The manifest's ``backbone`` entry, the location entries, the parity per location and INT8 facts.
@@ -233,7 +241,7 @@ def export_shared(
     export_location(graph, tile_shape, backbone_path, opset=opset, outputs=[FEATURES_NAME])
     check_onnx(backbone_path)
     quant: dict[str, Any] = {}
-    quantize = calibration is not None and bf16 is None
+    quantize = calibration is not None and (bf16 is None or quantize_bf16)
     if quantize and calibration is not None:
         # An equal share from every location (one location in memory at a time): one location's worth of tiles
         # in all, but at least CALIBRATION_MIN_PER_LOCATION from each (a 16-location grid would leave 2 otherwise).

@@ -49,8 +49,9 @@ Native heads (bf16 bundles, #21). ``native_heads`` lists, in model order, one
 ``{"name", "file", "sha256", "bytes"}`` per model: ``heads/<name>.padim.npz``
 next to the model's ``heads/<name>.onnx`` (the Gaussians for the C++ kernel,
 :mod:`tilead.runtime.native_heads`; the ``hybrid`` backend runs them instead
-of the heads' graphs). Optional (older bf16 bundles have none); only bf16
-bundles may carry it.
+of the heads' graphs). Optional (older bf16 bundles have none); only bundles
+whose heads were refit on OpenVINO (precision ``bf16`` or ``int8_bf16``,
+:func:`refit_on_openvino`) may carry it.
 
 Hostile input. Everything a bundle can hold fails at load with
 :class:`BundleError` naming the key or file: the manifest file is at most
@@ -181,7 +182,7 @@ class Manifest:
         location_transform: Orientation of every location's tiles before its model
             (:mod:`tilead.runtime.orientation`; the map is transformed back), row-major;
             empty when no location is oriented (the manifest's ``locations[i].transform``).
-        native_heads: bf16 bundles: every model's native head file (``heads/<name>.padim.npz``), in model
+        native_heads: bf16 and int8_bf16 bundles: every model's native head file (``heads/<name>.padim.npz``), in model
             order, or empty (none written: the heads' graphs run).
     """
 
@@ -244,6 +245,20 @@ class Manifest:
         return str(self.model.get("backbone_input", "float32"))
 
     @property
+    def precision(self) -> str:
+        """``model.precision`` (:data:`PRECISIONS`; absent: ``"fp32"``)."""
+        return str(self.model.get("precision", "fp32"))
+
+    @property
+    def openvino_refit(self) -> bool:
+        """Whether the heads were refit on OpenVINO's backbone run with the bf16 hint (:func:`refit_on_openvino`).
+
+        Such a bundle (precision ``bf16`` or ``int8_bf16``) runs only where its backbone gives those features:
+        OpenVINO with ``INFERENCE_PRECISION_HINT`` ``bf16`` on a CPU with bfloat16 units (the ``hybrid`` backend).
+        """
+        return refit_on_openvino(self.precision)
+
+    @property
     def uint8_backbone(self) -> bool:
         """Whether the backbone takes uint8 channels-last tiles (:attr:`backbone_input` ``"uint8"``)."""
         return self.backbone_input == "uint8"
@@ -255,9 +270,24 @@ class Manifest:
         return int(h), int(w)
 
 
-PRECISIONS = ("fp32", "int8", "bf16")
-"""``model.precision``: FP32 graphs; INT8 (QDQ backbones, for ONNX Runtime); or bf16 (``shared_backbone``
-FP32 graphs whose heads were refit on OpenVINO's bf16 backbone features: the ``hybrid`` backend)."""
+PRECISIONS = ("fp32", "int8", "bf16", "int8_bf16")
+"""``model.precision``: FP32 graphs; INT8 (QDQ backbones, for ONNX Runtime); bf16 (``shared_backbone``
+FP32 graphs whose heads were refit on OpenVINO's bf16 backbone features: the ``hybrid`` backend); or
+int8_bf16 (``shared_backbone``, the INT8 QDQ backbone graph, heads refit on the features OpenVINO computes
+from it with the bf16 hint: the ``hybrid`` backend)."""
+
+OPENVINO_REFIT_PRECISIONS = ("bf16", "int8_bf16")
+"""Precisions whose heads were refit on OpenVINO's backbone with ``INFERENCE_PRECISION_HINT`` ``bf16``."""
+
+
+def refit_on_openvino(precision: str) -> bool:
+    """Whether a bundle of this ``model.precision`` has heads refit on OpenVINO's bf16-hinted backbone.
+
+    Such bundles need that very backbone at run time (the ``hybrid`` backend; ONNX Runtime refuses them):
+    ``shared_backbone`` layout, optional native heads and uint8 tiles (:data:`OPENVINO_REFIT_PRECISIONS`).
+    """
+    return precision in OPENVINO_REFIT_PRECISIONS
+
 
 _MODEL_KEYS = (
     "family",
@@ -331,8 +361,11 @@ def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
         choices = ", ".join(map(repr, BACKBONE_INPUTS))
         raise ValueError(f"model.backbone_input: expected one of {choices}, got {describe(backbone_input)}")
     if backbone_input == "uint8":
-        if precision != "bf16":
-            raise ValueError(f"model.backbone_input 'uint8': only bf16 bundles take uint8 tiles, not {precision!r}")
+        if not refit_on_openvino(precision):
+            raise ValueError(
+                f"model.backbone_input 'uint8': only bf16 bundles take uint8 tiles (precision "
+                f"{' or '.join(OPENVINO_REFIT_PRECISIONS)}), not {precision!r}"
+            )
         if grid.edge == "resize":
             raise ValueError("model.backbone_input 'uint8': needs the edge policy 'shift' or 'pad', not 'resize'")
     for key, expected in (("input", INPUT_NAME), ("output", OUTPUT_NAME), ("dtype", "float32")):
@@ -421,8 +454,10 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
         if not isinstance(layout, str) or layout not in LAYOUTS:
             raise ValueError(f"layout: expected one of {', '.join(LAYOUTS)}, got {describe(layout)}")
         backbone, features = _parse_backbone(d.get("backbone"), layout, image_score, grid)
-        if model.get("precision") == "bf16" and layout != "shared_backbone":
-            raise ValueError(f"model.precision 'bf16': expected layout 'shared_backbone', got {layout!r}")
+        if refit_on_openvino(model.get("precision", "fp32")) and layout != "shared_backbone":
+            raise ValueError(
+                f"model.precision {model['precision']!r}: expected layout 'shared_backbone', got {layout!r}"
+            )
         assignment = d.get("assignment", "one_to_one")
         model_files: tuple[LocationFile, ...] = ()
         table: tuple[int, ...] = ()
@@ -483,7 +518,7 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
 
 
 def parse_native_heads(data: object, precision: str, models: Sequence[LocationFile]) -> tuple[LocationFile, ...]:
-    """Validate the manifest's ``native_heads``: absent, or one entry per model of a bf16 bundle.
+    """Validate the manifest's ``native_heads``: absent, or one entry per model of a bf16 or int8_bf16 bundle.
 
     Args:
         data: The JSON value (None: absent).
@@ -491,13 +526,17 @@ def parse_native_heads(data: object, precision: str, models: Sequence[LocationFi
         models: The model files, in model order (each native head sits next to its model's graph).
 
     Raises:
-        ValueError: For native heads in a bundle that is not bf16, another count than the models', or an entry
+        ValueError: For native heads in a bundle whose heads were not refit on OpenVINO (:func:`refit_on_openvino`),
+            another count than the models', or an entry
             naming another model or file (:func:`~tilead.runtime.files.parse_location_file`).
     """
     if data is None:
         return ()
-    if precision != "bf16":
-        raise ValueError(f"native_heads: only bf16 bundles carry native heads, this one's precision is {precision!r}")
+    if not refit_on_openvino(precision):
+        raise ValueError(
+            f"native_heads: only bf16 bundles carry native heads (precision {' or '.join(OPENVINO_REFIT_PRECISIONS)}), "
+            f"this one's precision is {precision!r}"
+        )
     if not isinstance(data, list) or len(data) != len(models):
         raise ValueError(
             f"native_heads: expected a list of {len(models)} entries (one per model), got {describe(data)}"

@@ -202,7 +202,7 @@ class Predictor:
         self.max_batch = max_batch
         self.bf16_backbone = bf16_backbone
         self.manifest: Manifest = read_manifest(self.path, current_version=_current_version())
-        if backend == "auto" and device == "cpu" and self.manifest.model.get("precision") == "bf16":
+        if backend == "auto" and device == "cpu" and self.manifest.openvino_refit:
             # bf16 heads need the bf16 backbone: OpenVINO's, heads on ONNX Runtime
             spec = backends.REGISTRY[backends.BF16_DEFAULT]
             self.backend = spec.name

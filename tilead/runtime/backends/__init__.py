@@ -71,7 +71,8 @@ REGISTRY: dict[str, BackendSpec] = {
 DEFAULT = "onnxruntime"
 """What ``backend="auto"`` selects (for a bf16 bundle on a CPU: :data:`BF16_DEFAULT`)."""
 BF16_DEFAULT = "hybrid"
-"""What ``backend="auto"`` selects for a bundle whose ``model.precision`` is ``bf16``."""
+"""What ``backend="auto"`` selects for a bundle whose heads were refit on OpenVINO (``model.precision`` ``bf16`` or
+``int8_bf16``: :attr:`tilead.runtime.bundle.Manifest.openvino_refit`)."""
 
 
 def names() -> tuple[str, ...]:

@@ -4,7 +4,10 @@ For bundles exported with ``tilead-export RUN --precision bf16`` (PaDiM,
 ``shared_backbone``; :mod:`tilead.exporter.bf16`): ``backbone.onnx`` (FP32
 graph) is compiled by OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT``
 ``bf16`` (:func:`bf16_config`), whose features the heads' Gaussians were refit
-on; each location's head runs in an ONNX Runtime session, as with the
+on (``--precision int8_bf16``: the same with the INT8 QDQ backbone graph, its
+int8 layers run by OpenVINO's int8 kernels, the rest in bf16;
+:attr:`~tilead.runtime.bundle.Manifest.openvino_refit` says which bundles
+these are); each location's head runs in an ONNX Runtime session, as with the
 ``onnxruntime`` backend. Measured on an AVX-512 BF16 CPU (docs/cpu_speed.md):
 the backbone of 16 tiles of 512 takes OpenVINO bf16 95 ms where ONNX Runtime
 INT8 takes 164 ms, while OpenVINO's own heads are slower than ONNX Runtime's and
@@ -94,8 +97,8 @@ from tilead.runtime.timing import StageTimes
 
 CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=False, thumbnail=False)
 NOT_BF16 = (
-    "backend='hybrid' runs bf16 bundles only (tilead-export RUN --precision bf16): this bundle's heads were fitted on "
-    "{precision} features, which a bf16 backbone would move; use backend='onnxruntime' or 'openvino'"
+    "backend='hybrid' runs bf16 bundles only (tilead-export RUN --precision bf16 or int8_bf16): this bundle's heads "
+    "were fitted on {precision} features, which a bf16 backbone would move; use backend='onnxruntime' or 'openvino'"
 )
 
 
@@ -146,9 +149,8 @@ class HybridBackend:
         bundle: Path | None = None,
         native_heads: bool = True,
     ) -> None:
-        precision = manifest.model.get("precision", "fp32")
-        if precision != "bf16":
-            raise ValueError(NOT_BF16.format(precision=precision.upper()))
+        if not manifest.openvino_refit:
+            raise ValueError(NOT_BF16.format(precision=manifest.precision.upper()))
         if backbone is None or manifest.features is None:
             raise BundleError(f"layout {manifest.layout!r}: a bf16 bundle needs its shared backbone's model bytes")
         ov = import_openvino()
@@ -193,7 +195,8 @@ class HybridBackend:
             heads = f"tilead native PaDiM heads ({kernel_path()})"
         else:
             heads = f"ONNX Runtime {ort} CPUExecutionProvider, heads"
-        return [f"OpenVINO {ov} CPU, backbone bf16", heads]
+        graph = "INT8 graph, " if self.manifest.precision == "int8_bf16" else ""
+        return [f"OpenVINO {ov} CPU, {graph}backbone bf16", heads]
 
     @property
     def native_heads(self) -> bool:

@@ -72,9 +72,9 @@ log = logging.getLogger("tilead.runtime.backends.onnxruntime")
 
 CAPABILITIES = Capabilities(devices=("cpu", "cuda"), full_pipeline=False, detector_score=True, thumbnail=True)
 BF16_REFUSED = (
-    "backend='onnxruntime' does not run bf16 bundles: their heads were refit on OpenVINO's bf16 backbone features, "
-    "and ONNX Runtime would compute FP32 ones (wrong statistics); use backend='hybrid' (or 'auto') on a CPU with "
-    "bf16 units, or export the run as fp32 or int8"
+    "backend='onnxruntime' does not run bf16 bundles (precision {precision}): their heads were refit on OpenVINO's "
+    "bf16 backbone features, and ONNX Runtime would compute other ones (wrong statistics); use backend='hybrid' (or "
+    "'auto') on a CPU with bf16 units, or export the run as fp32 or int8"
 )
 
 
@@ -537,8 +537,8 @@ class OnnxRuntimeBackend:
         thumbnail: bytes | None = None,
         allocate: Allocate | None = None,
     ) -> None:
-        if manifest.model.get("precision") == "bf16":
-            raise ValueError(BF16_REFUSED)
+        if manifest.openvino_refit:
+            raise ValueError(BF16_REFUSED.format(precision=manifest.precision))
         ort = import_ort()
         self.manifest = manifest
         count = len(manifest.models)  # one call per model

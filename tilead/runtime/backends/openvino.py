@@ -99,6 +99,7 @@ def has_bf16_units(capabilities: Sequence[str]) -> bool:
 BF16_ADVICE = {
     "bf16_backbone=True": "use bf16_backbone=False",
     "precision bf16": "export fp32 or int8 instead",
+    "precision int8_bf16": "export fp32 or int8 instead",
     "a bf16 bundle": "it runs only where bf16 units are; export the run as fp32 or int8 for this CPU",
 }
 
@@ -425,8 +426,8 @@ class OpenVinoBackend:
     ) -> None:
         if manifest.model.get("precision", "fp32") == "int8":
             raise ValueError(INT8_REFUSED)
-        # A bf16 bundle's heads were refit on bf16 backbone features: its backbone always runs in bf16 here.
-        bf16_bundle = manifest.model.get("precision") == "bf16"
+        # A bf16 (or int8_bf16) bundle's heads were refit on bf16 backbone features: its backbone always runs in bf16.
+        bf16_bundle = manifest.openvino_refit
         bf16_backbone = bf16_backbone or bf16_bundle
         ov = import_openvino()
         self.manifest = manifest
