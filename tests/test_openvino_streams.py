@@ -69,7 +69,8 @@ def test_the_openvino_backend_gives_the_shared_backbone_a_stream_per_worker(tmp_
     for threads, workers, streams, per_head in ((2, 2, 2, 1), (2, 1, 1, 2), (1, 4, 1, 1)):
         backend = OpenVinoBackend(manifest, models, threads=threads, location_workers=workers, backbone=backbone)
         try:
-            assert backend._backbone is not None and backend._locations is not None
+            assert backend._backbone is not None
+            assert backend._locations is not None
             compiled = backend._backbone.compiled
             assert int(compiled.get_property("NUM_STREAMS")) == streams
             assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == threads
