@@ -16,7 +16,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tilead.runtime import TileGrid
+from tilead.runtime import NormalizationStats, TileGrid
 from tilead.trainer.config import (
     NORMALIZATION_DOC,
     PostprocessConfig,
@@ -168,11 +168,17 @@ def test_a_bad_stage_is_a_config_error_naming_the_choices(tmp_path: Path) -> Non
         parse_config(_config("all_to_one", "tiles"), base_dir=tmp_path)
 
 
-def test_a_section_built_alone_refuses_auto_clearly() -> None:
+def test_a_section_built_alone_has_no_stage_until_resolved() -> None:
+    """Outside a RunConfig ``auto`` has no stage (a clear error); its processor merges, and takes the stats' stage."""
     grid = TileGrid((16, 16), 8)
     with pytest.raises(ValueError, match=r"'auto' is resolved from grid\.assignment"):
-        PostprocessConfig().processor(grid)
-    assert PostprocessConfig(normalization="tile").processor(grid).stats is None  # a concrete stage builds
+        _ = PostprocessConfig().stage
+    assert PostprocessConfig(normalization="tile").stage == "tile"
+    assert PostprocessConfig().processor(grid).stats is None
+    stats = NormalizationStats(stage="none", pixel_threshold=1.0, image_threshold=1.0)
+    assert PostprocessConfig().processor(grid, stats).stats == stats
+    with pytest.raises(ValueError, match=r"stage 'none', but the config's postprocess\.normalization is 'image'"):
+        PostprocessConfig(normalization="image").processor(grid, stats)
 
 
 @pytest.mark.integration

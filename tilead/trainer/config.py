@@ -218,11 +218,13 @@ class PostprocessConfig(_Section):
     def processor(self, grid: TileGrid, stats: NormalizationStats | None = None) -> PostProcessor:
         """The runtime's post-processing object for this section (:meth:`PostProcessor.from_config`).
 
-        Raises:
-            ValueError: For ``normalization: auto`` (only :class:`RunConfig`, which knows the assignment,
-                resolves it).
+        An unresolved ``auto`` (a section built alone, outside :class:`RunConfig`) is left out: the stage is
+        then that of ``stats``, and merging without statistics does not depend on it.
         """
-        return PostProcessor.from_config({**self.model_dump(), "normalization": self.stage}, grid, stats)
+        section = self.model_dump()
+        if section["normalization"] == "auto":
+            del section["normalization"]
+        return PostProcessor.from_config(section, grid, stats)
 
 
 class ValidationConfig(_Section):
