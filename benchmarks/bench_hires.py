@@ -11,10 +11,10 @@ through its bundle with ``tilead-eval --bundle``):
   ``one_to_one`` vs ``neighbourhood`` (2x2 blocks: 4 models) vs ``cluster`` (k-means, k 4)
   vs ``cluster_oriented`` (k 4, ``orient``: locations aligned by flips / quarter turns)
   vs ``all_to_one`` (``grid.assignment``, :mod:`tilead.trainer.assignment`). The plain names run the
-  configs' default ``postprocess.normalization: auto``, which is ``image`` for ``one_to_one`` and ``tile``
-  (each location's map normalized on its own statistics) for every shared mode; ``<mode>_image`` pins
-  ``image`` (the default before ``auto``: the shared rows measured before it), ``<mode>_tile`` pins ``tile``
-  (``one_to_one_tile``; for the shared modes the same run as the plain name, so run only with ``--modes``).
+  configs' default ``postprocess.normalization: auto``: ``tile`` (each location's map normalized on its own
+  statistics) for the ``cluster`` rows, ``image`` for the others; ``<mode>_image`` and ``<mode>_tile`` pin
+  a stage (``one_to_one_tile``, ``cluster_tile``, ...). A pinned row that repeats its plain row's run under
+  ``auto`` runs only when ``--modes`` names it.
   Every row records the stage its run was validated with (``normalization``, from its ``stats.json``).
 
 Columns: normalization stage, image AUROC, pixel AUROC, AUPRO (the bundle on the test set), bundle size (every file
@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from tilead.benchmarking.quality import bundle_quality
+from tilead.trainer.config import AssignmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -98,10 +99,11 @@ def _assignment_rows(dataset: str, grid: dict[str, Any]) -> list[Row]:
     rows = [Row(dataset, "one_to_one", one), Row(dataset, "one_to_one_tile", {**one, **TILE_NORMALIZATION})]
     for name, a in SHARED_MODES.items():
         shared = {**grid, "grid.assignment": a}
+        auto = AssignmentConfig.model_validate(a).default_normalization()  # what the plain row runs
         rows += [
-            Row(dataset, name, shared),  # the default: 'auto', i.e. 'tile' for a shared mode
-            Row(dataset, f"{name}_image", {**shared, **IMAGE_NORMALIZATION}),
-            Row(dataset, f"{name}_tile", {**shared, **TILE_NORMALIZATION}, by_default=False),
+            Row(dataset, name, shared),
+            Row(dataset, f"{name}_image", {**shared, **IMAGE_NORMALIZATION}, by_default=auto != "image"),
+            Row(dataset, f"{name}_tile", {**shared, **TILE_NORMALIZATION}, by_default=auto != "tile"),
         ]
     return rows
 

@@ -133,17 +133,19 @@ def test_tile_normalized_rows_are_judged_against_the_better_one_to_one() -> None
 
 
 def test_shared_rows_run_the_default_and_pin_each_stage() -> None:
-    """Plain names run ``auto`` (no override); ``_image`` / ``_tile`` pin a stage; ``_tile`` only on request."""
+    """Plain names run ``auto`` (no override); ``_image`` / ``_tile`` pin a stage; the one auto repeats on request."""
     b = _bench()
+    auto = {"neighbourhood": "image", "cluster": "tile", "cluster_oriented": "tile", "all_to_one": "image"}
     for dataset in ("bottle4x4", "demo2048"):
         rows = {r.variant: r for r in b.ROWS[dataset]}
-        for mode in ("neighbourhood", "cluster", "cluster_oriented", "all_to_one"):
+        for mode, stage in auto.items():
             assert "postprocess.normalization" not in rows[mode].overrides
             assert rows[f"{mode}_image"].overrides["postprocess.normalization"] == "image"
             assert rows[f"{mode}_tile"].overrides["postprocess.normalization"] == "tile"
             assert rows[mode].by_default
-            assert rows[f"{mode}_image"].by_default
-            assert not rows[f"{mode}_tile"].by_default  # the plain row's run under 'auto'
+            other = "tile" if stage == "image" else "image"
+            assert rows[f"{mode}_{other}"].by_default
+            assert not rows[f"{mode}_{stage}"].by_default  # the plain row's run under 'auto'
             assert rows[mode].overrides["grid.assignment"] == rows[f"{mode}_tile"].overrides["grid.assignment"]
         assert "postprocess.normalization" not in rows["one_to_one"].overrides
         assert rows["one_to_one_tile"].by_default

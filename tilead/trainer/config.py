@@ -81,27 +81,24 @@ class AssignmentConfig(_Section):
         return self
 
     @property
-    def shares_models(self) -> bool:
-        """Whether this setting can make one model serve several locations (decided from the config alone).
+    def unequal_groups(self) -> bool:
+        """Whether the models may serve different numbers of locations: ``cluster`` with ``k >= 2``.
 
-        ``one_to_one`` and ``neighbourhood`` with ``k: 1`` never do; ``all_to_one``, ``neighbourhood``
-        with ``k >= 2`` and ``cluster`` (any ``k``) do. The grid is not known here, so a setting that
-        happens to give one model per location on a small grid (``all_to_one`` on a 1x1 grid, ``cluster``
-        with ``k`` equal to the number of locations) still counts as shared.
+        k-means groups are made from the data, so their sizes differ (a lone location beside groups of
+        several: bottle 4x4, demo2048); ``neighbourhood`` blocks are equal where ``k`` divides the grid, and
+        ``all_to_one`` (or ``cluster`` with ``k: 1``) has one model.
         """
-        if self.mode == "one_to_one":
-            return False
-        return not (self.mode == "neighbourhood" and self.k == 1)
+        return self.mode == "cluster" and self.k is not None and self.k >= 2
 
     def default_normalization(self) -> Literal["image", "tile"]:
-        """What ``postprocess.normalization: auto`` becomes: ``tile`` if :attr:`shares_models`, else ``image``.
+        """What ``postprocess.normalization: auto`` becomes: ``tile`` if :attr:`unequal_groups`, else ``image``.
 
-        Models shared by several locations are fitted on different numbers and kinds of tiles and score
-        on different scales; one image-wide normalization then lets the highest-scoring model decide every
-        image (measured: :data:`NORMALIZATION_DOC`). One model per location keeps ``image``, the default
-        before ``auto`` existed.
+        Models fitted on different numbers of locations score on different scales, and one image-wide
+        normalization then lets the highest-scoring model decide every image; for ``one_to_one``,
+        ``neighbourhood`` and ``all_to_one`` the measured rows were as good or better with ``image`` (the
+        default before ``auto``). Measurements: :data:`NORMALIZATION_DOC`.
         """
-        return "tile" if self.shares_models else "image"
+        return "tile" if self.unequal_groups else "image"
 
 
 class GridConfig(_Section):
@@ -175,8 +172,9 @@ class PostprocessConfig(_Section):
         seam: Seam smoothing (``sigma: 0`` disables it).
         normalization: Stage ``image`` | ``tile`` | ``none``, or ``auto`` (the default): resolved by
             :class:`RunConfig` when the config is validated, to ``tile`` (each location's map normalized
-            with its own validation statistics) when ``grid.assignment`` shares models between locations
-            and ``image`` otherwise (:meth:`AssignmentConfig.default_normalization`). A validated
+            with its own validation statistics) for ``grid.assignment`` ``cluster`` with ``k >= 2`` (models
+            serving different numbers of locations) and ``image`` otherwise
+            (:meth:`AssignmentConfig.default_normalization`). A validated
             :class:`RunConfig` (and so every saved run config, ``stats.json`` and bundle) never holds ``auto``.
         image_score: ``max``: the max of the final map (every detector);
             ``detector``: the detector's own image score (PatchCore's
@@ -361,23 +359,24 @@ class RunConfig(_Section):
         return v.model_copy(update={"normalization": grid.assignment.default_normalization()})
 
     def image_normalization_warning(self) -> str | None:
-        """The warning for ``normalization: image`` with models shared between locations, or None.
+        """The warning for ``normalization: image`` where ``auto`` would pick ``tile`` (``cluster``), or None.
 
         Only an explicit ``image`` (or a saved run config that has it) gets here: ``auto`` resolves to ``tile``
         for such assignments.
         """
         a = self.grid.assignment
-        if self.postprocess.normalization != "image" or not a.shares_models:
+        if self.postprocess.normalization != "image" or a.default_normalization() != "tile":
             return None
-        setting = a.mode + (f" (k {a.k}{', orient' if a.orient else ''})" if a.k is not None else "")
         return (
-            f"postprocess.normalization 'image' with grid.assignment {setting}: one model serves several tile "
-            "locations; the locations a model serves, and models fitted on different numbers of tiles, score on "
-            "different scales, so one image-wide normalization lets the highest-scoring ones decide (measured: "
-            "demo2048 cluster_oriented image AUROC 0.2000 with 'image' against 1.0000 with 'tile', bottle 4x4 cluster "
-            f"AUPRO 0.5421 against 0.8819; {NORMALIZATION_DOC}). Use 'tile' (per-location statistics): drop the "
-            "key (the default 'auto' picks 'tile' for shared models) or set postprocess.normalization: tile; a "
-            "fitted run is validated again without refitting with --resume --set postprocess.normalization=tile"
+            f"postprocess.normalization 'image' with grid.assignment cluster (k {a.k}"
+            f"{', orient' if a.orient else ''}): the clusters are made from the data and their models serve "
+            "different numbers of tile locations; such models score on different scales, so one image-wide "
+            "normalization lets the highest-scoring model decide every image (measured: demo2048 "
+            "cluster_oriented image AUROC 0.2000 with 'image' "
+            "against 1.0000 with 'tile', bottle 4x4 cluster AUPRO 0.5421 against 0.8819; "
+            f"{NORMALIZATION_DOC}). Use 'tile' (per-location statistics): drop the key (the default 'auto' "
+            "picks 'tile' for cluster) or set postprocess.normalization: tile; a fitted run is validated again "
+            "without refitting with --resume --set postprocess.normalization=tile"
         )
 
     @model_validator(mode="after")

@@ -195,8 +195,8 @@ def normalization_change(cfg: RunConfig, saved: str | None) -> str | None:
     """A note when ``--resume`` validates a run again with another normalization stage than it had, else None.
 
     Saved run configs hold the resolved stage (never ``auto``), so a run validated with ``image`` keeps it when
-    resumed with its own ``config.yaml``; a config file whose ``auto`` resolves differently (a shared
-    assignment written before ``auto`` existed) changes it, and this note says so.
+    resumed with its own ``config.yaml``; a config file whose ``auto`` resolves differently (a ``cluster`` run
+    validated with ``image`` before ``auto`` existed) changes it, and this note says so.
     """
     new = cfg.postprocess.normalization
     if saved is None or saved == new:
