@@ -84,9 +84,9 @@ class AssignmentConfig(_Section):
     def unequal_groups(self) -> bool:
         """Whether the models may serve different numbers of locations: ``cluster`` with ``k >= 2``.
 
-        k-means groups are made from the data, so their sizes differ (a lone location beside groups of
-        several: bottle 4x4, demo2048); ``neighbourhood`` blocks are equal where ``k`` divides the grid, and
-        ``all_to_one`` (or ``cluster`` with ``k: 1``) has one model.
+        k-means groups are made from the data, so their sizes can differ (demo2048 ``cluster_oriented``: two
+        lone locations beside groups of 9 and 5); ``neighbourhood`` blocks are equal where ``k`` divides the
+        grid, and ``all_to_one`` (or ``cluster`` with ``k: 1``) has one model.
         """
         return self.mode == "cluster" and self.k is not None and self.k >= 2
 
@@ -96,7 +96,9 @@ class AssignmentConfig(_Section):
         Models fitted on different numbers of locations score on different scales, and one image-wide
         normalization then lets the highest-scoring model decide every image; for ``one_to_one``,
         ``neighbourhood`` and ``all_to_one`` the measured rows were as good or better with ``image`` (the
-        default before ``auto``). Measurements: :data:`NORMALIZATION_DOC`.
+        default before ``auto``), and so was bottle's ``cluster_oriented`` (four equal groups), but clusters
+        of unequal sizes collapse with ``image`` and the sizes are known only at fit time. Measurements:
+        :data:`NORMALIZATION_DOC`.
         """
         return "tile" if self.unequal_groups else "image"
 
@@ -369,7 +371,7 @@ class RunConfig(_Section):
             return None
         return (
             f"postprocess.normalization 'image' with grid.assignment cluster (k {a.k}"
-            f"{', orient' if a.orient else ''}): the clusters are made from the data and their models serve "
+            f"{', orient' if a.orient else ''}): the clusters are made from the data and their models may serve "
             "different numbers of tile locations; such models score on different scales, so one image-wide "
             "normalization lets the highest-scoring model decide every image (measured: demo2048 "
             "cluster_oriented image AUROC 0.2000 with 'image' "
