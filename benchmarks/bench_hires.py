@@ -10,17 +10,21 @@ through its bundle with ``tilead-eval --bundle``):
   demo generator's synthetic 2048x2048 images, ``configs/padim_demo.yaml`` in 4x4 tiles of 512):
   ``one_to_one`` vs ``neighbourhood`` (2x2 blocks: 4 models) vs ``cluster`` (k-means, k 4)
   vs ``cluster_oriented`` (k 4, ``orient``: locations aligned by flips / quarter turns)
-  vs ``all_to_one`` (``grid.assignment``, :mod:`tilead.trainer.assignment`); ``one_to_one_tile`` and
-  ``cluster_tile`` add ``postprocess.normalization: tile`` (each location's map normalized on its own:
-  the locations sharing a model score on different scales).
+  vs ``all_to_one`` (``grid.assignment``, :mod:`tilead.trainer.assignment`). The plain names run the
+  configs' default ``postprocess.normalization: auto``: ``tile`` (each location's map normalized on its own
+  statistics) for the ``cluster`` rows, ``image`` for the others; ``<mode>_image`` and ``<mode>_tile`` pin
+  a stage (``one_to_one_tile``, ``cluster_tile``, ...). A pinned row that repeats its plain row's run under
+  ``auto`` runs only when ``--modes`` names it.
+  Every row records the stage its run was validated with (``normalization``, from its ``stats.json``).
 
-Columns: image AUROC, pixel AUROC, AUPRO (the bundle on the test set), bundle size (every file
+Columns: normalization stage, image AUROC, pixel AUROC, AUPRO (the bundle on the test set), bundle size (every file
 the manifest lists, plus the manifest), number of models, train time (``run.json``
 ``timings.train_s``: fit + validation), Predictor latency (median ms per image at batch 1 over
 ``--images`` test images, ONNX Runtime CPU, after a warm-up). Quality, size and model counts do
 not depend on the machine's load; train time and latency do: measure those on a quiet machine.
 
-Targets (issue #20): every ``cluster*`` row keeps ``one_to_one``'s image AUROC and AUPRO
+Targets (issue #20): every shared row (``neighbourhood*``, ``cluster*``, ``all_to_one*``) keeps
+``one_to_one``'s image AUROC and AUPRO
 (at most 0.005 below the better ``one_to_one*`` row where there are two; higher counts as kept) with
 a bundle at most a third of its size; ``+thumbnail`` raises bottle's AUPRO above 0.9675 without
 lowering image AUROC. The table marks them.
@@ -50,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from tilead.benchmarking.quality import bundle_quality
+from tilead.trainer.config import AssignmentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -72,23 +77,35 @@ class Row:
     dataset: str
     variant: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    by_default: bool = True
+    """Run when ``--modes`` is not given (False: a duplicate of another row's run under today's defaults)."""
 
 
 TILE_NORMALIZATION = {"postprocess.normalization": "tile"}
 """The ``*_tile`` rows: each location's map normalized with its own validation statistics."""
+IMAGE_NORMALIZATION = {"postprocess.normalization": "image"}
+"""The ``*_image`` rows: one image-wide normalization (the default before ``auto``)."""
+SHARED_MODES: dict[str, dict[str, Any]] = {
+    "neighbourhood": {"mode": "neighbourhood", "k": 2},
+    "cluster": {"mode": "cluster", "k": 4},
+    "cluster_oriented": {"mode": "cluster", "k": 4, "orient": True},
+    "all_to_one": {"mode": "all_to_one"},
+}
+"""The shared assignment rows: name -> ``grid.assignment``."""
 
 
 def _assignment_rows(dataset: str, grid: dict[str, Any]) -> list[Row]:
-    modes: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
-        ("one_to_one", {"mode": "one_to_one"}, {}),
-        ("one_to_one_tile", {"mode": "one_to_one"}, TILE_NORMALIZATION),
-        ("neighbourhood", {"mode": "neighbourhood", "k": 2}, {}),
-        ("cluster", {"mode": "cluster", "k": 4}, {}),
-        ("cluster_tile", {"mode": "cluster", "k": 4}, TILE_NORMALIZATION),
-        ("cluster_oriented", {"mode": "cluster", "k": 4, "orient": True}, {}),
-        ("all_to_one", {"mode": "all_to_one"}, {}),
-    ]
-    return [Row(dataset, name, {**grid, "grid.assignment": a, **extra}) for name, a, extra in modes]
+    one = {**grid, "grid.assignment": {"mode": "one_to_one"}}
+    rows = [Row(dataset, "one_to_one", one), Row(dataset, "one_to_one_tile", {**one, **TILE_NORMALIZATION})]
+    for name, a in SHARED_MODES.items():
+        shared = {**grid, "grid.assignment": a}
+        auto = AssignmentConfig.model_validate(a).default_normalization()  # what the plain row runs
+        rows += [
+            Row(dataset, name, shared),
+            Row(dataset, f"{name}_image", {**shared, **IMAGE_NORMALIZATION}, by_default=auto != "image"),
+            Row(dataset, f"{name}_tile", {**shared, **TILE_NORMALIZATION}, by_default=auto != "tile"),
+        ]
+    return rows
 
 
 ROWS: dict[str, list[Row]] = {
@@ -107,12 +124,14 @@ def sh(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def dataset_config(dataset: str, work: Path, demo_train: int) -> tuple[Path, dict[str, Any]]:
+def dataset_config(
+    dataset: str, work: Path, demo_train: int, bottle_data: Path = BOTTLE_DATA
+) -> tuple[Path, dict[str, Any]]:
     """The base config file and the data overrides of a dataset (the demo data generated when missing)."""
     if dataset.startswith("bottle"):
-        if not (BOTTLE_DATA / "train").is_dir():
-            raise SystemExit(f"bottle data not found at {BOTTLE_DATA}")
-        return ROOT / "configs" / "padim_bottle.yaml", {"data.root": str(BOTTLE_DATA)}
+        if not (bottle_data / "train").is_dir():
+            raise SystemExit(f"bottle data not found at {bottle_data} (pass --bottle-data)")
+        return ROOT / "configs" / "padim_bottle.yaml", {"data.root": str(bottle_data.resolve())}
     from tilead.demo.synthetic import SyntheticSpec, generate
 
     data = work / "data2048"
@@ -169,7 +188,7 @@ def latency_ms(bundle: Path, data: Path, count: int) -> float:
 
 def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     """Train, export, evaluate and time one row (reusing what exists under ``--work``)."""
-    config, data_overrides = dataset_config(row.dataset, args.work, args.demo_train)
+    config, data_overrides = dataset_config(row.dataset, args.work, args.demo_train, args.bottle_data)
     overrides = {**data_overrides, **row.overrides}
     if args.max_train_images:
         overrides["data.max_train_images"] = args.max_train_images
@@ -205,6 +224,7 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     result["models"] = model_count(bundle)
     result["locations"] = len(json.loads((bundle / "manifest.json").read_text())["locations"])
     result["train_s"] = run_json.get("timings", {}).get("train_s")
+    result["normalization"] = json.loads((run / "stats.json").read_text())["normalization"]["stage"]
     if args.latency:
         data = Path(overrides["data.root"])
         result["latency_ms"] = round(latency_ms(bundle, data, args.images), 1)
@@ -218,7 +238,7 @@ def mark_targets(results: list[dict[str, Any]]) -> None:
         ref = base.get(r["dataset"])
         if "skipped" in r or ref is None:
             continue
-        if r["variant"].startswith("cluster"):
+        if r["variant"].startswith(tuple(SHARED_MODES)):
             # "keeps quality": at most TOLERANCE below one_to_one (a higher figure keeps it too); where the
             # table also has one_to_one with per-location normalization, below the better of the two.
             refs = [
@@ -239,20 +259,20 @@ def mark_targets(results: list[dict[str, Any]]) -> None:
 
 def table(results: list[dict[str, Any]]) -> str:
     """The results as one text table."""
-    cols = ("image_auroc", "pixel_auroc", "aupro", "bundle_mib", "models", "train_s", "latency_ms")
-    head = f"{'dataset':<10} {'variant':<14}" + "".join(f"{c:>13}" for c in cols)
+    cols = ("normalization", "image_auroc", "pixel_auroc", "aupro", "bundle_mib", "models", "train_s", "latency_ms")
+    head = f"{'dataset':<10} {'variant':<22}" + "".join(f"{c:>14}" for c in cols)
     lines = [head, "-" * len(head)]
     for r in results:
         if "skipped" in r:
-            lines.append(f"{r['dataset']:<10} {r['variant']:<14} skipped: {r['skipped'][:120]}")
+            lines.append(f"{r['dataset']:<10} {r['variant']:<22} skipped: {r['skipped'][:120]}")
             continue
         cells = []
         for c in cols:
             v = r.get(c)
-            cells.append(f"{v:>13.4f}" if isinstance(v, float) and c in cols[:3] else f"{v!s:>13}")
-        lines.append(f"{r['dataset']:<10} {r['variant']:<14}" + "".join(cells))
+            cells.append(f"{v:>14.4f}" if isinstance(v, float) and c in cols[1:4] else f"{v!s:>14}")
+        lines.append(f"{r['dataset']:<10} {r['variant']:<22}" + "".join(cells))
         if "target" in r:
-            lines.append(f"{'':<25}target {r['target']}")
+            lines.append(f"{'':<33}target {r['target']}")
     return "\n".join(lines)
 
 
@@ -266,12 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-latency", dest="latency", action="store_false", help="skip the latency column")
     ap.add_argument("--max-train-images", type=int, default=0, help="fit on at most N images (0: all)")
     ap.add_argument("--demo-train", type=int, default=40, help="synthetic 2048x2048 training images")
+    ap.add_argument("--bottle-data", type=Path, default=BOTTLE_DATA, help="MVTec AD bottle folder")
     ap.add_argument("--fresh", action="store_true", help="remove each row's run, bundle and evaluation first")
     ap.add_argument("--note", default="", help="recorded in the JSON (e.g. 'quiet 2-core CPU' or 'under load')")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = [r for name in args.rows for r in ROWS[name] if not args.modes or r.variant in args.modes]
+    rows = [r for name in args.rows for r in ROWS[name] if (r.variant in args.modes if args.modes else r.by_default)]
     results: list[dict[str, Any]] = []
     for row in rows:
         results.append(run_row(row, args))

@@ -130,3 +130,40 @@ def test_tile_normalized_rows_are_judged_against_the_better_one_to_one() -> None
     assert {"one_to_one_tile", "cluster_tile"} <= set(names)
     tile_row = next(r for r in b.ROWS["demo2048"] if r.variant == "cluster_tile")
     assert tile_row.overrides["postprocess.normalization"] == "tile"
+
+
+def test_shared_rows_run_the_default_and_pin_each_stage() -> None:
+    """Plain names run ``auto`` (no override); ``_image`` / ``_tile`` pin a stage; the one auto repeats on request."""
+    b = _bench()
+    auto = {"neighbourhood": "image", "cluster": "tile", "cluster_oriented": "tile", "all_to_one": "image"}
+    for dataset in ("bottle4x4", "demo2048"):
+        rows = {r.variant: r for r in b.ROWS[dataset]}
+        for mode, stage in auto.items():
+            assert "postprocess.normalization" not in rows[mode].overrides
+            assert rows[f"{mode}_image"].overrides["postprocess.normalization"] == "image"
+            assert rows[f"{mode}_tile"].overrides["postprocess.normalization"] == "tile"
+            assert rows[mode].by_default
+            other = "tile" if stage == "image" else "image"
+            assert rows[f"{mode}_{other}"].by_default
+            assert not rows[f"{mode}_{stage}"].by_default  # the plain row's run under 'auto'
+            assert rows[mode].overrides["grid.assignment"] == rows[f"{mode}_tile"].overrides["grid.assignment"]
+        assert "postprocess.normalization" not in rows["one_to_one"].overrides
+        assert rows["one_to_one_tile"].by_default
+
+
+def test_every_shared_row_is_marked_and_the_table_names_its_stage() -> None:
+    b = _bench()
+    rows = [
+        {**_row("one_to_one", 0.990, 0.950, 300.0), "normalization": "image"},
+        {**_row("neighbourhood", 0.988, 0.947, 90.0), "normalization": "tile"},
+        {**_row("all_to_one_image", 0.950, 0.860, 20.0), "normalization": "image"},
+        {**_row("cluster_oriented_tile", 0.991, 0.951, 90.0), "normalization": "tile"},
+    ]
+    b.mark_targets(rows)
+    assert rows[1]["target"].startswith("met")
+    assert rows[2]["target"].startswith("missed")
+    assert rows[3]["target"].startswith("met")
+    lines = b.table(rows).splitlines()
+    assert "normalization" in lines[0]
+    row_line = next(line for line in lines if "all_to_one_image" in line)
+    assert "image" in row_line.split("all_to_one_image", 1)[1]

@@ -36,7 +36,7 @@ from tilead.trainer.components import (
     run_summary,
     setup_threads,
 )
-from tilead.trainer.config import RunConfig
+from tilead.trainer.config import ConfigError, RunConfig, load_config
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.ensemble import fit_ensemble
 from tilead.trainer.images import ImageLoader
@@ -85,11 +85,16 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
     grid = run_grid(cfg, loader, list(splits.fit) + list(splits.validation))
     splits = decode_all(loader, splits, cfg.eval.batch_size, progress)  # every image, before any fitting
     check_validation_count(len(splits.validation), v.split, v.min_images, v.force, what)
+    saved = saved_normalization(output) if resume else None  # before prepare_run writes this config over it
     paths = prepare_run(cfg, output, resume=resume)
     handler = attach_log(paths)
     try:
         setup_threads(cfg)
         log.info("train: config %s, output %s, resume=%s", cfg.name, paths.root, resume)
+        normalization_warning = cfg.image_normalization_warning()
+        for note in (normalization_change(cfg, saved), normalization_warning):
+            if note is not None:
+                log.warning("%s", note)
         extractor = make_backbone(cfg)
         prep = make_preprocessing(cfg, extractor)
         summary = run_summary(cfg, grid, extractor, prep)
@@ -144,6 +149,9 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
             description["warning"] = forced
             log.warning("%s", forced)
         info["split"] = description
+        info["normalization_default"] = cfg.grid.assignment.default_normalization()  # what 'auto' gives here
+        if normalization_warning is not None:
+            info["normalization_warning"] = normalization_warning
         branch = info.pop("thumbnail_branch", None)
         atomic_write_json(
             paths.stats,
@@ -167,6 +175,42 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         return TrainResult(paths, len(fitted), seconds, stats)
     finally:
         detach_log(handler)
+
+
+def saved_normalization(output: Path) -> str | None:
+    """The normalization stage of the run config saved in ``output`` (None: no run there, or unreadable).
+
+    An unreadable config is left to :func:`~tilead.trainer.run_dir.prepare_run`, which reports it.
+    """
+    path = RunPaths(Path(output)).config
+    if not path.is_file():
+        return None
+    try:
+        return load_config(path).postprocess.normalization
+    except (ConfigError, OSError):
+        return None
+
+
+def normalization_change(cfg: RunConfig, saved: str | None) -> str | None:
+    """A note when ``--resume`` validates a run again with another normalization stage than it had, else None.
+
+    Saved run configs hold the resolved stage (never ``auto``), so a run validated with ``image`` keeps it when
+    resumed with its own ``config.yaml``; a config file whose ``auto`` resolves differently (a ``cluster`` run
+    validated with ``image`` before ``auto`` existed) changes it, and this note says so.
+    """
+    new = cfg.postprocess.normalization
+    if saved is None or saved == new:
+        return None
+    why = (
+        f"the default 'auto' gives {new!r} for grid.assignment {cfg.grid.assignment.mode}"
+        if new == cfg.grid.assignment.default_normalization()
+        else "set in this config"
+    )
+    return (
+        f"--resume: postprocess.normalization changes from {saved!r} (the run's saved config.yaml) to {new!r} "
+        f"({why}); the statistics are measured again with {new!r}, so bundles exported before no longer match "
+        f"the run. To keep {saved!r}: resume with --config RUN/config.yaml or --set postprocess.normalization={saved}"
+    )
 
 
 def _validate(
@@ -230,7 +274,7 @@ def _validate(
         masks,
         labels,
         cfg.postprocess.processor(grid),
-        stage=cfg.postprocess.normalization,
+        stage=cfg.postprocess.stage,
         good_quantile=cfg.validation.good_quantile,
         image_scores=image_scores_of_tiles(np.concatenate(tile_scores, axis=1)) if tile_scores else None,
         target_false_alarm=v.target_false_alarm if v.split == "synthetic" else None,
