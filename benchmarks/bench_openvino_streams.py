@@ -1,6 +1,6 @@
 """The shared backbone on one OpenVINO stream vs one stream per location worker, in one process (issue #21).
 
-Two Predictors on the same bundle, the same backend (``hybrid`` for a bf16 bundle, else ``openvino``), the
+Two Predictors on the same bundle, the same backend (``hybrid`` for bf16 and int8_bf16 bundles, else ``openvino``), the
 same threads and location workers, called alternating image by image on the same images:
 
 * **streams**: the runtime as it is: the backbone compiled with one OpenVINO stream per location worker
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     manifest = read_manifest(args.bundle)
-    backend = "hybrid" if manifest.model.get("precision") == "bf16" else "openvino"
+    backend = "hybrid" if manifest.openvino_refit else "openvino"
     images = images_for(args.bundle, args.images)
     options = {"backend": backend, "threads": args.threads, "max_batch": max(args.batch)}
     rows: list[dict[str, Any]] = []
