@@ -5,9 +5,10 @@ same threads and location workers, called alternating image by image on the same
 
 * **streams**: the runtime as it is: the backbone compiled with one OpenVINO stream per location worker
   (:func:`tilead.runtime.backends.openvino.stream_config`), the workers' backbone calls side by side;
-* **one stream**: the same Predictor with its backbone compiled again as before this change: one stream,
-  so the workers' calls run one at a time (``hybrid``: on all the threads, as its calls used to run in
-  turn on the calling thread; ``openvino``: on a worker's share of them, as that backend compiled it).
+* **one stream**: the same Predictor with its backbone compiled again as before this change: one stream
+  (``hybrid``: on all the threads, its calls made in turn on the calling thread, as that backend made them;
+  ``openvino``: on a worker's share of the threads, the workers' calls then running one at a time, as that
+  backend compiled it).
 
 Reported per batch: the median ms per image of each (``Predictor.predict``), their ratio, and the largest
 difference between their maps (the per-stream threads may change the backbone's summation order, nothing else).
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_predictor import read_images
 
 from tilead.runtime import Predictor
+from tilead.runtime.backends.base import run_backbone, run_backbone_stream
 from tilead.runtime.backends.hybrid import bf16_config
 from tilead.runtime.backends.openvino import compile_backbone, import_openvino, stream_config
 from tilead.runtime.bundle import read_manifest, read_verified_file
@@ -58,6 +60,17 @@ def one_stream(predictor: Predictor, bundle: Path) -> None:
     tile = manifest.grid.tile_size
     backend._backbone = compile_backbone(core, onnx, config, manifest.preprocessing, tile, manifest.uint8_backbone)
     assert int(backend._backbone.compiled.get_property("NUM_STREAMS")) == 1
+    if predictor.backend == "hybrid":  # its calls in turn on the calling thread, as before (no worker pool)
+
+        def infer(tiles: np.ndarray, timer: Any = None) -> Any:
+            run = backend._run_features
+            return backend._run_heads(run_backbone(manifest, tiles, run, backend._buffers, None, timer), timer)
+
+        def infer_stream(stream: Any, timer: Any = None) -> Any:
+            run = backend._run_features
+            return backend._run_heads(run_backbone_stream(manifest, stream, run, backend._buffers, None, timer), timer)
+
+        backend.infer, backend.infer_stream = infer, infer_stream
 
 
 def images_for(bundle: Path, count: int) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ anomalib works at 896x896 in 2x2 tiles of 448, tilead at the bundle's grid
 exported ONNX bundle.
 
 Usage:
-    python benchmarks/bench_vs_anomalib.py BUNDLE [--train-images 209] [--images 20] [--threads N]
+    python benchmarks/bench_vs_anomalib.py BUNDLE [--train-images 209] [--images 20] [--threads N] [--pause-ms 0]
         [--json out/bench/vs_anomalib.json]
 """
 
@@ -178,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=20, help="test images, each timed once per side")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="threads for each side [all cores]")
+    ap.add_argument(
+        "--pause-ms", type=float, default=0.0,
+        help="idle time before each timed call, not timed [0]: lets the other side's spinning threads "
+             "(torch's OpenMP pool spins after a call) go to sleep first",
+    )  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    pause = max(0.0, args.pause_ms) / 1e3
 
     from tilead.benchmarking.environment import cpu_model
     from tilead.runtime import Predictor
@@ -195,17 +201,21 @@ def main(argv: list[str] | None = None) -> int:
         predictor.predict(img)
     ms: dict[str, list[float]] = {"anomalib": [], "tilead": []}
     for img in test:
+        time.sleep(pause)
         t0 = time.perf_counter()
         anomalib(img)
         t1 = time.perf_counter()
-        predictor.predict(img)
+        time.sleep(pause)
         t2 = time.perf_counter()
+        predictor.predict(img)
+        t3 = time.perf_counter()
         ms["anomalib"].append((t1 - t0) * 1e3)
-        ms["tilead"].append((t2 - t1) * 1e3)
+        ms["tilead"].append((t3 - t2) * 1e3)
     predictor.close()
     med = {k: float(np.median(v)) for k, v in ms.items()}
     ratio = med["anomalib"] / med["tilead"]
-    print(f"cpu: {cpu_model()}; {len(test)} bottle test images, batch 1, alternating image by image")
+    gap = f", {args.pause_ms:g} ms idle before each call" if pause else ""
+    print(f"cpu: {cpu_model()}; {len(test)} bottle test images, batch 1, alternating image by image{gap}")
     print(f"anomalib 2.7 tiled ensemble (PaDiM, 896x896, 2x2 of 448): median {med['anomalib']:.1f} ms/image")
     print(f"tilead Predictor ({args.bundle}, {predictor.backend}): median {med['tilead']:.1f} ms/image")
     print(f"ratio of medians anomalib / tilead: {ratio:.2f}x  (anomalib fit on {args.train_images or 'all'} "
@@ -213,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         report = {"cpu": cpu_model(), "bundle": str(args.bundle), "backend": predictor.backend, "images": len(test),
-                  "median_ms": med, "ratio": ratio, "ms": ms, "anomalib_fit_s": fit_s}  # fmt: skip
+                  "median_ms": med, "ratio": ratio, "ms": ms, "anomalib_fit_s": fit_s,
+                  "pause_ms": args.pause_ms}  # fmt: skip
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
