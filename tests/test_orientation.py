@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 from test_assignment import _shared_manifest, _train_shared
 
 from tilead.runtime import orientation
-from tilead.runtime.backends.base import run_locations
+from tilead.runtime.backends.base import location_jobs, run_locations
 from tilead.runtime.bundle import BundleError, parse_manifest
 from tilead.trainer.assignment import (
     Assignment,
@@ -183,6 +183,10 @@ def test_runtime_turns_each_location_before_its_model_and_back(tmp_path: Path) -
     for loc, (m, t) in enumerate(zip(manifest.location_model, turns, strict=True)):
         want = orientation.invert(orientation.apply(tiles[loc], t)[:, 0, :5, :5] * (m + 1.0), t)
         np.testing.assert_array_equal(maps[loc], want, err_msg=f"location {loc}")
+    model.calls.clear()  # one call per location (a CPU's location workers): each turned on its own, the same maps
+    again, _ = run_locations(manifest, tiles, model, None, None, location_jobs(manifest, 2, per_location=True))
+    assert model.calls == [3, 3, 3, 3]
+    np.testing.assert_array_equal(again, maps)
 
 
 class _Asymmetric(LocationModel):

@@ -35,8 +35,10 @@ model (``{"name": "m0", "file": "tiles/m0.onnx", "sha256", "bytes"}``, names
 ``m0``, ``m1``, ... in order; ``heads/mK.onnx`` with a shared backbone) and
 ``locations`` becomes the location -> model table
 (``[{"name": "r0c0", "model": "m0"}, ...]``, row-major). Every location is
-mapped and every model serves at least one location; the runtime runs every
-tile of a model's locations through it in one batched call.
+mapped and every model serves at least one location; the runtime runs a
+model's locations' tiles through it in one batched call per model without
+location workers (a GPU), one call per location with them (a CPU:
+:func:`tilead.runtime.backends.base.location_jobs`).
 
 Integrity (schema 2). The manifest carries ``manifest_sha256``, the sha256
 of its own canonical JSON without that key (:func:`manifest_digest`: sorted

@@ -131,7 +131,9 @@ class Predictor:
             logical cores); each session gets ``threads // location_workers``.
             The host kernels (tiling, untiling, seams, normalization) use at most as many.
         location_workers: Locations run at the same time (default: on CPU
-            ``min(locations, threads)``, on CUDA 1).
+            ``min(locations, threads)``, on CUDA 1). Shared models (task assignment) get one
+            batched call per model where that loads the workers evenly, else one call per location
+            (:func:`tilead.runtime.backends.base.location_jobs`).
         max_batch: Images per inference call (bounds memory for long lists).
         precision: TensorRT engines to use, ``"fp32"`` or ``"fp16"`` (None: any listed).
         build_on_load: Refused with a ValueError for TensorRT: the runtime does not

@@ -43,9 +43,9 @@ RETRIEVE_REFUSAL = (
     "closest to) is not available: the model is chosen per test tile at inference, from that tile's own "
     "embedding, so a bundle would need a router graph that computes the embedding, compares it with every "
     "model's training tiles and then runs a different model per tile; the runtime's fixed location -> model "
-    "table (one batched call per model, one TensorRT engine per model) cannot express that, and a router that "
-    "runs every model on every tile costs the work of all models on each tile. Use 'cluster': the same "
-    "nearest-training-tiles idea decided per location at fit time, which keeps one batched call per model"
+    "table (each location's model fixed at export, one TensorRT engine per model) cannot express that, and a "
+    "router that runs every model on every tile costs the work of all models on each tile. Use 'cluster': the same "
+    "nearest-training-tiles idea decided per location at fit time, which keeps the table fixed"
 )
 
 

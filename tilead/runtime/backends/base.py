@@ -524,8 +524,13 @@ def run_backbone_stream(
 RunLocation = Callable[[int, np.ndarray], Sequence[np.ndarray]]
 """``(model index, its tiles (k * n, C, th, tw)) -> [map (k * n, 1, h, w), score (k * n,)?]``.
 
-``k`` is the number of locations the model serves (1 for one model per location); the tiles are
-those locations' tiles one location after the other (:attr:`Manifest.groups`)."""
+``k`` is the number of locations in the call (:func:`location_jobs`): all the locations the model
+serves (:attr:`Manifest.groups`, one location after the other), or one location. A model may then be
+called from several worker threads at once: ``run_one`` must allow that (ONNX Runtime sessions and the
+native heads do; an OpenVINO model needs a stream per concurrent call)."""
+
+Job = tuple[int, tuple[int, ...]]
+"""One call of :func:`run_locations`: ``(model index, the locations whose tiles it gets)``."""
 
 
 def default_location_workers(device: str, locations: int, threads: int) -> int:
@@ -534,12 +539,55 @@ def default_location_workers(device: str, locations: int, threads: int) -> int:
 
 
 def threads_and_workers(request: BackendRequest) -> tuple[int, int]:
-    """``(threads, location_workers)`` of a request: its own, or every core and :func:`default_location_workers`."""
+    """``(threads, location_workers)`` of a request: its own, or every core and :func:`default_location_workers`.
+
+    The default counts locations, not models: a CPU backend makes one call per location
+    (:func:`location_jobs`), so a bundle whose locations all share one model still runs them side by side.
+    """
     budget = request.threads if request.threads is not None else (os.cpu_count() or 1)
     workers = request.location_workers
     if workers is None:
-        workers = default_location_workers(request.device, len(request.manifest.models), budget)
+        workers = default_location_workers(request.device, len(request.manifest.locations), budget)
     return budget, workers
+
+
+def lpt_makespan(sizes: Sequence[int], workers: int) -> int:
+    """The busiest worker's load when ``sizes`` are queued largest first and each goes to the first free worker."""
+    loads = [0] * max(1, workers)
+    for size in sorted(sizes, reverse=True):
+        loads[loads.index(min(loads))] += size
+    return max(loads)
+
+
+def location_jobs(manifest: Manifest, workers: int, per_location: bool | None = None) -> tuple[Job, ...]:
+    """The calls of one inference, in the order they are queued on the location workers.
+
+    One batched call per model (all the tiles of the locations it serves) is what a GPU wants and what
+    a CPU runs fastest per tile (four 512 px tiles in one ONNX Runtime call are 2-5 % cheaper per tile
+    than four calls, ``benchmarks/bench_assignment_calls.py``). But the calls run side by side on the
+    location workers, and unevenly shared locations load them unevenly: k-means clusters of 7, 3, 3
+    and 3 locations on two workers leave one with 10 locations' work and the other with 6, 1.26x the
+    one-to-one latency at batch 8 where one call per location gives 1.02x. So the calls are per model
+    when their sizes, queued largest first, load the workers evenly (no worker above
+    ``ceil(locations / workers)``: one model per location, equal neighbourhood blocks), and one call
+    per location otherwise (clusters, one model for all locations on two or more workers).
+
+    Args:
+        manifest: The bundle's manifest.
+        workers: The backend's location workers (1: no pool, the calls one after another).
+        per_location: Force one call per location (True) or per model (False); None: the rule above.
+
+    Returns:
+        ``(model index, locations)`` per call: per model largest first, or per location in row-major order.
+    """
+    groups = manifest.groups
+    if per_location is None:
+        even = -(-len(manifest.location_model) // max(1, workers))
+        per_location = workers > 1 and lpt_makespan([len(g) for g in groups], workers) > even
+    if per_location:
+        return tuple((model, (loc,)) for loc, model in enumerate(manifest.location_model))
+    order = sorted(range(len(groups)), key=lambda model: -len(groups[model]))
+    return tuple((model, groups[model]) for model in order)
 
 
 def run_locations(
@@ -548,12 +596,14 @@ def run_locations(
     run_one: RunLocation,
     pool: ThreadPoolExecutor | None,
     timer: StageTimes | None,
+    jobs: Sequence[Job] | None = None,
 ) -> LocationOutputs:
     """Run every model (side by side on ``pool`` when given) and gather checked per-location outputs.
 
-    A model that serves several locations (task assignment) gets all their
-    tiles in one batched call: ``(k * n, ...)``, location after location; an
-    oriented location's tiles are transformed first and its maps transformed back
+    The calls are ``jobs`` (:func:`location_jobs`, which the CPU backends plan once for their location
+    workers): a model that serves several locations (task assignment) gets all their tiles in one
+    batched call, ``(k * n, ...)`` location after location, or one call per location; an oriented
+    location's tiles are transformed first and its maps transformed back
     (:attr:`Manifest.location_transform`).
 
     Args:
@@ -561,15 +611,18 @@ def run_locations(
         tiles: float32 ``(locations, n, C, th, tw)`` (for a ``shared_backbone``
             bundle the backbone's features ``(locations, n, d, fh, fw)``).
         run_one: Runs one model; returns its outputs in the order
-            ``map`` then (for ``image_score`` ``detector``) ``score``.
-        pool: Worker threads, or None to run the models one after another.
-        timer: Receives ``inference`` and ``location:<model name>`` stages.
+            ``map`` then (for ``image_score`` ``detector``) ``score``. Called from several threads at
+            once with ``pool``, for the same model too when a job holds one of its several locations.
+        pool: Worker threads, or None to run the calls one after another.
+        timer: Receives ``inference`` and ``location:<model name>`` stages (a model's calls summed).
+        jobs: The calls; None: one batched call per model.
 
     Returns:
         ``(maps, scores)`` as :meth:`InferenceBackend.infer` describes.
 
     Raises:
-        BundleError: If a model's output shape differs from the manifest's.
+        BundleError: If a model's output shape differs from the manifest's, or ``jobs`` do not cover
+            every location once with its model.
     """
     m = manifest
     count, n = tiles.shape[0], tiles.shape[1]
@@ -577,13 +630,18 @@ def run_locations(
     maps = np.empty((count, n, h, w), dtype=np.float32)
     scores = np.empty((count, n), dtype=np.float32) if m.image_score == "detector" else None
 
-    groups = m.groups
-    if sum(len(g) for g in groups) != count:
-        raise BundleError(f"expected tiles of {sum(len(g) for g in groups)} locations, got {count}")
+    if len(m.location_model) != count:
+        raise BundleError(f"expected tiles of {len(m.location_model)} locations, got {count}")
+    if jobs is None:
+        jobs = location_jobs(m, 1, per_location=False)
+    elif sorted(loc for _, locs in jobs for loc in locs) != list(range(count)) or any(
+        m.location_model[loc] != model for model, locs in jobs for loc in locs
+    ):
+        raise BundleError("jobs: expected every location once, each with its own model")
 
-    def run(index: int) -> float:
+    def run(job: tuple[int, tuple[int, ...]]) -> float:
         start = time.perf_counter()
-        group = groups[index]
+        index, group = job
         k = len(group)
         lo, hi = group[0], group[-1] + 1
         turns = [m.transform(loc) for loc in group]
@@ -599,7 +657,10 @@ def run_locations(
         out_maps = out.reshape(k, n, h, w)
         if any(turns):  # each map back in its location's orientation
             out_maps = np.stack([orientation.invert(o, t) for o, t in zip(out_maps, turns, strict=True)])
-        maps[list(group)] = out_maps
+        if hi - lo == k:
+            maps[lo:hi] = out_maps
+        else:
+            maps[list(group)] = out_maps
         if scores is not None:
             score = np.asarray(outs[1])
             if score.shape != (k * n,):
@@ -608,10 +669,12 @@ def run_locations(
         return time.perf_counter() - start
 
     with timed(timer, "inference"):
-        indices = range(len(groups))
-        seconds = list(pool.map(run, indices)) if pool is not None else [run(i) for i in indices]
+        seconds = list(pool.map(run, jobs)) if pool is not None else [run(job) for job in jobs]
     if timer is not None:
-        for model, sec in zip(m.models, seconds, strict=True):
+        per_model = [0.0] * len(m.models)
+        for (index, _), sec in zip(jobs, seconds, strict=True):
+            per_model[index] += sec
+        for model, sec in zip(m.models, per_model, strict=True):
             timer.add(f"location:{model.name}", sec)
     return maps, scores
 

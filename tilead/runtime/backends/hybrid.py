@@ -65,6 +65,7 @@ from tilead.runtime.backends.base import (
     Capabilities,
     LocationOutputs,
     TileStream,
+    location_jobs,
     run_backbone,
     run_backbone_stream,
     run_locations,
@@ -156,7 +157,7 @@ class HybridBackend:
         ov = import_openvino()
         ort = import_ort()
         self.manifest = manifest
-        count = len(manifest.models)
+        count = len(manifest.locations)  # calls side by side: one per location (run_locations)
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         threads_each = max(1, threads // self.location_workers)
@@ -179,6 +180,7 @@ class HybridBackend:
             providers = session_providers("cpu", manifest)
             self._sessions = load_location_sessions(ort, manifest, models, providers, threads_each)
         self._buffers = BufferPool() if allocate is None else LeasedBuffers(allocate)
+        self._jobs = location_jobs(manifest, self.location_workers)
         self._pool = (
             ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-hybrid")
             if self.location_workers > 1
@@ -265,11 +267,13 @@ class HybridBackend:
         if native is not None:
             try:
                 return run_locations(
-                    self.manifest, features, lambda index, block: [native[index](block)], self._pool, timer
+                    self.manifest, features, lambda index, block: [native[index](block)], self._pool, timer, self._jobs
                 )
             finally:
                 self._buffers.give(features)
-        return run_heads(self.manifest, self._sessions, [OUTPUT_NAME], features, self._buffers, self._pool, timer)
+        return run_heads(
+            self.manifest, self._sessions, [OUTPUT_NAME], features, self._buffers, self._pool, timer, self._jobs
+        )
 
     def close(self) -> None:
         """Drop the sessions and the compiled backbone, stop the location workers."""

@@ -44,8 +44,10 @@ from tilead.runtime.backends.base import (
     BackendRequest,
     BufferPool,
     Capabilities,
+    Job,
     LocationOutputs,
     TileStream,
+    location_jobs,
     run_backbone,
     run_backbone_stream,
     run_locations,
@@ -461,6 +463,7 @@ def run_heads(
     buffers: BufferPool,
     pool: ThreadPoolExecutor | None,
     timer: StageTimes | None,
+    jobs: Sequence[Job] | None = None,
 ) -> LocationOutputs:
     """Every head session on its location's block of ``features``, then ``features`` back to ``buffers``.
 
@@ -472,6 +475,7 @@ def run_heads(
         buffers: Where ``features`` came from; it is given back here, also when a head fails.
         pool: The location workers, or None to run the heads one after another.
         timer: Receives ``inference`` and ``location:<name>``.
+        jobs: The calls (:func:`.base.location_jobs`); None: one per model.
     """
     try:
         if sessions is None:
@@ -481,7 +485,7 @@ def run_heads(
             outs: Sequence[np.ndarray] = sessions[index].run(names, {FEATURES_NAME: block})
             return outs
 
-        return run_locations(manifest, features, run_head, pool, timer)
+        return run_locations(manifest, features, run_head, pool, timer, jobs)
     finally:
         buffers.give(features)
 
@@ -541,7 +545,7 @@ class OnnxRuntimeBackend:
             raise ValueError(BF16_REFUSED.format(precision=manifest.precision))
         ort = import_ort()
         self.manifest = manifest
-        count = len(manifest.models)  # one call per model
+        count = len(manifest.locations)  # calls side by side: one per location (run_locations)
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         threads_each = max(1, threads // self.location_workers)
@@ -568,6 +572,7 @@ class OnnxRuntimeBackend:
         self._buffers = BufferPool() if allocate is None else LeasedBuffers(allocate)
         self._sessions: list[Any] | None = sessions
         self._names = [OUTPUT_NAME, SCORE_NAME] if manifest.image_score == "detector" else [OUTPUT_NAME]
+        self._jobs = location_jobs(manifest, self.location_workers)
         self._pool = (
             ThreadPoolExecutor(self.location_workers, thread_name_prefix="tilead-location")
             if self.location_workers > 1
@@ -599,12 +604,26 @@ class OnnxRuntimeBackend:
                 outs: Sequence[np.ndarray] = sessions[index].run(names, {INPUT_NAME: location_tiles})
                 return outs
 
-            return run_locations(self.manifest, tiles, run_one, pool, timer)
+            return run_locations(self.manifest, tiles, run_one, pool, timer, self._jobs)
         features = run_backbone(
             self.manifest, np.ascontiguousarray(tiles), self._run_features, self._buffers, pool, timer,
             self.location_workers,
         )  # fmt: skip
         return self._run_heads(features, timer)
+
+    @property
+    def batch_per_model(self) -> bool:
+        """Whether every model gets all its locations' tiles in one call (:func:`.base.location_jobs`).
+
+        The backend plans its calls for its location workers: per model where that loads them evenly,
+        else per location. Setting True forces one batched call per model, as before that plan (for
+        comparisons, ``benchmarks/bench_assignment_calls.py``); False restores the plan.
+        """
+        return len(self._jobs) == len(self.manifest.models)
+
+    @batch_per_model.setter
+    def batch_per_model(self, value: bool) -> None:
+        self._jobs = location_jobs(self.manifest, self.location_workers, per_location=False if value else None)
 
     @property
     def streams_tiles(self) -> bool:
@@ -638,7 +657,9 @@ class OnnxRuntimeBackend:
 
     def _run_heads(self, features: np.ndarray, timer: StageTimes | None) -> LocationOutputs:
         """Every head on its location's block of ``features`` (taken from the pool, given back here)."""
-        return run_heads(self.manifest, self._sessions, self._names, features, self._buffers, self._pool, timer)
+        return run_heads(
+            self.manifest, self._sessions, self._names, features, self._buffers, self._pool, timer, self._jobs
+        )
 
     def infer_with_thumbnail(
         self, tiles: np.ndarray, thumbnail: np.ndarray, timer: StageTimes | None = None

@@ -69,6 +69,7 @@ from tilead.runtime.backends.base import (
     BufferPool,
     Capabilities,
     LocationOutputs,
+    location_jobs,
     run_backbone,
     run_locations,
     run_with_thumbnail,
@@ -431,7 +432,7 @@ class OpenVinoBackend:
         bf16_backbone = bf16_backbone or bf16_bundle
         ov = import_openvino()
         self.manifest = manifest
-        count = len(manifest.models)  # one call per model
+        count = len(manifest.locations)  # calls side by side: one per location (run_locations)
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         self.version = str(ov.__version__)
@@ -479,11 +480,19 @@ class OpenVinoBackend:
                 raise BundleError(f"the thumbnail model: OpenVINO cannot load thumbnail.onnx: {err}") from err
         self._buffers = BufferPool()
         locations: list[_Location] = []
-        for loc, model in zip(manifest.models, models, strict=True):
+        threads_each = max(1, threads // self.location_workers)
+        self._jobs = location_jobs(manifest, self.location_workers)
+        calls = [sum(1 for model, _ in self._jobs if model == index) for index in range(len(manifest.models))]
+        for loc, model, count in zip(manifest.models, models, calls, strict=True):
             try:
                 graph = core.read_model(model=model)
                 pretranspose_fp16_products(graph)
-                compiled = core.compile_model(graph, "CPU", config)
+                # A model the workers call per location (location_jobs) gets one stream per call it may run
+                # at once, else OpenVINO would run them one at a time.
+                streams = min(count, self.location_workers)
+                precision = {"INFERENCE_PRECISION_HINT": config["INFERENCE_PRECISION_HINT"]}
+                own = config if streams == 1 else stream_config(precision, streams * threads_each, streams)
+                compiled = core.compile_model(graph, "CPU", own)
                 locations.append(_Location(compiled, names, shape))
             except Exception as err:  # OpenVINO raises RuntimeError and its own types
                 raise BundleError(f"location {loc.name}: OpenVINO cannot load {loc.file}: {err}") from err
@@ -528,7 +537,7 @@ class OpenVinoBackend:
 
         backbone = self._backbone
         if backbone is None:
-            return run_locations(self.manifest, tiles, run_one, pool, timer)
+            return run_locations(self.manifest, tiles, run_one, pool, timer, self._jobs)
 
         def run_features(part: np.ndarray, out: np.ndarray) -> None:
             backbone_into(backbone, part, out)
@@ -537,7 +546,7 @@ class OpenVinoBackend:
             self.manifest, np.ascontiguousarray(tiles), run_features, self._buffers, pool, timer, self.location_workers
         )
         try:
-            return run_locations(self.manifest, features, run_one, pool, timer)
+            return run_locations(self.manifest, features, run_one, pool, timer, self._jobs)
         finally:
             self._buffers.give(features)
 
