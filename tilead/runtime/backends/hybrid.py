@@ -157,7 +157,7 @@ class HybridBackend:
         ov = import_openvino()
         ort = import_ort()
         self.manifest = manifest
-        count = len(manifest.locations)  # calls side by side: one per location (run_locations)
+        count = len(manifest.locations)  # workers counted by locations (location_jobs plans their calls)
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         threads_each = max(1, threads // self.location_workers)

@@ -432,7 +432,7 @@ class OpenVinoBackend:
         bf16_backbone = bf16_backbone or bf16_bundle
         ov = import_openvino()
         self.manifest = manifest
-        count = len(manifest.locations)  # calls side by side: one per location (run_locations)
+        count = len(manifest.locations)  # workers counted by locations (location_jobs plans their calls)
         self.threads = threads
         self.location_workers = max(1, min(location_workers, count))
         self.version = str(ov.__version__)
@@ -483,13 +483,13 @@ class OpenVinoBackend:
         threads_each = max(1, threads // self.location_workers)
         self._jobs = location_jobs(manifest, self.location_workers)
         calls = [sum(1 for model, _ in self._jobs if model == index) for index in range(len(manifest.models))]
-        for loc, model, count in zip(manifest.models, models, calls, strict=True):
+        for loc, model, model_calls in zip(manifest.models, models, calls, strict=True):
             try:
                 graph = core.read_model(model=model)
                 pretranspose_fp16_products(graph)
                 # A model the workers call per location (location_jobs) gets one stream per call it may run
                 # at once, else OpenVINO would run them one at a time.
-                streams = min(count, self.location_workers)
+                streams = min(model_calls, self.location_workers)
                 precision = {"INFERENCE_PRECISION_HINT": config["INFERENCE_PRECISION_HINT"]}
                 own = config if streams == 1 else stream_config(precision, streams * threads_each, streams)
                 compiled = core.compile_model(graph, "CPU", own)
