@@ -144,7 +144,8 @@ def test_manifest_with_an_unknown_precision_is_refused(tiny_trained: tuple[Path,
 
     data = json.loads((tiny_trained[1] / "manifest.json").read_text())
     data["model"]["precision"] = "int4"
-    with pytest.raises(BundleError, match=r"model.precision: expected one of 'fp32', 'int8', 'bf16', got"):
+    want = r"model.precision: expected one of 'fp32', 'int8', 'bf16', 'int8_bf16', got 'int4'"
+    with pytest.raises(BundleError, match=want):
         parse_manifest(data)
 
 
