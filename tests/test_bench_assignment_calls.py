@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from bench_module import load_benchmark
 from PIL import Image
 from test_assignment import TABLE, make_shared_model_bundle
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(
-        "bench_assignment_calls", ROOT / "benchmarks" / "bench_assignment_calls.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_assignment_calls"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_assignment_calls")
 
 
 def test_report_compares_the_planned_calls_with_per_model_calls(

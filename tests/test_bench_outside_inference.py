@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
+from bench_module import load_benchmark
 from bundle_factory import make_bundle
 from PIL import Image
 
 from tilead.runtime import Predictor
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "bench_outside_inference", ROOT / "benchmarks" / "bench_outside_inference.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_outside_inference"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_outside_inference")
 
 
 def test_tables_report_every_stage_and_the_fused_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
