@@ -26,6 +26,10 @@ def test_info_reports_build_and_cuda_status() -> None:
     status = cuda_status()
     assert info["cuda_built"] == status.built
     assert info["cpu_tile_path"] in ("avx2+f16c", "portable")
+    from tilead.cli.info import INT8_PATHS
+    from tilead.runtime.cpu_features import int8_arithmetic
+
+    assert info["cpu_int8"] == INT8_PATHS[int8_arithmetic()]
     assert info["cpu_threads"] >= 1
     if not status.usable:
         assert info["cuda_devices"] == []

@@ -35,6 +35,12 @@ from tilead.cli._common import CONTEXT, fail_on_errors, output_option, progress_
          "[1.0]. Runs fitted on a handful of tiles (nearly singular Gaussians) may need more; quality is judged by "
          "evaluation.",
 )  # fmt: skip
+@click.option(
+    "--int8-weight-bits", type=click.IntRange(7, 8), default=None,
+    help="int8/int8_bf16: INT8 weights in 7 bits (ONNX Runtime's reduce_range; no CPU's INT8 sums saturate, so the "
+         "bundle runs alike with and without VNNI) or 8 (the full range: the bundle then runs only on CPUs that sum "
+         "INT8 as this one does; the Predictor refuses it elsewhere) [7 for int8, 8 for int8_bf16; docs/cpu_speed.md].",
+)  # fmt: skip
 @click.option("--opt-batch", type=click.IntRange(1, 1024), default=1, show_default=True, help="Batch tuned for.")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Largest batch.")
 @click.option("--workspace-mib", type=click.IntRange(16, 1 << 20), default=2048, show_default=True)
@@ -53,6 +59,7 @@ def main(
     precision: str,
     layout: str,
     parity_tolerance: float | None,
+    int8_weight_bits: int | None,
     opt_batch: int,
     max_batch: int,
     workspace_mib: int,
@@ -82,6 +89,8 @@ def main(
     if parity_tolerance is not None and precision in ("fp32", "fp16"):
         raise click.BadParameter("applies to --precision int8, bf16 or int8_bf16 (FP32 graphs are checked to 1e-5)",
                                  param_hint="--parity-tolerance")  # fmt: skip
+    if int8_weight_bits is not None and precision not in ("int8", "int8_bf16"):
+        raise click.BadParameter("applies to --precision int8 or int8_bf16", param_hint="--int8-weight-bits")
     if tf32 and not trt:
         raise click.UsageError("--tf32 sets how TensorRT engines compute: add --trt")
     if layout == "shared_backbone" and trt:
@@ -102,7 +111,9 @@ def main(
                 chosen = None if layout == "auto" else layout
                 if trt and chosen is None:
                     chosen = "per_location"  # the TensorRT engines are built per location
-                bundle = _export(source, output, opset, overwrite, progress, precision, chosen, parity_tolerance)
+                bundle = _export(
+                    source, output, opset, overwrite, progress, precision, chosen, parity_tolerance, int8_weight_bits
+                )
             if trt:
                 from tilead.exporter.engines import build_engines
 
@@ -124,6 +135,7 @@ def _export(
     precision: str = "fp32",
     layout: str | None = None,
     parity_tolerance: float | None = None,
+    int8_weight_bits: int | None = None,
 ) -> Path:
     from tilead.exporter.bundle import export_bundle
     from tilead.exporter.quantize import INT8_PARITY_TOLERANCE
@@ -133,6 +145,7 @@ def _export(
     result = export_bundle(
         run_dir, output, opset=opset, overwrite=overwrite, progress=progress, precision=onnx_precision, layout=layout,
         int8_tolerance=INT8_PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance,
+        int8_weight_bits=int8_weight_bits,
     )  # fmt: skip
     locs = result.manifest["locations"]
     files = result.manifest.get("models", locs)  # models shared by locations (grid.assignment): one file per model
@@ -148,5 +161,15 @@ def _export(
                   "bf16": " (OpenVINO bf16 backbone vs FP32 eager, refit heads, on training tiles)",
                   "int8_bf16": " (OpenVINO INT8 backbone with the bf16 hint vs FP32 eager, refit heads, on training "
                                "tiles)"}.get(onnx_precision, ""))  # fmt: skip
+    model = result.manifest["model"]
+    if "int8_weight_bits" in model:
+        bits = model["int8_weight_bits"]
+        where = {
+            "dot_product": "CPUs with an 8-bit dot product (VNNI or AMX), as this one",
+            "saturating": "CPUs without VNNI or AMX (AVX2), as this one",
+        }.get(model.get("int8_arithmetic", ""), "CPUs that sum INT8 as this one does")
+        click.echo(
+            f"weights:    {bits}-bit INT8; " + ("runs alike on any x86 CPU" if bits == 7 else f"runs on {where}")
+        )
     click.echo(f"time:       {result.seconds:.1f} s")
     return result.bundle

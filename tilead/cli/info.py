@@ -10,10 +10,18 @@ import numpy as np
 
 from tilead import __version__, _kernels
 from tilead.runtime import cuda_status, get_num_threads
+from tilead.runtime.cpu_features import int8_arithmetic
+
+INT8_PATHS: dict[str | None, str] = {
+    "dot_product": "8-bit dot product (VNNI/AMX)",
+    "saturating": "AVX2, saturating 16-bit sums (8-bit-weight INT8 bundles must be exported on such a CPU)",
+    None: "unknown",
+}
+"""``cpu_int8``: how this CPU computes INT8 convolutions (:func:`tilead.runtime.cpu_features.int8_arithmetic`)."""
 
 
 def collect() -> dict[str, object]:
-    """Versions, the extension's build, its CPU code path and CUDA status."""
+    """Versions, the extension's build, its CPU code paths (tiling, INT8 convolutions) and CUDA status."""
     status = cuda_status()
     return {
         "tilead": __version__,
@@ -22,6 +30,7 @@ def collect() -> dict[str, object]:
         "machine": platform.machine(),
         "cpu_threads": get_num_threads(),
         "cpu_tile_path": _kernels.cpu_simd(),
+        "cpu_int8": INT8_PATHS[int8_arithmetic()],
         "cuda_built": status.built,
         "cuda_architectures": status.architectures,
         "cuda_devices": list(status.devices),

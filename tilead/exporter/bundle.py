@@ -48,10 +48,13 @@ from tilead.exporter.onnx_export import (
 from tilead.exporter.quantize import (
     INT8_PARITY_TOLERANCE,
     check_precision,
+    check_weight_bits,
     compare_int8,
+    default_weight_bits,
     quantize_location,
     quantizes_backbone,
     refit_padim_head,
+    weights_fact,
 )
 from tilead.exporter.shared_backbone import choose_layout, export_shared, refit_padim
 from tilead.runtime.bundle import (
@@ -65,6 +68,7 @@ from tilead.runtime.bundle import (
     sha256_file,
     write_manifest,
 )
+from tilead.runtime.cpu_features import int8_arithmetic
 from tilead.runtime.files import LocationFile
 from tilead.runtime.preprocess import uint8_tiles_fit
 from tilead.runtime.thumbnail import THUMBNAIL_FILE, THUMBNAIL_NAME
@@ -150,6 +154,7 @@ def export_bundle(
     calibration_images: int = 32,
     int8_tolerance: float = INT8_PARITY_TOLERANCE,
     layout: str | None = None,
+    int8_weight_bits: int | None = None,
 ) -> ExportResult:
     """Export a trained run as a bundle.
 
@@ -173,6 +178,11 @@ def export_bundle(
         layout: ``per_location`` (each location's full graph), ``shared_backbone``
             (one backbone graph, a head per location: :mod:`tilead.exporter.shared_backbone`),
             or None for the family's default (:data:`tilead.exporter.shared_backbone.DEFAULT_LAYOUT`).
+        int8_weight_bits: With ``int8`` and ``int8_bf16``: 8, or 7 (ONNX Runtime's ``reduce_range``: no CPU's
+            INT8 sums saturate, so the bundle runs the same on CPUs with and without VNNI,
+            :mod:`tilead.runtime.cpu_features`); None: :func:`~tilead.exporter.quantize.default_weight_bits`
+            (7 for ``int8``). Recorded as ``model.int8_weight_bits``; ``int8`` bundles also record this CPU's
+            INT8 arithmetic (``model.int8_arithmetic``), which the Predictor checks for 8-bit weights.
 
     Returns:
         The bundle path, its manifest and the time taken.
@@ -186,8 +196,15 @@ def export_bundle(
         RuntimeError: For bf16 or int8_bf16 without OpenVINO or on a CPU without bfloat16 units.
     """
     check_precision(precision)
+    if int8_weight_bits is not None and not quantizes_backbone(precision):
+        raise ValueError(f"int8_weight_bits {int8_weight_bits}: applies to int8 and int8_bf16, not {precision!r}")
+    int8_weight_bits = check_weight_bits(
+        default_weight_bits(precision) if int8_weight_bits is None else int8_weight_bits
+    )
+    arithmetic = int8_arithmetic() if precision == "int8" else None
     if calibration_images < 1:
         raise ValueError(f"calibration_images: expected 1 or more, got {calibration_images}")
+
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -273,7 +290,7 @@ def export_bundle(
                 tmp, grid, tile_shape, models, exported, opset=opset, tolerance=PARITY_TOLERANCE,
                 calibration=location_batches if calibration else None,
                 refit=refit_head if calibration and cfg.model.family == "padim" else None,
-                int8_tolerance=int8_tolerance,
+                int8_tolerance=int8_tolerance, weight_bits=int8_weight_bits,
                 progress=lambda it: tqdm(list(it), desc="export", unit="loc", disable=not progress),
                 names=table.names, files=model_files(table.num_models, layout) if table.shared else None,
                 bf16=partial(Bf16Backbone, preprocessing=prep, tile=grid.tile_size, uint8=uint8_tiles)
@@ -284,7 +301,7 @@ def export_bundle(
             native_entries = shared.native
             if openvino_refit:
                 int8_facts = {
-                    "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
+                    "weights": weights_fact(int8_weight_bits), "activations": "uint8 (min/max calibration)",
                     "calibration_images": len(calibration),
                 } if quantized else {}  # fmt: skip
                 quant_info = {
@@ -293,8 +310,9 @@ def export_bundle(
                 }  # fmt: skip
             elif calibration:
                 quant_info = {
-                    "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
-                    **shared.quantization, "calibration_images": len(calibration),
+                    "format": "QDQ", "weights": weights_fact(int8_weight_bits),
+                    "activations": "uint8 (min/max calibration)", **shared.quantization,
+                    "calibration_images": len(calibration),
                     "parity_tolerance": int8_tolerance, "scope": "the shared backbone graph; heads FP32",
                     "normalization": "the FP32 run's statistics (not recomputed on INT8 maps)",
                 }  # fmt: skip
@@ -323,7 +341,7 @@ def export_bundle(
                         np.ascontiguousarray(t.numpy())
                         for t in LocationTiles(cfg, calibration, grid, prep, groups[index], name)
                     ]
-                    info = quantize_location(target, target, batches)
+                    info = quantize_location(target, target, batches, weight_bits=int8_weight_bits)
                     refit = 0
                     if isinstance(cfg.model, PadimConfig):  # the Gaussians fitted again on the INT8 backbone's features
                         head = getattr(export_model, "model", export_model).head
@@ -339,8 +357,9 @@ def export_bundle(
                             f"range on training tiles (INT8 tolerance {int8_tolerance})"
                         )
                     quant_info = {
-                        "format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 (min/max calibration)",
-                        "quantized_nodes": info.backbone_nodes, "fp32_nodes": info.fp32_nodes,
+                        "format": "QDQ", "weights": weights_fact(int8_weight_bits),
+                        "activations": "uint8 (min/max calibration)", "quantized_nodes": info.backbone_nodes,
+                        "fp32_nodes": info.fp32_nodes,
                         "calibration_images": len(calibration), "parity_tolerance": int8_tolerance,
                         "head_refit_tiles": refit,
                         "normalization": "the FP32 run's statistics (not recomputed on INT8 maps)",
@@ -372,6 +391,8 @@ def export_bundle(
                 "opset": opset,
                 "dtype": "float32",
                 "precision": precision,
+                **({"int8_weight_bits": int8_weight_bits} if quantized else {}),
+                **({"int8_arithmetic": arithmetic} if arithmetic is not None else {}),
                 **({"backbone_input": "uint8"} if openvino_refit and uint8_tiles else {}),
                 **detector.manifest_info(),
             },

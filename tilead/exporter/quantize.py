@@ -37,12 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from tilead.runtime.bundle import INPUT_NAME
+from tilead.runtime.bundle import INPUT_NAME, QUANTIZED_PRECISIONS
 
 PRECISIONS = ("fp32", "int8", "bf16", "int8_bf16")
 """``--precision`` of an ONNX export (:data:`tilead.runtime.bundle.PRECISIONS`)."""
-QUANTIZED_PRECISIONS = ("int8", "int8_bf16")
-"""Precisions whose backbone graph is quantized to INT8 QDQ (:func:`quantizes_backbone`)."""
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 BACKBONE_MODULE = "backbone"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -53,6 +51,37 @@ STRIDED_OPS = ("Conv", "MaxPool", "AveragePool")
 # refit (AUROCs and AUPRO within 0.001 of FP32); 9-13 without it (image AUROC 0.53). 1.0 rejects a graph
 # whose map leaves the FP32 map's own range, as a broken quantization does.
 INT8_PARITY_TOLERANCE = 1.0
+WEIGHT_BITS = (7, 8)
+"""``--int8-weight-bits``: 8, INT8 weights' full range; 7, ONNX Runtime's ``reduce_range`` (weights in [-64, 64]),
+whose uint8 x int8 pair sums fit AVX2's saturating 16-bit ``vpmaddubsw`` (:mod:`tilead.runtime.cpu_features`)."""
+
+
+def default_weight_bits(precision: str) -> int:
+    """``--int8-weight-bits`` when not given: 7 for ``int8``, 8 for ``int8_bf16``.
+
+    An ``int8`` bundle's PaDiM heads are refit on the features of the exporting CPU's INT8 arithmetic. With 8-bit
+    weights that differs between CPUs with an 8-bit dot product (VNNI, AMX) and AVX2-only ones (saturating sums);
+    with 7 bits it does not, so the bundle runs on both (bottle, Zen 3: 0.9960 / 0.9899 / 0.9680 either way,
+    against 0.9968 / 0.9902 / 0.9683 for 8 bits on the CPU it was refit on). ``int8_bf16`` runs on OpenVINO on CPUs
+    with bf16 units, which all have VNNI, and keeps the full range.
+    """
+    return 7 if precision == "int8" else 8
+
+
+def check_weight_bits(bits: int) -> int:
+    """Validate an ``int8_weight_bits`` value.
+
+    Raises:
+        ValueError: If it is not one of :data:`WEIGHT_BITS`.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in WEIGHT_BITS:
+        raise ValueError(f"int8_weight_bits: expected 7 or 8, got {bits!r}")
+    return bits
+
+
+def weights_fact(bits: int) -> str:
+    """The manifest's ``quantization.weights`` text for weights quantized to ``bits``."""
+    return "int8 per-channel" + (", 7-bit range (reduce_range)" if bits == 7 else "")
 
 
 def check_precision(precision: str) -> str:
@@ -198,7 +227,7 @@ class QuantizeInfo:
     calibration_tiles: int
 
 
-def quantize_location(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> QuantizeInfo:
+def quantize_location(fp32: Path, out: Path, batches: Sequence[np.ndarray], *, weight_bits: int = 8) -> QuantizeInfo:
     """Quantize the backbone of one location's FP32 graph to INT8 (QDQ), the rest kept FP32.
 
     Args:
@@ -206,17 +235,20 @@ def quantize_location(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> Q
         out: Target ``.onnx`` (may be ``fp32`` itself: the file is replaced).
         batches: Calibration batches, float32 ``(n, C, th, tw)``: the
             location's training tiles, preprocessed as the Predictor does.
+        weight_bits: 8, or 7 (ONNX Runtime's ``reduce_range``: no saturation on CPUs without VNNI, coarser
+            weights; :data:`WEIGHT_BITS`).
 
     Returns:
         Node counts and the number of calibration tiles.
 
     Raises:
-        ValueError: If there are no calibration tiles, or the graph has no
-            recognizable backbone.
+        ValueError: If there are no calibration tiles, the graph has no
+            recognizable backbone, or ``weight_bits`` is not 7 or 8.
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    check_weight_bits(weight_bits)
     tiles = sum(int(b.shape[0]) for b in batches)
     if tiles == 0:
         raise ValueError(f"{fp32}: no calibration tiles")
@@ -240,6 +272,7 @@ def quantize_location(fp32: Path, out: Path, batches: Sequence[np.ndarray]) -> Q
             calibrate_method=CalibrationMethod.MinMax,
             nodes_to_quantize=backbone,
             nodes_to_exclude=rest,
+            reduce_range=weight_bits == 7,
             extra_options={"CalibTensorRangeSymmetric": False},
         )
         staged.replace(out)

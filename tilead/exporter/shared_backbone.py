@@ -193,6 +193,7 @@ def export_shared(
     calibration: Callable[[int], list[np.ndarray]] | None = None,
     refit: Callable[[int, Any, nn.Module], tuple[nn.Module, int]] | None = None,
     int8_tolerance: float = 1.0,
+    weight_bits: int = 8,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
     names: Sequence[str] | None = None,
     files: Sequence[str] | None = None,
@@ -213,6 +214,7 @@ def export_shared(
             calibrated on about as many tiles in all as one location has (spread over the locations).
         refit: INT8 only: ``(location index, INT8 backbone session, export head) -> (refit head, tiles fitted on)``.
         int8_tolerance: INT8 only: largest chain-vs-eager difference accepted on real tiles.
+        weight_bits: INT8 only: the backbone's weights in 8 bits, or 7 (:data:`tilead.exporter.quantize.WEIGHT_BITS`).
         progress: Wraps the per-location loop (a progress bar).
         names: Model names when locations share models (task assignment; ``models`` then holds one per
             model and the indices above are model indices); None: the grid's location names.
@@ -254,7 +256,7 @@ def export_shared(
             tiles = calibration(index)
             if tiles:
                 spread.append(np.concatenate(tiles)[:per_location])
-        info = quantize_location(backbone_path, backbone_path, spread)
+        info = quantize_location(backbone_path, backbone_path, spread, weight_bits=weight_bits)
         check_onnx(backbone_path)
         quant = {
             "quantized_nodes": info.backbone_nodes,

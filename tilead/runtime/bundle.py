@@ -87,6 +87,7 @@ from typing import Any
 from tilead.atomic import atomic_write_text
 from tilead.runtime import orientation
 from tilead.runtime._checks import as_int, as_pair, check_mapping, describe
+from tilead.runtime.cpu_features import ARITHMETICS
 from tilead.runtime.engines import EngineSet, parse_engine_sets
 from tilead.runtime.files import LocationFile, parse_location_file
 from tilead.runtime.geometry import MAX_SIDE, TileGrid, location_name
@@ -252,6 +253,23 @@ class Manifest:
         return str(self.model.get("precision", "fp32"))
 
     @property
+    def int8_weight_bits(self) -> int | None:
+        """``model.int8_weight_bits`` of an INT8 bundle (absent: 8, as exported before it existed); None otherwise."""
+        if self.precision not in QUANTIZED_PRECISIONS:
+            return None
+        return int(self.model.get("int8_weight_bits", 8))
+
+    @property
+    def int8_arithmetic(self) -> str | None:
+        """``model.int8_arithmetic``: how the exporting CPU summed INT8 products when the heads were refit.
+
+        :data:`tilead.runtime.cpu_features.ARITHMETICS`; None when not recorded (not ``int8``, or exported before
+        the key, or on a CPU whose INT8 path is not known).
+        """
+        value = self.model.get("int8_arithmetic")
+        return None if value is None else str(value)
+
+    @property
     def openvino_refit(self) -> bool:
         """Whether the heads were refit on OpenVINO's backbone run with the bf16 hint (:func:`refit_on_openvino`).
 
@@ -277,6 +295,9 @@ PRECISIONS = ("fp32", "int8", "bf16", "int8_bf16")
 FP32 graphs whose heads were refit on OpenVINO's bf16 backbone features: the ``hybrid`` backend); or
 int8_bf16 (``shared_backbone``, the INT8 QDQ backbone graph, heads refit on the features OpenVINO computes
 from it with the bf16 hint: the ``hybrid`` backend)."""
+
+QUANTIZED_PRECISIONS = ("int8", "int8_bf16")
+"""Precisions whose backbone is an INT8 QDQ graph (``model.int8_weight_bits`` says how its weights were rounded)."""
 
 OPENVINO_REFIT_PRECISIONS = ("bf16", "int8_bf16")
 """Precisions whose heads were refit on OpenVINO's backbone with ``INFERENCE_PRECISION_HINT`` ``bf16``."""
@@ -305,6 +326,8 @@ _MODEL_KEYS = (
     "score_output",
     "precision",
     "backbone_input",
+    "int8_weight_bits",
+    "int8_arithmetic",
 )
 
 BACKBONE_INPUTS = ("float32", "uint8")
@@ -358,6 +381,22 @@ def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
     if not isinstance(precision, str) or precision not in PRECISIONS:
         choices = ", ".join(map(repr, PRECISIONS))
         raise ValueError(f"model.precision: expected one of {choices}, got {describe(precision)}")
+    if "int8_weight_bits" in model:
+        bits = model["int8_weight_bits"]
+        if precision not in QUANTIZED_PRECISIONS:
+            raise ValueError(
+                f"model.int8_weight_bits: only INT8 bundles have it (precision {' or '.join(QUANTIZED_PRECISIONS)}), "
+                f"not {precision!r}"
+            )
+        if isinstance(bits, bool) or bits not in (7, 8):
+            raise ValueError(f"model.int8_weight_bits: expected 7 or 8, got {describe(bits)}")
+    if "int8_arithmetic" in model:
+        arithmetic = model["int8_arithmetic"]
+        if precision != "int8":
+            raise ValueError(f"model.int8_arithmetic: only int8 bundles have it, not {precision!r}")
+        if not isinstance(arithmetic, str) or arithmetic not in ARITHMETICS:
+            choices = ", ".join(map(repr, ARITHMETICS))
+            raise ValueError(f"model.int8_arithmetic: expected one of {choices}, got {describe(arithmetic)}")
     backbone_input = model.get("backbone_input", "float32")
     if not isinstance(backbone_input, str) or backbone_input not in BACKBONE_INPUTS:
         choices = ", ".join(map(repr, BACKBONE_INPUTS))

@@ -67,6 +67,7 @@ from tilead.runtime.bundle import (
     check_thumbnail_io,
     ort_specs,
 )
+from tilead.runtime.cpu_features import int8_verdict
 from tilead.runtime.engines import onnx_digest
 from tilead.runtime.timing import StageTimes
 
@@ -176,6 +177,11 @@ def session_providers(device: str, manifest: Manifest, max_batch: int = 1) -> li
     raise ValueError(f"device: expected 'cpu' or 'cuda', got {describe(device)}")
 
 
+def provider_names(requested: Sequence[Any]) -> list[str]:
+    """Names of providers given as names or ``(name, options)`` pairs."""
+    return [p[0] if isinstance(p, tuple) else str(p) for p in requested]
+
+
 def check_providers(requested: Sequence[Any], used: Sequence[str], location: str) -> None:
     """Fail when a GPU provider was requested but the session runs on the CPU only.
 
@@ -193,8 +199,7 @@ def check_providers(requested: Sequence[Any], used: Sequence[str], location: str
     Raises:
         RuntimeError: If a GPU provider was requested and none is in ``used``.
     """
-    names = [p[0] if isinstance(p, tuple) else str(p) for p in requested]
-    wanted = [n for n in names if n in GPU_PROVIDERS]
+    wanted = [n for n in provider_names(requested) if n in GPU_PROVIDERS]
     if not wanted:
         return
     if not any(n in used for n in GPU_PROVIDERS):
@@ -525,6 +530,9 @@ class OnnxRuntimeBackend:
 
     Raises:
         BundleError: If ONNX Runtime cannot load a model, or a bundle's layout and ``backbone`` disagree.
+        ValueError: For a bf16 bundle, or (on the CPU provider) an ``int8`` bundle with 8-bit weights whose heads
+            were refit on a CPU whose INT8 sums differ from this one's
+            (:func:`tilead.runtime.cpu_features.int8_verdict`; logged instead when the bundle does not say).
     """
 
     capabilities = CAPABILITIES
@@ -544,6 +552,12 @@ class OnnxRuntimeBackend:
         if manifest.openvino_refit:
             raise ValueError(BF16_REFUSED.format(precision=manifest.precision))
         ort = import_ort()
+        if not any(name in GPU_PROVIDERS for name in provider_names(providers)):
+            verdict = int8_verdict(manifest.precision, manifest.int8_weight_bits, manifest.int8_arithmetic)
+            if verdict is not None and verdict[0] == "refuse":
+                raise ValueError(verdict[1])
+            if verdict is not None:
+                log.warning(verdict[1])
         self.manifest = manifest
         count = len(manifest.locations)  # workers counted by locations (location_jobs plans their calls)
         self.threads = threads
