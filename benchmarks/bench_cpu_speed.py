@@ -157,16 +157,32 @@ singular), where bf16 features moved a 2048² demo location's map by 1.14 of its
 it); the big run measures speed and memory, not quality (INT8's tiny-run tolerance is 2.0 too)."""
 
 
-def ensure_bundle(run: Path, out: Path, variant: str, tolerance: float | None = None) -> Path:
-    """Export ``run`` as ``variant`` (``layout:precision``) into ``out`` when it is not there yet."""
+def ensure_bundle(
+    run: Path, out: Path, variant: str, tolerance: float | None = None, weight_bits: int | None = None
+) -> Path:
+    """Export ``run`` as ``variant`` (``layout:precision``) into ``out`` when it is not there yet.
+
+    A bundle already there is kept when its layout, precision and (INT8) weight bits are the ones asked for:
+    ``weight_bits`` None means the exporter's default (:func:`tilead.exporter.quantize.default_weight_bits`), and a
+    manifest without ``model.int8_weight_bits`` has 8.
+    """
+    from tilead.exporter.quantize import default_weight_bits, quantizes_backbone
+
     layout, precision = variant.split(":")
+    bits = (
+        (default_weight_bits(precision) if weight_bits is None else weight_bits)
+        if quantizes_backbone(precision)
+        else None
+    )
     manifest = out / "manifest.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text())
         same = data.get("layout", "per_location") == layout and data["model"].get("precision", "fp32") == precision
+        same = same and (bits is None or data["model"].get("int8_weight_bits", 8) == bits)
         if same and not stale_heads(out, data):
             return out
     extra = [] if tolerance is None else ["--parity-tolerance", str(tolerance)]
+    extra += [] if bits is None else ["--int8-weight-bits", str(bits)]
     sh([str(BIN / "tilead-export"), str(run), "-o", str(out), "--layout", layout, "--precision", precision,
         "--overwrite", "--no-progress", *extra])  # fmt: skip
     return out
@@ -287,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=None, help="inference threads per Predictor [all cores]")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS child processes")
+    ap.add_argument("--int8-weight-bits", type=int, choices=(7, 8), default=None,
+                    help="INT8 bundles' weight bits (tilead-export --int8-weight-bits) [its default]")  # fmt: skip
     ap.add_argument("--quality", action="store_true", help="also AUROCs and AUPRO of the bottle bundles")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
@@ -319,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
             if kind not in made:
                 try:
                     tolerance = BIG_BF16_TOLERANCE if which == "big" and refit_on_openvino(kind.split(":")[1]) else None
-                    made[kind] = ensure_bundle(run, args.work / f"{size}_{kind.replace(':', '_')}", kind, tolerance)
+                    made[kind] = ensure_bundle(
+                        run, args.work / f"{size}_{kind.replace(':', '_')}", kind, tolerance, args.int8_weight_bits
+                    )
                 except subprocess.CalledProcessError as err:  # e.g. an INT8 parity refusal: reported, the rest measured
                     if kind == parse_variant(baseline)[0]:
                         raise

@@ -102,3 +102,38 @@ def test_split_configs_round_trip(w: int, t: int, k: int) -> None:
 def test_bad_split_configs_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="expected WORKERSxTHREADSxTILES"):
         SPLIT.parse_config(text)
+
+
+@pytest.mark.parametrize(
+    ("variant", "on_disk", "asked", "exported"),
+    [
+        ("shared_backbone:int8", None, None, ["--int8-weight-bits", "7"]),  # an 8-bit bundle from before: redone
+        ("shared_backbone:int8", 7, None, None),  # the default, already there: kept
+        ("shared_backbone:int8", 7, 8, ["--int8-weight-bits", "8"]),
+        ("shared_backbone:int8", 8, 8, None),
+        ("shared_backbone:fp32", None, None, None),  # no weight bits for FP32
+    ],
+)
+def test_a_cached_int8_bundle_is_kept_only_with_the_weight_bits_asked_for(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variant: str,
+    on_disk: int | None,
+    asked: int | None,
+    exported: list[str] | None,
+) -> None:
+    import json
+
+    layout, precision = variant.split(":")
+    model: dict[str, object] = {"precision": precision, "family": "stfpm"}  # stfpm: stale_heads does not apply
+    if on_disk is not None:
+        model["int8_weight_bits"] = on_disk
+    (tmp_path / "manifest.json").write_text(json.dumps({"layout": layout, "model": model}))
+    calls: list[list[str]] = []
+    monkeypatch.setattr(CPU, "sh", lambda cmd: calls.append(list(cmd)))
+    assert CPU.ensure_bundle(tmp_path / "run", tmp_path, variant, None, asked) == tmp_path
+    if exported is None:
+        assert calls == []
+    else:
+        assert len(calls) == 1
+        assert calls[0][-2:] == exported

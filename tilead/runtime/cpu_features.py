@@ -104,9 +104,9 @@ def int8_verdict(
         flags: CPU flags; None reads this machine's.
 
     Returns:
-        None when nothing is wrong or nothing is known; ``("refuse", message)`` when the bundle's arithmetic is
-        recorded and this CPU's differs; ``("warn", message)`` when it is not recorded (bundles exported before
-        the key) and this CPU saturates.
+        None when nothing is wrong or this CPU's arithmetic is unknown; ``("refuse", message)`` when the bundle's
+        arithmetic is recorded and this CPU's differs; ``("warn", message)`` when it is not recorded (bundles
+        exported before the key).
     """
     if precision != "int8" or weight_bits != 8:
         return None
@@ -114,13 +114,11 @@ def int8_verdict(
     if here is None or here == refit_on:
         return None
     if refit_on is None:
-        if here != "saturating":
-            return None
         return (
             "warn",
-            "this INT8 bundle has 8-bit weights and does not say which INT8 arithmetic its heads were refit on; this "
-            f"CPU uses {_NAMES[here]}, and a bundle refit on a CPU with VNNI or AMX gives wrong maps here (bottle: "
-            f"AUPRO 0.968 -> 0.48): {_FIX}",
+            "this INT8 bundle has 8-bit weights and does not say which INT8 arithmetic its heads were refit on (it "
+            f"was exported before tilead recorded it); this CPU uses {_NAMES[here]}, and a bundle refit on the other "
+            f"kind of CPU gives wrong maps here (bottle: AUPRO 0.968 -> 0.48-0.50): {_FIX}",
         )
     return (
         "refuse",
