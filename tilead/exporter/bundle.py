@@ -204,7 +204,6 @@ def export_bundle(
     arithmetic = int8_arithmetic() if precision == "int8" else None
     if calibration_images < 1:
         raise ValueError(f"calibration_images: expected 1 or more, got {calibration_images}")
-
     start = time.perf_counter()
     out = Path(out)
     if out.exists() and not overwrite:

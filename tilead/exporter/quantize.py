@@ -61,9 +61,10 @@ def default_weight_bits(precision: str) -> int:
 
     An ``int8`` bundle's PaDiM heads are refit on the features of the exporting CPU's INT8 arithmetic. With 8-bit
     weights that differs between CPUs with an 8-bit dot product (VNNI, AMX) and AVX2-only ones (saturating sums);
-    with 7 bits it does not, so the bundle runs on both (bottle, Zen 3: 0.9960 / 0.9899 / 0.9680 either way,
-    against 0.9968 / 0.9902 / 0.9683 for 8 bits on the CPU it was refit on). ``int8_bf16`` runs on OpenVINO on CPUs
-    with bf16 units, which all have VNNI, and keeps the full range.
+    with 7 bits it does not, so the bundle runs on both (bottle on a Zen 3, the VNNI side emulated by
+    ``benchmarks/probe_int8_cross_cpu.py``: 0.9960 / 0.9899 / 0.9680 all four ways, against 0.9968 / 0.9902 /
+    0.9683 for 8 bits on the CPU it was refit on and AUPRO 0.48-0.50 on the other). ``int8_bf16`` runs on
+    OpenVINO on CPUs with bf16 units, which all have VNNI, and keeps the full range.
     """
     return 7 if precision == "int8" else 8
 
