@@ -169,11 +169,9 @@ def ensure_bundle(
     from tilead.exporter.quantize import default_weight_bits, quantizes_backbone
 
     layout, precision = variant.split(":")
-    bits = (
-        (default_weight_bits(precision) if weight_bits is None else weight_bits)
-        if quantizes_backbone(precision)
-        else None
-    )
+    bits = None
+    if quantizes_backbone(precision):
+        bits = default_weight_bits(precision) if weight_bits is None else weight_bits
     manifest = out / "manifest.json"
     if manifest.is_file():
         data = json.loads(manifest.read_text())

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from bench_module import load_benchmark
 from hypothesis import given
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str) -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_cpu_speed imports bench_predictor
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-
-
-CPU = _load("bench_cpu_speed")
-SPLIT = _load("bench_backbone_split")
+CPU = load_benchmark("bench_cpu_speed")  # its folder on sys.path: it imports bench_predictor
+SPLIT = load_benchmark("bench_backbone_split")
 
 
 @pytest.mark.parametrize(

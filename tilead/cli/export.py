@@ -140,6 +140,7 @@ def _export(
     from tilead.exporter.bundle import export_bundle
     from tilead.exporter.quantize import INT8_PARITY_TOLERANCE
     from tilead.runtime.bundle import PRECISIONS
+    from tilead.runtime.cpu_features import ARITHMETIC_NAMES
 
     onnx_precision = precision if precision in PRECISIONS else "fp32"  # fp16: the TensorRT engines only
     result = export_bundle(
@@ -164,10 +165,8 @@ def _export(
     model = result.manifest["model"]
     if "int8_weight_bits" in model:
         bits = model["int8_weight_bits"]
-        where = {
-            "dot_product": "CPUs with an 8-bit dot product (VNNI or AMX), as this one",
-            "saturating": "CPUs without VNNI or AMX (AVX2), as this one",
-        }.get(model.get("int8_arithmetic", ""), "CPUs that sum INT8 as this one does")
+        arithmetic = ARITHMETIC_NAMES.get(model.get("int8_arithmetic", ""))
+        where = f"CPUs with {arithmetic}, as this one" if arithmetic else "CPUs that sum INT8 as this one does"
         click.echo(
             f"weights:    {bits}-bit INT8; " + ("runs alike on any x86 CPU" if bits == 7 else f"runs on {where}")
         )

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tilead.runtime.bundle import INPUT_NAME, QUANTIZED_PRECISIONS
+from tilead.runtime.bundle import INPUT_NAME, INT8_WEIGHT_BITS, QUANTIZED_PRECISIONS
 
 PRECISIONS = ("fp32", "int8", "bf16", "int8_bf16")
 """``--precision`` of an ONNX export (:data:`tilead.runtime.bundle.PRECISIONS`)."""
@@ -51,9 +51,8 @@ STRIDED_OPS = ("Conv", "MaxPool", "AveragePool")
 # refit (AUROCs and AUPRO within 0.001 of FP32); 9-13 without it (image AUROC 0.53). 1.0 rejects a graph
 # whose map leaves the FP32 map's own range, as a broken quantization does.
 INT8_PARITY_TOLERANCE = 1.0
-WEIGHT_BITS = (7, 8)
-"""``--int8-weight-bits``: 8, INT8 weights' full range; 7, ONNX Runtime's ``reduce_range`` (weights in [-64, 64]),
-whose uint8 x int8 pair sums fit AVX2's saturating 16-bit ``vpmaddubsw`` (:mod:`tilead.runtime.cpu_features`)."""
+WEIGHT_BITS = INT8_WEIGHT_BITS
+"""``--int8-weight-bits`` (:data:`tilead.runtime.bundle.INT8_WEIGHT_BITS`)."""
 
 
 def default_weight_bits(precision: str) -> int:

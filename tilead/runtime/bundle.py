@@ -296,6 +296,10 @@ FP32 graphs whose heads were refit on OpenVINO's bf16 backbone features: the ``h
 int8_bf16 (``shared_backbone``, the INT8 QDQ backbone graph, heads refit on the features OpenVINO computes
 from it with the bf16 hint: the ``hybrid`` backend)."""
 
+INT8_WEIGHT_BITS = (7, 8)
+"""``model.int8_weight_bits``: 8, INT8 weights' full range; 7, ONNX Runtime's ``reduce_range`` (weights in [-64, 64]),
+whose uint8 x int8 pair sums fit AVX2's saturating 16-bit ``vpmaddubsw`` (:mod:`tilead.runtime.cpu_features`)."""
+
 QUANTIZED_PRECISIONS = ("int8", "int8_bf16")
 """Precisions whose backbone is an INT8 QDQ graph (``model.int8_weight_bits`` says how its weights were rounded)."""
 
@@ -388,7 +392,7 @@ def _parse_model(data: object, grid: TileGrid) -> dict[str, Any]:
                 f"model.int8_weight_bits: only INT8 bundles have it (precision {' or '.join(QUANTIZED_PRECISIONS)}), "
                 f"not {precision!r}"
             )
-        if isinstance(bits, bool) or bits not in (7, 8):
+        if isinstance(bits, bool) or bits not in INT8_WEIGHT_BITS:
             raise ValueError(f"model.int8_weight_bits: expected 7 or 8, got {describe(bits)}")
     if "int8_arithmetic" in model:
         arithmetic = model["int8_arithmetic"]

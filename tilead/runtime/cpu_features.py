@@ -81,7 +81,8 @@ def int8_arithmetic(flags: frozenset[str] | None = None) -> str | None:
     return None
 
 
-_NAMES = {"dot_product": "an 8-bit dot product (VNNI or AMX)", "saturating": "AVX2's saturating 16-bit sums"}
+ARITHMETIC_NAMES = {"dot_product": "an 8-bit dot product (VNNI or AMX)", "saturating": "AVX2's saturating 16-bit sums"}
+"""How each of :data:`ARITHMETICS` is described in messages."""
 _FIX = (
     "export the run again on this kind of CPU, or with 'tilead-export --precision int8 --int8-weight-bits 7' (the "
     "default), whose weights cannot saturate and which runs the same on both (docs/cpu_speed.md, 'INT8 on a CPU "
@@ -113,15 +114,17 @@ def int8_verdict(
     here = int8_arithmetic(flags)
     if here is None or here == refit_on:
         return None
+    this = ARITHMETIC_NAMES[here]
     if refit_on is None:
         return (
             "warn",
             "this INT8 bundle has 8-bit weights and does not say which INT8 arithmetic its heads were refit on (it "
-            f"was exported before tilead recorded it); this CPU uses {_NAMES[here]}, and a bundle refit on the other "
+            f"was exported before tilead recorded it); this CPU uses {this}, and a bundle refit on the other "
             f"kind of CPU gives wrong maps here (bottle: AUPRO 0.968 -> 0.48-0.50): {_FIX}",
         )
     return (
         "refuse",
-        f"this INT8 bundle's heads were refit on a CPU with {_NAMES[refit_on]}; this CPU computes its convolutions "
-        f"with {_NAMES[here]}, which give other features with 8-bit weights (bottle: AUPRO 0.968 -> 0.48-0.50): {_FIX}",
+        f"this INT8 bundle's heads were refit on a CPU with {ARITHMETIC_NAMES[refit_on]}; this CPU computes its "
+        f"convolutions with {this}, which give other features with 8-bit weights (bottle: AUPRO 0.968 -> 0.48-0.50): "
+        f"{_FIX}",
     )
