@@ -131,7 +131,7 @@ def ensure_big_run(work: Path, side: int, train_images: int) -> tuple[Path, Path
     """Synthetic ``side`` x ``side`` data and its PaDiM run in 4x4 tiles of ``side / 4``, made when missing."""
     from tilead.demo.synthetic import SyntheticSpec, generate
 
-    data = work / f"data{side}"
+    data = work.resolve() / f"data{side}"  # absolute: the config resolves a relative data.root against its folder
     if not (data / "train").is_dir():
         generate(data, SyntheticSpec(image_size=side, train_good=max(train_images, 3), test_good=4, test_per_defect=2))
     run = work / f"run{side}"

@@ -4,26 +4,29 @@ A PaDiM INT8 bundle's heads are refit on the features its INT8 backbone gives
 *on the exporting CPU*. With a dot-product instruction (VNNI, AMX) those are the
 QDQ graph's features to rounding; on an AVX2-only CPU ONNX Runtime's fused
 integer convolutions saturate (:mod:`tilead.runtime.cpu_features`) and give
-other ones. This probe runs on an AVX2-only CPU and emulates the VNNI side:
-with every ONNX Runtime graph optimization off, the QDQ graph runs as written
-(float convolutions of dequantized values: the integer sums without saturation,
-to float rounding; the fused kernels' own requantization differs by about 2 %
-of the features, measured by ``probe_int8_saturation.py``'s 7-bit row).
+other ones. The probe computes each side two ways:
 
-For each ``--bits``:
+* ``plain``: every ONNX Runtime graph optimization off, so the QDQ graph runs as
+  written (float convolutions of dequantized values: the integer sums without
+  saturation, to float rounding). It stands for a CPU with VNNI.
+* ``fused``: this CPU's fused integer kernels, as deployed.
 
-1. export the run with plain QDQ arithmetic in the exporter's ONNX Runtime
-   sessions (refit and parity as a VNNI machine would compute them), and
-   evaluate that bundle with plain arithmetic (``vnni -> vnni``) and with this
-   CPU's fused kernels (``vnni -> avx2``, a cross-machine case);
-2. export the run normally on this CPU and evaluate it here (``avx2 -> avx2``) and with plain arithmetic
-   (``avx2 -> vnni``, the other cross-machine case).
+For each ``--bits``, each way of exporting (the exporter's ONNX Runtime sessions,
+so the refit and the parity check, computing ``plain`` or ``fused``) is
+evaluated both ways. Rows are labelled by the arithmetic each side stands for:
+
+* on an AVX2-only CPU, ``plain`` is ``vnni`` (emulated) and ``fused`` is ``avx2``:
+  the two cross-machine cases, ``vnni -> avx2`` and ``avx2 -> vnni``, one side emulated;
+* on a CPU with VNNI or AMX, ``plain`` is ``plain`` and ``fused`` is ``vnni`` (real):
+  no AVX2 side can be had there, and the rows check the emulation against the real thing
+  (``plain -> vnni`` is a bundle refit on the emulation, run on real VNNI).
 
 Usage::
 
     python benchmarks/probe_int8_cross_cpu.py RUN WORK [--bits 8 7] [--layout shared_backbone] [--json OUT]
 
-It emulates one side, so its figures are an estimate of the cross-CPU case, not a VNNI measurement.
+On an AVX2-only CPU it emulates one side, so its figures there are an estimate of the cross-CPU case, not a VNNI
+measurement.
 """
 
 from __future__ import annotations
@@ -73,6 +76,21 @@ def unchecked() -> contextlib.AbstractContextManager[Any]:
     return mock.patch.object(ort_backend, "int8_verdict", return_value=None)
 
 
+SIDES = ("plain", "fused")
+"""How ONNX Runtime computes: the QDQ graph as written (no graph optimizations), or this CPU's fused kernels."""
+
+
+def side_labels(arithmetic: str) -> dict[str, str]:
+    """What each side stands for on a CPU whose INT8 arithmetic is ``arithmetic`` (``saturating`` or ``dot_product``).
+
+    Without VNNI, plain arithmetic emulates a VNNI CPU and the fused kernels are AVX2's; with VNNI the fused kernels
+    are the real VNNI side and plain arithmetic is the emulation the AVX2-only runs used.
+    """
+    if arithmetic == "saturating":
+        return {"plain": "vnni", "fused": "avx2"}
+    return {"plain": "plain", "fused": "vnni"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Export, evaluate, print the table; write JSON with ``--json``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -83,22 +101,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parity-tolerance", type=float, default=5.0, help="the exports' INT8 tolerance (reported)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    if int8_arithmetic() != "saturating":
-        raise SystemExit("run this on an x86 CPU with AVX2 and without VNNI/AMX: it emulates the other side")
+    arithmetic = int8_arithmetic()
+    if arithmetic is None:
+        raise SystemExit("run this on an x86 CPU with AVX2 (Linux): this CPU's INT8 arithmetic is unknown")
+    labels = side_labels(arithmetic)
     rows: list[dict[str, Any]] = []
     for bits in args.bits:
-        for exported_on in ("vnni", "avx2"):
+        for export_side in SIDES:
+            exported_on = labels[export_side]
             bundle = args.work / f"int8_w{bits}_{exported_on}"
             if not (bundle / "manifest.json").is_file():
-                with plain_qdq() if exported_on == "vnni" else contextlib.nullcontext():
+                with plain_qdq() if export_side == "plain" else contextlib.nullcontext():
                     exporter.export_bundle(
                         args.run, bundle, progress=False, precision="int8", int8_weight_bits=bits, layout=args.layout,
                         int8_tolerance=args.parity_tolerance, overwrite=True,
                     )  # fmt: skip
             parity = json.loads((bundle / "manifest.json").read_text())["source"]["parity_onnxruntime_vs_torch"]
-            for where in ("vnni", "avx2"):
+            for run_side in SIDES:
+                where = labels[run_side]
                 out = args.work / f"eval_w{bits}_{exported_on}_to_{where}"
-                with plain_qdq() if where == "vnni" else contextlib.nullcontext(), unchecked():
+                with plain_qdq() if run_side == "plain" else contextlib.nullcontext(), unchecked():
                     quality = bundle_quality(
                         args.run, bundle, out, reuse=True, predictor={"backend": "onnxruntime"}
                     )  # in process, so that plain_qdq reaches the Predictor's sessions
@@ -115,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"run": str(args.run), "layout": args.layout, "rows": rows}, indent=2) + "\n")
+        report = {"run": str(args.run), "layout": args.layout, "cpu_int8_arithmetic": arithmetic, "rows": rows}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

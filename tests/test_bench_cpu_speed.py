@@ -118,3 +118,18 @@ def test_a_cached_int8_bundle_is_kept_only_with_the_weight_bits_asked_for(
     else:
         assert len(calls) == 1
         assert calls[0][-2:] == exported
+
+
+def test_a_relative_work_folder_trains_on_its_absolute_data_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config resolves a relative ``data.root`` against its own folder: the big run gets an absolute one."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w" / "data64" / "train").mkdir(parents=True)  # the data exists: nothing generated
+    calls: list[list[str]] = []
+    monkeypatch.setattr(CPU, "sh", lambda cmd: calls.append(list(cmd)))
+    data, run = CPU.ensure_big_run(Path("w"), 64, 4)
+    assert data == tmp_path / "w" / "data64"
+    assert run == Path("w") / "run64"
+    roots = [c for c in calls[0] if c.startswith("data.root=")]
+    assert roots == [f"data.root={tmp_path / 'w' / 'data64'}"]

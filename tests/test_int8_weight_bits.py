@@ -271,3 +271,27 @@ def test_int8_exports_7_bit_weights_by_default_and_record_this_cpu(
         assert weights
         largest[want] = max(int(abs(w.astype(int)).max()) for w in weights)
     assert largest[7] <= 64 < largest[8] <= 127
+
+
+@pytest.mark.parametrize(
+    ("arithmetic", "plain", "fused"), [("saturating", "vnni", "avx2"), ("dot_product", "plain", "vnni")]
+)
+def test_cross_cpu_probe_labels_its_sides_by_this_cpu(arithmetic: str, plain: str, fused: str) -> None:
+    """Without VNNI the probe's plain side emulates VNNI; with VNNI the fused kernels are the real VNNI side."""
+    from bench_module import load_benchmark
+
+    probe = load_benchmark("probe_int8_cross_cpu")
+    labels = probe.side_labels(arithmetic)
+    assert labels == {"plain": plain, "fused": fused}
+    assert set(labels) == set(probe.SIDES)
+
+
+def test_cross_cpu_probe_refuses_a_cpu_of_unknown_arithmetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not x86 with AVX2 (or flags unreadable): the probe stops before exporting anything."""
+    from bench_module import load_benchmark
+
+    probe = load_benchmark("probe_int8_cross_cpu")
+    monkeypatch.setattr(probe, "int8_arithmetic", lambda: None)
+    with pytest.raises(SystemExit, match="INT8 arithmetic is unknown"):
+        probe.main([str(tmp_path / "run"), str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()
