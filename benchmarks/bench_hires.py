@@ -11,10 +11,11 @@ through its bundle with ``tilead-eval --bundle``):
   ``one_to_one`` vs ``neighbourhood`` (2x2 blocks: 4 models) vs ``cluster`` (k-means, k 4)
   vs ``cluster_oriented`` (k 4, ``orient``: locations aligned by flips / quarter turns)
   vs ``all_to_one`` (``grid.assignment``, :mod:`tilead.trainer.assignment`). The plain names run the
-  configs' default ``postprocess.normalization: auto``: ``tile`` (each location's map normalized on its own
-  statistics) for the ``cluster`` rows, ``image`` for the others; ``<mode>_image`` and ``<mode>_tile`` pin
-  a stage (``one_to_one_tile``, ``cluster_tile``, ...). A pinned row that repeats its plain row's run under
-  ``auto`` runs only when ``--modes`` names it.
+  configs' default ``postprocess.normalization: auto``: for the ``cluster`` rows, decided at fit time, ``tile``
+  (each location's map normalized on its own statistics) where the clusters differ in size, else ``image``;
+  ``image`` for the others. ``<mode>_image`` and ``<mode>_tile`` pin a stage (``one_to_one_tile``,
+  ``cluster_tile``, ...). A pinned row that is known to repeat its plain row's run under ``auto`` runs only
+  when ``--modes`` names it.
   Every row records the stage its run was validated with (``normalization``, from its ``stats.json``).
 
 Columns: normalization stage, image AUROC, pixel AUROC, AUPRO (the bundle on the test set), bundle size (every file
@@ -99,7 +100,8 @@ def _assignment_rows(dataset: str, grid: dict[str, Any]) -> list[Row]:
     rows = [Row(dataset, "one_to_one", one), Row(dataset, "one_to_one_tile", {**one, **TILE_NORMALIZATION})]
     for name, a in SHARED_MODES.items():
         shared = {**grid, "grid.assignment": a}
-        auto = AssignmentConfig.model_validate(a).default_normalization()  # what the plain row runs
+        # What the plain row runs; None for clusters (decided at fit time from their sizes): both pinned rows run.
+        auto = AssignmentConfig.model_validate(a).default_normalization()
         rows += [
             Row(dataset, name, shared),
             Row(dataset, f"{name}_image", {**shared, **IMAGE_NORMALIZATION}, by_default=auto != "image"),

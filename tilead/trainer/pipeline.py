@@ -27,6 +27,7 @@ from tilead.runtime.postprocessor import (
 )
 from tilead.runtime.thumbnail import fuser
 from tilead.synthesis import SyntheticDefect, synthesize_defects
+from tilead.trainer.assignment import load_assignment
 from tilead.trainer.backbones import FeatureExtractor
 from tilead.trainer.checkpoints import load_location_models
 from tilead.trainer.components import (
@@ -36,7 +37,7 @@ from tilead.trainer.components import (
     run_summary,
     setup_threads,
 )
-from tilead.trainer.config import ConfigError, RunConfig, load_config
+from tilead.trainer.config import ConfigError, RunConfig, load_config, save_config
 from tilead.trainer.data import Sample, discover
 from tilead.trainer.ensemble import fit_ensemble
 from tilead.trainer.images import ImageLoader
@@ -91,10 +92,6 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
     try:
         setup_threads(cfg)
         log.info("train: config %s, output %s, resume=%s", cfg.name, paths.root, resume)
-        normalization_warning = cfg.image_normalization_warning()
-        for note in (normalization_change(cfg, saved), normalization_warning):
-            if note is not None:
-                log.warning("%s", note)
         extractor = make_backbone(cfg)
         prep = make_preprocessing(cfg, extractor)
         summary = run_summary(cfg, grid, extractor, prep)
@@ -116,6 +113,12 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         if cfg.model.thumbnail is not None:
             thumb_fit = fit_thumbnail(cfg, paths, splits.fit, extractor, prep, progress=progress)
         fit_seconds = time.perf_counter() - t_fit
+        from_auto = cfg.postprocess.normalization == "auto"
+        cfg, group_sizes = resolve_normalization(cfg, paths, grid)  # 'auto' for clusters: their sizes are known now
+        normalization_warning = cfg.image_normalization_warning(group_sizes)
+        for note in (normalization_change(cfg, saved, from_auto), normalization_warning):
+            if note is not None:
+                log.warning("%s", note)
         previous = read_json(paths.run_json).get("fit_locations", {})
         previous.update({f["location"]: f for f in fitted})
         _update(
@@ -149,7 +152,9 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
             description["warning"] = forced
             log.warning("%s", forced)
         info["split"] = description
-        info["normalization_default"] = cfg.grid.assignment.default_normalization()  # what 'auto' gives here
+        info["normalization_default"] = cfg.grid.assignment.default_normalization(group_sizes)  # what 'auto' gives
+        if group_sizes is not None:
+            info["group_sizes"] = list(group_sizes)
         if normalization_warning is not None:
             info["normalization_warning"] = normalization_warning
         branch = info.pop("thumbnail_branch", None)
@@ -178,32 +183,76 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
 
 
 def saved_normalization(output: Path) -> str | None:
-    """The normalization stage of the run config saved in ``output`` (None: no run there, or unreadable).
+    """The normalization stage of the run config saved in ``output``.
 
-    An unreadable config is left to :func:`~tilead.trainer.run_dir.prepare_run`, which reports it.
+    None: no run there, an unreadable config (left to :func:`~tilead.trainer.run_dir.prepare_run`, which reports
+    it), or a stage not resolved yet (``auto``: a ``cluster`` run stopped before its fit was done).
     """
     path = RunPaths(Path(output)).config
     if not path.is_file():
         return None
     try:
-        return load_config(path).postprocess.normalization
+        stage = load_config(path).postprocess.normalization
     except (ConfigError, OSError):
         return None
+    return None if stage == "auto" else stage
 
 
-def normalization_change(cfg: RunConfig, saved: str | None) -> str | None:
+def resolve_normalization(cfg: RunConfig, paths: RunPaths, grid: TileGrid) -> tuple[RunConfig, tuple[int, ...] | None]:
+    """``postprocess.normalization: auto`` of a fitted ``cluster`` run resolved from its clusters' sizes.
+
+    Clusters made from the data (``cluster`` with ``k >= 2``) are known once the fit has written
+    ``assignment.json``: ``auto`` then becomes ``tile`` where their models serve different numbers of
+    locations, else ``image`` (:meth:`~tilead.trainer.config.AssignmentConfig.default_normalization`), and the
+    run's ``config.yaml`` is saved again with the stage, as for every other assignment.
+
+    Returns:
+        The config (resolved) and the locations each model serves (None unless the groups come from the data).
+
+    Raises:
+        RuntimeError: If a cluster run has no ``assignment.json`` after its fit.
+    """
+    if not cfg.grid.assignment.groups_from_data:
+        return cfg, None
+    assignment = load_assignment(paths.root, grid.num_locations)
+    if assignment is None:
+        raise RuntimeError(f"{paths.root}: the fit wrote no assignment.json for grid.assignment cluster")
+    sizes = tuple(len(g) for g in assignment.groups)
+    if cfg.postprocess.normalization != "auto":
+        return cfg, sizes
+    stage = cfg.grid.assignment.default_normalization(sizes)
+    assert stage is not None  # the sizes are known
+    resolved = cfg.with_normalization(stage)
+    save_config(resolved, paths.config)
+    equal = "the same number of" if stage == "image" else "different numbers of"
+    log.info(
+        "postprocess.normalization auto -> %s: the %d clusters serve %s locations (%s)",
+        stage,
+        len(sizes),
+        equal,
+        ", ".join(str(n) for n in sizes),
+    )
+    return resolved, sizes
+
+
+def normalization_change(cfg: RunConfig, saved: str | None, from_auto: bool) -> str | None:
     """A note when ``--resume`` validates a run again with another normalization stage than it had, else None.
 
-    Saved run configs hold the resolved stage (never ``auto``), so a run validated with ``image`` keeps it when
-    resumed with its own ``config.yaml``; a config file whose ``auto`` resolves differently (a ``cluster`` run
-    validated with ``image`` before ``auto`` existed) changes it, and this note says so.
+    Args:
+        cfg: The resolved config the run is validated with now.
+        saved: The stage in the run's saved ``config.yaml`` (:func:`saved_normalization`), None for a new run.
+        from_auto: Whether ``cfg``'s stage came from ``auto`` (else this config sets it).
+
+    Saved run configs hold the resolved stage, so a run validated with ``image`` keeps it when resumed with its
+    own ``config.yaml``; a config file whose ``auto`` resolves differently (a ``cluster`` run validated with
+    ``image`` before ``auto`` existed, if its clusters differ in size) changes it, and this note says so.
     """
     new = cfg.postprocess.normalization
     if saved is None or saved == new:
         return None
     why = (
         f"the default 'auto' gives {new!r} for grid.assignment {cfg.grid.assignment.mode}"
-        if new == cfg.grid.assignment.default_normalization()
+        if from_auto
         else "set in this config"
     )
     return (
