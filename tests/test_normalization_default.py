@@ -145,7 +145,7 @@ def test_old_run_configs_keep_image(tmp_path: Path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     reloaded = load_config(run / "config.yaml")  # what --resume with RUN/config.yaml, export and eval read
     assert reloaded.postprocess.normalization == "image"
-    assert normalization_change(reloaded, saved_normalization(run), from_auto=False) is None
+    assert normalization_change(reloaded, saved_normalization(run), (4, 5, 3, 4)) is None
     assert reloaded.image_normalization_warning((4, 5, 3, 4)) is not None  # kept, trained with a warning if unequal
     assert reloaded.image_normalization_warning((4, 4, 4, 4)) is None
     # A run config without the key (hand-written, or from before the key existed: one model per location)
@@ -158,15 +158,15 @@ def test_old_run_configs_keep_image(tmp_path: Path) -> None:
 
 def test_resume_with_a_config_that_resolves_to_another_stage_says_so(tmp_path: Path) -> None:
     new = parse_config(_config({"mode": "cluster", "k": 4}), base_dir=tmp_path).with_normalization("tile")
-    note = normalization_change(new, "image", from_auto=True)
+    note = normalization_change(new, "image", (4, 5, 3, 4))
     assert note is not None
     assert "from 'image' (the run's saved config.yaml) to 'tile'" in note
     assert "the default 'auto' gives 'tile' for grid.assignment cluster" in note
     assert "--config RUN/config.yaml or --set postprocess.normalization=image" in note
     explicit = parse_config(_config("one_to_one", "tile"), base_dir=tmp_path)
-    assert "set in this config" in (normalization_change(explicit, "image", from_auto=False) or "")
-    assert normalization_change(new, "tile", from_auto=True) is None
-    assert normalization_change(new, None, from_auto=True) is None  # a new run
+    assert "set in this config" in (normalization_change(explicit, "image") or "")
+    assert normalization_change(new, "tile", (4, 5, 3, 4)) is None
+    assert normalization_change(new, None, (4, 5, 3, 4)) is None  # a new run
 
 
 @pytest.mark.parametrize("assignment", CLUSTERS)

@@ -113,10 +113,9 @@ def train(cfg: RunConfig, output: Path, *, resume: bool = False, progress: bool 
         if cfg.model.thumbnail is not None:
             thumb_fit = fit_thumbnail(cfg, paths, splits.fit, extractor, prep, progress=progress)
         fit_seconds = time.perf_counter() - t_fit
-        from_auto = cfg.postprocess.normalization == "auto"
         cfg, group_sizes = resolve_normalization(cfg, paths, grid)  # 'auto' for clusters: their sizes are known now
         normalization_warning = cfg.image_normalization_warning(group_sizes)
-        for note in (normalization_change(cfg, saved, from_auto), normalization_warning):
+        for note in (normalization_change(cfg, saved, group_sizes), normalization_warning):
             if note is not None:
                 log.warning("%s", note)
         previous = read_json(paths.run_json).get("fit_locations", {})
@@ -235,13 +234,14 @@ def resolve_normalization(cfg: RunConfig, paths: RunPaths, grid: TileGrid) -> tu
     return resolved, sizes
 
 
-def normalization_change(cfg: RunConfig, saved: str | None, from_auto: bool) -> str | None:
+def normalization_change(cfg: RunConfig, saved: str | None, group_sizes: Sequence[int] | None = None) -> str | None:
     """A note when ``--resume`` validates a run again with another normalization stage than it had, else None.
 
     Args:
         cfg: The resolved config the run is validated with now.
         saved: The stage in the run's saved ``config.yaml`` (:func:`saved_normalization`), None for a new run.
-        from_auto: Whether ``cfg``'s stage came from ``auto`` (else this config sets it).
+        group_sizes: A cluster run's group sizes (:func:`resolve_normalization`): what ``auto`` gives depends
+            on them. A stage equal to what ``auto`` gives is said to come from it.
 
     Saved run configs hold the resolved stage, so a run validated with ``image`` keeps it when resumed with its
     own ``config.yaml``; a config file whose ``auto`` resolves differently (a ``cluster`` run validated with
@@ -252,7 +252,7 @@ def normalization_change(cfg: RunConfig, saved: str | None, from_auto: bool) -> 
         return None
     why = (
         f"the default 'auto' gives {new!r} for grid.assignment {cfg.grid.assignment.mode}"
-        if from_auto
+        if new == cfg.grid.assignment.default_normalization(group_sizes)
         else "set in this config"
     )
     return (
