@@ -1,7 +1,9 @@
 """Native PaDiM heads (#21): the C++ Mahalanobis kernel against a NumPy oracle, the head file, the blur.
 
 The oracle computes ``(x - mean)^T A (x - mean)`` per position in float64 from the full fp16 matrix;
-every dispatch path this CPU runs (``tilead._kernels.mahalanobis_paths()``) is compared with it.
+every dispatch path this CPU runs (``tilead._kernels.mahalanobis_paths()``) is compared with it, for the
+lane layout the runtime uses (``_kernels.mahalanobis``) and the previous row layout kept to measure against
+(``_kernels.mahalanobis_rows``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tilead import _kernels
-from tilead.runtime.native_heads import NativeHead, blur_maps, native_file, pack_upper, squared_distances
+from tilead.runtime.native_heads import (
+    LANES,
+    LaneHead,
+    NativeHead,
+    blur_maps,
+    blur_matrices,
+    from_lanes,
+    lane_distances,
+    native_file,
+    pack_upper,
+    squared_distances,
+    to_lanes,
+)
 from tilead.trainer.detectors.padim.model import BlockRowPadimHead
 from tilead.trainer.maps import blur_map, gaussian_kernel1d
 
@@ -61,6 +75,7 @@ def test_every_path_matches_the_oracle(n: int, d: int, p: int, seed: int, scale:
     x = (mean.T[None] + scale * rng.standard_normal((n, d, p))).astype(np.float32)
     want = oracle(x, mean, inv_cov)
     packed = pack_upper(inv_cov)
+    first = None
     for path in PATHS:
         got = squared_distances(x, mean, packed, path)
         assert got.shape == (n, p)
@@ -68,6 +83,12 @@ def test_every_path_matches_the_oracle(n: int, d: int, p: int, seed: int, scale:
         # fp32 accumulation of d (d + 1) / 2 terms against float64: relative to the magnitude of the terms.
         bound = 1e-5 * np.sqrt(d) * (np.abs(want).max() + 1e-30) + 1e-30
         assert np.abs(got - want).max() <= bound * 10, (path, np.abs(got - want).max(), bound)
+        # the lane layout's paths compute the same per lane (fma chains in one order): the same bits
+        first = got if first is None else first
+        np.testing.assert_array_equal(got, first, err_msg=path)
+        rows = np.empty((n, p), np.float32)
+        _kernels.mahalanobis_rows(x, mean, packed, rows, path)
+        assert np.abs(rows - want).max() <= bound * 10, ("rows", path, np.abs(rows - want).max(), bound)
 
 
 @settings(max_examples=30, deadline=None)
@@ -114,20 +135,71 @@ def test_bad_arguments_are_refused_with_what_was_expected() -> None:
     mean = np.zeros((6, 4), np.float32)
     packed = np.zeros((6, 10), np.float16)
     out = np.zeros((2, 6), np.float32)
+    rows = _kernels.mahalanobis_rows
     with pytest.raises(ValueError, match=r"packed: expected dtype float16"):
-        _kernels.mahalanobis(x, mean, packed.astype(np.float32), out)
+        rows(x, mean, packed.astype(np.float32), out)
     with pytest.raises(ValueError, match=r"packed: expected shape \(6, 10\), got \(6, 9\)"):
-        _kernels.mahalanobis(x, mean, packed[:, :9].copy(), out)
+        rows(x, mean, packed[:, :9].copy(), out)
     with pytest.raises(ValueError, match=r"mean: expected shape \(6, 4\)"):
-        _kernels.mahalanobis(x, mean.T.copy(), packed, out)
+        rows(x, mean.T.copy(), packed, out)
     with pytest.raises(ValueError, match=r"features: expected 3 dimensions"):
-        _kernels.mahalanobis(x[0], mean, packed, out)
+        rows(x[0], mean, packed, out)
     with pytest.raises(ValueError, match=r"out: expected shape \(2, 6\)"):
-        _kernels.mahalanobis(x, mean, packed, out[:1].copy())
+        rows(x, mean, packed, out[:1].copy())
     with pytest.raises(ValueError, match=r"C-contiguous"):
-        _kernels.mahalanobis(np.zeros((2, 6, 4), np.float32).transpose(0, 2, 1), mean, packed, out)
+        rows(np.zeros((2, 6, 4), np.float32).transpose(0, 2, 1), mean, packed, out)
     with pytest.raises(ValueError, match=r"path: expected 'auto', 'scalar', 'avx2' or 'avx512', got 'sse'"):
-        _kernels.mahalanobis(x, mean, packed, out, "sse")
+        rows(x, mean, packed, out, "sse")
+    lanes_mean, lanes_packed = to_lanes(mean), to_lanes(packed)  # (1, 4, 16), (1, 10, 16)
+    with pytest.raises(ValueError, match=r"packed_lanes: expected dtype float16"):
+        _kernels.mahalanobis(x, lanes_mean, lanes_packed.astype(np.float32), out)
+    with pytest.raises(
+        ValueError, match=r"packed_lanes: expected 3 dimensions with shape \(1, 10, 16\), got 2 dimensions"
+    ):
+        _kernels.mahalanobis(x, lanes_mean, packed, out)  # the row layout where the lanes belong
+    with pytest.raises(
+        ValueError, match=r"mean_lanes: expected 3 dimensions with shape \(1, 4, 16\), got 2 dimensions"
+    ):
+        _kernels.mahalanobis(x, mean, lanes_packed, out)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 6\)"):
+        _kernels.mahalanobis(x, lanes_mean, lanes_packed, out[:1].copy())
+    with pytest.raises(ValueError, match=r"path: expected 'auto', 'scalar', 'avx2' or 'avx512', got 'sse'"):
+        _kernels.mahalanobis(x, lanes_mean, lanes_packed, out, "sse")
+
+
+@settings(max_examples=60, deadline=None)
+@given(p=st.integers(1, 70), k=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_the_lane_layout_round_trips_and_pads_with_zeros(p: int, k: int, seed: int) -> None:
+    rows = np.random.default_rng(seed).standard_normal((p, k)).astype(np.float16)
+    lanes = to_lanes(rows)
+    blocks = -(-p // LANES)
+    assert lanes.shape == (blocks, k, LANES)
+    assert lanes.flags.c_contiguous
+    assert lanes.dtype == np.float16
+    for q in (0, p // 2, p - 1):
+        np.testing.assert_array_equal(lanes[q // LANES, :, q % LANES], rows[q])
+    assert not lanes.reshape(blocks, k, LANES)[-1, :, p - (blocks - 1) * LANES :].any()
+    np.testing.assert_array_equal(from_lanes(lanes, p), rows)
+
+
+def test_a_lane_head_refuses_arrays_of_another_layout() -> None:
+    rng = np.random.default_rng(5)
+    mean, inv_cov = _gaussians(rng, 20, 4)
+    head = NativeHead(mean, pack_upper(inv_cov), np.zeros(0, np.float32), (4, 5))
+    lanes = head.lanes()
+    assert lanes.mean_lanes.shape == (2, 4, LANES)
+    assert lanes.packed_lanes.shape == (2, 10, LANES)
+    np.testing.assert_array_equal(from_lanes(lanes.packed_lanes, 20), head.packed)
+    with pytest.raises(ValueError, match=r"mean_lanes: expected float32 \(2, d, 16\), got \(20, 4\)"):
+        LaneHead(mean, lanes.packed_lanes, head.blur, (4, 5))
+    with pytest.raises(ValueError, match=r"packed_lanes: expected float16 \(2, 10, 16\), got \(20, 10\)"):
+        LaneHead(lanes.mean_lanes, head.packed, head.blur, (4, 5))
+    feats = rng.standard_normal((2, 4, 4, 5)).astype(np.float32)
+    np.testing.assert_array_equal(lanes(feats), head(feats))
+    np.testing.assert_array_equal(
+        lane_distances(feats.reshape(2, 4, 20), lanes.mean_lanes, lanes.packed_lanes),
+        squared_distances(feats.reshape(2, 4, 20), mean, head.packed),
+    )
 
 
 @settings(max_examples=40, deadline=None)
@@ -143,6 +215,8 @@ def test_blur_maps_is_the_trainers_blur(shape: tuple[int, int, int], sigma: floa
     kernel = gaussian_kernel1d(sigma)
     want = blur_map(torch.from_numpy(maps), kernel).numpy()
     np.testing.assert_allclose(blur_maps(maps, kernel.numpy()), want, rtol=1e-5, atol=1e-6)
+    matrices = blur_matrices((h, w), kernel.numpy())  # what a LaneHead keeps: the same products
+    np.testing.assert_array_equal(blur_maps(maps, kernel.numpy(), matrices), blur_maps(maps, kernel.numpy()))
 
 
 @pytest.mark.parametrize("sigma", [0.0, 4.0])

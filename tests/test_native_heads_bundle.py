@@ -207,3 +207,21 @@ def test_the_heads_benchmark_smoke_runs(native_bundle: Path, tmp_path: Path) -> 
     report = json.loads(out.read_text())
     assert [r["batch"] for r in report["rows"]] == [1, 3]
     assert all(r["native_ms"] > 0 and r["onnxruntime_ms"] > 0 for r in report["rows"])
+
+
+def test_the_head_layouts_benchmark_smoke_runs(native_bundle: Path, tmp_path: Path) -> None:
+    """benchmarks/bench_head_layouts.py in a subprocess, tiny: both forms agree and the JSON has every row."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head_layouts.py"
+    out = tmp_path / "layouts.json"
+    cmd = [sys.executable, str(script), str(native_bundle), "--batch", "1", "2", "--repeats", "2",
+           "--paths", "scalar", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "d=2, map 5x5, 2 workers" in done.stdout
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["path"]) for r in report["rows"]] == [(1, "scalar"), (2, "scalar")]
+    assert all(r["rows_ms"] > 0 and r["lanes_ms"] > 0 for r in report["rows"])
+    assert all(r["max_diff_of_range"] <= 1e-5 for r in report["rows"])  # the two forms compute the same maps

@@ -707,6 +707,45 @@ void bind_device_pipeline(py::module_& cuda) {
           "Wait for everything enqueued on the stream.");
 }
 
+// A mahalanobis call: its arrays checked (lanes: the lane layout, else the per-position one), then the kernel.
+void run_mahalanobis(const py::array& features, const py::array& mean, const py::array& packed, const py::array& out,
+                     const std::string& path, bool lanes) {
+  if (features.ndim() != 3) {
+    fail("features: expected 3 dimensions (n, d, positions), got shape " + shape_str(features));
+  }
+  const py::ssize_t n = features.shape(0), d = features.shape(1), positions = features.shape(2);
+  const py::ssize_t width = cpu::kMahalanobisLanes, blocks = (positions + width - 1) / width, tri = d * (d + 1) / 2;
+  const std::string mean_name = lanes ? "mean_lanes" : "mean", packed_name = lanes ? "packed_lanes" : "packed";
+  check_array(features, "features", py::dtype::of<float>(), {n, d, positions}, false);
+  if (lanes) {
+    check_array(mean, mean_name.c_str(), py::dtype::of<float>(), {blocks, d, width}, false);
+    check_array(packed, packed_name.c_str(), py::dtype("float16"), {blocks, tri, width}, false);
+  } else {
+    check_array(mean, mean_name.c_str(), py::dtype::of<float>(), {positions, d}, false);
+    check_array(packed, packed_name.c_str(), py::dtype("float16"), {positions, tri}, false);
+  }
+  check_array(out, "out", py::dtype::of<float>(), {n, positions}, true);
+  check_disjoint(features, "features", out, "out");
+  check_disjoint(mean, mean_name.c_str(), out, "out");
+  check_disjoint(packed, packed_name.c_str(), out, "out");
+  cpu::MahalanobisPath which;
+  try {
+    which = cpu::mahalanobis_path(path);
+  } catch (const std::invalid_argument& e) {
+    fail(e.what());
+  }
+  const auto* f = static_cast<const float*>(features.data());
+  const auto* m = static_cast<const float*>(mean.data());
+  const auto* t = static_cast<const uint16_t*>(packed.data());
+  auto* o = static_cast<float*>(const_cast<void*>(out.data()));
+  py::gil_scoped_release release;
+  if (lanes) {
+    cpu::mahalanobis_lanes(f, n, d, positions, m, t, o, which);
+  } else {
+    cpu::mahalanobis(f, n, d, positions, m, t, o, which);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -810,37 +849,22 @@ PYBIND11_MODULE(_kernels, m) {
       "for models that normalize their input themselves). Edge policies shift and pad (0 off the image).");
   m.def(
       "mahalanobis",
-      [](const py::array& features, const py::array& mean, const py::array& packed, const py::array& out,
-         const std::string& path) {
-        if (features.ndim() != 3) {
-          fail("features: expected 3 dimensions (n, d, positions), got shape " + shape_str(features));
-        }
-        const py::ssize_t n = features.shape(0), d = features.shape(1), positions = features.shape(2);
-        check_array(features, "features", py::dtype::of<float>(), {n, d, positions}, false);
-        check_array(mean, "mean", py::dtype::of<float>(), {positions, d}, false);
-        check_array(packed, "packed", py::dtype("float16"), {positions, d * (d + 1) / 2}, false);
-        check_array(out, "out", py::dtype::of<float>(), {n, positions}, true);
-        check_disjoint(features, "features", out, "out");
-        check_disjoint(mean, "mean", out, "out");
-        check_disjoint(packed, "packed", out, "out");
-        cpu::MahalanobisPath which;
-        try {
-          which = cpu::mahalanobis_path(path);
-        } catch (const std::invalid_argument& e) {
-          fail(e.what());
-        }
-        const auto* f = static_cast<const float*>(features.data());
-        const auto* m = static_cast<const float*>(mean.data());
-        const auto* t = static_cast<const uint16_t*>(packed.data());
-        auto* o = static_cast<float*>(const_cast<void*>(out.data()));
-        py::gil_scoped_release release;
-        cpu::mahalanobis(f, n, d, positions, m, t, o, which);
-      },
-      py::arg("features"), py::arg("mean"), py::arg("packed"), py::arg("out"), py::arg("path") = "auto",
+      [](const py::array& features, const py::array& mean_lanes, const py::array& packed_lanes, const py::array& out,
+         const std::string& path) { run_mahalanobis(features, mean_lanes, packed_lanes, out, path, true); },
+      py::arg("features"), py::arg("mean_lanes"), py::arg("packed_lanes"), py::arg("out"), py::arg("path") = "auto",
       "Squared Mahalanobis distances of a PaDiM head (#21): out[k, p] = (x - mean[p])^T A_p (x - mean[p]) with "
-      "x = features[k, :, p]. features float32 (n, d, P), mean float32 (P, d), packed float16 (P, d (d + 1) / 2) "
-      "(row i of A_p's upper triangle: A_ii, then 2 A_ij for j > i), out float32 (n, P); one thread, GIL released. "
-      "path: 'auto' (the best this CPU runs), 'scalar', 'avx2' (AVX2+FMA+F16C) or 'avx512' (AVX-512F).");
+      "x = features[k, :, p], positions in vector lanes. features float32 (n, d, P); with B = ceil(P / 16): "
+      "mean_lanes float32 (B, d, 16), packed_lanes float16 (B, d (d + 1) / 2, 16) (position b * 16 + l at "
+      "[b, :, l]; per position row i of A_p's upper triangle: A_ii, then 2 A_ij for j > i); out float32 (n, P); "
+      "one thread, GIL released; every path gives the same bits. path: 'auto' (the best this CPU runs), "
+      "'scalar', 'avx2' (AVX2+FMA+F16C) or 'avx512' (AVX-512F).");
+  m.def(
+      "mahalanobis_rows",
+      [](const py::array& features, const py::array& mean, const py::array& packed, const py::array& out,
+         const std::string& path) { run_mahalanobis(features, mean, packed, out, path, false); },
+      py::arg("features"), py::arg("mean"), py::arg("packed"), py::arg("out"), py::arg("path") = "auto",
+      "mahalanobis on the head files' per-position layout (the previous kernel, kept to measure against): "
+      "mean float32 (P, d), packed float16 (P, d (d + 1) / 2), the rest as for mahalanobis.");
   m.def("mahalanobis_paths", &cpu::mahalanobis_paths,
         "The mahalanobis kernel's code paths this CPU runs, best last ('scalar' always).");
   bind_family<false>(m);

@@ -26,5 +26,17 @@ const char* mahalanobis_path_name(MahalanobisPath path);
 void mahalanobis(const float* features, int64_t n, int64_t d, int64_t positions, const float* mean,
                  const uint16_t* packed, float* out, MahalanobisPath path);
 
+// Positions per lane block of mahalanobis_lanes' layout.
+constexpr int64_t kMahalanobisLanes = 16;
+
+// The same distances with positions in vector lanes: blocks of kMahalanobisLanes positions, B =
+// ceil(positions / kMahalanobisLanes). mean_lanes (B, d, lanes) f32, packed_lanes (B, d (d + 1) / 2, lanes)
+// fp16 bits (element e of position b * lanes + l at [b, e, l]; lanes past the last position are read but
+// their results dropped). Per lane: t = sum over j >= i of A_ij x_j in four float32 chains (j - i mod 4),
+// summed (t0 + t1) + (t2 + t3); acc += x_i t; every 8 rows acc joins a float64 total. No horizontal sums;
+// every path computes the same per lane. Single-threaded; the arrays are trusted (bindings check them).
+void mahalanobis_lanes(const float* features, int64_t n, int64_t d, int64_t positions, const float* mean_lanes,
+                       const uint16_t* packed_lanes, float* out, MahalanobisPath path);
+
 }  // namespace cpu
 }  // namespace tilead

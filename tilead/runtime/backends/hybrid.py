@@ -93,7 +93,7 @@ from tilead.runtime.bundle import (
     Manifest,
     read_verified_file,
 )
-from tilead.runtime.native_heads import NativeHead
+from tilead.runtime.native_heads import LaneHead, NativeHead
 from tilead.runtime.timing import StageTimes
 
 CAPABILITIES = Capabilities(devices=("cpu",), full_pipeline=False, detector_score=False, thumbnail=False)
@@ -172,7 +172,7 @@ class HybridBackend:
             manifest.grid.tile_size,
             manifest.uint8_backbone,
         )
-        self._native: list[NativeHead] | None = None
+        self._native: list[LaneHead] | None = None
         self._sessions: list[Any] | None = None
         if native_heads and bundle is not None and manifest.native_heads:
             self._native = load_native_heads(Path(bundle), manifest)
@@ -308,8 +308,10 @@ def kernel_path() -> str:
     return _kernels.mahalanobis_paths()[-1]
 
 
-def load_native_heads(bundle: Path, manifest: Manifest) -> list[NativeHead]:
+def load_native_heads(bundle: Path, manifest: Manifest) -> list[LaneHead]:
     """Every model's native head, read once and verified (size, sha256), checked against the features and map.
+
+    Each is held in the kernel's lane layout only (:meth:`~tilead.runtime.native_heads.NativeHead.lanes`).
 
     Raises:
         BundleError: Naming the file: missing, modified, not a head file, or of other features or map size.
@@ -330,5 +332,5 @@ def load_native_heads(bundle: Path, manifest: Manifest) -> list[NativeHead]:
                 f"{head.size[0]} x {head.size[1]} map; the bundle's backbone gives {d} on {fh} x {fw} "
                 f"(map size {manifest.map_size[0]} x {manifest.map_size[1]})"
             )
-        heads.append(head)
+        heads.append(head.lanes())  # the file's layout is dropped here: one copy of the Gaussians
     return heads
