@@ -165,8 +165,8 @@ def blur_maps(
 
     Reflect padding by the radius ``r = (len(kernel) - 1) / 2``, replicate padding when ``min(h, w) <= r``
     (the trainer pads both axes alike, so the rule follows the smaller side). Computed in the maps' dtype
-    (float32 at run time; float64 for the exporter's exact reference) as two matrix products, rows then
-    columns (:func:`blur_matrix`): one BLAS call each instead of a NumPy pass per tap.
+    (float32 at run time; float64 for the exporter's exact reference) as two matrix products, along each row
+    then along each column (:func:`blur_matrix`): one BLAS call each instead of a NumPy pass per tap.
 
     Args:
         maps: ``(n, 1, h, w)``.

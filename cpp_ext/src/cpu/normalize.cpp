@@ -65,9 +65,10 @@ __attribute__((always_inline)) inline u8 mask_bytes(const i8& lanes) {
 }
 
 // The element-wise pass is compute-bound once its rows are in cache (the fused pass): on x86-64 it is
-// also compiled for x86-64-v3 (AVX2), picked at load time, as seam.cpp's tap loops.
+// also compiled for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2), picked at load time, as seam.cpp's tap
+// loops. Built with -ffp-contract=off: every clone computes the same values (checked bit for bit, #21).
 #if defined(__x86_64__) && !defined(__clang__) && __GNUC__ >= 12
-#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TILEAD_CLONES
 #endif

@@ -41,10 +41,10 @@ Runs runs_of(const std::vector<char>& flags) {
 constexpr int kBlock = 16;  // outputs accumulated in registers across all taps
 
 // The tap loops are compute-bound: on x86-64 they are also compiled for
-// x86-64-v3 (AVX2 + FMA) and the clone is picked at load time (the portable
-// build targets SSE2 only).
+// x86-64-v4 (AVX-512) and x86-64-v3 (AVX2 + FMA), and the clone is picked at
+// load time (the portable build targets SSE2 only).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TILEAD_CLONES
 #endif

@@ -156,10 +156,10 @@ __attribute__((always_inline)) inline void untile_row(const float* maps, int n, 
 }
 
 // The row loops are compute-bound once the rows are in cache (the fused pass): on x86-64 they are also
-// compiled for x86-64-v3 (AVX2), picked at load time. Built with -ffp-contract=off (CMakeLists.txt), so
-// both clones compute the same values (no fused multiply-add).
+// compiled for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2), picked at load time. Built with -ffp-contract=off
+// (CMakeLists.txt), so every clone computes the same values (no fused multiply-add).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define TILEAD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define TILEAD_CLONES
 #endif
