@@ -79,8 +79,8 @@ def test_faint_defects_are_the_same_defects_scaled_down(
         assert np.array_equal(f.image, e.image)  # deterministic
         assert f.kind == d.kind
         assert np.array_equal(f.mask, np.any(f.image != images[f.source], axis=-1))  # still exact
-        if not (f.mask <= d.mask).all():
-            continue  # the first faint attempt changed no pixel: a later attempt drew another defect
+        assert f.area >= 1
+        assert (f.mask <= d.mask).all()  # the same attempt's defect, faded: never a pixel the full one left alone
         good = images[d.source].astype(np.int64)
         change_full = d.image.astype(np.int64) - good
         change_faint = f.image.astype(np.int64) - good
@@ -245,3 +245,30 @@ def test_synthesis_imports_no_torch_cv2_or_scipy() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    a=st.floats(1e-3, 1.0),
+    largest=st.integers(1, 255),
+)
+def test_fading_keeps_the_defect_and_at_least_one_changed_pixel(seed: int, a: float, largest: int) -> None:
+    """tilead.synthesis.defects._fade: between the good image and the defect, same sign, never empty."""
+    from tilead.synthesis.defects import _fade
+
+    rng = np.random.default_rng(seed)
+    good = rng.integers(0, 256, (6, 7, 3)).astype(np.uint8)
+    change = rng.integers(-largest, largest + 1, good.shape)
+    change.flat[rng.integers(good.size)] = largest
+    image = np.clip(good.astype(np.int64) + change, 0, 255).astype(np.uint8)
+    if not np.any(image != good):
+        return  # clipped back onto the good image: no defect to fade
+    faded = _fade(good, image, a).astype(np.int64)
+    full = image.astype(np.int64) - good
+    faint = faded - good
+    assert np.any(faint != 0)
+    assert np.all(faint * full >= 0)
+    assert np.all(np.abs(faint) <= np.abs(full))
+    if a * np.abs(full).max() >= 0.5 * (1 + 1e-6):  # the drawn opacity keeps a change: used as drawn
+        want = np.clip(np.rint(good + a * full), 0, 255)
+        np.testing.assert_array_equal(faded, want)

@@ -37,7 +37,10 @@ Opacity: with ``opacity=(lo, hi)`` every defect is made fainter after it is
 drawn: the result is ``good + a * (defect - good)`` (rounded to uint8) with
 ``a`` drawn uniformly from ``[lo, hi]`` per defect, so the shape, size and
 place are those of the full-strength defect and only the contrast changes
-(the mask stays exact: the pixels the faint defect changed). Real defects are
+(the mask stays exact: the pixels the faint defect changed). Which attempt
+makes the defect is decided at full strength, so every opacity fades the
+same defect; where ``a`` would round every change away, it is raised just
+enough to keep one changed pixel. Real defects are
 often faint (a stain, a shallow dent); validation thresholds fitted only on
 high-contrast fakes land too high for them (see ``docs/good_only.md``).
 
@@ -318,6 +321,20 @@ assert tuple(_MAKERS) == KINDS
 # -- public -------------------------------------------------------------------------------------------
 
 
+def _fade(good: np.ndarray, image: np.ndarray, a: float) -> np.ndarray:
+    """``good + a * (image - good)`` rounded to uint8; ``a`` raised just enough to keep one changed pixel.
+
+    A faint copy of a low-contrast defect can round every change away; it then gets the smallest opacity
+    that changes a pixel (at most 1/2, since the full-strength defect changes some pixel by 1 or more), so
+    it stays the same defect, never stronger than at full strength.
+    """
+    change = image.astype(np.float64) - good
+    largest = float(np.abs(change).max())
+    a = max(a, min(1.0, 0.5 / largest * (1.0 + 1e-6)))
+    faded: np.ndarray = np.clip(np.rint(good + a * change), 0, 255).astype(np.uint8)
+    return faded
+
+
 def _check_inputs(
     images: Sequence[np.ndarray],
     seed: int,
@@ -427,15 +444,13 @@ def synthesize_defects(
             ctx = _Ctx(images, i, rng, ref, tile, float(min_fraction))
             for _ in range(_ATTEMPTS):
                 image = _MAKERS[kind](ctx)
+                if not np.any(image != good):
+                    continue  # decided on the full-strength defect: every opacity takes the same attempt
                 if lo < 1.0:
-                    a = rng.uniform(lo, hi)
-                    mixed = good.astype(np.float64) + a * (image.astype(np.float64) - good)
-                    image = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+                    image = _fade(good, image, rng.uniform(lo, hi))
                 mask = np.any(image != good, axis=-1)
-                area = int(mask.sum())
-                if area:
-                    out.append(SyntheticDefect(image=image, mask=mask, kind=kind, area=area, source=i))
-                    break
+                out.append(SyntheticDefect(image=image, mask=mask, kind=kind, area=int(mask.sum()), source=i))
+                break
             else:
                 raise ValueError(
                     f"images[{i}]: {_ATTEMPTS} attempts at a {kind!r} defect changed no pixel "
