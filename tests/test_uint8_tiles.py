@@ -75,6 +75,49 @@ def test_uint8_tiles_match_the_reference(args: tuple[GridCase, int, int, str, st
     np.testing.assert_array_equal(got, want)
 
 
+@settings(max_examples=80, deadline=None)
+@given(u8_cases())
+def test_a_list_of_images_gives_the_stacked_batchs_tiles(
+    args: tuple[GridCase, int, int, str, str, np.ndarray, int],
+) -> None:
+    """The images of a batch tiled where they are (separate arrays, never stacked): the same bytes."""
+    case, in_c, out_c, in_order, model_order, images, threads = args
+    grid = TileGrid(case.image, case.tile, case.stride, case.edge)
+    separate = [np.array(image[..., 0] if in_c == 1 and k % 2 else image) for k, image in enumerate(images)]
+    with thread_budget(threads):
+        got = tile_images_u8(separate, grid, _prep(out_c, model_order), input_order=in_order)  # type: ignore[arg-type]
+    want = ref.tile_u8(images, case.tile, case.stride, case.edge, out_c, in_c == 3 and in_order != model_order)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_list_of_images_is_checked_image_by_image() -> None:
+    grid = TileGrid.from_dict(GRID)
+    good = np.zeros((64, 64, 3), dtype=np.uint8)
+    out = np.empty((grid.num_locations, 2, 40, 40, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="at least one image"):
+        tile_images_u8([], grid, Preprocessing())
+    with pytest.raises(ValueError, match=r"one channel count for the whole list, got \[1, 3\]"):
+        tile_images_u8([good, np.zeros((64, 64), np.uint8)], grid, Preprocessing())
+    with pytest.raises(ValueError, match="height x width 64 x 64"):
+        tile_images_u8([good, good[:60]], grid, Preprocessing())
+    # the binding checks each image too: its shape, dtype, and that it does not overlap the output
+    with pytest.raises(ValueError, match=r"images\[1\]: expected shape \(64, 64, 3\)"):
+        _kernels.tile_images_u8([good, np.zeros((64, 63, 3), np.uint8)], grid.native, out)
+    with pytest.raises(ValueError, match=r"images\[1\]: expected dtype uint8"):
+        _kernels.tile_images_u8([good, np.zeros((64, 64, 3), np.float32)], grid.native, out)
+    with pytest.raises(ValueError, match=r"images\[0\]: expected 3 dimensions"):
+        _kernels.tile_images_u8([good[None], good], grid.native, out)
+    with pytest.raises(ValueError, match="out: expected"):
+        _kernels.tile_images_u8([good], grid.native, out)  # one image, a two-image buffer
+    alias = np.zeros(grid.num_locations * 2 * 40 * 40 * 3, dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"images\[1\] and out must not share memory"):
+        _kernels.tile_images_u8(
+            [good, alias[: 64 * 64 * 3].reshape(64, 64, 3)],
+            grid.native,
+            alias.reshape(grid.num_locations, 2, 40, 40, 3),
+        )
+
+
 @settings(max_examples=100, deadline=None)
 @given(u8_cases())
 def test_normalized_uint8_tiles_are_the_float_tiles_bit_for_bit(
@@ -260,10 +303,12 @@ def test_uint8_bundles_take_uint8_tiles_and_older_ones_float_tiles(bundles: tupl
         assert after._open().uint8_tiles  # type: ignore[attr-defined]
         want, got = before.location_maps(images), after.location_maps(images)
         one_by_one = np.concatenate([after.location_maps(images[i : i + 1]) for i in range(3)], axis=1)
+        separate = after.location_maps([image.copy() for image in images])  # a list: tiled where each image is
         results = after.predict(images)
     span = float(want.max() - want.min())
     assert float(np.abs(got - want).max()) <= 2e-2 * span  # bf16 keeps 8 bits; the two round differently
     np.testing.assert_array_equal(one_by_one, got)  # stacked, streamed or one image: the same features
+    np.testing.assert_array_equal(separate, got)
     assert isinstance(results, list)
     assert len(results) == 3
 

@@ -128,7 +128,9 @@ def tile_images(
     bias: Sequence[float],
     swap_rb: bool = False,
 ) -> None: ...
-def tile_images_u8(images: np.ndarray, grid: Grid, out: np.ndarray, swap_rb: bool = False) -> None: ...
+def tile_images_u8(
+    images: np.ndarray | Sequence[np.ndarray], grid: Grid, out: np.ndarray, swap_rb: bool = False
+) -> None: ...
 def untile_maps(
     maps: np.ndarray,
     grid: Grid,

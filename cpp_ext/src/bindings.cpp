@@ -833,20 +833,57 @@ PYBIND11_MODULE(_kernels, m) {
       "Code path of the CPU tile kernel on this machine: 'avx2+f16c' or 'portable'.");
   m.def(
       "tile_images_u8",
-      [](const py::array& images, const Grid& g, py::array& out, bool swap_rb) {
-        const auto [n, c, oc] = check_tile_shapes(images, g, out, 4, "(locations, n, tile_h, tile_w, channels)");
+      [](const py::object& images, const Grid& g, py::array& out, bool swap_rb) {
+        // One (n, h, w, c) array, or a list of (h, w, c) arrays: a batch's images tiled where they are.
+        std::vector<py::array> parts;
+        py::ssize_t n = 0, c = 0, oc = 0;
+        if (py::isinstance<py::array>(images)) {
+          const auto batch = images.cast<py::array>();
+          const TileShapes t = check_tile_shapes(batch, g, out, 4, "(locations, n, tile_h, tile_w, channels)");
+          n = t.n;
+          c = t.c;
+          oc = t.oc;
+          parts.push_back(batch);
+        } else {
+          const auto seq = images.cast<py::sequence>();
+          n = static_cast<py::ssize_t>(seq.size());
+          if (n == 0) fail("images: expected at least one image, got an empty list");
+          for (py::ssize_t k = 0; k < n; ++k) {
+            const auto one = seq[static_cast<size_t>(k)].cast<py::array>();
+            const std::string name = "images[" + std::to_string(k) + "]";
+            if (one.ndim() != 3)
+              fail(name + ": expected 3 dimensions (height, width, channels), got " + shape_str(one));
+            if (k == 0) {  // the first image's channels, checked against out's as for a 4-D batch
+              const auto lead = one.attr("__getitem__")(py::none()).cast<py::array>();
+              const TileShapes t = check_tile_shapes(lead, g, out, 4, "(locations, n, tile_h, tile_w, channels)");
+              c = t.c;
+              oc = t.oc;
+            }
+            check_array(one, name.c_str(), dt<uint8_t>(), {g.y.size, g.x.size, c}, false);
+            check_disjoint(one, name.c_str(), out, "out");
+            parts.push_back(one);
+          }
+        }
         check_array(out, "out", dt<uint8_t>(), {grid_locations(g), n, g.y.tile, g.x.tile, oc}, true);
-        check_disjoint(images, "images", out, "out");
+        std::vector<const uint8_t*> pointers;
+        if (parts.size() == 1 && parts[0].ndim() == 4) {
+          check_disjoint(parts[0], "images", out, "out");
+          const int64_t image_bytes = static_cast<int64_t>(g.y.size) * g.x.size * c;
+          for (py::ssize_t k = 0; k < n; ++k) pointers.push_back(ptr<uint8_t>(parts[0]) + k * image_bytes);
+        } else {
+          for (const auto& one : parts) pointers.push_back(ptr<uint8_t>(one));
+        }
         if (edge_resamples(g.y.edge) || edge_resamples(g.x.edge)) {
           fail("grid: uint8 tiles need a direct edge policy (shift or pad); resize resamples between uint8 levels");
         }
         const TileU8Params p{static_cast<int>(c), static_cast<int>(oc), swap_rb && c == 3 ? 1 : 0};
         py::gil_scoped_release nogil;
-        cpu::tile_images_u8(ptr<uint8_t>(images), static_cast<int>(n), g, p, static_cast<uint8_t*>(out.mutable_data()));
+        cpu::tile_images_u8(pointers.data(), static_cast<int>(n), g, p, static_cast<uint8_t*>(out.mutable_data()));
       },
       py::arg("images"), py::arg("grid"), py::arg("out"), py::arg("swap_rb") = false,
-      "Tile uint8 images (n, h, w, c) into uint8 out (L, n, tile_h, tile_w, C), the pixels as they are (CPU only; "
-      "for models that normalize their input themselves). Edge policies shift and pad (0 off the image).");
+      "Tile uint8 images (n, h, w, c), or a list of n (h, w, c) arrays (tiled where they are, not stacked), into "
+      "uint8 out (L, n, tile_h, tile_w, C), the pixels as they are (CPU only; for models that normalize their input "
+      "themselves). Edge policies shift and pad (0 off the image).");
   m.def(
       "mahalanobis",
       [](const py::array& features, const py::array& mean_lanes, const py::array& packed_lanes, const py::array& out,

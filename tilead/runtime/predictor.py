@@ -451,13 +451,17 @@ class Predictor:
         # Leased like the outputs: once the backbone has read it, the call's masks can take its memory.
         shape, _ = tile_layout(m, group, uint8)
         buffer = self._outputs.take(shape, dtype.str)
-        staging = None if group == 1 else self._tiles.take((group, *images[0].shape), "uint8")
+        # The uint8 tile kernel takes the images where they are; the float one wants them stacked first.
+        staging = None if group == 1 or uint8 else self._tiles.take((group, *images[0].shape), "uint8")
 
         def fill(lo: int, hi: int) -> np.ndarray:
             count = hi - lo
             with timed(timer, "tile"):
-                if staging is None or count == 1:
+                part: np.ndarray | list[np.ndarray]
+                if count == 1:
                     part = images[lo][None]
+                elif staging is None:
+                    part = list(images[lo:hi])
                 else:
                     part = np.stack(list(images[lo:hi]), out=staging[:count])
                 # The first ``count`` images' worth of the buffer, C-contiguous (the last group may be short).
@@ -672,8 +676,20 @@ def tile_layout(manifest: Manifest, n: int, uint8: bool) -> tuple[tuple[int, ...
     return tile_shape(manifest.grid, n, manifest.preprocessing), np.dtype(manifest.preprocessing.dtype)
 
 
-def cut_tiles(images: np.ndarray, manifest: Manifest, order: InputOrder, out: np.ndarray, uint8: bool) -> np.ndarray:
-    """``images`` (uint8 ``(n, H, W, C)``) cut into ``out`` (:func:`tile_layout`): uint8 or normalized float tiles."""
+def cut_tiles(
+    images: np.ndarray | list[np.ndarray], manifest: Manifest, order: InputOrder, out: np.ndarray, uint8: bool
+) -> np.ndarray:
+    """``images`` cut into ``out`` (:func:`tile_layout`): uint8 or normalized float tiles.
+
+    Args:
+        images: uint8 ``(n, H, W, C)``; for uint8 tiles also a list of ``n`` ``(H, W, C)`` images.
+        manifest: The bundle's manifest (grid, preprocessing).
+        order: The images' channel order.
+        out: The tile buffer, :func:`tile_layout`'s shape and dtype.
+        uint8: Cut uint8 channels-last tiles (else normalized float tiles).
+    """
     if uint8:
         return tile_images_u8(images, manifest.grid, manifest.preprocessing, input_order=order, out=out)
+    if isinstance(images, list):
+        raise TypeError("float tiles are cut from one (n, H, W, C) array")
     return tile_images(images, manifest.grid, manifest.preprocessing, input_order=order, out=out)

@@ -117,9 +117,10 @@ namespace cpu {
 // out:    [L][n][out_channels][tile_h][tile_w], float or uint16 (fp16 bits).
 void tile_images(const uint8_t* images, int n, const Grid& grid, const TileParams& p, void* out);
 
-// images: [n][h][w][in_channels] uint8. out: [L][n][tile_h][tile_w][out_channels] uint8, the pixels as they are
-// (0 off the image, pad policy). The grid's edge policy must not resample (the bindings refuse resize).
-void tile_images_u8(const uint8_t* images, int n, const Grid& grid, const TileU8Params& p, uint8_t* out);
+// images: n pointers, each to one [h][w][in_channels] uint8 image (a batch need not be one array).
+// out: [L][n][tile_h][tile_w][out_channels] uint8, the pixels as they are (0 off the image, pad policy).
+// The grid's edge policy must not resample (the bindings refuse resize).
+void tile_images_u8(const uint8_t* const* images, int n, const Grid& grid, const TileU8Params& p, uint8_t* out);
 
 // maps: [L][n][map_h][map_w] float32. out: [n][canvas_h][canvas_w] float32.
 void untile_maps(const float* maps, int n, const Grid& grid, const UntileParams& p, float* out);

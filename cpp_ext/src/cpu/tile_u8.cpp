@@ -51,14 +51,14 @@ int swap_rb_fast(const uint8_t* src, uint8_t* dst, int valid) {
   return 0;
 }
 
-// One tile row, every channel: canvas row `cy` from column `ox` of image `img` into `dst` (tw * OutC bytes).
+// One tile row, every channel: canvas row `cy` from column `ox` of `image` into `dst` (tw * OutC bytes).
 template <int InC, int OutC, bool Swap>
-void tile_row_u8(const uint8_t* images, const Grid& g, int img, int cy, int ox, uint8_t* dst) {
+void tile_row_u8(const uint8_t* image, const Grid& g, int cy, int ox, uint8_t* dst) {
   const int tw = g.x.tile;
   // Pixels outside the image (pad policy) are black: 0, as the float kernel's value before normalization.
   const int valid = axis_in_image(g.y, cy) ? axis_image_run(g.x, ox, tw) : 0;
   if (valid > 0) {
-    const uint8_t* src = images + ((static_cast<int64_t>(img) * g.y.size + cy) * g.x.size + ox) * InC;
+    const uint8_t* src = image + (static_cast<int64_t>(cy) * g.x.size + ox) * InC;
     if (InC == OutC && !Swap) {
       std::memcpy(dst, src, static_cast<size_t>(valid) * InC);
     } else if (InC == 3) {
@@ -81,9 +81,9 @@ void tile_row_u8(const uint8_t* images, const Grid& g, int img, int cy, int ox, 
 
 }  // namespace
 
-void tile_images_u8(const uint8_t* images, int n, const Grid& grid, const TileU8Params& p, uint8_t* out) {
+void tile_images_u8(const uint8_t* const* images, int n, const Grid& grid, const TileU8Params& p, uint8_t* out) {
   if (n <= 0) return;
-  using RowFn = void (*)(const uint8_t*, const Grid&, int, int, int, uint8_t*);
+  using RowFn = void (*)(const uint8_t*, const Grid&, int, int, uint8_t*);
   RowFn fn = nullptr;
   if (p.in_channels == 3) {
     fn = p.swap_rb ? &tile_row_u8<3, 3, true> : &tile_row_u8<3, 3, false>;
@@ -103,7 +103,7 @@ void tile_images_u8(const uint8_t* images, int n, const Grid& grid, const TileU8
       const int l = static_cast<int>(i / (static_cast<int64_t>(th) * n));
       const int cy = axis_origin(grid.y, l / grid.x.count) + ty;
       const int ox = axis_origin(grid.x, l % grid.x.count);
-      fn(images, grid, img, cy, ox, out + i * row_bytes);
+      fn(images[img], grid, cy, ox, out + i * row_bytes);
     }
   });
 }
