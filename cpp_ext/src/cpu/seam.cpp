@@ -49,6 +49,25 @@ constexpr int kBlock = 16;  // outputs accumulated in registers across all taps
 #define TILEAD_CLONES
 #endif
 
+#if defined(__GNUC__)
+// out[at + k] for k < 4 kBlock (see weighted_rows): inlined into each clone, so compiled for its target.
+__attribute__((always_inline)) inline void wide_block(const float* const* rows, const float* g, int taps, int at,
+                                                      float* __restrict out) {
+  typedef float f8 __attribute__((vector_size(32)));
+  f8 acc[8] = {};
+  for (int j = 0; j < taps; ++j) {
+    const float gj = g[j];
+    const float* row = rows[j] + at;
+    for (int k = 0; k < 8; ++k) {
+      f8 v;
+      std::memcpy(&v, row + 8 * k, sizeof(v));
+      acc[k] += gj * v;
+    }
+  }
+  std::memcpy(out + at, acc, sizeof(acc));
+}
+#endif
+
 // out[x] = sum_j g[j] * rows[j][x] for x in [a, b): a 1-D convolution across
 // 2R+1 row pointers, blocked so each output is loaded and stored once: blocks
 // of kBlock outputs, then kBlock / 2 (run ends), then one at a time. Every output
@@ -61,6 +80,15 @@ TILEAD_CLONES void weighted_rows(const float* const* rows, const float* g, int t
   // Accumulators as vector values, so they stay in registers across the taps (an array of floats
   // went through the stack on every tap); the same operation per lane as the scalar form.
   typedef float f8 __attribute__((vector_size(32)));
+  // Blocks of 4 kBlock outputs first: eight independent accumulators hide the FMA latency that the two of
+  // a kBlock block wait on at every tap (each tap's add depends on the previous one's). A run of at least
+  // one such block ends with one more ending at b, recomputing a few outputs with the same taps in the
+  // same order (the same values), instead of the smaller blocks.
+  if (b - a >= 4 * kBlock) {
+    for (; x + 4 * kBlock <= b; x += 4 * kBlock) wide_block(rows, g, taps, x, out);
+    if (x < b) wide_block(rows, g, taps, b - 4 * kBlock, out);
+    x = b;
+  }
   for (; x + kBlock <= b; x += kBlock) {
     f8 acc0 = {}, acc1 = {};
     for (int j = 0; j < taps; ++j) {
