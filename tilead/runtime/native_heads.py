@@ -29,7 +29,7 @@ that layout, kept to measure against (``benchmarks/bench_head_layouts.py``).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -296,32 +296,27 @@ class LaneHead:
         packed_lanes: float16 ``(B, d (d + 1) / 2, LANES)``.
         blur: float32 ``(2 r + 1,)``, or ``(0,)``: no blur.
         size: The map's ``(h, w)``.
+        blur_matrices: The blur's ``(rows, columns)`` matrices (:func:`blur_matrices`), None without blur.
     """
 
     mean_lanes: np.ndarray
     packed_lanes: np.ndarray
     blur: np.ndarray
     size: tuple[int, int]
+    blur_matrices: tuple[np.ndarray, np.ndarray] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         h, w = self.size
         blocks = -(-h * w // LANES)
-        if (
-            self.mean_lanes.dtype != np.float32
-            or self.mean_lanes.ndim != 3
-            or self.mean_lanes.shape[::2]
-            != (
-                blocks,
-                LANES,
-            )
-        ):
+        shape = self.mean_lanes.shape
+        if self.mean_lanes.dtype != np.float32 or len(shape) != 3 or (shape[0], shape[2]) != (blocks, LANES):
             raise ValueError(f"mean_lanes: expected float32 ({blocks}, d, {LANES}), got {self.mean_lanes.shape}")
         d = int(self.mean_lanes.shape[1])
         want = (blocks, d * (d + 1) // 2, LANES)
         if self.packed_lanes.dtype != np.float16 or self.packed_lanes.shape != want:
             raise ValueError(f"packed_lanes: expected float16 {want}, got {self.packed_lanes.shape}")
-        matrices = blur_matrices(self.size, self.blur) if self.blur.size else None
-        object.__setattr__(self, "_blur_matrices", matrices)  # built once: the blur is two small matrix products
+        # Built once: the blur is two small matrix products.
+        object.__setattr__(self, "blur_matrices", blur_matrices(self.size, self.blur) if self.blur.size else None)
 
     @property
     def channels(self) -> int:
@@ -349,5 +344,4 @@ class LaneHead:
         np.maximum(sq, 0.0, out=sq)
         np.sqrt(sq, out=sq)
         maps = sq.reshape(n, 1, h, w)
-        matrices = getattr(self, "_blur_matrices", None)
-        return blur_maps(maps, self.blur, matrices) if matrices is not None else maps
+        return blur_maps(maps, self.blur, self.blur_matrices) if self.blur_matrices is not None else maps
