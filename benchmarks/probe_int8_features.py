@@ -11,7 +11,8 @@ Usage::
     python benchmarks/probe_int8_features.py BUNDLE IMAGE_DIR [--variants all stem_fp32 ...] [--images 6]
 
 Variants: ``all`` (every backbone node, MinMax), ``percentile``, ``entropy`` (calibration methods),
-``stem_fp32`` (what the exporter does: :func:`tilead.exporter.quantize.stem_nodes` kept FP32).
+``stem_fp32`` (what the exporter does: :func:`tilead.exporter.quantize.stem_nodes` kept FP32), ``stem_res_fp32``
+(the rule before: every node at the stem's resolution kept FP32, its trailing expansion convolution included).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 
 from tilead.exporter.quantize import TileReader, split_nodes, stem_nodes
 
-VARIANTS = ("all", "percentile", "entropy", "stem_fp32")
+VARIANTS = ("all", "percentile", "entropy", "stem_fp32", "stem_res_fp32")
 
 
 def image_tiles(path: Path, manifest: dict[str, Any]) -> np.ndarray:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
-            keep = stem_nodes(model, bb) if variant == "stem_fp32" else []
+            keep = stem_nodes(model, bb, expansion=variant == "stem_res_fp32") if variant.startswith("stem") else []
             out = Path(tmp) / f"{variant}.onnx"
             quantize_static(
                 str(backbone), str(out), TileReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,

@@ -54,13 +54,14 @@ def test_int8_graph_has_qdq_in_the_backbone_and_none_in_the_head(int8_bundle: Pa
         qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
         assert qdq, path
         convs = [n for n in graph.node if n.op_type == "Conv" and not _is_head(n)]
-        # Every backbone convolution after the stem's stage reads dequantized int8 weights and activations;
-        # the stem's stage (up to the second strided convolution) reads FP32 weights.
+        # Every backbone convolution after the stem's stage reads dequantized int8 weights and activations, and
+        # so does the stage's last convolution (efficientnet_lite0's blocks.1.0.conv_pw: a 1x1 expansion feeding
+        # the second strided convolution); the rest of the stem's stage reads FP32 weights.
         strided = [c for c in convs if any(a.name == "strides" and max(a.ints) > 1 for a in c.attribute)]
         assert len(strided) >= 2
-        stem, rest = convs[: convs.index(strided[1])], convs[convs.index(strided[1]) :]
+        stem, rest = convs[: convs.index(strided[1]) - 1], convs[convs.index(strided[1]) - 1 :]
         assert stem
-        assert rest
+        assert any(a.name == "kernel_shape" and list(a.ints) == [1, 1] for a in rest[0].attribute), rest[0].name
         for conv in rest:
             assert all(producers[i].op_type == "DequantizeLinear" for i in conv.input[:2]), conv.name
         for conv in stem:
@@ -181,15 +182,65 @@ def _chain(strides: list[int], pool_at: int | None = None) -> Any:
     return helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.sampled_from([1, 2]), min_size=1, max_size=12), st.integers(0, 11))
-def test_stem_nodes_stop_before_the_second_strided_op(strides: list[int], pool: int) -> None:
-    model = _chain(strides, pool_at=pool if pool < len(strides) else None)
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([1, 2]), min_size=1, max_size=12), st.integers(0, 11), st.booleans())
+def test_stem_nodes_stop_before_the_second_strided_op(strides: list[int], pool: int, expansion: bool) -> None:
+    pool_at = pool if pool < len(strides) else None
+    model = _chain(strides, pool_at=pool_at)
     backbone, _ = split_nodes(model)
-    got = stem_nodes(model, backbone)
+    got = stem_nodes(model, backbone, expansion=expansion)
     strided = [i for i, s in enumerate(strides) if s > 1]
     end = strided[1] if len(strided) > 1 else len(strides)
-    assert got == [f"n{i}" for i in range(end)]
+    # A chain's nodes are 1x1 convolutions (and one MaxPool), each feeding the next: the node before the second
+    # strided op is its expansion when it is a convolution of stride 1, quantized unless expansion=True.
+    trailing = len(strided) > 1 and end - 1 != pool_at and strides[end - 1] == 1
+    keep = end - 1 if trailing and not expansion else end
+    assert got == [f"n{i}" for i in range(keep)]
+
+
+def _stage(kernel: int, activation: str | None, feeds: bool) -> Any:
+    """Stem conv (stride 2) -> conv ``kernel`` x ``kernel`` [-> activation] -> strided conv, backbone-scoped."""
+    from onnx import TensorProto, helper
+
+    specs: list[tuple[str, list[str], str, dict[str, Any]]] = [
+        ("Conv", ["x", "w"], "a", {"strides": [2, 2], "kernel_shape": [3, 3]}),
+        ("Conv", ["a", "w"], "b", {"strides": [1, 1], "kernel_shape": [kernel, kernel]}),
+    ]
+    last = "b"
+    if activation is not None:
+        specs.append((activation, ["b"], "c", {}))
+        last = "c"
+    specs.append(("Conv", [last if feeds else "a", "w"], "y", {"strides": [2, 2], "kernel_shape": [3, 3]}))
+    nodes = []
+    for i, (op, inputs, output, attrs) in enumerate(specs):
+        node = helper.make_node(op, inputs, [output], name=f"n{i}", **attrs)
+        entry = node.metadata_props.add()
+        entry.key, entry.value = "pkg.torch.onnx.name_scopes", "['', 'embedding', 'embedding.backbone', 'x']"
+        nodes.append(node)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+
+
+@pytest.mark.parametrize(
+    ("kernel", "activation", "feeds", "kept"),
+    [
+        (1, "Clip", True, ["n0"]),  # efficientnet's blocks.1.0.conv_pw and its ReLU6: quantized
+        (1, "Relu", True, ["n0"]),
+        (1, None, True, ["n0"]),
+        (3, "Clip", True, ["n0", "n1", "n2"]),  # not pointwise: kept FP32
+        (1, "Clip", False, ["n0", "n1", "n2"]),  # the strided op reads another tensor: kept FP32
+        (1, "Sigmoid", True, ["n0", "n1", "n2"]),  # not an activation taken for one (SiLU is two nodes)
+    ],
+)
+def test_stem_nodes_leave_the_trailing_expansion_to_int8(
+    kernel: int, activation: str | None, feeds: bool, kept: list[str]
+) -> None:
+    model = _stage(kernel, activation, feeds)
+    backbone, _ = split_nodes(model)
+    assert stem_nodes(model, backbone) == kept
+    every = [n.name for n in model.graph.node][:-1]
+    assert stem_nodes(model, backbone, expansion=True) == every
 
 
 def test_stem_nodes_skip_nodes_outside_the_backbone() -> None:

@@ -12,18 +12,25 @@ scope path runs through a module called ``backbone`` (PaDiM's and PatchCore's
 resizing, channel selection, PaDiM's Mahalanobis distance, PatchCore's nearest
 neighbours, the blur) is passed to ``nodes_to_exclude`` and stays FP32.
 
-The backbone's first stage also stays FP32: every backbone node computed at the
-stem's resolution (before the second strided convolution or pooling, see
+The backbone's first stage also stays FP32: the backbone nodes computed at the
+stem's resolution (before the second strided convolution or pooling), except a
+trailing 1x1 expansion convolution that feeds that strided op (see
 :func:`stem_nodes`). On flat, synthetic 2048x2048 tiles INT8 there moved the
 features by 31 % (norm of the difference over the norm of the features,
 efficientnet_lite0): weights alone, INT8 per channel, in
 ``blocks.0.0.conv_dw`` gave 33 %; its per-tensor UINT8 output, feeding the
 next 1x1 convolution, gave 85 % with that one convolution kept FP32. MinMax,
 Percentile and Entropy calibration all gave 31 % (the ranges were not the
-cause). Keeping the stem's resolution FP32 brought it to 9 %; the stage is a
-small share of the backbone's work. Its pixel statistics are the raw image's,
-where a flat background and sharp edges give per-tensor ranges that one scale
-cannot serve.
+cause). Keeping the stem's resolution FP32 brought it to 9 %. Its pixel
+statistics are the raw image's, where a flat background and sharp edges give
+per-tensor ranges that one scale cannot serve.
+
+The expansion convolution at the end of that stage (efficientnet_lite0's
+``blocks.1.0.conv_pw``, 16 to 96 channels at half the tile's size) reads the
+first block's output, not the raw image's statistics; quantizing it moves the
+features about as little (docs/cpu_speed.md) while it was the costliest FP32
+layer: on OpenVINO (``int8_bf16``) it ran in bf16 and its output was converted
+to UINT8 for the strided depthwise convolution after it.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 BACKBONE_MODULE = "backbone"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 STRIDED_OPS = ("Conv", "MaxPool", "AveragePool")
+ACTIVATION_OPS = ("Relu", "Clip", "HardSwish", "LeakyRelu")
+"""Elementwise activations that may follow the stem stage's expansion convolution (:func:`stem_nodes`)."""
 # Max abs INT8-vs-eager difference of the map on real training tiles, relative to the eager map's range
 # there (FP32 parity is 1e-5). An INT8 location differs by more than rounding: its backbone's features move
 # by several percent and (PaDiM) its Gaussians are refit on them. Measured on bottle: 0.27-0.34 with the
@@ -130,23 +139,30 @@ def _strided(node: Any) -> bool:
     return False  # ONNX's default strides are 1 (Conv and pooling alike)
 
 
-def stem_nodes(model: Any, backbone: Sequence[str]) -> list[str]:
-    """The backbone nodes computed at the stem's resolution: before the graph's second strided op.
+def stem_nodes(model: Any, backbone: Sequence[str], *, expansion: bool = False) -> list[str]:
+    """The backbone nodes kept FP32: those computed at the stem's resolution, but its trailing expansion.
 
     The exporter writes nodes in topological order; the first strided
     convolution (or pooling) is the stem's, every node up to the second
-    strided one works at half the input's resolution or finer.
+    strided one works at half the input's resolution or finer. Of those, a
+    trailing 1x1 convolution (and an elementwise activation after it) whose
+    output is the second strided op's input, an inverted residual block's
+    expansion, is left out of the list (it is quantized) unless ``expansion``.
 
     Args:
         model: An ``onnx.ModelProto`` written by the exporter.
         backbone: Names of its backbone nodes (:func:`split_nodes`).
+        expansion: Keep that expansion convolution FP32 too (every node at the stem's resolution: the rule of
+            bundles exported before; ``benchmarks/probe_int8_features.py`` compares the two).
 
     Returns:
         Those of ``backbone`` that run before the second strided Conv/pooling
-        node (that node itself excluded), in graph order.
+        node (that node itself excluded), in graph order, without the trailing
+        expansion unless ``expansion``.
     """
     names = set(backbone)
-    early: list[str] = []
+    early: list[Any] = []
+    second: Any = None
     strided = 0
     for node in model.graph.node:
         if node.name not in names:
@@ -154,9 +170,35 @@ def stem_nodes(model: Any, backbone: Sequence[str]) -> list[str]:
         if _strided(node):
             strided += 1
             if strided > 1:
+                second = node
                 break
-        early.append(node.name)
-    return early
+        early.append(node)
+    if not expansion and second is not None:
+        early = early[: len(early) - _expansion_length(early, second)]
+    return [node.name for node in early]
+
+
+def _expansion_length(early: Sequence[Any], strided: Any) -> int:
+    """How many of ``early``'s last nodes are a 1x1 convolution (and its activation) feeding ``strided``: 0, 1 or 2."""
+    if not early or not strided.input:
+        return 0
+    last = early[-1]
+    conv, size = last, 1
+    if last.op_type in ACTIVATION_OPS and len(early) > 1:
+        conv, size = early[-2], 2
+        if not conv.output or last.input[:1] != conv.output[:1]:
+            return 0
+    if conv.op_type != "Conv" or _strided(conv) or not _pointwise(conv) or last.output[:1] != strided.input[:1]:
+        return 0
+    return size
+
+
+def _pointwise(node: Any) -> bool:
+    """Whether a Conv node's ``kernel_shape`` attribute says 1x1 (a node without the attribute is not taken as one)."""
+    for attr in node.attribute:
+        if attr.name == "kernel_shape":
+            return len(attr.ints) > 0 and all(int(v) == 1 for v in attr.ints)
+    return False
 
 
 def split_nodes(model: Any) -> tuple[list[str], list[str]]:
