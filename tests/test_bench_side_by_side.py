@@ -26,7 +26,8 @@ def _images(folder: Path, count: int, size: int = 64) -> Path:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=180, check=False)
+    cmd = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
 
 
 def test_two_copies_of_one_bundle_give_the_same_maps_and_a_row_each(tmp_path: Path) -> None:

@@ -142,6 +142,33 @@ def test_hybrid_native_heads_give_the_onnx_heads_maps(
 
 
 @pytest.mark.skipif(not BF16, reason=NO_BF16_UNITS)
+def test_a_one_image_call_queues_the_heads_behind_the_backbone(
+    native_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At batch 1 the hybrid backend runs its backbone calls and heads in one queue, with the same maps."""
+    import tilead.runtime.backends.hybrid as hybrid
+    from tilead.runtime.backends.pipelined import backbone_then_heads as queued
+
+    calls: list[int] = []
+
+    def counting(*args: Any) -> Any:
+        calls.append(args[1].images)
+        return queued(*args)
+
+    monkeypatch.setattr(hybrid, "backbone_then_heads", counting)
+    images = _bright(3, seed=4)
+    with Predictor(native_bundle, threads=2, location_workers=2, max_batch=3) as p:
+        batch = p.location_maps(images)
+        assert calls == []  # three images: the barrier
+        one = [p.location_maps(images[i : i + 1]) for i in range(3)]
+        assert calls == [1, 1, 1]
+    np.testing.assert_array_equal(np.concatenate(one, axis=1), batch)
+    with Predictor(native_bundle, threads=1, location_workers=1) as p:
+        p.location_maps(images[:1])
+    assert calls == [1, 1, 1]  # one worker: nothing to queue behind
+
+
+@pytest.mark.skipif(not BF16, reason=NO_BF16_UNITS)
 def test_an_old_bf16_bundle_without_native_heads_runs_its_onnx_heads(native_bundle: Path, tmp_path: Path) -> None:
     old = _copy(native_bundle, tmp_path / "old")
     data: dict[str, Any] = json.loads((old / "manifest.json").read_text())

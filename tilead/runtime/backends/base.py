@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -473,6 +473,26 @@ def stream_group(image_tile_bytes: int, images: int, limit: int = STREAM_TILE_BY
     return max(1, min(images, limit // max(1, image_tile_bytes)))
 
 
+def stream_calls(stream: TileStream, count: int) -> Iterator[tuple[int, np.ndarray, list[tuple[int, int, int]]]]:
+    """Each fill of ``stream`` with its backbone calls: ``(first image, tiles, [(location, lo, hi), ...])``.
+
+    A call is a run ``[lo, hi)`` of one location's tiles of the fill (a call never crosses a location, so it
+    writes a contiguous run of the features). The tiles array may be reused by the next fill.
+
+    Raises:
+        BundleError: If a fill is not C-contiguous ``(count, images in the fill, ...)``.
+    """
+    n = stream.images
+    for lo in range(0, n, stream.group):
+        hi = min(n, lo + stream.group)
+        tiles = stream.fill(lo, hi)
+        if tiles.shape[:2] != (count, hi - lo) or not tiles.flags.c_contiguous:
+            want = f"C-contiguous ({count}, {hi - lo}, ...)"
+            raise BundleError(f"tile stream: expected {want} tiles, got {tiles.shape}")
+        chunks = backbone_chunks(hi - lo, float_bytes(tiles[0, 0]), 1)
+        yield lo, tiles, [(loc, a, b) for loc in range(count) for a, b in chunks]
+
+
 def run_backbone_stream(
     manifest: Manifest,
     stream: TileStream,
@@ -501,15 +521,7 @@ def run_backbone_stream(
 
     def fill() -> float:
         spent = 0.0
-        for lo in range(0, n, stream.group):
-            hi = min(n, lo + stream.group)
-            tiles = stream.fill(lo, hi)
-            if tiles.shape[:2] != (count, hi - lo) or not tiles.flags.c_contiguous:
-                want = f"C-contiguous ({count}, {hi - lo}, ...)"
-                raise BundleError(f"tile stream: expected {want} tiles, got {tiles.shape}")
-            calls = [
-                (loc, a, b) for loc in range(count) for a, b in backbone_chunks(hi - lo, float_bytes(tiles[0, 0]), 1)
-            ]
+        for lo, tiles, calls in stream_calls(stream, count):
 
             def one(call: tuple[int, int, int], tiles: np.ndarray = tiles, lo: int = lo) -> None:
                 loc, a, b = call
@@ -624,23 +636,58 @@ def run_locations(
         BundleError: If a model's output shape differs from the manifest's, or ``jobs`` do not cover
             every location once with its model.
     """
-    m = manifest
-    count, n = tiles.shape[0], tiles.shape[1]
-    h, w = m.map_size
-    maps = np.empty((count, n, h, w), dtype=np.float32)
-    scores = np.empty((count, n), dtype=np.float32) if m.image_score == "detector" else None
+    calls = LocationCalls(manifest, tiles, run_one, jobs)
+    with timed(timer, "inference"):
+        seconds = list(pool.map(calls.run, calls.jobs)) if pool is not None else [calls.run(j) for j in calls.jobs]
+    return calls.outputs(seconds, timer)
 
-    if len(m.location_model) != count:
-        raise BundleError(f"expected tiles of {len(m.location_model)} locations, got {count}")
-    if jobs is None:
-        jobs = location_jobs(m, 1, per_location=False)
-    elif sorted(loc for _, locs in jobs for loc in locs) != list(range(count)) or any(
-        m.location_model[loc] != model for model, locs in jobs for loc in locs
-    ):
-        raise BundleError("jobs: expected every location once, each with its own model")
 
-    def run(job: tuple[int, tuple[int, ...]]) -> float:
+class LocationCalls:
+    """One inference's model calls (:func:`run_locations`): each job's outputs checked and written into the maps.
+
+    Args:
+        manifest: The bundle's manifest.
+        tiles: float32 ``(locations, n, ...)``: tiles, or a shared backbone's features. A job reads only its
+            own locations' blocks, so the rest may still be being written while it runs.
+        run_one: Runs one model (:data:`RunLocation`).
+        jobs: The calls; None: one batched call per model.
+
+    Raises:
+        BundleError: If ``jobs`` do not cover every location once with its model, or ``tiles`` has another
+            number of locations than the manifest.
+    """
+
+    def __init__(
+        self, manifest: Manifest, tiles: np.ndarray, run_one: RunLocation, jobs: Sequence[Job] | None = None
+    ) -> None:
+        m = manifest
+        count, n = tiles.shape[0], tiles.shape[1]
+        h, w = m.map_size
+        if len(m.location_model) != count:
+            raise BundleError(f"expected tiles of {len(m.location_model)} locations, got {count}")
+        if jobs is None:
+            jobs = location_jobs(m, 1, per_location=False)
+        elif sorted(loc for _, locs in jobs for loc in locs) != list(range(count)) or any(
+            m.location_model[loc] != model for model, locs in jobs for loc in locs
+        ):
+            raise BundleError("jobs: expected every location once, each with its own model")
+        self.manifest = m
+        self.jobs: tuple[Job, ...] = tuple(jobs)
+        self._tiles = tiles
+        self._run_one = run_one
+        self.maps = np.empty((count, n, h, w), dtype=np.float32)
+        self.scores = np.empty((count, n), dtype=np.float32) if m.image_score == "detector" else None
+
+    def run(self, job: Job) -> float:
+        """Run one job and write its maps (and scores); returns the seconds it took.
+
+        Raises:
+            BundleError: If the model's outputs do not have the manifest's shapes.
+        """
         start = time.perf_counter()
+        m, tiles = self.manifest, self._tiles
+        n = tiles.shape[1]
+        h, w = m.map_size
         index, group = job
         k = len(group)
         lo, hi = group[0], group[-1] + 1
@@ -649,7 +696,7 @@ def run_locations(
             part = np.stack([orientation.apply(tiles[loc], t) for loc, t in zip(group, turns, strict=True)])
         else:  # a run of neighbouring locations is a view; scattered ones are gathered (one copy)
             part = tiles[lo:hi] if hi - lo == k else tiles[list(group)]
-        outs = run_one(index, np.ascontiguousarray(part).reshape(k * n, *tiles.shape[2:]))
+        outs = self._run_one(index, np.ascontiguousarray(part).reshape(k * n, *tiles.shape[2:]))
         what = f"location {m.locations[lo].name}" if not m.shared_models else f"model {m.models[index].name}"
         out = np.asarray(outs[0])
         if out.shape != (k * n, 1, h, w):
@@ -658,25 +705,25 @@ def run_locations(
         if any(turns):  # each map back in its location's orientation
             out_maps = np.stack([orientation.invert(o, t) for o, t in zip(out_maps, turns, strict=True)])
         if hi - lo == k:
-            maps[lo:hi] = out_maps
+            self.maps[lo:hi] = out_maps
         else:
-            maps[list(group)] = out_maps
-        if scores is not None:
+            self.maps[list(group)] = out_maps
+        if self.scores is not None:
             score = np.asarray(outs[1])
             if score.shape != (k * n,):
                 raise BundleError(f"{what}: model output 'score' has shape {score.shape}, expected ({k * n},)")
-            scores[list(group)] = score.reshape(k, n)
+            self.scores[list(group)] = score.reshape(k, n)
         return time.perf_counter() - start
 
-    with timed(timer, "inference"):
-        seconds = list(pool.map(run, jobs)) if pool is not None else [run(job) for job in jobs]
-    if timer is not None:
-        per_model = [0.0] * len(m.models)
-        for (index, _), sec in zip(jobs, seconds, strict=True):
-            per_model[index] += sec
-        for model, sec in zip(m.models, per_model, strict=True):
-            timer.add(f"location:{model.name}", sec)
-    return maps, scores
+    def outputs(self, seconds: Sequence[float], timer: StageTimes | None) -> LocationOutputs:
+        """``(maps, scores)`` once every job ran; ``seconds`` (per job, in :attr:`jobs` order) go to ``timer``."""
+        if timer is not None:
+            per_model = [0.0] * len(self.manifest.models)
+            for (index, _), sec in zip(self.jobs, seconds, strict=True):
+                per_model[index] += sec
+            for model, sec in zip(self.manifest.models, per_model, strict=True):
+                timer.add(f"location:{model.name}", sec)
+        return self.maps, self.scores
 
 
 RunThumbnail = Callable[[np.ndarray], np.ndarray]

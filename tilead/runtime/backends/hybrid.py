@@ -86,6 +86,7 @@ from tilead.runtime.backends.openvino import (
     require_bf16,
     stream_config,
 )
+from tilead.runtime.backends.pipelined import backbone_then_heads
 from tilead.runtime.buffers import Allocate
 from tilead.runtime.bundle import (
     OUTPUT_NAME,
@@ -101,6 +102,13 @@ NOT_BF16 = (
     "backend='hybrid' runs bf16 bundles only (tilead-export RUN --precision bf16 or int8_bf16): this bundle's heads "
     "were fitted on {precision} features, which a bf16 backbone would move; use backend='onnxruntime' or 'openvino'"
 )
+
+
+QUEUED_IMAGES = 1
+"""Batches of at most this many images run the last backbone calls and the native heads in one queue
+(:func:`~tilead.runtime.backends.pipelined.backbone_then_heads`); larger ones keep the barrier. Measured side by
+side on a 2-core Zen 4 (``benchmarks/bench_pipelined_heads.py``, docs/cpu_speed.md): the queue 1.04x faster at
+batch 1 (bottle and 2048²), 0.97-0.98x at batch 8."""
 
 
 def bf16_config(threads: int, streams: int = 1) -> dict[str, Any]:
@@ -247,8 +255,23 @@ class HybridBackend:
     def infer_stream(self, stream: TileStream, timer: StageTimes | None = None) -> LocationOutputs:
         """:meth:`infer` on tiles made a few images at a time (:class:`.base.TileStream`).
 
-        Only the features of the whole batch are held at once, never all its tiles.
+        Only the features of the whole batch are held at once, never all its tiles. With native heads on
+        several location workers and at most :data:`QUEUED_IMAGES` images, the backbone calls and the heads
+        share one queue (:func:`~tilead.runtime.backends.pipelined.backbone_then_heads`): a head starts once
+        its own locations' features are there.
         """
+        native, pool = self._native, self._pool
+        if native is not None and pool is not None and stream.images <= QUEUED_IMAGES:  # no barrier before the heads
+            return backbone_then_heads(
+                self.manifest,
+                stream,
+                self._run_features,
+                self._buffers,
+                pool,
+                timer,
+                self._jobs,
+                lambda index, block: [native[index](block)],
+            )
         features = run_backbone_stream(
             self.manifest, stream, self._run_features, self._buffers, self._pool, timer, self.location_workers
         )
