@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_outside_inference import image_paths
 
 from tilead.runtime import Predictor
 from tilead.runtime.bundle import read_manifest, refit_on_openvino
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
 def load_images(folder: Path, count: int, size: tuple[int, int]) -> list[np.ndarray]:
@@ -45,9 +45,7 @@ def load_images(folder: Path, count: int, size: tuple[int, int]) -> list[np.ndar
     """
     from PIL import Image
 
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SystemExit(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    paths = image_paths([folder], sys.maxsize)  # every image file, sorted (bench_outside_inference.py)
     step = max(1, len(paths) // count)
     images = []
     for path in paths[::step]:

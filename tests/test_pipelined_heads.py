@@ -42,7 +42,6 @@ class _Backbone:
         self.fail_at = fail_at
         self.calls = 0
         self.lock = threading.Lock()
-        self.written: set[int] = set()  # id of the tile blocks whose features are written
         self.rng = random.Random(0)
 
     def __call__(self, tiles: np.ndarray, out: np.ndarray) -> None:

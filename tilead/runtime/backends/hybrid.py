@@ -64,6 +64,7 @@ from tilead.runtime.backends.base import (
     BufferPool,
     Capabilities,
     LocationOutputs,
+    RunLocation,
     TileStream,
     location_jobs,
     run_backbone,
@@ -270,7 +271,7 @@ class HybridBackend:
                 pool,
                 timer,
                 self._jobs,
-                lambda index, block: [native[index](block)],
+                native_run(native),
             )
         features = run_backbone_stream(
             self.manifest, stream, self._run_features, self._buffers, self._pool, timer, self.location_workers
@@ -289,9 +290,7 @@ class HybridBackend:
         native = self._native
         if native is not None:
             try:
-                return run_locations(
-                    self.manifest, features, lambda index, block: [native[index](block)], self._pool, timer, self._jobs
-                )
+                return run_locations(self.manifest, features, native_run(native), self._pool, timer, self._jobs)
             finally:
                 self._buffers.give(features)
         return run_heads(
@@ -322,6 +321,15 @@ def create(request: BackendRequest) -> HybridBackend:
         bundle=request.bundle,
         native_heads=request.native_heads,
     )
+
+
+def native_run(heads: Sequence[LaneHead]) -> RunLocation:
+    """The native heads as a location call (:data:`~tilead.runtime.backends.base.RunLocation`): model index's map."""
+
+    def run(index: int, block: np.ndarray) -> list[np.ndarray]:
+        return [heads[index](block)]
+
+    return run
 
 
 def kernel_path() -> str:
