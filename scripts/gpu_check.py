@@ -14,7 +14,10 @@ carries, in under 9 minutes, and writes ``OUT/gpu_check.json`` (plus
 3. engines: FP32 and FP16 TensorRT engines for that bundle, max batch 4, when
    the TensorRT builder is installed (else the step says so);
 4. doctor: every ``tilead-doctor`` GPU check on the bundle (JSON report);
-5. bench: a short ``tilead-bench`` on the TensorRT backend, batches 1 and 4.
+5. branches: a thumbnail bundle and a shared-model bundle (tests' factories), their FP32
+   engines built, the TensorRT Predictor against ONNX Runtime on the CPU
+   (scripts/gpu_check_branches.py; with the TensorRT builder and torch only);
+6. bench: a short ``tilead-bench`` on the TensorRT backend, batches 1 and 4.
 
 Exit status: 0 every check passed, 1 something failed, 3 no usable GPU (the GPU
 checks were skipped, never passed). Each step has its own time limit within
@@ -35,7 +38,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 540.0
-STEP_LIMITS_S = {"extension": 300.0, "bundle": 150.0, "engines": 270.0, "doctor": 180.0, "bench": 90.0}
+STEP_LIMITS_S = {
+    "extension": 300.0, "bundle": 150.0, "engines": 270.0, "doctor": 180.0, "branches": 120.0, "bench": 90.0,
+}  # fmt: skip
 EXIT_PASS, EXIT_FAIL, EXIT_NO_GPU = 0, 1, 3
 
 
@@ -170,6 +175,25 @@ def step_doctor(steps: Steps, bundle: Path | None, out: Path) -> str:
     return str(verdict)
 
 
+def step_branches(steps: Steps, out: Path) -> None:
+    """The thumbnail and shared-model bundles on TensorRT (``scripts/gpu_check_branches.py``, ``OUT/branches.json``)."""
+    started = time.monotonic()
+    if probe("import tensorrt, torch; tensorrt.Builder")[0] != 0:
+        steps.record("branches", "skipped", "needs the TensorRT builder and torch (the tests' factories)", started)
+        return
+    report = out / "branches.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "gpu_check_branches.py"), str(report)]
+    code, text = run(cmd, steps.left("branches"))
+    try:
+        checks = json.loads(report.read_text())["checks"]
+    except (OSError, ValueError, KeyError):
+        steps.record("branches", "fail", f"no report ({code}): {text[-1500:]}", started)
+        return
+    failed = [f"{c['name']}: {c['detail']}" for c in checks if c["status"] != "pass"]
+    detail = "; ".join(failed) if failed else f"{len(checks)} bundles match ONNX Runtime (report branches.json)"
+    steps.record("branches", "fail" if failed or code else "pass", detail, started)
+
+
 def step_bench(steps: Steps, bundle: Path, out: Path) -> None:
     """A short ``tilead bench`` on the TensorRT backend (``OUT/bench.json``)."""
     started = time.monotonic()
@@ -198,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     elif bundle is not None:
         steps.record("engines", "skipped", "no usable GPU", time.monotonic())
     verdict = step_doctor(steps, bundle, out)
+    if gpu:
+        step_branches(steps, out)
+    else:
+        steps.record("branches", "skipped", "no usable GPU", time.monotonic())
     if gpu and bundle is not None and verdict != "fail":
         step_bench(steps, bundle, out)
     else:

@@ -39,6 +39,9 @@ GPU, CC, VERSION = "Fake GPU", "9.0", "11.4.0.106"
 def add_engine_copies(root: Path, batch: tuple[int, int, int] = (1, 4, 4), *, compatible: bool = True) -> None:
     """List a "TensorRT" engine set in the bundle at ``root`` whose plans are copies of its ONNX models.
 
+    One "engine" per model (per location for one_to_one, per shared model otherwise), and ``thumbnail.engine``
+    for a bundle with a thumbnail branch, as the exporter's builder lists them.
+
     Args:
         root: A bundle directory (per-location layout).
         batch: The set's profile (min, opt, max batch).
@@ -46,19 +49,50 @@ def add_engine_copies(root: Path, batch: tuple[int, int, int] = (1, 4, 4), *, co
     """
     from tilead.exporter.engines import add_engine_set
     from tilead.runtime.bundle import read_manifest, sha256_file
-    from tilead.runtime.engines import EngineFile, EngineSet, engine_key
+    from tilead.runtime.engines import THUMBNAIL_ENGINE, EngineFile, EngineSet, engine_key
+    from tilead.runtime.files import LocationFile
 
     manifest = read_manifest(root)
-    key = engine_key(GPU, CC, VERSION, "fp32", batch[2], [loc.sha256 for loc in manifest.locations])
+    sources = list(manifest.models)
+    branch = manifest.thumbnail
+    if branch is not None and branch.file is not None:
+        sources.append(LocationFile(THUMBNAIL_ENGINE, branch.file.file, branch.file.sha256, branch.file.bytes))
+    key = engine_key(GPU, CC, VERSION, "fp32", batch[2], [f.sha256 for f in sources])
     files = []
-    for loc in manifest.locations:
-        target = root / "engines" / key / f"{loc.name}.engine"
+    for source in sources:
+        target = root / "engines" / key / f"{source.name}.engine"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / loc.file, target)
+        shutil.copy(root / source.file, target)
         files.append(
-            EngineFile(loc.name, target.relative_to(root).as_posix(), sha256_file(target), target.stat().st_size)
+            EngineFile(source.name, target.relative_to(root).as_posix(), sha256_file(target), target.stat().st_size)
         )
-    add_engine_set(root, EngineSet(key, GPU, CC, VERSION, "fp32", batch, 256, compatible, None, tuple(files)))
+    models, small = files[: len(manifest.models)], files[len(manifest.models) :]
+    engine_set = EngineSet(
+        key, GPU, CC, VERSION, "fp32", batch, 256, compatible, None, tuple(models), small[0] if small else None
+    )
+    add_engine_set(root, engine_set)
+
+
+def assert_same_predictions(got: Any, want: Any) -> None:
+    """Two lists of Predictions agree: maps to 1e-5, masks and labels exactly, scores to 1e-5."""
+    assert isinstance(got, list)
+    assert isinstance(want, list)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=1e-5)
+        np.testing.assert_array_equal(g.mask, w.mask)
+        assert g.label == w.label
+        assert abs(g.score - w.score) <= 1e-5
+        assert abs(g.raw_score - w.raw_score) <= 1e-5 + 1e-5 * abs(w.raw_score)
+
+
+def install(monkeypatch: Any, **kwargs: Any) -> None:
+    """Route the native TensorRT backend to the stand-in (``make_module(**kwargs)``, :class:`FakePipeline`)."""
+    from tilead.runtime.backends import tensorrt as backend
+
+    monkeypatch.setattr(backend, "import_runtime", lambda: make_module(**kwargs))
+    monkeypatch.setattr(backend, "require_gpu", lambda: (GPU, CC))
+    cuda = types.SimpleNamespace(DevicePipeline=FakePipeline)
+    monkeypatch.setattr(backend, "_kernels", types.SimpleNamespace(cuda=cuda))
 
 
 _BUFFERS: dict[int, tuple[FakePipeline, str]] = {}  # base address -> (pipeline, "tiles" | "maps" | "scores" | ...)
@@ -80,9 +114,14 @@ class FakePipeline:
 
     def __init__(self, grid: Any, max_batch: int, in_channels: int, out_channels: int, scale: list[float],
                  bias: list[float], map_h: int, map_w: int, post: Any, device: int = 0,
-                 location_scores: bool = False) -> None:  # fmt: skip
+                 location_scores: bool = False, thumbnail: Any = None) -> None:  # fmt: skip
         if not isinstance(post, _kernels.PostSpec):  # the real constructor's type check
             raise TypeError(f"post: expected tilead._kernels.PostSpec, got {type(post).__name__}")
+        if thumbnail is not None and not isinstance(thumbnail, _kernels.ThumbnailSpec):
+            raise TypeError(f"thumbnail: expected tilead._kernels.ThumbnailSpec, got {type(thumbnail).__name__}")
+        if thumbnail is not None and (thumbnail.grid.image_h > grid.image_h or thumbnail.grid.image_w > grid.image_w):
+            raise ValueError("DevicePipeline: the thumbnail must not be larger than the image (area resize only)")
+        self.thumbnail = thumbnail
         self.grid, self.max_batch = grid, max_batch
         self.in_channels, self.channels, self.scale, self.bias = in_channels, out_channels, scale, bias
         self.map_h, self.map_w, self.weights = map_h, map_w, post.weights
@@ -101,8 +140,11 @@ class FakePipeline:
         self.scores = np.zeros(self.locations * _kernels.aligned_block_floats(max_batch) if location_scores else 0,
                                np.float32)  # fmt: skip
         self.context = np.zeros(0, np.float32)
+        t = thumbnail
+        self.thumb_in = np.zeros(max_batch * out_channels * t.grid.image_h * t.grid.image_w if t else 0, np.float32)
+        self.thumb_map = np.zeros(max_batch * t.map_h * t.map_w if t else 0, np.float32)
         self.bases: dict[str, int] = {}
-        for kind in ("tiles", "maps", "scores", "context"):
+        for kind in ("tiles", "maps", "scores", "context", "thumb_in", "thumb_map"):
             self._register(kind)
         self.calls: list[str] = []
         self.stream = 1000 + len(_STREAMS)
@@ -160,7 +202,59 @@ class FakePipeline:
 
     @property
     def device_bytes(self) -> int:
-        return int(self.tiles.nbytes + self.maps.nbytes + self.scores.nbytes + self.context.nbytes)
+        buffers = (self.tiles, self.maps, self.scores, self.context, self.thumb_in, self.thumb_map)
+        return int(sum(b.nbytes for b in buffers))
+
+    # -- the thumbnail branch -----------------------------------------------------------------------
+
+    def _thumbnail(self, n: int, what: str) -> Any:
+        if self.thumbnail is None:
+            raise RuntimeError(f"DevicePipeline::{what}: built without a thumbnail branch")
+        self._check(0, n)
+        return self.thumbnail
+
+    def thumbnail_input_address(self, n: int) -> int:
+        self._thumbnail(n, "thumbnail_input_address")
+        return self.bases["thumb_in"]
+
+    def thumbnail_map_address(self, n: int) -> int:
+        self._thumbnail(n, "thumbnail_map_address")
+        return self.bases["thumb_map"]
+
+    def thumbnail_input(self, n: int, swap_rb: bool) -> None:
+        """The CPU twins of the device stage: area resize, then the tile kernel on the one-tile grid."""
+        t = self._thumbnail(n, "thumbnail_input")
+        size_h, size_w = t.grid.image_h, t.grid.image_w
+
+        def run() -> None:
+            small = np.empty((n, size_h, size_w, self.in_channels), np.uint8)
+            _kernels.resize_area(self.images, small)
+            out = np.empty((1, n, self.channels, size_h, size_w), np.float32)
+            _kernels.tile_images(small, t.grid, out, self.scale, self.bias, swap_rb)
+            self.thumb_in[: out.size] = out.ravel()
+
+        self._enqueue("thumbnail", run)
+
+    def fuse(self, n: int) -> None:
+        """The CPU twin of the device fusion, in place on the image-size maps."""
+        t = self._thumbnail(n, "fuse")
+
+        def run() -> None:
+            small = self.thumb_map[: n * t.map_h * t.map_w].reshape(n, t.map_h, t.map_w)
+            _kernels.fuse_thumbnail(small, self.image, t.fuse)
+
+        self._enqueue("fuse", run)
+
+    def upload_thumbnail_maps(self, maps: np.ndarray) -> None:
+        t = self._thumbnail(maps.shape[0], "upload_thumbnail_maps")
+        self.thumb_map[: maps.size] = maps.reshape(-1)
+        assert maps.shape[1:] == (t.map_h, t.map_w)
+
+    def download_thumbnail_maps(self, n: int) -> np.ndarray:
+        t = self._thumbnail(n, "download_thumbnail_maps")
+        self._host_wait("cudaStreamSynchronize")
+        out: np.ndarray = self.thumb_map[: n * t.map_h * t.map_w].reshape(n, t.map_h, t.map_w).copy()
+        return out
 
     def context_memory(self, nbytes: int) -> int:
         self.context_requests.append(nbytes)

@@ -124,7 +124,24 @@ def test_normalize_cuda_follows_the_nonfinite_rule_like_cpu(ranges: tuple[tuple[
 
 
 def test_cuda_namespace_has_the_same_entry_points_as_cpu() -> None:
-    for name in ("tile_images", "untile_maps", "smooth_seams", "resize_maps", "normalize_maps"):
+    for name in ("tile_images", "untile_maps", "smooth_seams", "resize_maps", "normalize_maps", "fuse_thumbnail"):
         cpu_doc = getattr(_kernels, name).__doc__
         cuda_doc = getattr(_kernels.cuda, name).__doc__
         assert cpu_doc == cuda_doc  # same pybind11 signature line and description
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fuse_thumbnail_cuda_matches_cpu(weighted: bool) -> None:
+    """The TensorRT pipeline's thumbnail fusion: products and sums rounded one by one on both twins, so bit-equal."""
+    rng = np.random.default_rng(3)
+    thumb = rng.normal(0, 2, (3, 17, 13)).astype(np.float32)
+    maps = rng.normal(0, 2, (3, 300, 410)).astype(np.float32)
+    maps[1, 5, 7] = np.nan
+    thumb[2, 0, 0] = np.inf
+    spec = _kernels.FuseSpec(0.3, 0.7, -0.2, 0.25, weighted, 0.4 if weighted else 0.0)
+    cpu, gpu = maps.copy(), maps.copy()
+    _kernels.fuse_thumbnail(thumb, cpu, spec)
+    _kernels.cuda.fuse_thumbnail(thumb, gpu, spec)
+    np.testing.assert_array_equal(gpu, cpu)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bundle_factory import make_bundle
@@ -48,28 +49,48 @@ def test_doctor_json_report_without_gpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(STATUS.usable, reason="a CUDA device is usable here: the script runs the GPU checks instead")
-def test_gpu_check_script_without_gpu_exits_3_with_a_report(tmp_path: Path) -> None:
+def _script(name: str, *args: Path) -> Any:
+    """Run ``scripts/<name>`` from the tree's root; the finished process."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "gpu"
-    done = subprocess.run(
-        [sys.executable, str(root / "scripts" / "gpu_check.py"), str(out)],
+    return subprocess.run(
+        [sys.executable, str(root / "scripts" / name), *map(str, args)],
         cwd=root, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
+
+
+def test_gpu_check_script_without_gpu_exits_3_with_a_report(tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    done = _script("gpu_check.py", out)
     assert done.returncode == 3, done.stdout + done.stderr
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["exit_status"] == 3
     assert report["result"] == "no GPU: GPU checks skipped"
     steps = {s["step"]: s for s in report["steps"]}
-    assert set(steps) == {"extension", "bundle", "engines", "doctor", "bench"}
+    assert set(steps) == {"extension", "bundle", "engines", "doctor", "branches", "bench"}
+    assert steps["branches"]["status"] == "skipped"
     assert steps["extension"]["status"] == "skipped"
     assert steps["bench"]["status"] == "skipped"
     assert steps["doctor"]["status"] == "skipped"
     doctor = json.loads((out / "doctor.json").read_text())
     assert doctor["result"] == "skipped"
     assert not [c for c in doctor["checks"] if c["status"] == "pass" and "ONNX Runtime" not in c["name"]]
+
+
+@pytest.mark.skipif(STATUS.usable, reason="a CUDA device is usable here: the checks would run for real")
+def test_the_gpu_branch_check_says_why_it_cannot_run_here(tmp_path: Path) -> None:
+    """scripts/gpu_check_branches.py without a GPU or builder: both bundles are made, both checks fail saying why."""
+    report = tmp_path / "branches.json"
+    done = _script("gpu_check_branches.py", report)
+    assert done.returncode == 1, done.stdout + done.stderr
+    checks = json.loads(report.read_text())["checks"]
+    assert [c["name"].split(" on ")[0] for c in checks] == [
+        "thumbnail branch (weighted)",
+        "shared models (2 models, 4 locations)",
+    ]
+    assert all(c["status"] == "fail" and "TensorRTUnavailableError" in c["detail"] for c in checks), checks
 
 
 def _stand_in(monkeypatch: pytest.MonkeyPatch) -> None:

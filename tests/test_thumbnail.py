@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import reference
 from bundle_factory import PREP_MEAN, PREP_STD, make_bundle, manifest_data, onnx_model, reference_location_maps
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tilead import _kernels
 from tilead.runtime import Predictor
 from tilead.runtime.backends.base import run_with_thumbnail
 from tilead.runtime.backends.tensorrt_modules import require_per_location
@@ -222,6 +223,64 @@ def test_fuse_keeps_a_non_finite_value_of_either_branch() -> None:
         assert np.isfinite(fused[0, 0, 1])
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    weight=st.none() | st.floats(0, 1),
+    n=st.integers(1, 3),
+    small=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+    big=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    broken=st.booleans(),
+)
+def test_the_fuse_kernel_is_the_branch_fusion_of_the_upsampled_map(
+    seed: int, weight: float | None, n: int, small: tuple[int, int], big: tuple[int, int], broken: bool
+) -> None:
+    """The CPU twin of the TensorRT pipeline's fusion (``_kernels.fuse_thumbnail``, shared with its CUDA twin).
+
+    Against the float64 oracle (reference.resize, the affine maps, max or weighted sum) and against the CPU
+    path (``ThumbnailBranch.fuse`` of ``upsample``) to float32 rounding; NaN stays NaN, infinity infinite.
+    """
+    rng = np.random.default_rng(seed)
+    b = branch("max" if weight is None else "weighted", weight)
+    thumb = rng.normal(0, 3, (n, *small)).astype(np.float32)
+    tiled = rng.normal(0, 3, (n, *big)).astype(np.float32)
+    if broken:
+        tiled[0, 0, 0] = np.nan
+        thumb[-1, -1, -1] = np.inf
+    got = tiled.copy()
+    _kernels.fuse_thumbnail(thumb, got, b.fuse_spec())
+    cpu = b.fuse(tiled, upsample(thumb, big))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(cpu))
+    np.testing.assert_allclose(got, cpu, rtol=1e-6, atol=1e-6)
+    if broken:  # the oracle's matrix products spread a non-finite value further; the twins agree (above)
+        assert np.isnan(got[0, 0, 0])  # a NaN of the tiled map stays NaN, whatever the thumbnail says
+        return
+    za = (tiled.astype(np.float64) - TILED.threshold) / (TILED.max - TILED.min) + 0.5
+    zb = (reference.resize(thumb, *big) - SMALL.threshold) / (SMALL.max - SMALL.min) + 0.5
+    want = np.maximum(za, zb) if weight is None else weight * za + (1 - weight) * zb
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fuse_kernel_checks_its_arguments() -> None:
+    spec = branch().fuse_spec()
+    maps = np.zeros((2, 8, 8), np.float32)
+    with pytest.raises(ValueError, match=r"maps: expected shape \(1, 8, 8\)"):
+        _kernels.fuse_thumbnail(np.zeros((1, 4, 4), np.float32), maps, spec)
+    with pytest.raises(ValueError, match="thumbnail: expected dtype float32"):
+        _kernels.fuse_thumbnail(np.zeros((2, 4, 4), np.float64), maps, spec)
+    with pytest.raises(ValueError, match="fuse: expected positive scales"):
+        _kernels.FuseSpec(0.0, 0.0, 0.0, 1.0, False, 0.0)
+    with pytest.raises(ValueError, match="expected a weight in"):
+        _kernels.FuseSpec(0.0, 1.0, 0.0, 1.0, True, 1.5)
+    assert branch("weighted", 0.25).fuse_spec() == _kernels.FuseSpec(
+        1.0, float(np.float32(1 / 5.5)), 0.5, float(np.float32(1 / 9.0)), True, 0.25
+    )
+    spec_of = branch().native()
+    assert (spec_of.map_h, spec_of.map_w, spec_of.grid.image_h, spec_of.grid.tile_h) == (*THUMB_MAP, SIZE, SIZE)
+    with pytest.raises(ValueError, match="thumbnail grid: expected one tile"):
+        _kernels.ThumbnailSpec(_kernels.Grid(64, 64, 32, 32, 32, 32, _kernels.EDGE_SHIFT), 4, 4, spec)
+
+
 def test_fuse_refuses_maps_of_other_shapes() -> None:
     with pytest.raises(ValueError, match="expected the tiled maps' shape"):
         branch().fuse(np.zeros((1, 4, 4), np.float32), np.zeros((1, 4, 5), np.float32))
@@ -297,11 +356,16 @@ def test_concurrent_calls_give_the_serial_results(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.stack(a), np.stack(b))
 
 
-def test_the_native_tensorrt_path_refuses_a_thumbnail_bundle_clearly(tmp_path: Path) -> None:
+def test_the_native_tensorrt_path_refuses_only_a_thumbnail_larger_than_the_image(tmp_path: Path) -> None:
+    """The device pipeline resizes by area (shrinking) only; a thumbnail up to the image's size runs."""
     root = make_thumbnail_bundle(tmp_path / "b")
-    with pytest.raises(BundleError, match=r"thumbnail branch.*backend='onnxruntime'"):
+    require_per_location(root, read_manifest(root))  # 32 x 32 from 64 x 64: runs (tests/test_trt_branches.py)
+    data = json.loads((root / "manifest.json").read_text())
+    data["thumbnail"]["size"] = 80
+    write_manifest(root, data)
+    with pytest.raises(BundleError, match=r"resizes the 64 x 64 image up to 80 x 80.*by area only"):
         require_per_location(root, read_manifest(root))
-    with pytest.raises(BundleError, match="thumbnail branch"):
+    with pytest.raises(BundleError, match="by area only"):
         Predictor(root, device="cuda", backend="tensorrt")
 
 

@@ -299,10 +299,24 @@ def test_engine_sets_round_trip_and_validate() -> None:
     bad_batch = s.to_dict() | {"batch": {"min": 1, "opt": 9, "max": 8}}
     with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
         parse_engine_sets([bad_batch], LOCATIONS)
-    with pytest.raises(ValueError, match="one engine per location"):
+    with pytest.raises(ValueError, match=r"one engine per model \['r0c0'\]"):
         parse_engine_sets([s.to_dict()], ["r0c0"])
     with pytest.raises(ValueError, match=r"unknown key|unexpected"):
         parse_engine_sets([s.to_dict() | {"color": "red"}], LOCATIONS)
+    assert "thumbnail" not in s.to_dict()  # older readers never see the key
+
+
+def test_an_engine_set_of_a_thumbnail_bundle_needs_exactly_its_thumbnail_engine() -> None:
+    small = EngineFile("thumbnail", "engines/k/thumbnail.engine", "1" * 64, 12)
+    s = _set(thumbnail=small)
+    assert parse_engine_sets([s.to_dict()], LOCATIONS, thumbnail=True) == (s,)
+    with pytest.raises(ValueError, match=r"engines\[0\]\.thumbnail: the bundle has a thumbnail branch.*--rebuild"):
+        parse_engine_sets([_set().to_dict()], LOCATIONS, thumbnail=True)
+    with pytest.raises(ValueError, match=r"engines\[0\]\.thumbnail: an engine for a thumbnail branch the bundle"):
+        parse_engine_sets([s.to_dict()], LOCATIONS)
+    moved = s.to_dict() | {"thumbnail": {**small.to_dict(), "file": "engines/k/r0c0.engine"}}
+    with pytest.raises(ValueError, match=r"engines\[0\]\.thumbnail\.file"):
+        parse_engine_sets([moved], LOCATIONS, thumbnail=True)
 
 
 def test_engines_excluding_the_lean_runtime_run_only_on_their_own_tensorrt_version() -> None:

@@ -230,3 +230,53 @@ def test_a_bundle_that_deploys_the_detector_score_builds(builder: Any, tmp_path:
     engines = build.build_engines(root, progress=False)
     assert len(engines.files) == 4
     assert len([line for line in log if line.startswith("build")]) == 4
+
+
+def test_shared_models_and_the_thumbnail_get_one_engine_each(builder: Any, tmp_path: Path) -> None:
+    """#20: one engine per shared model (not per location), then the thumbnail model at its own input size."""
+    from tilead.runtime.thumbnail import BranchStats, ThumbnailBranch
+
+    log = builder(11)
+    root = _bundle(tmp_path / "b")
+    data = dict(read_manifest(root).raw)
+    models = []
+    for name in ("m0", "m1"):
+        path = root / "tiles" / f"{name}.onnx"
+        path.write_bytes(f"model {name}".encode())
+        models.append({"name": name, "file": f"tiles/{name}.onnx", "sha256": sha256_file(path),
+                       "bytes": path.stat().st_size})  # fmt: skip
+    for name in NAMES:
+        (root / "tiles" / f"{name}.onnx").unlink()
+    small = root / "thumbnail.onnx"
+    small.write_bytes(b"model thumbnail")
+    stats = BranchStats(1.0, 0.0, 2.0)
+    branch = ThumbnailBranch(32, "max", None, (4, 4), stats, stats)
+    data.update(
+        assignment="cluster",
+        models=models,
+        locations=[{"name": n, "model": m} for n, m in zip(NAMES, ("m0", "m1", "m1", "m0"), strict=True)],
+        thumbnail={
+            **branch.to_dict(),
+            "file": "thumbnail.onnx",
+            "sha256": sha256_file(small),
+            "bytes": small.stat().st_size,
+        },
+    )
+    write_manifest(root, data)
+    engines = build.build_engines(root, max_batch=4, progress=False)
+    assert [f.name for f in engines.files] == ["m0", "m1"]
+    assert engines.thumbnail is not None
+    assert engines.thumbnail.name == "thumbnail"
+    assert len([line for line in log if line.startswith("build")]) == 3  # one timing cache through all three
+    folder = root / "engines" / engines.key
+    assert (folder / "m1.engine").read_bytes().endswith(b"|model m1")
+    plan = (folder / "thumbnail.engine").read_bytes()
+    assert plan.endswith(b"|model thumbnail")
+    assert b"((1, 3, 32, 32), (1, 3, 32, 32), (4, 3, 32, 32))" in plan  # the thumbnail's input, not a tile's
+    assert read_manifest(root).engine_sets == (engines,)
+    # The key covers the thumbnail model: another thumbnail, another set.
+    small.write_bytes(b"model thumbnail 2")
+    data["thumbnail"] = {**data["thumbnail"], "sha256": sha256_file(small), "bytes": small.stat().st_size}
+    data.pop("engines", None)
+    write_manifest(root, data)
+    assert build.build_engines(root, max_batch=4, progress=False).key != engines.key

@@ -347,15 +347,7 @@ def test_every_context_uses_one_shared_block_of_the_largest_size(standin: Callab
 # -- #18.7: CUDA graphs, captured once per batch size and channel order, replayed -------------------
 
 
-def _assert_same(got: Any, want: Any) -> None:
-    assert isinstance(got, list)
-    assert isinstance(want, list)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g.anomaly_map, w.anomaly_map, atol=1e-5)
-        np.testing.assert_array_equal(g.mask, w.mask)
-        assert g.score == pytest.approx(w.score, abs=1e-5)
-        assert g.raw_score == pytest.approx(w.raw_score, abs=1e-5)
-        assert g.label == w.label
+_assert_same = fake_tensorrt.assert_same_predictions
 
 
 def test_graphs_are_captured_once_per_batch_size_and_replays_equal_no_graphs(

@@ -37,6 +37,7 @@ from tilead.runtime import (
 )
 from tilead.runtime.image_resize import resize_image
 from tilead.runtime.postprocessor import PostProcessor, TileStats
+from tilead.runtime.thumbnail import BranchStats, Fusion, ThumbnailBranch, fuser, thumbnail_tiles
 
 TOLERANCE = 1e-4  # kernels: float32 math in a different order
 ENGINE_TOLERANCE = 1e-2  # TensorRT fp32 engines against ONNX Runtime CPU, relative to the map range
@@ -255,6 +256,47 @@ def _postprocess_checks(rng: np.random.Generator) -> list[Check]:
     return checks
 
 
+def _thumbnail_checks(rng: np.random.Generator) -> list[Check]:
+    """The device thumbnail branch: area resize + tile into its engine's input, and the fusion after the crop.
+
+    The input is read back from the thumbnail engine's block; the fusion runs between crop and normalize on
+    uploaded location and thumbnail maps, against the CPU's ``post.apply(..., fuse=fuser(...))``, for both
+    fusions and every edge policy's grid (the resize grid's crop resizes).
+    """
+    checks = []
+    n, size = 2, 96
+    for edge, grid in GRIDS.items():
+        prep = Preprocessing()
+        fusions: tuple[tuple[Fusion, float | None], ...] = (("max", None), ("weighted", 0.3))
+        for fusion, weight in fusions:
+            tiled, small_stats = BranchStats(0.5, 0.0, 1.0), BranchStats(0.4, -0.5, 2.0)
+            branch = ThumbnailBranch(size, fusion, weight, (12, 12), tiled, small_stats)
+            stats = NormalizationStats("image", 0.5, 0.8, (0.0, 1.5), (0.3, 1.5))
+            post = PostProcessor(grid, "feather", SeamSmoothing(sigma=2.0, width=0.1), stats)
+            pipe = _kernels.cuda.DevicePipeline(
+                grid.native, n, 3, 3, prep.scale, prep.bias, 16, 12, post.native(), thumbnail=branch.native()
+            )
+            images = rng.integers(0, 256, (n, *grid.image_size, 3), dtype=np.uint8)
+            pipe.upload(images)
+            pipe.thumbnail_input(n, False)
+            pipe.synchronize()
+            got = _read_device(pipe.thumbnail_input_address(n), n * 3 * size * size)
+            want = thumbnail_tiles(images, size, prep, input_order=prep.color_order).reshape(-1)
+            name = f"device thumbnail input ({edge} grid, {fusion})"
+            checks.append(_compare(name, got, want, TOLERANCE))
+            maps = rng.random((grid.num_locations, n, 16, 12), dtype=np.float32)
+            small = rng.uniform(-0.5, 2.0, (n, 12, 12)).astype(np.float32)
+            pipe.upload_location_maps(maps)
+            pipe.upload_thumbnail_maps(small)
+            for step in (pipe.untile, pipe.smooth_seams, pipe.crop, pipe.fuse, pipe.normalize):
+                step(n)
+            got_maps = pipe.download(n)[0]
+            _, result = post.apply(maps, fuse=fuser(branch, small))
+            name = f"device thumbnail fusion ({edge} grid, {fusion})"
+            checks.append(_compare(name, got_maps, result.maps, TOLERANCE))
+    return checks
+
+
 def _images(bundle: Path, rng: np.random.Generator, n: int) -> np.ndarray:
     from tilead.runtime.bundle import read_manifest
 
@@ -373,6 +415,7 @@ GPU_GROUPS = (
     "CUDA kernels vs CPU twins",
     f"device upload + tile ({', '.join(EDGE_POLICIES)} grids; 1 and 3 channels)",
     f"device post-processing ({', '.join(EDGE_POLICIES)} grids; image and tile stages; resize crop)",
+    f"device thumbnail branch (area resize + tile, fusion: max and weighted; {', '.join(EDGE_POLICIES)} grids)",
 )
 BUNDLE_GROUPS = (
     "TensorRT engines vs ONNX Runtime CPU (batches 4, 1, 3)",
@@ -399,6 +442,7 @@ def gpu_checks(bundle: Path | None = None, *, build: bool = False, seed: int = 0
     checks += _guard(GPU_GROUPS[0], lambda: _kernel_checks(rng))
     checks += _guard(GPU_GROUPS[1], lambda: _tile_checks(rng))
     checks += _guard(GPU_GROUPS[2], lambda: _postprocess_checks(rng))
+    checks += _guard(GPU_GROUPS[3], lambda: _thumbnail_checks(rng))
     if bundle is not None:
         checks += _guard(f"{BUNDLE_GROUPS[0]} of {bundle}", lambda: _engine_checks(bundle, rng, build))
         checks += _guard(f"{BUNDLE_GROUPS[1]} of {bundle}", lambda: _fp16_check(bundle, rng, build))

@@ -230,6 +230,91 @@ std::string num(double v) {
   return s.str();
 }
 
+// ---- the thumbnail branch's specs (tilead._kernels.FuseSpec, ThumbnailSpec) ------------------------------
+
+FuseParams make_fuse(float tiled_threshold, float tiled_scale, float thumb_threshold, float thumb_scale, bool weighted,
+                     float weight) {
+  for (const float v : {tiled_threshold, tiled_scale, thumb_threshold, thumb_scale, weight}) {
+    if (!finite_value(v)) fail("fuse: expected finite thresholds, scales and weight, got " + num(v));
+  }
+  if (!(tiled_scale > 0.0f) || !(thumb_scale > 0.0f)) {
+    fail("fuse: expected positive scales (1 / (max - min)), got " + num(tiled_scale) + " and " + num(thumb_scale));
+  }
+  if (weighted ? !(weight >= 0.0f && weight <= 1.0f) : weight != 0.0f) {
+    fail("fuse: expected a weight in [0, 1] for the weighted sum and 0 for max, got " + num(weight));
+  }
+  FuseParams p;
+  p.tiled_threshold = tiled_threshold;
+  p.tiled_scale = tiled_scale;
+  p.thumb_threshold = thumb_threshold;
+  p.thumb_scale = thumb_scale;
+  p.weighted = weighted ? 1 : 0;
+  p.weight = weight;
+  return p;
+}
+
+bool same_fuse(const FuseParams& a, const FuseParams& b) {
+  return a.tiled_threshold == b.tiled_threshold && a.tiled_scale == b.tiled_scale &&
+         a.thumb_threshold == b.thumb_threshold && a.thumb_scale == b.thumb_scale && a.weighted == b.weighted &&
+         a.weight == b.weight;
+}
+
+std::string fuse_repr(const FuseParams& p) {
+  return "FuseSpec(tiled_threshold=" + num(p.tiled_threshold) + ", tiled_scale=" + num(p.tiled_scale) +
+         ", thumb_threshold=" + num(p.thumb_threshold) + ", thumb_scale=" + num(p.thumb_scale) +
+         ", weighted=" + (p.weighted ? "True" : "False") + ", weight=" + num(p.weight) + ")";
+}
+
+device::ThumbnailSpec make_thumbnail_spec(const Grid& g, int map_h, int map_w, const FuseParams& fuse) {
+  if (grid_locations(g) != 1 || g.y.tile != g.y.size || g.x.tile != g.x.size) {
+    fail("thumbnail grid: expected one tile the size of the resized image, got a " + std::to_string(g.y.count) + " x " +
+         std::to_string(g.x.count) + " grid of " + std::to_string(g.y.tile) + " x " + std::to_string(g.x.tile) +
+         " tiles on " + std::to_string(g.y.size) + " x " + std::to_string(g.x.size));
+  }
+  if (map_h < 1 || map_w < 1 || map_h > g.y.size || map_w > g.x.size) {
+    fail("thumbnail map: expected 1 to the thumbnail size on each side, got " + std::to_string(map_h) + " x " +
+         std::to_string(map_w));
+  }
+  device::ThumbnailSpec t;
+  t.grid = g;
+  t.map_h = map_h;
+  t.map_w = map_w;
+  t.fuse = fuse;
+  return t;
+}
+
+void bind_thumbnail_specs(py::module_& m) {
+  py::class_<FuseParams>(m, "FuseSpec",
+                         "The thumbnail fusion as the kernels take it: each branch's threshold and scale "
+                         "(1 / (max - min)), then max, or weight * tiled + (1 - weight) * thumbnail.")
+      .def(py::init(&make_fuse), py::arg("tiled_threshold"), py::arg("tiled_scale"), py::arg("thumb_threshold"),
+           py::arg("thumb_scale"), py::arg("weighted"), py::arg("weight"))
+      .def_readonly("tiled_threshold", &FuseParams::tiled_threshold)
+      .def_readonly("tiled_scale", &FuseParams::tiled_scale)
+      .def_readonly("thumb_threshold", &FuseParams::thumb_threshold)
+      .def_readonly("thumb_scale", &FuseParams::thumb_scale)
+      .def_property_readonly("weighted", [](const FuseParams& p) { return p.weighted != 0; })
+      .def_readonly("weight", &FuseParams::weight)
+      .def("__eq__", &same_fuse)
+      .def("__repr__", &fuse_repr);
+  py::class_<device::ThumbnailSpec>(m, "ThumbnailSpec",
+                                    "The DevicePipeline's thumbnail branch: the one-tile grid of the resized image, "
+                                    "the thumbnail model's map size and the fusion.")
+      .def(py::init(&make_thumbnail_spec), py::arg("grid"), py::arg("map_h"), py::arg("map_w"), py::arg("fuse"))
+      .def_readonly("grid", &device::ThumbnailSpec::grid)
+      .def_readonly("map_h", &device::ThumbnailSpec::map_h)
+      .def_readonly("map_w", &device::ThumbnailSpec::map_w)
+      .def_readonly("fuse", &device::ThumbnailSpec::fuse)
+      .def("__eq__", [](const device::ThumbnailSpec& a, const device::ThumbnailSpec& b) {
+        const auto same_axis = [](const Axis& p, const Axis& q) {
+          return p.size == q.size && p.tile == q.tile && p.stride == q.stride && p.count == q.count &&
+                 p.canvas == q.canvas && p.edge == q.edge;
+        };
+        return same_axis(a.grid.y, b.grid.y) && same_axis(a.grid.x, b.grid.x) && a.map_h == b.map_h &&
+               a.map_w == b.map_w && same_fuse(a.fuse, b.fuse);
+      });
+}
+
 // ---- the post-processing spec objects (tilead._kernels.SeamSpec, NormSpec, PostSpec) ----------------------
 
 SeamParams make_seam(float sigma, float width) {
@@ -486,6 +571,33 @@ void bind_family(py::module_& m) {
       py::arg("images"), py::arg("out"),
       "Area downscale (OpenCV's INTER_AREA) of uint8 images (n, h, w, c) into out (n, H, W, c), H <= h, W <= w.");
   m.def(
+      "fuse_thumbnail",
+      [](const py::array& thumbnail, py::array& maps, const FuseParams& p) {
+        if (thumbnail.ndim() != 3 || maps.ndim() != 3) {
+          fail("thumbnail and maps: expected (n, h, w) and (n, H, W), got " + shape_str(thumbnail) + " and " +
+               shape_str(maps));
+        }
+        check_array(thumbnail, "thumbnail", dt<float>(), {thumbnail.shape(0), thumbnail.shape(1), thumbnail.shape(2)},
+                    false);
+        check_array(maps, "maps", dt<float>(), {thumbnail.shape(0), maps.shape(1), maps.shape(2)}, true);
+        if (thumbnail.shape(1) < 1 || thumbnail.shape(2) < 1 || maps.shape(1) < 1 || maps.shape(2) < 1) {
+          fail("thumbnail and maps: heights and widths must be at least 1, got " + shape_str(thumbnail) + " and " +
+               shape_str(maps));
+        }
+        check_disjoint(thumbnail, "thumbnail", maps, "maps");
+        const int n = static_cast<int>(maps.shape(0));
+        const int th = static_cast<int>(thumbnail.shape(1)), tw = static_cast<int>(thumbnail.shape(2));
+        const int h = static_cast<int>(maps.shape(1)), w = static_cast<int>(maps.shape(2));
+        py::gil_scoped_release nogil;
+        if (Cuda) {
+          staged::fuse_thumbnail(ptr<float>(thumbnail), n, th, tw, ptr<float>(maps), h, w, p);
+        } else {
+          cpu::fuse_thumbnail(ptr<float>(thumbnail), n, th, tw, ptr<float>(maps), h, w, p);
+        }
+      },
+      py::arg("thumbnail"), py::arg("maps"), py::arg("fuse"),
+      "Fuse raw thumbnail maps (n, h, w), upsampled bilinearly, into merged tiled maps (n, H, W) in place.");
+  m.def(
       "normalize_maps",
       [](const py::array& in, py::array& out, const py::object& mask, py::array& raw_scores, py::array& scores,
          const NormParams& p) {
@@ -545,7 +657,7 @@ void bind_device_pipeline(py::module_& cuda) {
                              "images: upload + tile, engines, untile + seams + normalize, one download.")
       .def(py::init([](const Grid& g, int max_batch, int in_channels, int out_channels, const std::vector<float>& scale,
                        const std::vector<float>& bias, int map_h, int map_w, const PostSpec& post, int device_index,
-                       bool location_scores) {
+                       bool location_scores, const py::object& thumbnail) {
              if (max_batch < 1) fail("max_batch: expected >= 1, got " + std::to_string(max_batch));
              if ((in_channels != 1 && in_channels != 3) || (out_channels != 1 && out_channels != 3)) {
                fail("in_channels and out_channels: expected 1 or 3");
@@ -574,11 +686,12 @@ void bind_device_pipeline(py::module_& cuda) {
              spec.max_batch = max_batch;
              spec.device = device_index;
              spec.location_scores = location_scores;
+             if (!thumbnail.is_none()) spec.thumbnail = thumbnail.cast<device::ThumbnailSpec>();
              return std::make_unique<DevicePipeline>(spec);
            }),
            py::arg("grid"), py::arg("max_batch"), py::arg("in_channels"), py::arg("out_channels"), py::arg("scale"),
            py::arg("bias"), py::arg("map_h"), py::arg("map_w"), py::arg("post"), py::arg("device") = 0,
-           py::arg("location_scores") = false)
+           py::arg("location_scores") = false, py::arg("thumbnail") = py::none())
       .def_property_readonly(
           "post", [](const DevicePipeline& self) { return self.spec().post; },
           "The PostSpec the pipeline was built with.")
@@ -639,6 +752,41 @@ void bind_device_pipeline(py::module_& cuda) {
       .def("smooth_seams", &DevicePipeline::smooth_seams, py::arg("n"), py::call_guard<py::gil_scoped_release>())
       .def("crop", &DevicePipeline::crop, py::arg("n"), py::call_guard<py::gil_scoped_release>())
       .def("normalize", &DevicePipeline::normalize, py::arg("n"), py::call_guard<py::gil_scoped_release>())
+      .def("thumbnail_input_address", &DevicePipeline::thumbnail_input_address, py::arg("n"),
+           "Device address of the thumbnail engine's (n, C, size, size) float32 input (thumbnail pipelines only).")
+      .def("thumbnail_map_address", &DevicePipeline::thumbnail_map_address, py::arg("n"),
+           "Device address of the thumbnail engine's (n, 1, map_h, map_w) float32 output (thumbnail pipelines only).")
+      .def("thumbnail_input", &DevicePipeline::thumbnail_input, py::arg("n"), py::arg("swap_rb"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Enqueue the area resize of the uploaded images and the tile kernel into the thumbnail engine's input.")
+      .def("fuse", &DevicePipeline::fuse, py::arg("n"), py::call_guard<py::gil_scoped_release>(),
+           "Enqueue the fusion of the upsampled thumbnail maps into the image-size maps (after crop).")
+      .def(
+          "upload_thumbnail_maps",
+          [](DevicePipeline& self, const py::array& maps) {
+            const device::PipelineSpec& sp = self.spec();
+            if (maps.ndim() != 3) fail("maps: expected (n, map_h, map_w) float32, got " + shape_str(maps));
+            const auto n = maps.shape(0);
+            if (n < 1 || n > sp.max_batch) fail("maps: batch out of range for this pipeline");
+            check_array(maps, "maps", dt<float>(), {n, sp.thumbnail.map_h, sp.thumbnail.map_w}, false);
+            py::gil_scoped_release nogil;
+            self.upload_thumbnail_maps(ptr<float>(maps), static_cast<int>(n));
+          },
+          py::arg("maps"), "Copy thumbnail maps (n, map_h, map_w) into the thumbnail engine's output (self-check).")
+      .def(
+          "download_thumbnail_maps",
+          [](DevicePipeline& self, int n) {
+            const device::PipelineSpec& sp = self.spec();
+            if (n < 1 || n > sp.max_batch) fail("n: batch out of range for this pipeline");
+            py::array_t<float> maps({n, sp.thumbnail.map_h, sp.thumbnail.map_w});
+            float* mp = maps.mutable_data();
+            {
+              py::gil_scoped_release nogil;
+              self.download_thumbnail_maps(n, mp);
+            }
+            return maps;
+          },
+          py::arg("n"), "Copy the thumbnail engine's raw maps (n, map_h, map_w) back; waits for the stream.")
       .def(
           "download_location_maps",
           [](DevicePipeline& self, int n) {
@@ -962,5 +1110,6 @@ PYBIND11_MODULE(_kernels, m) {
       },
       py::arg("index") = 0, "(free, total) bytes of device memory on CUDA device `index` (cudaMemGetInfo).");
   bind_family<true>(cuda);
+  bind_thumbnail_specs(m);
   bind_device_pipeline(cuda);
 }

@@ -8,8 +8,13 @@
 // scores. Everything is freed by RAII. A call sequence is
 //
 //   upload(images, n), tile(n, swap_rb)   pinned copy, one H2D copy, tile kernel
-//   <engines enqueued on stream()>        each reads tiles_address(l, n), writes maps_address(l, n)
-//   untile(n), smooth_seams(n), crop(n), normalize(n)
+//   thumbnail_input(n, swap_rb)           thumbnail branch only: area resize + tile kernel (one tile per image)
+//   <engines enqueued on stream()>        each reads tiles_address(l, n), writes maps_address(l, n); the
+//                                         thumbnail engine reads thumbnail_input_address(n), writes
+//                                         thumbnail_map_address(n)
+//   untile(n), smooth_seams(n), crop(n)
+//   fuse(n)                               thumbnail branch only: upsample + fuse into the image-size maps
+//   normalize(n)
 //   download(n, ...)                      one D2H copy per output, then the stream is synchronized
 //
 // all on the one stream, so nothing waits between stages. upload is
@@ -35,6 +40,16 @@
 namespace tilead {
 namespace device {
 
+// The thumbnail branch (issue #20): every image area-resized to grid's size x size on the device, preprocessed by
+// the tile kernel as one tile (the pipeline's scale and bias), one more engine on it, its map (map_h x map_w)
+// upsampled and fused with the cropped tiled map before normalize. map_h 0: no thumbnail branch.
+struct ThumbnailSpec {
+  Grid grid{};  // the one-tile grid of the resized image (size x size, tile size x size)
+  int map_h = 0;
+  int map_w = 0;
+  FuseParams fuse{};
+};
+
 struct PipelineSpec {
   Grid grid;
   TileParams tile;  // out_type must be kFloat32 (the engines' input)
@@ -44,6 +59,7 @@ struct PipelineSpec {
   int max_batch = 1;
   int device = 0;                // CUDA device index
   bool location_scores = false;  // engines write a second output: one score per tile (n,) per location
+  ThumbnailSpec thumbnail{};     // map_h 0: none
 };
 
 class DevicePipeline {
@@ -95,6 +111,17 @@ class DevicePipeline {
   void crop(int n);
   // Normalize, threshold and score the image-size maps.
   void normalize(int n);
+  // Thumbnail branch (throws std::logic_error on a pipeline without one). Its engine's input block
+  // (n, C, size, size) float32 and output block (n, 1, map_h, map_w) float32, 256-byte aligned:
+  uintptr_t thumbnail_input_address(int n) const;
+  uintptr_t thumbnail_map_address(int n) const;
+  // Area resize of the uploaded images to size x size (they must not be smaller), then the tile kernel.
+  void thumbnail_input(int n, bool swap_rb);
+  // After crop: fuse the upsampled thumbnail maps into the image-size maps (before normalize).
+  void fuse(int n);
+  // Host thumbnail maps (n, map_h, map_w) float32: into the engine's output block (self-check), or back.
+  void upload_thumbnail_maps(const float* maps, int n);
+  void download_thumbnail_maps(int n, float* maps);
   // Host outputs: maps (n, H, W) float32, mask (n, H, W) uint8, raw_scores and scores (n,) float32.
   void download(int n, float* maps, uint8_t* mask, float* raw_scores, float* scores);
   // The two halves of download: enqueue the D2H copies into pinned memory, then wait and copy out (host).

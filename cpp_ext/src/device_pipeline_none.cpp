@@ -43,6 +43,12 @@ void DevicePipeline::untile(int) {}
 void DevicePipeline::smooth_seams(int) {}
 void DevicePipeline::crop(int) {}
 void DevicePipeline::normalize(int) {}
+uintptr_t DevicePipeline::thumbnail_input_address(int) const { return 0; }
+uintptr_t DevicePipeline::thumbnail_map_address(int) const { return 0; }
+void DevicePipeline::thumbnail_input(int, bool) {}
+void DevicePipeline::fuse(int) {}
+void DevicePipeline::upload_thumbnail_maps(const float*, int) {}
+void DevicePipeline::download_thumbnail_maps(int, float*) {}
 void DevicePipeline::download(int, float*, uint8_t*, float*, float*) {}
 void DevicePipeline::download_location_maps(int, float*) {}
 void DevicePipeline::synchronize() {}

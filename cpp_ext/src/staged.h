@@ -30,6 +30,8 @@ void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out
 void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uint8_t* out, int out_h, int out_w);
 void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_scores, float* scores, int n, int64_t hw,
                     const NormParams& p);
+void fuse_thumbnail(const float* thumb, int n, int thumb_h, int thumb_w, float* maps, int h, int w,
+                    const FuseParams& p);
 
 }  // namespace staged
 }  // namespace tilead

@@ -26,6 +26,7 @@ void untile_maps(const float*, int, const Grid&, const UntileParams&, float*) { 
 void smooth_seams(float*, int, const Grid&, const SeamParams&) { no_cuda(); }
 void resize_maps(const float*, int, int, int, float*, int, int) { no_cuda(); }
 void resize_area(const uint8_t*, int, int, int, int, uint8_t*, int, int) { no_cuda(); }
+void fuse_thumbnail(const float*, int, int, int, float*, int, int, const FuseParams&) { no_cuda(); }
 void normalize_maps(const float*, float*, uint8_t*, float*, float*, int, int64_t, const NormParams&) { no_cuda(); }
 
 }  // namespace staged

@@ -110,7 +110,7 @@ def main(
                 assert output is not None
                 chosen = None if layout == "auto" else layout
                 if trt and chosen is None:
-                    chosen = "per_location"  # the TensorRT engines are built per location
+                    chosen = "per_location"  # the TensorRT engines are built per model (whole graphs)
                 bundle = _export(
                     source, output, opset, overwrite, progress, precision, chosen, parity_tolerance, int8_weight_bits
                 )
@@ -121,7 +121,9 @@ def main(
                     bundle, precision=precision, opt_batch=opt_batch, max_batch=max_batch,
                     workspace_mib=workspace_mib, rebuild=rebuild, progress=progress, tf32=tf32,
                 )  # fmt: skip
-                click.echo(f"engines:    {bundle / 'engines' / engine_set.key} ({len(engine_set.files)} locations)")
+                count = len(engine_set.files) + (engine_set.thumbnail is not None)
+                extra = " including the thumbnail's" if engine_set.thumbnail is not None else ""
+                click.echo(f"engines:    {bundle / 'engines' / engine_set.key} ({count} engines{extra})")
         except RuntimeError as err:  # TensorRT, its builder or the GPU is missing; a build failed
             raise click.ClickException(str(err)) from err
 

@@ -1,9 +1,12 @@
-"""Build one TensorRT engine per location from a bundle's ONNX (``tilead-export --trt``).
+"""Build one TensorRT engine per model from a bundle's ONNX (``tilead-export --trt``).
 
 The exporter's side of TensorRT: the runtime (:mod:`tilead.runtime.backends.tensorrt`)
 only loads and runs what this builds, and never imports this module.
 
-Every location has the same architecture, so one timing cache serves them all:
+One engine per model: per location for ``one_to_one``, one per shared model
+otherwise (``grid.assignment``), plus ``thumbnail.engine`` for a bundle with a
+thumbnail branch (its input is the resized image, ``(C, size, size)``).
+Every model has the same architecture, so one timing cache serves them all:
 the first build measures the tactics and the others reuse them. The cache is
 saved next to the engines and reused by later builds of the same set.
 
@@ -16,8 +19,8 @@ distance head (:func:`distance_nodes`) stays FP32: TensorRT 10 pins its layers'
 precision, TensorRT 11 gets a graph converted around it.
 
 Long builds resume: engines go to ``engines/<key>.partial/`` one atomic file at
-a time, a rerun skips the locations already there, and the folder is renamed to
-``engines/<key>/`` and listed in the manifest only when every location is built.
+a time, a rerun skips the models already there, and the folder is renamed to
+``engines/<key>/`` and listed in the manifest only when every model is built.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from tilead.runtime.backends.tensorrt_modules import (
     require_per_location,
 )
 from tilead.runtime.bundle import read_manifest, sha256_file, verify_files, write_manifest
-from tilead.runtime.engines import PRECISIONS, EngineFile, EngineSet, engine_key
+from tilead.runtime.engines import PRECISIONS, THUMBNAIL_ENGINE, EngineFile, EngineSet, engine_key
+from tilead.runtime.files import LocationFile
 
 log = logging.getLogger("tilead.exporter.engines")
 
@@ -432,9 +436,17 @@ def build_engines(
     trt = import_builder()
     gpu, cc = require_gpu()
     verify_files(root, manifest)
-    key = engine_key(gpu, cc, str(trt.__version__), precision, max_batch, [loc.sha256 for loc in manifest.locations])
+    # (name, ONNX file, input shape): every model, then the thumbnail model.
+    jobs: list[tuple[LocationFile, tuple[int, int, int]]] = [
+        (model, (manifest.preprocessing.channels, *manifest.grid.tile_size)) for model in manifest.models
+    ]
+    branch = manifest.thumbnail
+    if branch is not None and branch.file is not None:
+        small = LocationFile(THUMBNAIL_ENGINE, branch.file.file, branch.file.sha256, branch.file.bytes)
+        jobs.append((small, (manifest.preprocessing.channels, branch.size, branch.size)))
+    key = engine_key(gpu, cc, str(trt.__version__), precision, max_batch, [f.sha256 for f, _ in jobs])
     listed = {s.key: s for s in manifest.engine_sets}
-    if key in listed and not rebuild and all((root / f.file).is_file() for f in listed[key].files):
+    if key in listed and not rebuild and all((root / f.file).is_file() for f in _engine_files(listed[key])):
         log.info("engines %s already built", key)
         return listed[key]
     engines = root / "engines"
@@ -443,14 +455,13 @@ def build_engines(
     cache_path = partial / TIMING_CACHE
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     logger = trt.Logger(trt.Logger.WARNING)
-    shape = (manifest.preprocessing.channels, *manifest.grid.tile_size)
     files = []
     start = time.perf_counter()
-    bar = tqdm(manifest.locations, desc=f"TensorRT {precision}", unit="engine", disable=not progress)
-    for loc in bar:
-        target = partial / f"{loc.name}.engine"
+    bar = tqdm(jobs, desc=f"TensorRT {precision}", unit="engine", disable=not progress)
+    for model, shape in bar:
+        target = partial / f"{model.name}.engine"
         if not target.is_file() or rebuild:
-            onnx_path = root / loc.file
+            onnx_path = root / model.file
             major = major_version(trt)
             data = fp16_onnx_bytes(onnx_path) if precision == "fp16" and major >= 11 else onnx_path.read_bytes()
             fp32_names = fp32_layer_names(onnx_path) if precision == "fp16" and major == 10 else frozenset()
@@ -461,11 +472,13 @@ def build_engines(
                     fp32_names=fp32_names,
                 )  # fmt: skip
             except RuntimeError as err:
-                raise RuntimeError(f"location {loc.name} ({onnx_path}): {err}") from None
+                kind = "model" if manifest.shared_models else "location"
+                what = "the thumbnail model" if model.name == THUMBNAIL_ENGINE else f"{kind} {model.name}"
+                raise RuntimeError(f"{what} ({onnx_path}): {err}") from None
             atomic_write_bytes(target, plan)
             atomic_write_bytes(cache_path, cache_bytes)
-        rel = f"engines/{key}/{loc.name}.engine"
-        files.append(EngineFile(loc.name, rel, sha256_file(target), target.stat().st_size))
+        rel = f"engines/{key}/{model.name}.engine"
+        files.append(EngineFile(model.name, rel, sha256_file(target), target.stat().st_size))
     final = engines / key
     if final.exists():
         shutil.rmtree(final)
@@ -480,11 +493,17 @@ def build_engines(
         workspace_mib=workspace_mib,
         version_compatible=True,
         timing_cache=f"engines/{key}/{TIMING_CACHE}",
-        files=tuple(files),
+        files=tuple(files[: len(manifest.models)]),
+        thumbnail=files[-1] if branch is not None else None,
     )
     add_engine_set(root, engine_set)
     log.info("built %d engines in %.1f s under %s", len(files), time.perf_counter() - start, final)
     return engine_set
+
+
+def _engine_files(engine_set: EngineSet) -> tuple[EngineFile, ...]:
+    """Every engine file of a set: the models', then the thumbnail's."""
+    return engine_set.files if engine_set.thumbnail is None else (*engine_set.files, engine_set.thumbnail)
 
 
 def add_engine_set(bundle: Path, engine_set: EngineSet) -> None:

@@ -240,7 +240,9 @@ class Manifest:
     @property
     def engine_sets(self) -> tuple[EngineSet, ...]:
         """TensorRT engine sets built for this bundle (validated when the manifest was read)."""
-        return parse_engine_sets(self.raw.get("engines"), [loc.name for loc in self.locations])
+        return parse_engine_sets(
+            self.raw.get("engines"), [m.name for m in self.models], thumbnail=self.thumbnail is not None
+        )
 
     @property
     def backbone_input(self) -> str:
@@ -520,11 +522,12 @@ def parse_manifest(data: Any, *, source: str = MANIFEST, current_version: str | 
                 LocationFile(name, model_files[m].file, model_files[m].sha256, model_files[m].bytes)
                 for name, m in zip(expected, table, strict=True)
             ]
-        parse_engine_sets(d.get("engines"), expected)
         native = parse_native_heads(
             d.get("native_heads"), model.get("precision", "fp32"), model_files if model_files else tuple(files)
         )
         thumbnail = parse_thumbnail(d.get("thumbnail"))
+        model_names = [f.name for f in model_files] if model_files else expected
+        parse_engine_sets(d.get("engines"), model_names, thumbnail=thumbnail is not None)
         if thumbnail is not None and image_score == "detector":
             raise ValueError(
                 "thumbnail: a thumbnail branch fuses maps; it does not go with postprocess.image_score 'detector'"

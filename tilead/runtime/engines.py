@@ -1,15 +1,18 @@
 """TensorRT engine sets in a bundle: the manifest's ``engines`` section, cache keys and selection.
 
-An engine set is one TensorRT engine per location, built on one kind of GPU by
-one TensorRT version from the bundle's ONNX files, stored under
+An engine set is one TensorRT engine per model (per location for
+``one_to_one``; one per shared model otherwise, named after it) plus, for a
+bundle with a thumbnail branch, one for ``thumbnail.onnx``, built on one kind
+of GPU by one TensorRT version from the bundle's ONNX files, stored under
 ``engines/<key>/``. The key names everything an engine depends on, so a bundle
 can carry sets for several targets side by side::
 
     <gpu>-sm<major><minor>-trt<major>.<minor>.<patch>-<precision>-b<max batch>-<onnx digest>
 
 ``gpu`` is the device name in lower case with non-alphanumerics as ``-``;
-the ONNX digest is the first 12 hex digits of the sha256 over the locations'
-ONNX sha256s, so re-exporting the models changes every key. Engines are built
+the ONNX digest is the first 12 hex digits of the sha256 over the models'
+ONNX sha256s (then the thumbnail model's), so re-exporting the models changes
+every key. Engines are built
 version-compatible with the lean runtime excluded from the plan
 (``EXCLUDE_LEAN_RUNTIME``): such a plan runs only with the lean runtime of the
 TensorRT version that built it (``Runtime.load_runtime``'s documentation), so a
@@ -45,16 +48,19 @@ _SET_KEYS = (
     "version_compatible",
     "timing_cache",
     "files",
+    "thumbnail",
 )
 
 
 EngineFile = LocationFile
-"""One location's engine (name, bundle-relative file, sha256, bytes)."""
+"""One model's engine (name, bundle-relative file, sha256, bytes)."""
+THUMBNAIL_ENGINE = "thumbnail"
+"""The thumbnail model's engine name (``engines/<key>/thumbnail.engine``)."""
 
 
 @dataclass(frozen=True)
 class EngineSet:
-    """Every location's engine for one GPU, TensorRT version, precision and batch profile.
+    """Every model's engine for one GPU, TensorRT version, precision and batch profile.
 
     Attributes:
         key: Folder name under ``engines/`` (see the module docstring).
@@ -66,7 +72,8 @@ class EngineSet:
         workspace_mib: Builder workspace limit.
         version_compatible: Built with ``VERSION_COMPATIBLE`` (lean runtime excluded).
         timing_cache: Bundle-relative path of the shared timing cache, or None.
-        files: One engine per location, row-major.
+        files: One engine per model, in the manifest's model order (for ``one_to_one``: per location, row-major).
+        thumbnail: The thumbnail model's engine (bundles with a thumbnail branch), else None.
     """
 
     key: str
@@ -79,10 +86,11 @@ class EngineSet:
     version_compatible: bool
     timing_cache: str | None
     files: tuple[EngineFile, ...]
+    thumbnail: EngineFile | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Manifest form."""
-        return {
+        """Manifest form (``thumbnail`` only when there is one: older readers never see the key)."""
+        out: dict[str, Any] = {
             "key": self.key,
             "gpu": self.gpu,
             "compute_capability": self.compute_capability,
@@ -94,6 +102,9 @@ class EngineSet:
             "timing_cache": self.timing_cache,
             "files": [f.to_dict() for f in self.files],
         }
+        if self.thumbnail is not None:
+            out["thumbnail"] = self.thumbnail.to_dict()
+        return out
 
 
 def slug(text: str) -> str:
@@ -102,7 +113,7 @@ def slug(text: str) -> str:
 
 
 def onnx_digest(onnx_sha256s: Sequence[str]) -> str:
-    """First 12 hex digits of the sha256 over the locations' ONNX digests, in order."""
+    """First 12 hex digits of the sha256 over the models' ONNX digests, in order."""
     return hashlib.sha256("".join(onnx_sha256s).encode()).hexdigest()[:12]
 
 
@@ -130,12 +141,13 @@ def _version(text: str) -> list[str]:
     return parts
 
 
-def parse_engine_sets(data: Any, locations: Sequence[str]) -> tuple[EngineSet, ...]:
+def parse_engine_sets(data: Any, models: Sequence[str], *, thumbnail: bool = False) -> tuple[EngineSet, ...]:
     """Validate the manifest's ``engines`` list.
 
     Args:
         data: The JSON value (None: no engines).
-        locations: The bundle's location names, row-major.
+        models: The bundle's model names in model order (for ``one_to_one``: the location names, row-major).
+        thumbnail: Whether the bundle has a thumbnail branch (every set then needs its ``thumbnail`` engine).
 
     Raises:
         ValueError: Naming the first bad key or value.
@@ -170,12 +182,27 @@ def parse_engine_sets(data: Any, locations: Sequence[str]) -> tuple[EngineSet, .
         compatible = d.get("version_compatible", False)
         if not isinstance(compatible, bool):
             raise ValueError(f"{where}.version_compatible: expected true or false, got {describe(compatible)}")
-        if not isinstance(d["files"], list) or len(d["files"]) != len(locations):
-            raise ValueError(f"{where}.files: expected one engine per location {list(locations)}")
+        if not isinstance(d["files"], list) or len(d["files"]) != len(models):
+            raise ValueError(f"{where}.files: expected one engine per model {list(models)}")
         files = [
             parse_location_file(f, f"{where}.files[{j}]", name, f"engines/{key}/{name}.engine")
-            for j, (f, name) in enumerate(zip(d["files"], locations, strict=True))
+            for j, (f, name) in enumerate(zip(d["files"], models, strict=True))
         ]
+        small = d.get("thumbnail")
+        if thumbnail and small is None:
+            raise ValueError(
+                f"{where}.thumbnail: the bundle has a thumbnail branch, so every engine set needs its "
+                f"{THUMBNAIL_ENGINE!r} engine (build the set again: tilead-export BUNDLE --trt --rebuild)"
+            )
+        if not thumbnail and small is not None:
+            raise ValueError(f"{where}.thumbnail: an engine for a thumbnail branch the bundle does not have")
+        small_file = (
+            None
+            if small is None
+            else parse_location_file(
+                small, f"{where}.thumbnail", THUMBNAIL_ENGINE, f"engines/{key}/{THUMBNAIL_ENGINE}.engine"
+            )
+        )
         cache = d.get("timing_cache")
         if cache is not None and cache != f"engines/{key}/{TIMING_CACHE}":
             raise ValueError(
@@ -193,6 +220,7 @@ def parse_engine_sets(data: Any, locations: Sequence[str]) -> tuple[EngineSet, .
                 version_compatible=compatible,
                 timing_cache=cache,
                 files=tuple(files),
+                thumbnail=small_file,
             )
         )
     return tuple(sets)

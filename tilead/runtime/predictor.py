@@ -257,7 +257,7 @@ class Predictor:
             created.close()
             raise BundleError(
                 f"{self.path}: this bundle has a thumbnail branch, which backend={spec.name!r} does not run; "
-                "use backend='onnxruntime' or 'openvino'"
+                "use backend='onnxruntime', 'openvino' or 'tensorrt'"
             )
         self._backend: Backend | None = created
         self.threads = self._backend.threads
@@ -419,8 +419,7 @@ class Predictor:
             return (*self._streamed_outputs(cast(StreamingInference, backend), batch, order, timer), None)
         with self._stacked(batch, timer) as stacked:
             if backend.capabilities.full_pipeline:
-                maps, scores = cast(PipelineBackend, backend).location_outputs(stacked, order)
-                return maps, scores, None
+                return cast(PipelineBackend, backend).branch_outputs(stacked, order)
             uint8 = takes_uint8_tiles(backend)
             buffer = self._tiles.take(*tile_layout(m, stacked.shape[0], uint8))
             try:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tilead import _kernels
 from tilead.runtime._checks import as_float, as_int, as_pair, check_array, check_mapping, describe
 from tilead.runtime.files import LocationFile, parse_location_file
 from tilead.runtime.geometry import MAX_SIDE, TileGrid
@@ -69,9 +70,14 @@ class BranchStats:
 
     def normalize(self, maps: np.ndarray) -> np.ndarray:
         """``(x - threshold) / (max - min) + 0.5`` in float32, not clamped (a new array)."""
-        scale = np.float32(1.0 / (self.max - self.min))
+        scale = np.float32(self.scale)
         out: np.ndarray = (maps - np.float32(self.threshold)) * scale + np.float32(0.5)
         return out.astype(np.float32, copy=False)
+
+    @property
+    def scale(self) -> float:
+        """``1 / (max - min)`` as :meth:`normalize` multiplies by it (rounded to float32)."""
+        return float(np.float32(1.0 / (self.max - self.min)))
 
     def to_dict(self) -> dict[str, float]:
         """Plain-data form."""
@@ -157,6 +163,21 @@ class ThumbnailBranch:
             w = np.float32(self.weight)
             out = w * a + (np.float32(1.0) - w) * b
         return np.ascontiguousarray(out, dtype=np.float32)
+
+    def fuse_spec(self) -> Any:
+        """The fusion as the kernels take it (``tilead._kernels.FuseSpec``): the float32 values :meth:`fuse` uses."""
+        return _kernels.FuseSpec(
+            float(np.float32(self.tiled.threshold)),
+            self.tiled.scale,
+            float(np.float32(self.thumbnail.threshold)),
+            self.thumbnail.scale,
+            self.fusion == "weighted",
+            float(np.float32(self.weight)) if self.weight is not None else 0.0,
+        )
+
+    def native(self) -> Any:
+        """The branch as the TensorRT backend's DevicePipeline takes it (``tilead._kernels.ThumbnailSpec``)."""
+        return _kernels.ThumbnailSpec(self.grid.native, self.map_size[0], self.map_size[1], self.fuse_spec())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (the manifest's ``thumbnail`` entry; without ``file`` in a run folder)."""

@@ -80,16 +80,19 @@ struct PostSpec {
 // normalization, +infinity in raw mode), so its label is anomalous whatever
 // the threshold.
 
-// False for NaN and +-infinity. A bit test, so no compiler flag can fold it away.
-TILEAD_HD bool finite_value(float v) {
+// The IEEE-754 bits of a float (the non-finite tests below are bit tests, so no compiler flag folds them away).
+TILEAD_HD uint32_t float_bits(float v) {
 #if defined(__CUDA_ARCH__)
-  const uint32_t bits = __float_as_uint(v);
+  return __float_as_uint(v);
 #else
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
 #endif
-  return (bits & 0x7f800000u) != 0x7f800000u;
 }
+
+// False for NaN and +-infinity.
+TILEAD_HD bool finite_value(float v) { return (float_bits(v) & 0x7f800000u) != 0x7f800000u; }
 
 // Normalized pixel value: clamp((v - t) * scale + 0.5, 0, 1); 1 for a non-finite v.
 TILEAD_HD float normalize_pixel(float v, float threshold, float scale) {
@@ -109,6 +112,58 @@ TILEAD_HD uint8_t raw_pixel_anomalous(float v, float threshold) { return !finite
 TILEAD_HD float image_score(float raw, const NormParams& p, float iscale) {
   if (!finite_value(raw)) return p.mode == kNormMinMax ? 1.0f : INFINITY;
   return p.mode == kNormMinMax ? clamp01((raw - p.image_threshold) * iscale + 0.5f) : raw;
+}
+
+// The thumbnail branch's fusion (issue #20, tilead.runtime.thumbnail): each branch normalized with its own
+// validation statistics, z = (x - threshold) * scale + 0.5 (not clamped), then max(z_tiled, z_thumb) or
+// weight * z_tiled + (1 - weight) * z_thumb. The thumbnail map is upsampled bilinearly (align_corners=False, the
+// map resize's formula: vertical first, then horizontal) to the image at each pixel it is fused into.
+struct FuseParams {
+  float tiled_threshold = 0.0f;
+  float tiled_scale = 1.0f;  // 1 / (max - min) of the tiled branch
+  float thumb_threshold = 0.0f;
+  float thumb_scale = 1.0f;  // 1 / (max - min) of the thumbnail branch
+  int weighted = 0;          // 0: max, 1: weighted sum
+  float weight = 0.0f;       // the tiled branch's weight (weighted only)
+};
+
+// One product and one sum, each rounded to float32 (no fused multiply-add on either twin), as NumPy computes.
+TILEAD_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+TILEAD_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// True for NaN only.
+TILEAD_HD bool nan_value(float v) { return (float_bits(v) & 0x7fffffffu) > 0x7f800000u; }
+
+// The bilinear sample of an in_h x in_w map at pixel (y, x) of an out_h x out_w resize of it.
+TILEAD_HD float bilinear_sample(const float* map, int in_h, int in_w, int out_h, int out_w, int y, int x) {
+  const Lerp v = lerp_coord(y, in_h, out_h);
+  const Lerp h = lerp_coord(x, in_w, out_w);
+  const float* r0 = map + static_cast<int64_t>(v.i0) * in_w;
+  const float* r1 = map + static_cast<int64_t>(v.i1) * in_w;
+  const float a = add_rn(mul_rn(1.0f - v.w1, r0[h.i0]), mul_rn(v.w1, r1[h.i0]));
+  const float b = add_rn(mul_rn(1.0f - v.w1, r0[h.i1]), mul_rn(v.w1, r1[h.i1]));
+  return add_rn(mul_rn(1.0f - h.w1, a), mul_rn(h.w1, b));
+}
+
+// The fused value of a tiled value and the upsampled thumbnail value at the same pixel. NaN in either stays NaN
+// (NumPy's maximum), an infinity stays infinite; the normalization after it makes such a pixel anomalous.
+TILEAD_HD float fuse_value(float tiled, float thumb, const FuseParams& p) {
+  const float a = add_rn(mul_rn(tiled - p.tiled_threshold, p.tiled_scale), 0.5f);
+  const float b = add_rn(mul_rn(thumb - p.thumb_threshold, p.thumb_scale), 0.5f);
+  if (p.weighted) return add_rn(mul_rn(p.weight, a), mul_rn(1.0f - p.weight, b));
+  return (a > b || nan_value(a)) ? a : b;
 }
 
 namespace cpu {
@@ -141,6 +196,11 @@ void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uin
 // raw_scores, scores: [n] float32 (max of the raw map; normalized image score).
 void normalize_maps(const float* maps_in, float* maps_out, uint8_t* mask, float* raw_scores, float* scores, int n,
                     int64_t hw, const NormParams& p);
+
+// The thumbnail fusion, in place: maps [n][h][w] (the merged tiled maps at image size) become the fused maps;
+// thumb [n][thumb_h][thumb_w] raw thumbnail maps, upsampled bilinearly to h x w on the fly (FuseParams).
+void fuse_thumbnail(const float* thumb, int n, int thumb_h, int thumb_w, float* maps, int h, int w,
+                    const FuseParams& p);
 
 // Thread count used by the CPU twins (default: hardware concurrency).
 void set_num_threads(int n);
@@ -182,6 +242,9 @@ void smooth_seams(float* maps, int n, const Grid& grid, const SeamParams& p, flo
 void resize_maps(const float* in, int n, int in_h, int in_w, float* out, int out_h, int out_w, cudaStream_t stream);
 void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uint8_t* out, int out_h, int out_w,
                  cudaStream_t stream);
+// thumb and maps are device pointers (see cpu::fuse_thumbnail).
+void fuse_thumbnail(const float* thumb, int n, int thumb_h, int thumb_w, float* maps, int h, int w, const FuseParams& p,
+                    cudaStream_t stream);
 // raw_scores and scores are device pointers too.
 void normalize_maps(const float* maps_in, float* maps_out, uint8_t* mask, float* raw_scores, float* scores, int n,
                     int64_t hw, const NormParams& p, cudaStream_t stream);

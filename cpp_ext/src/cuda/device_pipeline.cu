@@ -32,7 +32,12 @@ struct DevicePipeline::Impl {
   size_t out_floats = 0;     // one image-size map
   DeviceBuffer images, tiles, maps, canvas, scratch, out, mask, raw, scores, loc_threshold, loc_scale, loc_scores;
   DeviceBuffer context;  // shared by every engine's execution context (USER_MANAGED), may stay empty
-  PinnedBuffer staging;  // uint8 images in, float maps + uint8 masks + scores (+ per-tile scores) out
+  // Thumbnail branch (empty without one): resized uint8 images, the engine's input and output blocks.
+  DeviceBuffer small, thumb_in, thumb_map;
+  size_t small_bytes = 0;        // one resized uint8 image
+  size_t thumb_tile_floats = 0;  // one thumbnail input, all channels
+  size_t thumb_map_floats = 0;   // one thumbnail map
+  PinnedBuffer staging;          // uint8 images in, float maps + uint8 masks + scores (+ per-tile scores) out
   size_t staging_bytes = 0;
   std::map<int, cuda::GraphExec> graphs;  // batch size -> instantiated graph; declared last, destroyed first
 
@@ -96,6 +101,13 @@ struct DevicePipeline::Impl {
                               std::to_string(spec.max_batch) + " (max_batch)");
     }
   }
+  bool has_thumbnail() const { return spec.thumbnail.map_h > 0; }
+  void check_thumbnail(int n, const char* what) const {
+    if (!has_thumbnail()) {
+      throw std::logic_error(std::string("DevicePipeline::") + what + ": built without a thumbnail branch");
+    }
+    check_batch(n);
+  }
   // Image-size maps: the canvas itself where it is the image (geometry.h, canvas_map), else a separate buffer.
   float* image_maps() const { return canvas_map(spec.grid) == kCanvasIsImage ? canvas.as<float>() : out.as<float>(); }
 };
@@ -137,6 +149,25 @@ DevicePipeline::DevicePipeline(const PipelineSpec& spec) {
     check(cudaMemcpy(m.loc_scale.as<void>(), spec.post.loc_scale.data(), sizeof(float) * m.locations,
                      cudaMemcpyHostToDevice),
           "upload loc_scale");
+  }
+  const ThumbnailSpec& t = spec.thumbnail;
+  if (t.map_h > 0) {
+    if (grid_locations(t.grid) != 1 || t.grid.y.tile != t.grid.y.size || t.grid.x.tile != t.grid.x.size ||
+        t.map_w < 1) {
+      throw std::invalid_argument("DevicePipeline: the thumbnail grid must be one tile of the resized image's size");
+    }
+    if (t.grid.y.size > g.y.size || t.grid.x.size > g.x.size) {
+      throw std::invalid_argument("DevicePipeline: the thumbnail (" + std::to_string(t.grid.y.size) + " x " +
+                                  std::to_string(t.grid.x.size) + ") must not be larger than the image (" +
+                                  std::to_string(g.y.size) + " x " + std::to_string(g.x.size) +
+                                  "): the device resizes it by area only");
+    }
+    m.small_bytes = static_cast<size_t>(t.grid.y.size) * t.grid.x.size * spec.tile.in_channels;
+    m.thumb_tile_floats = static_cast<size_t>(spec.tile.out_channels) * t.grid.y.size * t.grid.x.size;
+    m.thumb_map_floats = static_cast<size_t>(t.map_h) * t.map_w;
+    m.small = DeviceBuffer(n * m.small_bytes);
+    m.thumb_in = DeviceBuffer(sizeof(float) * n * m.thumb_tile_floats);  // cudaMalloc: 256-byte aligned
+    m.thumb_map = DeviceBuffer(sizeof(float) * n * m.thumb_map_floats);
   }
   const size_t score_floats = spec.location_scores ? static_cast<size_t>(m.locations) : 0;
   if (spec.location_scores) m.loc_scores = DeviceBuffer(sizeof(float) * score_floats * m.scores_stride(spec.max_batch));
@@ -189,7 +220,7 @@ size_t DevicePipeline::device_bytes() const {
   const Impl& m = *impl_;
   return m.images.bytes() + m.tiles.bytes() + m.maps.bytes() + m.canvas.bytes() + m.scratch.bytes() + m.out.bytes() +
          m.mask.bytes() + m.raw.bytes() + m.scores.bytes() + m.loc_threshold.bytes() + m.loc_scale.bytes() +
-         m.loc_scores.bytes() + m.context.bytes();
+         m.loc_scores.bytes() + m.context.bytes() + m.small.bytes() + m.thumb_in.bytes() + m.thumb_map.bytes();
 }
 
 uintptr_t DevicePipeline::context_memory(size_t bytes) {
@@ -299,6 +330,60 @@ void DevicePipeline::normalize(int n) {
   float* image_maps = m.image_maps();
   cuda::normalize_maps(image_maps, image_maps, m.mask.as<uint8_t>(), m.raw.as<float>(), m.scores.as<float>(), n,
                        static_cast<int64_t>(m.out_floats), m.spec.post.norm, m.stream.get());
+}
+
+uintptr_t DevicePipeline::thumbnail_input_address(int n) const {
+  impl_->check_thumbnail(n, "thumbnail_input_address");
+  return reinterpret_cast<uintptr_t>(impl_->thumb_in.as<void>());
+}
+
+uintptr_t DevicePipeline::thumbnail_map_address(int n) const {
+  impl_->check_thumbnail(n, "thumbnail_map_address");
+  return reinterpret_cast<uintptr_t>(impl_->thumb_map.as<void>());
+}
+
+void DevicePipeline::thumbnail_input(int n, bool swap_rb) {
+  Impl& m = *impl_;
+  m.check_thumbnail(n, "thumbnail_input");
+  m.use_device();
+  const Grid& g = m.spec.grid;
+  const Grid& t = m.spec.thumbnail.grid;
+  cudaStream_t s = m.stream.get();
+  cuda::resize_area(m.images.as<uint8_t>(), n, g.y.size, g.x.size, m.spec.tile.in_channels, m.small.as<uint8_t>(),
+                    t.y.size, t.x.size, s);
+  TileParams p = m.spec.tile;
+  p.swap_rb = swap_rb && p.in_channels == 3 ? 1 : 0;
+  cuda::tile_images(m.small.as<uint8_t>(), n, t, p, m.thumb_in.as<void>(), s);
+}
+
+void DevicePipeline::fuse(int n) {
+  Impl& m = *impl_;
+  m.check_thumbnail(n, "fuse");
+  m.use_device();
+  const Grid& g = m.spec.grid;
+  const ThumbnailSpec& t = m.spec.thumbnail;
+  cuda::fuse_thumbnail(m.thumb_map.as<float>(), n, t.map_h, t.map_w, m.image_maps(), g.y.size, g.x.size, t.fuse,
+                       m.stream.get());
+}
+
+void DevicePipeline::upload_thumbnail_maps(const float* maps, int n) {
+  Impl& m = *impl_;
+  m.check_thumbnail(n, "upload_thumbnail_maps");
+  m.use_device();
+  check(cudaMemcpyAsync(m.thumb_map.as<void>(), maps, sizeof(float) * n * m.thumb_map_floats, cudaMemcpyHostToDevice,
+                        m.stream.get()),
+        "upload thumbnail maps");
+  m.stream.sync();  // pageable source: done before returning
+}
+
+void DevicePipeline::download_thumbnail_maps(int n, float* maps) {
+  Impl& m = *impl_;
+  m.check_thumbnail(n, "download_thumbnail_maps");
+  m.use_device();
+  check(cudaMemcpyAsync(maps, m.thumb_map.as<void>(), sizeof(float) * n * m.thumb_map_floats, cudaMemcpyDeviceToHost,
+                        m.stream.get()),
+        "download thumbnail maps");
+  m.stream.sync();
 }
 
 void DevicePipeline::download_location_maps(int n, float* maps) {

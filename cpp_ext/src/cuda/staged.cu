@@ -125,6 +125,17 @@ void resize_area(const uint8_t* in, int n, int in_h, int in_w, int channels, uin
   s.sync();
 }
 
+void fuse_thumbnail(const float* thumb, int n, int thumb_h, int thumb_w, float* maps, int h, int w,
+                    const FuseParams& p) {
+  Stream s;
+  DeviceBuffer d_thumb = upload(thumb, sizeof(float) * n * thumb_h * thumb_w, s);
+  const size_t bytes = sizeof(float) * n * h * w;
+  DeviceBuffer d_maps = upload(maps, bytes, s);
+  cuda::fuse_thumbnail(d_thumb.as<float>(), n, thumb_h, thumb_w, d_maps.as<float>(), h, w, p, s.get());
+  download(maps, d_maps, bytes, s);
+  s.sync();
+}
+
 void normalize_maps(const float* in, float* out, uint8_t* mask, float* raw_scores, float* scores, int n, int64_t hw,
                     const NormParams& p) {
   Stream s;

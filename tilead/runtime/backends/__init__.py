@@ -26,6 +26,7 @@ from tilead.runtime._checks import describe
 from tilead.runtime.backends.base import (
     Backend,
     BackendRequest,
+    BranchOutputs,
     Capabilities,
     InferenceBackend,
     LocationOutputs,
@@ -103,6 +104,7 @@ __all__ = [
     "Backend",
     "BackendRequest",
     "BackendSpec",
+    "BranchOutputs",
     "Capabilities",
     "InferenceBackend",
     "LocationOutputs",

@@ -42,6 +42,9 @@ from tilead.runtime.timing import StageTimes, timed
 
 LocationOutputs = tuple[np.ndarray, np.ndarray | None]
 """``(maps, scores)``: float32 ``(locations, n, h, w)`` and float32 ``(locations, n)`` or None."""
+BranchOutputs = tuple[np.ndarray, np.ndarray | None, np.ndarray | None]
+"""``(maps, scores, thumbnail)``: :data:`LocationOutputs` and the thumbnail model's raw maps float32 ``(n, h, w)``
+(None without a thumbnail branch)."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,10 @@ class PipelineBackend(Backend, Protocol):
 
     def location_outputs(self, batch: np.ndarray, input_order: InputOrder) -> LocationOutputs:
         """Raw per-location outputs of a uint8 ``(n, H, W, C)`` batch, as :meth:`InferenceBackend.infer` returns."""
+        ...
+
+    def branch_outputs(self, batch: np.ndarray, input_order: InputOrder) -> BranchOutputs:
+        """:meth:`location_outputs` plus the thumbnail model's raw maps (bundles with a thumbnail branch)."""
         ...
 
 

@@ -36,6 +36,19 @@ one score per tile; the pipeline gives each location an aligned block for it,
 and the image score is the max over an image's tiles, normalized with the
 bundle's image statistics, as on every other backend.
 
+Shared models (``grid.assignment`` other than ``one_to_one``): the set holds
+one engine per model, and every location gets its own execution context made
+from its model's engine (contexts are cheap: they share the one block of
+context memory), so each location's engine still reads that location's tile
+block at batch ``n``; a model's locations are not batched into one call here.
+
+A bundle with a thumbnail branch has one more engine, ``thumbnail``: after the
+tile kernel the pipeline area-resizes the images to the thumbnail size on the
+device and preprocesses them into that engine's input (``thumbnail_input``);
+after the crop it upsamples the thumbnail maps and fuses them into the
+image-size maps (``fuse``, the CUDA twin of ``ThumbnailBranch.fuse``), before
+normalization, as :func:`tilead.runtime.thumbnail.fuser` does on the CPU.
+
 Unlike the inference-only backends it takes the uint8 images, not tiles
 (``capabilities.full_pipeline``): :meth:`TensorRTBackend.run_images` returns
 the normalized maps, :meth:`TensorRTBackend.location_outputs` the raw
@@ -51,13 +64,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tilead import _kernels
-from tilead.runtime.backends.base import BackendRequest, Capabilities, LocationOutputs
+from tilead.runtime.backends.base import BackendRequest, BranchOutputs, Capabilities, LocationOutputs
 from tilead.runtime.backends.tensorrt_modules import (
     TensorRTUnavailableError,
     import_runtime,
@@ -65,7 +79,7 @@ from tilead.runtime.backends.tensorrt_modules import (
     require_per_location,
 )
 from tilead.runtime.bundle import OUTPUT_NAME, SCORE_NAME, BundleError, Manifest, read_verified_file
-from tilead.runtime.engines import EngineSet, describe_sets, select_engine_set
+from tilead.runtime.engines import EngineFile, EngineSet, describe_sets, select_engine_set
 from tilead.runtime.postprocess import NormalizedMaps, NormParams, labels_of
 from tilead.runtime.postprocessor import PostProcessor, image_scores_of_tiles, score_images
 from tilead.runtime.preprocess import InputOrder
@@ -76,11 +90,36 @@ log = logging.getLogger("tilead.runtime.backends.tensorrt")
 TENSOR_ALIGN_BYTES = 256
 """TensorRT's alignment for every engine input and output address (the DevicePipeline pads its blocks to it)."""
 
-CAPABILITIES = Capabilities(devices=("cuda",), full_pipeline=True, detector_score=True)
+CAPABILITIES = Capabilities(devices=("cuda",), full_pipeline=True, detector_score=True, thumbnail=True)
+THUMBNAIL_STAGE = "location:thumbnail"
+"""The thumbnail engine's stage in timings (as the CPU backends name it)."""
 BUILD_ELSEWHERE = (
     "the runtime does not build TensorRT engines: build them on this machine with `tilead-export {bundle} --trt` "
     "(tilead.exporter.engines.build_engines), then load the bundle again"
 )
+
+
+@dataclass(frozen=True)
+class _EngineCall:
+    """One engine launch of a batch: a location's model on its tile block, or the thumbnail model.
+
+    Attributes:
+        label: For messages (``location r0c1``, ``the thumbnail model``).
+        stage: Its timing stage (``location:r0c1``, ``location:thumbnail``).
+        context: Its execution context (USER_MANAGED, the shared block of context memory).
+        input: The engine's input tensor.
+        shape: ``(C, h, w)`` of one input item.
+        location: Location index (row-major), or None for the thumbnail.
+        score: The per-tile score output (detector bundles), else None.
+    """
+
+    label: str
+    stage: str
+    context: Any
+    input: str
+    shape: tuple[int, int, int]
+    location: int | None = None
+    score: str | None = None
 
 
 class TensorRTBackend:
@@ -126,29 +165,23 @@ class TensorRTBackend:
             # refuses to deserialize unless allowed. These plans are trusted: each file's sha256 is checked against
             # the digest-verified manifest before TensorRT sees it.
             self._runtime.engine_host_code_allowed = True
-        self._engines: list[Any] = []
-        self._contexts: list[Any] = []
-        self._io: list[tuple[str, str, str | None]] = []  # input, map output, score output (detector bundles)
         self._detector = manifest.image_score == "detector"
-        for f in engine_set.files:
-            path = Path(bundle) / f.file
-            # Read once inside the bundle (no symlinks, regular file), size and sha256 checked on these bytes.
-            engine = self._runtime.deserialize_cuda_engine(read_verified_file(bundle, f, "engine"))
-            if engine is None:
-                raise BundleError(f"engine {path}: TensorRT {self.version} cannot deserialize it (see its log)")
-            names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-            inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-            outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-            want = [OUTPUT_NAME, SCORE_NAME] if self._detector else [OUTPUT_NAME]
-            if len(inputs) != 1 or sorted(outputs) != sorted(want):
-                raise BundleError(
-                    f"engine {path}: expected one input and the output(s) {want} (postprocess.image_score "
-                    f"{manifest.image_score!r}), got inputs {inputs} and outputs {outputs}"
-                )
-            score = SCORE_NAME if self._detector else None
-            _check_engine(trt, engine, path, inputs[0], OUTPUT_NAME, manifest, max_batch, score=score)
-            self._engines.append(engine)
-            self._io.append((inputs[0], OUTPUT_NAME, score))
+        prep = manifest.preprocessing
+        score = SCORE_NAME if self._detector else None
+        tile = (prep.channels, *manifest.grid.tile_size)
+        # One engine per model (per location for one_to_one), checked against what the pipeline gives it.
+        loaded = [self._load(trt, bundle, f, tile, manifest.map_size, max_batch, score) for f in engine_set.files]
+        self._engines: list[Any] = [e for e, _ in loaded]  # the thumbnail's, if any, is appended below
+        branch = manifest.thumbnail
+        if (branch is None) != (engine_set.thumbnail is None):
+            raise BundleError(
+                f"{bundle}: engine set {engine_set.key} and the manifest disagree on the thumbnail branch "
+                "(rebuild the set: tilead-export BUNDLE --trt --rebuild)"
+            )
+        small: tuple[Any, str] | None = None
+        thumb_shape = (prep.channels, 0, 0) if branch is None else (prep.channels, branch.size, branch.size)
+        if branch is not None and engine_set.thumbnail is not None:
+            small = self._load(trt, bundle, engine_set.thumbnail, thumb_shape, branch.map_size, max_batch, None)
         # The bundle's post-processing as one spec: the pipeline's kernels and the labels use the same one.
         self.post = PostProcessor.from_manifest(manifest)
         spec = self.post.native()
@@ -156,14 +189,31 @@ class TensorRTBackend:
         self.pipeline = _make_pipeline(manifest, max_batch, spec, location_scores=self._detector)
         # One block of context memory for every engine: they run one after another on the pipeline's stream.
         user_managed = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        if small is not None:
+            self._engines.append(small[0])
         self._context_bytes = max(int(e.device_memory_size_v2) for e in self._engines)
         address = int(self.pipeline.context_memory(self._context_bytes))
-        for engine in self._engines:
+
+        def context(engine: Any) -> Any:
             ctx = engine.create_execution_context(user_managed)
             if ctx is None:
                 raise RuntimeError(f"TensorRT {self.version} could not create an execution context (see its log)")
             ctx.set_device_memory(address, self._context_bytes)
-            self._contexts.append(ctx)
+            return ctx
+
+        # One context per location, from its model's engine (a shared model's engine serves several), then the
+        # thumbnail's: the order they are enqueued in.
+        self._calls: list[_EngineCall] = []
+        for index, loc in enumerate(manifest.locations):
+            engine, inp = loaded[manifest.location_model[index]]
+            self._calls.append(_EngineCall(f"location {loc.name}", f"location:{loc.name}", context(engine), inp,
+                                           tile, index, score))  # fmt: skip
+        if small is not None:
+            self._calls.append(
+                _EngineCall("the thumbnail model", THUMBNAIL_STAGE, context(small[0]), small[1], thumb_shape)
+            )
+        self.has_thumbnail = small is not None
+        self._contexts = [c.context for c in self._calls]
         self._bound: int | None = None  # batch size every context's shapes and addresses are set for
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_error: str | None = None
@@ -194,40 +244,65 @@ class TensorRTBackend:
             raise RuntimeError("Predictor is closed")
         return [f"TensorRT {self.version} (native, engines {self.engine_set.key})"]
 
-    def _bind(self, index: int, n: int) -> None:
-        """Give location ``index``'s context the shape and the pipeline's addresses of a batch of ``n``."""
-        m = self.manifest
-        c, (th, tw) = m.preprocessing.channels, m.grid.tile_size
-        ctx, (inp, out, score) = self._contexts[index], self._io[index]
-        name = m.locations[index].name
+    def _load(
+        self,
+        trt: Any,
+        bundle: Path,
+        f: EngineFile,
+        shape: tuple[int, int, int],
+        map_size: tuple[int, int],
+        max_batch: int,
+        score: str | None,
+    ) -> tuple[Any, str]:
+        """Deserialize one engine file (read once, size and sha256 checked) and check its I/O; ``(engine, input)``."""
+        path = Path(bundle) / f.file
+        # Read once inside the bundle (no symlinks, regular file), size and sha256 checked on these bytes.
+        engine = self._runtime.deserialize_cuda_engine(read_verified_file(bundle, f, "engine"))
+        if engine is None:
+            raise BundleError(f"engine {path}: TensorRT {self.version} cannot deserialize it (see its log)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        want = [OUTPUT_NAME] if score is None else [OUTPUT_NAME, score]
+        if len(inputs) != 1 or sorted(outputs) != sorted(want):
+            raise BundleError(
+                f"engine {path}: expected one input and the output(s) {want} (postprocess.image_score "
+                f"{self.manifest.image_score!r}), got inputs {inputs} and outputs {outputs}"
+            )
+        _check_engine(trt, engine, path, inputs[0], shape, map_size, max_batch, score=score)
+        return engine, inputs[0]
+
+    def _bind(self, call: _EngineCall, n: int) -> None:
+        """Give one context the shape and the pipeline's addresses of a batch of ``n``."""
+        ctx, inp = call.context, call.input
         # A False here would leave the previous batch's shape or address in place: never ignore it.
-        if not ctx.set_input_shape(inp, (n, c, th, tw)):
-            raise RuntimeError(f"location {name}: TensorRT refused input shape {(n, c, th, tw)} for tensor {inp!r}")
-        bindings = [(inp, self.pipeline.tiles_address(index, n)), (out, self.pipeline.maps_address(index, n))]
-        if score is not None:
-            bindings.append((score, self.pipeline.scores_address(index, n)))
+        if not ctx.set_input_shape(inp, (n, *call.shape)):
+            raise RuntimeError(f"{call.label}: TensorRT refused input shape {(n, *call.shape)} for tensor {inp!r}")
+        p = self.pipeline
+        if call.location is None:
+            bindings = [(inp, p.thumbnail_input_address(n)), (OUTPUT_NAME, p.thumbnail_map_address(n))]
+        else:
+            bindings = [(inp, p.tiles_address(call.location, n)), (OUTPUT_NAME, p.maps_address(call.location, n))]
+            if call.score is not None:
+                bindings.append((call.score, p.scores_address(call.location, n)))
         for tensor, address in bindings:
             if address % TENSOR_ALIGN_BYTES:
                 raise RuntimeError(
-                    f"location {name}: device address {address:#x} of tensor {tensor!r} is not "
+                    f"{call.label}: device address {address:#x} of tensor {tensor!r} is not "
                     f"{TENSOR_ALIGN_BYTES}-byte aligned (batch {n})"
                 )
             if not ctx.set_tensor_address(tensor, address):
-                raise RuntimeError(
-                    f"location {name}: TensorRT refused device address {address:#x} for tensor {tensor!r}"
-                )
+                raise RuntimeError(f"{call.label}: TensorRT refused device address {address:#x} for tensor {tensor!r}")
 
     def _enqueue(self, n: int, timer: StageTimes | None) -> None:
         stream = self.pipeline.stream
         self._bound = None  # until every context holds batch n
         with timed(timer, "inference"):
-            for index, ctx in enumerate(self._contexts):
-                with timed(timer, f"location:{self.manifest.locations[index].name}"):
-                    self._bind(index, n)
-                    if not ctx.execute_async_v3(stream):
-                        raise RuntimeError(
-                            f"location {self.manifest.locations[index].name}: TensorRT failed to enqueue"
-                        )
+            for call in self._calls:
+                with timed(timer, call.stage):
+                    self._bind(call, n)
+                    if not call.context.execute_async_v3(stream):
+                        raise RuntimeError(f"{call.label}: TensorRT failed to enqueue")
                     if timer is not None:
                         self.pipeline.synchronize()
         self._bound = n
@@ -239,8 +314,8 @@ class TensorRTBackend:
         execution context, so the contexts are put back in the state the graph was captured in (host calls only).
         """
         if self._bound != n:
-            for index in range(len(self._contexts)):
-                self._bind(index, n)
+            for call in self._calls:
+                self._bind(call, n)
             self._bound = n
         p.launch(key)
 
@@ -283,12 +358,16 @@ class TensorRTBackend:
         return result
 
     def _enqueue_stages(self, p: Any, n: int, swap: bool, timer: StageTimes | None) -> None:
-        """Tile, every engine, untile, seams, crop and normalize, enqueued on the pipeline's stream."""
+        """Tile, every engine, untile, seams, crop, fuse (thumbnail branch) and normalize, on the pipeline's stream."""
         self._stage(timer, "tile", p.tile, n, swap)
+        if self.has_thumbnail:
+            self._stage(timer, "thumbnail", p.thumbnail_input, n, swap)
         self._enqueue(n, timer)
         self._stage(timer, "untile", p.untile, n)
         self._stage(timer, "seam", p.smooth_seams, n)
         self._stage(timer, "crop", p.crop, n)
+        if self.has_thumbnail:
+            self._stage(timer, "fuse", p.fuse, n)
         self._stage(timer, "normalize", p.normalize, n)
 
     def _graphs_on(self) -> bool:
@@ -322,6 +401,11 @@ class TensorRTBackend:
             Maps float32 ``(locations, n, h, w)``, and the scores float32 ``(locations, n)`` for
             ``image_score`` ``detector`` bundles (else None).
         """
+        maps, scores, _ = self.branch_outputs(batch, input_order)
+        return maps, scores
+
+    def branch_outputs(self, batch: np.ndarray, input_order: InputOrder) -> BranchOutputs:
+        """:meth:`location_outputs` plus the thumbnail engine's raw maps float32 ``(n, h, w)`` (else None)."""
         n = batch.shape[0]
         swap = self._swap(batch, input_order)
         with self._lock:
@@ -329,10 +413,13 @@ class TensorRTBackend:
             p.use_device()
             p.upload(np.ascontiguousarray(batch))
             p.tile(n, swap)
+            if self.has_thumbnail:
+                p.thumbnail_input(n, swap)
             self._enqueue(n, None)
             out = np.asarray(p.download_location_maps(n))
             scores = np.asarray(p.download_location_scores(n)) if self._detector else None
-        return out, scores
+            small = np.asarray(p.download_thumbnail_maps(n)) if self.has_thumbnail else None
+        return out, scores, small
 
     def _open_pipeline(self) -> Any:
         """The pipeline, or RuntimeError after :meth:`close` (call under the lock)."""
@@ -349,6 +436,7 @@ class TensorRTBackend:
         with self._lock:
             if self.pipeline is not None:
                 self.pipeline.synchronize()
+            self._calls.clear()  # contexts first, then the engines they were made from
             self._contexts.clear()
             self._engines.clear()
             self.pipeline = None
@@ -381,47 +469,46 @@ def _check_engine(
     engine: Any,
     path: Path,
     inp: str,
-    out: str,
-    manifest: Manifest,
+    shape: tuple[int, int, int],
+    map_size: tuple[int, int],
     max_batch: int,
     *,
     score: str | None = None,
 ) -> None:
     """Check one engine against what the pipeline will give it, before any launch.
 
-    Input ``(batch, channels, tile_h, tile_w)`` float32 with an optimization
-    profile 0 whose min batch is 1 and max batch at least ``max_batch`` (and
-    the same channels and tile size at min, opt and max); output ``(batch, 1,
-    map_h, map_w)`` float32; the score output (detector bundles) ``(batch,)``
-    float32. A batch dimension may be dynamic (-1).
+    Input ``(batch, *shape)`` float32 (a location's ``(channels, tile_h,
+    tile_w)``, or the thumbnail's ``(channels, size, size)``) with an
+    optimization profile 0 whose min batch is 1 and max batch at least
+    ``max_batch`` (and the same ``shape`` at min, opt and max); output ``map``
+    ``(batch, 1, *map_size)`` float32; the score output (detector bundles)
+    ``(batch,)`` float32. A batch dimension may be dynamic (-1).
 
     Raises:
         BundleError: Naming the engine, the tensor, what it has and what the pipeline expects.
     """
-    c, (th, tw) = manifest.preprocessing.channels, manifest.grid.tile_size
-    mh, mw = manifest.map_size
+    out = OUTPUT_NAME
     for name in (inp, out) if score is None else (inp, out, score):
         dtype = engine.get_tensor_dtype(name)
         if dtype != trt.DataType.FLOAT:
             raise BundleError(f"engine {path}: tensor {name!r} is {dtype}, expected float32 (DataType.FLOAT)")
-    for name, want in ((inp, (c, th, tw)), (out, (1, mh, mw))):
-        shape = _dims(engine.get_tensor_shape(name))
-        if len(shape) != 4 or shape[1:] != want or shape[0] not in (-1, max_batch):
+    for name, want in ((inp, tuple(shape)), (out, (1, *map_size))):
+        got = _dims(engine.get_tensor_shape(name))
+        if len(got) != 4 or got[1:] != want or got[0] not in (-1, max_batch):
             raise BundleError(
-                f"engine {path}: tensor {name!r} has shape {shape}, expected (batch, {', '.join(map(str, want))}) "
+                f"engine {path}: tensor {name!r} has shape {got}, expected (batch, {', '.join(map(str, want))}) "
                 f"for this bundle's pipeline"
             )
     if score is not None:
-        shape = _dims(engine.get_tensor_shape(score))
-        if len(shape) != 1 or shape[0] not in (-1, max_batch):
-            raise BundleError(
-                f"engine {path}: tensor {score!r} has shape {shape}, expected (batch,): one score per tile"
-            )
+        got = _dims(engine.get_tensor_shape(score))
+        if len(got) != 1 or got[0] not in (-1, max_batch):
+            raise BundleError(f"engine {path}: tensor {score!r} has shape {got}, expected (batch,): one score per tile")
     if int(engine.num_optimization_profiles) < 1:
         raise BundleError(f"engine {path}: no optimization profile, expected one taking batches 1 to {max_batch}")
     lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(inp, 0))
+    c, th, tw = shape
     for label, dims in (("min", lo), ("opt", opt), ("max", hi)):
-        if len(dims) != 4 or dims[1:] != (c, th, tw):
+        if len(dims) != 4 or dims[1:] != tuple(shape):
             raise BundleError(
                 f"engine {path}: profile {label} shape of {inp!r} is {dims}, expected (batch, {c}, {th}, {tw})"
             )
@@ -435,10 +522,11 @@ def _check_engine(
 def _make_pipeline(
     manifest: Manifest, max_batch: int, post: _kernels.PostSpec, *, location_scores: bool = False
 ) -> Any:
-    """The extension's DevicePipeline for this bundle's grid, preprocessing and post-processing spec."""
+    """The extension's DevicePipeline for this bundle's grid, preprocessing, post-processing and thumbnail branch."""
     prep = manifest.preprocessing
     h, w = manifest.map_size
+    thumbnail = None if manifest.thumbnail is None else manifest.thumbnail.native()
     return _kernels.cuda.DevicePipeline(
         manifest.grid.native, max_batch, prep.channels, prep.channels, prep.scale, prep.bias, h, w, post,
-        location_scores=location_scores,
+        location_scores=location_scores, thumbnail=thumbnail,
     )  # fmt: skip

@@ -118,30 +118,39 @@ def parse_device_name(text: str) -> tuple[str, str]:
 
 
 def require_per_location(bundle: Path, manifest: Manifest) -> None:
-    """Refuse a bundle the native TensorRT path cannot run: a shared backbone, a thumbnail branch, or shared models.
+    """Refuse a bundle the native TensorRT path cannot run: a shared backbone, oriented tiles, a thumbnail too large.
+
+    Shared models (``grid.assignment`` other than ``one_to_one``: one engine per model, each location's context
+    made from its model's engine) and a thumbnail branch (one more engine, with the device pipeline's area resize
+    and fusion) run.
 
     Raises:
         BundleError: For a ``shared_backbone`` layout (its engines would need a backbone stage before the heads),
-            a bundle with a thumbnail branch (the device pipeline has no resize-and-fuse stage for it), or a bundle
-            whose ``assignment`` shares models (the device pipeline binds one engine per location).
+            oriented locations (``cluster`` with ``orient``: the device tile and untile kernels do not flip or
+            rotate a location's tiles and maps), or a thumbnail larger than the image on either side (the device
+            pipeline resizes it by area only).
     """
-    if manifest.thumbnail is not None:
-        raise BundleError(
-            f"{bundle}: this bundle has a thumbnail branch (thumbnail.onnx, fused with the tiled map), which the "
-            "native TensorRT backend and engine builder do not run yet; use backend='onnxruntime' (device 'cuda' "
-            "runs it on the GPU through ONNX Runtime's CUDA / TensorRT providers) or 'openvino', or export a run "
-            "without model.thumbnail for the native TensorRT backend"
-        )
     if manifest.layout != "per_location":
         raise BundleError(
             f"{bundle}: this bundle has the {manifest.layout!r} layout (one backbone graph, per-location heads), "
             "which the native TensorRT backend and engine builder do not handle; use backend='onnxruntime' or "
             "'openvino', or export the run with --layout per_location for TensorRT"
         )
-    if manifest.shared_models:
+    turned = [loc.name for i, loc in enumerate(manifest.locations) if manifest.transform(i)]
+    if turned:
         raise BundleError(
-            f"{bundle}: this bundle shares {len(manifest.models)} models among {manifest.grid.num_locations} "
-            f"locations (assignment {manifest.assignment!r}), which the native TensorRT backend and engine builder "
-            "do not handle yet (their device pipeline binds one engine per location); use backend='onnxruntime' "
-            "(its TensorRT execution provider on a GPU) or 'openvino', or train with grid.assignment one_to_one"
+            f"{bundle}: this bundle orients the tiles of {len(turned)} locations ({', '.join(turned[:4])}"
+            f"{', ...' if len(turned) > 4 else ''}) before their shared model (grid.assignment cluster with orient), "
+            "which the native TensorRT pipeline does not do (its tile and untile kernels neither flip nor rotate); "
+            "use backend='onnxruntime' (its TensorRT execution provider on a GPU) or 'openvino', or train the "
+            "clusters without orient"
+        )
+    branch = manifest.thumbnail
+    height, width = manifest.grid.image_size
+    if branch is not None and branch.size > min(height, width):
+        raise BundleError(
+            f"{bundle}: the thumbnail branch resizes the {height} x {width} image up to {branch.size} x "
+            f"{branch.size}; the native TensorRT pipeline resizes on the device by area only (shrinking), so it "
+            "needs thumbnail.size at most the image's smaller side; use backend='onnxruntime' or 'openvino' for "
+            "this bundle"
         )
