@@ -62,7 +62,9 @@ Hostile input. Everything a bundle can hold fails at load with
 value is type- and range-checked (bool is not an int; sizes are bounded and
 the number of locations is checked against :data:`MAX_LOCATIONS` before any
 per-location list is built); every location's file is that location's own
-``tiles/rRcC.onnx`` (engines: ``engines/<key>/rRcC.engine``).
+``tiles/rRcC.onnx`` (shared models: ``tiles/mK.onnx``); engines are
+``engines/<key>/<model>.engine``, one per model, and ``engines/<key>/thumbnail.engine``
+for a bundle with a thumbnail branch.
 
 Files. :func:`read_verified_file` opens a listed file once (no symbolic link
 anywhere below the bundle root, regular files only), reads it, checks size
