@@ -49,14 +49,11 @@ def add_engine_copies(root: Path, batch: tuple[int, int, int] = (1, 4, 4), *, co
     """
     from tilead.exporter.engines import add_engine_set
     from tilead.runtime.bundle import read_manifest, sha256_file
-    from tilead.runtime.engines import THUMBNAIL_ENGINE, EngineFile, EngineSet, engine_key
-    from tilead.runtime.files import LocationFile
+    from tilead.runtime.engines import EngineFile, EngineSet, engine_key, engine_sources
 
     manifest = read_manifest(root)
-    sources = list(manifest.models)
     branch = manifest.thumbnail
-    if branch is not None and branch.file is not None:
-        sources.append(LocationFile(THUMBNAIL_ENGINE, branch.file.file, branch.file.sha256, branch.file.bytes))
+    sources = engine_sources(manifest.models, None if branch is None else branch.file)
     key = engine_key(GPU, CC, VERSION, "fp32", batch[2], [f.sha256 for f in sources])
     files = []
     for source in sources:

@@ -304,15 +304,7 @@ void bind_thumbnail_specs(py::module_& m) {
       .def_readonly("grid", &device::ThumbnailSpec::grid)
       .def_readonly("map_h", &device::ThumbnailSpec::map_h)
       .def_readonly("map_w", &device::ThumbnailSpec::map_w)
-      .def_readonly("fuse", &device::ThumbnailSpec::fuse)
-      .def("__eq__", [](const device::ThumbnailSpec& a, const device::ThumbnailSpec& b) {
-        const auto same_axis = [](const Axis& p, const Axis& q) {
-          return p.size == q.size && p.tile == q.tile && p.stride == q.stride && p.count == q.count &&
-                 p.canvas == q.canvas && p.edge == q.edge;
-        };
-        return same_axis(a.grid.y, b.grid.y) && same_axis(a.grid.x, b.grid.x) && a.map_h == b.map_h &&
-               a.map_w == b.map_w && same_fuse(a.fuse, b.fuse);
-      });
+      .def_readonly("fuse", &device::ThumbnailSpec::fuse);
 }
 
 // ---- the post-processing spec objects (tilead._kernels.SeamSpec, NormSpec, PostSpec) ----------------------

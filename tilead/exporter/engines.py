@@ -44,8 +44,7 @@ from tilead.runtime.backends.tensorrt_modules import (
     require_per_location,
 )
 from tilead.runtime.bundle import read_manifest, sha256_file, verify_files, write_manifest
-from tilead.runtime.engines import PRECISIONS, THUMBNAIL_ENGINE, EngineFile, EngineSet, engine_key
-from tilead.runtime.files import LocationFile
+from tilead.runtime.engines import PRECISIONS, THUMBNAIL_ENGINE, EngineFile, EngineSet, engine_key, engine_sources
 
 log = logging.getLogger("tilead.exporter.engines")
 
@@ -436,17 +435,16 @@ def build_engines(
     trt = import_builder()
     gpu, cc = require_gpu()
     verify_files(root, manifest)
-    # (name, ONNX file, input shape): every model, then the thumbnail model.
-    jobs: list[tuple[LocationFile, tuple[int, int, int]]] = [
-        (model, (manifest.preprocessing.channels, *manifest.grid.tile_size)) for model in manifest.models
-    ]
     branch = manifest.thumbnail
-    if branch is not None and branch.file is not None:
-        small = LocationFile(THUMBNAIL_ENGINE, branch.file.file, branch.file.sha256, branch.file.bytes)
-        jobs.append((small, (manifest.preprocessing.channels, branch.size, branch.size)))
-    key = engine_key(gpu, cc, str(trt.__version__), precision, max_batch, [f.sha256 for f, _ in jobs])
+    sources = engine_sources(manifest.models, None if branch is None else branch.file)
+    channels = manifest.preprocessing.channels
+    tile = (channels, *manifest.grid.tile_size)
+    shapes = [tile] * len(manifest.models)
+    if branch is not None and len(sources) > len(shapes):  # the thumbnail model, last, takes the resized image
+        shapes.append((channels, branch.size, branch.size))
+    key = engine_key(gpu, cc, str(trt.__version__), precision, max_batch, [f.sha256 for f in sources])
     listed = {s.key: s for s in manifest.engine_sets}
-    if key in listed and not rebuild and all((root / f.file).is_file() for f in _engine_files(listed[key])):
+    if key in listed and not rebuild and all((root / f.file).is_file() for f in listed[key].all_files):
         log.info("engines %s already built", key)
         return listed[key]
     engines = root / "engines"
@@ -457,7 +455,9 @@ def build_engines(
     logger = trt.Logger(trt.Logger.WARNING)
     files = []
     start = time.perf_counter()
-    bar = tqdm(jobs, desc=f"TensorRT {precision}", unit="engine", disable=not progress)
+    bar = tqdm(
+        list(zip(sources, shapes, strict=True)), desc=f"TensorRT {precision}", unit="engine", disable=not progress
+    )
     for model, shape in bar:
         target = partial / f"{model.name}.engine"
         if not target.is_file() or rebuild:
@@ -494,16 +494,11 @@ def build_engines(
         version_compatible=True,
         timing_cache=f"engines/{key}/{TIMING_CACHE}",
         files=tuple(files[: len(manifest.models)]),
-        thumbnail=files[-1] if branch is not None else None,
+        thumbnail=files[-1] if len(files) > len(manifest.models) else None,
     )
     add_engine_set(root, engine_set)
     log.info("built %d engines in %.1f s under %s", len(files), time.perf_counter() - start, final)
     return engine_set
-
-
-def _engine_files(engine_set: EngineSet) -> tuple[EngineFile, ...]:
-    """Every engine file of a set: the models', then the thumbnail's."""
-    return engine_set.files if engine_set.thumbnail is None else (*engine_set.files, engine_set.thumbnail)
 
 
 def add_engine_set(bundle: Path, engine_set: EngineSet) -> None:

@@ -106,6 +106,26 @@ class EngineSet:
             out["thumbnail"] = self.thumbnail.to_dict()
         return out
 
+    @property
+    def all_files(self) -> tuple[EngineFile, ...]:
+        """Every engine file of the set: the models', then the thumbnail's."""
+        return self.files if self.thumbnail is None else (*self.files, self.thumbnail)
+
+
+def engine_sources(models: Sequence[LocationFile], thumbnail: LocationFile | None) -> tuple[LocationFile, ...]:
+    """The ONNX files a set's engines are built from, in the set's order, each named as its engine.
+
+    Args:
+        models: The bundle's model files (``Manifest.models``).
+        thumbnail: ``thumbnail.onnx``'s entry for a bundle with a thumbnail branch, else None.
+
+    Returns:
+        Every model's file, then the thumbnail's renamed :data:`THUMBNAIL_ENGINE` (its sha256s give the key).
+    """
+    if thumbnail is None:
+        return tuple(models)
+    return (*models, LocationFile(THUMBNAIL_ENGINE, thumbnail.file, thumbnail.sha256, thumbnail.bytes))
+
 
 def slug(text: str) -> str:
     """Lower case, runs of non-alphanumerics as one ``-``."""
@@ -196,13 +216,10 @@ def parse_engine_sets(data: Any, models: Sequence[str], *, thumbnail: bool = Fal
             )
         if not thumbnail and small is not None:
             raise ValueError(f"{where}.thumbnail: an engine for a thumbnail branch the bundle does not have")
-        small_file = (
-            None
-            if small is None
-            else parse_location_file(
-                small, f"{where}.thumbnail", THUMBNAIL_ENGINE, f"engines/{key}/{THUMBNAIL_ENGINE}.engine"
-            )
-        )
+        small_file = None
+        if small is not None:
+            rel = f"engines/{key}/{THUMBNAIL_ENGINE}.engine"
+            small_file = parse_location_file(small, f"{where}.thumbnail", THUMBNAIL_ENGINE, rel)
         cache = d.get("timing_cache")
         if cache is not None and cache != f"engines/{key}/{TIMING_CACHE}":
             raise ValueError(

@@ -172,16 +172,11 @@ class TensorRTBackend:
         # One engine per model (per location for one_to_one), checked against what the pipeline gives it.
         loaded = [self._load(trt, bundle, f, tile, manifest.map_size, max_batch, score) for f in engine_set.files]
         self._engines: list[Any] = [e for e, _ in loaded]  # the thumbnail's, if any, is appended below
-        branch = manifest.thumbnail
-        if (branch is None) != (engine_set.thumbnail is None):
-            raise BundleError(
-                f"{bundle}: engine set {engine_set.key} and the manifest disagree on the thumbnail branch "
-                "(rebuild the set: tilead-export BUNDLE --trt --rebuild)"
-            )
-        small: tuple[Any, str] | None = None
-        thumb_shape = (prep.channels, 0, 0) if branch is None else (prep.channels, branch.size, branch.size)
+        branch = manifest.thumbnail  # the manifest's engine sets have its engine exactly when it has the branch
+        small: tuple[Any, str, tuple[int, int, int]] | None = None
         if branch is not None and engine_set.thumbnail is not None:
-            small = self._load(trt, bundle, engine_set.thumbnail, thumb_shape, branch.map_size, max_batch, None)
+            shape = (prep.channels, branch.size, branch.size)
+            small = (*self._load(trt, bundle, engine_set.thumbnail, shape, branch.map_size, max_batch, None), shape)
         # The bundle's post-processing as one spec: the pipeline's kernels and the labels use the same one.
         self.post = PostProcessor.from_manifest(manifest)
         spec = self.post.native()
@@ -210,10 +205,9 @@ class TensorRTBackend:
                                            tile, index, score))  # fmt: skip
         if small is not None:
             self._calls.append(
-                _EngineCall("the thumbnail model", THUMBNAIL_STAGE, context(small[0]), small[1], thumb_shape)
+                _EngineCall("the thumbnail model", THUMBNAIL_STAGE, context(small[0]), small[1], small[2])
             )
         self.has_thumbnail = small is not None
-        self._contexts = [c.context for c in self._calls]
         self._bound: int | None = None  # batch size every context's shapes and addresses are set for
         self.cuda_graphs = bool(cuda_graphs)
         self.graph_error: str | None = None
@@ -222,6 +216,11 @@ class TensorRTBackend:
         self.threads = 1
         self.location_workers = 1
         self._lock = threading.Lock()
+
+    @property
+    def _contexts(self) -> list[Any]:
+        """Every execution context, in launch order (the locations', then the thumbnail's)."""
+        return [c.context for c in self._calls]
 
     @property
     def device_memory_bytes(self) -> int:
@@ -436,8 +435,7 @@ class TensorRTBackend:
         with self._lock:
             if self.pipeline is not None:
                 self.pipeline.synchronize()
-            self._calls.clear()  # contexts first, then the engines they were made from
-            self._contexts.clear()
+            self._calls.clear()  # the contexts first, then the engines they were made from
             self._engines.clear()
             self.pipeline = None
 
