@@ -27,14 +27,52 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from bench_outside_inference import image_paths
 
 from tilead.runtime import Predictor
 from tilead.runtime.bundle import read_manifest, refit_on_openvino
+
+T = TypeVar("T")
+
+
+def one_bundle_args(doc: str | None, argv: list[str] | None, count: int, repeats: int) -> argparse.Namespace:
+    """The arguments of a script that runs forms of one bundle side by side (``bundle``, ``--images``, ...).
+
+    Args:
+        doc: The script's docstring (its ``--help``).
+        argv: The command line (None: ``sys.argv``).
+        count: ``--count``'s default (images).
+        repeats: ``--repeats``' default.
+    """
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--images", type=Path, required=True)
+    ap.add_argument("--count", type=int, default=count)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--json", type=Path, default=None)
+    return ap.parse_args(argv)
+
+
+def rounds(names: Iterable[str], repeats: int, chunks: Sequence[T]) -> Iterator[tuple[T, list[str]]]:
+    """``(chunk, names in this round's order)`` for every chunk of ``repeats`` rounds, every other round reversed."""
+    forward = list(names)
+    for r in range(repeats):
+        order = forward if r % 2 == 0 else forward[::-1]
+        for chunk in chunks:
+            yield chunk, order
+
+
+def write_report(path: Path | None, report: dict[str, Any]) -> None:
+    """``report`` as indented JSON at ``path`` (its folder made), or nothing for None."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def load_images(folder: Path, count: int, size: tuple[int, int]) -> list[np.ndarray]:

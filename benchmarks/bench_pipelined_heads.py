@@ -21,15 +21,12 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_bundles_side_by_side import load_images
+from bench_bundles_side_by_side import load_images, one_bundle_args, rounds, write_report
 
 import tilead.runtime.backends.hybrid as hybrid
 from tilead.runtime import Predictor
@@ -59,14 +56,7 @@ def barrier(
 
 def main(argv: list[str] | None = None) -> int:
     """Print the table (and write JSON with ``--json``)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", type=Path)
-    ap.add_argument("--images", type=Path, required=True)
-    ap.add_argument("--count", type=int, default=8)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args(argv)
+    args = one_bundle_args(__doc__, argv, count=8, repeats=5)
     from tilead.benchmarking.environment import cpu_model
 
     predictor = Predictor(args.bundle, backend="hybrid")
@@ -85,17 +75,15 @@ def main(argv: list[str] | None = None) -> int:
             for form in forms.values():  # warm-up
                 use(form)
                 predictor.predict(chunks[0], input_order="RGB")
-            for r in range(args.repeats):
-                order = list(forms) if r % 2 == 0 else list(reversed(forms))
-                for chunk in chunks:
-                    maps: dict[str, np.ndarray] = {}
-                    for name in order:
-                        use(forms[name])
-                        start = time.perf_counter()
-                        out = predictor.predict(chunk, input_order="RGB")
-                        seconds[name].append((time.perf_counter() - start) / len(chunk))
-                        maps[name] = np.stack([p.anomaly_map for p in (out if isinstance(out, list) else [out])])
-                    diff = max(diff, float(np.abs(maps["barrier"] - maps["queued"]).max()))
+            for chunk, order in rounds(forms, args.repeats, chunks):
+                maps: dict[str, np.ndarray] = {}
+                for name in order:
+                    use(forms[name])
+                    start = time.perf_counter()
+                    out = predictor.predict(chunk, input_order="RGB")
+                    seconds[name].append((time.perf_counter() - start) / len(chunk))
+                    maps[name] = np.stack([p.anomaly_map for p in (out if isinstance(out, list) else [out])])
+                diff = max(diff, float(np.abs(maps["barrier"] - maps["queued"]).max()))
             med = {k: float(np.median(v)) for k, v in seconds.items()}
             row = {"batch": batch, "barrier_ms": 1e3 * med["barrier"], "queued_ms": 1e3 * med["queued"],
                    "ratio": med["barrier"] / med["queued"], "max_map_diff": diff}  # fmt: skip
@@ -105,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         use(QUEUED)
         vars(hybrid)["QUEUED_IMAGES"] = QUEUED_IMAGES
         predictor.close()
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        report = {"cpu": cpu_model(), "bundle": str(args.bundle), "repeats": args.repeats, "rows": rows}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, {"cpu": cpu_model(), "bundle": str(args.bundle), "repeats": args.repeats, "rows": rows})
     return 0
 
 

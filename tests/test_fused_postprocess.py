@@ -22,6 +22,7 @@ from tilead import _kernels
 from tilead.runtime import SeamSmoothing, TileGrid
 from tilead.runtime.devices import thread_budget
 from tilead.runtime.postprocess import (
+    FusedPass,
     NormalizedMaps,
     fused_postprocess_available,
     merge_normalize_maps,
@@ -233,3 +234,32 @@ def test_predictor_path_inplace_equals_the_staged_path(stage: str, detector_scor
     assert got.errors == want.errors
     assert got.errors is not None
     assert got.errors[1] is not None
+
+
+@pytest.mark.parametrize("stage", ["image", "tile", "none"])
+def test_a_postprocessor_builds_its_fused_pass_once_and_it_equals_a_fresh_one(stage: str) -> None:
+    """The Predictor's path reuses one checked :class:`FusedPass`; it computes what a pass built per call does."""
+    grid = TileGrid((90, 70), (40, 30), (25, 20))
+    post = PostProcessor(grid, "feather", SeamSmoothing(1.5, 0.2), _stats(stage, grid))
+    kept = post.fused_pass
+    assert kept is not None
+    assert post.fused_pass is kept
+    maps = np.random.default_rng(5).random((grid.num_locations, 2, 9, 7), dtype=np.float32) * 3 - 1
+    stats = post.stats
+    assert stats is not None
+    tile = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
+    params = norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range)
+    want = merge_normalize_maps(maps, grid, params, weights="feather", seam=SeamSmoothing(1.5, 0.2), tile_stats=tile)
+    _, got = post.apply(maps, inplace=True)
+    assert_same(got, want)
+    assert_same(kept.run(maps), want)
+
+
+def test_no_fused_pass_without_statistics_or_where_the_canvas_is_not_the_image() -> None:
+    assert PostProcessor(TileGrid(96, 48, 48)).fused_pass is None
+    padded = TileGrid(100, 48, 48, "pad")
+    assert PostProcessor(padded, stats=_stats("image", padded)).fused_pass is None
+    with pytest.raises(ValueError, match="canvas equal to the image"):
+        FusedPass.build(padded, norm_params(0.5, 0.5, None, None))
+    with pytest.raises(ValueError, match="weights: expected 'uniform' or 'feather'"):
+        FusedPass.build(TileGrid(96, 48, 48), norm_params(0.5, 0.5, None, None), weights="linear")  # type: ignore[arg-type]

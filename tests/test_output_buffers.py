@@ -52,6 +52,22 @@ def test_a_buffer_comes_back_only_when_every_view_is_gone() -> None:
     del b, c
 
 
+def test_a_view_dropped_on_another_thread_gives_the_buffer_back() -> None:
+    """The lease's ``__del__`` runs where the last view dies: another thread's drop returns the buffer too."""
+    pool = LeasePool(keep=2)
+    a = pool.take((16, 16), "float32")
+    first = address(a)
+    held = [a[3:]]
+    del a
+    assert pool.idle == 0
+    worker = threading.Thread(target=held.clear)
+    worker.start()
+    worker.join()
+    assert pool.idle == 1
+    b = pool.take((16, 16), "float32")
+    assert address(b) == first
+
+
 def test_shape_and_dtype_must_match_and_keep_bounds_the_idle_list() -> None:
     pool = LeasePool(keep=1)
     a = pool.take((8,), "uint8")

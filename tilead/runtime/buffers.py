@@ -11,15 +11,18 @@ call, already mapped.
 
 How: every handed-out array views its buffer through a small owner object
 (:class:`_Lease`, numpy's ``base``); every view of the array, and every view
-of a view, keeps that owner alive. When the owner is collected, a
-``weakref.finalize`` puts the buffer back on the idle list.
+of a view, keeps that owner alive. When the owner is freed, its ``__del__``
+puts the buffer back on the idle list. (A ``weakref.finalize`` did that
+before: a third of the cost of a ``take`` right after the models ran, when
+the interpreter's objects are out of the caches; docs/cpu_speed.md.)
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import queue
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,14 +38,30 @@ def fresh(shape: tuple[int, ...], dtype: str) -> np.ndarray:
     return np.empty(shape, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=32)
+def _dtype(dtype: str) -> np.dtype[Any]:
+    """``np.dtype(dtype)``, looked up once per name."""
+    return np.dtype(dtype)
+
+
 class _Lease:
-    """Owner of one pooled buffer while arrays handed out view it (their numpy ``base``)."""
+    """Owner of one pooled buffer while arrays handed out view it (their numpy ``base``).
 
-    __slots__ = ("__array_interface__", "__weakref__", "buffer")
+    Args:
+        view: What the arrays see (the buffer, or a view of its first bytes).
+        buffer: The pooled buffer, given back to ``give`` when the lease is freed.
+        give: Called with ``buffer`` from :meth:`__del__`, at any point of any thread (it must not lock).
+    """
 
-    def __init__(self, buffer: np.ndarray) -> None:
+    __slots__ = ("__array_interface__", "buffer", "give")
+
+    def __init__(self, view: np.ndarray, buffer: np.ndarray, give: Callable[[np.ndarray], None]) -> None:
         self.buffer = buffer
-        self.__array_interface__: dict[str, Any] = buffer.__array_interface__
+        self.give = give
+        self.__array_interface__: dict[str, Any] = view.__array_interface__
+
+    def __del__(self) -> None:
+        self.give(self.buffer)
 
 
 class LeasePool:
@@ -74,17 +93,15 @@ class LeasePool:
         self._closed = False
 
     def _give(self, buffer: np.ndarray) -> None:
-        # Runs from a finalizer, at any point of any thread: no lock here (SimpleQueue.put is reentrant).
+        # Runs from a lease's __del__, at any point of any thread: no lock here (SimpleQueue.put is reentrant).
         if not self._closed:
             self._returned.put(buffer)
 
     def _collect(self) -> None:
         """Move returned buffers to the idle list and trim it to ``keep`` (lock held)."""
-        while True:
-            try:
-                buffer = self._returned.get_nowait()
-            except queue.Empty:
-                break
+        returned = self._returned
+        while not returned.empty():  # the one consumer (the lock is held): puts only add, so get never waits
+            buffer = returned.get_nowait()
             self._idle[id(buffer)] = ((buffer.shape, buffer.dtype.str), buffer)
         while len(self._idle) > self.keep:
             self._idle.popitem(last=False)
@@ -107,8 +124,9 @@ class LeasePool:
         Returns:
             An array whose buffer comes back to this pool once it and every view of it are gone.
         """
-        key = (tuple(int(d) for d in shape), np.dtype(dtype).str)
-        need = int(np.prod(key[0], dtype=np.int64)) * np.dtype(dtype).itemsize
+        kind = _dtype(dtype)
+        key = (tuple(int(d) for d in shape), kind.str)
+        need = math.prod(key[0]) * kind.itemsize
         buffer = None
         with self._lock:
             self._collect()
@@ -129,9 +147,11 @@ class LeasePool:
         view = buffer
         if (buffer.shape, buffer.dtype.str) != key:
             view = buffer.reshape(-1).view(np.uint8)[:need].view(key[1]).reshape(key[0])
-        lease = _Lease(view)
-        weakref.finalize(lease, self._give, buffer).atexit = False
-        out: np.ndarray = np.asarray(lease)
+        return self._lease(view, buffer)
+
+    def _lease(self, view: np.ndarray, buffer: np.ndarray) -> np.ndarray:
+        """``view`` as an array whose owner gives ``buffer`` back to this pool when it is freed."""
+        out: np.ndarray = np.asarray(_Lease(view, buffer, self._give))
         return out
 
     @property

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -48,11 +49,11 @@ from tilead.runtime.geometry import TileGrid
 from tilead.runtime.postprocess import (
     BLEND_CODES,
     BlendWeights,
+    FusedPass,
     NormalizedMaps,
     SeamSmoothing,
     fused_postprocess_available,
     merge_maps,
-    merge_normalize_maps,
     norm_params,
     normalize_maps,
     parse_seam,
@@ -327,6 +328,7 @@ def postprocess_maps(
     inplace: bool = False,
     fuse: Callable[[np.ndarray], np.ndarray] | None = None,
     allocate: Allocate | None = None,
+    fused: FusedPass | None = None,
 ) -> tuple[np.ndarray, NormalizedMaps]:
     """Merge per-location maps and normalize them: the deployed post-processing.
 
@@ -351,6 +353,8 @@ def postprocess_maps(
             :meth:`tilead.runtime.thumbnail.ThumbnailBranch.fuse`; ``merged`` is then the fused maps).
         allocate: Where the image-size arrays (canvas, maps, masks) come from: ``np.empty`` by default,
             the Predictor's :meth:`~tilead.runtime.buffers.LeasePool.take` to reuse them across calls.
+        fused: The fused pass built once for these very settings (:attr:`PostProcessor.fused_pass`), used
+            where the fused pass runs; None: built here.
 
     Returns:
         ``(merged, result)``: the merged maps before normalization (float32
@@ -373,10 +377,10 @@ def postprocess_maps(
     if inplace and fuse is None and fused_postprocess_available(grid, device):
         # One pass: untile, seams and normalization (stage "untile"), the same values as the stages in turn.
         with timed(timer, "untile"):
-            params = norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range)
-            result = merge_normalize_maps(
-                maps, grid, params, weights=weights, seam=seam, tile_stats=tile_stats, allocate=allocate
-            )
+            if fused is None:
+                params = norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range)
+                fused = FusedPass.build(grid, params, weights=weights, seam=seam, tile_stats=tile_stats)
+            result = fused.run(maps, allocate)
         merged = result.maps
     else:
         merged = merge_maps(
@@ -549,6 +553,19 @@ class PostProcessor:
             raise ValueError("PostProcessor: no normalization statistics yet (build it with stats, or with_stats)")
         return self.stats
 
+    @cached_property
+    def fused_pass(self) -> FusedPass | None:
+        """The fused CPU pass with these settings (:class:`~tilead.runtime.postprocess.FusedPass`), built once.
+
+        None where it does not run: without statistics, or for a grid whose canvas is not the image.
+        """
+        stats = self.stats
+        if stats is None or not fused_postprocess_available(self.grid, "cpu"):
+            return None
+        params = norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range)
+        tile = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
+        return FusedPass.build(self.grid, params, weights=self.weights, seam=self.seam, tile_stats=tile)
+
     def native(self) -> _kernels.PostSpec:
         """The one spec object the C++ side takes (``tilead._kernels.PostSpec``; the device pipeline's).
 
@@ -657,4 +674,5 @@ class PostProcessor:
             inplace=inplace,
             fuse=fuse,
             allocate=allocate,
+            fused=self.fused_pass if fuse is None and device == "cpu" else None,
         )
