@@ -13,7 +13,7 @@ How: every handed-out array views its buffer through a small owner object
 (:class:`_Lease`, numpy's ``base``); every view of the array, and every view
 of a view, keeps that owner alive. When the owner is freed, its ``__del__``
 puts the buffer back on the idle list. (A ``weakref.finalize`` did that
-before: a third of the cost of a ``take`` right after the models ran, when
+before: about a quarter of a ``take`` right after the models ran, when
 the interpreter's objects are out of the caches; docs/cpu_speed.md.)
 """
 

@@ -356,7 +356,7 @@ def fused_postprocess_available(grid: TileGrid, device: str) -> bool:
     return device == "cpu" and grid.canvas_size == grid.image_size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FusedPass:
     """The fused post-processing pass's settings, checked and converted for the kernel once.
 
