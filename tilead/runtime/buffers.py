@@ -88,7 +88,7 @@ class LeasePool:
             raise ValueError(f"keep: expected a non-negative integer, got {keep!r}")
         self.keep = keep
         self._idle: OrderedDict[int, tuple[tuple[tuple[int, ...], str], np.ndarray]] = OrderedDict()
-        self._returned: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # reentrant: finalizers put here
+        self._returned: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # reentrant: leases put here
         self._lock = threading.Lock()
         self._closed = False
 
