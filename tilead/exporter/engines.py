@@ -436,11 +436,11 @@ def build_engines(
     gpu, cc = require_gpu()
     verify_files(root, manifest)
     branch = manifest.thumbnail
-    sources = engine_sources(manifest.models, None if branch is None else branch.file)
+    small = None if branch is None else branch.file
+    sources = engine_sources(manifest.models, small)
     channels = manifest.preprocessing.channels
-    tile = (channels, *manifest.grid.tile_size)
-    shapes = [tile] * len(manifest.models)
-    if branch is not None and len(sources) > len(shapes):  # the thumbnail model, last, takes the resized image
+    shapes = [(channels, *manifest.grid.tile_size)] * len(manifest.models)
+    if branch is not None and small is not None:  # the thumbnail model, last, takes the resized image
         shapes.append((channels, branch.size, branch.size))
     key = engine_key(gpu, cc, str(trt.__version__), precision, max_batch, [f.sha256 for f in sources])
     listed = {s.key: s for s in manifest.engine_sets}
@@ -494,7 +494,7 @@ def build_engines(
         version_compatible=True,
         timing_cache=f"engines/{key}/{TIMING_CACHE}",
         files=tuple(files[: len(manifest.models)]),
-        thumbnail=files[-1] if len(files) > len(manifest.models) else None,
+        thumbnail=files[-1] if small is not None else None,
     )
     add_engine_set(root, engine_set)
     log.info("built %d engines in %.1f s under %s", len(files), time.perf_counter() - start, final)

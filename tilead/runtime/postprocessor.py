@@ -51,6 +51,7 @@ from tilead.runtime.postprocess import (
     BlendWeights,
     FusedPass,
     NormalizedMaps,
+    NormParams,
     SeamSmoothing,
     fused_postprocess_available,
     merge_maps,
@@ -210,6 +211,16 @@ class NormalizationStats:
             "image_range": None if self.image_range is None else list(self.image_range),
             "tile_stats": None if self.tile_stats is None else self.tile_stats.to_dict(),
         }
+
+    @property
+    def native(self) -> NormParams:
+        """The normalization kernel's parameters (:func:`~tilead.runtime.postprocess.norm_params` of these)."""
+        return norm_params(self.pixel_threshold, self.image_threshold, self.pixel_range, self.image_range)
+
+    @property
+    def tile_tuple(self) -> tuple[Sequence[float], Sequence[float], Sequence[float]] | None:
+        """The per-location statistics as the kernels' wrappers take them, or None (stages ``image``, ``none``)."""
+        return None if self.tile_stats is None else self.tile_stats.as_tuple()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> NormalizationStats:
@@ -373,13 +384,12 @@ def postprocess_maps(
             # Every non-finite value as NaN, which survives blending and per-tile normalization
             # (clamp would turn an infinity into a plausible 0 or 1).
             maps = np.where(np.isfinite(maps), maps, np.float32(np.nan)).astype(np.float32)
-    tile_stats = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
+    tile_stats = stats.tile_tuple
     if inplace and fuse is None and fused_postprocess_available(grid, device):
         # One pass: untile, seams and normalization (stage "untile"), the same values as the stages in turn.
         with timed(timer, "untile"):
             if fused is None:
-                params = norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range)
-                fused = FusedPass.build(grid, params, weights=weights, seam=seam, tile_stats=tile_stats)
+                fused = FusedPass.build(grid, stats.native, weights=weights, seam=seam, tile_stats=tile_stats)
             result = fused.run(maps, allocate)
         merged = result.maps
     else:
@@ -562,9 +572,8 @@ class PostProcessor:
         stats = self.stats
         if stats is None or not fused_postprocess_available(self.grid, "cpu"):
             return None
-        params = norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range)
-        tile = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
-        return FusedPass.build(self.grid, params, weights=self.weights, seam=self.seam, tile_stats=tile)
+        tile = stats.tile_tuple
+        return FusedPass.build(self.grid, stats.native, weights=self.weights, seam=self.seam, tile_stats=tile)
 
     def native(self) -> _kernels.PostSpec:
         """The one spec object the C++ side takes (``tilead._kernels.PostSpec``; the device pipeline's).
@@ -573,15 +582,14 @@ class PostProcessor:
             ValueError: Without statistics.
         """
         stats = self._stats()
-        tile = stats.tile_stats.as_tuple() if stats.tile_stats is not None else None
-        thresholds, scales = tile_norm_arrays(tile, self.grid)
+        thresholds, scales = tile_norm_arrays(stats.tile_tuple, self.grid)
         seam = _kernels.SeamSpec.off() if self.seam is None else self.seam.native
         return _kernels.PostSpec(
             BLEND_CODES[self.weights],
             [] if thresholds is None else thresholds.tolist(),
             [] if scales is None else scales.tolist(),
             seam,
-            norm_params(stats.pixel_threshold, stats.image_threshold, stats.pixel_range, stats.image_range),
+            stats.native,
         )
 
     # -- running ----------------------------------------------------------------------------------
