@@ -53,14 +53,16 @@ $(STAMP): $(NATIVE)
 demo: $(STAMP)
 	$(BIN)/tilead demo -o out/demo
 
+# -X faulthandler: a crash in native code prints every thread's Python stack, also at the interpreter's exit
+# after pytest's own handler is gone (child processes are left as they are).
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not integration" -q
+	$(BIN)/python -X faulthandler -m pytest -m "not integration" -q
 
 test-integration: $(STAMP)
-	$(BIN)/python -m pytest -m integration -q
+	$(BIN)/python -X faulthandler -m pytest -m integration -q
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -X faulthandler -m pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

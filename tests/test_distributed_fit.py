@@ -1,4 +1,8 @@
-"""train.backend: ray on a local Ray cluster: a worker killed mid-fit is retried, results equal local training."""
+"""train.backend: ray on a real local Ray cluster: a worker killed mid-fit is retried, results equal local training.
+
+The cluster runs in processes of its own and the driver is ``tilead-train`` in a child process
+(tests/ray_head.py says why).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import torch
 import yaml
 
 pytest.importorskip("ray")
+
+from ray_head import RayCluster, ray_head, run_tool
 
 from tilead.demo.synthetic import SyntheticSpec, generate
 from tilead.trainer.config import load_config
@@ -43,28 +49,16 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(work: Path) -> Iterator[Path]:
-    """A local 2-CPU Ray whose workers kill themselves on their first attempt at location ``KILLED``."""
-    import ray
+def ray_cluster(work: Path) -> Iterator[tuple[RayCluster, Path]]:
+    """A real one-node Ray cluster whose workers kill themselves on their first attempt at location ``KILLED``.
 
+    Yields:
+        ``(cluster, flag file)``: the flag holds the pid of the worker that died, once one did.
+    """
     flag = work / "fault.flag"
-    saved = {k: os.environ.get(k) for k in (FAULT_LOCATION_ENV, FAULT_FLAG_ENV)}
-    os.environ[FAULT_LOCATION_ENV] = KILLED
-    os.environ[FAULT_FLAG_ENV] = str(flag)
-    try:
-        # The local cluster's raylet, and so every worker it starts, inherits the variables; this process
-        # (which runs the local-backend reference fit) gets them removed again right away.
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    try:
-        yield flag
-    finally:
-        ray.shutdown()
+    # The node's raylet, and so every worker it starts, gets the variables; this process and the drivers never do.
+    with ray_head(work / "r", num_cpus=2, env={FAULT_LOCATION_ENV: KILLED, FAULT_FLAG_ENV: str(flag)}) as running:
+        yield running, flag
 
 
 def _tensors(run: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -85,49 +79,52 @@ def _stats(run: Path) -> Any:
     return json.loads(RunPaths(run).stats.read_text())["normalization"]
 
 
-def test_ray_fit_survives_a_killed_worker_and_equals_local(work: Path, ray_cluster: Path) -> None:
+def test_ray_fit_survives_a_killed_worker_and_equals_local(work: Path, ray_cluster: tuple[RayCluster, Path]) -> None:
+    cluster, flag = ray_cluster
     config = work / "tiny.yaml"
     local = train(load_config(config), work / "local", progress=False)
     assert local.fitted_now == 4
-    assert not ray_cluster.exists()  # no fault variables in this process: the local fit ran through
+    assert not flag.exists()  # no fault variables in this process: the local fit ran through
 
-    result = train(load_config(config, {"train.backend": "ray"}), work / "ray", progress=False)
-    assert result.fitted_now == 4
+    # The driver is tilead-train in a child process (tests/ray_head.py says why), as on a factory's machines.
+    args = ["tilead-train", "--config", str(config), "--output", str(work / "ray"), "--ray-address", cluster.address]
+    res = run_tool([*args, "--no-eval", "--no-progress"], env=cluster.env)
+    assert res.returncode == 0, res.stderr
+    assert "4 fitted now" in res.stdout
     # The first attempt at KILLED really died (os._exit in the middle of its fit): its pid is in the flag,
-    # and it is not this process.
-    assert ray_cluster.is_file()
-    assert int(ray_cluster.read_text()) != os.getpid()
+    # and it is neither this process nor the driver.
+    assert flag.is_file()
+    assert int(flag.read_text()) != os.getpid()
     _assert_identical(_tensors(work / "local"), _tensors(work / "ray"))
     assert _stats(work / "local") == _stats(work / "ray")
     run_json = json.loads(RunPaths(work / "ray").run_json.read_text())
     assert run_json["status"] == "trained"
     assert sorted(run_json["fit_locations"]) == ["r0c0", "r0c1", "r1c0", "r1c1"]
 
-    # Resume through tilead-train --ray-address (the cluster above is already joined in this process):
-    # only the missing location is fitted again, the rest is kept byte for byte.
-    from click.testing import CliRunner
-
-    from tilead.cli.train import main
-
+    # Resume on the same cluster: only the missing location is fitted again, the rest is kept byte for byte.
     paths = RunPaths(work / "ray")
     kept = paths.checkpoint("r0c0").read_bytes()
     paths.checkpoint("r1c1").unlink()
-    args = ["--config", str(config), "--output", str(work / "ray"), "--resume", "--ray-address", "auto", "--quiet"]
-    res = CliRunner().invoke(main, args)
-    assert res.exit_code == 0, res.output
-    assert "1 fitted now" in res.output
+    res = run_tool([*args, "--resume", "--no-eval", "--no-progress"], env=cluster.env)
+    assert res.returncode == 0, res.stderr
+    assert "1 fitted now" in res.stdout
     assert load_config(paths.config).train.backend == "ray"
     assert paths.checkpoint("r0c0").read_bytes() == kept
     _assert_identical(_tensors(work / "local"), _tensors(work / "ray"))
 
 
-def test_a_worker_that_keeps_dying_fails_the_run_naming_the_location(work: Path, ray_cluster: Path) -> None:
-    ray_cluster.unlink(missing_ok=True)  # arm the fault again; no retries this time
-    cfg = load_config(work / "tiny.yaml", {"train.backend": "ray", "train.max_retries": 0})
-    with pytest.raises(RuntimeError, match="location index 1") as info:
-        train(cfg, work / "no_retry", progress=False)
-    assert "Ray task failed" in str(info.value)
-    assert ray_cluster.is_file()
+def test_a_worker_that_keeps_dying_fails_the_run_naming_the_location(
+    work: Path, ray_cluster: tuple[RayCluster, Path]
+) -> None:
+    cluster, flag = ray_cluster
+    flag.unlink(missing_ok=True)  # arm the fault again; no retries this time
+    args = ["tilead-train", "--config", str(work / "tiny.yaml"), "--output", str(work / "no_retry")]
+    args += ["--ray-address", cluster.address, "--set", "train.max_retries=0", "--no-eval", "--no-progress"]
+    res = run_tool(args, env=cluster.env)
+    assert res.returncode != 0
+    assert "location index 1" in res.stderr, res.stderr
+    assert "Ray task failed" in res.stderr
+    assert flag.is_file()
     # The other locations' checkpoints that finished are kept for --resume; the killed one has none.
     assert not RunPaths(work / "no_retry").checkpoint(KILLED).exists()
 

@@ -1,15 +1,14 @@
-"""The served Predictor on a real local Ray cluster (loopback only, bounded requests, shut down after)."""
+"""The served Predictor on a real local Ray cluster (loopback only, bounded requests, shut down after).
+
+`tilead-serve` runs as a child process on a cluster of its own processes (tests/ray_head.py says why).
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,18 +22,14 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
+from ray_head import RayCluster, ServeProcess, free_port, ray_head
+
 from tilead.runtime import Predictor
 from tilead.serve.codec import decode_mask_png_base64
 
 pytestmark = pytest.mark.integration
 
 MAX_BODY = 256 << 10
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def post(url: str, body: bytes, timeout: float = 60.0) -> tuple[int, dict[str, Any]]:
@@ -64,13 +59,25 @@ def test_images(tiny_trained: tuple[Path, Path]) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_trained: tuple[Path, Path]) -> Iterator[str]:
-    from tilead.serve.app import ServeOptions, serving
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A real one-node Ray cluster (``ray start --head``)."""
+    with ray_head(tmp_path_factory.mktemp("r"), num_cpus=2) as running:
+        yield running
 
+
+@pytest.fixture(scope="module")
+def server(cluster: RayCluster, tiny_trained: tuple[Path, Path]) -> Iterator[str]:
+    """``tilead-serve`` on :func:`cluster`, a child process (this one never becomes a Ray driver); its URL."""
     _, bundle = tiny_trained
-    options = ServeOptions(str(bundle), max_batch=4, batch_wait_ms=100.0, threads=1, max_body_bytes=MAX_BODY)
-    with serving(options, port=free_port(), num_cpus=2) as url:
-        yield url
+    args = [str(bundle), "--ray-address", cluster.address, "--port", str(free_port()), "--threads", "1"]
+    args += ["--max-batch", "4", "--batch-wait-ms", "100", "--max-body-mb", str(MAX_BODY / 2**20)]
+    line = ServeProcess(args, env=cluster.env)
+    try:
+        yield line.url
+        status, err = line.stop()
+        assert status == 0, err
+    finally:
+        line.kill()
 
 
 def test_results_equal_the_predictor(server: str, tiny_trained: tuple[Path, Path], test_images: list[Path]) -> None:
@@ -149,10 +156,8 @@ def test_bad_requests_get_4xx_and_the_replica_survives(server: str, test_images:
 
 
 def test_a_second_line_on_the_same_cluster(
-    server: str, tiny_trained: tuple[Path, Path], test_images: list[Path]
+    cluster: RayCluster, server: str, tiny_trained: tuple[Path, Path], test_images: list[Path]
 ) -> None:
-    from tilead.serve.app import ServeOptions, serving
-
     _, bundle = tiny_trained
     port = int(server.rsplit(":", 1)[1])
     body = test_images[0].read_bytes()
@@ -161,8 +166,11 @@ def test_a_second_line_on_the_same_cluster(
     ok, small = cv2.imencode(".png", image[:100])
     assert ok
     # The second line resizes other sizes; the first refuses them.
-    options = ServeOptions(str(bundle), max_batch=2, batch_wait_ms=5.0, threads=1, resize=True)
-    with serving(options, port=port, name="line2", route_prefix="/line2") as line2:
+    args = [str(bundle), "--ray-address", cluster.address, "--port", str(port), "--name", "line2"]
+    args += ["--route-prefix", "/line2", "--max-batch", "2", "--batch-wait-ms", "5", "--threads", "1", "--resize"]
+    line = ServeProcess(args, env=cluster.env)
+    try:
+        line2 = line.url
         assert line2 == f"{server}/line2"
         first, second = post(f"{server}/predict", body), post(f"{line2}/predict", body)
         assert first[0] == second[0] == 200
@@ -176,6 +184,10 @@ def test_a_second_line_on_the_same_cluster(
         assert not isinstance(expected, list)
         assert out["score"] == expected.score
         assert out["raw_score"] == expected.raw_score
+        code, err = line.stop()
+        assert code == 0, err
+    finally:
+        line.kill()
     # Only that application was deleted: the first line keeps serving, /line2 is gone.
     assert post(f"{server}/predict", body)[0] == 200
     assert get(f"{line2}/healthz")[0] == 404
@@ -214,30 +226,19 @@ def test_serving_imports_without_torch_or_the_trainer() -> None:
 def test_cli_serves_and_stops_on_sigterm(tiny_trained: tuple[Path, Path], test_images: list[Path]) -> None:
     _, bundle = tiny_trained
     port = free_port()
-    exe = Path(sys.executable).parent / "tilead-serve"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
-    cmd = [str(exe), str(bundle), "--port", str(port), "--threads", "1", "--max-batch", "2", "--batch-wait-ms", "5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # No --ray-address: the command starts a local Ray of its own and shuts it down on SIGTERM.
+    line = ServeProcess(
+        [str(bundle), "--port", str(port), "--threads", "1", "--max-batch", "2", "--batch-wait-ms", "5"]
+    )
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 180
-        line = ""
-        while time.monotonic() < deadline and not line.startswith("serving:"):
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
-                break
-        assert line.startswith("serving:"), proc.stderr.read() if proc.stderr else ""
-        status, out = post(f"http://127.0.0.1:{port}/predict", test_images[0].read_bytes())
+        status, out = post(f"{line.url}/predict", test_images[0].read_bytes())
         assert status == 200
         assert 0.0 <= out["score"] <= 1.0
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
+        code, err = line.stop()
+        assert code == 0, err
         assert "SIGTERM: shutting down" in err
         assert "stopped" in err
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        line.kill()
     with pytest.raises(urllib.error.URLError, match="refused"):  # the port is closed: nothing was left serving
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
